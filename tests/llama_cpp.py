@@ -1,0 +1,66 @@
+"""llama.cpp, the peer: its source from the `llama-cpp-python` sdist on PyPI, built with CMake.
+
+    python tests/llama_cpp.py build     # fetch + build the tools tests and benchmarks use
+
+Tests find the binaries in .cache/llama.cpp/build/bin (or $SEPEDGE_LLAMA_CPP_BIN).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+SDIST = "llama-cpp-python==0.3.36"
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = Path(os.environ.get("SEPEDGE_TEST_CACHE") or ROOT / ".cache")
+TARGETS = ["llama-simple", "llama-tokenize", "llama-completion", "llama-perplexity", "llama-bench"]
+
+
+def source_dir() -> Path:
+    """vendor/llama.cpp of the sdist, downloaded and unpacked once."""
+    src = CACHE / "llama-cpp-python" / "vendor" / "llama.cpp"
+    if (src / "CMakeLists.txt").is_file():
+        return src
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+                        SDIST, "-d", tmp], check=True)
+        (tarball,) = Path(tmp).glob("*.tar.gz")
+        with tarfile.open(tarball) as tar:
+            tar.extractall(tmp, filter="data")
+        (unpacked,) = [p for p in Path(tmp).iterdir() if p.is_dir()]
+        unpacked.rename(CACHE / "llama-cpp-python")
+    return src
+
+
+def vocab_file(name: str) -> Path:
+    """One of llama.cpp's vocab-only GGUFs (models/ggml-vocab-<name>.gguf) with its .inp/.out tests."""
+    return source_dir() / "models" / f"ggml-vocab-{name}.gguf"
+
+
+def bin_dir() -> Path | None:
+    d = Path(os.environ.get("SEPEDGE_LLAMA_CPP_BIN") or CACHE / "llama.cpp" / "build" / "bin")
+    return d if all((d / t).is_file() for t in TARGETS) else None
+
+
+def build(jobs: int = os.cpu_count() or 2) -> Path:
+    build_dir = CACHE / "llama.cpp" / "build"
+    subprocess.run(["cmake", "-S", str(source_dir()), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",
+                    "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF",
+                    "-DLLAMA_BUILD_APP=OFF", "-DGGML_NATIVE=ON"], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(["cmake", "--build", str(build_dir), "-j", str(jobs), "--target", *TARGETS], check=True,
+                   stdout=subprocess.DEVNULL)
+    return build_dir / "bin"
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["build"]:
+        print(bin_dir() or build())
+    elif sys.argv[1:] == ["source"]:
+        print(source_dir())
+    else:
+        sys.exit("usage: python tests/llama_cpp.py build|source")
