@@ -2,6 +2,17 @@
 
 __version__ = "0.1.0"
 
-from .errors import ConvertError, SepedgeError  # noqa: E402
+from .errors import (BackendError, ContextFullError, ConvertError, InvalidArgumentError,  # noqa: E402
+                     ModelLoadError, OutOfMemoryError, SepedgeError, UnsupportedError)
 
-__all__ = ["ConvertError", "SepedgeError", "__version__"]
+
+def __getattr__(name):
+    # Engine loads the native library; the converter and the reference work without it
+    if name == "Engine":
+        from .engine import Engine
+        return Engine
+    raise AttributeError(f"module 'sepedge' has no attribute {name!r}")
+
+
+__all__ = ["BackendError", "ContextFullError", "ConvertError", "Engine", "InvalidArgumentError", "ModelLoadError",
+           "OutOfMemoryError", "SepedgeError", "UnsupportedError", "__version__"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
@@ -71,6 +72,130 @@ def info(file, as_json):
     except SepedgeError as e:
         _fail(e)
     click.echo(json.dumps(s, indent=2) if as_json else format_summary(s))
+
+
+def sampling_options(f):
+    """The sampling flags, named as the Engine's arguments; defaults follow llama.cpp."""
+    from .engine import DEFAULTS
+    for opt in reversed([
+        click.option("-n", "--max-tokens", type=int, default=None, help="Tokens to generate (default: until the end of the reply / 256)."),
+        click.option("--temperature", type=float, default=None, help="Sampling temperature; 0 is greedy."),
+        click.option("--top-k", type=int, default=DEFAULTS["top_k"], show_default=True),
+        click.option("--top-p", type=float, default=DEFAULTS["top_p"], show_default=True),
+        click.option("--min-p", type=float, default=DEFAULTS["min_p"], show_default=True),
+        click.option("--repeat-penalty", type=float, default=DEFAULTS["repeat_penalty"], show_default=True),
+        click.option("--seed", type=int, default=None, help="Seed of the sampling random stream."),
+        click.option("-c", "--n-ctx", type=int, default=0, show_default=True, help="KV cache cells; 0 = the model's context."),
+        click.option("-t", "--threads", "n_threads", type=int, default=None, help="CPU threads [default: one per core]."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def _engine(model, n_ctx, n_threads):
+    from .engine import Engine
+    try:
+        return Engine(model or _default_model_path(), n_ctx=n_ctx, n_threads=n_threads)
+    except SepedgeError as e:
+        _fail(e)
+
+
+def _stats(g) -> str:
+    return (f"[{len(g.prompt_tokens)} prompt tokens in {g.prompt_seconds:.2f} s, {len(g.tokens)} generated at "
+            f"{g.tokens_per_second:.1f} tokens/s, {g.finish_reason}]")
+
+
+@main.command()
+@click.argument("model", required=False, type=click.Path(dir_okay=False))
+@click.option("-p", "--prompt", required=True, help="Text to continue.")
+@sampling_options
+def generate(model, prompt, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed, n_ctx, n_threads):
+    """Continue PROMPT with MODEL (a GGUF file; default: the embedded model), streaming to stdout."""
+    from .engine import DEFAULTS
+    llm = _engine(model, n_ctx, n_threads)
+    try:
+        g = llm.generate(prompt, 256 if max_tokens is None else max_tokens, stream=True, seed=seed,
+                         temperature=DEFAULTS["temperature"] if temperature is None else temperature,
+                         top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty)
+        for chunk in g:
+            click.echo(chunk, nl=False)
+        click.echo()
+        click.echo(_stats(g), err=True)
+    except KeyboardInterrupt:
+        click.echo()
+        sys.exit(130)
+    except SepedgeError as e:
+        _fail(e)
+    finally:
+        llm.close()
+
+
+@main.command()
+@click.argument("model", required=False, type=click.Path(dir_okay=False))
+@click.option("-s", "--system", help="System prompt.")
+@click.option("-p", "--prompt", help="Send this one message, print the reply, and exit.")
+@sampling_options
+def chat(model, system, prompt, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed, n_ctx, n_threads):
+    """Chat with MODEL (a GGUF file; default: the embedded model) using its chat template.
+
+    Commands: /reset clears the conversation, /exit quits. Ctrl-C stops the current reply,
+    Ctrl-D exits.
+    """
+    llm = _engine(model, n_ctx, n_threads)
+    sampling = dict(temperature=0.2 if temperature is None else temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                    repeat_penalty=repeat_penalty)
+    history = [{"role": "system", "content": system}] if system else []
+    first_seed = seed
+    try:
+        if prompt is not None:
+            _reply(llm, history, prompt, max_tokens, sampling, first_seed)
+            return
+        click.echo(f"sepedge chat: {os.path.basename(llm.model_path)}, {llm.n_ctx} context cells. "
+                   "/reset clears the conversation, /exit quits; Ctrl-C stops a reply, Ctrl-D exits.", err=True)
+        while True:
+            try:
+                line = input("> ")
+            except EOFError:
+                click.echo()
+                return
+            except KeyboardInterrupt:
+                click.echo()
+                continue
+            cmd = line.strip()
+            if cmd in ("/exit", "/quit"):
+                return
+            if cmd == "/reset":
+                history = [{"role": "system", "content": system}] if system else []
+                llm.reset()
+                click.echo("[conversation cleared]", err=True)
+                continue
+            if not cmd:
+                continue
+            _reply(llm, history, line, max_tokens, sampling, first_seed)
+            first_seed = None if seed is None else first_seed + 1
+    finally:
+        llm.close()
+
+
+def _reply(llm, history: list, text: str, max_tokens, sampling: dict, seed) -> None:
+    """Stream the assistant's answer to `text`; Ctrl-C stops it, keeping what was said."""
+    history.append({"role": "user", "content": text})
+    g = None
+    try:
+        g = llm.stream_chat(history, max_tokens, seed=seed, **sampling)
+        for chunk in g:
+            click.echo(chunk, nl=False)
+    except KeyboardInterrupt:
+        click.echo(" [stopped]", nl=False)
+    except SepedgeError as e:
+        history.pop()
+        click.echo(f"\nerror: {e}", err=True)
+        return
+    click.echo()
+    if g is not None:
+        history.append({"role": "assistant", "content": g.text})
+        if g.finish_reason:
+            click.echo(_stats(g), err=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,266 @@
+// The public API: argument checks, error reporting, model and context lifetimes, decode.
+#include "se-impl.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#define SE_VERSION "0.1.0"
+
+static _Thread_local char last_error[1024];
+
+int se_error(int status, const char * fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(last_error, sizeof last_error, fmt, ap);
+    va_end(ap);
+    return status;
+}
+
+const char * se_last_error(void) { return last_error; }
+
+const char * se_status_name(int status) {
+    switch (status) {
+        case SE_OK: return "SE_OK";
+        case SE_ERR_INVALID_ARGUMENT: return "SE_ERR_INVALID_ARGUMENT";
+        case SE_ERR_IO: return "SE_ERR_IO";
+        case SE_ERR_FORMAT: return "SE_ERR_FORMAT";
+        case SE_ERR_UNSUPPORTED: return "SE_ERR_UNSUPPORTED";
+        case SE_ERR_OUT_OF_MEMORY: return "SE_ERR_OUT_OF_MEMORY";
+        case SE_ERR_CONTEXT_FULL: return "SE_ERR_CONTEXT_FULL";
+        case SE_ERR_BACKEND: return "SE_ERR_BACKEND";
+        default: return "SE_ERR_UNKNOWN";
+    }
+}
+
+const char * se_version(void) { return SE_VERSION; }
+
+// ---------------------------------------------------------------------------------------------
+// model
+
+se_model_params se_model_default_params(void) { return (se_model_params) {.device = SE_DEVICE_CPU}; }
+
+int se_model_load(const char * path, const se_model_params * params, se_model ** out) {
+    if (!out) return se_error(SE_ERR_INVALID_ARGUMENT, "se_model_load: out is NULL");
+    *out = NULL;
+    if (!path) return se_error(SE_ERR_INVALID_ARGUMENT, "se_model_load: path is NULL");
+    se_model_params p = params ? *params : se_model_default_params();
+    if (p.device == SE_DEVICE_CUDA) return se_error(SE_ERR_BACKEND, "this build of sepedge has no CUDA backend");
+    if (p.device != SE_DEVICE_CPU) return se_error(SE_ERR_INVALID_ARGUMENT, "unknown device %d", p.device);
+    se_quants_init();
+    se_model * m = calloc(1, sizeof *m);
+    if (!m) return se_error(SE_ERR_OUT_OF_MEMORY, "out of memory");
+    m->device = p.device;
+    int r = se_gguf_open(path, &m->gguf);
+    if (r == SE_OK) r = se_model_build(m);
+    if (r != SE_OK) {
+        se_model_free(m);
+        return r;
+    }
+    *out = m;
+    return SE_OK;
+}
+
+void se_model_free(se_model * m) {
+    if (!m) return;
+    se_model_release(m);
+    free(m);
+}
+
+int se_model_get_info(const se_model * m, se_model_info * out) {
+    if (!m || !out) return se_error(SE_ERR_INVALID_ARGUMENT, "se_model_get_info: NULL argument");
+    const se_hparams * hp = &m->hp;
+    *out = (se_model_info) {
+        .arch = m->arch, .n_vocab = hp->n_vocab, .n_ctx_train = hp->n_ctx_train, .n_embd = hp->n_embd,
+        .n_layer = hp->n_layer, .n_head = hp->n_head, .n_head_kv = hp->n_head_kv, .n_ff = hp->n_ff,
+        .head_dim = hp->head_dim, .file_type = hp->file_type, .n_params = m->n_params, .n_bytes = m->n_bytes,
+    };
+    return SE_OK;
+}
+
+int32_t se_model_n_separators(const se_model * m) { return m ? m->n_separators : 0; }
+
+int se_model_get_separators(const se_model * m, int32_t * ids, int32_t n) {
+    if (!m || (!ids && n > 0) || n < m->n_separators) {
+        return se_error(SE_ERR_INVALID_ARGUMENT, "se_model_get_separators: need room for %d ids", m ? m->n_separators : 0);
+    }
+    memcpy(ids, m->separators, (size_t) m->n_separators * sizeof(int32_t));
+    return SE_OK;
+}
+
+// --- metadata
+
+int32_t se_model_meta_count(const se_model * m) { return m ? (int32_t) m->gguf.n_kv : 0; }
+
+int32_t se_model_meta_find(const se_model * m, const char * key) {
+    return m && key ? (int32_t) se_gguf_find(&m->gguf, key) : -1;
+}
+
+static int meta_index(const se_model * m, int32_t i) {
+    if (!m || i < 0 || i >= m->gguf.n_kv) return se_error(SE_ERR_INVALID_ARGUMENT, "metadata index %d out of range", i);
+    return SE_OK;
+}
+
+const char * se_model_meta_key(const se_model * m, int32_t i) {
+    static _Thread_local char key[65536 + 1];
+    if (meta_index(m, i) != SE_OK) return NULL;
+    memcpy(key, m->gguf.kv[i].key, m->gguf.kv[i].key_len);
+    key[m->gguf.kv[i].key_len] = 0;
+    return key;
+}
+
+int se_model_meta_type(const se_model * m, int32_t i, int32_t * type, int32_t * elem_type, uint64_t * count) {
+    int r = meta_index(m, i);
+    if (r != SE_OK) return r;
+    if (type) *type = m->gguf.kv[i].type;
+    if (elem_type) *elem_type = m->gguf.kv[i].elem_type;
+    if (count) *count = m->gguf.kv[i].count;
+    return SE_OK;
+}
+
+int se_model_meta_ints(const se_model * m, int32_t i, uint64_t first, int64_t * out, uint64_t n) {
+    int r = meta_index(m, i);
+    for (uint64_t j = 0; j < n && r == SE_OK; j++) r = se_gguf_int(&m->gguf, i, first + j, &out[j]);
+    return r;
+}
+
+int se_model_meta_floats(const se_model * m, int32_t i, uint64_t first, double * out, uint64_t n) {
+    int r = meta_index(m, i);
+    for (uint64_t j = 0; j < n && r == SE_OK; j++) r = se_gguf_float(&m->gguf, i, first + j, &out[j]);
+    return r;
+}
+
+int se_model_meta_strings(const se_model * m, int32_t i, char * buf, uint64_t buf_size, uint64_t * lens, uint64_t n) {
+    int r = meta_index(m, i);
+    if (r == SE_OK && !lens) r = se_error(SE_ERR_INVALID_ARGUMENT, "se_model_meta_strings: lens is NULL");
+    uint64_t used = 0;
+    for (uint64_t j = 0; j < n && r == SE_OK; j++) {
+        const char * s;
+        r = se_gguf_string(&m->gguf, i, j, &s, &lens[j]);
+        if (r != SE_OK || !buf) continue;
+        if (lens[j] > buf_size - used) return se_error(SE_ERR_INVALID_ARGUMENT, "se_model_meta_strings: buffer too small");
+        memcpy(buf + used, s, lens[j]);
+        used += lens[j];
+    }
+    return r;
+}
+
+// ---------------------------------------------------------------------------------------------
+// context
+
+se_context_params se_context_default_params(void) {
+    return (se_context_params) {.n_ctx = 0, .n_batch = 512, .n_threads = 0, .kv_type = SE_KV_F16};
+}
+
+static int default_threads(void) {
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    return n < 1 ? 1 : n > 64 ? 64 : (int) n;
+}
+
+int se_context_new(se_model * m, const se_context_params * params, se_context ** out) {
+    if (!out) return se_error(SE_ERR_INVALID_ARGUMENT, "se_context_new: out is NULL");
+    *out = NULL;
+    if (!m) return se_error(SE_ERR_INVALID_ARGUMENT, "se_context_new: model is NULL");
+    se_context_params p = params ? *params : se_context_default_params();
+    if (p.n_ctx < 0) return se_error(SE_ERR_INVALID_ARGUMENT, "n_ctx must be >= 0, got %d", p.n_ctx);
+    if (p.n_batch < 1) return se_error(SE_ERR_INVALID_ARGUMENT, "n_batch must be >= 1, got %d", p.n_batch);
+    if (p.n_threads < 0) return se_error(SE_ERR_INVALID_ARGUMENT, "n_threads must be >= 0, got %d", p.n_threads);
+    if (p.kv_type != SE_KV_F32 && p.kv_type != SE_KV_F16) return se_error(SE_ERR_INVALID_ARGUMENT, "unknown kv_type %d", p.kv_type);
+    if (p.n_ctx == 0) p.n_ctx = m->hp.n_ctx_train;
+    if (p.n_batch > p.n_ctx) p.n_batch = p.n_ctx;
+    if (p.n_threads == 0) p.n_threads = default_threads();
+    se_context * ctx = calloc(1, sizeof *ctx);
+    if (!ctx) return se_error(SE_ERR_OUT_OF_MEMORY, "out of memory");
+    ctx->model = m;
+    ctx->params = p;
+    ctx->backend = &se_backend_cpu;
+    ctx->pool = se_pool_new(p.n_threads);
+    int r = ctx->pool ? SE_OK : se_error(SE_ERR_OUT_OF_MEMORY, "cannot start %d threads", p.n_threads);
+    if (r == SE_OK) r = se_kv_init(&ctx->kv, &m->hp, p.n_ctx, p.kv_type);
+    if (r == SE_OK) r = ctx->backend->init(ctx);
+    if (r != SE_OK) {
+        se_context_free(ctx);
+        return r;
+    }
+    *out = ctx;
+    return SE_OK;
+}
+
+void se_context_free(se_context * ctx) {
+    if (!ctx) return;
+    if (ctx->backend) ctx->backend->free(ctx);
+    se_kv_free(&ctx->kv);
+    se_pool_free(ctx->pool);
+    free(ctx);
+}
+
+int se_decode(se_context * ctx, const int32_t * tokens, int32_t n, float * logits, int32_t n_logits) {
+    if (!ctx) return se_error(SE_ERR_INVALID_ARGUMENT, "se_decode: context is NULL");
+    if (n < 0 || (n > 0 && !tokens)) return se_error(SE_ERR_INVALID_ARGUMENT, "se_decode: bad token array");
+    if (n_logits < 0 || n_logits > n || (n_logits > 0 && !logits)) {
+        return se_error(SE_ERR_INVALID_ARGUMENT, "se_decode: n_logits must be in [0, %d] with a logits buffer", n);
+    }
+    const se_hparams * hp = &ctx->model->hp;
+    for (int32_t i = 0; i < n; i++) {
+        if (tokens[i] < 0 || tokens[i] >= hp->n_vocab) {
+            return se_error(SE_ERR_INVALID_ARGUMENT, "token %d at index %d is outside the vocabulary (%d tokens)",
+                            tokens[i], i, hp->n_vocab);
+        }
+    }
+    se_kv_cache * kv = &ctx->kv;
+    if (n > kv->n_cells - kv->n_used) {
+        return se_error(SE_ERR_CONTEXT_FULL, "%d tokens do not fit in the KV cache: %d of %d cells in use", n,
+                        kv->n_used, kv->n_cells);
+    }
+    if (kv->n_seen + n > INT32_MAX) return se_error(SE_ERR_CONTEXT_FULL, "position limit reached");
+    for (int32_t s = 0; s < n; s += ctx->params.n_batch) {
+        const int32_t chunk = n - s < ctx->params.n_batch ? n - s : ctx->params.n_batch;
+        // the wanted logits are those of tokens [n - n_logits, n); this chunk holds [s, s + chunk)
+        int32_t first = n - n_logits > s ? n - n_logits : s;
+        int32_t n_out = first < s + chunk ? s + chunk - first : 0;
+        se_kv_append(kv, ctx->model, tokens + s, chunk, ctx->buf.cells, ctx->buf.positions);
+        ctx->backend->forward(ctx, tokens + s, chunk, n_out ? logits + (int64_t) (first - (n - n_logits)) * hp->n_vocab : NULL,
+                              n_out);
+    }
+    return SE_OK;
+}
+
+int se_cache_clear(se_context * ctx) {
+    if (!ctx) return se_error(SE_ERR_INVALID_ARGUMENT, "se_cache_clear: context is NULL");
+    se_kv_clear(&ctx->kv);
+    return SE_OK;
+}
+
+int se_cache_truncate(se_context * ctx, int32_t n_keep) {
+    if (!ctx) return se_error(SE_ERR_INVALID_ARGUMENT, "se_cache_truncate: context is NULL");
+    se_kv_cache * kv = &ctx->kv;
+    if (n_keep < 0 || n_keep > kv->n_seen) {
+        return se_error(SE_ERR_INVALID_ARGUMENT, "cannot keep %d tokens: %lld were seen", n_keep, (long long) kv->n_seen);
+    }
+    kv->n_used = n_keep;  // the full cache holds token i in cell i
+    kv->n_seen = n_keep;
+    return SE_OK;
+}
+
+int se_cache_get_info(const se_context * ctx, se_cache_info * out) {
+    if (!ctx || !out) return se_error(SE_ERR_INVALID_ARGUMENT, "se_cache_get_info: NULL argument");
+    const se_kv_cache * kv = &ctx->kv;
+    *out = (se_cache_info) {
+        .n_cells = kv->n_cells, .n_live = kv->n_used, .n_seen = kv->n_seen, .n_evicted = kv->n_evicted,
+        .kv_bytes = se_kv_bytes(kv, ctx->model->hp.n_layer),
+    };
+    return SE_OK;
+}
+
+int se_cache_get_cells(const se_context * ctx, int32_t * tokens, int32_t * positions, int32_t n) {
+    if (!ctx || n < ctx->kv.n_used || (ctx->kv.n_used > 0 && (!tokens || !positions))) {
+        return se_error(SE_ERR_INVALID_ARGUMENT, "se_cache_get_cells: need room for %d cells", ctx ? ctx->kv.n_used : 0);
+    }
+    for (int32_t c = 0; c < ctx->kv.n_used; c++) {
+        tokens[c] = ctx->kv.cells[c].token;
+        positions[c] = ctx->kv.cells[c].pos;
+    }
+    return SE_OK;
+}

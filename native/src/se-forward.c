@@ -1,0 +1,270 @@
+// The transformer forward pass on the CPU backend (llama family):
+//
+//   x = embed(tokens)
+//   per layer:  h = rmsnorm(x);  q, k, v = h Wq, h Wk, h Wv;  q, k = rope(q, k);  store k, v
+//               x += attention(q, cache) Wo
+//               h = rmsnorm(x);  x += (silu(h Wgate) * (h Wup)) Wdown
+//   logits = rmsnorm(x) Wout
+//
+// Matrix products and attention run on the thread pool; the rest is cheap and stays on the caller.
+#include "se-impl.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+// ---------------------------------------------------------------------------------------------
+// matrix product: out (n, rows) = x (n, cols) . W^T, rows split across threads
+
+typedef struct matmul_job {
+    float * out;
+    const float * x;
+    const se_weight * w;
+    const float * bias;
+    int32_t n;
+    se_buffers * buf;
+} matmul_job;
+
+static void matmul_task(void * p, int ith, int nth) {
+    const matmul_job * j = p;
+    const se_weight * w = j->w;
+    const se_type_traits * tt = se_type_get(w->type);
+    const int64_t r0 = w->rows * ith / nth, r1 = w->rows * (ith + 1) / nth;
+    if (j->n == 1 || w->type == SE_TYPE_F32) {
+        for (int64_t r = r0; r < r1; r++) {
+            const uint8_t * row = w->data + (uint64_t) r * w->row_bytes;
+            for (int32_t t = 0; t < j->n; t++) j->out[t * w->rows + r] = tt->dot(row, j->x + t * w->cols, w->cols);
+        }
+    } else {  // several tokens: dequantize each weight row once, reuse it for every token
+        float * tmp = j->buf->scratch + (int64_t) ith * j->buf->scratch_stride;
+        const se_type_traits * f32 = se_type_get(SE_TYPE_F32);
+        for (int64_t r = r0; r < r1; r++) {
+            tt->to_float(w->data + (uint64_t) r * w->row_bytes, tmp, w->cols);
+            for (int32_t t = 0; t < j->n; t++) j->out[t * w->rows + r] = f32->dot(tmp, j->x + t * w->cols, w->cols);
+        }
+    }
+    if (j->bias) {
+        for (int64_t r = r0; r < r1; r++) {
+            for (int32_t t = 0; t < j->n; t++) j->out[t * w->rows + r] += j->bias[r];
+        }
+    }
+}
+
+static void matmul(se_context * ctx, float * out, const float * x, const se_weight * w, const float * bias, int32_t n) {
+    matmul_job j = {out, x, w, bias, n, &ctx->buf};
+    se_pool_run(ctx->pool, matmul_task, &j);
+}
+
+// ---------------------------------------------------------------------------------------------
+// element-wise pieces
+
+static void rmsnorm(float * out, const float * x, const float * weight, int64_t dim, int32_t n, float eps) {
+    for (int32_t t = 0; t < n; t++, x += dim, out += dim) {
+        double ss = 0;
+        for (int64_t i = 0; i < dim; i++) ss += (double) x[i] * x[i];
+        const float scale = (float) (1.0 / sqrt(ss / (double) dim + eps));
+        for (int64_t i = 0; i < dim; i++) out[i] = x[i] * scale * weight[i];
+    }
+}
+
+// cos/sin of every (token, frequency) pair of this batch: theta = pos * freq_scale * base^(-2i/d) / factor_i
+static void rope_tables(se_context * ctx, int32_t n) {
+    const se_model * m = ctx->model;
+    const se_hparams * hp = &m->hp;
+    const int32_t half = hp->head_dim / 2;
+    for (int32_t t = 0; t < n; t++) {
+        for (int32_t i = 0; i < half; i++) {
+            double freq = pow((double) hp->rope_base, -2.0 * i / hp->head_dim) * hp->rope_freq_scale;
+            if (m->rope_freqs) freq /= m->rope_freqs[i];
+            const double theta = (double) ctx->buf.positions[t] * freq;
+            ctx->buf.rope_cos[t * half + i] = (float) cos(theta);
+            ctx->buf.rope_sin[t * half + i] = (float) sin(theta);
+        }
+    }
+}
+
+static void rope(const se_context * ctx, float * x, int32_t n_heads, int32_t n) {
+    const se_hparams * hp = &ctx->model->hp;
+    const int32_t d = hp->head_dim, half = d / 2;
+    for (int32_t t = 0; t < n; t++) {
+        const float * c = ctx->buf.rope_cos + t * half, * s = ctx->buf.rope_sin + t * half;
+        for (int32_t h = 0; h < n_heads; h++) {
+            float * v = x + ((int64_t) t * n_heads + h) * d;
+            for (int32_t i = 0; i < half; i++) {
+                // NORM rotates adjacent pairs; NEOX rotates i with i + d/2
+                const int32_t a = hp->rope_type == SE_ROPE_NORM ? 2 * i : i;
+                const int32_t b = hp->rope_type == SE_ROPE_NORM ? 2 * i + 1 : i + half;
+                const float x0 = v[a], x1 = v[b];
+                v[a] = x0 * c[i] - x1 * s[i];
+                v[b] = x0 * s[i] + x1 * c[i];
+            }
+        }
+    }
+}
+
+static void store_kv(se_context * ctx, int32_t il, const float * k, const float * v, int32_t n) {
+    se_kv_cache * kv = &ctx->kv;
+    for (int32_t t = 0; t < n; t++) {
+        void * kd = se_kv_k(kv, il, ctx->buf.cells[t]), * vd = se_kv_v(kv, il, ctx->buf.cells[t]);
+        if (kv->kv_type == SE_KV_F16) {
+            se_fp32_to_fp16_row(k + t * kv->row, kd, kv->row);
+            se_fp32_to_fp16_row(v + t * kv->row, vd, kv->row);
+        } else {
+            memcpy(kd, k + t * kv->row, (size_t) kv->row * sizeof(float));
+            memcpy(vd, v + t * kv->row, (size_t) kv->row * sizeof(float));
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// attention: every (token, head) pair against the live cells at or before the token's position
+
+typedef struct attention_job {
+    se_context * ctx;
+    int32_t il;
+    int32_t n;
+} attention_job;
+
+static float kv_dot(const se_kv_cache * kv, const void * row, const float * q, int32_t d) {
+    if (kv->kv_type == SE_KV_F16) return se_type_get(SE_TYPE_F16)->dot(row, q, d);
+    return se_type_get(SE_TYPE_F32)->dot(row, q, d);
+}
+
+static void kv_axpy(const se_kv_cache * kv, float * out, float a, const void * row, int32_t d) {
+    if (kv->kv_type == SE_KV_F16) {
+        const uint16_t * v = row;
+        for (int32_t i = 0; i < d; i++) out[i] += a * se_fp16_to_fp32(v[i]);
+    } else {
+        const float * v = row;
+        for (int32_t i = 0; i < d; i++) out[i] += a * v[i];
+    }
+}
+
+static void attention_task(void * p, int ith, int nth) {
+    const attention_job * j = p;
+    se_context * ctx = j->ctx;
+    const se_hparams * hp = &ctx->model->hp;
+    const se_kv_cache * kv = &ctx->kv;
+    const int32_t d = hp->head_dim, group = hp->n_head / hp->n_head_kv;
+    const float scale = 1.0f / sqrtf((float) d);
+    float * scores = ctx->buf.scratch + (int64_t) ith * ctx->buf.scratch_stride;
+    const int64_t n_items = (int64_t) j->n * hp->n_head;
+    for (int64_t item = n_items * ith / nth; item < n_items * (ith + 1) / nth; item++) {
+        const int32_t t = (int32_t) (item / hp->n_head), h = (int32_t) (item % hp->n_head);
+        const int32_t pos = ctx->buf.positions[t];
+        const float * q = ctx->buf.q + ((int64_t) t * hp->n_head + h) * d;
+        const int64_t off = (int64_t) (h / group) * d;  // GQA: query head h reads KV head h / group
+        float max = -INFINITY;
+        for (int32_t c = 0; c < kv->n_used; c++) {
+            if (kv->cells[c].pos > pos) {  // causal: a token sees only keys at or before it
+                scores[c] = -INFINITY;
+                continue;
+            }
+            const void * krow = (const char *) se_kv_k(kv, j->il, c) + off * (kv->kv_type == SE_KV_F16 ? 2 : 4);
+            scores[c] = kv_dot(kv, krow, q, d) * scale;
+            if (scores[c] > max) max = scores[c];
+        }
+        float sum = 0;
+        for (int32_t c = 0; c < kv->n_used; c++) {
+            scores[c] = scores[c] == -INFINITY ? 0 : expf(scores[c] - max);
+            sum += scores[c];
+        }
+        float * out = ctx->buf.att + ((int64_t) t * hp->n_head + h) * d;
+        memset(out, 0, (size_t) d * sizeof(float));
+        for (int32_t c = 0; c < kv->n_used; c++) {
+            if (scores[c] == 0) continue;
+            const void * vrow = (const char *) se_kv_v(kv, j->il, c) + off * (kv->kv_type == SE_KV_F16 ? 2 : 4);
+            kv_axpy(kv, out, scores[c] / sum, vrow, d);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+static void forward(se_context * ctx, const int32_t * tokens, int32_t n, float * logits, int32_t n_logits) {
+    const se_model * m = ctx->model;
+    const se_hparams * hp = &m->hp;
+    se_buffers * b = &ctx->buf;
+    const int64_t dim = hp->n_embd;
+    const se_type_traits * embd = se_type_get(m->tok_embd.type);
+
+    for (int32_t t = 0; t < n; t++) {
+        embd->to_float(m->tok_embd.data + (uint64_t) tokens[t] * m->tok_embd.row_bytes, b->x + t * dim, dim);
+    }
+    rope_tables(ctx, n);
+
+    for (int32_t il = 0; il < hp->n_layer; il++) {
+        const se_layer * l = &m->layers[il];
+        // attention
+        rmsnorm(b->xb, b->x, l->attn_norm, dim, n, hp->rms_eps);
+        matmul(ctx, b->q, b->xb, &l->wq, l->bq, n);
+        matmul(ctx, b->k, b->xb, &l->wk, l->bk, n);
+        matmul(ctx, b->v, b->xb, &l->wv, l->bv, n);
+        rope(ctx, b->q, hp->n_head, n);
+        rope(ctx, b->k, hp->n_head_kv, n);
+        store_kv(ctx, il, b->k, b->v, n);
+        attention_job aj = {ctx, il, n};
+        se_pool_run(ctx->pool, attention_task, &aj);
+        matmul(ctx, b->xb2, b->att, &l->wo, NULL, n);
+        for (int64_t i = 0; i < n * dim; i++) b->x[i] += b->xb2[i];
+        // SwiGLU feed-forward
+        rmsnorm(b->xb, b->x, l->ffn_norm, dim, n, hp->rms_eps);
+        matmul(ctx, b->hb, b->xb, &l->w_gate, NULL, n);
+        matmul(ctx, b->hb2, b->xb, &l->w_up, NULL, n);
+        for (int64_t i = 0; i < (int64_t) n * hp->n_ff; i++) {
+            const float g = b->hb[i];
+            b->hb[i] = g / (1.0f + expf(-g)) * b->hb2[i];
+        }
+        matmul(ctx, b->xb2, b->hb, &l->w_down, NULL, n);
+        for (int64_t i = 0; i < n * dim; i++) b->x[i] += b->xb2[i];
+    }
+
+    if (n_logits > 0) {  // only the rows whose logits are wanted
+        const float * last = b->x + (int64_t) (n - n_logits) * dim;
+        rmsnorm(b->xb, last, m->output_norm, dim, n_logits, hp->rms_eps);
+        matmul(ctx, logits, b->xb, &m->output, NULL, n_logits);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// the CPU backend
+
+static int cpu_init(se_context * ctx) {
+    const se_hparams * hp = &ctx->model->hp;
+    se_buffers * b = &ctx->buf;
+    const int64_t nb = ctx->params.n_batch, q_dim = (int64_t) hp->n_head * hp->head_dim, kv_dim = ctx->kv.row;
+    int64_t stride = ctx->kv.n_cells;
+    if (stride < hp->n_embd) stride = hp->n_embd;
+    if (stride < hp->n_ff) stride = hp->n_ff;
+    if (stride < q_dim) stride = q_dim;
+    b->scratch_stride = stride;
+    b->x = calloc((size_t) (nb * hp->n_embd), sizeof(float));
+    b->xb = calloc((size_t) (nb * hp->n_embd), sizeof(float));
+    b->xb2 = calloc((size_t) (nb * hp->n_embd), sizeof(float));
+    b->q = calloc((size_t) (nb * q_dim), sizeof(float));
+    b->k = calloc((size_t) (nb * kv_dim), sizeof(float));
+    b->v = calloc((size_t) (nb * kv_dim), sizeof(float));
+    b->att = calloc((size_t) (nb * q_dim), sizeof(float));
+    b->hb = calloc((size_t) (nb * hp->n_ff), sizeof(float));
+    b->hb2 = calloc((size_t) (nb * hp->n_ff), sizeof(float));
+    b->rope_cos = calloc((size_t) (nb * hp->head_dim / 2), sizeof(float));
+    b->rope_sin = calloc((size_t) (nb * hp->head_dim / 2), sizeof(float));
+    b->scratch = calloc((size_t) (se_pool_size(ctx->pool) * stride), sizeof(float));
+    b->cells = calloc((size_t) nb, sizeof(int32_t));
+    b->positions = calloc((size_t) nb, sizeof(int32_t));
+    if (!b->x || !b->xb || !b->xb2 || !b->q || !b->k || !b->v || !b->att || !b->hb || !b->hb2 || !b->rope_cos ||
+        !b->rope_sin || !b->scratch || !b->cells || !b->positions) {
+        return se_error(SE_ERR_OUT_OF_MEMORY, "out of memory for activation buffers (n_batch %lld)", (long long) nb);
+    }
+    return se_kv_alloc_host(&ctx->kv, hp->n_layer);
+}
+
+static void cpu_free(se_context * ctx) {
+    se_buffers * b = &ctx->buf;
+    free(b->x); free(b->xb); free(b->xb2); free(b->q); free(b->k); free(b->v); free(b->att);
+    free(b->hb); free(b->hb2); free(b->rope_cos); free(b->rope_sin); free(b->scratch);
+    free(b->cells); free(b->positions);
+    memset(b, 0, sizeof *b);
+}
+
+const se_backend se_backend_cpu = {"cpu", cpu_init, cpu_free, forward};

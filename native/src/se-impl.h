@@ -1,0 +1,249 @@
+// Internals shared by the C files of the core. One concept per file:
+//   se-gguf.c      GGUF parsing over mmap, every count and offset checked
+//   se-quants.c    tensor types: dequantization and dot products
+//   se-model.c     hyperparameters and weight views of a model
+//   se-kv-cache.c  the KV cache: cells with token, position and separator flag
+//   se-forward.c   the transformer forward pass on the CPU backend
+//   se-threads.c   a persistent thread pool
+//   se-sampler.c   sampling
+//   se-api.c       the public API: errors, contexts, decode
+#ifndef SE_IMPL_H
+#define SE_IMPL_H
+
+#include "sepedge.h"
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define SE_MAX_NAME 64  // tensor names, as ggml's GGML_MAX_NAME
+
+// Record an error message for se_last_error() and return `status`.
+int se_error(int status, const char * fmt, ...) __attribute__((format(printf, 2, 3)));
+
+// ---------------------------------------------------------------------------------------------
+// Tensor types (ggml's numbering)
+
+enum se_type {
+    SE_TYPE_F32  = 0,
+    SE_TYPE_F16  = 1,
+    SE_TYPE_Q4_0 = 2,
+    SE_TYPE_Q4_1 = 3,
+    SE_TYPE_Q8_0 = 8,
+    SE_TYPE_BF16 = 30,
+    SE_TYPE_COUNT = 42,
+};
+
+typedef struct se_type_traits {
+    const char * name;
+    int32_t block;      // values per block; 0 for ids that are not a ggml type
+    int32_t size;       // bytes per block
+    // kernels; NULL for types the core cannot run
+    void  (*to_float)(const void * src, float * dst, int64_t n);       // n: a multiple of block
+    float (*dot)(const void * row, const float * x, int64_t n);        // row (quantized) . x (float)
+} se_type_traits;
+
+const se_type_traits * se_type_get(int32_t type);  // NULL for unknown ids
+float se_fp16_to_fp32(uint16_t h);
+uint16_t se_fp32_to_fp16(float f);
+void se_quants_init(void);
+
+// ---------------------------------------------------------------------------------------------
+// GGUF
+
+typedef struct se_gguf_kv {
+    const char * key;         // points into the mapping; key_len bytes, not NUL-terminated
+    uint64_t key_len;
+    int32_t  type;            // se_meta_type
+    int32_t  elem_type;       // for arrays
+    uint64_t count;           // 1 for scalars
+    const uint8_t * data;     // the value (for arrays: the first element)
+    uint64_t * str_offsets;   // string arrays: offset of each element's length prefix from `data`
+} se_gguf_kv;
+
+typedef struct se_gguf_tensor {
+    char name[SE_MAX_NAME];
+    int32_t type;
+    int32_t n_dims;
+    int64_t ne[4];            // ne[0] is the contiguous dimension
+    uint64_t nbytes;
+    const uint8_t * data;
+} se_gguf_tensor;
+
+typedef struct se_gguf {
+    char * path;
+    uint8_t * map;
+    uint64_t size;
+    uint32_t version;
+    uint32_t alignment;
+    int64_t n_kv;
+    se_gguf_kv * kv;          // (n_kv)
+    int64_t n_tensors;
+    se_gguf_tensor * tensors; // (n_tensors)
+} se_gguf;
+
+int  se_gguf_open(const char * path, se_gguf * out);
+void se_gguf_close(se_gguf * g);
+int64_t se_gguf_find(const se_gguf * g, const char * key);  // -1 if absent
+const se_gguf_tensor * se_gguf_find_tensor(const se_gguf * g, const char * name);
+// Typed reads; they fail with SE_ERR_FORMAT (naming the key) on a type mismatch.
+int se_gguf_int(const se_gguf * g, int64_t i, uint64_t elem, int64_t * out);
+int se_gguf_float(const se_gguf * g, int64_t i, uint64_t elem, double * out);
+int se_gguf_string(const se_gguf * g, int64_t i, uint64_t elem, const char ** s, uint64_t * len);
+
+// ---------------------------------------------------------------------------------------------
+// Model
+
+enum se_rope_type {
+    SE_ROPE_NORM = 0,         // rotate adjacent pairs (x[2i], x[2i+1]): llama GGUFs (Q/K rows permuted)
+    SE_ROPE_NEOX = 2,         // rotate (x[i], x[i + d/2]): HF order, qwen2
+};
+
+typedef struct se_hparams {
+    int32_t n_vocab;
+    int32_t n_ctx_train;
+    int32_t n_embd;
+    int32_t n_layer;
+    int32_t n_head;
+    int32_t n_head_kv;
+    int32_t n_ff;
+    int32_t head_dim;
+    float   rms_eps;
+    float   rope_base;
+    float   rope_freq_scale;  // 1 / linear scaling factor
+    int32_t rope_type;        // se_rope_type
+    int32_t file_type;
+} se_hparams;
+
+typedef struct se_weight {    // a matrix (rows, cols) of any supported type, rows contiguous
+    int32_t type;
+    int64_t cols;             // ne[0]: the reduction dimension
+    int64_t rows;             // ne[1]
+    uint64_t row_bytes;
+    const uint8_t * data;     // in the host mapping
+} se_weight;
+
+typedef struct se_layer {
+    float * attn_norm;        // (n_embd)
+    se_weight wq;             // (n_head * head_dim, n_embd)
+    se_weight wk;             // (n_head_kv * head_dim, n_embd)
+    se_weight wv;             // (n_head_kv * head_dim, n_embd)
+    se_weight wo;             // (n_embd, n_head * head_dim)
+    float * bq, * bk, * bv;   // QKV biases (qwen2) or NULL
+    float * ffn_norm;         // (n_embd)
+    se_weight w_gate;         // (n_ff, n_embd)
+    se_weight w_up;           // (n_ff, n_embd)
+    se_weight w_down;         // (n_embd, n_ff)
+} se_layer;
+
+struct se_model {
+    se_gguf gguf;
+    char arch[32];
+    se_hparams hp;
+    se_weight tok_embd;       // (n_vocab, n_embd)
+    float * output_norm;      // (n_embd)
+    se_weight output;         // (n_vocab, n_embd); the embedding matrix when tied
+    float * rope_freqs;       // (head_dim / 2) frequency divisors (Llama 3.1) or NULL
+    se_layer * layers;        // (n_layer)
+    int64_t n_params;
+    int64_t n_bytes;
+    int32_t * separators;     // sorted separator token ids
+    int32_t n_separators;
+    uint8_t * is_sep;         // (n_vocab) 1 for separator tokens
+    int32_t device;
+};
+
+int  se_model_build(se_model * m);  // after m->gguf is open: hparams, weights, separators
+void se_model_release(se_model * m);
+
+// ---------------------------------------------------------------------------------------------
+// Thread pool: fn(arg, ith, nth) runs on nth threads (the caller is thread 0) and returns when all
+// are done. Workers spin briefly between jobs, then sleep.
+
+typedef void (*se_task_fn)(void * arg, int ith, int nth);
+typedef struct se_pool se_pool;
+
+se_pool * se_pool_new(int n_threads);
+void se_pool_free(se_pool * pool);
+int  se_pool_size(const se_pool * pool);
+void se_pool_run(se_pool * pool, se_task_fn fn, void * arg);
+
+// ---------------------------------------------------------------------------------------------
+// KV cache
+
+typedef struct se_kv_cell {
+    int32_t token;
+    int32_t pos;              // position the key was rotated with
+    uint8_t is_sep;
+} se_kv_cell;
+
+typedef struct se_kv_cache {
+    int32_t n_cells;          // capacity
+    int32_t n_used;           // live cells: [0, n_used)
+    int64_t n_seen;           // tokens processed since the last clear
+    int64_t n_evicted;
+    int32_t kv_type;          // se_kv_type
+    int64_t row;              // values per cell and layer: n_head_kv * head_dim
+    se_kv_cell * cells;       // (n_cells)
+    void * k;                 // (n_layer, n_cells, row), post-RoPE keys
+    void * v;                 // (n_layer, n_cells, row)
+} se_kv_cache;
+
+int  se_kv_init(se_kv_cache * kv, const se_hparams * hp, int32_t n_cells, int32_t kv_type);
+int  se_kv_alloc_host(se_kv_cache * kv, int32_t n_layer);  // K/V storage in host memory
+void se_kv_free(se_kv_cache * kv);
+void se_kv_clear(se_kv_cache * kv);
+// Claim cells for n new tokens (the caller checked that they fit); writes their cell indices and
+// positions.
+void se_kv_append(se_kv_cache * kv, const se_model * m, const int32_t * tokens, int32_t n,
+                  int32_t * cells, int32_t * positions);
+int64_t se_kv_bytes(const se_kv_cache * kv, int32_t n_layer);
+// A cell's key / value row in layer l.
+void * se_kv_k(const se_kv_cache * kv, int32_t l, int32_t cell);
+void * se_kv_v(const se_kv_cache * kv, int32_t l, int32_t cell);
+
+// ---------------------------------------------------------------------------------------------
+// Context and the CPU forward pass
+
+typedef struct se_buffers {   // activations for up to n_batch tokens
+    float * x;                // (n_batch, n_embd) residual stream
+    float * xb;               // (n_batch, n_embd)
+    float * xb2;              // (n_batch, n_embd)
+    float * q;                // (n_batch, n_head * head_dim)
+    float * k;                // (n_batch, n_head_kv * head_dim)
+    float * v;                // (n_batch, n_head_kv * head_dim)
+    float * att;              // (n_batch, n_head * head_dim)
+    float * hb;               // (n_batch, n_ff)
+    float * hb2;              // (n_batch, n_ff)
+    float * rope_cos;         // (n_batch, head_dim / 2)
+    float * rope_sin;         // (n_batch, head_dim / 2)
+    float * scratch;          // (n_threads, max(n_cells, n_embd, n_ff)) per-thread rows and scores
+    int64_t scratch_stride;
+    int32_t * cells;          // (n_batch) cache cells of the tokens being processed
+    int32_t * positions;      // (n_batch)
+} se_buffers;
+
+// A backend owns where the KV data and activations live and how the forward pass runs there. The
+// cache's cell bookkeeping (se_kv_cache minus k/v) and the policies deciding which cells live stay
+// on the host, shared by all backends.
+typedef struct se_backend {
+    const char * name;
+    int  (*init)(se_context * ctx);   // allocate K/V storage and activation buffers
+    void (*free)(se_context * ctx);
+    // Run the model over n tokens (n <= n_batch) whose cells are claimed in ctx->buf.cells;
+    // logits of tokens [n - n_logits, n) go to `logits` (host memory).
+    void (*forward)(se_context * ctx, const int32_t * tokens, int32_t n, float * logits, int32_t n_logits);
+} se_backend;
+
+extern const se_backend se_backend_cpu;
+
+struct se_context {
+    se_model * model;
+    const se_backend * backend;
+    se_context_params params;
+    se_pool * pool;
+    se_kv_cache kv;
+    se_buffers buf;
+};
+
+#endif  // SE_IMPL_H

@@ -1,0 +1,301 @@
+// Tensor types: block layouts (GGUF.md §7), dequantization, and dot products of a weight row with
+// float activations.
+//
+// The dot products here are plain C that the compiler can vectorize: they compute exactly
+// sum_j dequant(w)_j * x_j in float, which is what the torch reference computes on dequantized
+// weights. Integer dot products against quantized activations are a later, faster path.
+#include "se-impl.h"
+
+#include <math.h>
+#include <pthread.h>
+#include <string.h>
+
+typedef struct { uint16_t d; int8_t qs[32]; } block_q8_0;             // 34 bytes
+typedef struct { uint16_t d; uint8_t qs[16]; } block_q4_0;            // 18 bytes
+typedef struct { uint16_t d, m; uint8_t qs[16]; } block_q4_1;         // 20 bytes
+
+_Static_assert(sizeof(block_q8_0) == 34, "Q8_0 block layout");
+_Static_assert(sizeof(block_q4_0) == 18, "Q4_0 block layout");
+_Static_assert(sizeof(block_q4_1) == 20, "Q4_1 block layout");
+
+// ---------------------------------------------------------------------------------------------
+// half precision
+
+static float fp16_table[1 << 16];  // every half value, filled once: conversion by lookup
+
+static float fp16_to_fp32_slow(uint16_t h) {
+    uint32_t sign = (uint32_t) (h & 0x8000) << 16, exp = (h >> 10) & 0x1f, mant = h & 0x3ff, bits;
+    if (exp == 0 && mant == 0) {
+        bits = sign;
+    } else if (exp == 0) {  // subnormal: renormalize
+        exp = 127 - 15 + 1;
+        while (!(mant & 0x400)) {
+            mant <<= 1;
+            exp--;
+        }
+        bits = sign | (exp << 23) | ((mant & 0x3ff) << 13);
+    } else if (exp == 31) {
+        bits = sign | 0x7f800000u | (mant << 13);
+    } else {
+        bits = sign | ((exp + 127 - 15) << 23) | (mant << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+float se_fp16_to_fp32(uint16_t h) { return fp16_table[h]; }
+
+uint16_t se_fp32_to_fp16(float f) {  // round to nearest even, as a hardware conversion would
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    uint16_t sign = (x >> 16) & 0x8000;
+    uint32_t a = x & 0x7fffffffu;
+    if (a > 0x7f800000u) return sign | 0x7e00;  // NaN
+    if (a >= 0x47800000u) return sign | 0x7c00; // too large: infinity
+    if (a >= 0x38800000u) {                      // a normal half
+        uint32_t h = (((a >> 23) - 127 + 15) << 10) | ((a & 0x7fffff) >> 13);
+        uint32_t rest = a & 0x1fff;
+        if (rest > 0x1000 || (rest == 0x1000 && (h & 1))) h++;  // a carry into the exponent is correct
+        return sign | (uint16_t) h;
+    }
+    uint32_t e = a >> 23;                        // a subnormal half: round(|f| * 2^24)
+    if (e < 102) return sign;
+    uint32_t m = (a & 0x7fffff) | 0x800000, shift = 126 - e;
+    uint32_t h = m >> shift, rest = m & ((1u << shift) - 1), half = 1u << (shift - 1);
+    if (rest > half || (rest == half && (h & 1))) h++;
+    return sign | (uint16_t) h;
+}
+
+static float bf16_to_fp32(uint16_t h) {
+    uint32_t bits = (uint32_t) h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static pthread_once_t init_once = PTHREAD_ONCE_INIT;
+
+static void init_tables(void) {
+    for (uint32_t i = 0; i < (1u << 16); i++) fp16_table[i] = fp16_to_fp32_slow((uint16_t) i);
+}
+
+void se_quants_init(void) { pthread_once(&init_once, init_tables); }
+
+// ---------------------------------------------------------------------------------------------
+// dequantization
+
+static void f32_to_float(const void * src, float * dst, int64_t n) { memcpy(dst, src, (size_t) n * sizeof(float)); }
+
+static void f16_to_float(const void * src, float * dst, int64_t n) {
+    const uint16_t * h = src;
+    for (int64_t i = 0; i < n; i++) dst[i] = fp16_table[h[i]];
+}
+
+static void bf16_to_float(const void * src, float * dst, int64_t n) {
+    const uint16_t * h = src;
+    for (int64_t i = 0; i < n; i++) dst[i] = bf16_to_fp32(h[i]);
+}
+
+static void q8_0_to_float(const void * src, float * dst, int64_t n) {
+    const block_q8_0 * b = src;
+    for (int64_t i = 0; i < n / 32; i++, b++) {
+        const float d = fp16_table[b->d];
+        for (int j = 0; j < 32; j++) dst[i * 32 + j] = d * b->qs[j];
+    }
+}
+
+static void q4_0_to_float(const void * src, float * dst, int64_t n) {
+    const block_q4_0 * b = src;
+    for (int64_t i = 0; i < n / 32; i++, b++) {
+        const float d = fp16_table[b->d];
+        for (int j = 0; j < 16; j++) {  // weight j in the low nibble, weight j + 16 in the high one
+            dst[i * 32 + j]      = d * ((b->qs[j] & 0xf) - 8);
+            dst[i * 32 + j + 16] = d * ((b->qs[j] >> 4) - 8);
+        }
+    }
+}
+
+static void q4_1_to_float(const void * src, float * dst, int64_t n) {
+    const block_q4_1 * b = src;
+    for (int64_t i = 0; i < n / 32; i++, b++) {
+        const float d = fp16_table[b->d], m = fp16_table[b->m];
+        for (int j = 0; j < 16; j++) {
+            dst[i * 32 + j]      = d * (b->qs[j] & 0xf) + m;
+            dst[i * 32 + j + 16] = d * (b->qs[j] >> 4) + m;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// dot products: eight independent partial sums, so the loops vectorize without -ffast-math
+
+static float hsum8(const float s[8]) { return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7])); }
+
+static float dot_f32(const void * row, const float * x, int64_t n) {
+    const float * w = row;
+    float s[8] = {0};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        for (int k = 0; k < 8; k++) s[k] += w[i + k] * x[i + k];
+    }
+    float tail = 0;
+    for (; i < n; i++) tail += w[i] * x[i];
+    return hsum8(s) + tail;
+}
+
+static float dot_f16(const void * row, const float * x, int64_t n) {
+    const uint16_t * w = row;
+    float s[8] = {0};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        for (int k = 0; k < 8; k++) s[k] += fp16_table[w[i + k]] * x[i + k];
+    }
+    float tail = 0;
+    for (; i < n; i++) tail += fp16_table[w[i]] * x[i];
+    return hsum8(s) + tail;
+}
+
+static float dot_bf16(const void * row, const float * x, int64_t n) {
+    const uint16_t * w = row;
+    float s[8] = {0};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        for (int k = 0; k < 8; k++) s[k] += bf16_to_fp32(w[i + k]) * x[i + k];
+    }
+    float tail = 0;
+    for (; i < n; i++) tail += bf16_to_fp32(w[i]) * x[i];
+    return hsum8(s) + tail;
+}
+
+static float dot_q8_0(const void * row, const float * x, int64_t n) {
+    const block_q8_0 * b = row;
+    float acc = 0;
+    for (int64_t i = 0; i < n / 32; i++, b++, x += 32) {
+        float s[8] = {0};
+        for (int j = 0; j < 32; j += 8) {
+            for (int k = 0; k < 8; k++) s[k] += b->qs[j + k] * x[j + k];
+        }
+        acc += fp16_table[b->d] * hsum8(s);
+    }
+    return acc;
+}
+
+static float dot_q4_0(const void * row, const float * x, int64_t n) {
+    const block_q4_0 * b = row;
+    float acc = 0;
+    for (int64_t i = 0; i < n / 32; i++, b++, x += 32) {
+        float s[8] = {0};
+        for (int j = 0; j < 16; j += 8) {
+            for (int k = 0; k < 8; k++) {
+                s[k] += ((b->qs[j + k] & 0xf) - 8) * x[j + k] + ((b->qs[j + k] >> 4) - 8) * x[j + k + 16];
+            }
+        }
+        acc += fp16_table[b->d] * hsum8(s);
+    }
+    return acc;
+}
+
+static float dot_q4_1(const void * row, const float * x, int64_t n) {
+    const block_q4_1 * b = row;
+    float acc = 0;
+    for (int64_t i = 0; i < n / 32; i++, b++, x += 32) {
+        float s[8] = {0}, sx[8] = {0};  // sum q * x, and sum x for the block's offset m
+        for (int j = 0; j < 16; j += 8) {
+            for (int k = 0; k < 8; k++) {
+                s[k] += (b->qs[j + k] & 0xf) * x[j + k] + (b->qs[j + k] >> 4) * x[j + k + 16];
+                sx[k] += x[j + k] + x[j + k + 16];
+            }
+        }
+        acc += fp16_table[b->d] * hsum8(s) + fp16_table[b->m] * hsum8(sx);
+    }
+    return acc;
+}
+
+// ---------------------------------------------------------------------------------------------
+// the type table: every ggml type id with its block size, kernels where the core has them
+
+static const se_type_traits types[SE_TYPE_COUNT] = {
+    [SE_TYPE_F32]  = {"F32", 1, 4, f32_to_float, dot_f32},
+    [SE_TYPE_F16]  = {"F16", 1, 2, f16_to_float, dot_f16},
+    [SE_TYPE_Q4_0] = {"Q4_0", 32, 18, q4_0_to_float, dot_q4_0},
+    [SE_TYPE_Q4_1] = {"Q4_1", 32, 20, q4_1_to_float, dot_q4_1},
+    [6]  = {"Q5_0", 32, 22, NULL, NULL},
+    [7]  = {"Q5_1", 32, 24, NULL, NULL},
+    [SE_TYPE_Q8_0] = {"Q8_0", 32, 34, q8_0_to_float, dot_q8_0},
+    [9]  = {"Q8_1", 32, 36, NULL, NULL},
+    [10] = {"Q2_K", 256, 84, NULL, NULL},
+    [11] = {"Q3_K", 256, 110, NULL, NULL},
+    [12] = {"Q4_K", 256, 144, NULL, NULL},
+    [13] = {"Q5_K", 256, 176, NULL, NULL},
+    [14] = {"Q6_K", 256, 210, NULL, NULL},
+    [15] = {"Q8_K", 256, 292, NULL, NULL},
+    [16] = {"IQ2_XXS", 256, 66, NULL, NULL},
+    [17] = {"IQ2_XS", 256, 74, NULL, NULL},
+    [18] = {"IQ3_XXS", 256, 98, NULL, NULL},
+    [19] = {"IQ1_S", 256, 50, NULL, NULL},
+    [20] = {"IQ4_NL", 32, 18, NULL, NULL},
+    [21] = {"IQ3_S", 256, 110, NULL, NULL},
+    [22] = {"IQ2_S", 256, 82, NULL, NULL},
+    [23] = {"IQ4_XS", 256, 136, NULL, NULL},
+    [24] = {"I8", 1, 1, NULL, NULL},
+    [25] = {"I16", 1, 2, NULL, NULL},
+    [26] = {"I32", 1, 4, NULL, NULL},
+    [27] = {"I64", 1, 8, NULL, NULL},
+    [28] = {"F64", 1, 8, NULL, NULL},
+    [29] = {"IQ1_M", 256, 56, NULL, NULL},
+    [SE_TYPE_BF16] = {"BF16", 1, 2, bf16_to_float, dot_bf16},
+    [34] = {"TQ1_0", 256, 54, NULL, NULL},
+    [35] = {"TQ2_0", 256, 66, NULL, NULL},
+    [39] = {"MXFP4", 32, 17, NULL, NULL},
+    [40] = {"NVFP4", 64, 36, NULL, NULL},
+    [41] = {"Q1_0", 128, 18, NULL, NULL},
+};
+
+const se_type_traits * se_type_get(int32_t type) {
+    if (type < 0 || type >= SE_TYPE_COUNT || types[type].block == 0) return NULL;
+    return &types[type];
+}
+
+// ---------------------------------------------------------------------------------------------
+// public kernel API (tests and tools)
+
+static int kernel_args(int32_t type, int64_t n, const se_type_traits ** tt) {
+    se_quants_init();
+    *tt = se_type_get(type);
+    if (!*tt || !(*tt)->to_float) return se_error(SE_ERR_UNSUPPORTED, "tensor type %d has no kernels", type);
+    if (n < 0 || n % (*tt)->block) {
+        return se_error(SE_ERR_INVALID_ARGUMENT, "%lld values do not split into %s blocks of %d", (long long) n,
+                        (*tt)->name, (*tt)->block);
+    }
+    return SE_OK;
+}
+
+SE_API int se_type_info(int32_t type, const char ** name, int32_t * block, int32_t * size, int32_t * supported) {
+    const se_type_traits * tt = se_type_get(type);
+    if (!tt) return se_error(SE_ERR_INVALID_ARGUMENT, "unknown tensor type %d", type);
+    if (name) *name = tt->name;
+    if (block) *block = tt->block;
+    if (size) *size = tt->size;
+    if (supported) *supported = tt->to_float != NULL;
+    return SE_OK;
+}
+
+SE_API int se_dequantize(int32_t type, const void * src, float * dst, int64_t n) {
+    const se_type_traits * tt;
+    int r = kernel_args(type, n, &tt);
+    if (r == SE_OK) tt->to_float(src, dst, n);
+    return r;
+}
+
+SE_API int se_dot(int32_t type, const void * row, const float * x, int64_t n, float * out) {
+    const se_type_traits * tt;
+    int r = kernel_args(type, n, &tt);
+    if (r == SE_OK) *out = tt->dot(row, x, n);
+    return r;
+}
+
+SE_API int se_fp32_to_fp16_row(const float * src, uint16_t * dst, int64_t n) {
+    for (int64_t i = 0; i < n; i++) dst[i] = se_fp32_to_fp16(src[i]);
+    return SE_OK;
+}

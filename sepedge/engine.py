@@ -1,0 +1,341 @@
+"""`Engine`: load a GGUF model and generate text, in the shape of llama-cpp-python's `Llama`.
+
+    from sepedge import Engine
+    with Engine("model.gguf") as llm:
+        print(llm.generate("The capital of France is", max_tokens=16, temperature=0))
+        for chunk in llm.create_chat_completion([{"role": "user", "content": "Hi!"}], stream=True):
+            print(chunk["choices"][0]["delta"].get("content", ""), end="")
+"""
+
+from __future__ import annotations
+
+import codecs
+import os
+import random
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+from . import chat
+from . import vocab as V
+from ._native import Context, Model, Sampler
+from .errors import ContextFullError, InvalidArgumentError
+from .tokenizer import Tokenizer
+
+# llama.cpp's sampling defaults
+DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "repeat_penalty": 1.0}
+
+
+class Generation:
+    """One generation, an iterator of text chunks; once exhausted, finish_reason ("stop" or
+    "length"), the generated tokens and text, and timings are set."""
+
+    def __init__(self, engine: Engine, prompt_tokens: list[int], max_tokens: int | None, stop: list[str],
+                 sampler: Sampler):
+        self.engine, self.prompt_tokens, self.max_tokens, self.stop, self.sampler = \
+            engine, prompt_tokens, max_tokens, stop, sampler
+        self.tokens: list[int] = []
+        self.text = ""
+        self.finish_reason: str | None = None
+        self.prompt_seconds = self.generate_seconds = 0.0
+        self._chunks = self._run()
+
+    def __iter__(self) -> Generation:
+        return self
+
+    def __next__(self) -> str:
+        return next(self._chunks)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return len(self.tokens) / self.generate_seconds if self.generate_seconds > 0 else 0.0
+
+    def _held_back(self, emitted: int) -> int:
+        """Characters at the end of the text that may be the start of a stop string."""
+        tail = self.text[emitted:]
+        for n in range(min(len(tail), max((len(s) for s in self.stop), default=0)), 0, -1):
+            if any(s.startswith(tail[-n:]) for s in self.stop):
+                return n
+        return 0
+
+    def _run(self) -> Iterator[str]:
+        eng, tok = self.engine, self.engine.tokenizer
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        emitted, stopped_by_string = 0, False
+        t0 = time.perf_counter()
+        logits = eng._feed(self.prompt_tokens)
+        self.prompt_seconds = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for t in self.prompt_tokens:
+            self.sampler.accept(t)
+        try:
+            while True:
+                if self.max_tokens is not None and len(self.tokens) >= self.max_tokens:
+                    self.finish_reason = "length"
+                    break
+                token = self.sampler.sample(logits)
+                if token in tok.eog_ids:
+                    self.finish_reason = "stop"
+                    break
+                self.sampler.accept(token)
+                self.tokens.append(token)
+                self.text += decoder.decode(tok.decode([token]))
+                hits = [i for s in self.stop if (i := self.text.find(s, max(0, emitted - len(s)))) >= 0]
+                if hits:
+                    self.text = self.text[:min(hits)]
+                    self.finish_reason, stopped_by_string = "stop", True
+                    break
+                safe = len(self.text) - self._held_back(emitted)
+                if safe > emitted:
+                    yield self.text[emitted:safe]
+                    emitted = safe
+                if eng._n_cached() >= eng.n_ctx:
+                    self.finish_reason = "length"  # no cell left for the token just generated
+                    break
+                logits = eng._feed_one(token)
+            if not stopped_by_string:
+                self.text += decoder.decode(b"", final=True)
+            if len(self.text) > emitted:
+                yield self.text[emitted:]
+        finally:
+            self.generate_seconds = time.perf_counter() - t0
+
+
+class Engine:
+    """A model, its tokenizer and a KV cache.
+
+    Args:
+        model_path: a GGUF file; None for the embedded default model (SmolLM2-135M-Instruct).
+        n_ctx: KV cache cells; 0 = the model's training context.
+        n_batch: tokens per forward pass when a prompt is processed in chunks.
+        n_threads: CPU threads; None = one per core.
+        seed: seed of the sampling random stream; None = random.
+        kv_type: "f16" (default) or "f32" storage for keys and values.
+        device: "cpu" (or "cuda" where built with CUDA).
+    """
+
+    def __init__(self, model_path: str | os.PathLike | None = None, *, n_ctx: int = 0, n_batch: int = 512,
+                 n_threads: int | None = None, seed: int | None = None, kv_type: str = "f16", device: str = "cpu"):
+        if model_path is None:
+            from .default_model import default_model
+            model_path = default_model()
+        self.model_path = os.fspath(model_path)
+        self._model = Model(self.model_path, device)
+        try:
+            self.tokenizer = Tokenizer.from_model(self._model)
+            if not self._model.separators:  # a GGUF from another converter: derive them as `convert` does
+                t = self.tokenizer
+                self._model.separators = V.derive_separator_ids(t.tokens, t.token_types, t.model, t.bos_id)
+            self._ctx = Context(self._model, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads or 0, kv_type=kv_type)
+        except BaseException:
+            self._model.close()
+            raise
+        self.n_ctx: int = self._ctx.info()["n_cells"]
+        self._rng = random.Random(seed)
+        self._cached: list[int] = []  # the tokens whose keys and values are in the cache, in order
+
+    # --- lifetime
+
+    def close(self) -> None:
+        self._model.close()  # closes the context too
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- model facts
+
+    @property
+    def n_vocab(self) -> int:
+        return self._model.n_vocab
+
+    @property
+    def info(self) -> dict:
+        return dict(self._model.info, separators=self._model.separators)
+
+    def metadata(self, key: str, default=None):
+        """A GGUF metadata value of the model."""
+        return self._model.meta(key, default)
+
+    # --- tokens
+
+    def tokenize(self, text: str | bytes, add_bos: bool = True, special: bool = False) -> list[int]:
+        """Token ids; add_bos adds BOS when the model uses one, special parses special-token text."""
+        if not isinstance(text, (str, bytes)):
+            raise InvalidArgumentError(f"text must be str or bytes, got {type(text).__name__}")
+        return self.tokenizer.encode(text, add_bos=None if add_bos else False, special=special)
+
+    def detokenize(self, tokens: Sequence[int], special: bool = False) -> bytes:
+        """The bytes of the tokens (control tokens left out unless special=True)."""
+        return self.tokenizer.decode(self._check_tokens(tokens), special=special)
+
+    def _check_tokens(self, tokens) -> list[int]:
+        try:
+            ids = [int(t) for t in tokens]
+        except (TypeError, ValueError):
+            raise InvalidArgumentError("tokens must be a sequence of integer token ids") from None
+        bad = [t for t in ids if not 0 <= t < self.n_vocab]
+        if bad:
+            raise InvalidArgumentError(f"token id {bad[0]} is outside the vocabulary (0..{self.n_vocab - 1})")
+        return ids
+
+    # --- evaluation
+
+    def reset(self) -> None:
+        """Empty the KV cache."""
+        self._ctx.clear()
+        self._cached = []
+
+    def eval(self, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
+        """Feed tokens after those already in the cache. Returns the logits of the last one,
+        (n_vocab,), or with all_logits those of every one, (len(tokens), n_vocab)."""
+        ids = self._check_tokens(tokens)
+        if not ids:
+            raise InvalidArgumentError("no tokens to evaluate")
+        self._check_room(len(self._cached) + len(ids))
+        logits = self._ctx.decode(ids, n_logits=len(ids) if all_logits else 1)
+        self._cached += ids
+        return logits if all_logits else logits[0]
+
+    def eval_logits(self, tokens: Sequence[int]) -> np.ndarray:
+        """Logits at every position of `tokens`, evaluated from an empty cache: (len(tokens), n_vocab)."""
+        self.reset()
+        return self.eval(tokens, all_logits=True)
+
+    def _check_room(self, n: int) -> None:
+        if n > self.n_ctx:
+            raise ContextFullError(f"{n} tokens exceed the context window of {self.n_ctx} (set n_ctx)")
+
+    def _n_cached(self) -> int:
+        return len(self._cached)
+
+    def _feed(self, tokens: list[int]) -> np.ndarray:
+        """Logits after `tokens`, evaluating only what differs from the tokens already cached."""
+        self._check_room(len(tokens))
+        k = 0
+        for a, b in zip(self._cached, tokens):
+            if a != b:
+                break
+            k += 1
+        k = min(k, len(tokens) - 1)  # at least one token to evaluate: its logits are wanted
+        if k < self._ctx.info()["n_seen"]:
+            self._ctx.truncate(k)
+        self._cached = self._cached[:k]
+        logits = self._ctx.decode(tokens[k:], n_logits=1)[0]
+        self._cached = list(tokens)
+        return logits
+
+    def _feed_one(self, token: int) -> np.ndarray:
+        return self.eval([token])
+
+    # --- generation
+
+    def _sampler(self, temperature, top_k, top_p, min_p, repeat_penalty, seed) -> Sampler:
+        if seed is None:
+            seed = self._rng.getrandbits(63)
+        return Sampler(self.n_vocab, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                       repeat_penalty=repeat_penalty, seed=seed)
+
+    def _start(self, prompt, max_tokens, stop, sampling, seed, special_prompt=True) -> Generation:
+        if isinstance(prompt, (str, bytes)):
+            tokens = self.tokenize(prompt, special=special_prompt)
+        else:
+            tokens = self._check_tokens(prompt)
+        if not tokens:
+            raise InvalidArgumentError("the prompt is empty")
+        if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)):
+            raise InvalidArgumentError(f"max_tokens must be an integer or None, got {max_tokens!r}")
+        if max_tokens is not None and max_tokens <= 0:
+            max_tokens = None  # as llama-cpp-python: until end of generation or a full context
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if not all(isinstance(s, str) and s for s in stops):
+            raise InvalidArgumentError("stop must be a non-empty string or a list of them")
+        self._check_room(len(tokens))
+        return Generation(self, tokens, max_tokens, stops, self._sampler(**sampling, seed=seed))
+
+    def generate(self, prompt: str | bytes | Sequence[int], max_tokens: int | None = 256, *,
+                 temperature: float = DEFAULTS["temperature"], top_k: int = DEFAULTS["top_k"],
+                 top_p: float = DEFAULTS["top_p"], min_p: float = DEFAULTS["min_p"],
+                 repeat_penalty: float = DEFAULTS["repeat_penalty"], stop: str | Sequence[str] | None = None,
+                 seed: int | None = None, stream: bool = False) -> str | Iterator[str]:
+        """Continue `prompt` (text or token ids). Returns the text, or with stream=True an iterator
+        of text chunks (never splitting a UTF-8 character, never showing a stop string)."""
+        g = self._start(prompt, max_tokens, stop, dict(temperature=temperature, top_k=top_k, top_p=top_p,
+                                                        min_p=min_p, repeat_penalty=repeat_penalty), seed)
+        return g if stream else "".join(g)
+
+    # --- OpenAI-shaped API (as llama-cpp-python)
+
+    def create_completion(self, prompt: str | Sequence[int], max_tokens: int | None = 16, *,
+                          temperature: float = DEFAULTS["temperature"], top_k: int = DEFAULTS["top_k"],
+                          top_p: float = DEFAULTS["top_p"], min_p: float = DEFAULTS["min_p"],
+                          repeat_penalty: float = DEFAULTS["repeat_penalty"], stop=None, seed: int | None = None,
+                          stream: bool = False, echo: bool = False):
+        g = self._start(prompt, max_tokens, stop, dict(temperature=temperature, top_k=top_k, top_p=top_p,
+                                                        min_p=min_p, repeat_penalty=repeat_penalty), seed)
+        head = {"id": f"cmpl-{uuid.uuid4()}", "object": "text_completion", "created": int(time.time()),
+                "model": self.model_path}
+        prefix = prompt if echo and isinstance(prompt, str) else ""
+
+        def choice(text, finish):
+            return {"text": text, "index": 0, "logprobs": None, "finish_reason": finish}
+
+        if stream:
+            def chunks():
+                if prefix:
+                    yield {**head, "choices": [choice(prefix, None)]}
+                for piece in g:
+                    yield {**head, "choices": [choice(piece, None)]}
+                yield {**head, "choices": [choice("", g.finish_reason)]}
+            return chunks()
+        text = "".join(g)
+        return {**head, "choices": [choice(prefix + text, g.finish_reason)], "usage": _usage(g)}
+
+    __call__ = create_completion
+
+    def format_chat(self, messages, add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of a conversation rendered with the model's chat template."""
+        t = self.tokenizer
+        text = chat.render(t.chat_template, messages, add_generation_prompt, t.bos_text, t.eos_text)
+        has_bos = bool(t.bos_text) and text.startswith(t.bos_text)  # templates often write BOS themselves
+        return self.tokenize(text, add_bos=not has_bos, special=True)
+
+    def stream_chat(self, messages, max_tokens: int | None = None, *, temperature: float = 0.2,
+                    top_k: int = DEFAULTS["top_k"], top_p: float = DEFAULTS["top_p"], min_p: float = DEFAULTS["min_p"],
+                    repeat_penalty: float = DEFAULTS["repeat_penalty"], stop=None,
+                    seed: int | None = None) -> Generation:
+        """The assistant's reply to a conversation as a Generation (text chunks, then its stats)."""
+        return self._start(self.format_chat(messages), max_tokens, stop,
+                           dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                repeat_penalty=repeat_penalty), seed)
+
+    def create_chat_completion(self, messages, max_tokens: int | None = None, *, temperature: float = 0.2,
+                               top_k: int = DEFAULTS["top_k"], top_p: float = DEFAULTS["top_p"],
+                               min_p: float = DEFAULTS["min_p"], repeat_penalty: float = DEFAULTS["repeat_penalty"],
+                               stop=None, seed: int | None = None, stream: bool = False):
+        g = self.stream_chat(messages, max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                             repeat_penalty=repeat_penalty, stop=stop, seed=seed)
+        head = {"id": f"chatcmpl-{uuid.uuid4()}", "created": int(time.time()), "model": self.model_path}
+        if stream:
+            def chunks():
+                def chunk(delta, finish):
+                    return {**head, "object": "chat.completion.chunk",
+                            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+                yield chunk({"role": "assistant"}, None)
+                for piece in g:
+                    yield chunk({"content": piece}, None)
+                yield chunk({}, g.finish_reason)
+            return chunks()
+        text = "".join(g)
+        return {**head, "object": "chat.completion",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                             "finish_reason": g.finish_reason}], "usage": _usage(g)}
+
+
+def _usage(g: Generation) -> dict:
+    return {"prompt_tokens": len(g.prompt_tokens), "completion_tokens": len(g.tokens),
+            "total_tokens": len(g.prompt_tokens) + len(g.tokens)}

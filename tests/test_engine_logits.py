@@ -1,0 +1,122 @@
+"""Native logits against the torch reference on the same (dequantized) weights: every tensor type,
+whole prompts and step by step through long decodes, chunked prefill, greedy generation."""
+
+import secrets
+
+import numpy as np
+import pytest
+import torch
+
+import fixtures
+from fixtures import SPECS
+from sepedge import Engine
+from sepedge.convert import OUTTYPES, convert
+from sepedge.reference import Transformer
+
+# max |native - reference| / max |reference| over a sequence's logits. The native kernels compute
+# dequant(w) . x in float32, the reference in float64: only rounding separates them.
+MAX_REL_DIFF = {"f32": 3e-5, "f16": 3e-5, "bf16": 3e-5, "q8_0": 3e-5, "q4_0": 3e-5, "q4_1": 3e-5}
+MAX_REL_DIFF_F16_KV = 5e-3     # keys and values stored as f16
+MAX_REL_DIFF_SMOLLM2 = 2e-5    # 30 layers of float32 accumulation (measured 1.2e-6)
+N_STEPS = 260                  # single-token decode steps after the prompt
+
+
+@pytest.fixture(scope="module")
+def gguf_path(tiny_dirs, tmp_path_factory):
+    out, done = tmp_path_factory.mktemp("engine-gguf"), {}
+
+    def get(spec: str, outtype: str):
+        if (spec, outtype) not in done:
+            done[spec, outtype] = convert(tiny_dirs(spec), out / f"{spec}-{outtype}.gguf", outtype=outtype, progress=False)
+        return done[spec, outtype]
+
+    return get
+
+
+@pytest.fixture
+def rng():
+    seed = secrets.randbits(32)
+    print(f"random seed {seed}")
+    return np.random.default_rng(seed)
+
+
+def reference_logits(path, tokens) -> np.ndarray:
+    return Transformer.from_gguf(path, dtype=torch.float64)(torch.tensor(tokens)).numpy()
+
+
+def rel(a, b) -> float:
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@pytest.mark.parametrize("outtype", list(OUTTYPES))
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
+def test_prompt_and_step_by_step(gguf_path, rng, spec, outtype):
+    path = gguf_path(spec.name, outtype)
+    tokens = rng.integers(0, spec.n_tokens or spec.n_vocab, 40 + N_STEPS).tolist()
+    ref = reference_logits(path, tokens)
+    with Engine(path, n_ctx=512, n_batch=16, kv_type="f32") as llm:  # n_batch 16: the prompt is chunked
+        prompt = llm.eval_logits(tokens[:40])
+        assert rel(prompt, ref[:40]) <= MAX_REL_DIFF[outtype]
+        steps = np.stack([llm.eval([t]) for t in tokens[40:]])
+        assert rel(steps, ref[40:]) <= MAX_REL_DIFF[outtype]
+        info = llm._ctx.info()
+        assert (info["n_live"], info["n_seen"]) == (len(tokens), len(tokens))
+
+
+@pytest.mark.parametrize("spec", ["mha-d64", "gqa-d128-llama31"])
+def test_f16_kv_cache(gguf_path, rng, spec):
+    s = fixtures.SPEC_BY_NAME[spec]
+    path = gguf_path(spec, "q8_0")
+    tokens = rng.integers(0, s.n_vocab, 120).tolist()
+    with Engine(path, n_ctx=256, kv_type="f16") as llm:
+        assert rel(llm.eval_logits(tokens), reference_logits(path, tokens)) <= MAX_REL_DIFF_F16_KV
+
+
+def test_chunking_and_threads_do_not_change_logits(gguf_path, rng):
+    path = gguf_path("gqa3-sharded-padded", "q4_1")
+    tokens = rng.integers(0, 990, 150).tolist()
+    results = []
+    for n_batch, n_threads in ((512, 1), (7, 2), (1, 3)):
+        with Engine(path, n_ctx=256, n_batch=n_batch, n_threads=n_threads, kv_type="f32") as llm:
+            results.append(llm.eval_logits(tokens))
+    assert rel(results[1], results[0]) <= 1e-6 and rel(results[2], results[0]) <= 1e-6
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
+def test_greedy_generation_equals_reference(gguf_path, rng, spec):
+    path = gguf_path(spec.name, "f16")
+    prompt = rng.integers(0, spec.n_tokens or spec.n_vocab, 12).tolist()
+    expected = Transformer.from_gguf(path, dtype=torch.float64).greedy(prompt, 24)
+    with Engine(path, n_ctx=128, kv_type="f32") as llm:
+        # stop strings and end-of-generation tokens would cut the comparison short: none here
+        llm.tokenizer.eog_ids = frozenset()
+        g = llm.generate(prompt, max_tokens=24, temperature=0, stream=True)
+        "".join(g)
+    assert g.tokens == expected
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return fixtures.smollm2_gguf()
+
+
+def test_smollm2_step_by_step(smollm2):
+    """The package's Q4_1 GGUF: a real prompt, then 256 greedy steps, each step's logits checked."""
+    with Engine(smollm2, n_ctx=512, kv_type="f32") as llm:
+        prompt = llm.tokenize("In the beginning of the story, the old sailor told the children about the sea.")
+        logits = [llm.eval_logits(prompt)]
+        seq = list(prompt)
+        for _ in range(256):
+            seq.append(int(logits[-1][-1].argmax()))
+            logits.append(llm.eval([seq[-1]])[None])
+    native = np.concatenate(logits)
+    ref = reference_logits(smollm2, seq)
+    assert rel(native, ref[:len(native)]) <= MAX_REL_DIFF_SMOLLM2
+
+
+def test_smollm2_knows_paris(smollm2):
+    with Engine(smollm2, n_ctx=256) as llm:
+        assert llm.generate("The capital of France is", max_tokens=4, temperature=0).startswith(" Paris")
+        reply = llm.create_chat_completion([{"role": "user", "content": "What is the capital of France?"}],
+                                           max_tokens=24, temperature=0)
+        assert "Paris" in reply["choices"][0]["message"]["content"]

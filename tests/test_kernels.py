@@ -1,0 +1,108 @@
+"""C kernels (dequantization, dot products, half precision) against numpy / gguf references."""
+
+import gguf
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as QT
+
+from sepedge._ffi import ffi, lib
+from sepedge.convert import quants
+from sepedge.errors import InvalidArgumentError, UnsupportedError, check
+from test_quants import rng  # noqa: F401  (fixture: fresh seed per test, printed on failure)
+
+TYPES = [QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1]
+# max |dot - float64 reference| relative to sum |w_j x_j|: float32 accumulation over a row
+MAX_DOT_REL_ERROR = 1e-5
+
+
+def c_dequantize(data: np.ndarray, qtype: QT, n: int) -> np.ndarray:
+    out = np.empty(n, dtype=np.float32)
+    check(lib.se_dequantize(int(qtype), ffi.from_buffer(np.ascontiguousarray(data)), ffi.from_buffer("float[]", out), n))
+    return out
+
+
+def c_dot(row: np.ndarray, qtype: QT, x: np.ndarray) -> float:
+    out = ffi.new("float *")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    check(lib.se_dot(int(qtype), ffi.from_buffer(np.ascontiguousarray(row)), ffi.from_buffer("float[]", x), len(x), out))
+    return out[0]
+
+
+def lengths(qtype: QT) -> list[int]:
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    return [block, 3 * block, 37 * block] + ([1, 7, 33, 1001] if block == 1 else [])
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_dequantize_matches_gguf(rng, qtype):
+    for n in lengths(qtype):
+        x = (rng.standard_normal(n) * rng.choice([1e-3, 1, 50])).astype(np.float32)
+        data = quants.quantize(x.reshape(1, -1), qtype).reshape(-1)
+        expected = gguf.quants.dequantize(data, qtype).reshape(-1)
+        np.testing.assert_array_equal(c_dequantize(data, qtype, n), expected)
+
+
+@pytest.mark.parametrize("qtype", [QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.F16, QT.BF16], ids=lambda t: t.name)
+def test_dequantize_arbitrary_bytes(rng, qtype):
+    """Any bit pattern (NaN/inf scales included) decodes exactly as gguf decodes it."""
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    data = rng.integers(0, 256, 64 * size, dtype=np.uint8)
+    np.testing.assert_array_equal(c_dequantize(data, qtype, 64 * block),
+                                  gguf.quants.dequantize(data.reshape(1, -1), qtype).reshape(-1))
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_dot_matches_float64(rng, qtype):
+    for n in lengths(qtype):
+        w = rng.standard_normal(n).astype(np.float32)
+        data = quants.quantize(w.reshape(1, -1), qtype).reshape(-1)
+        wq = gguf.quants.dequantize(data, qtype).reshape(-1).astype(np.float64)
+        x = rng.standard_normal(n).astype(np.float32)
+        expected = float(wq @ x.astype(np.float64))
+        scale = float(np.abs(wq * x).sum())
+        assert abs(c_dot(data, qtype, x) - expected) <= MAX_DOT_REL_ERROR * scale, n
+
+
+def test_fp16_rounding_matches_numpy(rng):
+    edge = np.array([0.0, -0.0, 1.0, 65504.0, 65519.9, 65520.0, 1e6, -1e6, np.inf, -np.inf, 6.1e-5, 6.0e-8, 2.98e-8,
+                     2.9802322e-08, 5.96e-8, 1e-10, -3.0517578e-05, 0.33333334, 1.0009766, 1.0004883, 1.0014648],
+                    dtype=np.float32)
+    scaled = (rng.standard_normal(200_000) * 10.0 ** rng.integers(-9, 6, 200_000)).astype(np.float32)
+    bits = rng.integers(0, 2 ** 32, 200_000, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    values = np.concatenate([edge, scaled, bits]).astype(np.float32)
+    out = np.empty(len(values), dtype=np.uint16)
+    check(lib.se_fp32_to_fp16_row(ffi.from_buffer("float[]", values), ffi.from_buffer("uint16_t[]", out), len(values)))
+    with np.errstate(over="ignore", invalid="ignore"):
+        expected = values.astype(np.float16).view(np.uint16)
+    nan = np.isnan(values)
+    np.testing.assert_array_equal(out[~nan], expected[~nan])
+    assert np.isnan(out[nan].view(np.float16)).all()
+
+
+def test_fp16_decoding_is_exhaustive():
+    h = np.arange(1 << 16, dtype=np.uint16)
+    got = c_dequantize(h, QT.F16, len(h))
+    expected = h.view(np.float16).astype(np.float32)
+    nan = np.isnan(expected)
+    np.testing.assert_array_equal(got[~nan], expected[~nan])
+    assert np.isnan(got[nan]).all()
+
+
+def test_kernel_errors():
+    with pytest.raises(InvalidArgumentError, match="blocks of 32"):
+        c_dequantize(np.zeros(40, np.uint8), QT.Q8_0, 33)
+    with pytest.raises(UnsupportedError, match="no kernels"):
+        c_dequantize(np.zeros(144, np.uint8), QT.Q4_K, 256)
+
+
+def test_type_table_matches_ggml():
+    name, block, size, ok = ffi.new("char **"), ffi.new("int32_t *"), ffi.new("int32_t *"), ffi.new("int32_t *")
+    for qtype in QT:
+        check(lib.se_type_info(int(qtype), name, block, size, ok))
+        # gguf-py lists Q8_1 as 40 bytes; ggml's block is 36 (GGUF.md §7); Q8_1 never appears in files
+        expected = (32, 36) if qtype == QT.Q8_1 else gguf.GGML_QUANT_SIZES[qtype]
+        assert (block[0], size[0]) == expected, qtype.name
+        assert ffi.string(name[0]).decode() == qtype.name
+        assert bool(ok[0]) == (qtype in TYPES), qtype.name
+    with pytest.raises(InvalidArgumentError, match="unknown tensor type 31"):
+        check(lib.se_type_info(31, name, block, size, ok))
