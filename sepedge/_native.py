@@ -13,6 +13,9 @@ from .errors import InvalidArgumentError, ModelLoadError, SepedgeError, check
 
 DEVICES = {"cpu": lib.SE_DEVICE_CPU, "cuda": lib.SE_DEVICE_CUDA}
 KV_TYPES = {"f32": lib.SE_KV_F32, "f16": lib.SE_KV_F16}
+KV_MODES = {"full": lib.SE_KV_MODE_FULL, "streamingllm": lib.SE_KV_MODE_STREAMINGLLM,
+            "sepllm": lib.SE_KV_MODE_SEPLLM, "sepllm-stream": lib.SE_KV_MODE_SEPLLM_STREAM}
+REGIONS = {1: "init", 2: "sep", 3: "recent"}
 
 
 class _Handle:
@@ -139,14 +142,21 @@ class Context(_Handle):
     """A KV cache and the buffers to run a model over it."""
     _kind = "context"
 
-    def __init__(self, model: Model, *, n_ctx: int = 0, n_batch: int = 512, n_threads: int = 0, kv_type: str = "f16"):
+    def __init__(self, model: Model, *, n_ctx: int = 0, n_batch: int = 512, n_threads: int = 0, kv_type: str = "f16",
+                 kv_mode: str = "full", n_init: int | None = None, n_sep: int | None = None,
+                 n_local: int | None = None, n_cache: int | None = None):
         if kv_type not in KV_TYPES:
             raise InvalidArgumentError(f"kv_type must be one of {sorted(KV_TYPES)}, got {kv_type!r}")
+        if kv_mode not in KV_MODES:
+            raise InvalidArgumentError(f"kv_mode must be one of {list(KV_MODES)}, got {kv_mode!r}")
         params = ffi.new("se_context_params *", lib.se_context_default_params())
         params.n_ctx = _int_arg("n_ctx", n_ctx, 0)
         params.n_batch = _int_arg("n_batch", n_batch, 1)
         params.n_threads = _int_arg("n_threads", n_threads, 0)
         params.kv_type = KV_TYPES[kv_type]
+        params.kv_mode = KV_MODES[kv_mode]
+        for name, value in (("n_init", n_init), ("n_sep", n_sep), ("n_local", n_local), ("n_cache", n_cache)):
+            setattr(params, name, -1 if value is None else _int_arg(name, value, 0))
         out = ffi.new("se_context **")
         check(lib.se_context_new(model.ptr, params, out))
         super().__init__(out[0], lib.se_context_free)
@@ -168,18 +178,27 @@ class Context(_Handle):
     def truncate(self, n_keep: int) -> None:
         check(lib.se_cache_truncate(self.ptr, n_keep))
 
+    def keep(self, n_keep: int) -> None:
+        """Make the first n_keep tokens initial ones (never evicted)."""
+        check(lib.se_cache_keep(self.ptr, _int_arg("n_keep", n_keep, 0)))
+
     def info(self) -> dict:
         out = ffi.new("se_cache_info *")
         check(lib.se_cache_get_info(self.ptr, out))
-        return {k: getattr(out, k) for k in ("n_cells", "n_live", "n_seen", "n_evicted", "kv_bytes")}
+        info = {k: getattr(out, k) for k in ("n_cells", "n_init", "n_sep", "n_local", "n_live", "n_live_init",
+                                             "n_live_sep", "n_live_recent", "n_seen", "n_evicted", "sum_visible",
+                                             "kv_bytes")}
+        info["kv_mode"] = next(k for k, v in KV_MODES.items() if v == out.kv_mode)
+        return info
 
-    def cells(self) -> tuple[np.ndarray, np.ndarray]:
-        """Token ids and positions of the live cells, in cache order."""
+    def cells(self) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """Token ids, original positions and regions of the live cells, in cache order
+        [initial | separators | recent]."""
         n = self.info()["n_live"]
-        tokens, positions = np.empty(max(n, 1), np.int32), np.empty(max(n, 1), np.int32)
-        check(lib.se_cache_get_cells(self.ptr, ffi.from_buffer("int32_t[]", tokens),
-                                     ffi.from_buffer("int32_t[]", positions), n))
-        return tokens[:n], positions[:n]
+        tokens, positions, regions = (np.empty(max(n, 1), np.int32) for _ in range(3))
+        check(lib.se_cache_get_cells(self.ptr, ffi.from_buffer("int32_t[]", tokens), ffi.from_buffer("int32_t[]", positions),
+                                     ffi.from_buffer("int32_t[]", regions), n))
+        return tokens[:n], positions[:n], [REGIONS[r] for r in regions[:n]]
 
 
 class Sampler(_Handle):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 
 import click
@@ -85,19 +86,40 @@ def sampling_options(f):
         click.option("--min-p", type=float, default=DEFAULTS["min_p"], show_default=True),
         click.option("--repeat-penalty", type=float, default=DEFAULTS["repeat_penalty"], show_default=True),
         click.option("--seed", type=int, default=None, help="Seed of the sampling random stream."),
-        click.option("-c", "--n-ctx", type=int, default=0, show_default=True, help="KV cache cells; 0 = the model's context."),
         click.option("-t", "--threads", "n_threads", type=int, default=None, help="CPU threads [default: one per core]."),
     ]):
         f = opt(f)
     return f
 
 
-def _engine(model, n_ctx, n_threads):
+KV_MODES = ["full", "sepllm", "sepllm-stream", "streamingllm"]
+
+
+def cache_options(default_mode: str):
+    """The KV cache flags, named as the Engine's arguments."""
+    def wrap(f):
+        for opt in reversed([
+            click.option("--kv-mode", type=click.Choice(KV_MODES), default=default_mode, show_default=True,
+                         help="Which tokens the KV cache keeps."),
+            click.option("-c", "--n-ctx", type=int, default=0, show_default=True,
+                         help="full mode: KV cache cells; 0 = the model's context."),
+            click.option("--n-init", type=int, default=None, help="Initial tokens kept [default: the model's sepllm.n_init]."),
+            click.option("--n-sep", type=int, default=None, help="Separators kept, 0 = all [default: sepllm.n_sep]."),
+            click.option("--n-local", type=int, default=None, help="Window of recent tokens [default: sepllm.n_local]."),
+            click.option("--n-cache", type=int, default=None, help="Cells of a sparse cache [default: sepllm.n_cache]."),
+        ]):
+            f = opt(f)
+        return f
+    return wrap
+
+
+def _engine(model, n_threads, cache: dict):
     from .engine import Engine
     try:
-        return Engine(model or _default_model_path(), n_ctx=n_ctx, n_threads=n_threads)
+        return Engine(model or _default_model_path(), n_threads=n_threads, **cache)
     except SepedgeError as e:
         _fail(e)
+
 
 
 def _stats(g) -> str:
@@ -109,10 +131,11 @@ def _stats(g) -> str:
 @click.argument("model", required=False, type=click.Path(dir_okay=False))
 @click.option("-p", "--prompt", required=True, help="Text to continue.")
 @sampling_options
-def generate(model, prompt, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed, n_ctx, n_threads):
+@cache_options("full")
+def generate(model, prompt, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed, n_threads, **cache):
     """Continue PROMPT with MODEL (a GGUF file; default: the embedded model), streaming to stdout."""
     from .engine import DEFAULTS
-    llm = _engine(model, n_ctx, n_threads)
+    llm = _engine(model, n_threads, cache)
     try:
         g = llm.generate(prompt, 256 if max_tokens is None else max_tokens, stream=True, seed=seed,
                          temperature=DEFAULTS["temperature"] if temperature is None else temperature,
@@ -135,13 +158,16 @@ def generate(model, prompt, max_tokens, temperature, top_k, top_p, min_p, repeat
 @click.option("-s", "--system", help="System prompt.")
 @click.option("-p", "--prompt", help="Send this one message, print the reply, and exit.")
 @sampling_options
-def chat(model, system, prompt, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed, n_ctx, n_threads):
+@cache_options("sepllm-stream")
+def chat(model, system, prompt, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed, n_threads, **cache):
     """Chat with MODEL (a GGUF file; default: the embedded model) using its chat template.
 
-    Commands: /reset clears the conversation, /exit quits. Ctrl-C stops the current reply,
-    Ctrl-D exits.
+    The default cache, sepllm-stream, has a fixed size and never runs out: old turns are compressed
+    into their separators, the system prompt is always kept. Commands: /reset clears the
+    conversation, /stats shows the KV cache, /exit quits. Ctrl-C stops the current reply, Ctrl-D exits.
     """
-    llm = _engine(model, n_ctx, n_threads)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C stops replies even if the shell ignored it
+    llm = _engine(model, n_threads, cache)
     sampling = dict(temperature=0.2 if temperature is None else temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                     repeat_penalty=repeat_penalty)
     history = [{"role": "system", "content": system}] if system else []
@@ -150,8 +176,9 @@ def chat(model, system, prompt, max_tokens, temperature, top_k, top_p, min_p, re
         if prompt is not None:
             _reply(llm, history, prompt, max_tokens, sampling, first_seed)
             return
-        click.echo(f"sepedge chat: {os.path.basename(llm.model_path)}, {llm.n_ctx} context cells. "
-                   "/reset clears the conversation, /exit quits; Ctrl-C stops a reply, Ctrl-D exits.", err=True)
+        click.echo(f"sepedge chat: {os.path.basename(llm.model_path)}, {llm.kv_mode} cache of {llm.n_ctx} cells. "
+                   "/reset clears the conversation, /stats shows the cache, /exit quits; Ctrl-C stops a reply, "
+                   "Ctrl-D exits.", err=True)
         while True:
             try:
                 line = input("> ")
@@ -164,6 +191,9 @@ def chat(model, system, prompt, max_tokens, temperature, top_k, top_p, min_p, re
             cmd = line.strip()
             if cmd in ("/exit", "/quit"):
                 return
+            if cmd == "/stats":
+                click.echo(_format_stats(llm.kv_stats()), err=True)
+                continue
             if cmd == "/reset":
                 history = [{"role": "system", "content": system}] if system else []
                 llm.reset()
@@ -175,6 +205,13 @@ def chat(model, system, prompt, max_tokens, temperature, top_k, top_p, min_p, re
             first_seed = None if seed is None else first_seed + 1
     finally:
         llm.close()
+
+
+def _format_stats(s: dict) -> str:
+    return (f"[{s['mode']} cache: {s['live']} of {s['capacity']} cells live (initial {s['live_init']}, separators "
+            f"{s['live_sep']}, recent {s['live_recent']}); {s['tokens_seen']} tokens seen, {s['tokens_evicted']} evicted; "
+            f"{s['kv_bytes'] / 2 ** 20:.1f} MiB of K/V; sizes n_init {s['n_init']}, n_sep {s['n_sep']}, "
+            f"n_local {s['n_local']}]")
 
 
 def _reply(llm, history: list, text: str, max_tokens, sampling: dict, seed) -> None:
@@ -196,6 +233,39 @@ def _reply(llm, history: list, text: str, max_tokens, sampling: dict, seed) -> N
         history.append({"role": "assistant", "content": g.text})
         if g.finish_reason:
             click.echo(_stats(g), err=True)
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("textfile", type=click.Path(exists=True, dir_okay=False))
+@cache_options("full")
+@click.option("-n", "--max-tokens", type=int, default=None, help="Score only the first N tokens of the text.")
+@click.option("--chunk", type=int, default=512, show_default=True, help="Tokens fed per call.")
+@click.option("-t", "--threads", "n_threads", type=int, default=None, help="CPU threads [default: one per core].")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
+def perplexity(model, textfile, max_tokens, chunk, n_threads, as_json, **cache):
+    """Streaming perplexity of TEXTFILE under MODEL, with the KV cache as --kv-mode keeps it."""
+    from tqdm import tqdm
+
+    from .perplexity import perplexity as run
+    llm = _engine(model, n_threads, cache)
+    try:
+        with open(textfile, encoding="utf-8", errors="replace") as f:
+            tokens = llm.tokenize(f.read())
+        if max_tokens is not None:
+            tokens = tokens[:max_tokens]
+        with tqdm(total=len(tokens), unit="tok", disable=as_json, leave=False) as bar:
+            r = run(llm, tokens, chunk=chunk, progress=bar.update)
+    except (SepedgeError, ValueError) as e:
+        _fail(e)
+    finally:
+        llm.close()
+    if as_json:
+        click.echo(json.dumps(r, indent=2))
+    else:
+        click.echo(f"perplexity {r['perplexity']:.4f} over {r['tokens']} tokens; {r['kv_mode']} cache, "
+                   f"{r['avg_attended']:.1f} cells attended on average (capacity {r['capacity']}); "
+                   f"{r['tokens_per_second']:.1f} tokens/s")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import os
 import random
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -33,10 +33,13 @@ class Generation:
     "length"), the generated tokens and text, and timings are set."""
 
     def __init__(self, engine: Engine, prompt_tokens: list[int], max_tokens: int | None, stop: list[str],
-                 sampler: Sampler):
+                 sampler: Sampler, prefill: Callable[[], np.ndarray], chat: bool = False):
         self.engine, self.prompt_tokens, self.max_tokens, self.stop, self.sampler = \
             engine, prompt_tokens, max_tokens, stop, sampler
+        self._prefill, self._chat = prefill, chat
+        self.n_prompt = len(prompt_tokens)  # prompt length (a chat's: the whole conversation so far)
         self.tokens: list[int] = []
+        self.n_fed = 0  # generated tokens that went into the cache (all but a final unfed one)
         self.text = ""
         self.finish_reason: str | None = None
         self.prompt_seconds = self.generate_seconds = 0.0
@@ -65,7 +68,7 @@ class Generation:
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         emitted, stopped_by_string = 0, False
         t0 = time.perf_counter()
-        logits = eng._feed(self.prompt_tokens)
+        logits = self._prefill()
         self.prompt_seconds = time.perf_counter() - t0
         t0 = time.perf_counter()
         for t in self.prompt_tokens:
@@ -91,16 +94,22 @@ class Generation:
                 if safe > emitted:
                     yield self.text[emitted:safe]
                     emitted = safe
-                if eng._n_cached() >= eng.n_ctx:
+                if not eng.sparse and eng._seen >= eng.n_ctx:
                     self.finish_reason = "length"  # no cell left for the token just generated
                     break
-                logits = eng._feed_one(token)
+                try:
+                    logits = eng._decode([token])
+                except ContextFullError:  # sepllm with unlimited separators, full
+                    self.finish_reason = "length"
+                    break
+                self.n_fed += 1
             if not stopped_by_string:
                 self.text += decoder.decode(b"", final=True)
             if len(self.text) > emitted:
                 yield self.text[emitted:]
         finally:
             self.generate_seconds = time.perf_counter() - t0
+            eng._generation_done(self)
 
 
 class Engine:
@@ -114,10 +123,18 @@ class Engine:
         seed: seed of the sampling random stream; None = random.
         kv_type: "f16" (default) or "f32" storage for keys and values.
         device: "cpu" (or "cuda" where built with CUDA).
+        kv_mode: which tokens the KV cache keeps: "full" (all, up to n_ctx), "sepllm" (training-free
+            SepLLM: initial, separators, last n_local; original positions), "sepllm-stream" (streaming
+            SepLLM, n_cache cells, unbounded input), "streamingllm" (initial + last n_local).
+        n_init, n_sep, n_local, n_cache: SepLLM sizes; None = the model's `sepllm.*` defaults.
+        keep_system: in chat, the rendered system prompt joins the initial region, so a long chat
+            never evicts it.
     """
 
     def __init__(self, model_path: str | os.PathLike | None = None, *, n_ctx: int = 0, n_batch: int = 512,
-                 n_threads: int | None = None, seed: int | None = None, kv_type: str = "f16", device: str = "cpu"):
+                 n_threads: int | None = None, seed: int | None = None, kv_type: str = "f16", device: str = "cpu",
+                 kv_mode: str = "full", n_init: int | None = None, n_sep: int | None = None,
+                 n_local: int | None = None, n_cache: int | None = None, keep_system: bool = True):
         if model_path is None:
             from .default_model import default_model
             model_path = default_model()
@@ -128,13 +145,20 @@ class Engine:
             if not self._model.separators:  # a GGUF from another converter: derive them as `convert` does
                 t = self.tokenizer
                 self._model.separators = V.derive_separator_ids(t.tokens, t.token_types, t.model, t.bos_id)
-            self._ctx = Context(self._model, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads or 0, kv_type=kv_type)
+            self._ctx = Context(self._model, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads or 0, kv_type=kv_type,
+                                kv_mode=kv_mode, n_init=n_init, n_sep=n_sep, n_local=n_local, n_cache=n_cache)
         except BaseException:
             self._model.close()
             raise
+        self.kv_mode = kv_mode
         self.n_ctx: int = self._ctx.info()["n_cells"]
+        self.keep_system = keep_system
         self._rng = random.Random(seed)
-        self._cached: list[int] = []  # the tokens whose keys and values are in the cache, in order
+        self._seen = 0  # tokens fed since the last reset
+        # full mode: the cached tokens, for reusing a shared prompt prefix (sparse caches are not
+        # rewound: what they evicted is gone)
+        self._tokens: list[int] | None = [] if kv_mode == "full" else None
+        self._chat_text: str | None = None  # the conversation text the cache holds, to append a turn to
 
     # --- lifetime
 
@@ -152,6 +176,19 @@ class Engine:
     @property
     def n_vocab(self) -> int:
         return self._model.n_vocab
+
+    @property
+    def sparse(self) -> bool:
+        """Whether the cache evicts tokens (every mode but "full")."""
+        return self.kv_mode != "full"
+
+    def kv_stats(self) -> dict:
+        """The KV cache: mode, capacity, live cells per region, tokens seen and evicted, bytes."""
+        i = self._ctx.info()
+        return {"mode": i["kv_mode"], "capacity": i["n_cells"], "n_init": i["n_init"], "n_sep": i["n_sep"],
+                "n_local": i["n_local"], "live": i["n_live"], "live_init": i["n_live_init"], "live_sep": i["n_live_sep"],
+                "live_recent": i["n_live_recent"], "tokens_seen": i["n_seen"], "tokens_evicted": i["n_evicted"],
+                "kv_bytes": i["kv_bytes"], "avg_attended": i["sum_visible"] / i["n_seen"] if i["n_seen"] else 0.0}
 
     @property
     def info(self) -> dict:
@@ -188,7 +225,16 @@ class Engine:
     def reset(self) -> None:
         """Empty the KV cache."""
         self._ctx.clear()
-        self._cached = []
+        self._seen = 0
+        self._tokens = [] if self._tokens is not None else None
+        self._chat_text = None
+
+    def _decode(self, ids: list[int], all_logits: bool = False) -> np.ndarray:
+        logits = self._ctx.decode(ids, n_logits=len(ids) if all_logits else 1)
+        self._seen += len(ids)
+        if self._tokens is not None:
+            self._tokens += ids
+        return logits if all_logits else logits[0]
 
     def eval(self, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
         """Feed tokens after those already in the cache. Returns the logits of the last one,
@@ -196,41 +242,88 @@ class Engine:
         ids = self._check_tokens(tokens)
         if not ids:
             raise InvalidArgumentError("no tokens to evaluate")
-        self._check_room(len(self._cached) + len(ids))
-        logits = self._ctx.decode(ids, n_logits=len(ids) if all_logits else 1)
-        self._cached += ids
-        return logits if all_logits else logits[0]
+        if not self.sparse:
+            self._check_room(self._seen + len(ids))
+        self._chat_text = None
+        return self._decode(ids, all_logits)
 
     def eval_logits(self, tokens: Sequence[int]) -> np.ndarray:
-        """Logits at every position of `tokens`, evaluated from an empty cache: (len(tokens), n_vocab)."""
+        """Logits at every position of `tokens`, evaluated from an empty cache: (len(tokens), n_vocab).
+        Sparse modes process any length, in chunks that never exceed the cache."""
         self.reset()
         return self.eval(tokens, all_logits=True)
 
     def _check_room(self, n: int) -> None:
         if n > self.n_ctx:
-            raise ContextFullError(f"{n} tokens exceed the context window of {self.n_ctx} (set n_ctx)")
-
-    def _n_cached(self) -> int:
-        return len(self._cached)
+            raise ContextFullError(f"{n} tokens exceed the context window of {self.n_ctx} "
+                                   "(set n_ctx, or use a sparse kv_mode)")
 
     def _feed(self, tokens: list[int]) -> np.ndarray:
-        """Logits after `tokens`, evaluating only what differs from the tokens already cached."""
+        """Logits after the prompt `tokens`, evaluating only what differs from the tokens cached
+        (full mode); a sparse cache starts over."""
+        self._chat_text = None
+        if self._tokens is None:
+            self.reset()
+            return self._decode(tokens)
         self._check_room(len(tokens))
         k = 0
-        for a, b in zip(self._cached, tokens):
+        for a, b in zip(self._tokens, tokens):
             if a != b:
                 break
             k += 1
         k = min(k, len(tokens) - 1)  # at least one token to evaluate: its logits are wanted
-        if k < self._ctx.info()["n_seen"]:
+        if k < self._seen:
             self._ctx.truncate(k)
-        self._cached = self._cached[:k]
-        logits = self._ctx.decode(tokens[k:], n_logits=1)[0]
-        self._cached = list(tokens)
-        return logits
+            self._seen, self._tokens = k, self._tokens[:k]
+        return self._decode(tokens[k:])
 
-    def _feed_one(self, token: int) -> np.ndarray:
-        return self.eval([token])
+    def _feed_chat(self, messages: list[dict]) -> tuple[list[int], np.ndarray]:
+        """Prompt tokens and logits for a conversation. When the cache holds the conversation so far
+        (the previous turns, reply included), only the new turn is fed: a chat can go on forever in
+        a streaming cache."""
+        t = self.tokenizer
+        text = chat.render(t.chat_template, messages, True, t.bos_text, t.eos_text)
+        if self._chat_text and text.startswith(self._chat_text) and len(text) > len(self._chat_text):
+            ids = self.tokenize(text[len(self._chat_text):], add_bos=False, special=True)
+            if not self.sparse:
+                self._check_room(self._seen + len(ids))
+            logits = self._decode(ids)
+        else:
+            ids = self.format_chat(messages)
+            if self.sparse or self.keep_system:
+                self.reset()
+                if self.keep_system:
+                    self._pin_system_prompt(messages)
+                logits = self._decode(ids)
+            else:
+                logits = self._feed(ids)
+        self._chat_text = text
+        return ids, logits
+
+    def _pin_system_prompt(self, messages: list[dict]) -> None:
+        """Make the rendered system prompt (what precedes the first user message's content) initial
+        tokens. Found as the common token prefix of two renderings that differ in that content only."""
+        lead = []
+        for m in messages:
+            if m.get("role") != "system":
+                break
+            lead.append(m)
+        a = self.format_chat(lead + [{"role": "user", "content": "A"}], add_generation_prompt=False)
+        b = self.format_chat(lead + [{"role": "user", "content": "B"}], add_generation_prompt=False)
+        n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        try:
+            self._ctx.keep(n)
+        except InvalidArgumentError as e:
+            raise InvalidArgumentError(f"the system prompt ({n} tokens) does not fit the cache's initial region: {e}") from None
+
+    def _generation_done(self, g: Generation) -> None:
+        if not g._chat or self._chat_text is None:
+            self._chat_text = None
+            return
+        try:  # the reply's tokens that went into the cache extend the conversation text
+            self._chat_text += self.tokenizer.decode(g.tokens[:g.n_fed]).decode("utf-8")
+        except UnicodeDecodeError:
+            self._chat_text = None
 
     # --- generation
 
@@ -240,12 +333,14 @@ class Engine:
         return Sampler(self.n_vocab, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                        repeat_penalty=repeat_penalty, seed=seed)
 
-    def _start(self, prompt, max_tokens, stop, sampling, seed, special_prompt=True) -> Generation:
-        if isinstance(prompt, (str, bytes)):
-            tokens = self.tokenize(prompt, special=special_prompt)
+    def _start(self, prompt, max_tokens, stop, sampling, seed, messages=None) -> Generation:
+        if messages is not None:
+            tokens = None
+        elif isinstance(prompt, (str, bytes)):
+            tokens = self.tokenize(prompt, special=True)
         else:
             tokens = self._check_tokens(prompt)
-        if not tokens:
+        if tokens is not None and not tokens:
             raise InvalidArgumentError("the prompt is empty")
         if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)):
             raise InvalidArgumentError(f"max_tokens must be an integer or None, got {max_tokens!r}")
@@ -254,8 +349,21 @@ class Engine:
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         if not all(isinstance(s, str) and s for s in stops):
             raise InvalidArgumentError("stop must be a non-empty string or a list of them")
-        self._check_room(len(tokens))
-        return Generation(self, tokens, max_tokens, stops, self._sampler(**sampling, seed=seed))
+        sampler = self._sampler(**sampling, seed=seed)
+        if messages is None:
+            if not self.sparse:
+                self._check_room(len(tokens))
+            return Generation(self, tokens, max_tokens, stops, sampler, lambda: self._feed(tokens))
+        chat.check_messages(messages)
+        g = Generation(self, [], max_tokens, stops, sampler, None, chat=True)
+
+        def prefill():
+            g.prompt_tokens, logits = self._feed_chat(messages)
+            g.n_prompt = self._seen
+            return logits
+
+        g._prefill = prefill
+        return g
 
     def generate(self, prompt: str | bytes | Sequence[int], max_tokens: int | None = 256, *,
                  temperature: float = DEFAULTS["temperature"], top_k: int = DEFAULTS["top_k"],
@@ -309,9 +417,9 @@ class Engine:
                     repeat_penalty: float = DEFAULTS["repeat_penalty"], stop=None,
                     seed: int | None = None) -> Generation:
         """The assistant's reply to a conversation as a Generation (text chunks, then its stats)."""
-        return self._start(self.format_chat(messages), max_tokens, stop,
-                           dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                                repeat_penalty=repeat_penalty), seed)
+        return self._start(None, max_tokens, stop, dict(temperature=temperature, top_k=top_k, top_p=top_p,
+                                                        min_p=min_p, repeat_penalty=repeat_penalty), seed,
+                           messages=messages)
 
     def create_chat_completion(self, messages, max_tokens: int | None = None, *, temperature: float = 0.2,
                                top_k: int = DEFAULTS["top_k"], top_p: float = DEFAULTS["top_p"],
@@ -337,5 +445,4 @@ class Engine:
 
 
 def _usage(g: Generation) -> dict:
-    return {"prompt_tokens": len(g.prompt_tokens), "completion_tokens": len(g.tokens),
-            "total_tokens": len(g.prompt_tokens) + len(g.tokens)}
+    return {"prompt_tokens": g.n_prompt, "completion_tokens": len(g.tokens), "total_tokens": g.n_prompt + len(g.tokens)}

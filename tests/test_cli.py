@@ -62,6 +62,9 @@ def test_chat_repl_in_a_terminal(model):
         child.sendintr()
         child.expect(r"\[stopped\]")
         child.expect("> ")
+        child.sendline("/stats")
+        child.expect(r"sepllm-stream cache: \d+ of 800 cells live")
+        child.expect("> ")
         child.sendline("/reset")
         child.expect(r"\[conversation cleared\]")
         child.expect("> ")
@@ -72,3 +75,25 @@ def test_chat_repl_in_a_terminal(model):
     finally:
         child.close()
     assert child.exitstatus == 0, child.before
+
+
+def test_perplexity(model, tmp_path):
+    import json
+
+    text = tmp_path / "text.txt"
+    text.write_text("It was the best of times, it was the worst of times, it was the age of wisdom. " * 40)
+    done = sepedge("perplexity", model, str(text), "--kv-mode", "sepllm-stream", "--n-cache", "96", "--n-sep", "16",
+                   "--n-local", "48", "--json", "--chunk", "100")
+    assert done.returncode == 0, done.stderr
+    r = json.loads(done.stdout)
+    assert r["kv_mode"] == "sepllm-stream" and r["capacity"] == 96 and r["avg_attended"] <= 96
+    assert 1 < r["perplexity"] < 50 and r["tokens"] > 500
+    from sepedge import Engine
+    from sepedge.perplexity import perplexity
+    with Engine(model, kv_mode="sepllm-stream", n_cache=96, n_sep=16, n_local=48) as llm:
+        direct = perplexity(llm, llm.tokenize(text.read_text()), chunk=37)  # other chunking, same stream
+    assert abs(direct["perplexity"] - r["perplexity"]) < 1e-3 * r["perplexity"]
+    done = sepedge("perplexity", model, str(text), "-c", "128")
+    assert done.returncode != 0 and "exceed the context window of 128" in done.stderr
+    done = sepedge("perplexity", model, str(text), "-c", "128", "-n", "100")
+    assert done.returncode == 0 and "perplexity" in done.stdout and "full cache" in done.stdout

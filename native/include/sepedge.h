@@ -114,11 +114,25 @@ enum se_kv_type {
     SE_KV_F16 = 1,
 };
 
+// Which tokens the KV cache keeps (SEPLLM.md). Retention is decided from token ids alone.
+enum se_kv_mode {
+    SE_KV_MODE_FULL          = 0,  // every token, up to n_ctx
+    SE_KV_MODE_STREAMINGLLM  = 1,  // initial + last n_local tokens, positions within the cache
+    SE_KV_MODE_SEPLLM        = 2,  // training-free SepLLM: initial + separators + last n_local, original positions
+    SE_KV_MODE_SEPLLM_STREAM = 3,  // streaming SepLLM: compresses the past window into its separators
+};
+
 typedef struct se_context_params {
-    int32_t n_ctx;        // cells in the KV cache; 0 = the model's training context
+    int32_t n_ctx;        // full mode: cells in the KV cache; 0 = the model's training context
     int32_t n_batch;      // tokens per forward pass when a prompt is processed in chunks
     int32_t n_threads;    // 0 = one per core
     int32_t kv_type;      // se_kv_type
+    int32_t kv_mode;      // se_kv_mode
+    // SepLLM sizes; -1 = the model's `sepllm.*` defaults (else 4, 64, 256, 800)
+    int32_t n_init;       // initial (attention-sink) tokens
+    int32_t n_sep;        // separators kept, newest first; 0 = all
+    int32_t n_local;      // the window of recent tokens, the current one included
+    int32_t n_cache;      // cells in the KV cache of the sparse modes
 } se_context_params;
 
 typedef struct se_context se_context;
@@ -134,20 +148,33 @@ SE_API int se_decode(se_context * ctx, const int32_t * tokens, int32_t n_tokens,
 
 // Forget everything in the cache.
 SE_API int se_cache_clear(se_context * ctx);
-// Keep the first n_keep tokens seen and drop the rest, so that a new suffix can follow.
+// Keep the first n_keep tokens seen and drop the rest, so that a new suffix can follow. In the
+// sparse modes only back to the last eviction (SE_ERR_INVALID_ARGUMENT otherwise).
 SE_API int se_cache_truncate(se_context * ctx, int32_t n_keep);
+// Make the first n_keep tokens initial ones, never evicted (e.g. a chat's system prompt). Only while
+// the cache holds initial tokens alone; n_keep must fit the mode's size constraint.
+SE_API int se_cache_keep(se_context * ctx, int32_t n_keep);
 
 typedef struct se_cache_info {
+    int32_t kv_mode;      // se_kv_mode
     int32_t n_cells;      // capacity
+    int32_t n_init;       // sizes in effect (n_init includes a pinned prefix)
+    int32_t n_sep;
+    int32_t n_local;
     int32_t n_live;       // cells holding a token
+    int32_t n_live_init;  // ... per region
+    int32_t n_live_sep;
+    int32_t n_live_recent;
     int64_t n_seen;       // tokens processed since the cache was cleared
     int64_t n_evicted;    // tokens whose cells were given up
+    int64_t sum_visible;  // sum over those tokens of the cells each one attended to
     int64_t kv_bytes;     // bytes allocated for K and V
 } se_cache_info;
 
 SE_API int se_cache_get_info(const se_context * ctx, se_cache_info * out);
-// Token id and position of every live cell, in cache order (n >= n_live entries).
-SE_API int se_cache_get_cells(const se_context * ctx, int32_t * tokens, int32_t * positions, int32_t n);
+// Token id, original position and region (1 initial, 2 separator, 3 recent) of every live cell, in
+// cache order [initial | separators | recent] (n >= n_live entries).
+SE_API int se_cache_get_cells(const se_context * ctx, int32_t * tokens, int32_t * positions, int32_t * regions, int32_t n);
 
 // ---------------------------------------------------------------------------------------------
 // Sampler: picks the next token from logits. Defaults follow llama.cpp.

@@ -151,12 +151,30 @@ int se_model_meta_strings(const se_model * m, int32_t i, char * buf, uint64_t bu
 // context
 
 se_context_params se_context_default_params(void) {
-    return (se_context_params) {.n_ctx = 0, .n_batch = 512, .n_threads = 0, .kv_type = SE_KV_F16};
+    return (se_context_params) {.n_ctx = 0, .n_batch = 512, .n_threads = 0, .kv_type = SE_KV_F16,
+                                .kv_mode = SE_KV_MODE_FULL, .n_init = -1, .n_sep = -1, .n_local = -1, .n_cache = -1};
 }
 
 static int default_threads(void) {
     long n = sysconf(_SC_NPROCESSORS_ONLN);
     return n < 1 ? 1 : n > 64 ? 64 : (int) n;
+}
+
+// The cache configuration: mode, sizes (the model's defaults where -1), capacity.
+static int kv_config(const se_model * m, const se_context_params * p, se_kv_config * cfg) {
+    if (p->kv_mode < SE_KV_MODE_FULL || p->kv_mode > SE_KV_MODE_SEPLLM_STREAM) {
+        return se_error(SE_ERR_INVALID_ARGUMENT, "unknown kv_mode %d", p->kv_mode);
+    }
+    const int32_t given[4] = {p->n_init, p->n_sep, p->n_local, p->n_cache};
+    int32_t v[4];
+    for (int k = 0; k < 4; k++) {
+        if (given[k] < -1) return se_error(SE_ERR_INVALID_ARGUMENT, "SepLLM sizes must be >= 0 (or -1 for the default)");
+        v[k] = given[k] == -1 ? m->sepllm[k] : given[k];
+    }
+    *cfg = (se_kv_config) {.mode = p->kv_mode, .n_cells = p->kv_mode == SE_KV_MODE_FULL ? p->n_ctx : v[3],
+                           .n_init = v[0], .n_sep = v[1], .n_local = v[2], .kv_type = p->kv_type};
+    if (cfg->n_cells < 1) return se_error(SE_ERR_INVALID_ARGUMENT, "the KV cache needs at least one cell");
+    return se_kv_capacity_check(cfg->mode, cfg->n_cells, cfg->n_init, cfg->n_sep, cfg->n_local);
 }
 
 int se_context_new(se_model * m, const se_context_params * params, se_context ** out) {
@@ -169,7 +187,10 @@ int se_context_new(se_model * m, const se_context_params * params, se_context **
     if (p.n_threads < 0) return se_error(SE_ERR_INVALID_ARGUMENT, "n_threads must be >= 0, got %d", p.n_threads);
     if (p.kv_type != SE_KV_F32 && p.kv_type != SE_KV_F16) return se_error(SE_ERR_INVALID_ARGUMENT, "unknown kv_type %d", p.kv_type);
     if (p.n_ctx == 0) p.n_ctx = m->hp.n_ctx_train;
-    if (p.n_batch > p.n_ctx) p.n_batch = p.n_ctx;
+    se_kv_config cfg;
+    int r = kv_config(m, &p, &cfg);
+    if (r != SE_OK) return r;
+    if (p.n_batch > cfg.n_cells) p.n_batch = cfg.n_cells;
     if (p.n_threads == 0) p.n_threads = default_threads();
     se_context * ctx = calloc(1, sizeof *ctx);
     if (!ctx) return se_error(SE_ERR_OUT_OF_MEMORY, "out of memory");
@@ -177,8 +198,8 @@ int se_context_new(se_model * m, const se_context_params * params, se_context **
     ctx->params = p;
     ctx->backend = &se_backend_cpu;
     ctx->pool = se_pool_new(p.n_threads);
-    int r = ctx->pool ? SE_OK : se_error(SE_ERR_OUT_OF_MEMORY, "cannot start %d threads", p.n_threads);
-    if (r == SE_OK) r = se_kv_init(&ctx->kv, &m->hp, p.n_ctx, p.kv_type);
+    r = ctx->pool ? SE_OK : se_error(SE_ERR_OUT_OF_MEMORY, "cannot start %d threads", p.n_threads);
+    if (r == SE_OK) r = se_kv_init(&ctx->kv, &m->hp, &cfg);
     if (r == SE_OK) r = ctx->backend->init(ctx);
     if (r != SE_OK) {
         se_context_free(ctx);
@@ -202,7 +223,8 @@ int se_decode(se_context * ctx, const int32_t * tokens, int32_t n, float * logit
     if (n_logits < 0 || n_logits > n || (n_logits > 0 && !logits)) {
         return se_error(SE_ERR_INVALID_ARGUMENT, "se_decode: n_logits must be in [0, %d] with a logits buffer", n);
     }
-    const se_hparams * hp = &ctx->model->hp;
+    const se_model * m = ctx->model;
+    const se_hparams * hp = &m->hp;
     for (int32_t i = 0; i < n; i++) {
         if (tokens[i] < 0 || tokens[i] >= hp->n_vocab) {
             return se_error(SE_ERR_INVALID_ARGUMENT, "token %d at index %d is outside the vocabulary (%d tokens)",
@@ -210,20 +232,23 @@ int se_decode(se_context * ctx, const int32_t * tokens, int32_t n, float * logit
         }
     }
     se_kv_cache * kv = &ctx->kv;
-    if (n > kv->n_cells - kv->n_used) {
-        return se_error(SE_ERR_CONTEXT_FULL, "%d tokens do not fit in the KV cache: %d of %d cells in use", n,
-                        kv->n_used, kv->n_cells);
-    }
-    if (kv->n_seen + n > INT32_MAX) return se_error(SE_ERR_CONTEXT_FULL, "position limit reached");
-    for (int32_t s = 0; s < n; s += ctx->params.n_batch) {
-        const int32_t chunk = n - s < ctx->params.n_batch ? n - s : ctx->params.n_batch;
+    if (kv->m.n_seen + n > INT32_MAX) return se_error(SE_ERR_CONTEXT_FULL, "position limit reached");
+    int r = se_kv_check_fits(kv, m->is_sep, tokens, n, ctx->params.n_batch);  // all or nothing
+    if (r != SE_OK) return r;
+    se_buffers * b = &ctx->buf;
+    for (int32_t s = 0; s < n;) {
+        // the cache decides how many tokens share a pass: bounded by free cells, cut at compressions
+        const int32_t chunk = se_kv_next_chunk(kv, m->is_sep, tokens + s, n - s, ctx->params.n_batch, b->cells, b->positions);
+        se_kv_sep_floors(kv, tokens + s, m->is_sep, chunk, b->sep_floor);
         // the wanted logits are those of tokens [n - n_logits, n); this chunk holds [s, s + chunk)
-        int32_t first = n - n_logits > s ? n - n_logits : s;
-        int32_t n_out = first < s + chunk ? s + chunk - first : 0;
-        se_kv_append(kv, ctx->model, tokens + s, chunk, ctx->buf.cells, ctx->buf.positions);
+        const int32_t first = n - n_logits > s ? n - n_logits : s;
+        const int32_t n_out = first < s + chunk ? s + chunk - first : 0;
         ctx->backend->forward(ctx, tokens + s, chunk, n_out ? logits + (int64_t) (first - (n - n_logits)) * hp->n_vocab : NULL,
                               n_out);
+        for (int32_t t = 0; t < chunk; t++) kv->sum_visible += b->visible[t];
+        s += chunk;
     }
+    se_kv_finish(kv);
     return SE_OK;
 }
 
@@ -235,32 +260,36 @@ int se_cache_clear(se_context * ctx) {
 
 int se_cache_truncate(se_context * ctx, int32_t n_keep) {
     if (!ctx) return se_error(SE_ERR_INVALID_ARGUMENT, "se_cache_truncate: context is NULL");
-    se_kv_cache * kv = &ctx->kv;
-    if (n_keep < 0 || n_keep > kv->n_seen) {
-        return se_error(SE_ERR_INVALID_ARGUMENT, "cannot keep %d tokens: %lld were seen", n_keep, (long long) kv->n_seen);
-    }
-    kv->n_used = n_keep;  // the full cache holds token i in cell i
-    kv->n_seen = n_keep;
-    return SE_OK;
+    return se_kv_truncate(&ctx->kv, n_keep);
+}
+
+int se_cache_keep(se_context * ctx, int32_t n_keep) {
+    if (!ctx || n_keep < 0) return se_error(SE_ERR_INVALID_ARGUMENT, "se_cache_keep: bad arguments");
+    return se_kv_keep(&ctx->kv, n_keep);
 }
 
 int se_cache_get_info(const se_context * ctx, se_cache_info * out) {
     if (!ctx || !out) return se_error(SE_ERR_INVALID_ARGUMENT, "se_cache_get_info: NULL argument");
     const se_kv_cache * kv = &ctx->kv;
+    const se_kv_meta * m = &kv->m;
     *out = (se_cache_info) {
-        .n_cells = kv->n_cells, .n_live = kv->n_used, .n_seen = kv->n_seen, .n_evicted = kv->n_evicted,
+        .kv_mode = kv->cfg.mode, .n_cells = kv->cfg.n_cells, .n_init = m->n_init, .n_sep = kv->cfg.n_sep,
+        .n_local = kv->cfg.n_local, .n_live = kv->n_live, .n_live_init = m->n_init_live, .n_live_sep = m->sep.len,
+        .n_live_recent = m->recent.len, .n_seen = m->n_seen, .n_evicted = m->n_evicted, .sum_visible = kv->sum_visible,
         .kv_bytes = se_kv_bytes(kv, ctx->model->hp.n_layer),
     };
     return SE_OK;
 }
 
-int se_cache_get_cells(const se_context * ctx, int32_t * tokens, int32_t * positions, int32_t n) {
-    if (!ctx || n < ctx->kv.n_used || (ctx->kv.n_used > 0 && (!tokens || !positions))) {
-        return se_error(SE_ERR_INVALID_ARGUMENT, "se_cache_get_cells: need room for %d cells", ctx ? ctx->kv.n_used : 0);
+int se_cache_get_cells(const se_context * ctx, int32_t * tokens, int32_t * positions, int32_t * regions, int32_t n) {
+    if (!ctx || n < ctx->kv.n_live || (ctx->kv.n_live > 0 && (!tokens || !positions || !regions))) {
+        return se_error(SE_ERR_INVALID_ARGUMENT, "se_cache_get_cells: need room for %d cells", ctx ? ctx->kv.n_live : 0);
     }
-    for (int32_t c = 0; c < ctx->kv.n_used; c++) {
-        tokens[c] = ctx->kv.cells[c].token;
-        positions[c] = ctx->kv.cells[c].pos;
+    for (int32_t i = 0; i < ctx->kv.n_live; i++) {
+        const se_kv_cell * c = &ctx->kv.m.cells[ctx->kv.live[i]];
+        tokens[i] = c->token;
+        positions[i] = c->pos;
+        regions[i] = c->region;
     }
     return SE_OK;
 }

@@ -67,19 +67,46 @@ static void rmsnorm(float * out, const float * x, const float * weight, int64_t 
     }
 }
 
-// cos/sin of every (token, frequency) pair of this batch: theta = pos * freq_scale * base^(-2i/d) / factor_i
+// RoPE angle per position of frequency i: freq_scale * base^(-2i/d) / factor_i
+static double rope_freq(const se_model * m, int32_t i) {
+    const se_hparams * hp = &m->hp;
+    double freq = pow((double) hp->rope_base, -2.0 * i / hp->head_dim) * hp->rope_freq_scale;
+    return m->rope_freqs ? freq / m->rope_freqs[i] : freq;
+}
+
+// cos/sin of every (token, frequency) pair of this batch, and of every cell that is read with an
+// extra rotation (its delta)
 static void rope_tables(se_context * ctx, int32_t n) {
     const se_model * m = ctx->model;
-    const se_hparams * hp = &m->hp;
-    const int32_t half = hp->head_dim / 2;
-    for (int32_t t = 0; t < n; t++) {
-        for (int32_t i = 0; i < half; i++) {
-            double freq = pow((double) hp->rope_base, -2.0 * i / hp->head_dim) * hp->rope_freq_scale;
-            if (m->rope_freqs) freq /= m->rope_freqs[i];
-            const double theta = (double) ctx->buf.positions[t] * freq;
-            ctx->buf.rope_cos[t * half + i] = (float) cos(theta);
-            ctx->buf.rope_sin[t * half + i] = (float) sin(theta);
+    const int32_t half = m->hp.head_dim / 2;
+    se_buffers * b = &ctx->buf;
+    for (int32_t i = 0; i < half; i++) {
+        const double freq = rope_freq(m, i);
+        for (int32_t t = 0; t < n; t++) {
+            const double theta = (double) b->positions[t] * freq;
+            b->rope_cos[t * half + i] = (float) cos(theta);
+            b->rope_sin[t * half + i] = (float) sin(theta);
         }
+        for (int32_t j = 0; j < ctx->kv.n_live; j++) {
+            const int32_t c = ctx->kv.live[j];
+            const int32_t delta = ctx->kv.m.cells[c].delta;
+            if (delta == 0) continue;
+            b->delta_cos[(int64_t) c * half + i] = (float) cos(delta * freq);
+            b->delta_sin[(int64_t) c * half + i] = (float) sin(delta * freq);
+        }
+    }
+}
+
+// Rotate one head of d values by the angles (c, s): the pair convention of the model.
+static void rotate(float * v, const float * c, const float * s, int32_t d, int32_t rope_type) {
+    const int32_t half = d / 2;
+    for (int32_t i = 0; i < half; i++) {
+        // NORM rotates adjacent pairs; NEOX rotates i with i + d/2
+        const int32_t a = rope_type == SE_ROPE_NORM ? 2 * i : i;
+        const int32_t b = rope_type == SE_ROPE_NORM ? 2 * i + 1 : i + half;
+        const float x0 = v[a], x1 = v[b];
+        v[a] = x0 * c[i] - x1 * s[i];
+        v[b] = x0 * s[i] + x1 * c[i];
     }
 }
 
@@ -87,17 +114,9 @@ static void rope(const se_context * ctx, float * x, int32_t n_heads, int32_t n) 
     const se_hparams * hp = &ctx->model->hp;
     const int32_t d = hp->head_dim, half = d / 2;
     for (int32_t t = 0; t < n; t++) {
-        const float * c = ctx->buf.rope_cos + t * half, * s = ctx->buf.rope_sin + t * half;
         for (int32_t h = 0; h < n_heads; h++) {
-            float * v = x + ((int64_t) t * n_heads + h) * d;
-            for (int32_t i = 0; i < half; i++) {
-                // NORM rotates adjacent pairs; NEOX rotates i with i + d/2
-                const int32_t a = hp->rope_type == SE_ROPE_NORM ? 2 * i : i;
-                const int32_t b = hp->rope_type == SE_ROPE_NORM ? 2 * i + 1 : i + half;
-                const float x0 = v[a], x1 = v[b];
-                v[a] = x0 * c[i] - x1 * s[i];
-                v[b] = x0 * s[i] + x1 * c[i];
-            }
+            rotate(x + ((int64_t) t * n_heads + h) * d, ctx->buf.rope_cos + t * half, ctx->buf.rope_sin + t * half, d,
+                   hp->rope_type);
         }
     }
 }
@@ -117,7 +136,7 @@ static void store_kv(se_context * ctx, int32_t il, const float * k, const float 
 }
 
 // ---------------------------------------------------------------------------------------------
-// attention: every (token, head) pair against the live cells at or before the token's position
+// attention: every (token, head) pair against the live cells it may see
 
 typedef struct attention_job {
     se_context * ctx;
@@ -125,9 +144,13 @@ typedef struct attention_job {
     int32_t n;
 } attention_job;
 
-static float kv_dot(const se_kv_cache * kv, const void * row, const float * q, int32_t d) {
-    if (kv->kv_type == SE_KV_F16) return se_type_get(SE_TYPE_F16)->dot(row, q, d);
-    return se_type_get(SE_TYPE_F32)->dot(row, q, d);
+static void kv_row(const se_kv_cache * kv, const void * row, float * out, int32_t d) {
+    if (kv->kv_type == SE_KV_F16) {
+        const uint16_t * h = row;
+        for (int32_t i = 0; i < d; i++) out[i] = se_fp16_to_fp32(h[i]);
+    } else {
+        memcpy(out, row, (size_t) d * sizeof(float));
+    }
 }
 
 static void kv_axpy(const se_kv_cache * kv, float * out, float a, const void * row, int32_t d) {
@@ -140,41 +163,64 @@ static void kv_axpy(const se_kv_cache * kv, float * out, float a, const void * r
     }
 }
 
+// Whether the query at position p (the chunk's t-th token) attends to cell c.
+static bool visible(const se_kv_cache * kv, const se_kv_cell * c, int64_t p, int64_t sep_floor) {
+    if ((int64_t) c->pos + c->delta > p) return false;  // causal, in the positions the cell acts at
+    if (kv->cfg.mode != SE_KV_MODE_SEPLLM) return true;  // the other modes keep only what is seen
+    // training-free SepLLM within a chunk: tokens the window left are masked until evicted
+    return c->region == SE_REGION_INIT || c->pos > p - kv->cfg.n_local || (c->sep_seq >= 0 && c->sep_seq >= sep_floor);
+}
+
 static void attention_task(void * p, int ith, int nth) {
     const attention_job * j = p;
     se_context * ctx = j->ctx;
     const se_hparams * hp = &ctx->model->hp;
     const se_kv_cache * kv = &ctx->kv;
-    const int32_t d = hp->head_dim, group = hp->n_head / hp->n_head_kv;
+    const se_buffers * b = &ctx->buf;
+    const int32_t d = hp->head_dim, half = d / 2, group = hp->n_head / hp->n_head_kv;
+    const size_t esize = kv->kv_type == SE_KV_F16 ? 2 : 4;
     const float scale = 1.0f / sqrtf((float) d);
-    float * scores = ctx->buf.scratch + (int64_t) ith * ctx->buf.scratch_stride;
+    const se_type_traits * f32 = se_type_get(SE_TYPE_F32);
+    float * scores = b->scratch + (int64_t) ith * b->scratch_stride;
+    float * krot = scores + kv->cfg.n_cells;  // a key read with a delta, rotated
     const int64_t n_items = (int64_t) j->n * hp->n_head;
     for (int64_t item = n_items * ith / nth; item < n_items * (ith + 1) / nth; item++) {
         const int32_t t = (int32_t) (item / hp->n_head), h = (int32_t) (item % hp->n_head);
-        const int32_t pos = ctx->buf.positions[t];
-        const float * q = ctx->buf.q + ((int64_t) t * hp->n_head + h) * d;
+        const int64_t pos = b->positions[t];
+        const float * q = b->q + ((int64_t) t * hp->n_head + h) * d;
         const int64_t off = (int64_t) (h / group) * d;  // GQA: query head h reads KV head h / group
         float max = -INFINITY;
-        for (int32_t c = 0; c < kv->n_used; c++) {
-            if (kv->cells[c].pos > pos) {  // causal: a token sees only keys at or before it
-                scores[c] = -INFINITY;
+        int32_t n_visible = 0;
+        for (int32_t i = 0; i < kv->n_live; i++) {
+            const int32_t cell = kv->live[i];
+            const se_kv_cell * c = &kv->m.cells[cell];
+            if (!visible(kv, c, pos, b->sep_floor[t])) {
+                scores[i] = -INFINITY;
                 continue;
             }
-            const void * krow = (const char *) se_kv_k(kv, j->il, c) + off * (kv->kv_type == SE_KV_F16 ? 2 : 4);
-            scores[c] = kv_dot(kv, krow, q, d) * scale;
-            if (scores[c] > max) max = scores[c];
+            const void * krow = (const char *) se_kv_k(kv, j->il, cell) + off * esize;
+            if (c->delta != 0) {
+                kv_row(kv, krow, krot, d);
+                rotate(krot, b->delta_cos + (int64_t) cell * half, b->delta_sin + (int64_t) cell * half, d, hp->rope_type);
+                scores[i] = f32->dot(krot, q, d) * scale;
+            } else {
+                scores[i] = se_type_get(kv->kv_type == SE_KV_F16 ? SE_TYPE_F16 : SE_TYPE_F32)->dot(krow, q, d) * scale;
+            }
+            if (scores[i] > max) max = scores[i];
+            n_visible++;
         }
+        if (j->il == 0 && h == 0) b->visible[t] = n_visible;
         float sum = 0;
-        for (int32_t c = 0; c < kv->n_used; c++) {
-            scores[c] = scores[c] == -INFINITY ? 0 : expf(scores[c] - max);
-            sum += scores[c];
+        for (int32_t i = 0; i < kv->n_live; i++) {
+            scores[i] = scores[i] == -INFINITY ? 0 : expf(scores[i] - max);
+            sum += scores[i];
         }
-        float * out = ctx->buf.att + ((int64_t) t * hp->n_head + h) * d;
+        float * out = b->att + ((int64_t) t * hp->n_head + h) * d;
         memset(out, 0, (size_t) d * sizeof(float));
-        for (int32_t c = 0; c < kv->n_used; c++) {
-            if (scores[c] == 0) continue;
-            const void * vrow = (const char *) se_kv_v(kv, j->il, c) + off * (kv->kv_type == SE_KV_F16 ? 2 : 4);
-            kv_axpy(kv, out, scores[c] / sum, vrow, d);
+        for (int32_t i = 0; i < kv->n_live; i++) {
+            if (scores[i] == 0) continue;
+            const void * vrow = (const char *) se_kv_v(kv, j->il, kv->live[i]) + off * esize;
+            kv_axpy(kv, out, scores[i] / sum, vrow, d);
         }
     }
 }
@@ -233,7 +279,7 @@ static int cpu_init(se_context * ctx) {
     const se_hparams * hp = &ctx->model->hp;
     se_buffers * b = &ctx->buf;
     const int64_t nb = ctx->params.n_batch, q_dim = (int64_t) hp->n_head * hp->head_dim, kv_dim = ctx->kv.row;
-    int64_t stride = ctx->kv.n_cells;
+    int64_t stride = ctx->kv.cfg.n_cells + hp->head_dim;  // attention: scores and a rotated key
     if (stride < hp->n_embd) stride = hp->n_embd;
     if (stride < hp->n_ff) stride = hp->n_ff;
     if (stride < q_dim) stride = q_dim;
@@ -252,8 +298,13 @@ static int cpu_init(se_context * ctx) {
     b->scratch = calloc((size_t) (se_pool_size(ctx->pool) * stride), sizeof(float));
     b->cells = calloc((size_t) nb, sizeof(int32_t));
     b->positions = calloc((size_t) nb, sizeof(int32_t));
+    b->sep_floor = calloc((size_t) nb, sizeof(int64_t));
+    b->visible = calloc((size_t) nb, sizeof(int32_t));
+    b->delta_cos = calloc((size_t) ctx->kv.cfg.n_cells * (size_t) (hp->head_dim / 2), sizeof(float));
+    b->delta_sin = calloc((size_t) ctx->kv.cfg.n_cells * (size_t) (hp->head_dim / 2), sizeof(float));
     if (!b->x || !b->xb || !b->xb2 || !b->q || !b->k || !b->v || !b->att || !b->hb || !b->hb2 || !b->rope_cos ||
-        !b->rope_sin || !b->scratch || !b->cells || !b->positions) {
+        !b->rope_sin || !b->scratch || !b->cells || !b->positions || !b->sep_floor || !b->visible || !b->delta_cos ||
+        !b->delta_sin) {
         return se_error(SE_ERR_OUT_OF_MEMORY, "out of memory for activation buffers (n_batch %lld)", (long long) nb);
     }
     return se_kv_alloc_host(&ctx->kv, hp->n_layer);
@@ -263,7 +314,7 @@ static void cpu_free(se_context * ctx) {
     se_buffers * b = &ctx->buf;
     free(b->x); free(b->xb); free(b->xb2); free(b->q); free(b->k); free(b->v); free(b->att);
     free(b->hb); free(b->hb2); free(b->rope_cos); free(b->rope_sin); free(b->scratch);
-    free(b->cells); free(b->positions);
+    free(b->cells); free(b->positions); free(b->sep_floor); free(b->visible); free(b->delta_cos); free(b->delta_sin);
     memset(b, 0, sizeof *b);
 }
 

@@ -149,6 +149,7 @@ struct se_model {
     int64_t n_bytes;
     int32_t * separators;     // sorted separator token ids
     int32_t n_separators;
+    int32_t sepllm[4];        // default n_init, n_sep, n_local, n_cache (`sepllm.*` keys or built in)
     uint8_t * is_sep;         // (n_vocab) 1 for separator tokens
     int32_t device;
 };
@@ -169,34 +170,80 @@ int  se_pool_size(const se_pool * pool);
 void se_pool_run(se_pool * pool, se_task_fn fn, void * arg);
 
 // ---------------------------------------------------------------------------------------------
-// KV cache
+// KV cache (se-kv-cache.c explains the modes)
+
+enum se_region {
+    SE_REGION_FREE   = 0,
+    SE_REGION_INIT   = 1,     // the first n_init tokens (or the pinned system prompt)
+    SE_REGION_SEP    = 2,     // separators that left the window
+    SE_REGION_RECENT = 3,     // everything else: window (and, streaming, the past window)
+};
 
 typedef struct se_kv_cell {
     int32_t token;
-    int32_t pos;              // position the key was rotated with
-    uint8_t is_sep;
+    int32_t pos;              // original position; the stored key was rotated with it
+    int32_t delta;            // extra rotation when read: the key acts as if at pos + delta
+    int32_t region;           // se_region
+    int64_t sep_seq;          // order among non-initial separators, -1 for other tokens
 } se_kv_cell;
 
-typedef struct se_kv_cache {
-    int32_t n_cells;          // capacity
-    int32_t n_used;           // live cells: [0, n_used)
-    int64_t n_seen;           // tokens processed since the last clear
-    int64_t n_evicted;
-    int32_t kv_type;          // se_kv_type
-    int64_t row;              // values per cell and layer: n_head_kv * head_dim
+typedef struct se_ring {      // cell indices, oldest first
+    int32_t * buf;
+    int32_t cap, head, len;
+} se_ring;
+
+typedef struct se_kv_meta {   // the cache's bookkeeping; copyable, for dry runs
     se_kv_cell * cells;       // (n_cells)
-    void * k;                 // (n_layer, n_cells, row), post-RoPE keys
+    int32_t * init;           // (n_cells) cells of the initial tokens, in order
+    int32_t n_init_live;
+    se_ring sep;              // separator region, oldest first
+    se_ring recent;           // the other live tokens, oldest first; their positions are contiguous
+    int32_t * free;           // (n_cells) stack of free cells
+    int32_t n_free;
+    int64_t n_seen;           // tokens processed since the last clear (= the next position)
+    int64_t n_evicted;
+    int64_t n_sep_seen;       // non-initial separators admitted (next sep_seq)
+    int64_t n_sep_left;       // of those, how many left the window
+    int64_t rewind_floor;     // the cache can be truncated back to no fewer tokens than this
+    int32_t n_init;           // size of the initial region (n_init, or more when pinned)
+} se_kv_meta;
+
+typedef struct se_kv_config {
+    int32_t mode;             // se_kv_mode
+    int32_t n_cells;          // capacity
+    int32_t n_init, n_sep, n_local;
+    int32_t kv_type;          // se_kv_type
+} se_kv_config;
+
+typedef struct se_kv_cache {
+    se_kv_config cfg;
+    int32_t kv_type;
+    int64_t row;              // values per cell and layer: n_head_kv * head_dim
+    se_kv_meta m;
+    se_kv_meta scratch;       // dry runs
+    int32_t * live;           // (n_cells) live cells in cache order [init | sep | recent]
+    int32_t n_live;
+    int64_t sum_visible;      // sum over processed tokens of the cells each one attended to
+    void * k;                 // (n_layer, n_cells, row), keys rotated with the cell's pos
     void * v;                 // (n_layer, n_cells, row)
 } se_kv_cache;
 
-int  se_kv_init(se_kv_cache * kv, const se_hparams * hp, int32_t n_cells, int32_t kv_type);
+int32_t se_kv_capacity_check(int32_t mode, int32_t n_cells, int32_t n_init, int32_t n_sep, int32_t n_local);
+int  se_kv_init(se_kv_cache * kv, const se_hparams * hp, const se_kv_config * cfg);
 int  se_kv_alloc_host(se_kv_cache * kv, int32_t n_layer);  // K/V storage in host memory
 void se_kv_free(se_kv_cache * kv);
 void se_kv_clear(se_kv_cache * kv);
-// Claim cells for n new tokens (the caller checked that they fit); writes their cell indices and
-// positions.
-void se_kv_append(se_kv_cache * kv, const se_model * m, const int32_t * tokens, int32_t n,
-                  int32_t * cells, int32_t * positions);
+// SE_OK when n tokens can be processed (without changing anything), else SE_ERR_CONTEXT_FULL.
+int  se_kv_check_fits(se_kv_cache * kv, const uint8_t * is_sep, const int32_t * tokens, int32_t n, int32_t n_batch);
+// Evict or compress for the next token, then claim cells for as many of `remaining` tokens as can
+// share one forward pass; returns that count and their cells and positions.
+int32_t se_kv_next_chunk(se_kv_cache * kv, const uint8_t * is_sep, const int32_t * tokens, int32_t remaining,
+                         int32_t n_batch, int32_t * cells, int32_t * positions);
+void se_kv_finish(se_kv_cache * kv);  // after a decode call: evict what the next token will not see
+// Per query of the last chunk (training-free sepllm): the lowest sep_seq it may still see.
+void se_kv_sep_floors(const se_kv_cache * kv, const int32_t * tokens, const uint8_t * is_sep, int32_t n, int64_t * out);
+int  se_kv_truncate(se_kv_cache * kv, int64_t n_keep);
+int  se_kv_keep(se_kv_cache * kv, int32_t n_keep);
 int64_t se_kv_bytes(const se_kv_cache * kv, int32_t n_layer);
 // A cell's key / value row in layer l.
 void * se_kv_k(const se_kv_cache * kv, int32_t l, int32_t cell);
@@ -221,6 +268,10 @@ typedef struct se_buffers {   // activations for up to n_batch tokens
     int64_t scratch_stride;
     int32_t * cells;          // (n_batch) cache cells of the tokens being processed
     int32_t * positions;      // (n_batch)
+    int64_t * sep_floor;      // (n_batch) training-free sepllm: lowest separator sep_seq each query sees
+    int32_t * visible;        // (n_batch) cells each query attended to (first layer, first head)
+    float * delta_cos;        // (n_cells, head_dim / 2) rotation of cells with a delta
+    float * delta_sin;        // (n_cells, head_dim / 2)
 } se_buffers;
 
 // A backend owns where the KV data and activations live and how the forward pass runs there. The

@@ -243,6 +243,21 @@ int se_model_set_separators(se_model * m, const int32_t * ids, int32_t n) {
     return SE_OK;
 }
 
+static int load_sepllm_defaults(se_model * m) {
+    static const char * keys[4] = {"sepllm.n_init", "sepllm.n_sep", "sepllm.n_local", "sepllm.n_cache"};
+    static const int32_t builtin[4] = {4, 64, 256, 800};  // the paper's main streaming setup
+    for (int k = 0; k < 4; k++) {
+        m->sepllm[k] = builtin[k];
+        int64_t i = se_gguf_find(&m->gguf, keys[k]), v;
+        if (i < 0) continue;
+        int r = se_gguf_int(&m->gguf, i, 0, &v);
+        if (r != SE_OK) return r;
+        if (v < 0 || v > (1 << 24)) return se_error(SE_ERR_FORMAT, "%s: '%s' = %lld is out of range", m->gguf.path, keys[k], (long long) v);
+        m->sepllm[k] = (int32_t) v;
+    }
+    return SE_OK;
+}
+
 static int load_separators(se_model * m) {
     m->is_sep = calloc((size_t) m->hp.n_vocab, 1);
     if (!m->is_sep) return se_error(SE_ERR_OUT_OF_MEMORY, "out of memory");
@@ -293,6 +308,7 @@ int se_model_build(se_model * m) {
         m->n_params += t->ne[0] * t->ne[1] * t->ne[2] * t->ne[3];
         m->n_bytes += (int64_t) t->nbytes;
     }
+    if ((r = load_sepllm_defaults(m)) != SE_OK) return r;
     return load_separators(m);
 }
 
