@@ -39,7 +39,7 @@ def test_generate_rejects_bad_sampling(model):
 
 def test_chat_one_turn_with_default_model(tmp_path):
     env = dict(os.environ, SEPEDGE_CACHE=str(tmp_path))
-    done = sepedge("chat", "-p", "What is the capital of France?", "--temperature", "0", env=env)
+    done = sepedge("chat", "-p", "Name the capital city of France.", "--temperature", "0", env=env)
     assert done.returncode == 0, done.stderr
     assert "Using the embedded default model SmolLM2-135M-Instruct" in done.stderr
     assert "Paris" in done.stdout and "tokens/s" in done.stderr
@@ -51,7 +51,7 @@ def test_chat_repl_in_a_terminal(model):
     try:
         child.expect("Ctrl-D exits")
         child.expect("> ")
-        child.sendline("What is the capital of France?")
+        child.sendline("Name the capital city of France.")
         child.expect("Paris")
         child.expect("tokens/s")
         child.expect("> ")

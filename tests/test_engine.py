@@ -163,7 +163,7 @@ def test_completion_shapes(llm):
 
 
 def test_chat_completion_shapes(llm):
-    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    msgs = [{"role": "user", "content": "Name the capital city of France."}]
     r = llm.create_chat_completion(msgs, max_tokens=24, temperature=0)
     assert r["object"] == "chat.completion" and r["id"].startswith("chatcmpl-")
     (c,) = r["choices"]

@@ -106,3 +106,85 @@ def test_type_table_matches_ggml():
         assert bool(ok[0]) == (qtype in TYPES), qtype.name
     with pytest.raises(InvalidArgumentError, match="unknown tensor type 31"):
         check(lib.se_type_info(31, name, block, size, ok))
+
+
+# ---------------------------------------------------------------------------------------------
+# the fast path: activations quantized to 8 bits in blocks of 32, integer products per block
+
+Q8_BLOCK = np.dtype([("d", "<f4"), ("sum", "<i4"), ("qs", "i1", 32)])
+FAST_TYPES = [QT.Q8_0, QT.Q4_0, QT.Q4_1]
+# float32 accumulation of per-block partial sums vs the float64 sum of exact integer products
+MAX_VEC_DOT_REL_ERROR = 2e-6
+
+
+def q8_reference(x: np.ndarray) -> np.ndarray:
+    """What the activations become: d = max|x| / 127 (float32), q = round-to-even(x / d)."""
+    blocks = x.reshape(-1, 32).astype(np.float32)
+    d = (np.abs(blocks).max(axis=1) / np.float32(127)).astype(np.float32)
+    inv = np.where(d == 0, np.float32(0), np.float32(1) / np.where(d == 0, 1, d)).astype(np.float32)
+    q = np.rint(blocks * inv[:, None]).astype(np.int8)
+    out = np.zeros(len(blocks), dtype=Q8_BLOCK)
+    out["d"], out["qs"], out["sum"] = d, q, q.astype(np.int32).sum(axis=1)
+    return out
+
+
+def weight_codes(data: np.ndarray, qtype: QT, n: int):
+    """Per block: scale d, min m (Q4_1) and integer codes, from the GGUF bytes."""
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    b = data.reshape(-1, size)
+    d = b[:, :2].copy().view(np.float16).astype(np.float64).reshape(-1)
+    if qtype == QT.Q8_0:
+        return d, None, b[:, 2:].copy().view(np.int8).astype(np.int64)
+    qs = b[:, 4:] if qtype == QT.Q4_1 else b[:, 2:]
+    codes = np.concatenate([qs & 0xF, qs >> 4], axis=1).astype(np.int64)
+    if qtype == QT.Q4_0:
+        return d, None, codes - 8
+    return d, b[:, 2:4].copy().view(np.float16).astype(np.float64).reshape(-1), codes
+
+
+@pytest.fixture(params=[1, 0], ids=["simd", "portable"])
+def simd(request):
+    lib.se_set_simd(request.param)
+    yield ffi.string(lib.se_simd()).decode()
+    lib.se_set_simd(1)
+
+
+def test_activation_quantization_is_exact(rng, simd):
+    for n in (32, 96, 576, 4096):
+        x = (rng.standard_normal(n) * rng.choice([1e-4, 1, 300])).astype(np.float32)
+        x[:32] = 0  # an all-zero block
+        out = np.zeros(n // 32, dtype=Q8_BLOCK)
+        check(lib.se_quantize_act_q8(ffi.from_buffer("float[]", x), ffi.from_buffer(out), n))
+        ref = q8_reference(x)
+        np.testing.assert_array_equal(out["qs"], ref["qs"])
+        np.testing.assert_array_equal(out["d"], ref["d"])
+        np.testing.assert_array_equal(out["sum"], ref["sum"])
+
+
+@pytest.mark.parametrize("qtype", FAST_TYPES, ids=lambda t: t.name)
+def test_vec_dot_is_the_integer_dot(rng, simd, qtype):
+    for n in (32, 64, 96, 33 * 32, 4096):
+        w = rng.standard_normal(n).astype(np.float32)
+        data = quants.quantize(w.reshape(1, -1), qtype).reshape(-1)
+        x = rng.standard_normal(n).astype(np.float32)
+        a = q8_reference(x)
+        d, m, codes = weight_codes(data, qtype, n)
+        per_block = (codes * a["qs"].astype(np.int64)).sum(axis=1)  # exact integers
+        expected = (d * a["d"] * per_block).sum() + (0 if m is None else (m * a["d"] * a["sum"]).sum())
+        out = ffi.new("float *")
+        check(lib.se_vec_dot(int(qtype), ffi.from_buffer(data), ffi.from_buffer("float[]", x), n, out))
+        scale = (np.abs(d * a["d"] * np.abs(codes * a["qs"]).sum(axis=1)).sum()
+                 + (0 if m is None else np.abs(m * a["d"] * a["sum"]).sum()))
+        assert abs(out[0] - expected) <= MAX_VEC_DOT_REL_ERROR * scale, (n, simd)
+
+
+@pytest.mark.parametrize("qtype", [QT.F32, QT.F16, QT.BF16], ids=lambda t: t.name)
+def test_vec_dot_float_types(rng, simd, qtype):
+    for n in (1, 7, 8, 15, 16, 33, 1001):
+        w = rng.standard_normal(n).astype(np.float32)
+        data = quants.quantize(w.reshape(1, -1), qtype).reshape(-1)
+        wq = gguf.quants.dequantize(data, qtype).reshape(-1).astype(np.float64)
+        x = rng.standard_normal(n).astype(np.float32)
+        out = ffi.new("float *")
+        check(lib.se_vec_dot(int(qtype), ffi.from_buffer(data), ffi.from_buffer("float[]", x), n, out))
+        assert abs(out[0] - wq @ x) <= MAX_DOT_REL_ERROR * np.abs(wq * x).sum(), (n, simd)

@@ -21,8 +21,9 @@ SEP_RATE = 0.2               # separators in the random streams, about as often 
 
 @pytest.fixture(scope="module")
 def model(tiny_dirs, tmp_path_factory):
-    """A tiny llama with SmolLM2's vocabulary (so, real separator ids), q8_0."""
-    return convert(tiny_dirs("gqa3-sharded-padded"), tmp_path_factory.mktemp("sep") / "m.gguf", outtype="q8_0",
+    """A tiny llama with SmolLM2's vocabulary (so, real separator ids); f16 weights, whose float
+    activations keep the comparison with the reference at rounding level."""
+    return convert(tiny_dirs("gqa3-sharded-padded"), tmp_path_factory.mktemp("sep") / "m.gguf", outtype="f16",
                    progress=False)
 
 
@@ -207,8 +208,9 @@ def test_defaults_come_from_the_file(model):
 # a real model and real text
 
 
-def test_smollm2_sepllm_stream(stream):
-    path = fixtures.smollm2_gguf()
+def test_smollm2_sepllm_stream(smollm2_dir, tmp_path):
+    # f16 weights (converted from the rebuilt checkpoint): float activations, a tight comparison
+    path = convert(smollm2_dir, tmp_path / "smollm2-f16.gguf", outtype="f16", progress=False)
     text = ("It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of "
             "foolishness; it was the epoch of belief, it was the epoch of incredulity. ") * 12
     with Engine(path, kv_type="f32", kv_mode="sepllm-stream", n_init=4, n_sep=16, n_local=48, n_cache=96) as llm:
@@ -227,14 +229,14 @@ def test_chat_keeps_its_system_prompt_forever():
                 seed=0) as llm:
         history = [{"role": "system", "content": system}]
         pinned = None
-        for turn in range(6):
+        for turn in range(8):
             history.append({"role": "user", "content": f"Tell me something about ship number {turn}, in detail."})
             g = llm.stream_chat(history, max_tokens=60, temperature=0.7)
             history.append({"role": "assistant", "content": "".join(g)})
             s = llm.kv_stats()
             pinned = pinned or s["n_init"]
             assert s["n_init"] == pinned > 4 and s["live_init"] == pinned
-        assert s["tokens_seen"] > 500 and s["tokens_evicted"] > 300  # far past the cache, still chatting
+        assert s["tokens_seen"] > 2 * 160 and s["tokens_evicted"] > 160  # far past the cache, still chatting
         tokens, positions, regions = llm._ctx.cells()
         head = llm.format_chat(history[:1] + [{"role": "user", "content": "x"}], add_generation_prompt=False)
         assert tokens[:pinned].tolist() == head[:pinned] and positions[:pinned].tolist() == list(range(pinned))

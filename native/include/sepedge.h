@@ -210,6 +210,14 @@ SE_API int se_dequantize(int32_t type, const void * src, float * dst, int64_t n)
 SE_API int se_dot(int32_t type, const void * row, const float * x, int64_t n, float * out);
 // IEEE half precision, rounded to nearest even (the f16 KV cache format).
 SE_API int se_fp32_to_fp16_row(const float * src, uint16_t * dst, int64_t n);
+// The fast path of the forward pass: for quantized types x is first quantized to 8 bits per value
+// in blocks of 32 (se_quantize_act_q8: per block a float scale, the int32 sum, 32 int8 codes).
+SE_API int se_vec_dot(int32_t type, const void * row, const float * x, int64_t n, float * out);
+SE_API int se_quantize_act_q8(const float * x, void * out, int64_t n);
+// The SIMD kernels in use ("avx2" or "none"); se_set_simd(0) selects the portable C ones (tests),
+// as does the environment variable SEPEDGE_SIMD=0 at load. Not to be called during a decode.
+SE_API const char * se_simd(void);
+SE_API int se_set_simd(int32_t enable);
 
 #ifdef __cplusplus
 }

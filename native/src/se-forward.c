@@ -14,45 +14,81 @@
 #include <string.h>
 
 // ---------------------------------------------------------------------------------------------
-// matrix product: out (n, rows) = x (n, cols) . W^T, rows split across threads
+// matrix products: out (n, rows) = x (n, cols) . W^T for one or more weights sharing the input
+// (Q, K, V; gate, up), their rows split across threads in one pass. Quantized weights take the
+// activations quantized to 8 bits once per input.
 
-typedef struct matmul_job {
+typedef struct mm_out {
     float * out;
-    const float * x;
     const se_weight * w;
     const float * bias;
+} mm_out;
+
+typedef struct matmul_job {
+    const float * x;        // (n, cols) float activations
+    const void * xq;        // (n, cols / 32) Q8 blocks, when a weight needs them
     int32_t n;
-    se_buffers * buf;
+    int64_t cols;
+    mm_out outs[3];
+    int n_outs;
+    int64_t rows;           // all weights' rows together
 } matmul_job;
+
+typedef struct quantize_job {
+    const float * x;
+    se_block_q8 * q;
+    int32_t n;
+    int64_t cols;
+} quantize_job;
+
+static void quantize_task(void * p, int ith, int nth) {
+    const quantize_job * j = p;
+    for (int32_t t = (int32_t) ((int64_t) j->n * ith / nth); t < (int32_t) ((int64_t) j->n * (ith + 1) / nth); t++) {
+        se_kern.quantize_q8(j->x + t * j->cols, j->q + t * (j->cols / 32), j->cols);
+    }
+}
 
 static void matmul_task(void * p, int ith, int nth) {
     const matmul_job * j = p;
-    const se_weight * w = j->w;
-    const se_type_traits * tt = se_type_get(w->type);
-    const int64_t r0 = w->rows * ith / nth, r1 = w->rows * (ith + 1) / nth;
-    if (j->n == 1 || w->type == SE_TYPE_F32) {
-        for (int64_t r = r0; r < r1; r++) {
-            const uint8_t * row = w->data + (uint64_t) r * w->row_bytes;
-            for (int32_t t = 0; t < j->n; t++) j->out[t * w->rows + r] = tt->dot(row, j->x + t * w->cols, w->cols);
-        }
-    } else {  // several tokens: dequantize each weight row once, reuse it for every token
-        float * tmp = j->buf->scratch + (int64_t) ith * j->buf->scratch_stride;
-        const se_type_traits * f32 = se_type_get(SE_TYPE_F32);
-        for (int64_t r = r0; r < r1; r++) {
-            tt->to_float(w->data + (uint64_t) r * w->row_bytes, tmp, w->cols);
-            for (int32_t t = 0; t < j->n; t++) j->out[t * w->rows + r] = f32->dot(tmp, j->x + t * w->cols, w->cols);
-        }
-    }
-    if (j->bias) {
-        for (int64_t r = r0; r < r1; r++) {
-            for (int32_t t = 0; t < j->n; t++) j->out[t * w->rows + r] += j->bias[r];
+    int64_t r = j->rows * ith / nth, end = j->rows * (ith + 1) / nth;
+    int64_t base = 0;  // first row of outs[k] in the combined row space
+    for (int k = 0; k < j->n_outs && r < end; base += j->outs[k].w->rows, k++) {
+        const mm_out * o = &j->outs[k];
+        const se_weight * w = o->w;
+        const se_type_traits * tt = se_type_get(w->type);
+        const void * act = tt->act == SE_ACT_Q8 ? j->xq : (const void *) j->x;
+        const size_t stride = se_act_row_bytes(tt->act, j->cols);
+        for (; r < end && r < base + w->rows; r++) {
+            const int64_t row = r - base;
+            const uint8_t * wrow = w->data + (uint64_t) row * w->row_bytes;
+            const float bias = o->bias ? o->bias[row] : 0.0f;
+            for (int32_t t = 0; t < j->n; t++) {
+                o->out[t * w->rows + row] = tt->vec_dot(wrow, (const char *) act + t * stride, j->cols) + bias;
+            }
         }
     }
 }
 
-static void matmul(se_context * ctx, float * out, const float * x, const se_weight * w, const float * bias, int32_t n) {
-    matmul_job j = {out, x, w, bias, n, &ctx->buf};
+static void matmul_many(se_context * ctx, const float * x, int32_t n, const mm_out * outs, int n_outs) {
+    matmul_job j = {.x = x, .n = n, .cols = outs[0].w->cols, .n_outs = n_outs};
+    bool need_q8 = false;
+    for (int k = 0; k < n_outs; k++) {
+        j.outs[k] = outs[k];
+        j.rows += outs[k].w->rows;
+        need_q8 |= se_type_get(outs[k].w->type)->act == SE_ACT_Q8;
+    }
+    if (need_q8) {
+        quantize_job q = {x, ctx->buf.xq, n, j.cols};
+        if (n == 1) quantize_task(&q, 0, 1);
+        else se_pool_run(ctx->pool, quantize_task, &q);
+        j.xq = ctx->buf.xq;
+    }
     se_pool_run(ctx->pool, matmul_task, &j);
+}
+
+static void matmul(se_context * ctx, float * out, const float * x, const se_weight * w, const float * bias, int32_t n) {
+    const mm_out o = {out, w, bias};
+    matmul_many(ctx, x, n, &o, 1);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -153,13 +189,15 @@ static void kv_row(const se_kv_cache * kv, const void * row, float * out, int32_
     }
 }
 
+static float kv_dot(const se_kv_cache * kv, const void * row, const float * q, int32_t d) {
+    return kv->kv_type == SE_KV_F16 ? se_kern.dot_f16(row, q, d) : se_kern.dot_f32(row, q, d);
+}
+
 static void kv_axpy(const se_kv_cache * kv, float * out, float a, const void * row, int32_t d) {
     if (kv->kv_type == SE_KV_F16) {
-        const uint16_t * v = row;
-        for (int32_t i = 0; i < d; i++) out[i] += a * se_fp16_to_fp32(v[i]);
+        se_kern.axpy_f16(out, a, row, d);
     } else {
-        const float * v = row;
-        for (int32_t i = 0; i < d; i++) out[i] += a * v[i];
+        se_kern.axpy_f32(out, a, row, d);
     }
 }
 
@@ -180,7 +218,6 @@ static void attention_task(void * p, int ith, int nth) {
     const int32_t d = hp->head_dim, half = d / 2, group = hp->n_head / hp->n_head_kv;
     const size_t esize = kv->kv_type == SE_KV_F16 ? 2 : 4;
     const float scale = 1.0f / sqrtf((float) d);
-    const se_type_traits * f32 = se_type_get(SE_TYPE_F32);
     float * scores = b->scratch + (int64_t) ith * b->scratch_stride;
     float * krot = scores + kv->cfg.n_cells;  // a key read with a delta, rotated
     const int64_t n_items = (int64_t) j->n * hp->n_head;
@@ -202,9 +239,9 @@ static void attention_task(void * p, int ith, int nth) {
             if (c->delta != 0) {
                 kv_row(kv, krow, krot, d);
                 rotate(krot, b->delta_cos + (int64_t) cell * half, b->delta_sin + (int64_t) cell * half, d, hp->rope_type);
-                scores[i] = f32->dot(krot, q, d) * scale;
+                scores[i] = se_kern.dot_f32(krot, q, d) * scale;
             } else {
-                scores[i] = se_type_get(kv->kv_type == SE_KV_F16 ? SE_TYPE_F16 : SE_TYPE_F32)->dot(krow, q, d) * scale;
+                scores[i] = kv_dot(kv, krow, q, d) * scale;
             }
             if (scores[i] > max) max = scores[i];
             n_visible++;
@@ -243,9 +280,8 @@ static void forward(se_context * ctx, const int32_t * tokens, int32_t n, float *
         const se_layer * l = &m->layers[il];
         // attention
         rmsnorm(b->xb, b->x, l->attn_norm, dim, n, hp->rms_eps);
-        matmul(ctx, b->q, b->xb, &l->wq, l->bq, n);
-        matmul(ctx, b->k, b->xb, &l->wk, l->bk, n);
-        matmul(ctx, b->v, b->xb, &l->wv, l->bv, n);
+        const mm_out qkv[3] = {{b->q, &l->wq, l->bq}, {b->k, &l->wk, l->bk}, {b->v, &l->wv, l->bv}};
+        matmul_many(ctx, b->xb, n, qkv, 3);
         rope(ctx, b->q, hp->n_head, n);
         rope(ctx, b->k, hp->n_head_kv, n);
         store_kv(ctx, il, b->k, b->v, n);
@@ -255,8 +291,8 @@ static void forward(se_context * ctx, const int32_t * tokens, int32_t n, float *
         for (int64_t i = 0; i < n * dim; i++) b->x[i] += b->xb2[i];
         // SwiGLU feed-forward
         rmsnorm(b->xb, b->x, l->ffn_norm, dim, n, hp->rms_eps);
-        matmul(ctx, b->hb, b->xb, &l->w_gate, NULL, n);
-        matmul(ctx, b->hb2, b->xb, &l->w_up, NULL, n);
+        const mm_out gate_up[2] = {{b->hb, &l->w_gate, NULL}, {b->hb2, &l->w_up, NULL}};
+        matmul_many(ctx, b->xb, n, gate_up, 2);
         for (int64_t i = 0; i < (int64_t) n * hp->n_ff; i++) {
             const float g = b->hb[i];
             b->hb[i] = g / (1.0f + expf(-g)) * b->hb2[i];
@@ -296,6 +332,9 @@ static int cpu_init(se_context * ctx) {
     b->rope_cos = calloc((size_t) (nb * hp->head_dim / 2), sizeof(float));
     b->rope_sin = calloc((size_t) (nb * hp->head_dim / 2), sizeof(float));
     b->scratch = calloc((size_t) (se_pool_size(ctx->pool) * stride), sizeof(float));
+    int64_t widest = hp->n_ff > q_dim ? hp->n_ff : q_dim;  // the longest input row of a matrix product
+    if (widest < hp->n_embd) widest = hp->n_embd;
+    b->xq = calloc((size_t) nb, se_act_row_bytes(SE_ACT_Q8, widest) + sizeof(se_block_q8));
     b->cells = calloc((size_t) nb, sizeof(int32_t));
     b->positions = calloc((size_t) nb, sizeof(int32_t));
     b->sep_floor = calloc((size_t) nb, sizeof(int64_t));
@@ -303,7 +342,7 @@ static int cpu_init(se_context * ctx) {
     b->delta_cos = calloc((size_t) ctx->kv.cfg.n_cells * (size_t) (hp->head_dim / 2), sizeof(float));
     b->delta_sin = calloc((size_t) ctx->kv.cfg.n_cells * (size_t) (hp->head_dim / 2), sizeof(float));
     if (!b->x || !b->xb || !b->xb2 || !b->q || !b->k || !b->v || !b->att || !b->hb || !b->hb2 || !b->rope_cos ||
-        !b->rope_sin || !b->scratch || !b->cells || !b->positions || !b->sep_floor || !b->visible || !b->delta_cos ||
+        !b->rope_sin || !b->scratch || !b->xq || !b->cells || !b->positions || !b->sep_floor || !b->visible || !b->delta_cos ||
         !b->delta_sin) {
         return se_error(SE_ERR_OUT_OF_MEMORY, "out of memory for activation buffers (n_batch %lld)", (long long) nb);
     }
@@ -313,7 +352,7 @@ static int cpu_init(se_context * ctx) {
 static void cpu_free(se_context * ctx) {
     se_buffers * b = &ctx->buf;
     free(b->x); free(b->xb); free(b->xb2); free(b->q); free(b->k); free(b->v); free(b->att);
-    free(b->hb); free(b->hb2); free(b->rope_cos); free(b->rope_sin); free(b->scratch);
+    free(b->hb); free(b->hb2); free(b->rope_cos); free(b->rope_sin); free(b->scratch); free(b->xq);
     free(b->cells); free(b->positions); free(b->sep_floor); free(b->visible); free(b->delta_cos); free(b->delta_sin);
     memset(b, 0, sizeof *b);
 }

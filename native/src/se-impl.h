@@ -34,19 +34,49 @@ enum se_type {
     SE_TYPE_COUNT = 42,
 };
 
+// Activations as the fast dot products take them: float, or quantized to 8 bits per value in
+// blocks of 32 (the integer dot products of llama.cpp's Q8_0 path; f32 scale, sum kept for offsets).
+enum se_act {
+    SE_ACT_F32 = 0,
+    SE_ACT_Q8  = 1,
+};
+
+typedef struct se_block_q8 {
+    float   d;          // value = d * q
+    int32_t sum;        // sum of qs: corrects Q4_0's -8 and applies Q4_1's min
+    int8_t  qs[32];
+} se_block_q8;
+
 typedef struct se_type_traits {
     const char * name;
     int32_t block;      // values per block; 0 for ids that are not a ggml type
     int32_t size;       // bytes per block
     // kernels; NULL for types the core cannot run
     void  (*to_float)(const void * src, float * dst, int64_t n);       // n: a multiple of block
-    float (*dot)(const void * row, const float * x, int64_t n);        // row (quantized) . x (float)
+    float (*dot)(const void * row, const float * x, int64_t n);        // row . x in float: the exact path
+    int32_t act;                                                        // se_act that vec_dot takes
+    float (*vec_dot)(const void * row, const void * act, int64_t n);   // row . activations: the fast path
 } se_type_traits;
+
+// Kernels without a tensor type, chosen for the CPU at init like the vec_dots.
+typedef struct se_kernels {
+    void  (*quantize_q8)(const float * x, se_block_q8 * out, int64_t n);   // n: a multiple of 32
+    float (*dot_f32)(const float * a, const float * b, int64_t n);
+    float (*dot_f16)(const uint16_t * a, const float * b, int64_t n);
+    void  (*axpy_f32)(float * y, float a, const float * x, int64_t n);      // y += a x
+    void  (*axpy_f16)(float * y, float a, const uint16_t * x, int64_t n);
+} se_kernels;
+
+extern se_kernels se_kern;
 
 const se_type_traits * se_type_get(int32_t type);  // NULL for unknown ids
 float se_fp16_to_fp32(uint16_t h);
 uint16_t se_fp32_to_fp16(float f);
 void se_quants_init(void);
+size_t se_act_row_bytes(int32_t act, int64_t n);
+// x86-64 with AVX2, FMA and F16C (se-quants-avx2.c): replaces the portable kernels
+bool se_cpu_has_avx2(void);
+void se_quants_use_avx2(se_type_traits * types, se_kernels * k);
 
 // ---------------------------------------------------------------------------------------------
 // GGUF
@@ -264,7 +294,8 @@ typedef struct se_buffers {   // activations for up to n_batch tokens
     float * hb2;              // (n_batch, n_ff)
     float * rope_cos;         // (n_batch, head_dim / 2)
     float * rope_sin;         // (n_batch, head_dim / 2)
-    float * scratch;          // (n_threads, max(n_cells, n_embd, n_ff)) per-thread rows and scores
+    void * xq;                // (n_batch, widest row / 32) activations quantized for a matrix product
+    float * scratch;          // (n_threads, max(n_cells + head_dim, n_embd, n_ff)) per-thread rows and scores
     int64_t scratch_stride;
     int32_t * cells;          // (n_batch) cache cells of the tokens being processed
     int32_t * positions;      // (n_batch)

@@ -1,13 +1,16 @@
 // Tensor types: block layouts (GGUF.md §7), dequantization, and dot products of a weight row with
-// float activations.
+// activations.
 //
-// The dot products here are plain C that the compiler can vectorize: they compute exactly
-// sum_j dequant(w)_j * x_j in float, which is what the torch reference computes on dequantized
-// weights. Integer dot products against quantized activations are a later, faster path.
+// Two paths: `dot` computes sum_j dequant(w)_j * x_j in float, exactly what the torch reference
+// computes on dequantized weights; `vec_dot` is the fast path the forward pass uses, which for
+// quantized weights first quantizes the activations to 8 bits per value (as llama.cpp does) and
+// sums integer products per block. The portable C versions here define both; se-quants-avx2.c
+// replaces them with SIMD versions on CPUs that have AVX2.
 #include "se-impl.h"
 
 #include <math.h>
 #include <pthread.h>
+#include <stdlib.h>
 #include <string.h>
 
 typedef struct { uint16_t d; int8_t qs[32]; } block_q8_0;             // 34 bytes
@@ -74,13 +77,7 @@ static float bf16_to_fp32(uint16_t h) {
     return f;
 }
 
-static pthread_once_t init_once = PTHREAD_ONCE_INIT;
 
-static void init_tables(void) {
-    for (uint32_t i = 0; i < (1u << 16); i++) fp16_table[i] = fp16_to_fp32_slow((uint16_t) i);
-}
-
-void se_quants_init(void) { pthread_once(&init_once, init_tables); }
 
 // ---------------------------------------------------------------------------------------------
 // dequantization
@@ -213,16 +210,90 @@ static float dot_q4_1(const void * row, const float * x, int64_t n) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// the fast path, portable: 8-bit activations and integer sums per block
+
+static void quantize_q8(const float * x, se_block_q8 * out, int64_t n) {
+    for (int64_t i = 0; i < n / 32; i++, x += 32, out++) {
+        float amax = 0;
+        for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(x[j]));
+        const float d = amax / 127, id = d != 0 ? 1 / d : 0;
+        int32_t sum = 0;
+        for (int j = 0; j < 32; j++) {
+            out->qs[j] = (int8_t) nearbyintf(x[j] * id);  // to nearest even, as the SIMD conversion
+            sum += out->qs[j];
+        }
+        out->d = d;
+        out->sum = sum;
+    }
+}
+
+static float vec_dot_q8_0(const void * row, const void * act, int64_t n) {
+    const block_q8_0 * b = row;
+    const se_block_q8 * a = act;
+    float acc = 0;
+    for (int64_t i = 0; i < n / 32; i++) {
+        int32_t s = 0;
+        for (int j = 0; j < 32; j++) s += b[i].qs[j] * a[i].qs[j];
+        acc += fp16_table[b[i].d] * a[i].d * (float) s;
+    }
+    return acc;
+}
+
+static float vec_dot_q4_0(const void * row, const void * act, int64_t n) {
+    const block_q4_0 * b = row;
+    const se_block_q8 * a = act;
+    float acc = 0;
+    for (int64_t i = 0; i < n / 32; i++) {
+        int32_t s = 0;
+        for (int j = 0; j < 16; j++) s += (b[i].qs[j] & 0xf) * a[i].qs[j] + (b[i].qs[j] >> 4) * a[i].qs[j + 16];
+        acc += fp16_table[b[i].d] * a[i].d * (float) (s - 8 * a[i].sum);  // the codes are q + 8
+    }
+    return acc;
+}
+
+static float vec_dot_q4_1(const void * row, const void * act, int64_t n) {
+    const block_q4_1 * b = row;
+    const se_block_q8 * a = act;
+    float acc = 0;
+    for (int64_t i = 0; i < n / 32; i++) {
+        int32_t s = 0;
+        for (int j = 0; j < 16; j++) s += (b[i].qs[j] & 0xf) * a[i].qs[j] + (b[i].qs[j] >> 4) * a[i].qs[j + 16];
+        acc += fp16_table[b[i].d] * a[i].d * (float) s + fp16_table[b[i].m] * a[i].d * (float) a[i].sum;
+    }
+    return acc;
+}
+
+// float activations: the fast path is the exact one
+static float vec_dot_f32(const void * row, const void * act, int64_t n) { return dot_f32(row, act, n); }
+static float vec_dot_f16(const void * row, const void * act, int64_t n) { return dot_f16(row, act, n); }
+static float vec_dot_bf16(const void * row, const void * act, int64_t n) { return dot_bf16(row, act, n); }
+
+static float plain_dot_f32(const float * a, const float * b, int64_t n) { return dot_f32(a, b, n); }
+static float plain_dot_f16(const uint16_t * a, const float * b, int64_t n) { return dot_f16(a, b, n); }
+
+static void axpy_f32(float * y, float a, const float * x, int64_t n) {
+    for (int64_t i = 0; i < n; i++) y[i] += a * x[i];
+}
+
+static void axpy_f16(float * y, float a, const uint16_t * x, int64_t n) {
+    for (int64_t i = 0; i < n; i++) y[i] += a * fp16_table[x[i]];
+}
+
+size_t se_act_row_bytes(int32_t act, int64_t n) {
+    return act == SE_ACT_Q8 ? (size_t) (n / 32) * sizeof(se_block_q8) : (size_t) n * sizeof(float);
+}
+
+// ---------------------------------------------------------------------------------------------
 // the type table: every ggml type id with its block size, kernels where the core has them
 
-static const se_type_traits types[SE_TYPE_COUNT] = {
-    [SE_TYPE_F32]  = {"F32", 1, 4, f32_to_float, dot_f32},
-    [SE_TYPE_F16]  = {"F16", 1, 2, f16_to_float, dot_f16},
-    [SE_TYPE_Q4_0] = {"Q4_0", 32, 18, q4_0_to_float, dot_q4_0},
-    [SE_TYPE_Q4_1] = {"Q4_1", 32, 20, q4_1_to_float, dot_q4_1},
+static se_type_traits types[SE_TYPE_COUNT] = {
+    [SE_TYPE_F32]  = {"F32", 1, 4, f32_to_float, dot_f32, SE_ACT_F32, vec_dot_f32},
+    [SE_TYPE_F16]  = {"F16", 1, 2, f16_to_float, dot_f16, SE_ACT_F32, vec_dot_f16},
+    [SE_TYPE_Q4_0] = {"Q4_0", 32, 18, q4_0_to_float, dot_q4_0, SE_ACT_Q8, vec_dot_q4_0},
+    [SE_TYPE_Q4_1] = {"Q4_1", 32, 20, q4_1_to_float, dot_q4_1, SE_ACT_Q8, vec_dot_q4_1},
     [6]  = {"Q5_0", 32, 22, NULL, NULL},
     [7]  = {"Q5_1", 32, 24, NULL, NULL},
-    [SE_TYPE_Q8_0] = {"Q8_0", 32, 34, q8_0_to_float, dot_q8_0},
+    [SE_TYPE_Q8_0] = {"Q8_0", 32, 34, q8_0_to_float, dot_q8_0, SE_ACT_Q8, vec_dot_q8_0},
     [9]  = {"Q8_1", 32, 36, NULL, NULL},
     [10] = {"Q2_K", 256, 84, NULL, NULL},
     [11] = {"Q3_K", 256, 110, NULL, NULL},
@@ -244,7 +315,7 @@ static const se_type_traits types[SE_TYPE_COUNT] = {
     [27] = {"I64", 1, 8, NULL, NULL},
     [28] = {"F64", 1, 8, NULL, NULL},
     [29] = {"IQ1_M", 256, 56, NULL, NULL},
-    [SE_TYPE_BF16] = {"BF16", 1, 2, bf16_to_float, dot_bf16},
+    [SE_TYPE_BF16] = {"BF16", 1, 2, bf16_to_float, dot_bf16, SE_ACT_F32, vec_dot_bf16},
     [34] = {"TQ1_0", 256, 54, NULL, NULL},
     [35] = {"TQ2_0", 256, 66, NULL, NULL},
     [39] = {"MXFP4", 32, 17, NULL, NULL},
@@ -256,6 +327,46 @@ const se_type_traits * se_type_get(int32_t type) {
     if (type < 0 || type >= SE_TYPE_COUNT || types[type].block == 0) return NULL;
     return &types[type];
 }
+
+// ---------------------------------------------------------------------------------------------
+// kernel selection
+
+static pthread_once_t init_once = PTHREAD_ONCE_INIT;
+
+se_kernels se_kern = {quantize_q8, plain_dot_f32, plain_dot_f16, axpy_f32, axpy_f16};
+
+bool se_cpu_has_avx2(void) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+    __builtin_cpu_init();  // also checks that the OS saves the AVX state
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#else
+    return false;
+#endif
+}
+
+static se_type_traits portable_types[SE_TYPE_COUNT];
+static se_kernels portable_kern;
+
+// Point the kernels at the best the CPU has (simd != 0) or at the portable C (simd == 0).
+static void choose_kernels(int simd) {
+    memcpy(types, portable_types, sizeof types);
+    se_kern = portable_kern;
+#if defined(__x86_64__)
+    if (simd && se_cpu_has_avx2()) se_quants_use_avx2(types, &se_kern);
+#else
+    (void) simd;
+#endif
+}
+
+static void init_tables(void) {
+    for (uint32_t i = 0; i < (1u << 16); i++) fp16_table[i] = fp16_to_fp32_slow((uint16_t) i);
+    memcpy(portable_types, types, sizeof types);
+    portable_kern = se_kern;
+    const char * env = getenv("SEPEDGE_SIMD");
+    choose_kernels(!(env && env[0] == '0'));
+}
+
+void se_quants_init(void) { pthread_once(&init_once, init_tables); }
 
 // ---------------------------------------------------------------------------------------------
 // public kernel API (tests and tools)
@@ -293,6 +404,40 @@ SE_API int se_dot(int32_t type, const void * row, const float * x, int64_t n, fl
     int r = kernel_args(type, n, &tt);
     if (r == SE_OK) *out = tt->dot(row, x, n);
     return r;
+}
+
+SE_API int se_vec_dot(int32_t type, const void * row, const float * x, int64_t n, float * out) {
+    const se_type_traits * tt;
+    int r = kernel_args(type, n, &tt);
+    if (r != SE_OK) return r;
+    if (tt->act == SE_ACT_Q8) {
+        se_block_q8 * q = malloc(se_act_row_bytes(SE_ACT_Q8, n) + sizeof(se_block_q8));
+        if (!q) return se_error(SE_ERR_OUT_OF_MEMORY, "out of memory");
+        se_kern.quantize_q8(x, q, n);
+        *out = tt->vec_dot(row, q, n);
+        free(q);
+    } else {
+        *out = tt->vec_dot(row, x, n);
+    }
+    return SE_OK;
+}
+
+SE_API int se_quantize_act_q8(const float * x, void * out, int64_t n) {
+    se_quants_init();
+    if (n < 0 || n % 32) return se_error(SE_ERR_INVALID_ARGUMENT, "%lld values do not split into blocks of 32", (long long) n);
+    se_kern.quantize_q8(x, out, n);
+    return SE_OK;
+}
+
+SE_API const char * se_simd(void) {
+    se_quants_init();
+    return types[SE_TYPE_Q4_0].vec_dot == portable_types[SE_TYPE_Q4_0].vec_dot ? "none" : "avx2";
+}
+
+SE_API int se_set_simd(int32_t enable) {
+    se_quants_init();
+    choose_kernels(enable);
+    return SE_OK;
 }
 
 SE_API int se_fp32_to_fp16_row(const float * src, uint16_t * dst, int64_t n) {
