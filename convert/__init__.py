@@ -30,10 +30,15 @@ from .writer import OutTensor, write_gguf
 
 __all__ = ["convert", "ConvertError", "OUTTYPES"]
 
-OUTTYPES = {"f32": QT.F32, "f16": QT.F16, "bf16": QT.BF16, "q8_0": QT.Q8_0, "q4_0": QT.Q4_0, "q4_1": QT.Q4_1}
-FILE_TYPES = {QT.F32: gguf.LlamaFileType.ALL_F32, QT.F16: gguf.LlamaFileType.MOSTLY_F16,
-              QT.BF16: gguf.LlamaFileType.MOSTLY_BF16, QT.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0,
-              QT.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0, QT.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1}
+# outtype -> the type most weights get, and general.file_type
+OUTTYPES = {"f32": QT.F32, "f16": QT.F16, "bf16": QT.BF16, "q8_0": QT.Q8_0, "q4_0": QT.Q4_0, "q4_1": QT.Q4_1,
+            "q4_k_m": QT.Q4_K}
+FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+              "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+              "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
+              "q4_k_m": gguf.LlamaFileType.MOSTLY_Q4_K_M}
+# llama.cpp's replacements when a row does not split into the type's blocks (then f16)
+FALLBACK = {QT.Q4_K: QT.Q5_0, QT.Q6_K: QT.Q8_0}
 DEFAULT_OUTTYPE = "f16"
 
 # Rows are read and quantized this many values at a time (64 MiB of float32).
@@ -93,14 +98,13 @@ def convert(src: str | os.PathLike, out: str | os.PathLike | None = None, *, out
 
     if outtype == "auto":
         outtype = "f16" if sources["model.embed_tokens.weight"].dtype == "F16" else "bf16"
-    base = OUTTYPES[outtype]
-    tensors = [_out_tensor(p, sources.get(p.hf_name), _tensor_type(p, base, hp.tied)) for p in plan]
+    tensors = [_out_tensor(p, sources.get(p.hf_name), tensor_type(p.name, p.shape, outtype, hp)) for p in plan]
     out = Path(out) if out is not None else Path.cwd() / f"{hp.name}-{outtype.upper()}.gguf"
 
     def metadata(w: gguf.GGUFWriter) -> None:
         w.add_type(gguf.GGUFType.MODEL)
         w.add_name(hp.name)
-        w.add_file_type(FILE_TYPES[base])
+        w.add_file_type(FILE_TYPES[outtype])
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         arch.add_keys(w, hp)
         vocab.add_to(w)
@@ -134,16 +138,27 @@ def _check_tensors(model_dir: Path, arch: Arch, hp: HParams, plan: list[TensorPl
             raise ConvertError(f"{t.path}: tensor {name!r} has shape {list(t.shape)}, config.json implies {list(p.shape)}")
 
 
-def _tensor_type(p: TensorPlan, base: QT, tied: bool) -> QT:
-    if len(p.shape) == 1:
-        return QT.F32  # norms, biases and rope factors stay f32, as in llama.cpp
-    qtype = base
-    if base in (QT.Q4_0, QT.Q4_1) and (p.name == "output.weight" or (tied and p.name == "token_embd.weight")):
-        # llama.cpp keeps the output head at higher precision (Q6_K, or Q8_0 when rows are not
-        # a multiple of 256); until K-quants exist here it gets Q8_0
-        qtype = QT.Q8_0
-    if not quants.can_quantize(qtype, p.shape[-1]):
-        qtype = QT.F16  # rows that do not split into blocks fall back to f16, as in llama.cpp
+def _use_more_bits(i: int, n: int) -> bool:
+    """llama.cpp's choice of layers that keep attn_v and ffn_down at higher precision."""
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def tensor_type(name: str, shape: tuple[int, ...], outtype: str, hp: HParams) -> QT:
+    """The type of one tensor, following llama.cpp's choices (llama-quantize's for the quantized
+    mixes): norms, biases and rope factors stay f32; the output head (or the tied embedding) gets
+    Q6_K with the 4-bit types; q4_k_m also gives Q6_K to attn_v and ffn_down in the layers
+    use_more_bits picks; rows that do not split into blocks fall back as llama.cpp does."""
+    if len(shape) == 1:
+        return QT.F32
+    qtype = OUTTYPES[outtype]
+    head = name == "output.weight" or (hp.tied and name == "token_embd.weight")
+    if head and qtype in (QT.Q4_0, QT.Q4_1, QT.Q4_K):
+        qtype = QT.Q6_K
+    elif outtype == "q4_k_m" and name.endswith(("attn_v.weight", "ffn_down.weight")):
+        if _use_more_bits(int(name.split(".")[1]), hp.n_layer):
+            qtype = QT.Q6_K
+    while not quants.can_quantize(qtype, shape[-1]):
+        qtype = FALLBACK.get(qtype, QT.F16)
     return qtype
 
 

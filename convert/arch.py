@@ -67,7 +67,7 @@ class Arch:
             raise ConvertError(f"{where}: head_dim {head_dim} must be even for RoPE")
         if config.get("hidden_act", "silu") != "silu":
             raise ConvertError(f"{where}: hidden_act {config['hidden_act']!r} is not supported (llama uses 'silu')")
-        if not self.qkv_bias and (config.get("attention_bias") or config.get("mlp_bias")):
+        if (not self.qkv_bias and config.get("attention_bias")) or config.get("mlp_bias"):
             raise ConvertError(f"{where}: attention_bias / mlp_bias are not supported for {self.name}")
         rope = dict(config.get("rope_parameters") or {})  # transformers >= 5 nests the RoPE settings
         rope_theta = float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
@@ -170,7 +170,9 @@ def permute_rows(rows: np.ndarray, n_heads_in_chunk: int) -> np.ndarray:
 
 
 LLAMA = Arch("llama", ("LlamaForCausalLM",), permute_qk=True, qkv_bias=False)
-ARCHES = [LLAMA]
+# Qwen2 / Qwen2.5: llama plus Q/K/V biases; rotate-half (NEOX) RoPE, so rows stay in HF order
+QWEN2 = Arch("qwen2", ("Qwen2ForCausalLM",), permute_qk=False, qkv_bias=True)
+ARCHES = [LLAMA, QWEN2]
 
 
 def find_arch(config: dict, where: str) -> Arch:

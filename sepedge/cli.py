@@ -236,6 +236,31 @@ def _reply(llm, history: list, text: str, max_tokens, sampling: dict, seed) -> N
 
 
 @main.command()
+@click.argument("model", required=False, type=click.Path(dir_okay=False))
+@click.option("-p", "--n-prompt", type=int, default=512, show_default=True, help="Prompt tokens (pp test; 0 = skip).")
+@click.option("-n", "--n-gen", type=int, default=128, show_default=True, help="Generated tokens (tg test; 0 = skip).")
+@click.option("-d", "--depth", type=int, default=0, show_default=True, help="Tokens of history before each test.")
+@click.option("-r", "--repetitions", type=int, default=5, show_default=True)
+@click.option("-t", "--threads", "n_threads", type=int, default=None, help="CPU threads [default: one per core].")
+@cache_options("full")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
+def bench(model, n_prompt, n_gen, depth, repetitions, n_threads, as_json, **cache):
+    """Prompt processing (pp) and generation (tg) speed of MODEL, as llama-bench measures them."""
+    from .bench import bench as run
+    from .bench import format_table
+    if cache["kv_mode"] == "full" and not cache["n_ctx"]:
+        cache["n_ctx"] = depth + max(n_prompt, n_gen, 1) + 16
+    llm = _engine(model, n_threads, cache)
+    try:
+        rows = run(llm, n_prompt, n_gen, depth, repetitions)
+        click.echo(json.dumps(rows, indent=2) if as_json else format_table(llm, rows, n_threads))
+    except SepedgeError as e:
+        _fail(e)
+    finally:
+        llm.close()
+
+
+@main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.argument("textfile", type=click.Path(exists=True, dir_okay=False))
 @cache_options("full")

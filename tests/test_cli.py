@@ -97,3 +97,16 @@ def test_perplexity(model, tmp_path):
     assert done.returncode != 0 and "exceed the context window of 128" in done.stderr
     done = sepedge("perplexity", model, str(text), "-c", "128", "-n", "100")
     assert done.returncode == 0 and "perplexity" in done.stdout and "full cache" in done.stdout
+
+
+def test_bench(model):
+    import json
+    done = sepedge("bench", model, "-p", "32", "-n", "8", "-r", "2", "--json")
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(done.stdout)
+    assert [r["test"] for r in rows] == ["pp32", "tg8"] and all(r["tokens_per_second"] > 0 for r in rows)
+    assert all(len(r["runs"]) == 2 for r in rows)
+    done = sepedge("bench", model, "-p", "16", "-n", "4", "-r", "1", "--kv-mode", "sepllm-stream", "--n-cache", "96",
+                   "--n-sep", "16", "--n-local", "48", "-d", "300")
+    assert done.returncode == 0, done.stderr
+    assert "pp16@d300" in done.stdout and "tg4@d300" in done.stdout and "sepllm-stream (96)" in done.stdout

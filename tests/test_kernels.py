@@ -10,7 +10,20 @@ from sepedge.convert import quants
 from sepedge.errors import InvalidArgumentError, UnsupportedError, check
 from test_quants import rng  # noqa: F401  (fixture: fresh seed per test, printed on failure)
 
-TYPES = [QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1]
+TYPES = [QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q4_K, QT.Q5_K, QT.Q6_K]
+QUANTIZED = [t for t in TYPES if gguf.GGML_QUANT_SIZES[t][0] > 1]
+# byte offsets of the f16 scale fields in each block (random bytes there could be NaN or huge)
+SCALE_FIELDS = {QT.Q8_0: [0], QT.Q4_0: [0], QT.Q4_1: [0, 2], QT.Q5_0: [0], QT.Q4_K: [0, 2], QT.Q5_K: [0, 2],
+                QT.Q6_K: [208]}
+
+
+def random_blocks(rng, qtype: QT, n_blocks: int) -> np.ndarray:
+    """Random block bytes with sane f16 scales: every code, scale byte and bit pattern occurs."""
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    b = rng.integers(0, 256, (n_blocks, size), dtype=np.uint8)
+    for off in SCALE_FIELDS[qtype]:
+        b[:, off:off + 2] = (rng.standard_normal(n_blocks) * 0.01).astype(np.float16).view(np.uint8).reshape(-1, 2)
+    return b.reshape(-1)
 # max |dot - float64 reference| relative to sum |w_j x_j|: float32 accumulation over a row
 MAX_DOT_REL_ERROR = 1e-5
 
@@ -33,7 +46,7 @@ def lengths(qtype: QT) -> list[int]:
     return [block, 3 * block, 37 * block] + ([1, 7, 33, 1001] if block == 1 else [])
 
 
-@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [t for t in TYPES if t in quants.QUANTIZERS], ids=lambda t: t.name)
 def test_dequantize_matches_gguf(rng, qtype):
     for n in lengths(qtype):
         x = (rng.standard_normal(n) * rng.choice([1e-3, 1, 50])).astype(np.float32)
@@ -42,20 +55,26 @@ def test_dequantize_matches_gguf(rng, qtype):
         np.testing.assert_array_equal(c_dequantize(data, qtype, n), expected)
 
 
-@pytest.mark.parametrize("qtype", [QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.F16, QT.BF16], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", QUANTIZED + [QT.F16, QT.BF16], ids=lambda t: t.name)
 def test_dequantize_arbitrary_bytes(rng, qtype):
     """Any bit pattern (NaN/inf scales included) decodes exactly as gguf decodes it."""
     block, size = gguf.GGML_QUANT_SIZES[qtype]
     data = rng.integers(0, 256, 64 * size, dtype=np.uint8)
     np.testing.assert_array_equal(c_dequantize(data, qtype, 64 * block),
                                   gguf.quants.dequantize(data.reshape(1, -1), qtype).reshape(-1))
+    if qtype in SCALE_FIELDS:  # and with sane scales, so that no NaN hides a wrong code
+        data = random_blocks(rng, qtype, 64)
+        np.testing.assert_array_equal(c_dequantize(data, qtype, 64 * block),
+                                      gguf.quants.dequantize(data.reshape(1, -1), qtype).reshape(-1))
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_dot_matches_float64(rng, qtype):
     for n in lengths(qtype):
-        w = rng.standard_normal(n).astype(np.float32)
-        data = quants.quantize(w.reshape(1, -1), qtype).reshape(-1)
+        if qtype in quants.QUANTIZERS:
+            data = quants.quantize(rng.standard_normal((1, n)).astype(np.float32), qtype).reshape(-1)
+        else:
+            data = random_blocks(rng, qtype, n // gguf.GGML_QUANT_SIZES[qtype][0])
         wq = gguf.quants.dequantize(data, qtype).reshape(-1).astype(np.float64)
         x = rng.standard_normal(n).astype(np.float32)
         expected = float(wq @ x.astype(np.float64))
@@ -92,7 +111,7 @@ def test_kernel_errors():
     with pytest.raises(InvalidArgumentError, match="blocks of 32"):
         c_dequantize(np.zeros(40, np.uint8), QT.Q8_0, 33)
     with pytest.raises(UnsupportedError, match="no kernels"):
-        c_dequantize(np.zeros(144, np.uint8), QT.Q4_K, 256)
+        c_dequantize(np.zeros(84, np.uint8), QT.Q2_K, 256)
 
 
 def test_type_table_matches_ggml():
@@ -111,20 +130,21 @@ def test_type_table_matches_ggml():
 # ---------------------------------------------------------------------------------------------
 # the fast path: activations quantized to 8 bits in blocks of 32, integer products per block
 
-Q8_BLOCK = np.dtype([("d", "<f4"), ("sum", "<i4"), ("qs", "i1", 32)])
+Q8_BLOCK = np.dtype([("d", "<f4"), ("s", "<f4"), ("qs", "i1", 32)])
 FAST_TYPES = [QT.Q8_0, QT.Q4_0, QT.Q4_1]
 # float32 accumulation of per-block partial sums vs the float64 sum of exact integer products
 MAX_VEC_DOT_REL_ERROR = 2e-6
 
 
 def q8_reference(x: np.ndarray) -> np.ndarray:
-    """What the activations become: d = max|x| / 127 (float32), q = round-to-even(x / d)."""
+    """What the activations become: d = max|x| / 127 (float32), q = round-to-even(x / d), s = d * sum q."""
     blocks = x.reshape(-1, 32).astype(np.float32)
     d = (np.abs(blocks).max(axis=1) / np.float32(127)).astype(np.float32)
     inv = np.where(d == 0, np.float32(0), np.float32(1) / np.where(d == 0, 1, d)).astype(np.float32)
     q = np.rint(blocks * inv[:, None]).astype(np.int8)
     out = np.zeros(len(blocks), dtype=Q8_BLOCK)
-    out["d"], out["qs"], out["sum"] = d, q, q.astype(np.int32).sum(axis=1)
+    out["d"], out["qs"] = d, q
+    out["s"] = (d * q.astype(np.int32).sum(axis=1).astype(np.float32)).astype(np.float32)
     return out
 
 
@@ -158,7 +178,24 @@ def test_activation_quantization_is_exact(rng, simd):
         ref = q8_reference(x)
         np.testing.assert_array_equal(out["qs"], ref["qs"])
         np.testing.assert_array_equal(out["d"], ref["d"])
-        np.testing.assert_array_equal(out["sum"], ref["sum"])
+        np.testing.assert_array_equal(out["s"], ref["s"])
+
+
+@pytest.mark.parametrize("qtype", [t for t in QUANTIZED if t not in FAST_TYPES], ids=lambda t: t.name)
+def test_vec_dot_equals_the_dot_of_dequantized_codes(rng, simd, qtype):
+    """For every quantized type: the dot of the dequantized weights with the dequantized 8-bit
+    activations, in float64."""
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    for n_blocks in (1, 3, 17):
+        n = n_blocks * block
+        data = random_blocks(rng, qtype, n_blocks)
+        w = gguf.quants.dequantize(data, qtype).reshape(-1).astype(np.float64)
+        x = rng.standard_normal(n).astype(np.float32)
+        a = q8_reference(x)
+        xq = (a["d"][:, None].astype(np.float64) * a["qs"]).reshape(-1)
+        out = ffi.new("float *")
+        check(lib.se_vec_dot(int(qtype), ffi.from_buffer(data), ffi.from_buffer("float[]", x), n, out))
+        assert abs(out[0] - w @ xq) <= MAX_VEC_DOT_REL_ERROR * np.abs(w * xq).sum(), (n, simd)
 
 
 @pytest.mark.parametrize("qtype", FAST_TYPES, ids=lambda t: t.name)
@@ -170,11 +207,11 @@ def test_vec_dot_is_the_integer_dot(rng, simd, qtype):
         a = q8_reference(x)
         d, m, codes = weight_codes(data, qtype, n)
         per_block = (codes * a["qs"].astype(np.int64)).sum(axis=1)  # exact integers
-        expected = (d * a["d"] * per_block).sum() + (0 if m is None else (m * a["d"] * a["sum"]).sum())
+        expected = (d * a["d"] * per_block).sum() + (0 if m is None else (m * a["s"]).sum())
         out = ffi.new("float *")
         check(lib.se_vec_dot(int(qtype), ffi.from_buffer(data), ffi.from_buffer("float[]", x), n, out))
         scale = (np.abs(d * a["d"] * np.abs(codes * a["qs"]).sum(axis=1)).sum()
-                 + (0 if m is None else np.abs(m * a["d"] * a["sum"]).sum()))
+                 + (0 if m is None else np.abs(m * a["s"]).sum()))
         assert abs(out[0] - expected) <= MAX_VEC_DOT_REL_ERROR * scale, (n, simd)
 
 

@@ -168,8 +168,8 @@ def test_unsupported_tensor_type(base, tmp_path):
     t = next(t for t in d.tensors if t[0] == "blk.0.ffn_gate.weight")
     n_rows, n_cols = t[1][1], t[1][0]
     t[1] = [n_cols, n_rows]
-    t[2], t[3] = int(gguf.GGMLQuantizationType.Q5_0), bytes(n_rows * n_cols // 32 * 22)
-    expect(d, tmp_path, UnsupportedError, match="type Q5_0, which sepedge cannot run")
+    t[2], t[3] = int(gguf.GGMLQuantizationType.Q5_1), bytes(n_rows * n_cols // 32 * 24)
+    expect(d, tmp_path, UnsupportedError, match="type Q5_1, which sepedge cannot run")
 
 
 def test_bad_alignment(base, tmp_path):

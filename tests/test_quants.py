@@ -9,11 +9,13 @@ from gguf import GGMLQuantizationType as QT
 
 from sepedge.convert import quants
 
-TYPES = [QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1]
+TYPES = [QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0]  # those gguf can quantize too
+K_TYPES = [QT.Q4_K, QT.Q5_K, QT.Q6_K]
 
 # relative RMS error of quantize -> dequantize on standard normal data (measured: f16 2.1e-4,
-# bf16 1.7e-3, q8_0 5.4e-3, q4_0 8.6e-2, q4_1 7.8e-2)
-MAX_REL_RMS_ERROR = {QT.F32: 0.0, QT.F16: 3e-4, QT.BF16: 2.5e-3, QT.Q8_0: 7e-3, QT.Q4_0: 0.11, QT.Q4_1: 0.10}
+# bf16 1.7e-3, q8_0 5.4e-3, q4_0 8.6e-2, q4_1 7.8e-2, q5_0 4.3e-2, q4_k 7.2e-2, q5_k 3.6e-2, q6_k 1.8e-2)
+MAX_REL_RMS_ERROR = {QT.F32: 0.0, QT.F16: 3e-4, QT.BF16: 2.5e-3, QT.Q8_0: 7e-3, QT.Q4_0: 0.11, QT.Q4_1: 0.10,
+                     QT.Q5_0: 0.055, QT.Q4_K: 0.085, QT.Q5_K: 0.045, QT.Q6_K: 0.022}
 
 
 @pytest.fixture
@@ -55,7 +57,7 @@ def test_bit_identical_to_gguf(rng, qtype, shape):
     assert bad_rows.size == 0, f"{qtype.name}: {bad_rows.size} rows differ, first {bad_rows[:5]}"
 
 
-@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", TYPES + K_TYPES, ids=lambda t: t.name)
 def test_error_bound(rng, qtype):
     x = rng.standard_normal((64, 1024)).astype(np.float32)
     back = gguf.quants.dequantize(quants.quantize(x, qtype), qtype).reshape(x.shape)
@@ -67,6 +69,20 @@ def test_bf16_keeps_nan_and_inf():
     x = np.array([[np.nan, -np.inf, np.inf, 1.0] * 8], dtype=np.float32)
     back = gguf.quants.dequantize(quants.quantize(x, QT.BF16), QT.BF16)
     assert np.isnan(back[0, 0]) and back[0, 1] == -np.inf and back[0, 2] == np.inf and back[0, 3] == 1.0
+
+
+@pytest.mark.parametrize("qtype", K_TYPES, ids=lambda t: t.name)
+def test_k_quants_handle_hard_blocks(rng, qtype):
+    """Zeros, constants, one outlier, huge and tiny values: finite codes, error within bounds."""
+    x = tricky_rows(rng, 4, 512)
+    x[1, :256] = 0.0
+    x[2, :256] = 3.0
+    back = gguf.quants.dequantize(quants.quantize(x, qtype), qtype).reshape(x.shape)
+    assert np.isfinite(back).all()
+    assert np.array_equal(back[1, :256], x[1, :256])
+    normal = slice(3, 4)  # an untouched row of normal values
+    rel = np.sqrt(np.mean((back[normal] - x[normal]) ** 2) / np.mean(x[normal] ** 2))
+    assert rel <= MAX_REL_RMS_ERROR[qtype]
 
 
 @pytest.mark.parametrize("qtype", [QT.Q8_0, QT.Q4_0, QT.Q4_1], ids=lambda t: t.name)

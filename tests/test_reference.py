@@ -36,10 +36,11 @@ def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
 def test_matches_transformers(tiny_dirs, tokens, spec):
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     d = tiny_dirs(spec.name)
-    hf = LlamaForCausalLM.from_pretrained(d, dtype=torch.float32, attn_implementation="eager").eval()
+    hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, attn_implementation="eager").eval()
+    assert type(hf).__name__ == ("Qwen2ForCausalLM" if spec.arch == "qwen2" else "LlamaForCausalLM")
     ours = Transformer.from_hf(d, dtype=torch.float32)
     t = tokens(spec.n_vocab)
     with torch.no_grad():

@@ -219,6 +219,18 @@ SE_API int se_quantize_act_q8(const float * x, void * out, int64_t n);
 SE_API const char * se_simd(void);
 SE_API int se_set_simd(int32_t enable);
 
+// ---------------------------------------------------------------------------------------------
+// CUDA. Builds without the CUDA backend return SE_ERR_BACKEND from these.
+
+// Number of usable CUDA GPUs (0, with SE_OK, where there is no GPU or no driver).
+SE_API int se_cuda_device_count(int32_t * count);
+// The CUDA kernels of the matrix products, for tests and tools: out (n, rows) = x (n, cols) . W^T
+// with W as GGUF bytes of `type`. path 0: what the forward pass runs (n == 1: the decode kernels,
+// with 8-bit activations and dp4a where the type has them; n > 1: the tensor-core kernel);
+// path 1: the decode kernel that dequantizes in registers against float activations, per token.
+SE_API int se_cuda_mul_mat(int32_t type, const void * w, int64_t rows, int64_t cols, const float * x, int32_t n,
+                           float * out, int32_t path);
+
 #ifdef __cplusplus
 }
 #endif

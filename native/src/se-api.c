@@ -47,14 +47,19 @@ int se_model_load(const char * path, const se_model_params * params, se_model **
     *out = NULL;
     if (!path) return se_error(SE_ERR_INVALID_ARGUMENT, "se_model_load: path is NULL");
     se_model_params p = params ? *params : se_model_default_params();
+#ifndef SE_CUDA
     if (p.device == SE_DEVICE_CUDA) return se_error(SE_ERR_BACKEND, "this build of sepedge has no CUDA backend");
-    if (p.device != SE_DEVICE_CPU) return se_error(SE_ERR_INVALID_ARGUMENT, "unknown device %d", p.device);
+#endif
+    if (p.device != SE_DEVICE_CPU && p.device != SE_DEVICE_CUDA) return se_error(SE_ERR_INVALID_ARGUMENT, "unknown device %d", p.device);
     se_quants_init();
     se_model * m = calloc(1, sizeof *m);
     if (!m) return se_error(SE_ERR_OUT_OF_MEMORY, "out of memory");
     m->device = p.device;
     int r = se_gguf_open(path, &m->gguf);
     if (r == SE_OK) r = se_model_build(m);
+#ifdef SE_CUDA
+    if (r == SE_OK && m->device == SE_DEVICE_CUDA) r = se_cuda_model_upload(m);
+#endif
     if (r != SE_OK) {
         se_model_free(m);
         return r;
@@ -65,6 +70,9 @@ int se_model_load(const char * path, const se_model_params * params, se_model **
 
 void se_model_free(se_model * m) {
     if (!m) return;
+#ifdef SE_CUDA
+    se_cuda_model_free(m);
+#endif
     se_model_release(m);
     free(m);
 }
@@ -196,7 +204,11 @@ int se_context_new(se_model * m, const se_context_params * params, se_context **
     if (!ctx) return se_error(SE_ERR_OUT_OF_MEMORY, "out of memory");
     ctx->model = m;
     ctx->params = p;
+#ifdef SE_CUDA
+    ctx->backend = m->device == SE_DEVICE_CUDA ? &se_backend_cuda : &se_backend_cpu;
+#else
     ctx->backend = &se_backend_cpu;
+#endif
     ctx->pool = se_pool_new(p.n_threads);
     r = ctx->pool ? SE_OK : se_error(SE_ERR_OUT_OF_MEMORY, "cannot start %d threads", p.n_threads);
     if (r == SE_OK) r = se_kv_init(&ctx->kv, &m->hp, &cfg);
@@ -243,8 +255,9 @@ int se_decode(se_context * ctx, const int32_t * tokens, int32_t n, float * logit
         // the wanted logits are those of tokens [n - n_logits, n); this chunk holds [s, s + chunk)
         const int32_t first = n - n_logits > s ? n - n_logits : s;
         const int32_t n_out = first < s + chunk ? s + chunk - first : 0;
-        ctx->backend->forward(ctx, tokens + s, chunk, n_out ? logits + (int64_t) (first - (n - n_logits)) * hp->n_vocab : NULL,
-                              n_out);
+        r = ctx->backend->forward(ctx, tokens + s, chunk, n_out ? logits + (int64_t) (first - (n - n_logits)) * hp->n_vocab : NULL,
+                                  n_out);
+        if (r != SE_OK) return r;
         for (int32_t t = 0; t < chunk; t++) kv->sum_visible += b->visible[t];
         s += chunk;
     }
@@ -293,3 +306,15 @@ int se_cache_get_cells(const se_context * ctx, int32_t * tokens, int32_t * posit
     }
     return SE_OK;
 }
+
+#ifndef SE_CUDA
+int se_cuda_device_count(int32_t * count) {
+    if (count) *count = 0;
+    return se_error(SE_ERR_BACKEND, "this build of sepedge has no CUDA backend");
+}
+
+int se_cuda_mul_mat(int32_t type, const void * w, int64_t rows, int64_t cols, const float * x, int32_t n, float * out,
+                    int32_t path) {
+    return se_error(SE_ERR_BACKEND, "this build of sepedge has no CUDA backend");
+}
+#endif

@@ -62,7 +62,15 @@ static void matmul_task(void * p, int ith, int nth) {
             const int64_t row = r - base;
             const uint8_t * wrow = w->data + (uint64_t) row * w->row_bytes;
             const float bias = o->bias ? o->bias[row] : 0.0f;
-            for (int32_t t = 0; t < j->n; t++) {
+            int32_t t = 0;
+            if (tt->vec_dot4) {
+                for (; t + 4 <= j->n; t += 4) {
+                    float v[4];
+                    tt->vec_dot4(wrow, (const char *) act + t * stride, stride, j->cols, v);
+                    for (int k = 0; k < 4; k++) o->out[(t + k) * w->rows + row] = v[k] + bias;
+                }
+            }
+            for (; t < j->n; t++) {
                 o->out[t * w->rows + row] = tt->vec_dot(wrow, (const char *) act + t * stride, j->cols) + bias;
             }
         }
@@ -174,97 +182,99 @@ static void store_kv(se_context * ctx, int32_t il, const float * k, const float 
 // ---------------------------------------------------------------------------------------------
 // attention: every (token, head) pair against the live cells it may see
 
+// A cell's key or value row of one KV head as float: converted from f16 into `tmp`, or in place.
+static const float * kv_floats(const se_kv_cache * kv, const void * row, float * tmp, int32_t d) {
+    if (kv->kv_type == SE_KV_F32) return row;
+    se_kern.f16_to_f32(row, tmp, d);
+    return tmp;
+}
+
+// One work item: token t against one KV head, for `nh` of the query heads that share it (GQA), so
+// every key and value row is read and converted once for all of them.
+static void attend(se_context * ctx, int32_t il, int32_t t, int32_t h0, int32_t nh, float * scratch) {
+    const se_hparams * hp = &ctx->model->hp;
+    const se_kv_cache * kv = &ctx->kv;
+    const se_buffers * b = &ctx->buf;
+    const int32_t d = hp->head_dim, half = d / 2, n = kv->n_live;
+    const size_t esize = kv->kv_type == SE_KV_F16 ? 2 : 4;
+    const int64_t off = (int64_t) (h0 / (hp->n_head / hp->n_head_kv)) * d;  // the KV head of these heads
+    const float scale = 1.0f / sqrtf((float) d);
+    const int64_t pos = b->positions[t];
+    float * scores = scratch;                 // (nh, n_live)
+    float * row = scratch + (int64_t) nh * n; // (d) a key or value as float
+    float * rot = row + d;                    // (d) a key rotated by its cell's delta
+    float max[8];
+    for (int32_t k = 0; k < nh; k++) max[k] = -INFINITY;
+    int32_t n_visible = 0;
+    for (int32_t i = 0; i < n; i++) {
+        const int32_t cell = kv->live[i];
+        const se_kv_cell * c = &kv->m.cells[cell];
+        if (!se_kv_visible(kv, c, pos, b->sep_floor[t])) {
+            for (int32_t k = 0; k < nh; k++) scores[k * n + i] = -INFINITY;
+            continue;
+        }
+        const float * key = kv_floats(kv, (const char *) se_kv_k(kv, il, cell) + off * esize, row, d);
+        if (c->delta != 0) {
+            memcpy(rot, key, (size_t) d * sizeof(float));
+            rotate(rot, b->delta_cos + (int64_t) cell * half, b->delta_sin + (int64_t) cell * half, d, hp->rope_type);
+            key = rot;
+        }
+        for (int32_t k = 0; k < nh; k++) {
+            const float s = se_kern.dot_f32(key, b->q + ((int64_t) t * hp->n_head + h0 + k) * d, d) * scale;
+            scores[k * n + i] = s;
+            if (s > max[k]) max[k] = s;
+        }
+        n_visible++;
+    }
+    if (il == 0 && h0 == 0) b->visible[t] = n_visible;
+    float inv[8];
+    for (int32_t k = 0; k < nh; k++) {
+        float sum = 0;
+        for (int32_t i = 0; i < n; i++) {
+            const float s = scores[k * n + i];
+            scores[k * n + i] = s == -INFINITY ? 0 : expf(s - max[k]);
+            sum += scores[k * n + i];
+        }
+        inv[k] = 1 / sum;
+        memset(b->att + ((int64_t) t * hp->n_head + h0 + k) * d, 0, (size_t) d * sizeof(float));
+    }
+    for (int32_t i = 0; i < n; i++) {
+        if (!se_kv_visible(kv, &kv->m.cells[kv->live[i]], pos, b->sep_floor[t])) continue;
+        const float * value = kv_floats(kv, (const char *) se_kv_v(kv, il, kv->live[i]) + off * esize, row, d);
+        for (int32_t k = 0; k < nh; k++) {
+            se_kern.axpy_f32(b->att + ((int64_t) t * hp->n_head + h0 + k) * d, scores[k * n + i] * inv[k], value, d);
+        }
+    }
+}
+
 typedef struct attention_job {
     se_context * ctx;
     int32_t il;
     int32_t n;
+    int32_t nh;               // query heads per work item
 } attention_job;
-
-static void kv_row(const se_kv_cache * kv, const void * row, float * out, int32_t d) {
-    if (kv->kv_type == SE_KV_F16) {
-        const uint16_t * h = row;
-        for (int32_t i = 0; i < d; i++) out[i] = se_fp16_to_fp32(h[i]);
-    } else {
-        memcpy(out, row, (size_t) d * sizeof(float));
-    }
-}
-
-static float kv_dot(const se_kv_cache * kv, const void * row, const float * q, int32_t d) {
-    return kv->kv_type == SE_KV_F16 ? se_kern.dot_f16(row, q, d) : se_kern.dot_f32(row, q, d);
-}
-
-static void kv_axpy(const se_kv_cache * kv, float * out, float a, const void * row, int32_t d) {
-    if (kv->kv_type == SE_KV_F16) {
-        se_kern.axpy_f16(out, a, row, d);
-    } else {
-        se_kern.axpy_f32(out, a, row, d);
-    }
-}
-
-// Whether the query at position p (the chunk's t-th token) attends to cell c.
-static bool visible(const se_kv_cache * kv, const se_kv_cell * c, int64_t p, int64_t sep_floor) {
-    if ((int64_t) c->pos + c->delta > p) return false;  // causal, in the positions the cell acts at
-    if (kv->cfg.mode != SE_KV_MODE_SEPLLM) return true;  // the other modes keep only what is seen
-    // training-free SepLLM within a chunk: tokens the window left are masked until evicted
-    return c->region == SE_REGION_INIT || c->pos > p - kv->cfg.n_local || (c->sep_seq >= 0 && c->sep_seq >= sep_floor);
-}
 
 static void attention_task(void * p, int ith, int nth) {
     const attention_job * j = p;
-    se_context * ctx = j->ctx;
-    const se_hparams * hp = &ctx->model->hp;
-    const se_kv_cache * kv = &ctx->kv;
-    const se_buffers * b = &ctx->buf;
-    const int32_t d = hp->head_dim, half = d / 2, group = hp->n_head / hp->n_head_kv;
-    const size_t esize = kv->kv_type == SE_KV_F16 ? 2 : 4;
-    const float scale = 1.0f / sqrtf((float) d);
-    float * scores = b->scratch + (int64_t) ith * b->scratch_stride;
-    float * krot = scores + kv->cfg.n_cells;  // a key read with a delta, rotated
-    const int64_t n_items = (int64_t) j->n * hp->n_head;
+    const se_hparams * hp = &j->ctx->model->hp;
+    float * scratch = j->ctx->buf.scratch + (int64_t) ith * j->ctx->buf.scratch_stride;
+    const int64_t per_token = hp->n_head / j->nh, n_items = (int64_t) j->n * per_token;
     for (int64_t item = n_items * ith / nth; item < n_items * (ith + 1) / nth; item++) {
-        const int32_t t = (int32_t) (item / hp->n_head), h = (int32_t) (item % hp->n_head);
-        const int64_t pos = b->positions[t];
-        const float * q = b->q + ((int64_t) t * hp->n_head + h) * d;
-        const int64_t off = (int64_t) (h / group) * d;  // GQA: query head h reads KV head h / group
-        float max = -INFINITY;
-        int32_t n_visible = 0;
-        for (int32_t i = 0; i < kv->n_live; i++) {
-            const int32_t cell = kv->live[i];
-            const se_kv_cell * c = &kv->m.cells[cell];
-            if (!visible(kv, c, pos, b->sep_floor[t])) {
-                scores[i] = -INFINITY;
-                continue;
-            }
-            const void * krow = (const char *) se_kv_k(kv, j->il, cell) + off * esize;
-            if (c->delta != 0) {
-                kv_row(kv, krow, krot, d);
-                rotate(krot, b->delta_cos + (int64_t) cell * half, b->delta_sin + (int64_t) cell * half, d, hp->rope_type);
-                scores[i] = se_kern.dot_f32(krot, q, d) * scale;
-            } else {
-                scores[i] = kv_dot(kv, krow, q, d) * scale;
-            }
-            if (scores[i] > max) max = scores[i];
-            n_visible++;
-        }
-        if (j->il == 0 && h == 0) b->visible[t] = n_visible;
-        float sum = 0;
-        for (int32_t i = 0; i < kv->n_live; i++) {
-            scores[i] = scores[i] == -INFINITY ? 0 : expf(scores[i] - max);
-            sum += scores[i];
-        }
-        float * out = b->att + ((int64_t) t * hp->n_head + h) * d;
-        memset(out, 0, (size_t) d * sizeof(float));
-        for (int32_t i = 0; i < kv->n_live; i++) {
-            if (scores[i] == 0) continue;
-            const void * vrow = (const char *) se_kv_v(kv, j->il, kv->live[i]) + off * esize;
-            kv_axpy(kv, out, scores[i] / sum, vrow, d);
-        }
+        attend(j->ctx, j->il, (int32_t) (item / per_token), (int32_t) (item % per_token) * j->nh, j->nh, scratch);
     }
+}
+
+// Heads sharing a KV head go together, unless that leaves threads idle (decoding one token).
+static int32_t heads_per_item(const se_context * ctx, int32_t n) {
+    const se_hparams * hp = &ctx->model->hp;
+    const int32_t group = hp->n_head / hp->n_head_kv;
+    if (group > 8 || (int64_t) n * hp->n_head_kv < 2 * se_pool_size(ctx->pool)) return 1;
+    return group;
 }
 
 // ---------------------------------------------------------------------------------------------
 
-static void forward(se_context * ctx, const int32_t * tokens, int32_t n, float * logits, int32_t n_logits) {
+static int forward(se_context * ctx, const int32_t * tokens, int32_t n, float * logits, int32_t n_logits) {
     const se_model * m = ctx->model;
     const se_hparams * hp = &m->hp;
     se_buffers * b = &ctx->buf;
@@ -285,7 +295,7 @@ static void forward(se_context * ctx, const int32_t * tokens, int32_t n, float *
         rope(ctx, b->q, hp->n_head, n);
         rope(ctx, b->k, hp->n_head_kv, n);
         store_kv(ctx, il, b->k, b->v, n);
-        attention_job aj = {ctx, il, n};
+        attention_job aj = {ctx, il, n, heads_per_item(ctx, n)};
         se_pool_run(ctx->pool, attention_task, &aj);
         matmul(ctx, b->xb2, b->att, &l->wo, NULL, n);
         for (int64_t i = 0; i < n * dim; i++) b->x[i] += b->xb2[i];
@@ -306,6 +316,7 @@ static void forward(se_context * ctx, const int32_t * tokens, int32_t n, float *
         rmsnorm(b->xb, last, m->output_norm, dim, n_logits, hp->rms_eps);
         matmul(ctx, logits, b->xb, &m->output, NULL, n_logits);
     }
+    return SE_OK;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -315,7 +326,9 @@ static int cpu_init(se_context * ctx) {
     const se_hparams * hp = &ctx->model->hp;
     se_buffers * b = &ctx->buf;
     const int64_t nb = ctx->params.n_batch, q_dim = (int64_t) hp->n_head * hp->head_dim, kv_dim = ctx->kv.row;
-    int64_t stride = ctx->kv.cfg.n_cells + hp->head_dim;  // attention: scores and a rotated key
+    // attention: scores of up to 8 heads sharing a KV head, a key or value row, a rotated key
+    const int64_t group = hp->n_head / hp->n_head_kv > 8 ? 1 : hp->n_head / hp->n_head_kv;
+    int64_t stride = group * ctx->kv.cfg.n_cells + 2 * hp->head_dim;
     if (stride < hp->n_embd) stride = hp->n_embd;
     if (stride < hp->n_ff) stride = hp->n_ff;
     if (stride < q_dim) stride = q_dim;

@@ -29,7 +29,11 @@ enum se_type {
     SE_TYPE_F16  = 1,
     SE_TYPE_Q4_0 = 2,
     SE_TYPE_Q4_1 = 3,
+    SE_TYPE_Q5_0 = 6,
     SE_TYPE_Q8_0 = 8,
+    SE_TYPE_Q4_K = 12,
+    SE_TYPE_Q5_K = 13,
+    SE_TYPE_Q6_K = 14,
     SE_TYPE_BF16 = 30,
     SE_TYPE_COUNT = 42,
 };
@@ -42,9 +46,9 @@ enum se_act {
 };
 
 typedef struct se_block_q8 {
-    float   d;          // value = d * q
-    int32_t sum;        // sum of qs: corrects Q4_0's -8 and applies Q4_1's min
-    int8_t  qs[32];
+    float  d;           // value = d * q
+    float  s;           // d * sum of qs: corrects Q4_0's -8 and applies Q4_1's min, one multiply each
+    int8_t qs[32];
 } se_block_q8;
 
 typedef struct se_type_traits {
@@ -56,6 +60,8 @@ typedef struct se_type_traits {
     float (*dot)(const void * row, const float * x, int64_t n);        // row . x in float: the exact path
     int32_t act;                                                        // se_act that vec_dot takes
     float (*vec_dot)(const void * row, const void * act, int64_t n);   // row . activations: the fast path
+    // the same for 4 activation rows `stride` bytes apart (prefill: each weight block unpacked once)
+    void (*vec_dot4)(const void * row, const void * act, size_t stride, int64_t n, float out[4]);
 } se_type_traits;
 
 // Kernels without a tensor type, chosen for the CPU at init like the vec_dots.
@@ -65,6 +71,7 @@ typedef struct se_kernels {
     float (*dot_f16)(const uint16_t * a, const float * b, int64_t n);
     void  (*axpy_f32)(float * y, float a, const float * x, int64_t n);      // y += a x
     void  (*axpy_f16)(float * y, float a, const uint16_t * x, int64_t n);
+    void  (*f16_to_f32)(const uint16_t * x, float * y, int64_t n);
 } se_kernels;
 
 extern se_kernels se_kern;
@@ -181,7 +188,8 @@ struct se_model {
     int32_t n_separators;
     int32_t sepllm[4];        // default n_init, n_sep, n_local, n_cache (`sepllm.*` keys or built in)
     uint8_t * is_sep;         // (n_vocab) 1 for separator tokens
-    int32_t device;
+    int32_t device;           // se_device
+    void * dev;               // the device copy of the weights (CUDA backend) or NULL
 };
 
 int  se_model_build(se_model * m);  // after m->gguf is open: hparams, weights, separators
@@ -275,6 +283,8 @@ void se_kv_sep_floors(const se_kv_cache * kv, const int32_t * tokens, const uint
 int  se_kv_truncate(se_kv_cache * kv, int64_t n_keep);
 int  se_kv_keep(se_kv_cache * kv, int32_t n_keep);
 int64_t se_kv_bytes(const se_kv_cache * kv, int32_t n_layer);
+// Whether the query at position p (lowest visible sep_seq: sep_floor) attends to the cell.
+bool se_kv_visible(const se_kv_cache * kv, const se_kv_cell * c, int64_t p, int64_t sep_floor);
 // A cell's key / value row in layer l.
 void * se_kv_k(const se_kv_cache * kv, int32_t l, int32_t cell);
 void * se_kv_v(const se_kv_cache * kv, int32_t l, int32_t cell);
@@ -295,7 +305,7 @@ typedef struct se_buffers {   // activations for up to n_batch tokens
     float * rope_cos;         // (n_batch, head_dim / 2)
     float * rope_sin;         // (n_batch, head_dim / 2)
     void * xq;                // (n_batch, widest row / 32) activations quantized for a matrix product
-    float * scratch;          // (n_threads, max(n_cells + head_dim, n_embd, n_ff)) per-thread rows and scores
+    float * scratch;          // (n_threads, scratch_stride) per-thread rows, attention scores and keys
     int64_t scratch_stride;
     int32_t * cells;          // (n_batch) cache cells of the tokens being processed
     int32_t * positions;      // (n_batch)
@@ -313,11 +323,17 @@ typedef struct se_backend {
     int  (*init)(se_context * ctx);   // allocate K/V storage and activation buffers
     void (*free)(se_context * ctx);
     // Run the model over n tokens (n <= n_batch) whose cells are claimed in ctx->buf.cells;
-    // logits of tokens [n - n_logits, n) go to `logits` (host memory).
-    void (*forward)(se_context * ctx, const int32_t * tokens, int32_t n, float * logits, int32_t n_logits);
+    // logits of tokens [n - n_logits, n) go to `logits` (host memory). A device error leaves the
+    // context unusable.
+    int  (*forward)(se_context * ctx, const int32_t * tokens, int32_t n, float * logits, int32_t n_logits);
 } se_backend;
 
 extern const se_backend se_backend_cpu;
+#ifdef SE_CUDA
+extern const se_backend se_backend_cuda;
+int  se_cuda_model_upload(se_model * m);  // the weights to the GPU (m->dev)
+void se_cuda_model_free(se_model * m);
+#endif
 
 struct se_context {
     se_model * model;
@@ -326,6 +342,7 @@ struct se_context {
     se_pool * pool;
     se_kv_cache kv;
     se_buffers buf;
+    void * dev;               // the backend's device state, or NULL
 };
 
 #endif  // SE_IMPL_H

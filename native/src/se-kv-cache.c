@@ -389,6 +389,13 @@ int se_kv_keep(se_kv_cache * kv, int32_t n_keep) {
     return SE_OK;
 }
 
+bool se_kv_visible(const se_kv_cache * kv, const se_kv_cell * c, int64_t p, int64_t sep_floor) {
+    if ((int64_t) c->pos + c->delta > p) return false;  // causal, in the positions the cell acts at
+    if (kv->cfg.mode != SE_KV_MODE_SEPLLM) return true;  // the other modes keep only what is seen
+    // training-free SepLLM within a chunk: tokens the window left are masked until evicted
+    return c->region == SE_REGION_INIT || c->pos > p - kv->cfg.n_local || (c->sep_seq >= 0 && c->sep_seq >= sep_floor);
+}
+
 void * se_kv_k(const se_kv_cache * kv, int32_t l, int32_t cell) {
     return (char *) kv->k + (((size_t) l * (size_t) kv->cfg.n_cells + (size_t) cell) * (size_t) kv->row) * elem_size(kv->kv_type);
 }

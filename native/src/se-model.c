@@ -16,9 +16,10 @@ typedef struct se_arch {
 
 static const se_arch arches[] = {
     {"llama", SE_ROPE_NORM, false},  // converters permute Q/K rows for adjacent-pair RoPE
+    {"qwen2", SE_ROPE_NEOX, true},   // Q/K/V biases, rows in HF order
 };
 
-static const char * supported_types = "F32, F16, BF16, Q8_0, Q4_0, Q4_1";
+static const char * supported_types = "F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q4_K, Q5_K, Q6_K";
 
 // ---------------------------------------------------------------------------------------------
 // keys
@@ -291,7 +292,7 @@ int se_model_build(se_model * m) {
     for (size_t i = 0; i < sizeof arches / sizeof arches[0]; i++) {
         if (strcmp(arches[i].name, m->arch) == 0) arch = &arches[i];
     }
-    if (!arch) return se_error(SE_ERR_UNSUPPORTED, "%s: architecture '%s' is not supported (supported: llama)", m->gguf.path, m->arch);
+    if (!arch) return se_error(SE_ERR_UNSUPPORTED, "%s: architecture '%s' is not supported (supported: llama, qwen2)", m->gguf.path, m->arch);
     if ((r = load_hparams(m, arch)) != SE_OK) return r;
     const se_hparams * hp = &m->hp;
     if ((r = bind_weight(m, "token_embd.weight", hp->n_embd, hp->n_vocab, false, &m->tok_embd)) != SE_OK) return r;

@@ -32,68 +32,226 @@ static inline __m256 dot_u8s8(__m256i u, __m256i s) {
     return _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
 }
 
+// Even blocks go to one accumulator and odd blocks to another (independent chains); the offset and
+// min terms accumulate in block order. vec_dot and vec_dot4 do exactly the same operations per row,
+// so a token's logits do not depend on how the prompt was cut into chunks.
+
+#define LOAD_Q8(a, i) _mm256_loadu_si256((const __m256i *) (a)[i].qs)
+
+typedef struct { uint16_t d; uint8_t qh[4]; uint8_t qs[16]; } block_q5_0;
+
+// 32 bits -> 32 bytes, byte j 0xff where bit j is set: each byte picks its source byte of x, ORs in
+// every bit but its own, and compares with all ones
+static inline __m256i bits_to_bytes(uint32_t x) {
+    const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32((int) x),
+        _mm256_setr_epi64x(0x0000000000000000, 0x0101010101010101, 0x0202020202020202, 0x0303030303030303));
+    const __m256i others = _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe);
+    return _mm256_cmpeq_epi8(_mm256_or_si256(spread, others), _mm256_set1_epi64x(-1));
+}
+
+static inline const se_block_q8 * act_row(const void * act, size_t stride, int k) {
+    return (const se_block_q8 *) ((const char *) act + (size_t) k * stride);
+}
+
+static inline __m256 dot_q8_q8(__m256i w, __m256i x) {  // signed x signed: |w| times x with w's sign
+    return dot_u8s8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+}
+
+// one weight row against K activation rows `stride` bytes apart; per block the weights are loaded
+// (and unpacked) once for all K rows
+#define DEFINE_VEC_DOT(name, block_t, K)                                                              \
+    static void name(const void * row, const void * act, size_t stride, int64_t n, float out[K]) {   \
+        enum { nk = K };                                                                              \
+        const block_t * b = row;                                                                      \
+        const se_block_q8 * a[K];                                                                     \
+        __m256 acc[K][2];                                                                             \
+        float extra[K];                                                                               \
+        for (int k = 0; k < K; k++) {                                                                 \
+            a[k] = act_row(act, stride, k);                                                           \
+            acc[k][0] = acc[k][1] = _mm256_setzero_ps();                                              \
+            extra[k] = 0;                                                                             \
+        }                                                                                             \
+        for (int64_t i = 0; i < n / 32; i++) {                                                        \
+            BLOCK_##block_t                                                                           \
+        }                                                                                             \
+        for (int k = 0; k < K; k++) out[k] = hsum(_mm256_add_ps(acc[k][0], acc[k][1])) + FINISH_##block_t; \
+    }
+
+#define BLOCK_block_q4_0                                                                              \
+    const __m256i w = nibbles(b[i].qs);                                                               \
+    const float dw = half(b[i].d);                                                                    \
+    for (int k = 0; k < nk; k++) {                                                                    \
+        acc[k][i & 1] = _mm256_fmadd_ps(_mm256_set1_ps(dw * a[k][i].d), dot_u8s8(w, LOAD_Q8(a[k], i)), acc[k][i & 1]); \
+        extra[k] += dw * a[k][i].s;                                                                   \
+    }
+#define FINISH_block_q4_0 (-8 * extra[k])  /* the codes are q + 8 */
+
+#define BLOCK_block_q4_1                                                                              \
+    const __m256i w = nibbles(b[i].qs);                                                               \
+    const float dw = half(b[i].d), mw = half(b[i].m);                                                 \
+    for (int k = 0; k < nk; k++) {                                                                    \
+        acc[k][i & 1] = _mm256_fmadd_ps(_mm256_set1_ps(dw * a[k][i].d), dot_u8s8(w, LOAD_Q8(a[k], i)), acc[k][i & 1]); \
+        extra[k] += mw * a[k][i].s;                                                                   \
+    }
+#define FINISH_block_q4_1 (extra[k])
+
+#define BLOCK_block_q8_0                                                                              \
+    const __m256i w = _mm256_loadu_si256((const __m256i *) b[i].qs);                                  \
+    const float dw = half(b[i].d);                                                                    \
+    for (int k = 0; k < nk; k++) {                                                                    \
+        acc[k][i & 1] = _mm256_fmadd_ps(_mm256_set1_ps(dw * a[k][i].d), dot_q8_q8(w, LOAD_Q8(a[k], i)), acc[k][i & 1]); \
+    }
+#define FINISH_block_q8_0 (0 * extra[k])
+
+#define BLOCK_block_q5_0                                                                              \
+    uint32_t qh;                                                                                      \
+    memcpy(&qh, b[i].qh, 4);                                                                          \
+    const __m256i w = _mm256_or_si256(nibbles(b[i].qs), _mm256_and_si256(bits_to_bytes(qh), _mm256_set1_epi8(0x10))); \
+    const float dw = half(b[i].d);                                                                    \
+    for (int k = 0; k < nk; k++) {                                                                    \
+        acc[k][i & 1] = _mm256_fmadd_ps(_mm256_set1_ps(dw * a[k][i].d), dot_u8s8(w, LOAD_Q8(a[k], i)), acc[k][i & 1]); \
+        extra[k] += dw * a[k][i].s;                                                                   \
+    }
+#define FINISH_block_q5_0 (-16 * extra[k])  /* the codes are q + 16 */
+
+DEFINE_VEC_DOT(dot1_q4_0, block_q4_0, 1)
+DEFINE_VEC_DOT(dot1_q4_1, block_q4_1, 1)
+DEFINE_VEC_DOT(dot1_q8_0, block_q8_0, 1)
+DEFINE_VEC_DOT(vec_dot4_q4_0, block_q4_0, 4)
+DEFINE_VEC_DOT(vec_dot4_q4_1, block_q4_1, 4)
+DEFINE_VEC_DOT(vec_dot4_q8_0, block_q8_0, 4)
+DEFINE_VEC_DOT(dot1_q5_0, block_q5_0, 1)
+DEFINE_VEC_DOT(vec_dot4_q5_0, block_q5_0, 4)
+
+// --- K-quants: a super-block of 256 weights spans 8 activation blocks
+
+static void k_scales(const uint8_t s[12], uint8_t sc[8], uint8_t m[8]) {
+    for (int j = 0; j < 4; j++) {
+        sc[j] = s[j] & 63;
+        m[j] = s[j + 4] & 63;
+        sc[j + 4] = (s[j + 8] & 0xf) | ((s[j] >> 6) << 4);
+        m[j + 4] = (s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4);
+    }
+}
+
+// Q4_K / Q5_K: chunk c of 32 bytes holds sub-block 2c in its low nibbles and 2c + 1 in its high ones;
+// Q5_K's fifth bits are bits 2c and 2c + 1 of qh[l]
+#define DEFINE_VEC_DOT_K45(name, block_t, K, FIVE)                                                    \
+    static void name(const void * row, const void * act, size_t stride, int64_t n, float out[K]) {   \
+        const block_t * b = row;                                                                      \
+        const se_block_q8 * a[K];                                                                     \
+        __m256 acc[K][2];                                                                             \
+        float extra[K];                                                                               \
+        for (int k = 0; k < K; k++) {                                                                 \
+            a[k] = act_row(act, stride, k);                                                           \
+            acc[k][0] = acc[k][1] = _mm256_setzero_ps();                                              \
+            extra[k] = 0;                                                                             \
+        }                                                                                             \
+        const __m256i low4 = _mm256_set1_epi8(0x0f), one = _mm256_set1_epi8(1);                       \
+        for (int64_t i = 0; i < n / 256; i++) {                                                       \
+            uint8_t sc[8], m[8];                                                                      \
+            k_scales(b[i].scales, sc, m);                                                             \
+            const float d = half(b[i].d), dmin = half(b[i].dmin);                                     \
+            __m256i qh = _mm256_setzero_si256();                                                      \
+            if (FIVE) qh = _mm256_loadu_si256((const __m256i *) FIVE_QH(b[i]));                       \
+            for (int c = 0; c < 4; c++) {                                                             \
+                const __m256i raw = _mm256_loadu_si256((const __m256i *) (b[i].qs + 32 * c));         \
+                __m256i lo = _mm256_and_si256(raw, low4);                                             \
+                __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);                       \
+                if (FIVE) {                                                                           \
+                    lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * c), one), 4)); \
+                    hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * c + 1), one), 4)); \
+                }                                                                                     \
+                for (int k = 0; k < K; k++) {                                                         \
+                    const se_block_q8 * x = a[k] + 8 * i + 2 * c;                                     \
+                    acc[k][0] = _mm256_fmadd_ps(_mm256_set1_ps(d * sc[2 * c] * x[0].d), dot_u8s8(lo, LOAD_Q8(x, 0)), acc[k][0]); \
+                    acc[k][1] = _mm256_fmadd_ps(_mm256_set1_ps(d * sc[2 * c + 1] * x[1].d), dot_u8s8(hi, LOAD_Q8(x, 1)), acc[k][1]); \
+                    extra[k] += dmin * m[2 * c] * x[0].s + dmin * m[2 * c + 1] * x[1].s;             \
+                }                                                                                     \
+            }                                                                                         \
+        }                                                                                             \
+        for (int k = 0; k < K; k++) out[k] = hsum(_mm256_add_ps(acc[k][0], acc[k][1])) - extra[k];   \
+    }
+
+typedef struct { uint16_t d, dmin; uint8_t scales[12]; uint8_t qs[128]; } block_q4_K;
+typedef struct { uint16_t d, dmin; uint8_t scales[12]; uint8_t qh[32]; uint8_t qs[128]; } block_q5_K;
+typedef struct { uint8_t ql[128]; uint8_t qh[64]; int8_t scales[16]; uint16_t d; } block_q6_K;
+
+#define FIVE_QH(blk) (blk).qs  /* not read: Q4_K has no fifth bits */
+DEFINE_VEC_DOT_K45(dot1_q4_K, block_q4_K, 1, 0)
+DEFINE_VEC_DOT_K45(vec_dot4_q4_K, block_q4_K, 4, 0)
+#undef FIVE_QH
+#define FIVE_QH(blk) (blk).qh
+DEFINE_VEC_DOT_K45(dot1_q5_K, block_q5_K, 1, 1)
+DEFINE_VEC_DOT_K45(vec_dot4_q5_K, block_q5_K, 4, 1)
+#undef FIVE_QH
+
+// Q6_K: two halves of 128 weights; activation block 4h + r has codes from ql (nibble r / 2 of byte
+// 32 (r % 2) + l) and qh (bits 2r, 2r + 1 of byte l), and two int8 scales, one per 16 weights
+#define DEFINE_VEC_DOT_Q6K(name, K)                                                                   \
+    static void name(const void * row, const void * act, size_t stride, int64_t n, float out[K]) {   \
+        const block_q6_K * b = row;                                                                   \
+        const se_block_q8 * a[K];                                                                     \
+        __m256 acc[K][2];                                                                             \
+        for (int k = 0; k < K; k++) {                                                                 \
+            a[k] = act_row(act, stride, k);                                                           \
+            acc[k][0] = acc[k][1] = _mm256_setzero_ps();                                              \
+        }                                                                                             \
+        const __m256i low4 = _mm256_set1_epi8(0x0f), three = _mm256_set1_epi8(3), off = _mm256_set1_epi8(32); \
+        for (int64_t i = 0; i < n / 256; i++) {                                                       \
+            const float d = half(b[i].d);                                                             \
+            for (int h = 0; h < 2; h++) {                                                             \
+                const __m256i ql0 = _mm256_loadu_si256((const __m256i *) (b[i].ql + 64 * h));        \
+                const __m256i ql1 = _mm256_loadu_si256((const __m256i *) (b[i].ql + 64 * h + 32));   \
+                const __m256i qh = _mm256_loadu_si256((const __m256i *) (b[i].qh + 32 * h));         \
+                for (int r = 0; r < 4; r++) {                                                         \
+                    const __m256i ql = r % 2 ? ql1 : ql0;                                             \
+                    const __m256i lo = r < 2 ? _mm256_and_si256(ql, low4) : _mm256_and_si256(_mm256_srli_epi16(ql, 4), low4); \
+                    const __m256i hb = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * r), three), 4); \
+                    const __m256i w = _mm256_sub_epi8(_mm256_or_si256(lo, hb), off);                  \
+                    const int8_t * sc = b[i].scales + 8 * h + 2 * r;                                  \
+                    const __m256 scales = _mm256_set_m128(_mm_set1_ps(d * sc[1]), _mm_set1_ps(d * sc[0])); \
+                    for (int k = 0; k < K; k++) {                                                     \
+                        const se_block_q8 * x = a[k] + 8 * i + 4 * h + r;                             \
+                        const __m256 p = _mm256_mul_ps(scales, dot_q8_q8(w, LOAD_Q8(x, 0)));          \
+                        acc[k][r & 1] = _mm256_fmadd_ps(_mm256_set1_ps(x->d), p, acc[k][r & 1]);     \
+                    }                                                                                 \
+                }                                                                                     \
+            }                                                                                         \
+        }                                                                                             \
+        for (int k = 0; k < K; k++) out[k] = hsum(_mm256_add_ps(acc[k][0], acc[k][1]));               \
+    }
+
+DEFINE_VEC_DOT_Q6K(dot1_q6_K, 1)
+DEFINE_VEC_DOT_Q6K(vec_dot4_q6_K, 4)
+
+#define SINGLE(type)                                                                                  \
+    static float vec_dot_##type(const void * row, const void * act, int64_t n) {                     \
+        float out;                                                                                    \
+        dot1_##type(row, act, 0, n, &out);                                                            \
+        return out;                                                                                   \
+    }
+SINGLE(q5_0)
+SINGLE(q4_K)
+SINGLE(q5_K)
+SINGLE(q6_K)
+
 static float vec_dot_q4_0(const void * row, const void * act, int64_t n) {
-    const block_q4_0 * b = row;
-    const se_block_q8 * a = act;
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    float offset = 0;
-    int64_t i = 0, nb = n / 32;
-    for (; i + 1 < nb; i += 2) {  // two blocks per step: independent chains
-        const float d0 = half(b[i].d) * a[i].d, d1 = half(b[i + 1].d) * a[i + 1].d;
-        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d0), dot_u8s8(nibbles(b[i].qs), _mm256_loadu_si256((const __m256i *) a[i].qs)), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_set1_ps(d1), dot_u8s8(nibbles(b[i + 1].qs), _mm256_loadu_si256((const __m256i *) a[i + 1].qs)), acc1);
-        offset += d0 * (float) a[i].sum + d1 * (float) a[i + 1].sum;
-    }
-    for (; i < nb; i++) {
-        const float d = half(b[i].d) * a[i].d;
-        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d), dot_u8s8(nibbles(b[i].qs), _mm256_loadu_si256((const __m256i *) a[i].qs)), acc0);
-        offset += d * (float) a[i].sum;
-    }
-    return hsum(_mm256_add_ps(acc0, acc1)) - 8 * offset;  // the codes are q + 8
+    float out;
+    dot1_q4_0(row, act, 0, n, &out);
+    return out;
 }
 
 static float vec_dot_q4_1(const void * row, const void * act, int64_t n) {
-    const block_q4_1 * b = row;
-    const se_block_q8 * a = act;
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    float mins = 0;
-    int64_t i = 0, nb = n / 32;
-    for (; i + 1 < nb; i += 2) {
-        const float d0 = half(b[i].d) * a[i].d, d1 = half(b[i + 1].d) * a[i + 1].d;
-        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d0), dot_u8s8(nibbles(b[i].qs), _mm256_loadu_si256((const __m256i *) a[i].qs)), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_set1_ps(d1), dot_u8s8(nibbles(b[i + 1].qs), _mm256_loadu_si256((const __m256i *) a[i + 1].qs)), acc1);
-        mins += half(b[i].m) * a[i].d * (float) a[i].sum + half(b[i + 1].m) * a[i + 1].d * (float) a[i + 1].sum;
-    }
-    for (; i < nb; i++) {
-        const float d = half(b[i].d) * a[i].d;
-        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d), dot_u8s8(nibbles(b[i].qs), _mm256_loadu_si256((const __m256i *) a[i].qs)), acc0);
-        mins += half(b[i].m) * a[i].d * (float) a[i].sum;
-    }
-    return hsum(_mm256_add_ps(acc0, acc1)) + mins;
+    float out;
+    dot1_q4_1(row, act, 0, n, &out);
+    return out;
 }
 
 static float vec_dot_q8_0(const void * row, const void * act, int64_t n) {
-    const block_q8_0 * b = row;
-    const se_block_q8 * a = act;
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    int64_t i = 0, nb = n / 32;
-    for (; i + 1 < nb; i += 2) {
-        for (int k = 0; k < 2; k++) {
-            const __m256i w = _mm256_loadu_si256((const __m256i *) b[i + k].qs);
-            const __m256i x = _mm256_loadu_si256((const __m256i *) a[i + k].qs);
-            // signed x signed via maddubs: |w| times x with w's sign
-            const __m256 p = dot_u8s8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
-            if (k == 0) acc0 = _mm256_fmadd_ps(_mm256_set1_ps(half(b[i].d) * a[i].d), p, acc0);
-            else acc1 = _mm256_fmadd_ps(_mm256_set1_ps(half(b[i + 1].d) * a[i + 1].d), p, acc1);
-        }
-    }
-    for (; i < nb; i++) {
-        const __m256i w = _mm256_loadu_si256((const __m256i *) b[i].qs);
-        const __m256i x = _mm256_loadu_si256((const __m256i *) a[i].qs);
-        const __m256 p = dot_u8s8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
-        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(half(b[i].d) * a[i].d), p, acc0);
-    }
-    return hsum(_mm256_add_ps(acc0, acc1));
+    float out;
+    dot1_q8_0(row, act, 0, n, &out);
+    return out;
 }
 
 // --- float activations
@@ -169,6 +327,12 @@ static void axpy_f16(float * y, float a, const uint16_t * x, int64_t n) {
     for (; i < n; i++) y[i] += a * half(x[i]);
 }
 
+static void f16_to_f32(const uint16_t * x, float * y, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) (x + i))));
+    for (; i < n; i++) y[i] = half(x[i]);
+}
+
 // --- activations to 8 bits: d = max|x| / 127, q = x / d rounded to nearest even
 
 static void quantize_q8(const float * x, se_block_q8 * out, int64_t n) {
@@ -195,7 +359,7 @@ static void quantize_q8(const float * x, se_block_q8 * out, int64_t n) {
         const __m256i p8 = _mm256_permutevar8x32_epi32(p16, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
         _mm256_storeu_si256((__m256i *) out->qs, p8);
         out->d = d;
-        out->sum = _mm_cvtsi128_si32(s);
+        out->s = d * (float) _mm_cvtsi128_si32(s);
     }
 }
 
@@ -203,8 +367,19 @@ void se_quants_use_avx2(se_type_traits * types, se_kernels * k) {
     types[SE_TYPE_Q4_0].vec_dot = vec_dot_q4_0;
     types[SE_TYPE_Q4_1].vec_dot = vec_dot_q4_1;
     types[SE_TYPE_Q8_0].vec_dot = vec_dot_q8_0;
+    types[6].vec_dot = vec_dot_q5_0;    // Q5_0
+    types[6].vec_dot4 = vec_dot4_q5_0;
+    types[12].vec_dot = vec_dot_q4_K;   // Q4_K
+    types[12].vec_dot4 = vec_dot4_q4_K;
+    types[13].vec_dot = vec_dot_q5_K;   // Q5_K
+    types[13].vec_dot4 = vec_dot4_q5_K;
+    types[14].vec_dot = vec_dot_q6_K;   // Q6_K
+    types[14].vec_dot4 = vec_dot4_q6_K;
+    types[SE_TYPE_Q4_0].vec_dot4 = vec_dot4_q4_0;
+    types[SE_TYPE_Q4_1].vec_dot4 = vec_dot4_q4_1;
+    types[SE_TYPE_Q8_0].vec_dot4 = vec_dot4_q8_0;
     types[SE_TYPE_F32].vec_dot = vec_dot_f32;
     types[SE_TYPE_F16].vec_dot = vec_dot_f16;
     types[SE_TYPE_BF16].vec_dot = vec_dot_bf16;
-    *k = (se_kernels) {quantize_q8, dot_f32, dot_f16, axpy_f32, axpy_f16};
+    *k = (se_kernels) {quantize_q8, dot_f32, dot_f16, axpy_f32, axpy_f16, f16_to_f32};
 }

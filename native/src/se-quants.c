@@ -17,6 +17,15 @@ typedef struct { uint16_t d; int8_t qs[32]; } block_q8_0;             // 34 byte
 typedef struct { uint16_t d; uint8_t qs[16]; } block_q4_0;            // 18 bytes
 typedef struct { uint16_t d, m; uint8_t qs[16]; } block_q4_1;         // 20 bytes
 
+typedef struct { uint16_t d; uint8_t qh[4]; uint8_t qs[16]; } block_q5_0;            // 22 bytes
+typedef struct { uint16_t d, dmin; uint8_t scales[12]; uint8_t qs[128]; } block_q4_K;  // 144 bytes
+typedef struct { uint16_t d, dmin; uint8_t scales[12]; uint8_t qh[32]; uint8_t qs[128]; } block_q5_K;  // 176
+typedef struct { uint8_t ql[128]; uint8_t qh[64]; int8_t scales[16]; uint16_t d; } block_q6_K;         // 210
+
+_Static_assert(sizeof(block_q5_0) == 22, "Q5_0 block layout");
+_Static_assert(sizeof(block_q4_K) == 144, "Q4_K block layout");
+_Static_assert(sizeof(block_q5_K) == 176, "Q5_K block layout");
+_Static_assert(sizeof(block_q6_K) == 210, "Q6_K block layout");
 _Static_assert(sizeof(block_q8_0) == 34, "Q8_0 block layout");
 _Static_assert(sizeof(block_q4_0) == 18, "Q4_0 block layout");
 _Static_assert(sizeof(block_q4_1) == 20, "Q4_1 block layout");
@@ -125,6 +134,151 @@ static void q4_1_to_float(const void * src, float * dst, int64_t n) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Q5_0 and the K-quants, unpacked: integer codes plus, per run of 32 (Q6_K: 16) codes, a scale and
+// a min, with value = scale * code - min. Dequantization and both dot products are built on this.
+
+typedef struct unpacked {
+    int8_t code[256];
+    float scale[16];  // per run of `run` codes
+    float min[16];
+    int run;          // 32, or 16 for Q6_K
+    int n;            // codes in the block: 32 or 256
+} unpacked;
+
+static void unpack_q5_0(const void * blk, unpacked * u) {
+    const block_q5_0 * b = blk;
+    uint32_t qh;
+    memcpy(&qh, b->qh, 4);
+    for (int j = 0; j < 16; j++) {  // the fifth bit of weight j is bit j of qh, of weight j + 16 bit j + 16
+        u->code[j] = (int8_t) (((b->qs[j] & 0xf) | (((qh >> j) & 1) << 4)) - 16);
+        u->code[j + 16] = (int8_t) (((b->qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4)) - 16);
+    }
+    u->scale[0] = fp16_table[b->d];
+    u->min[0] = 0;
+    u->run = u->n = 32;
+}
+
+// the 8 six-bit scales and mins of a Q4_K/Q5_K block (GGUF.md §7.2)
+static void k_scales(const uint8_t s[12], uint8_t sc[8], uint8_t m[8]) {
+    for (int j = 0; j < 4; j++) {
+        sc[j] = s[j] & 63;
+        m[j] = s[j + 4] & 63;
+        sc[j + 4] = (s[j + 8] & 0xf) | ((s[j] >> 6) << 4);
+        m[j + 4] = (s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4);
+    }
+}
+
+static void unpack_q4_K(const void * blk, unpacked * u) {
+    const block_q4_K * b = blk;
+    uint8_t sc[8], m[8];
+    k_scales(b->scales, sc, m);
+    const float d = fp16_table[b->d], dmin = fp16_table[b->dmin];
+    for (int c = 0; c < 4; c++) {  // 32 bytes per 64 weights: low nibbles, then high nibbles
+        for (int l = 0; l < 32; l++) {
+            u->code[64 * c + l] = (int8_t) (b->qs[32 * c + l] & 0xf);
+            u->code[64 * c + 32 + l] = (int8_t) (b->qs[32 * c + l] >> 4);
+        }
+    }
+    for (int j = 0; j < 8; j++) {
+        u->scale[j] = d * sc[j];
+        u->min[j] = dmin * m[j];
+    }
+    u->run = 32;
+    u->n = 256;
+}
+
+static void unpack_q5_K(const void * blk, unpacked * u) {
+    const block_q5_K * b = blk;
+    uint8_t sc[8], m[8];
+    k_scales(b->scales, sc, m);
+    const float d = fp16_table[b->d], dmin = fp16_table[b->dmin];
+    for (int c = 0; c < 4; c++) {  // the fifth bits: bit 2c of qh[l] for weight 64c + l, bit 2c + 1 for 64c + 32 + l
+        for (int l = 0; l < 32; l++) {
+            u->code[64 * c + l] = (int8_t) ((b->qs[32 * c + l] & 0xf) | (((b->qh[l] >> (2 * c)) & 1) << 4));
+            u->code[64 * c + 32 + l] = (int8_t) ((b->qs[32 * c + l] >> 4) | (((b->qh[l] >> (2 * c + 1)) & 1) << 4));
+        }
+    }
+    for (int j = 0; j < 8; j++) {
+        u->scale[j] = d * sc[j];
+        u->min[j] = dmin * m[j];
+    }
+    u->run = 32;
+    u->n = 256;
+}
+
+static void unpack_q6_K(const void * blk, unpacked * u) {
+    const block_q6_K * b = blk;
+    const float d = fp16_table[b->d];
+    for (int h = 0; h < 2; h++) {  // two halves of 128 weights, each 4 runs of 32 from 64 ql and 32 qh bytes
+        const uint8_t * ql = b->ql + 64 * h, * qh = b->qh + 32 * h;
+        int8_t * q = u->code + 128 * h;
+        for (int l = 0; l < 32; l++) {
+            q[l] = (int8_t) (((ql[l] & 0xf) | (((qh[l] >> 0) & 3) << 4)) - 32);
+            q[l + 32] = (int8_t) (((ql[l + 32] & 0xf) | (((qh[l] >> 2) & 3) << 4)) - 32);
+            q[l + 64] = (int8_t) (((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32);
+            q[l + 96] = (int8_t) (((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32);
+        }
+    }
+    for (int j = 0; j < 16; j++) {
+        u->scale[j] = d * b->scales[j];
+        u->min[j] = 0;
+    }
+    u->run = 16;
+    u->n = 256;
+}
+
+// to_float, dot (float activations) and vec_dot (8-bit activations) of an unpacked type
+#define DEFINE_UNPACKED(type, block_t, unpack)                                                      \
+    static void type##_to_float(const void * src, float * dst, int64_t n) {                         \
+        const block_t * b = src;                                                                    \
+        unpacked u;                                                                                 \
+        for (int64_t i = 0; i < n; i += u.n, b++, dst += u.n) {                                      \
+            unpack(b, &u);                                                                          \
+            for (int j = 0; j < u.n; j++) dst[j] = u.scale[j / u.run] * u.code[j] - u.min[j / u.run]; \
+        }                                                                                           \
+    }                                                                                               \
+    static float dot_##type(const void * row, const float * x, int64_t n) {                         \
+        const block_t * b = row;                                                                    \
+        unpacked u;                                                                                 \
+        float acc = 0;                                                                              \
+        for (int64_t i = 0; i < n; i += u.n, b++, x += u.n) {                                        \
+            unpack(b, &u);                                                                          \
+            for (int r = 0; r < u.n / u.run; r++) {                                                 \
+                float s = 0, sx = 0;                                                                \
+                for (int j = r * u.run; j < (r + 1) * u.run; j++) {                                 \
+                    s += u.code[j] * x[j];                                                          \
+                    sx += x[j];                                                                     \
+                }                                                                                   \
+                acc += u.scale[r] * s - u.min[r] * sx;                                              \
+            }                                                                                       \
+        }                                                                                           \
+        return acc;                                                                                 \
+    }                                                                                               \
+    static float vec_dot_##type(const void * row, const void * act, int64_t n) {                    \
+        const block_t * b = row;                                                                    \
+        const se_block_q8 * a = act;                                                                \
+        unpacked u;                                                                                 \
+        float acc = 0;                                                                              \
+        for (int64_t i = 0; i < n; i += u.n, b++) {                                                  \
+            unpack(b, &u);                                                                          \
+            for (int k = 0; k < u.n / 32; k++, a++) {                                               \
+                for (int r = k * 32 / u.run; r < (k + 1) * 32 / u.run; r++) {                       \
+                    int32_t s = 0;                                                                  \
+                    for (int j = r * u.run; j < (r + 1) * u.run; j++) s += u.code[j] * a->qs[j - 32 * k]; \
+                    acc += u.scale[r] * a->d * (float) s;                                           \
+                }                                                                                   \
+                acc -= u.min[k * u.run / 32] * a->s;                                                \
+            }                                                                                       \
+        }                                                                                           \
+        return acc;                                                                                 \
+    }
+
+DEFINE_UNPACKED(q5_0, block_q5_0, unpack_q5_0)
+DEFINE_UNPACKED(q4_K, block_q4_K, unpack_q4_K)
+DEFINE_UNPACKED(q5_K, block_q5_K, unpack_q5_K)
+DEFINE_UNPACKED(q6_K, block_q6_K, unpack_q6_K)
+
+// ---------------------------------------------------------------------------------------------
 // dot products: eight independent partial sums, so the loops vectorize without -ffast-math
 
 static float hsum8(const float s[8]) { return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7])); }
@@ -223,7 +377,7 @@ static void quantize_q8(const float * x, se_block_q8 * out, int64_t n) {
             sum += out->qs[j];
         }
         out->d = d;
-        out->sum = sum;
+        out->s = d * (float) sum;
     }
 }
 
@@ -246,7 +400,7 @@ static float vec_dot_q4_0(const void * row, const void * act, int64_t n) {
     for (int64_t i = 0; i < n / 32; i++) {
         int32_t s = 0;
         for (int j = 0; j < 16; j++) s += (b[i].qs[j] & 0xf) * a[i].qs[j] + (b[i].qs[j] >> 4) * a[i].qs[j + 16];
-        acc += fp16_table[b[i].d] * a[i].d * (float) (s - 8 * a[i].sum);  // the codes are q + 8
+        acc += fp16_table[b[i].d] * (a[i].d * (float) s - 8 * a[i].s);  // the codes are q + 8
     }
     return acc;
 }
@@ -258,7 +412,7 @@ static float vec_dot_q4_1(const void * row, const void * act, int64_t n) {
     for (int64_t i = 0; i < n / 32; i++) {
         int32_t s = 0;
         for (int j = 0; j < 16; j++) s += (b[i].qs[j] & 0xf) * a[i].qs[j] + (b[i].qs[j] >> 4) * a[i].qs[j + 16];
-        acc += fp16_table[b[i].d] * a[i].d * (float) s + fp16_table[b[i].m] * a[i].d * (float) a[i].sum;
+        acc += fp16_table[b[i].d] * a[i].d * (float) s + fp16_table[b[i].m] * a[i].s;
     }
     return acc;
 }
@@ -279,6 +433,26 @@ static void axpy_f16(float * y, float a, const uint16_t * x, int64_t n) {
     for (int64_t i = 0; i < n; i++) y[i] += a * fp16_table[x[i]];
 }
 
+static void f16_to_f32(const uint16_t * x, float * y, int64_t n) { f16_to_float(x, y, n); }
+
+// four activation rows through vec_dot, for types without a dedicated kernel
+static void vec_dot4_generic(float (*vec_dot)(const void *, const void *, int64_t), const void * row,
+                             const void * act, size_t stride, int64_t n, float out[4]) {
+    for (int k = 0; k < 4; k++) out[k] = vec_dot(row, (const char *) act + (size_t) k * stride, n);
+}
+
+#define VEC_DOT4(name, vec_dot) \
+    static void name(const void * row, const void * act, size_t stride, int64_t n, float out[4]) { \
+        vec_dot4_generic(vec_dot, row, act, stride, n, out); \
+    }
+VEC_DOT4(vec_dot4_q8_0, vec_dot_q8_0)
+VEC_DOT4(vec_dot4_q4_0, vec_dot_q4_0)
+VEC_DOT4(vec_dot4_q4_1, vec_dot_q4_1)
+VEC_DOT4(vec_dot4_q5_0, vec_dot_q5_0)
+VEC_DOT4(vec_dot4_q4_K, vec_dot_q4_K)
+VEC_DOT4(vec_dot4_q5_K, vec_dot_q5_K)
+VEC_DOT4(vec_dot4_q6_K, vec_dot_q6_K)
+
 size_t se_act_row_bytes(int32_t act, int64_t n) {
     return act == SE_ACT_Q8 ? (size_t) (n / 32) * sizeof(se_block_q8) : (size_t) n * sizeof(float);
 }
@@ -289,17 +463,17 @@ size_t se_act_row_bytes(int32_t act, int64_t n) {
 static se_type_traits types[SE_TYPE_COUNT] = {
     [SE_TYPE_F32]  = {"F32", 1, 4, f32_to_float, dot_f32, SE_ACT_F32, vec_dot_f32},
     [SE_TYPE_F16]  = {"F16", 1, 2, f16_to_float, dot_f16, SE_ACT_F32, vec_dot_f16},
-    [SE_TYPE_Q4_0] = {"Q4_0", 32, 18, q4_0_to_float, dot_q4_0, SE_ACT_Q8, vec_dot_q4_0},
-    [SE_TYPE_Q4_1] = {"Q4_1", 32, 20, q4_1_to_float, dot_q4_1, SE_ACT_Q8, vec_dot_q4_1},
-    [6]  = {"Q5_0", 32, 22, NULL, NULL},
+    [SE_TYPE_Q4_0] = {"Q4_0", 32, 18, q4_0_to_float, dot_q4_0, SE_ACT_Q8, vec_dot_q4_0, vec_dot4_q4_0},
+    [SE_TYPE_Q4_1] = {"Q4_1", 32, 20, q4_1_to_float, dot_q4_1, SE_ACT_Q8, vec_dot_q4_1, vec_dot4_q4_1},
+    [6]  = {"Q5_0", 32, 22, q5_0_to_float, dot_q5_0, SE_ACT_Q8, vec_dot_q5_0, vec_dot4_q5_0},
     [7]  = {"Q5_1", 32, 24, NULL, NULL},
-    [SE_TYPE_Q8_0] = {"Q8_0", 32, 34, q8_0_to_float, dot_q8_0, SE_ACT_Q8, vec_dot_q8_0},
+    [SE_TYPE_Q8_0] = {"Q8_0", 32, 34, q8_0_to_float, dot_q8_0, SE_ACT_Q8, vec_dot_q8_0, vec_dot4_q8_0},
     [9]  = {"Q8_1", 32, 36, NULL, NULL},
     [10] = {"Q2_K", 256, 84, NULL, NULL},
     [11] = {"Q3_K", 256, 110, NULL, NULL},
-    [12] = {"Q4_K", 256, 144, NULL, NULL},
-    [13] = {"Q5_K", 256, 176, NULL, NULL},
-    [14] = {"Q6_K", 256, 210, NULL, NULL},
+    [12] = {"Q4_K", 256, 144, q4_K_to_float, dot_q4_K, SE_ACT_Q8, vec_dot_q4_K, vec_dot4_q4_K},
+    [13] = {"Q5_K", 256, 176, q5_K_to_float, dot_q5_K, SE_ACT_Q8, vec_dot_q5_K, vec_dot4_q5_K},
+    [14] = {"Q6_K", 256, 210, q6_K_to_float, dot_q6_K, SE_ACT_Q8, vec_dot_q6_K, vec_dot4_q6_K},
     [15] = {"Q8_K", 256, 292, NULL, NULL},
     [16] = {"IQ2_XXS", 256, 66, NULL, NULL},
     [17] = {"IQ2_XS", 256, 74, NULL, NULL},
@@ -333,7 +507,7 @@ const se_type_traits * se_type_get(int32_t type) {
 
 static pthread_once_t init_once = PTHREAD_ONCE_INIT;
 
-se_kernels se_kern = {quantize_q8, plain_dot_f32, plain_dot_f16, axpy_f32, axpy_f16};
+se_kernels se_kern = {quantize_q8, plain_dot_f32, plain_dot_f16, axpy_f32, axpy_f16, f16_to_f32};
 
 bool se_cpu_has_avx2(void) {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
