@@ -3,7 +3,7 @@
 pp N: N random tokens evaluated at once (in n_batch chunks), tokens/s = N / time.
 tg N: N single-token decode steps with random tokens, tokens/s = N / time.
 Each test runs once to warm up, then `repetitions` times from a cleared cache (after `depth`
-tokens of untimed history, if any); the result is mean and standard deviation of the runs' tokens/s.
+tokens of untimed history, if any, processed anew each time); the result is mean and standard deviation of the runs' tokens/s.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def bench(llm, n_prompt: int = 512, n_gen: int = 128, depth: int = 0, repetition
     for kind, n, run in (("pp", n_prompt, _pp), ("tg", n_gen, _tg)):
         if n <= 0:
             continue
-        run(llm, rng, min(n, 16), depth)  # warm up
+        run(llm, rng, min(n, 16), 0)  # warm up (first-call costs: pages, graphs), without the history
         runs = [run(llm, rng, n, depth) for _ in range(repetitions)]
         rows.append({"test": f"{kind}{n}" + (f"@d{depth}" if depth else ""), "n": n, "depth": depth,
                      "tokens_per_second": statistics.fmean(runs),
@@ -61,10 +61,11 @@ def format_table(llm, rows: list[dict], n_threads: int | None) -> str:
     kind = gguf.LlamaFileType(ftype).name.removeprefix("MOSTLY_") if ftype in gguf.LlamaFileType._value2member_map_ \
         else str(ftype)
     params = f"{info['n_params'] / 1e6:.2f} M"
-    head = ("| model | size | params | threads | kv mode | test | t/s |\n"
-            "| --- | ---: | ---: | ---: | --- | ---: | ---: |")
+    head = ("| model | size | params | backend | kv mode | test | t/s |\n"
+            "| --- | ---: | ---: | --- | --- | ---: | ---: |")
+    backend = "CUDA" if llm.device == "cuda" else f"CPU {n_threads or 'all'} threads"
     lines = [head]
     for r in rows:
-        lines.append(f"| {info['arch']} {kind} | {size} | {params} | {n_threads or 'all'} | "
+        lines.append(f"| {info['arch']} {kind} | {size} | {params} | {backend} | "
                      f"{stats['mode']} ({stats['capacity']}) | {r['test']} | {r['tokens_per_second']:.2f} ± {r['sd']:.2f} |")
     return "\n".join(lines)

@@ -34,7 +34,7 @@ def main() -> None:
 @main.command()
 @click.argument("src")
 @click.option("-o", "--out", type=click.Path(dir_okay=False), help="Output GGUF path [default: ./<name>-<OUTTYPE>.gguf].")
-@click.option("--outtype", type=click.Choice(["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "auto"]),
+@click.option("--outtype", type=click.Choice(["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q4_k_m", "auto"]),
               help="Tensor type for the weights [default: f16; a GGUF source keeps its types].")
 @click.option("--separators", help='Separator set override, a JSON list of token texts and ids: \'[".", ",", "\\n", 198]\'.')
 @click.option("--n-init", type=int, default=sepllm.DEFAULTS["n_init"], show_default=True, help="SepLLM initial tokens.")
@@ -96,7 +96,7 @@ KV_MODES = ["full", "sepllm", "sepllm-stream", "streamingllm"]
 
 
 def cache_options(default_mode: str):
-    """The KV cache flags, named as the Engine's arguments."""
+    """The KV cache and device flags, named as the Engine's arguments."""
     def wrap(f):
         for opt in reversed([
             click.option("--kv-mode", type=click.Choice(KV_MODES), default=default_mode, show_default=True,
@@ -107,6 +107,8 @@ def cache_options(default_mode: str):
             click.option("--n-sep", type=int, default=None, help="Separators kept, 0 = all [default: sepllm.n_sep]."),
             click.option("--n-local", type=int, default=None, help="Window of recent tokens [default: sepllm.n_local]."),
             click.option("--n-cache", type=int, default=None, help="Cells of a sparse cache [default: sepllm.n_cache]."),
+            click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+                         help="Where the weights and the KV cache live."),
         ]):
             f = opt(f)
         return f

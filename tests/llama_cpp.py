@@ -57,10 +57,37 @@ def build(jobs: int = os.cpu_count() or 2) -> Path:
     return build_dir / "bin"
 
 
+# What a build of the tools needs (no docs, models, tests, examples, web UI, other GPU backends).
+SUBSET = ["CMakeLists.txt", "LICENSE", "cmake", "common", "include", "src", "vendor", "ggml/CMakeLists.txt",
+          "ggml/cmake", "ggml/include", "ggml/src/ggml-cpu", "ggml/src/ggml-cuda", "tools/CMakeLists.txt",
+          *[f"tools/{t}" for t in ("batched-bench", "gguf-split", "imatrix", "llama-bench", "completion", "perplexity",
+                                   "quantize", "tokenize", "tts", "mtmd", "cvector-generator", "export-lora",
+                                   "fit-params", "results")]]
+
+
+def subset(dest: Path) -> Path:
+    """The source folders a CUDA build of the tools needs, copied to `dest` (for a GPU machine
+    without network access)."""
+    import shutil
+    src = source_dir()
+    for rel in SUBSET:
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        if (src / rel).is_dir():
+            shutil.copytree(src / rel, dest / rel, dirs_exist_ok=True)
+        else:
+            shutil.copy2(src / rel, dest / rel)
+    for f in (src / "ggml" / "src").iterdir():  # the core's own files, not the other backends
+        if f.is_file():
+            shutil.copy2(f, dest / "ggml" / "src" / f.name)
+    return dest
+
+
 if __name__ == "__main__":
     if sys.argv[1:] == ["build"]:
         print(bin_dir() or build())
     elif sys.argv[1:] == ["source"]:
         print(source_dir())
+    elif len(sys.argv) == 3 and sys.argv[1] == "subset":
+        print(subset(Path(sys.argv[2])))
     else:
-        sys.exit("usage: python tests/llama_cpp.py build|source")
+        sys.exit("usage: python tests/llama_cpp.py build|source|subset DEST")

@@ -1,0 +1,676 @@
+// Attention over the live cells of the cache, in cache order [initial | separators | recent].
+//
+// One token (decode): split-K ("flash-decoding"). The live cells are cut into splits; a block takes
+// one split for the query heads sharing a KV head, so each key and value row is read once for all
+// of them. A cell's row is read by a group of lanes with 16-byte loads (head_dim / 8 lanes), so a
+// warp has several cells in flight; each group keeps its own running max, sum and weighted values
+// (online softmax), merged at the end of the block. The last block of a column to finish merges the
+// splits. The token's own rotation and its store into the cache happen in the same kernel. The grid
+// covers the most splits there can be and blocks past the live cells return at once, so the launch
+// does not depend on the step (CUDA graphs).
+//
+// Many tokens (prefill): a block takes 16 query rows (token, head) of one KV head and streams the
+// live cells through shared memory 64 at a time; Q K^T and P V run on the tensor cores.
+//
+// Keys are stored rotated with their original position; a cell with a delta (positions within the
+// cache) has its key rotated by the delta as it is read, with (cos, sin) from a table that is
+// rewritten only where a delta changed (deltas change at compressions, not every token).
+#include "se-cuda-quants.cuh"
+
+#include <mma.h>
+
+// Whether the query at position p sees the cell (se_kv_visible on the host).
+__device__ __forceinline__ bool visible(const se_dcell & c, int p, int floor, int mode, int n_local) {
+    if (c.pos + c.delta > p) return false;
+    if (mode != SE_KV_MODE_SEPLLM) return true;
+    return c.sep == INT32_MAX || c.pos > p - n_local || (c.sep >= 0 && c.sep >= floor);
+}
+
+// Dimension j of a key row rotated by the cell's delta, t its (cos, sin) row, pairs as rope_type.
+__device__ inline float rotated(const __half * k, int j, int d, const float2 * t, int rope_type) {
+    const int half = d / 2;
+    const int i = rope_type == SE_ROPE_NORM ? j / 2 : j % half;
+    const int ia = rope_type == SE_ROPE_NORM ? 2 * i : i, ib = rope_type == SE_ROPE_NORM ? 2 * i + 1 : i + half;
+    const float2 cs = t[i];
+    const float x0 = __half2float(k[ia]), x1 = __half2float(k[ib]);
+    return j == ia ? x0 * cs.x - x1 * cs.y : x0 * cs.y + x1 * cs.x;
+}
+
+// ---------------------------------------------------------------------------------------------
+// rotation tables
+
+// grid: block 0 the token's position; all blocks stride over the live cells, a warp a cell.
+__global__ void k_rope_tables(const se_dattn a, const double * freq, int32_t * tab_delta, float2 * dtab, float2 * rope) {
+    const int half = a.head_dim / 2;
+    if (rope && blockIdx.x == 0) {
+        const double p = a.pos[0];
+        for (int i = threadIdx.x; i < half; i += blockDim.x) {
+            double sn, cs;
+            sincos(p * freq[i], &sn, &cs);
+            rope[i] = make_float2((float) cs, (float) sn);
+        }
+    }
+    if (!dtab) return;
+    const int lane = threadIdx.x % 32, n_warps = gridDim.x * blockDim.x / 32;
+    for (int li = (blockIdx.x * blockDim.x + threadIdx.x) / 32; li < a.step->n_live; li += n_warps) {
+        const se_dcell c = a.live[li];
+        if (c.delta == 0 || tab_delta[c.cell] == c.delta) continue;
+        for (int i = lane; i < half; i += 32) {
+            double sn, cs;
+            sincos((double) c.delta * freq[i], &sn, &cs);
+            dtab[(int64_t) c.cell * half + i] = make_float2((float) cs, (float) sn);
+        }
+        __syncwarp();
+        if (lane == 0) tab_delta[c.cell] = c.delta;
+    }
+}
+
+int se_cuda_rope_tables(const se_dattn * a, const double * freq, int32_t * tab_delta, float2 * dtab, float2 * rope,
+                        cudaStream_t s) {
+    if (!dtab && !rope) return SE_OK;
+    k_rope_tables<<<dtab ? 132 : 1, 256, 0, s>>>(*a, freq, tab_delta, dtab, rope);
+    SE_CUDA_CHECK(cudaGetLastError());
+    return SE_OK;
+}
+
+// ---------------------------------------------------------------------------------------------
+// one token
+
+#define DEC_WARPS 4
+#define DEC_MAX_G 8    // query heads a block
+#define DEC_STAGE 256  // cells staged in shared memory at once
+#define DEC_U 4        // cells a lane group has in flight
+
+__device__ __forceinline__ int n_splits_of(int n_live, int max_splits) {
+    const int n = (n_live + SE_ATTN_SPLIT - 1) / SE_ATTN_SPLIT;
+    return n < max_splits ? n : max_splits;
+}
+
+__device__ __forceinline__ void load8(const __half * p, float x[8]) {
+    const int4 raw = *(const int4 *) p;
+    const __half2 * h = (const __half2 *) &raw;
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+        const float2 f = __half22float2(h[e]);
+        x[2 * e] = f.x;
+        x[2 * e + 1] = f.y;
+    }
+}
+
+// Dimensions [j0, j0 + 8) of key row kr (already in k) rotated by the cell's delta (table row t).
+__device__ __forceinline__ void rotate8(float k[8], const __half * kr, int j0, int d, const float2 * t, int rope_type) {
+    if (rope_type == SE_ROPE_NORM) {  // pairs (2i, 2i + 1) lie within the lane's eight
+#pragma unroll
+        for (int e = 0; e < 8; e += 2) {
+            const float2 cs = t[(j0 + e) / 2];
+            const float x0 = k[e], x1 = k[e + 1];
+            k[e] = x0 * cs.x - x1 * cs.y;
+            k[e + 1] = x0 * cs.y + x1 * cs.x;
+        }
+        return;
+    }
+    const int half = d / 2;  // pairs (i, i + half): the partners are eight other dimensions
+    const bool low = j0 < half;
+    float pk[8];
+    load8(kr + (low ? j0 + half : j0 - half), pk);
+#pragma unroll
+    for (int e = 0; e < 8; e++) {
+        const float2 cs = t[(j0 + e) % half];
+        k[e] = low ? k[e] * cs.x - pk[e] * cs.y : pk[e] * cs.y + k[e] * cs.x;
+    }
+}
+
+// grid (n_head / gb, max_splits); block DEC_WARPS warps; head_dim d <= DP, d % 16 == 0; gb <= GB
+// query heads (registers scale with GB: fewer for smaller groups, more blocks a multiprocessor).
+template <int DP, int GB>
+__global__ void __launch_bounds__(DEC_WARPS * 32) k_attn_decode(const se_dattn a, int gb, int8_t * qx, float2 * ds) {
+    constexpr int L = DP / 8, C = 32 / L;  // lanes a cell, cells a warp at once
+    __shared__ __align__(16) float s_q[GB][DP];  // queries; at the end, the outputs
+    __shared__ __align__(16) __half s_k[DP], s_v[DP];   // the token's own key and value
+    __shared__ float s_m[DEC_WARPS][C][GB], s_l[DEC_WARPS][C][GB];
+    __shared__ float s_acc[DEC_WARPS][C][GB][DP];
+    __shared__ se_dcell s_cells[DEC_STAGE];                // the stage's cells; cell -1: not visible
+    __shared__ int s_last;
+
+    const int n_live = a.step->n_live, n_splits = n_splits_of(n_live, a.max_splits), split = blockIdx.y;
+    if (split >= n_splits) return;
+    const int len = (n_live + n_splits - 1) / n_splits, c0 = split * len, c1 = min(c0 + len, n_live);
+    const int d = a.head_dim, half = d / 2, group = a.n_head / a.n_head_kv;
+    const int h0 = blockIdx.x * gb, hk = h0 / group;
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, G = lane / L, j0 = 8 * (lane % L);
+    const int p = a.pos[0], floor = a.floor[0], mode = a.step->mode, n_local = a.step->n_local, own = a.cells[0];
+    const int64_t row = (int64_t) a.n_head_kv * d;
+    const bool norm = a.rope_type == SE_ROPE_NORM;
+
+    // the token's queries (scaled) and key rotated by its position; key and value rounded to f16
+    for (int idx = tid; idx < (gb + 1) * half; idx += blockDim.x) {
+        const int g = idx / half, i = idx % half;
+        const int ia = norm ? 2 * i : i, ib = norm ? 2 * i + 1 : i + half;
+        const float * x = g < gb ? a.q + (int64_t) (h0 + g) * d : a.k_new + (int64_t) hk * d;
+        const float2 cs = a.rope[i];
+        const float x0 = x[ia], x1 = x[ib], r0 = x0 * cs.x - x1 * cs.y, r1 = x0 * cs.y + x1 * cs.x;
+        if (g < gb) {
+            s_q[g][ia] = r0 * a.scale;
+            s_q[g][ib] = r1 * a.scale;
+        } else {
+            s_k[ia] = __float2half(r0);
+            s_k[ib] = __float2half(r1);
+        }
+    }
+    for (int j = d + tid; j < DP; j += blockDim.x) {
+        s_k[j] = __float2half(0.0f);
+        for (int g = 0; g < GB; g++) s_q[g][j] = 0;
+    }
+    for (int j = tid; j < DP; j += blockDim.x) s_v[j] = __float2half(j < d ? a.v_new[(int64_t) hk * d + j] : 0.0f);
+    __syncthreads();
+    if (split == 0 && h0 % group == 0) {  // one block a KV head stores the token
+        for (int j = tid; j < d; j += blockDim.x) {
+            a.k[(int64_t) own * row + (int64_t) hk * d + j] = s_k[j];
+            a.v[(int64_t) own * row + (int64_t) hk * d + j] = s_v[j];
+        }
+    }
+
+    float q[GB][8], acc[GB][8], m[GB], l[GB];
+#pragma unroll
+    for (int g = 0; g < GB; g++) {
+        m[g] = -INFINITY;
+        l[g] = 0;
+#pragma unroll
+        for (int e = 0; e < 8; e++) {
+            q[g][e] = g < gb ? s_q[g][j0 + e] : 0.0f;
+            acc[g][e] = 0;
+        }
+    }
+    const bool dims = j0 < d;
+    // the split's cells, a stage at a time: staged in shared memory with their visibility, then each
+    // lane group takes DEC_U of them at once (all their loads in flight before any arithmetic)
+    for (int sb = c0; sb < c1; sb += DEC_STAGE) {
+        const int sn = min(DEC_STAGE, c1 - sb);
+        __syncthreads();  // the previous stage is done
+        for (int t = tid; t < sn; t += blockDim.x) {
+            se_dcell c = a.live[sb + t];
+            if (!visible(c, p, floor, mode, n_local)) c.cell = -1;
+            s_cells[t] = c;
+        }
+        __syncthreads();
+        for (int base = warp * C * DEC_U; base < sn; base += DEC_WARPS * C * DEC_U) {
+            int4 kraw[DEC_U], vraw[DEC_U];
+            se_dcell cu[DEC_U];
+#pragma unroll
+            for (int u = 0; u < DEC_U; u++) {
+                const int i = base + u * C + G;
+                cu[u] = i < sn ? s_cells[i] : se_dcell{-1, 0, 0, -1};
+                if (cu[u].cell >= 0 && dims) {
+                    const bool mine = cu[u].cell == own;
+                    const __half * kr = mine ? s_k : a.k + (int64_t) cu[u].cell * row + (int64_t) hk * d;
+                    const __half * vr = mine ? s_v : a.v + (int64_t) cu[u].cell * row + (int64_t) hk * d;
+                    kraw[u] = *(const int4 *) (kr + j0);
+                    vraw[u] = *(const int4 *) (vr + j0);
+                } else {
+                    kraw[u] = vraw[u] = make_int4(0, 0, 0, 0);
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < DEC_U; u++) {
+                const se_dcell c = cu[u];
+                const bool vis = c.cell >= 0;
+                float k[8], v[8];
+                const __half2 * kh = (const __half2 *) &kraw[u], * vh = (const __half2 *) &vraw[u];
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const float2 kf = __half22float2(kh[e]), vf = __half22float2(vh[e]);
+                    k[2 * e] = kf.x, k[2 * e + 1] = kf.y, v[2 * e] = vf.x, v[2 * e + 1] = vf.y;
+                }
+                if (vis && dims && c.delta != 0) {
+                    const __half * kr = c.cell == own ? s_k : a.k + (int64_t) c.cell * row + (int64_t) hk * d;
+                    rotate8(k, kr, j0, d, a.dtab + (int64_t) c.cell * half, a.rope_type);
+                }
+#pragma unroll
+                for (int g = 0; g < GB; g++) {
+                    if (g >= gb) break;
+                    float sc = 0;
+#pragma unroll
+                    for (int e = 0; e < 8; e++) sc += q[g][e] * k[e];
+#pragma unroll
+                    for (int off = L / 2; off > 0; off >>= 1) sc += __shfl_xor_sync(0xffffffffu, sc, off);
+                    if (vis) {
+                        const float m_new = fmaxf(m[g], sc), alpha = __expf(m[g] - m_new), w = __expf(sc - m_new);
+                        m[g] = m_new;
+                        l[g] = l[g] * alpha + w;
+#pragma unroll
+                        for (int e = 0; e < 8; e++) acc[g][e] = acc[g][e] * alpha + w * v[e];
+                    }
+                }
+            }
+        }
+    }
+    // merge the lane groups and warps: this split's (weighted values, max, sum) per head
+#pragma unroll
+    for (int g = 0; g < GB; g++) {
+        if (g >= gb) break;
+        if (lane % L == 0) s_m[warp][G][g] = m[g], s_l[warp][G][g] = l[g];
+#pragma unroll
+        for (int e = 0; e < 8; e++) s_acc[warp][G][g][j0 + e] = acc[g][e];
+    }
+    __syncthreads();
+    for (int idx = tid; idx < gb * d; idx += blockDim.x) {
+        const int g = idx / d, j = idx % d;
+        float mx = -INFINITY;
+        for (int w = 0; w < DEC_WARPS; w++)
+            for (int u = 0; u < C; u++) mx = fmaxf(mx, s_m[w][u][g]);
+        float sum = 0, val = 0;
+        if (mx != -INFINITY) {
+            for (int w = 0; w < DEC_WARPS; w++)
+                for (int u = 0; u < C; u++) {
+                    const float f = __expf(s_m[w][u][g] - mx);
+                    sum += s_l[w][u][g] * f;
+                    val += s_acc[w][u][g][j] * f;
+                }
+        }
+        if (n_splits == 1) {
+            s_q[g][j] = sum > 0 ? val / sum : 0.0f;
+            continue;
+        }
+        float * part = a.part + ((int64_t) (h0 + g) * a.max_splits + split) * (d + 2);
+        part[j] = val;
+        if (j == 0) part[d] = mx, part[d + 1] = sum;
+    }
+    if (n_splits > 1) {  // the column's last block to finish merges every split
+        __threadfence();
+        __syncthreads();
+        if (tid == 0) s_last = atomicAdd(&a.count[blockIdx.x], 1u) == (unsigned) n_splits - 1;
+        __syncthreads();
+        if (!s_last) return;
+        __threadfence();
+        // each split's weight exp(m - max) per head (in s_acc, free now), then the weighted sums
+        float * s_pw = &s_acc[0][0][0][0], * s_pl = s_pw + GB * SE_ATTN_MAX_SPLITS, * s_hm = s_pl + GB * SE_ATTN_MAX_SPLITS;
+        for (int idx = tid; idx < gb * n_splits; idx += blockDim.x) {
+            const int g = idx / n_splits, sp = idx % n_splits;
+            const float * part = a.part + ((int64_t) (h0 + g) * a.max_splits + sp) * (d + 2);
+            s_pw[g * SE_ATTN_MAX_SPLITS + sp] = __ldcg(part + d);
+            s_pl[g * SE_ATTN_MAX_SPLITS + sp] = __ldcg(part + d + 1);
+        }
+        __syncthreads();
+        for (int g = warp; g < gb; g += DEC_WARPS) {
+            float mx = -INFINITY;
+            for (int sp = lane; sp < n_splits; sp += 32) mx = fmaxf(mx, s_pw[g * SE_ATTN_MAX_SPLITS + sp]);
+            mx = warp_max(mx);
+            float sum = 0;
+            for (int sp = lane; sp < n_splits; sp += 32) {
+                const float ms = s_pw[g * SE_ATTN_MAX_SPLITS + sp];
+                const float f = ms == -INFINITY ? 0.0f : __expf(ms - mx);
+                s_pw[g * SE_ATTN_MAX_SPLITS + sp] = f;
+                sum += s_pl[g * SE_ATTN_MAX_SPLITS + sp] * f;
+            }
+            sum = warp_sum(sum);
+            if (lane == 0) s_hm[g] = sum;
+        }
+        __syncthreads();
+        for (int idx = tid; idx < gb * d; idx += blockDim.x) {
+            const int g = idx / d, j = idx % d;
+            const float * part = a.part + (int64_t) (h0 + g) * a.max_splits * (d + 2) + j;
+            const float * w = s_pw + g * SE_ATTN_MAX_SPLITS;
+            float val = 0;
+#pragma unroll 8
+            for (int sp = 0; sp < n_splits; sp++) val += __ldcg(part + sp * (d + 2)) * w[sp];
+            s_q[g][j] = s_hm[g] > 0 ? val / s_hm[g] : 0.0f;
+        }
+        if (tid == 0) a.count[blockIdx.x] = 0;
+    }
+    __syncthreads();
+    // the output; with qx also in 8-bit blocks (head_dim % 32 == 0: a warp's 32 values, one head)
+    for (int b0 = 32 * warp; b0 < gb * d; b0 += 32 * DEC_WARPS) {
+        const int idx = b0 + lane, g = idx / d, j = idx % d;
+        const float out = idx < gb * d ? s_q[g][j] : 0.0f;
+        if (idx < gb * d) a.out[(int64_t) (h0 + g) * d + j] = out;
+        if (qx) {
+            float dq;
+            const int qv = q8_lane(out, dq);
+            const float qsum = warp_sum((float) qv);
+            qx[(int64_t) h0 * d + idx] = (int8_t) qv;
+            if (lane == 0) ds[((int64_t) h0 * d + idx) / 32] = make_float2(dq, dq * qsum);
+        }
+    }
+}
+
+// Other head sizes (tests' tiny models): the token is rotated and stored first (k_rope_store); a
+// warp takes the cells of its split one by one, a lane dimensions lane, lane + 32, ...
+#define ROW_MAX_E 4
+
+__global__ void __launch_bounds__(DEC_WARPS * 32) k_attn_split(const se_dattn a, int gb) {
+    __shared__ float s_m[DEC_WARPS][DEC_MAX_G], s_l[DEC_WARPS][DEC_MAX_G];
+    __shared__ float s_acc[DEC_WARPS][DEC_MAX_G][128];
+    const int n_live = a.step->n_live, n_splits = n_splits_of(n_live, a.max_splits), split = blockIdx.y;
+    if (split >= n_splits) return;
+    const int len = (n_live + n_splits - 1) / n_splits, c0 = split * len, c1 = min(c0 + len, n_live);
+    const int d = a.head_dim, group = a.n_head / a.n_head_kv;
+    const int h0 = blockIdx.x * gb, hk = h0 / group;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int p = a.pos[0], floor = a.floor[0], mode = a.step->mode, n_local = a.step->n_local;
+    const int64_t row = (int64_t) a.n_head_kv * d;
+
+    float q[DEC_MAX_G][ROW_MAX_E], acc[DEC_MAX_G][ROW_MAX_E], m[DEC_MAX_G], l[DEC_MAX_G];
+#pragma unroll
+    for (int g = 0; g < DEC_MAX_G; g++) {
+        m[g] = -INFINITY;
+        l[g] = 0;
+#pragma unroll
+        for (int e = 0; e < ROW_MAX_E; e++) {
+            const int j = lane + 32 * e;
+            q[g][e] = g < gb && j < d ? a.q[(int64_t) (h0 + g) * d + j] * a.scale : 0.0f;
+            acc[g][e] = 0;
+        }
+    }
+    for (int i = c0 + warp; i < c1; i += DEC_WARPS) {
+        const se_dcell c = a.live[i];
+        if (!visible(c, p, floor, mode, n_local)) continue;
+        const __half * kr = a.k + (int64_t) c.cell * row + (int64_t) hk * d;
+        const __half * vr = a.v + (int64_t) c.cell * row + (int64_t) hk * d;
+        const float2 * t = a.dtab + (int64_t) c.cell * (d / 2);
+        float k[ROW_MAX_E], v[ROW_MAX_E];
+#pragma unroll
+        for (int e = 0; e < ROW_MAX_E; e++) {
+            const int j = lane + 32 * e;
+            k[e] = j >= d ? 0.0f : c.delta == 0 ? __half2float(kr[j]) : rotated(kr, j, d, t, a.rope_type);
+            v[e] = j < d ? __half2float(vr[j]) : 0.0f;
+        }
+#pragma unroll
+        for (int g = 0; g < DEC_MAX_G; g++) {
+            if (g >= gb) break;
+            float s = 0;
+#pragma unroll
+            for (int e = 0; e < ROW_MAX_E; e++) s += q[g][e] * k[e];
+            s = warp_sum(s);
+            const float m_new = fmaxf(m[g], s), alpha = __expf(m[g] - m_new), w = __expf(s - m_new);
+            m[g] = m_new;
+            l[g] = l[g] * alpha + w;
+#pragma unroll
+            for (int e = 0; e < ROW_MAX_E; e++) acc[g][e] = acc[g][e] * alpha + w * v[e];
+        }
+    }
+#pragma unroll
+    for (int g = 0; g < DEC_MAX_G; g++) {
+        if (g >= gb) break;
+        if (lane == 0) s_m[warp][g] = m[g], s_l[warp][g] = l[g];
+#pragma unroll
+        for (int e = 0; e < ROW_MAX_E; e++)
+            if (lane + 32 * e < d) s_acc[warp][g][lane + 32 * e] = acc[g][e];
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < gb * d; idx += blockDim.x) {
+        const int g = idx / d, j = idx % d;
+        float mx = -INFINITY;
+        for (int w = 0; w < DEC_WARPS; w++) mx = fmaxf(mx, s_m[w][g]);
+        float sum = 0, val = 0;
+        if (mx != -INFINITY) {
+            for (int w = 0; w < DEC_WARPS; w++) {
+                const float f = __expf(s_m[w][g] - mx);
+                sum += s_l[w][g] * f;
+                val += s_acc[w][g][j] * f;
+            }
+        }
+        float * part = a.part + ((int64_t) (h0 + g) * a.max_splits + split) * (d + 2);
+        part[j] = val;
+        if (j == 0) part[d] = mx, part[d + 1] = sum;
+    }
+}
+
+// grid n_head, block head_dim rounded up to warps: merge the splits of k_attn_split.
+__global__ void k_attn_merge(const se_dattn a, int8_t * qx, float2 * ds) {
+    const int h = blockIdx.x, j = threadIdx.x, d = a.head_dim;
+    const int n_splits = n_splits_of(a.step->n_live, a.max_splits);
+    const float * part = a.part + (int64_t) h * a.max_splits * (d + 2);
+    float mx = -INFINITY;
+    for (int s = 0; s < n_splits; s++) mx = fmaxf(mx, part[s * (d + 2) + d]);
+    float sum = 0, val = 0;
+    for (int s = 0; s < n_splits && mx != -INFINITY; s++) {
+        const float ms = part[s * (d + 2) + d];
+        if (ms == -INFINITY) continue;
+        const float f = __expf(ms - mx);
+        sum += part[s * (d + 2) + d + 1] * f;
+        if (j < d) val += part[s * (d + 2) + j] * f;
+    }
+    const float out = sum > 0 ? val / sum : 0.0f;
+    if (j < d) a.out[(int64_t) h * d + j] = out;
+    if (qx) {  // head_dim is a multiple of 32 here
+        float dq;
+        const int q = q8_lane(out, dq);
+        qx[(int64_t) h * d + j] = (int8_t) q;
+        const float qsum = warp_sum((float) q);
+        if (j % 32 == 0) ds[((int64_t) h * d + j) / 32] = make_float2(dq, dq * qsum);
+    }
+}
+
+static int heads_per_block(int group) {
+    int gb = group < DEC_MAX_G ? group : DEC_MAX_G;
+    while (group % gb) gb--;
+    return gb;
+}
+
+template <int DP>
+static void launch_decode(const se_dattn * a, int gb, dim3 grid, int8_t * qx, float2 * ds, cudaStream_t s) {
+    if (gb == 1) k_attn_decode<DP, 1><<<grid, DEC_WARPS * 32, 0, s>>>(*a, gb, qx, ds);
+    else if (gb == 2) k_attn_decode<DP, 2><<<grid, DEC_WARPS * 32, 0, s>>>(*a, gb, qx, ds);
+    else if (gb <= 4) k_attn_decode<DP, 4><<<grid, DEC_WARPS * 32, 0, s>>>(*a, gb, qx, ds);
+    else k_attn_decode<DP, 8><<<grid, DEC_WARPS * 32, 0, s>>>(*a, gb, qx, ds);
+}
+
+bool se_cuda_decode_fused(int32_t head_dim) { return head_dim % 16 == 0 && head_dim <= 128; }
+
+int se_cuda_attention_decode(const se_dattn * a, int8_t * qx, float2 * ds, cudaStream_t s) {
+    const int gb = heads_per_block(a->n_head / a->n_head_kv);
+    const dim3 grid((unsigned) (a->n_head / gb), (unsigned) a->max_splits);
+    if (se_cuda_decode_fused(a->head_dim)) {
+        if (a->head_dim <= 32) launch_decode<32>(a, gb, grid, qx, ds, s);
+        else if (a->head_dim <= 64) launch_decode<64>(a, gb, grid, qx, ds, s);
+        else launch_decode<128>(a, gb, grid, qx, ds, s);
+        SE_CUDA_CHECK(cudaGetLastError());
+        return SE_OK;
+    }
+    k_attn_split<<<grid, DEC_WARPS * 32, 0, s>>>(*a, gb);
+    SE_CUDA_CHECK(cudaGetLastError());
+    k_attn_merge<<<a->n_head, (a->head_dim + 31) / 32 * 32, 0, s>>>(*a, qx, ds);
+    SE_CUDA_CHECK(cudaGetLastError());
+    return SE_OK;
+}
+
+// ---------------------------------------------------------------------------------------------
+// many tokens, head_dim a multiple of 16 up to 128: tensor cores
+
+namespace wmma = nvcuda::wmma;
+
+#define PF_ROWS 16    // query rows (token, head) a block
+#define PF_CELLS 64   // cells a tile
+
+template <int D>
+__global__ void __launch_bounds__(128) k_attn_prefill(const se_dattn a, int32_t n) {
+    constexpr int LDH = D + 8, LDS = PF_CELLS + 4, LDP = PF_CELLS + 8;
+    __shared__ __align__(32) __half qs[PF_ROWS * LDH];
+    __shared__ __align__(32) __half kv[PF_CELLS * LDH];     // the tile's keys, then its values
+    __shared__ __align__(32) float sc[PF_ROWS * LDS];       // scores
+    __shared__ __align__(32) __half pr[PF_ROWS * LDP];      // probabilities
+    __shared__ __align__(32) float o[PF_ROWS * D];          // running output
+    __shared__ __align__(32) float pv[PF_ROWS * D];         // this tile's P V
+    __shared__ float row_m[PF_ROWS], row_l[PF_ROWS], row_alpha[PF_ROWS];
+    __shared__ int row_p[PF_ROWS], row_floor[PF_ROWS];
+    __shared__ se_dcell cells[PF_CELLS];
+
+    const int group = a.n_head / a.n_head_kv, hk = blockIdx.y;
+    const int tid = threadIdx.x, warp = tid / 32;
+    const int n_rows = n * group, r0 = blockIdx.x * PF_ROWS;
+    const int n_live = a.step->n_live, mode = a.step->mode, n_local = a.step->n_local;
+    const int64_t row = (int64_t) a.n_head_kv * D;
+
+    for (int idx = tid; idx < PF_ROWS * D; idx += blockDim.x) {  // queries, scaled
+        const int r = idx / D, j = idx % D, R = r0 + r;
+        float val = 0;
+        if (R < n_rows) val = a.q[((int64_t) (R / group) * a.n_head + hk * group + R % group) * D + j] * a.scale;
+        qs[r * LDH + j] = __float2half(val);
+        o[idx] = 0;
+    }
+    if (tid < PF_ROWS) {
+        const int R = r0 + tid;
+        row_m[tid] = -INFINITY;
+        row_l[tid] = 0;
+        row_p[tid] = R < n_rows ? a.pos[R / group] : -1;
+        row_floor[tid] = R < n_rows ? a.floor[R / group] : 0;
+    }
+
+    for (int j0 = 0; j0 < n_live; j0 += PF_CELLS) {
+        __syncthreads();  // the previous tile is done with kv, sc, pr
+        if (tid < PF_CELLS) {
+            se_dcell c = {-1, 0, 0, -1};
+            if (j0 + tid < n_live) c = a.live[j0 + tid];
+            cells[tid] = c;
+        }
+        __syncthreads();
+        // keys, rotated by their delta where they have one
+        for (int idx = tid; idx < PF_CELLS * D; idx += blockDim.x) {
+            const int ci = idx / D, j = idx % D;
+            const se_dcell c = cells[ci];
+            const __half * kr = a.k + (int64_t) c.cell * row + (int64_t) hk * D;
+            kv[ci * LDH + j] = c.cell < 0 ? __float2half(0.0f) : c.delta == 0 ? kr[j]
+                             : __float2half(rotated(kr, j, D, a.dtab + (int64_t) c.cell * (D / 2), a.rope_type));
+        }
+        __syncthreads();
+        {  // scores: warp w takes cells [16 w, 16 w + 16)
+            wmma::fragment<wmma::accumulator, 16, 16, 16, float> s;
+            wmma::fill_fragment(s, 0.0f);
+            for (int kk = 0; kk < D; kk += 16) {
+                wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> fq;
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> fk;
+                wmma::load_matrix_sync(fq, qs + kk, LDH);
+                wmma::load_matrix_sync(fk, kv + 16 * warp * LDH + kk, LDH);
+                wmma::mma_sync(s, fq, fk, s);
+            }
+            wmma::store_matrix_sync(sc + 16 * warp, s, LDS, wmma::mem_row_major);
+        }
+        __syncthreads();
+        {  // online softmax: 8 threads a row, 8 cells each
+            const int r = tid / 8, sub = tid % 8;
+            float x[8], mx = -INFINITY;
+            for (int e = 0; e < 8; e++) {
+                const int ci = 8 * sub + e;
+                const bool ok = row_p[r] >= 0 && cells[ci].cell >= 0 &&
+                                visible(cells[ci], row_p[r], row_floor[r], mode, n_local);
+                x[e] = ok ? sc[r * LDS + ci] : -INFINITY;
+                mx = fmaxf(mx, x[e]);
+            }
+            for (int off = 4; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+            const float m_old = row_m[r], m_new = fmaxf(m_old, mx);
+            float sum = 0;
+            for (int e = 0; e < 8; e++) {
+                const float pe = x[e] == -INFINITY ? 0.0f : __expf(x[e] - m_new);
+                sum += pe;
+                pr[r * LDP + 8 * sub + e] = __float2half(pe);
+            }
+            for (int off = 4; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+            __syncwarp();
+            if (sub == 0) {
+                const float alpha = m_new == -INFINITY ? 1.0f : __expf(m_old - m_new);
+                row_alpha[r] = alpha;
+                row_l[r] = row_l[r] * alpha + sum;
+                row_m[r] = m_new;
+            }
+        }
+        __syncthreads();
+        for (int idx = tid; idx < PF_CELLS * D; idx += blockDim.x) {  // values replace the keys
+            const int ci = idx / D, j = idx % D;
+            const se_dcell c = cells[ci];
+            kv[ci * LDH + j] = c.cell >= 0 ? a.v[(int64_t) c.cell * row + (int64_t) hk * D + j] : __float2half(0.0f);
+        }
+        __syncthreads();
+        for (int nb = warp; nb < D / 16; nb += 4) {  // P V: warp takes output columns [16 nb, +16)
+            wmma::fragment<wmma::accumulator, 16, 16, 16, float> t;
+            wmma::fill_fragment(t, 0.0f);
+            for (int kk = 0; kk < PF_CELLS; kk += 16) {
+                wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> fp;
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::row_major> fv;
+                wmma::load_matrix_sync(fp, pr + kk, LDP);
+                wmma::load_matrix_sync(fv, kv + kk * LDH + 16 * nb, LDH);
+                wmma::mma_sync(t, fp, fv, t);
+            }
+            wmma::store_matrix_sync(pv + 16 * nb, t, D, wmma::mem_row_major);
+        }
+        __syncthreads();
+        for (int idx = tid; idx < PF_ROWS * D; idx += blockDim.x) o[idx] = o[idx] * row_alpha[idx / D] + pv[idx];
+    }
+    __syncthreads();
+    for (int idx = tid; idx < PF_ROWS * D; idx += blockDim.x) {
+        const int r = idx / D, j = idx % D, R = r0 + r;
+        if (R >= n_rows) continue;
+        const float l = row_l[r];
+        a.out[((int64_t) (R / group) * a.n_head + hk * group + R % group) * D + j] = l > 0 ? o[idx] / l : 0.0f;
+    }
+}
+
+// Other head sizes: a warp per query row, the cells one by one (tests' tiny models).
+__global__ void k_attn_rows(const se_dattn a, int32_t n) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int R = blockIdx.x * 4 + warp;  // (token, head)
+    if (R >= n * a.n_head) return;
+    const int t = R / a.n_head, h = R % a.n_head, hk = h / (a.n_head / a.n_head_kv), d = a.head_dim;
+    const int p = a.pos[t], floor = a.floor[t], mode = a.step->mode, n_local = a.step->n_local;
+    const int64_t row = (int64_t) a.n_head_kv * d;
+    float q[ROW_MAX_E], acc[ROW_MAX_E], m = -INFINITY, l = 0;
+    for (int e = 0; e < ROW_MAX_E; e++) {
+        const int j = lane + 32 * e;
+        q[e] = j < d ? a.q[((int64_t) t * a.n_head + h) * d + j] * a.scale : 0.0f;
+        acc[e] = 0;
+    }
+    for (int i = 0; i < a.step->n_live; i++) {
+        const se_dcell c = a.live[i];
+        if (!visible(c, p, floor, mode, n_local)) continue;
+        const __half * kr = a.k + (int64_t) c.cell * row + (int64_t) hk * d;
+        float k[ROW_MAX_E];
+        for (int e = 0; e < ROW_MAX_E; e++) {
+            const int j = lane + 32 * e;
+            k[e] = j >= d ? 0.0f : c.delta == 0 ? __half2float(kr[j]) : rotated(kr, j, d, a.dtab + (int64_t) c.cell * (d / 2), a.rope_type);
+        }
+        float s = 0;
+        for (int e = 0; e < ROW_MAX_E; e++) s += q[e] * k[e];
+        s = warp_sum(s);
+        const float m_new = fmaxf(m, s), alpha = __expf(m - m_new), w = __expf(s - m_new);
+        m = m_new;
+        l = l * alpha + w;
+        for (int e = 0; e < ROW_MAX_E; e++) {
+            const int j = lane + 32 * e;
+            const float v = j < d ? __half2float(a.v[(int64_t) c.cell * row + (int64_t) hk * d + j]) : 0.0f;
+            acc[e] = acc[e] * alpha + w * v;
+        }
+    }
+    for (int e = 0; e < ROW_MAX_E; e++) {
+        const int j = lane + 32 * e;
+        if (j < d) a.out[((int64_t) t * a.n_head + h) * d + j] = l > 0 ? acc[e] / l : 0.0f;
+    }
+}
+
+int se_cuda_attention_prefill(const se_dattn * a, int32_t n, cudaStream_t s) {
+    const int group = a->n_head / a->n_head_kv;
+    const dim3 grid((unsigned) ((n * group + PF_ROWS - 1) / PF_ROWS), (unsigned) a->n_head_kv);
+    if (a->head_dim == 128) {
+        k_attn_prefill<128><<<grid, 128, 0, s>>>(*a, n);
+    } else if (a->head_dim == 64) {
+        k_attn_prefill<64><<<grid, 128, 0, s>>>(*a, n);
+    } else {
+        k_attn_rows<<<(unsigned) ((n * a->n_head + 3) / 4), 128, 0, s>>>(*a, n);
+    }
+    SE_CUDA_CHECK(cudaGetLastError());
+    return SE_OK;
+}
+
+template <int DP, int GB>
+static void carveout_decode() {
+    cudaFuncSetAttribute(k_attn_decode<DP, GB>, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
+}
+
+// One shared-memory carveout for every kernel: a change between two kernels drains the multiprocessor.
+void se_cuda_attention_init() {
+    carveout_decode<32, 1>(), carveout_decode<32, 2>(), carveout_decode<32, 4>(), carveout_decode<32, 8>();
+    carveout_decode<64, 1>(), carveout_decode<64, 2>(), carveout_decode<64, 4>(), carveout_decode<64, 8>();
+    carveout_decode<128, 1>(), carveout_decode<128, 2>(), carveout_decode<128, 4>(), carveout_decode<128, 8>();
+    const void * kernels[] = {(const void *) k_rope_tables, (const void *) k_attn_split, (const void *) k_attn_merge,
+                              (const void *) k_attn_prefill<64>, (const void *) k_attn_prefill<128>, (const void *) k_attn_rows};
+    for (const void * k : kernels) cudaFuncSetAttribute(k, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
+    cudaGetLastError();
+}

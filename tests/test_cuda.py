@@ -1,0 +1,318 @@
+"""The CUDA backend. Tests marked `gpu` need a CUDA GPU and are skipped cleanly without one (CI);
+the rest check what a machine without a GPU gets.
+
+Kernels: every matrix-product path against float64 references on fresh random blocks (every code
+and bit pattern) of odd sizes. Models: logits against the torch reference and the CPU engine for
+every tensor type, prompt and step by step; every KV cache mode against the CPU engine through long
+streams with compression events, cells and statistics included; CUDA graphs and the float decode
+path against the default."""
+
+import os
+import secrets
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as QT
+
+import fixtures
+from sepedge import BackendError, Engine, InvalidArgumentError
+from sepedge._ffi import ffi, lib
+from sepedge.convert import OUTTYPES, convert, quants
+from sepedge.errors import check
+from sepedge.reference import Transformer
+from test_kernels import TYPES, q8_reference, random_blocks
+
+
+def cuda_devices() -> tuple[int, str]:
+    n = ffi.new("int32_t *")
+    status = lib.se_cuda_device_count(n)
+    return (n[0] if status == 0 else 0), ffi.string(lib.se_last_error()).decode()
+
+
+N_GPUS, WHY_NOT = cuda_devices()
+_skip = pytest.mark.skipif(N_GPUS == 0, reason=f"no CUDA GPU ({WHY_NOT or 'none found'})")
+
+
+def gpu(f):
+    return pytest.mark.gpu(_skip(f))
+
+# Kernels, relative to sum_j |w_j x_j| of each output: float32 accumulation; the tensor-core
+# prefill path rounds weights and activations to f16 (2^-11 relative each).
+MAX_MV_REL_ERROR = 1e-5
+MAX_TC_REL_ERROR = 2e-3
+# Models, max |a - b| / max |b| over a sequence's logits (f16 keys and values throughout).
+# Prefill against the float64 reference: f16 tensor-core inputs (measured <= 1e-3 on every type).
+MAX_PREFILL_REL = 3e-3
+# Decode against the reference: float weights at rounding level (measured <= 3e-4); quantized ones
+# take 8-bit activations as llama.cpp and the CPU engine do (measured <= 1.6e-2).
+MAX_DECODE_REL = {"f32": 1e-3, "f16": 1e-3, "bf16": 1e-3, "q8_0": 4e-2, "q4_0": 4e-2, "q4_1": 4e-2, "q4_k_m": 4e-2}
+# Decode against the CPU engine from an empty cache: the same 8-bit activation scheme, but summation
+# order and f16 rounding differ, and a value that lands on the other side of a rounding step moves
+# by a whole 8-bit step (measured <= 2e-5 for float weights, <= 1.4e-2 for quantized ones).
+MAX_REL_VS_CPU_DECODE = {"f32": 1e-3, "f16": 1e-3, "bf16": 1e-3, "q8_0": 4e-2, "q4_0": 4e-2, "q4_1": 4e-2, "q4_k_m": 4e-2}
+# Prefill against the CPU engine, whose products take 8-bit activations for quantized weights.
+MAX_REL_VS_CPU_PREFILL = 4e-2
+SEP_RATE = 0.2
+N_STEPS = 200
+REPORT = os.environ.get("SEPEDGE_CUDA_REPORT")  # a file to append measured errors to (tuning the bounds)
+
+
+def report(*fields) -> None:
+    if REPORT:
+        with open(REPORT, "a") as f:
+            f.write("\t".join(str(x) for x in fields) + "\n")
+
+
+@pytest.fixture
+def rng():
+    seed = secrets.randbits(32)
+    print(f"random seed {seed}")
+    return np.random.default_rng(seed)
+
+
+def rel(a, b) -> float:
+    return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
+
+
+# ---------------------------------------------------------------------------------------------
+# without a GPU
+
+
+@pytest.mark.skipif(N_GPUS > 0, reason="a GPU is present")
+def test_no_gpu_is_a_clear_error(tiny_dirs, tmp_path):
+    path = convert(tiny_dirs("mha-d64"), tmp_path / "m.gguf", outtype="q8_0", progress=False)
+    with pytest.raises(BackendError, match="CUDA"):
+        Engine(path, device="cuda")
+    w = np.zeros(32 * 2, dtype=np.uint8)
+    x = np.zeros(32, dtype=np.float32)
+    out = np.zeros(2, dtype=np.float32)
+    with pytest.raises(BackendError, match="CUDA"):
+        check(lib.se_cuda_mul_mat(int(QT.Q8_0), ffi.from_buffer(w), 1, 32, ffi.from_buffer("float[]", x), 1,
+                                  ffi.from_buffer("float[]", out), 0))
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels
+
+
+def mul_mat(qtype, data, rows, cols, x, path) -> np.ndarray:
+    n = len(x)
+    out = np.empty((n, rows), dtype=np.float32)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    check(lib.se_cuda_mul_mat(int(qtype), ffi.from_buffer(np.ascontiguousarray(data)), rows, cols,
+                              ffi.from_buffer("float[]", x), n, ffi.from_buffer("float[]", out), path))
+    return out
+
+
+def weights(rng, qtype, rows, cols) -> np.ndarray:
+    if gguf.GGML_QUANT_SIZES[qtype][0] == 1:
+        return quants.quantize(rng.standard_normal((rows, cols)).astype(np.float32), qtype).reshape(-1)
+    return random_blocks(rng, qtype, rows * cols // gguf.GGML_QUANT_SIZES[qtype][0])
+
+
+def shapes(qtype):
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    cols = [block, 3 * block, 37 * block] if block > 1 else [7, 33, 96, 1001]
+    return [(rows, c) for rows, c in zip([1, 37, 130, 5], cols + cols[:1])]
+
+
+Q8_TYPES = {QT.Q4_0, QT.Q4_1, QT.Q8_0, QT.Q4_K, QT.Q6_K}  # types with a dp4a decode kernel
+
+
+@gpu
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_decode_kernels(rng, qtype):
+    """One token: dp4a against the float64 dot of dequantized weights and 8-bit activations; the
+    float path against the float64 dot with the activations as given."""
+    for rows, cols in shapes(qtype):
+        data = weights(rng, qtype, rows, cols)
+        w = gguf.quants.dequantize(data, qtype).reshape(rows, cols).astype(np.float64)
+        x = (rng.standard_normal((3, cols)) * rng.choice([1e-3, 1, 30])).astype(np.float32)
+        for path in (0, 1):
+            got = mul_mat(qtype, data, rows, cols, x[:1] if path == 0 else x, path)
+            xs = x[:1] if path == 0 else x
+            if path == 0 and qtype in Q8_TYPES:
+                a = q8_reference(xs[0])
+                xs = (a["d"][:, None].astype(np.float64) * a["qs"]).reshape(1, -1)
+            ref = xs.astype(np.float64) @ w.T
+            scale = np.abs(xs.astype(np.float64)) @ np.abs(w).T
+            err = float((np.abs(got - ref) / np.maximum(scale, 1e-30)).max())
+            report("decode", qtype.name, path, rows, cols, err)
+            assert err <= MAX_MV_REL_ERROR, (rows, cols, path)
+
+
+@gpu
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_prefill_kernel(rng, qtype):
+    """Many tokens through the tensor cores against the float64 product of dequantized weights."""
+    for rows, cols in shapes(qtype):
+        data = weights(rng, qtype, rows, cols)
+        w = gguf.quants.dequantize(data, qtype).reshape(rows, cols).astype(np.float64)
+        for n in (2, 70):
+            x = rng.standard_normal((n, cols)).astype(np.float32)
+            got = mul_mat(qtype, data, rows, cols, x, 0)
+            ref = x.astype(np.float64) @ w.T
+            scale = np.abs(x.astype(np.float64)) @ np.abs(w).T
+            err = float((np.abs(got - ref) / np.maximum(scale, 1e-30)).max())
+            report("prefill", qtype.name, n, rows, cols, err)
+            assert err <= MAX_TC_REL_ERROR, (rows, cols, n)
+
+
+# ---------------------------------------------------------------------------------------------
+# models
+
+
+@pytest.fixture(scope="module")
+def gguf_path(tiny_dirs, tmp_path_factory):
+    out, done = tmp_path_factory.mktemp("cuda-gguf"), {}
+
+    def get(spec: str, outtype: str):
+        if (spec, outtype) not in done:
+            done[spec, outtype] = convert(tiny_dirs(spec), out / f"{spec}-{outtype}.gguf", outtype=outtype, progress=False)
+        return done[spec, outtype]
+
+    return get
+
+
+def cuda_engine(path, **kw):
+    return Engine(path, device="cuda", kv_type="f16", **kw)
+
+
+def cpu_engine(path, **kw):
+    return Engine(path, kv_type="f16", n_threads=4, **kw)
+
+
+def step_by_step(llm, tokens) -> np.ndarray:
+    llm.reset()
+    return np.stack([llm.eval([t]) for t in tokens])
+
+
+@gpu
+@pytest.mark.parametrize("outtype", list(OUTTYPES))
+@pytest.mark.parametrize("spec", fixtures.SPECS, ids=lambda s: s.name)
+def test_logits_match_reference_and_cpu(gguf_path, rng, spec, outtype):
+    path = gguf_path(spec.name, outtype)
+    tokens = rng.integers(0, spec.n_tokens or spec.n_vocab, 40 + N_STEPS).tolist()
+    ref = Transformer.from_gguf(path, dtype=torch.float64)(torch.tensor(tokens)).numpy()
+    with cuda_engine(path, n_ctx=512, n_batch=16) as gpu_llm, cpu_engine(path, n_ctx=512, n_batch=16) as cpu_llm:
+        prompt = gpu_llm.eval_logits(tokens[:40])  # chunks of 16: prefill, then decode after it
+        steps = np.stack([gpu_llm.eval([t]) for t in tokens[40:]])
+        gpu_all, cpu_all = step_by_step(gpu_llm, tokens), step_by_step(cpu_llm, tokens)
+        cpu_llm.reset()
+        cpu_prompt = cpu_llm.eval_logits(tokens[:40])
+        errs = (rel(prompt, ref[:40]), rel(steps, ref[40:]), rel(gpu_all, cpu_all), rel(prompt, cpu_prompt))
+        report("model", spec.name, outtype, *errs)
+        assert errs[0] <= MAX_PREFILL_REL
+        assert errs[1] <= MAX_DECODE_REL[outtype]
+        assert errs[2] <= MAX_REL_VS_CPU_DECODE[outtype]
+        assert errs[3] <= MAX_REL_VS_CPU_PREFILL
+        gpu_llm.reset()
+        gpu_llm.eval_logits(tokens[:40])
+        assert gpu_llm.kv_stats() == cpu_llm.kv_stats()
+
+
+@pytest.fixture(scope="module")
+def separators(gguf_path):
+    with Engine(gguf_path("gqa3-sharded-padded", "f16"), n_ctx=8) as e:
+        return e.info["separators"]
+
+
+@pytest.fixture
+def stream(rng, separators):
+    seps = np.array([s for s in separators if s < 520])
+    others = np.setdiff1d(np.arange(520), seps)
+
+    def make(n: int) -> list[int]:
+        return np.where(rng.random(n) < SEP_RATE, rng.choice(seps, n), rng.choice(others, n)).tolist()
+
+    return make
+
+
+MODES = [
+    ("full", {}),
+    ("sepllm", dict(n_init=4, n_sep=8, n_local=24, n_cache=1024)),          # capped separators, masked in chunks
+    ("sepllm", dict(n_init=3, n_sep=0, n_local=32, n_cache=1024)),
+    ("sepllm-stream", dict(n_init=4, n_sep=8, n_local=24, n_cache=64)),     # a compression every few tokens
+    ("sepllm-stream", dict(n_init=4, n_sep=64, n_local=256, n_cache=800)),  # the default sizes: many splits
+    ("streamingllm", dict(n_init=4, n_local=28, n_cache=32)),
+]
+
+
+@gpu
+@pytest.mark.parametrize("mode,sizes", MODES, ids=[f"{m}-{s.get('n_cache', 'ctx')}-{s.get('n_sep', '')}" for m, s in MODES])
+@pytest.mark.parametrize("spec", ["gqa3-sharded-padded", "mha-d64", "gqa-d128-llama31"])  # head_dim 32, 64, 128
+def test_kv_modes_match_cpu(gguf_path, stream, spec, mode, sizes):
+    """Long streams, step by step and as chunked prompts: the same logits, cells and statistics as
+    the CPU engine."""
+    path = gguf_path(spec, "f16")
+    n = 1000 if mode != "full" else 600
+    tokens = stream(n)
+    kw = dict(kv_mode=mode, **sizes) if mode != "full" else dict(n_ctx=1024)
+    with cuda_engine(path, n_batch=64, **kw) as gpu_llm, cpu_engine(path, n_batch=64, **kw) as cpu_llm:
+        steps, cpu_steps = step_by_step(gpu_llm, tokens), step_by_step(cpu_llm, tokens)
+        assert [list(a) for a in gpu_llm._ctx.cells()] == [list(a) for a in cpu_llm._ctx.cells()]
+        assert gpu_llm.kv_stats() == cpu_llm.kv_stats()
+        gpu_llm.reset()
+        cpu_llm.reset()
+        prompt, cpu_prompt = gpu_llm.eval_logits(tokens), cpu_llm.eval_logits(tokens)
+        errs = (rel(steps, cpu_steps), rel(prompt, cpu_prompt))
+        report("mode", spec, mode, sizes, *errs)
+        assert errs[0] <= MAX_REL_VS_CPU_DECODE["f16"]
+        assert errs[1] <= MAX_REL_VS_CPU_PREFILL
+        assert gpu_llm.kv_stats() == cpu_llm.kv_stats()
+
+
+@gpu
+def test_graphs_and_decode_paths(gguf_path, rng, monkeypatch):
+    """CUDA graphs replay exactly the kernels of a direct launch; the float decode path (weights
+    dequantized in registers) agrees with the dp4a one up to the 8-bit activations."""
+    path = gguf_path("gqa-d128-llama31", "q4_k_m")
+    tokens = rng.integers(0, 777, 300).tolist()
+    with cuda_engine(path, n_ctx=512) as llm:
+        graphs = step_by_step(llm, tokens)
+    monkeypatch.setenv("SEPEDGE_CUDA_GRAPHS", "0")
+    with cuda_engine(path, n_ctx=512) as llm:
+        direct = step_by_step(llm, tokens)
+    np.testing.assert_array_equal(graphs, direct)
+    monkeypatch.setenv("SEPEDGE_CUDA_MATVEC", "float")
+    with cuda_engine(path, n_ctx=512) as llm:
+        floats = step_by_step(llm, tokens)
+    ref = Transformer.from_gguf(path, dtype=torch.float64)(torch.tensor(tokens)).numpy()
+    report("paths", rel(graphs, ref), rel(floats, ref))
+    assert rel(floats, ref) <= MAX_DECODE_REL["f16"]
+    assert rel(graphs, ref) <= MAX_DECODE_REL["q4_k_m"]
+
+
+@gpu
+def test_bad_requests_are_clear_errors(gguf_path):
+    path = gguf_path("mha-d64", "q8_0")
+    with pytest.raises(InvalidArgumentError, match="f16"):
+        Engine(path, device="cuda", kv_type="f32")
+    with cuda_engine(path, n_ctx=16) as llm:
+        with pytest.raises(Exception, match="exceed the context window"):
+            llm.eval(list(range(20)))
+        assert llm.kv_stats()["tokens_seen"] == 0  # nothing was processed
+        llm.eval(list(range(10)))
+
+
+@gpu
+def test_generation_matches_cpu(gguf_path):
+    """Greedy generation through the Engine: the CPU's text, as far as its choices are clear (a
+    near-tie between the two best tokens may go either way within the logits' tolerance)."""
+    path = gguf_path("qwen2-tied", "q8_0")
+    with cuda_engine(path, n_ctx=256) as g, cpu_engine(path, n_ctx=256) as c:
+        text = g.generate("Hello", max_tokens=24, temperature=0)
+        tokens = c.tokenize("Hello")
+        logits = c.eval_logits(tokens)[-1]
+        for _ in range(24):
+            top2 = np.sort(logits)[-2:]
+            if top2[1] - top2[0] < 1e-2 * np.abs(logits).max():
+                break
+            tokens.append(int(np.argmax(logits)))
+            if tokens[-1] in c.tokenizer.eog_ids:
+                break
+            logits = c.eval([tokens[-1]])
+        clear = c.detokenize(tokens[len(c.tokenize("Hello")):]).decode("utf-8", "replace")
+        assert text.startswith(clear[:-4] if len(clear) > 4 else "")
