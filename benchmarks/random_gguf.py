@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from sepedge import sepllm  # noqa: E402
-from sepedge.convert import FILE_TYPES, tensor_type  # noqa: E402
+from sepedge.convert import add_model_keys, tensor_type  # noqa: E402
 from sepedge.convert import _add_sepllm_keys, _separator_ids  # noqa: E402
 from sepedge.convert import quants  # noqa: E402
 from sepedge.convert.arch import LLAMA, HParams  # noqa: E402
@@ -35,6 +35,11 @@ SHAPES = {  # config.json of the real models
     "smollm2-135m": HParams(n_vocab=49152, n_embd=576, n_layer=30, n_head=9, n_head_kv=3, n_ff=1536, head_dim=64,
                             n_ctx_train=8192, rms_eps=1e-5, rope_theta=100000.0, rope_scaling=None, tied=True,
                             name="SmolLM2-135M-random"),
+    # not a real model: SmolLM2's vocabulary (real text, real separators) on a few small layers, for
+    # benchmarks of memory over long streams where only the cache matters
+    "tiny-smollm2-vocab": HParams(n_vocab=49152, n_embd=256, n_layer=4, n_head=4, n_head_kv=2, n_ff=768, head_dim=64,
+                                  n_ctx_train=8192, rms_eps=1e-5, rope_theta=100000.0, rope_scaling=None, tied=True,
+                                  name="tiny-random-smollm2-vocab"),
 }
 # byte offsets of each block's f16 scale fields
 SCALE_FIELDS = {gguf.GGMLQuantizationType.Q8_0: [0], gguf.GGMLQuantizationType.Q4_0: [0],
@@ -83,11 +88,7 @@ def write(shape: str, outtype: str, vocab: Path, out: Path, seed: int = 0) -> Pa
                                  lambda q=qtype, s=p.shape: random_bytes(q, s, rng)))
 
     def metadata(w: gguf.GGUFWriter) -> None:
-        w.add_type(gguf.GGUFType.MODEL)
-        w.add_name(hp.name)
-        w.add_file_type(FILE_TYPES[outtype])
-        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        arch.add_keys(w, hp)
+        add_model_keys(w, arch, hp, outtype)
         for key, f in fields.items():
             sub = f.types[1] if len(f.types) > 1 else None
             w.add_key_value(key, f.contents(), f.types[0], sub_type=sub)

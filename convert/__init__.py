@@ -45,6 +45,15 @@ DEFAULT_OUTTYPE = "f16"
 CHUNK_VALUES = 1 << 24
 
 
+def add_model_keys(w: gguf.GGUFWriter, arch, hp, outtype: str) -> None:
+    """general.* and the architecture's hyperparameter keys."""
+    w.add_type(gguf.GGUFType.MODEL)
+    w.add_name(hp.name)
+    w.add_file_type(FILE_TYPES[outtype])
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    arch.add_keys(w, hp)
+
+
 def convert(src: str | os.PathLike, out: str | os.PathLike | None = None, *, outtype: str | None = None,
             separators: Sequence[str | int] | None = None, n_init: int = sepllm.DEFAULTS["n_init"],
             n_sep: int = sepllm.DEFAULTS["n_sep"], n_local: int = sepllm.DEFAULTS["n_local"],
@@ -102,11 +111,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike | None = None, *, out
     out = Path(out) if out is not None else Path.cwd() / f"{hp.name}-{outtype.upper()}.gguf"
 
     def metadata(w: gguf.GGUFWriter) -> None:
-        w.add_type(gguf.GGUFType.MODEL)
-        w.add_name(hp.name)
-        w.add_file_type(FILE_TYPES[outtype])
-        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        arch.add_keys(w, hp)
+        add_model_keys(w, arch, hp, outtype)
         vocab.add_to(w)
         _add_sepllm_keys(w, sep_ids, sizes)
 

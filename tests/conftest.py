@@ -8,6 +8,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import fixtures  # noqa: E402
 import llama_cpp  # noqa: E402
+from sepedge.convert import convert  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -19,6 +20,19 @@ def tiny_dirs(tmp_path_factory):
         if name not in built:
             built[name] = fixtures.make_tiny_checkpoint(fixtures.SPEC_BY_NAME[name], tmp_path_factory.mktemp(name))
         return built[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def gguf_path(tiny_dirs, tmp_path_factory):
+    """Factory: a tiny checkpoint spec converted to an outtype (once per session)."""
+    out, done = tmp_path_factory.mktemp("tiny-gguf"), {}
+
+    def get(spec: str, outtype: str) -> Path:
+        if (spec, outtype) not in done:
+            done[spec, outtype] = convert(tiny_dirs(spec), out / f"{spec}-{outtype}.gguf", outtype=outtype, progress=False)
+        return done[spec, outtype]
 
     return get
 

@@ -164,18 +164,6 @@ def test_prefill_kernel(rng, qtype):
 # models
 
 
-@pytest.fixture(scope="module")
-def gguf_path(tiny_dirs, tmp_path_factory):
-    out, done = tmp_path_factory.mktemp("cuda-gguf"), {}
-
-    def get(spec: str, outtype: str):
-        if (spec, outtype) not in done:
-            done[spec, outtype] = convert(tiny_dirs(spec), out / f"{spec}-{outtype}.gguf", outtype=outtype, progress=False)
-        return done[spec, outtype]
-
-    return get
-
-
 def cuda_engine(path, **kw):
     return Engine(path, device="cuda", kv_type="f16", **kw)
 

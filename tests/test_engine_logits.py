@@ -10,7 +10,7 @@ import torch
 import fixtures
 from fixtures import SPECS
 from sepedge import Engine
-from sepedge.convert import OUTTYPES, convert
+from sepedge.convert import OUTTYPES
 from sepedge.reference import Transformer
 
 # max |native - reference| / max |reference| over a sequence's logits. Float weights: the native
@@ -23,18 +23,6 @@ MAX_REL_DIFF_F16_KV = 5e-3     # float weights, keys and values stored as f16
 # same file and tokens: 3.5e-2 and 1.1e-3)
 MAX_REL_DIFF_SMOLLM2, MAX_NMSE_SMOLLM2 = 5e-2, 3e-3
 N_STEPS = 260                  # single-token decode steps after the prompt
-
-
-@pytest.fixture(scope="module")
-def gguf_path(tiny_dirs, tmp_path_factory):
-    out, done = tmp_path_factory.mktemp("engine-gguf"), {}
-
-    def get(spec: str, outtype: str):
-        if (spec, outtype) not in done:
-            done[spec, outtype] = convert(tiny_dirs(spec), out / f"{spec}-{outtype}.gguf", outtype=outtype, progress=False)
-        return done[spec, outtype]
-
-    return get
 
 
 @pytest.fixture
