@@ -61,6 +61,8 @@ def main() -> None:
             r = perplexity(llm, run, chunk=1024, checkpoints=[CONTEXT - 1])
             r["wall_s"] = time.perf_counter() - t0
         r["ppl_8k"] = r["perplexity_at"].get(CONTEXT - 1, r["perplexity"]) if whole else r["perplexity"]
+        if out_json.is_file():  # rows written meanwhile by another run of this script
+            results = {**json.loads(out_json.read_text()), **results}
         results[label] = r
         print(f"{label}: ppl {r['perplexity']:.3f} (first 8K: {r['ppl_8k']:.3f}) over {r['tokens']} tokens, "
               f"avg KV {r['avg_attended']:.1f}, {r['tokens_per_second']:.1f} tok/s", flush=True)
