@@ -74,6 +74,9 @@ typedef struct se_kernels {
     void  (*f16_to_f32)(const uint16_t * x, float * y, int64_t n);
 } se_kernels;
 
+// The 8 six-bit scales and mins of a Q4_K/Q5_K super-block.
+void se_k_scales(const uint8_t s[12], uint8_t sc[8], uint8_t m[8]);
+
 extern se_kernels se_kern;
 
 const se_type_traits * se_type_get(int32_t type);  // NULL for unknown ids

@@ -125,14 +125,6 @@ DEFINE_VEC_DOT(vec_dot4_q5_0, block_q5_0, 4)
 
 // --- K-quants: a super-block of 256 weights spans 8 activation blocks
 
-static void k_scales(const uint8_t s[12], uint8_t sc[8], uint8_t m[8]) {
-    for (int j = 0; j < 4; j++) {
-        sc[j] = s[j] & 63;
-        m[j] = s[j + 4] & 63;
-        sc[j + 4] = (s[j + 8] & 0xf) | ((s[j] >> 6) << 4);
-        m[j + 4] = (s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4);
-    }
-}
 
 // Q4_K / Q5_K: chunk c of 32 bytes holds sub-block 2c in its low nibbles and 2c + 1 in its high ones;
 // Q5_K's fifth bits are bits 2c and 2c + 1 of qh[l]
@@ -150,7 +142,7 @@ static void k_scales(const uint8_t s[12], uint8_t sc[8], uint8_t m[8]) {
         const __m256i low4 = _mm256_set1_epi8(0x0f), one = _mm256_set1_epi8(1);                       \
         for (int64_t i = 0; i < n / 256; i++) {                                                       \
             uint8_t sc[8], m[8];                                                                      \
-            k_scales(b[i].scales, sc, m);                                                             \
+            se_k_scales(b[i].scales, sc, m);                                                          \
             const float d = half(b[i].d), dmin = half(b[i].dmin);                                     \
             __m256i qh = _mm256_setzero_si256();                                                      \
             if (FIVE) qh = _mm256_loadu_si256((const __m256i *) FIVE_QH(b[i]));                       \

@@ -158,20 +158,11 @@ static void unpack_q5_0(const void * blk, unpacked * u) {
     u->run = u->n = 32;
 }
 
-// the 8 six-bit scales and mins of a Q4_K/Q5_K block (GGUF.md §7.2)
-static void k_scales(const uint8_t s[12], uint8_t sc[8], uint8_t m[8]) {
-    for (int j = 0; j < 4; j++) {
-        sc[j] = s[j] & 63;
-        m[j] = s[j + 4] & 63;
-        sc[j + 4] = (s[j + 8] & 0xf) | ((s[j] >> 6) << 4);
-        m[j + 4] = (s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4);
-    }
-}
 
 static void unpack_q4_K(const void * blk, unpacked * u) {
     const block_q4_K * b = blk;
     uint8_t sc[8], m[8];
-    k_scales(b->scales, sc, m);
+    se_k_scales(b->scales, sc, m);
     const float d = fp16_table[b->d], dmin = fp16_table[b->dmin];
     for (int c = 0; c < 4; c++) {  // 32 bytes per 64 weights: low nibbles, then high nibbles
         for (int l = 0; l < 32; l++) {
@@ -190,7 +181,7 @@ static void unpack_q4_K(const void * blk, unpacked * u) {
 static void unpack_q5_K(const void * blk, unpacked * u) {
     const block_q5_K * b = blk;
     uint8_t sc[8], m[8];
-    k_scales(b->scales, sc, m);
+    se_k_scales(b->scales, sc, m);
     const float d = fp16_table[b->d], dmin = fp16_table[b->dmin];
     for (int c = 0; c < 4; c++) {  // the fifth bits: bit 2c of qh[l] for weight 64c + l, bit 2c + 1 for 64c + 32 + l
         for (int l = 0; l < 32; l++) {
@@ -506,6 +497,16 @@ const se_type_traits * se_type_get(int32_t type) {
 // kernel selection
 
 static pthread_once_t init_once = PTHREAD_ONCE_INIT;
+
+// the 8 six-bit scales and mins of a Q4_K/Q5_K block (GGUF.md §7.2); the AVX2 kernels share it
+void se_k_scales(const uint8_t s[12], uint8_t sc[8], uint8_t m[8]) {
+    for (int j = 0; j < 4; j++) {
+        sc[j] = s[j] & 63;
+        m[j] = s[j + 4] & 63;
+        sc[j + 4] = (s[j + 8] & 0xf) | ((s[j] >> 6) << 4);
+        m[j + 4] = (s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4);
+    }
+}
 
 se_kernels se_kern = {quantize_q8, plain_dot_f32, plain_dot_f16, axpy_f32, axpy_f16, f16_to_f32};
 
