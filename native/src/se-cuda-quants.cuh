@@ -6,6 +6,7 @@
 #define SE_CUDA_QUANTS_CUH
 
 #include "se-cuda.h"
+#include "se-common.h"
 
 #include <cuda_bf16.h>
 
@@ -116,7 +117,7 @@ __device__ inline void dequant32(const se_dweight & w, int64_t row, int64_t c, f
         case SE_TYPE_Q4_K:
         case SE_TYPE_Q5_K: {  // raw superblocks of 256: d, dmin, scales[12], (Q5_K: qh[32]), qs[128]
             const bool five = w.type == SE_TYPE_Q5_K;
-            const uint8_t * b = q + (five ? 176 : 144) * (c / 8);
+            const uint8_t * b = q + (five ? sizeof(block_q5_K) : sizeof(block_q4_K)) * (c / 8);
             const int sub = (int) (c % 8), chunk = sub / 2, shift = 4 * (sub % 2);
             int sc, m;
             k_scale_min(b + 4, sub, sc, m);
@@ -130,7 +131,7 @@ __device__ inline void dequant32(const se_dweight & w, int64_t row, int64_t c, f
             break;
         }
         case SE_TYPE_Q6_K: {  // planes: ql[128] qh[64] scales[16] per superblock, f16 scale
-            const uint8_t * b = q + 208 * (c / 8);
+            const uint8_t * b = q + offsetof(block_q6_K, d) * (c / 8);
             const int half = (int) (c % 8) / 4, g = (int) (c % 4);
             const uint8_t * ql = b + 64 * half + (g & 1) * 32, * qh = b + 128 + 32 * half;
             const int8_t * sc = (const int8_t *) (b + 192 + 8 * half);
@@ -254,7 +255,7 @@ __device__ inline void dot_q4_K(const qrows<NR> & w, int64_t nsb, const int8_t *
         const float axl = ds[blo].x, axh = ds[blo + 1].x;
 #pragma unroll
         for (int n = 0; n < NR; n++) {
-            const uint8_t * b = w.q[n] + 144 * sb;
+            const uint8_t * b = w.q[n] + sizeof(block_q4_K) * sb;
             const int4 qv = *(const int4 *) (b + 16 + 32 * chunk + 16 * h);
             const int qs[4] = {qv.x, qv.y, qv.z, qv.w};
             int dl = 0, dh = 0;
@@ -290,7 +291,7 @@ __device__ inline void dot_q6_K(const qrows<NR> & w, int64_t nsb, const int8_t *
         }
 #pragma unroll
         for (int n = 0; n < NR; n++) {
-            const uint8_t * b = w.q[n] + 208 * sb;
+            const uint8_t * b = w.q[n] + offsetof(block_q6_K, d) * sb;
             const int2 a2 = *(const int2 *) (b + 64 * half + l0), b2 = *(const int2 *) (b + 64 * half + 32 + l0);
             const int2 h2 = *(const int2 *) (b + 128 + 32 * half + l0);
             const int8_t * sc = (const int8_t *) (b + 192 + 8 * half + l0 / 16);

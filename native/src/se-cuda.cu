@@ -41,7 +41,7 @@ void se_cuda_block_layout(int32_t type, int32_t * q_block, int32_t * s_block) {
         case SE_TYPE_Q4_0: *q_block = 16; *s_block = 2; break;
         case SE_TYPE_Q4_1: *q_block = 16; *s_block = 4; break;
         case SE_TYPE_Q8_0: *q_block = 32; *s_block = 2; break;
-        case SE_TYPE_Q6_K: *q_block = 208; *s_block = 2; break;
+        case SE_TYPE_Q6_K: *q_block = offsetof(block_q6_K, d); *s_block = 2; break;
         default: *q_block = se_type_get(type)->size; *s_block = 0; break;
     }
 }
@@ -52,8 +52,8 @@ void se_cuda_split_blocks(int32_t type, const uint8_t * src, int64_t n_blocks, u
     se_cuda_block_layout(type, &qb, &sb);
     for (int64_t i = 0; i < n_blocks; i++, src += size, q += qb, s += sb) {
         if (type == SE_TYPE_Q6_K) {  // ql qh scales | d
-            memcpy(q, src, 208);
-            memcpy(s, src + 208, 2);
+            memcpy(q, src, offsetof(block_q6_K, d));
+            memcpy(s, src + offsetof(block_q6_K, d), 2);
         } else {                     // d (m) | codes
             memcpy(s, src, (size_t) sb);
             memcpy(q, src + sb, (size_t) qb);

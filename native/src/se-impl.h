@@ -1,12 +1,14 @@
 // Internals shared by the C files of the core. One concept per file:
 //   se-gguf.c      GGUF parsing over mmap, every count and offset checked
+//   se-common.h    quant block layouts, shared with the AVX2 and CUDA code
 //   se-quants.c    tensor types: dequantization and dot products
 //   se-model.c     hyperparameters and weight views of a model
 //   se-kv-cache.c  the KV cache: cells with token, position and separator flag
 //   se-forward.c   the transformer forward pass on the CPU backend
 //   se-threads.c   a persistent thread pool
 //   se-sampler.c   sampling
-//   se-api.c       the public API: errors, contexts, decode
+//   se-error.c     the calling thread's last error message
+//   se-api.c       the public API: argument checks, contexts, decode
 #ifndef SE_IMPL_H
 #define SE_IMPL_H
 

@@ -3,13 +3,10 @@
 // activations quantized to 8 bits in blocks of 32, unsigned weight codes times signed activation
 // codes with maddubs, pairs summed to int32 with madd, one float multiply-add per block.
 #include "se-impl.h"
+#include "se-common.h"
 
 #include <immintrin.h>
 #include <string.h>
-
-typedef struct { uint16_t d; int8_t qs[32]; } block_q8_0;
-typedef struct { uint16_t d; uint8_t qs[16]; } block_q4_0;
-typedef struct { uint16_t d, m; uint8_t qs[16]; } block_q4_1;
 
 static inline float hsum(__m256 v) {
     __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -37,8 +34,6 @@ static inline __m256 dot_u8s8(__m256i u, __m256i s) {
 // so a token's logits do not depend on how the prompt was cut into chunks.
 
 #define LOAD_Q8(a, i) _mm256_loadu_si256((const __m256i *) (a)[i].qs)
-
-typedef struct { uint16_t d; uint8_t qh[4]; uint8_t qs[16]; } block_q5_0;
 
 // 32 bits -> 32 bytes, byte j 0xff where bit j is set: each byte picks its source byte of x, ORs in
 // every bit but its own, and compares with all ones
@@ -125,7 +120,6 @@ DEFINE_VEC_DOT(vec_dot4_q5_0, block_q5_0, 4)
 
 // --- K-quants: a super-block of 256 weights spans 8 activation blocks
 
-
 // Q4_K / Q5_K: chunk c of 32 bytes holds sub-block 2c in its low nibbles and 2c + 1 in its high ones;
 // Q5_K's fifth bits are bits 2c and 2c + 1 of qh[l]
 #define DEFINE_VEC_DOT_K45(name, block_t, K, FIVE)                                                    \
@@ -164,10 +158,6 @@ DEFINE_VEC_DOT(vec_dot4_q5_0, block_q5_0, 4)
         }                                                                                             \
         for (int k = 0; k < K; k++) out[k] = hsum(_mm256_add_ps(acc[k][0], acc[k][1])) - extra[k];   \
     }
-
-typedef struct { uint16_t d, dmin; uint8_t scales[12]; uint8_t qs[128]; } block_q4_K;
-typedef struct { uint16_t d, dmin; uint8_t scales[12]; uint8_t qh[32]; uint8_t qs[128]; } block_q5_K;
-typedef struct { uint8_t ql[128]; uint8_t qh[64]; int8_t scales[16]; uint16_t d; } block_q6_K;
 
 #define FIVE_QH(blk) (blk).qs  /* not read: Q4_K has no fifth bits */
 DEFINE_VEC_DOT_K45(dot1_q4_K, block_q4_K, 1, 0)

@@ -7,28 +7,12 @@
 // sums integer products per block. The portable C versions here define both; se-quants-avx2.c
 // replaces them with SIMD versions on CPUs that have AVX2.
 #include "se-impl.h"
+#include "se-common.h"
 
 #include <math.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
-
-typedef struct { uint16_t d; int8_t qs[32]; } block_q8_0;             // 34 bytes
-typedef struct { uint16_t d; uint8_t qs[16]; } block_q4_0;            // 18 bytes
-typedef struct { uint16_t d, m; uint8_t qs[16]; } block_q4_1;         // 20 bytes
-
-typedef struct { uint16_t d; uint8_t qh[4]; uint8_t qs[16]; } block_q5_0;            // 22 bytes
-typedef struct { uint16_t d, dmin; uint8_t scales[12]; uint8_t qs[128]; } block_q4_K;  // 144 bytes
-typedef struct { uint16_t d, dmin; uint8_t scales[12]; uint8_t qh[32]; uint8_t qs[128]; } block_q5_K;  // 176
-typedef struct { uint8_t ql[128]; uint8_t qh[64]; int8_t scales[16]; uint16_t d; } block_q6_K;         // 210
-
-_Static_assert(sizeof(block_q5_0) == 22, "Q5_0 block layout");
-_Static_assert(sizeof(block_q4_K) == 144, "Q4_K block layout");
-_Static_assert(sizeof(block_q5_K) == 176, "Q5_K block layout");
-_Static_assert(sizeof(block_q6_K) == 210, "Q6_K block layout");
-_Static_assert(sizeof(block_q8_0) == 34, "Q8_0 block layout");
-_Static_assert(sizeof(block_q4_0) == 18, "Q4_0 block layout");
-_Static_assert(sizeof(block_q4_1) == 20, "Q4_1 block layout");
 
 // ---------------------------------------------------------------------------------------------
 // half precision
@@ -85,8 +69,6 @@ static float bf16_to_fp32(uint16_t h) {
     memcpy(&f, &bits, 4);
     return f;
 }
-
-
 
 // ---------------------------------------------------------------------------------------------
 // dequantization
@@ -157,7 +139,6 @@ static void unpack_q5_0(const void * blk, unpacked * u) {
     u->min[0] = 0;
     u->run = u->n = 32;
 }
-
 
 static void unpack_q4_K(const void * blk, unpacked * u) {
     const block_q4_K * b = blk;
