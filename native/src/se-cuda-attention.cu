@@ -13,9 +13,8 @@
 // live cells through shared memory 64 at a time; Q K^T and P V run on the tensor cores.
 //
 // Keys are stored rotated with their original position; a cell with a delta (positions within the
-// cache) has its key rotated by the delta as it is read, with (cos, sin) from a table that is
-// rewritten only where a delta changed (deltas change at compressions, not every token).
-#include "se-cuda-quants.cuh"
+// cache) has its key rotated by the delta as it is read (se-cuda-rope.cuh, tables from se-cuda-rope.cu).
+#include "se-cuda-rope.cuh"
 
 #include <mma.h>
 
@@ -24,53 +23,6 @@ __device__ __forceinline__ bool visible(const se_dcell & c, int p, int floor, in
     if (c.pos + c.delta > p) return false;
     if (mode != SE_KV_MODE_SEPLLM) return true;
     return c.sep == INT32_MAX || c.pos > p - n_local || (c.sep >= 0 && c.sep >= floor);
-}
-
-// Dimension j of a key row rotated by the cell's delta, t its (cos, sin) row, pairs as rope_type.
-__device__ inline float rotated(const __half * k, int j, int d, const float2 * t, int rope_type) {
-    const int half = d / 2;
-    const int i = rope_type == SE_ROPE_NORM ? j / 2 : j % half;
-    const int ia = rope_type == SE_ROPE_NORM ? 2 * i : i, ib = rope_type == SE_ROPE_NORM ? 2 * i + 1 : i + half;
-    const float2 cs = t[i];
-    const float x0 = __half2float(k[ia]), x1 = __half2float(k[ib]);
-    return j == ia ? x0 * cs.x - x1 * cs.y : x0 * cs.y + x1 * cs.x;
-}
-
-// ---------------------------------------------------------------------------------------------
-// rotation tables
-
-// grid: block 0 the token's position; all blocks stride over the live cells, a warp a cell.
-__global__ void k_rope_tables(const se_dattn a, const double * freq, int32_t * tab_delta, float2 * dtab, float2 * rope) {
-    const int half = a.head_dim / 2;
-    if (rope && blockIdx.x == 0) {
-        const double p = a.pos[0];
-        for (int i = threadIdx.x; i < half; i += blockDim.x) {
-            double sn, cs;
-            sincos(p * freq[i], &sn, &cs);
-            rope[i] = make_float2((float) cs, (float) sn);
-        }
-    }
-    if (!dtab) return;
-    const int lane = threadIdx.x % 32, n_warps = gridDim.x * blockDim.x / 32;
-    for (int li = (blockIdx.x * blockDim.x + threadIdx.x) / 32; li < a.step->n_live; li += n_warps) {
-        const se_dcell c = a.live[li];
-        if (c.delta == 0 || tab_delta[c.cell] == c.delta) continue;
-        for (int i = lane; i < half; i += 32) {
-            double sn, cs;
-            sincos((double) c.delta * freq[i], &sn, &cs);
-            dtab[(int64_t) c.cell * half + i] = make_float2((float) cs, (float) sn);
-        }
-        __syncwarp();
-        if (lane == 0) tab_delta[c.cell] = c.delta;
-    }
-}
-
-int se_cuda_rope_tables(const se_dattn * a, const double * freq, int32_t * tab_delta, float2 * dtab, float2 * rope,
-                        cudaStream_t s) {
-    if (!dtab && !rope) return SE_OK;
-    k_rope_tables<<<dtab ? 132 : 1, 256, 0, s>>>(*a, freq, tab_delta, dtab, rope);
-    SE_CUDA_CHECK(cudaGetLastError());
-    return SE_OK;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -84,40 +36,6 @@ int se_cuda_rope_tables(const se_dattn * a, const double * freq, int32_t * tab_d
 __device__ __forceinline__ int n_splits_of(int n_live, int max_splits) {
     const int n = (n_live + SE_ATTN_SPLIT - 1) / SE_ATTN_SPLIT;
     return n < max_splits ? n : max_splits;
-}
-
-__device__ __forceinline__ void load8(const __half * p, float x[8]) {
-    const int4 raw = *(const int4 *) p;
-    const __half2 * h = (const __half2 *) &raw;
-#pragma unroll
-    for (int e = 0; e < 4; e++) {
-        const float2 f = __half22float2(h[e]);
-        x[2 * e] = f.x;
-        x[2 * e + 1] = f.y;
-    }
-}
-
-// Dimensions [j0, j0 + 8) of key row kr (already in k) rotated by the cell's delta (table row t).
-__device__ __forceinline__ void rotate8(float k[8], const __half * kr, int j0, int d, const float2 * t, int rope_type) {
-    if (rope_type == SE_ROPE_NORM) {  // pairs (2i, 2i + 1) lie within the lane's eight
-#pragma unroll
-        for (int e = 0; e < 8; e += 2) {
-            const float2 cs = t[(j0 + e) / 2];
-            const float x0 = k[e], x1 = k[e + 1];
-            k[e] = x0 * cs.x - x1 * cs.y;
-            k[e + 1] = x0 * cs.y + x1 * cs.x;
-        }
-        return;
-    }
-    const int half = d / 2;  // pairs (i, i + half): the partners are eight other dimensions
-    const bool low = j0 < half;
-    float pk[8];
-    load8(kr + (low ? j0 + half : j0 - half), pk);
-#pragma unroll
-    for (int e = 0; e < 8; e++) {
-        const float2 cs = t[(j0 + e) % half];
-        k[e] = low ? k[e] * cs.x - pk[e] * cs.y : pk[e] * cs.y + k[e] * cs.x;
-    }
 }
 
 // grid (n_head / gb, max_splits); block DEC_WARPS warps; head_dim d <= DP, d % 16 == 0; gb <= GB
@@ -140,15 +58,15 @@ __global__ void __launch_bounds__(DEC_WARPS * 32) k_attn_decode(const se_dattn a
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, G = lane / L, j0 = 8 * (lane % L);
     const int p = a.pos[0], floor = a.floor[0], mode = a.step->mode, n_local = a.step->n_local, own = a.cells[0];
     const int64_t row = (int64_t) a.n_head_kv * d;
-    const bool norm = a.rope_type == SE_ROPE_NORM;
 
     // the token's queries (scaled) and key rotated by its position; key and value rounded to f16
     for (int idx = tid; idx < (gb + 1) * half; idx += blockDim.x) {
         const int g = idx / half, i = idx % half;
-        const int ia = norm ? 2 * i : i, ib = norm ? 2 * i + 1 : i + half;
+        int ia, ib;
+        rope_pair(i, d, a.rope_type, ia, ib);
         const float * x = g < gb ? a.q + (int64_t) (h0 + g) * d : a.k_new + (int64_t) hk * d;
-        const float2 cs = a.rope[i];
-        const float x0 = x[ia], x1 = x[ib], r0 = x0 * cs.x - x1 * cs.y, r1 = x0 * cs.y + x1 * cs.x;
+        const float2 r = rope_turn(x[ia], x[ib], a.rope[i]);
+        const float r0 = r.x, r1 = r.y;
         if (g < gb) {
             s_q[g][ia] = r0 * a.scale;
             s_q[g][ib] = r1 * a.scale;
@@ -223,7 +141,7 @@ __global__ void __launch_bounds__(DEC_WARPS * 32) k_attn_decode(const se_dattn a
                 }
                 if (vis && dims && c.delta != 0) {
                     const __half * kr = c.cell == own ? s_k : a.k + (int64_t) c.cell * row + (int64_t) hk * d;
-                    rotate8(k, kr, j0, d, a.dtab + (int64_t) c.cell * half, a.rope_type);
+                    rope_rotate8(k, kr, j0, d, a.dtab + (int64_t) c.cell * half, a.rope_type);
                 }
 #pragma unroll
                 for (int g = 0; g < GB; g++) {
@@ -371,7 +289,7 @@ __global__ void __launch_bounds__(DEC_WARPS * 32) k_attn_split(const se_dattn a,
 #pragma unroll
         for (int e = 0; e < ROW_MAX_E; e++) {
             const int j = lane + 32 * e;
-            k[e] = j >= d ? 0.0f : c.delta == 0 ? __half2float(kr[j]) : rotated(kr, j, d, t, a.rope_type);
+            k[e] = j >= d ? 0.0f : c.delta == 0 ? __half2float(kr[j]) : rope_rotated(kr, j, d, t, a.rope_type);
             v[e] = j < d ? __half2float(vr[j]) : 0.0f;
         }
 #pragma unroll
@@ -530,7 +448,7 @@ __global__ void __launch_bounds__(128) k_attn_prefill(const se_dattn a, int32_t 
             const se_dcell c = cells[ci];
             const __half * kr = a.k + (int64_t) c.cell * row + (int64_t) hk * D;
             kv[ci * LDH + j] = c.cell < 0 ? __float2half(0.0f) : c.delta == 0 ? kr[j]
-                             : __float2half(rotated(kr, j, D, a.dtab + (int64_t) c.cell * (D / 2), a.rope_type));
+                             : __float2half(rope_rotated(kr, j, D, a.dtab + (int64_t) c.cell * (D / 2), a.rope_type));
         }
         __syncthreads();
         {  // scores: warp w takes cells [16 w, 16 w + 16)
@@ -625,7 +543,7 @@ __global__ void k_attn_rows(const se_dattn a, int32_t n) {
         float k[ROW_MAX_E];
         for (int e = 0; e < ROW_MAX_E; e++) {
             const int j = lane + 32 * e;
-            k[e] = j >= d ? 0.0f : c.delta == 0 ? __half2float(kr[j]) : rotated(kr, j, d, a.dtab + (int64_t) c.cell * (d / 2), a.rope_type);
+            k[e] = j >= d ? 0.0f : c.delta == 0 ? __half2float(kr[j]) : rope_rotated(kr, j, d, a.dtab + (int64_t) c.cell * (d / 2), a.rope_type);
         }
         float s = 0;
         for (int e = 0; e < ROW_MAX_E; e++) s += q[e] * k[e];
@@ -669,7 +587,7 @@ void se_cuda_attention_init() {
     carveout_decode<32, 1>(), carveout_decode<32, 2>(), carveout_decode<32, 4>(), carveout_decode<32, 8>();
     carveout_decode<64, 1>(), carveout_decode<64, 2>(), carveout_decode<64, 4>(), carveout_decode<64, 8>();
     carveout_decode<128, 1>(), carveout_decode<128, 2>(), carveout_decode<128, 4>(), carveout_decode<128, 8>();
-    const void * kernels[] = {(const void *) k_rope_tables, (const void *) k_attn_split, (const void *) k_attn_merge,
+    const void * kernels[] = {(const void *) k_attn_split, (const void *) k_attn_merge,
                               (const void *) k_attn_prefill<64>, (const void *) k_attn_prefill<128>, (const void *) k_attn_rows};
     for (const void * k : kernels) cudaFuncSetAttribute(k, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
     cudaGetLastError();

@@ -13,27 +13,6 @@
 #include <mma.h>
 
 // ---------------------------------------------------------------------------------------------
-// activations to 8 bits: a warp per block of 32, d = max |x| / 127 (as the CPU path)
-
-__global__ void k_quantize_q8(const float * x, int64_t n_blocks, int8_t * qx, float2 * ds) {
-    const int64_t b = ((int64_t) blockIdx.x * blockDim.x + threadIdx.x) / 32;
-    const int lane = threadIdx.x % 32;
-    if (b >= n_blocks) return;
-    float d;
-    const int q = q8_lane(x[32 * b + lane], d);
-    qx[32 * b + lane] = (int8_t) q;
-    const float sum = warp_sum((float) q);
-    if (lane == 0) ds[b] = make_float2(d, d * sum);
-}
-
-int se_cuda_quantize_q8(const float * x, int32_t n, int64_t cols, int8_t * qx, float2 * ds, cudaStream_t s) {
-    const int64_t n_blocks = (int64_t) n * cols / 32;
-    k_quantize_q8<<<(unsigned) ((n_blocks + 7) / 8), 256, 0, s>>>(x, n_blocks, qx, ds);
-    SE_CUDA_CHECK(cudaGetLastError());
-    return SE_OK;
-}
-
-// ---------------------------------------------------------------------------------------------
 // decode: a warp per row over the rows of up to three weights; a block takes a contiguous run of
 // rows. Optionally the block first normalizes the input itself (RMSNorm) into shared memory, and
 // with gate and up, applies SwiGLU to its rows and quantizes them for the down projection.
@@ -186,22 +165,10 @@ __global__ void __launch_bounds__(256) k_matvec(const mv_args a) {
     }
 }
 
-static int n_sms() {
-    static int n = 0;
-    if (!n) {
-        int dev = 0;
-        if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
-            cudaGetLastError();
-            n = 128;
-        }
-    }
-    return n;
-}
-
 // Rows a block: enough blocks for two a multiprocessor, a warp taking rows two at a time (a pair
 // of gate and up rows with swiglu, whose blocks take whole 8-bit blocks of rows: 32).
 static int rows_per_block(int64_t rows, bool swiglu) {
-    const int64_t target = 2 * (int64_t) n_sms();
+    const int64_t target = 2 * (int64_t) se_cuda_n_sms();
     const int per_step = swiglu ? 8 : 16;
     int64_t steps = (rows + per_step * target - 1) / (per_step * target);
     if (steps < 1) steps = 1;
@@ -336,7 +303,7 @@ int se_cuda_matmul(const se_mm_out * o, const float * x, int32_t n, cudaStream_t
 }
 
 void se_cuda_matmul_init() {
-    const void * kernels[] = {(const void *) k_quantize_q8, (const void *) k_matvec, (const void *) k_matmul};
+    const void * kernels[] = {(const void *) k_matvec, (const void *) k_matmul};
     for (const void * k : kernels) cudaFuncSetAttribute(k, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
     cudaGetLastError();
 }

@@ -9,6 +9,20 @@
 #include "se-common.h"
 
 #include <cuda_bf16.h>
+#include <stddef.h>
+
+// Byte sizes and offsets of the blocks (se-common.h) in the device layouts of se-cuda.h: in the
+// planes layout a block's codes (qs, or Q6_K's ql qh scales) and its scales (d, m) lie apart.
+constexpr int Q4_0_QB = sizeof(block_q4_0::qs), Q4_0_SB = offsetof(block_q4_0, qs);   // 16 | 2
+constexpr int Q4_1_QB = sizeof(block_q4_1::qs), Q4_1_SB = offsetof(block_q4_1, qs);   // 16 | 4
+constexpr int Q8_0_QB = sizeof(block_q8_0::qs), Q8_0_SB = offsetof(block_q8_0, qs);   // 32 | 2
+constexpr int Q6_K_QB = offsetof(block_q6_K, d), Q6_K_SB = sizeof(block_q6_K::d);     // 208 | 2
+constexpr int Q6_K_QH = offsetof(block_q6_K, qh), Q6_K_SC = offsetof(block_q6_K, scales);
+constexpr int Q4_K_SC = offsetof(block_q4_K, scales), Q4_K_QS = offsetof(block_q4_K, qs);
+constexpr int Q5_K_SC = offsetof(block_q5_K, scales), Q5_K_QH = offsetof(block_q5_K, qh), Q5_K_QS = offsetof(block_q5_K, qs);
+constexpr int Q5_0_QH = offsetof(block_q5_0, qh), Q5_0_QS = offsetof(block_q5_0, qs);
+static_assert(Q4_1_QB == Q4_0_QB, "Q4_0 and Q4_1 codes");
+static_assert(offsetof(block_q4_K, dmin) == offsetof(block_q5_K, dmin) && Q4_K_SC == Q5_K_SC, "K-quant heads");
 
 __device__ __forceinline__ float h2f(const uint8_t * p) { return __half2float(*(const __half *) p); }
 
@@ -81,8 +95,8 @@ __device__ inline void dequant32(const se_dweight & w, int64_t row, int64_t c, f
             break;
         }
         case SE_TYPE_Q4_0: {  // planes: 16 code bytes, f16 scale; weight j low nibble, j + 16 high
-            const uint8_t * qs = q + 16 * c;
-            const float d = h2f(s + 2 * c);
+            const uint8_t * qs = q + Q4_0_QB * c;
+            const float d = h2f(s + Q4_0_SB * c);
             for (int j = 0; j < 16; j++) {
                 v[j] = d * ((qs[j] & 0xf) - 8);
                 v[j + 16] = d * ((qs[j] >> 4) - 8);
@@ -90,8 +104,8 @@ __device__ inline void dequant32(const se_dweight & w, int64_t row, int64_t c, f
             break;
         }
         case SE_TYPE_Q4_1: {  // planes: 16 code bytes, f16 scale and min
-            const uint8_t * qs = q + 16 * c;
-            const float d = h2f(s + 4 * c), m = h2f(s + 4 * c + 2);
+            const uint8_t * qs = q + Q4_1_QB * c;
+            const float d = h2f(s + Q4_1_SB * c), m = h2f(s + Q4_1_SB * c + offsetof(block_q4_1, m));
             for (int j = 0; j < 16; j++) {
                 v[j] = d * (qs[j] & 0xf) + m;
                 v[j + 16] = d * (qs[j] >> 4) + m;
@@ -99,18 +113,18 @@ __device__ inline void dequant32(const se_dweight & w, int64_t row, int64_t c, f
             break;
         }
         case SE_TYPE_Q8_0: {  // planes: 32 code bytes, f16 scale
-            const int8_t * qs = (const int8_t *) (q + 32 * c);
-            const float d = h2f(s + 2 * c);
+            const int8_t * qs = (const int8_t *) (q + Q8_0_QB * c);
+            const float d = h2f(s + Q8_0_SB * c);
             for (int j = 0; j < 32; j++) v[j] = d * qs[j];
             break;
         }
         case SE_TYPE_Q5_0: {  // raw 22-byte blocks: d, qh (fifth bits), qs
-            const uint8_t * b = q + 22 * c;
+            const uint8_t * b = q + sizeof(block_q5_0) * c, * h = b + Q5_0_QH, * qs = b + Q5_0_QS;
             const float d = h2f(b);
-            const uint32_t qh = b[2] | (b[3] << 8) | (b[4] << 16) | ((uint32_t) b[5] << 24);
+            const uint32_t qh = h[0] | (h[1] << 8) | (h[2] << 16) | ((uint32_t) h[3] << 24);
             for (int j = 0; j < 16; j++) {
-                v[j] = d * ((int) ((b[6 + j] & 0xf) | (((qh >> j) & 1) << 4)) - 16);
-                v[j + 16] = d * ((int) ((b[6 + j] >> 4) | (((qh >> (j + 16)) & 1) << 4)) - 16);
+                v[j] = d * ((int) ((qs[j] & 0xf) | (((qh >> j) & 1) << 4)) - 16);
+                v[j + 16] = d * ((int) ((qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4)) - 16);
             }
             break;
         }
@@ -120,22 +134,22 @@ __device__ inline void dequant32(const se_dweight & w, int64_t row, int64_t c, f
             const uint8_t * b = q + (five ? sizeof(block_q5_K) : sizeof(block_q4_K)) * (c / 8);
             const int sub = (int) (c % 8), chunk = sub / 2, shift = 4 * (sub % 2);
             int sc, m;
-            k_scale_min(b + 4, sub, sc, m);
-            const float d = h2f(b) * sc, mn = h2f(b + 2) * m;
-            const uint8_t * qs = b + (five ? 48 : 16) + 32 * chunk;
+            k_scale_min(b + Q4_K_SC, sub, sc, m);
+            const float d = h2f(b) * sc, mn = h2f(b + offsetof(block_q4_K, dmin)) * m;
+            const uint8_t * qs = b + (five ? Q5_K_QS : Q4_K_QS) + 32 * chunk;
             for (int l = 0; l < 32; l++) {
                 int code = (qs[l] >> shift) & 0xf;
-                if (five) code |= ((b[16 + l] >> sub) & 1) << 4;
+                if (five) code |= ((b[Q5_K_QH + l] >> sub) & 1) << 4;
                 v[l] = d * code - mn;
             }
             break;
         }
         case SE_TYPE_Q6_K: {  // planes: ql[128] qh[64] scales[16] per superblock, f16 scale
-            const uint8_t * b = q + offsetof(block_q6_K, d) * (c / 8);
+            const uint8_t * b = q + Q6_K_QB * (c / 8);
             const int half = (int) (c % 8) / 4, g = (int) (c % 4);
-            const uint8_t * ql = b + 64 * half + (g & 1) * 32, * qh = b + 128 + 32 * half;
-            const int8_t * sc = (const int8_t *) (b + 192 + 8 * half);
-            const float d = h2f(s + 2 * (c / 8));
+            const uint8_t * ql = b + 64 * half + (g & 1) * 32, * qh = b + Q6_K_QH + 32 * half;
+            const int8_t * sc = (const int8_t *) (b + Q6_K_SC + 8 * half);
+            const float d = h2f(s + Q6_K_SB * (c / 8));
             for (int l = 0; l < 32; l++) {
                 const int lo = g < 2 ? ql[l] & 0xf : ql[l] >> 4;
                 const int code = lo | (((qh[l] >> (2 * g)) & 3) << 4);
@@ -197,7 +211,7 @@ __device__ inline void dot_q4(const qrows<NR> & w, int64_t nb, const int8_t * qx
         const float2 a = ds[b];
 #pragma unroll
         for (int n = 0; n < NR; n++) {
-            const int4 qv = *(const int4 *) (w.q[n] + 16 * b);
+            const int4 qv = *(const int4 *) (w.q[n] + Q4_0_QB * b);  // Q4_1_QB == Q4_0_QB
             const int qs[4] = {qv.x, qv.y, qv.z, qv.w};
             int sumi = 0;
 #pragma unroll
@@ -206,9 +220,9 @@ __device__ inline void dot_q4(const qrows<NR> & w, int64_t nb, const int8_t * qx
                 sumi = __dp4a((qs[i] >> 4) & 0x0f0f0f0f, xh[i], sumi);
             }
             if (MIN) {  // d q + m
-                acc[n] += h2f(w.s[n] + 4 * b) * a.x * sumi + h2f(w.s[n] + 4 * b + 2) * a.y;
+                acc[n] += h2f(w.s[n] + Q4_1_SB * b) * a.x * sumi + h2f(w.s[n] + Q4_1_SB * b + offsetof(block_q4_1, m)) * a.y;
             } else {    // d (q - 8)
-                acc[n] += h2f(w.s[n] + 2 * b) * (a.x * sumi - 8 * a.y);
+                acc[n] += h2f(w.s[n] + Q4_0_SB * b) * (a.x * sumi - 8 * a.y);
             }
         }
     }
@@ -222,7 +236,7 @@ __device__ inline void dot_q8_0(const qrows<NR> & w, int64_t nb, const int8_t * 
         const float dx = ds[b].x;
 #pragma unroll
         for (int n = 0; n < NR; n++) {
-            const int4 q0 = *(const int4 *) (w.q[n] + 32 * b), q1 = *(const int4 *) (w.q[n] + 32 * b + 16);
+            const int4 q0 = *(const int4 *) (w.q[n] + Q8_0_QB * b), q1 = *(const int4 *) (w.q[n] + Q8_0_QB * b + 16);
             int sumi = __dp4a(q0.x, x0.x, 0);
             sumi = __dp4a(q0.y, x0.y, sumi);
             sumi = __dp4a(q0.z, x0.z, sumi);
@@ -231,7 +245,7 @@ __device__ inline void dot_q8_0(const qrows<NR> & w, int64_t nb, const int8_t * 
             sumi = __dp4a(q1.y, x1.y, sumi);
             sumi = __dp4a(q1.z, x1.z, sumi);
             sumi = __dp4a(q1.w, x1.w, sumi);
-            acc[n] += h2f(w.s[n] + 2 * b) * dx * sumi;
+            acc[n] += h2f(w.s[n] + Q8_0_SB * b) * dx * sumi;
         }
     }
 }
@@ -256,7 +270,7 @@ __device__ inline void dot_q4_K(const qrows<NR> & w, int64_t nsb, const int8_t *
 #pragma unroll
         for (int n = 0; n < NR; n++) {
             const uint8_t * b = w.q[n] + sizeof(block_q4_K) * sb;
-            const int4 qv = *(const int4 *) (b + 16 + 32 * chunk + 16 * h);
+            const int4 qv = *(const int4 *) (b + Q4_K_QS + 32 * chunk + 16 * h);
             const int qs[4] = {qv.x, qv.y, qv.z, qv.w};
             int dl = 0, dh = 0;
 #pragma unroll
@@ -265,9 +279,9 @@ __device__ inline void dot_q4_K(const qrows<NR> & w, int64_t nsb, const int8_t *
                 dh = __dp4a((qs[i] >> 4) & 0x0f0f0f0f, xh[i], dh);
             }
             int scl, ml, sch, mh;
-            k_scale_min(b + 4, 2 * chunk, scl, ml);
-            k_scale_min(b + 4, 2 * chunk + 1, sch, mh);
-            const float d = h2f(b), dmin = h2f(b + 2);
+            k_scale_min(b + Q4_K_SC, 2 * chunk, scl, ml);
+            k_scale_min(b + Q4_K_SC, 2 * chunk + 1, sch, mh);
+            const float d = h2f(b), dmin = h2f(b + offsetof(block_q4_K, dmin));
             acc[n] += d * (scl * axl * dl + sch * axh * dh) - dmin * (ml * axl * sl + mh * axh * sh);
         }
     }
@@ -291,10 +305,10 @@ __device__ inline void dot_q6_K(const qrows<NR> & w, int64_t nsb, const int8_t *
         }
 #pragma unroll
         for (int n = 0; n < NR; n++) {
-            const uint8_t * b = w.q[n] + offsetof(block_q6_K, d) * sb;
+            const uint8_t * b = w.q[n] + Q6_K_QB * sb;
             const int2 a2 = *(const int2 *) (b + 64 * half + l0), b2 = *(const int2 *) (b + 64 * half + 32 + l0);
-            const int2 h2 = *(const int2 *) (b + 128 + 32 * half + l0);
-            const int8_t * sc = (const int8_t *) (b + 192 + 8 * half + l0 / 16);
+            const int2 h2 = *(const int2 *) (b + Q6_K_QH + 32 * half + l0);
+            const int8_t * sc = (const int8_t *) (b + Q6_K_SC + 8 * half + l0 / 16);
             const int av[2] = {a2.x, a2.y}, bv[2] = {b2.x, b2.y}, hv[2] = {h2.x, h2.y};
             float part = 0;
 #pragma unroll
@@ -309,7 +323,7 @@ __device__ inline void dot_q6_K(const qrows<NR> & w, int64_t nsb, const int8_t *
                 }
                 part += sc[2 * g] * dx[g] * sumi;
             }
-            acc[n] += h2f(w.s[n] + 2 * sb) * part;
+            acc[n] += h2f(w.s[n] + Q6_K_SB * sb) * part;
         }
     }
 }

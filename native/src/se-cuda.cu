@@ -21,7 +21,7 @@ int se_cuda_error(cudaError_t e, const char * what) {
     return se_error(SE_ERR_BACKEND, "CUDA error: %s (%s)", cudaGetErrorString(e), what);
 }
 
-static int check_device(int * count) {
+int se_cuda_check_device(int * count) {
     *count = 0;
     const cudaError_t e = cudaGetDeviceCount(count);
     if (e != cudaSuccess) {
@@ -33,250 +33,20 @@ static int check_device(int * count) {
     return SE_OK;
 }
 
-// ---------------------------------------------------------------------------------------------
-// weights
-
-void se_cuda_block_layout(int32_t type, int32_t * q_block, int32_t * s_block) {
-    switch (type) {
-        case SE_TYPE_Q4_0: *q_block = 16; *s_block = 2; break;
-        case SE_TYPE_Q4_1: *q_block = 16; *s_block = 4; break;
-        case SE_TYPE_Q8_0: *q_block = 32; *s_block = 2; break;
-        case SE_TYPE_Q6_K: *q_block = offsetof(block_q6_K, d); *s_block = 2; break;
-        default: *q_block = se_type_get(type)->size; *s_block = 0; break;
-    }
-}
-
-void se_cuda_split_blocks(int32_t type, const uint8_t * src, int64_t n_blocks, uint8_t * q, uint8_t * s) {
-    const int32_t size = se_type_get(type)->size;
-    int32_t qb, sb;
-    se_cuda_block_layout(type, &qb, &sb);
-    for (int64_t i = 0; i < n_blocks; i++, src += size, q += qb, s += sb) {
-        if (type == SE_TYPE_Q6_K) {  // ql qh scales | d
-            memcpy(q, src, offsetof(block_q6_K, d));
-            memcpy(s, src + offsetof(block_q6_K, d), 2);
-        } else {                     // d (m) | codes
-            memcpy(s, src, (size_t) sb);
-            memcpy(q, src + sb, (size_t) qb);
+int se_cuda_n_sms() {
+    static int n = 0;
+    if (!n) {
+        int dev = 0;
+        if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
+            cudaGetLastError();
+            n = 128;
         }
     }
-}
-
-typedef struct cuda_layer {
-    float * attn_norm, * ffn_norm;   // (n_embd)
-    float * bq, * bk, * bv;          // or NULL
-    se_dweight wq, wk, wv, wo, w_gate, w_up, w_down;
-} cuda_layer;
-
-typedef struct cuda_model {
-    int device;
-    uint8_t * arena;                 // every weight, one allocation
-    size_t size, used;
-    cuda_layer * layers;             // (n_layer)
-    float * output_norm;
-    se_dweight output;
-    uint8_t * staging;               // pinned, for the upload
-    size_t staging_size;
-} cuda_model;
-
-static size_t align256(size_t n) { return (n + 255) & ~(size_t) 255; }
-
-static size_t weight_bytes(const se_weight * w) {
-    const se_type_traits * tt = se_type_get(w->type);
-    int32_t qb, sb;
-    se_cuda_block_layout(w->type, &qb, &sb);
-    const int64_t nb = w->cols / tt->block;
-    return align256((size_t) (w->rows * nb * qb)) + align256((size_t) (w->rows * nb * sb));
-}
-
-static uint8_t * claim(cuda_model * cm, size_t n) {
-    uint8_t * p = cm->arena + cm->used;
-    cm->used += align256(n);
-    return p;
-}
-
-static int upload_weight(cuda_model * cm, const se_weight * w, se_dweight * out) {
-    const se_type_traits * tt = se_type_get(w->type);
-    int32_t qb, sb;
-    se_cuda_block_layout(w->type, &qb, &sb);
-    const int64_t nb = w->cols / tt->block;
-    *out = (se_dweight) {w->type, sb ? SE_DL_PLANES : SE_DL_RAW, w->rows, w->cols, NULL, NULL, nb * qb, nb * sb};
-    uint8_t * q = claim(cm, (size_t) (w->rows * nb * qb)), * s = sb ? claim(cm, (size_t) (w->rows * nb * sb)) : NULL;
-    out->q = q;
-    out->s = s;
-    if (!sb) {
-        SE_CUDA_CHECK(cudaMemcpy(q, w->data, (size_t) (w->rows * nb * qb), cudaMemcpyHostToDevice));
-        return SE_OK;
-    }
-    // split rows into the staging buffer, a batch at a time: codes in the first half, scales after
-    const int64_t per_row = nb * (qb + sb);
-    int64_t batch = (int64_t) cm->staging_size / per_row;
-    if (batch < 1) return se_error(SE_ERR_OUT_OF_MEMORY, "a weight row does not fit the upload buffer");
-    for (int64_t r = 0; r < w->rows; r += batch) {
-        const int64_t n = w->rows - r < batch ? w->rows - r : batch;
-        uint8_t * sq = cm->staging, * ss = cm->staging + n * nb * qb;
-        se_cuda_split_blocks(w->type, w->data + (uint64_t) r * w->row_bytes, n * nb, sq, ss);
-        SE_CUDA_CHECK(cudaMemcpy(q + r * nb * qb, sq, (size_t) (n * nb * qb), cudaMemcpyHostToDevice));
-        SE_CUDA_CHECK(cudaMemcpy(s + r * nb * sb, ss, (size_t) (n * nb * sb), cudaMemcpyHostToDevice));
-    }
-    return SE_OK;
-}
-
-static int upload_floats(cuda_model * cm, const float * src, int64_t n, float ** out) {
-    *out = NULL;
-    if (!src) return SE_OK;
-    *out = (float *) claim(cm, (size_t) n * sizeof(float));
-    SE_CUDA_CHECK(cudaMemcpy(*out, src, (size_t) n * sizeof(float), cudaMemcpyHostToDevice));
-    return SE_OK;
-}
-
-static void cuda_model_free(cuda_model * cm) {
-    if (!cm) return;
-    cudaSetDevice(cm->device);
-    cudaFree(cm->arena);
-    cudaFreeHost(cm->staging);
-    free(cm->layers);
-    free(cm);
-}
-
-void se_cuda_model_free(se_model * m) {
-    cuda_model_free((cuda_model *) m->dev);
-    m->dev = NULL;
-}
-
-int se_cuda_model_upload(se_model * m) {
-    int count;
-    int r = check_device(&count);
-    if (r != SE_OK) return r;
-    const se_hparams * hp = &m->hp;
-    cuda_model * cm = (cuda_model *) calloc(1, sizeof *cm);
-    if (!cm || !(cm->layers = (cuda_layer *) calloc((size_t) hp->n_layer, sizeof(cuda_layer)))) {
-        free(cm);
-        return se_error(SE_ERR_OUT_OF_MEMORY, "out of memory");
-    }
-    m->dev = cm;
-    SE_CUDA_CHECK(cudaSetDevice(cm->device));
-    const int64_t dim = hp->n_embd, q_dim = (int64_t) hp->n_head * hp->head_dim, kv_dim = (int64_t) hp->n_head_kv * hp->head_dim;
-    size_t total = weight_bytes(&m->output) + align256((size_t) dim * 4);
-    for (int32_t il = 0; il < hp->n_layer; il++) {
-        const se_layer * l = &m->layers[il];
-        total += weight_bytes(&l->wq) + weight_bytes(&l->wk) + weight_bytes(&l->wv) + weight_bytes(&l->wo) +
-                 weight_bytes(&l->w_gate) + weight_bytes(&l->w_up) + weight_bytes(&l->w_down) +
-                 2 * align256((size_t) dim * 4) + align256((size_t) q_dim * 4) + 2 * align256((size_t) kv_dim * 4);
-    }
-    cudaError_t e = cudaMalloc((void **) &cm->arena, total);
-    if (e != cudaSuccess) {
-        cudaGetLastError();
-        return se_error(SE_ERR_OUT_OF_MEMORY, "cannot allocate %.1f MiB of GPU memory for the weights: %s",
-                        (double) total / (1 << 20), cudaGetErrorString(e));
-    }
-    cm->size = total;
-    cm->staging_size = 64u << 20;
-    SE_CUDA_CHECK(cudaMallocHost((void **) &cm->staging, cm->staging_size));
-    for (int32_t il = 0; il < hp->n_layer && r == SE_OK; il++) {
-        const se_layer * l = &m->layers[il];
-        cuda_layer * d = &cm->layers[il];
-        if ((r = upload_floats(cm, l->attn_norm, dim, &d->attn_norm)) != SE_OK) break;
-        if ((r = upload_floats(cm, l->ffn_norm, dim, &d->ffn_norm)) != SE_OK) break;
-        if ((r = upload_floats(cm, l->bq, q_dim, &d->bq)) != SE_OK) break;
-        if ((r = upload_floats(cm, l->bk, kv_dim, &d->bk)) != SE_OK) break;
-        if ((r = upload_floats(cm, l->bv, kv_dim, &d->bv)) != SE_OK) break;
-        const se_weight * src[7] = {&l->wq, &l->wk, &l->wv, &l->wo, &l->w_gate, &l->w_up, &l->w_down};
-        se_dweight * dst[7] = {&d->wq, &d->wk, &d->wv, &d->wo, &d->w_gate, &d->w_up, &d->w_down};
-        for (int k = 0; k < 7 && r == SE_OK; k++) r = upload_weight(cm, src[k], dst[k]);
-    }
-    if (r == SE_OK) r = upload_floats(cm, m->output_norm, dim, &cm->output_norm);
-    if (r == SE_OK) r = upload_weight(cm, &m->output, &cm->output);
-    cudaFreeHost(cm->staging);
-    cm->staging = NULL;
-    return r;
-}
-
-// ---------------------------------------------------------------------------------------------
-// element-wise kernels
-
-// out = x / rms(x) * w for n rows of dim (a block of 256 threads a row); with qx, also 8-bit blocks
-// (dim % 32 == 0).
-__global__ void __launch_bounds__(256) k_rmsnorm(const float * x, const float * w, int64_t dim, float eps, float * out,
-                                                 int8_t * qx, float2 * ds) {
-    const float * xr = x + blockIdx.x * dim;
-    const float scale = block_rms_scale(xr, dim, eps);
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    float * o = out + blockIdx.x * dim;
-    if (!qx) {
-        for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) o[i] = xr[i] * scale * w[i];
-        return;
-    }
-    for (int64_t c = warp; c < dim / 32; c += 8) {
-        const int64_t i = 32 * c + lane;
-        const float v = xr[i] * scale * w[i];
-        o[i] = v;
-        float d;
-        const int q = q8_lane(v, d);
-        qx[blockIdx.x * dim + i] = (int8_t) q;
-        const float sum = warp_sum((float) q);
-        if (lane == 0) ds[(blockIdx.x * dim + i) / 32] = make_float2(d, d * sum);
-    }
-}
-
-// Busy for `cycles` clocks: with SEPEDGE_CUDA_TIMING, holds the stream while the step's launches
-// queue up behind it, so that the events between them time the kernels back to back.
-__global__ void k_spin(long long cycles) {
-    const long long t0 = clock64();
-    while (clock64() - t0 < cycles) {
-    }
-}
-
-// g = silu(g) * u over n elements; with qx, also 8-bit blocks (n % 32 == 0).
-__global__ void k_swiglu(float * g, const float * u, int64_t n, int8_t * qx, float2 * ds) {
-    const int64_t i = (int64_t) blockIdx.x * blockDim.x + threadIdx.x;
-    float v = 0;
-    if (i < n) {
-        const float a = g[i];
-        v = a / (1.0f + expf(-a)) * u[i];
-        g[i] = v;
-    }
-    if (!qx) return;
-    float d;
-    const int q = q8_lane(v, d);
-    const float sum = warp_sum((float) q);
-    if (i >= n) return;
-    qx[i] = (int8_t) q;
-    if (i % 32 == 0) ds[i / 32] = make_float2(d, d * sum);
-}
-
-// Rotate q (in place) and k by each token's position, and store k and v (f16) in the tokens' cells.
-__global__ void k_rope_store(float * q, const float * k, const float * v, const int32_t * pos, const int32_t * cells,
-                             const double * freq, __half * kc, __half * vc, int n_head, int n_head_kv, int d, int rope_type) {
-    const int t = blockIdx.x, half = d / 2;
-    const int64_t row = (int64_t) n_head_kv * d, cell = cells[t];
-    const double p = pos[t];
-    for (int idx = threadIdx.x; idx < (n_head + n_head_kv) * half; idx += blockDim.x) {
-        const int h = idx / half, i = idx % half;
-        const int a = rope_type == SE_ROPE_NORM ? 2 * i : i, b = rope_type == SE_ROPE_NORM ? 2 * i + 1 : i + half;
-        double sn, cs;
-        sincos(p * freq[i], &sn, &cs);
-        const float c = (float) cs, s = (float) sn;
-        if (h < n_head) {
-            float * x = q + ((int64_t) t * n_head + h) * d;
-            const float x0 = x[a], x1 = x[b];
-            x[a] = x0 * c - x1 * s;
-            x[b] = x0 * s + x1 * c;
-        } else {
-            const float * x = k + (int64_t) t * row + (int64_t) (h - n_head) * d;
-            __half * dst = kc + cell * row + (int64_t) (h - n_head) * d;
-            const float x0 = x[a], x1 = x[b];
-            dst[a] = __float2half(x0 * c - x1 * s);
-            dst[b] = __float2half(x0 * s + x1 * c);
-        }
-    }
-    for (int64_t j = threadIdx.x; j < row; j += blockDim.x) vc[cell * row + j] = __float2half(v[(int64_t) t * row + j]);
+    return n;
 }
 
 // ---------------------------------------------------------------------------------------------
 // context
-
-#define SE_TIMING_EVENTS 4096
-#define SE_TIMING_NAMES 24
 
 typedef struct cuda_ctx {
     cudaStream_t stream;
@@ -304,49 +74,10 @@ typedef struct cuda_ctx {
     int path;             // se_mv_path
     bool use_graphs;
     cudaGraphExec_t graph[2];  // one-token pass without / with logits
-    // SEPEDGE_CUDA_TIMING: events between the launches of one-token passes, summed per kernel
-    bool timing, marking;  // marking: this pass
-    cudaEvent_t ev[SE_TIMING_EVENTS];
-    const char * ev_name[SE_TIMING_EVENTS];
-    int n_ev;
-    struct { const char * name; double us; long long count; } tt[SE_TIMING_NAMES];
-    int n_tt;
-    long long steps;
+    se_cuda_timing timing;     // SEPEDGE_CUDA_TIMING
 } cuda_ctx;
 
-static void mark(cuda_ctx * c, const char * name) {
-    if (!c->marking || c->n_ev >= SE_TIMING_EVENTS) return;
-    cudaEventRecord(c->ev[c->n_ev], c->stream);
-    c->ev_name[c->n_ev++] = name;
-}
-
-static void timing_collect(cuda_ctx * c) {
-    for (int i = 1; i < c->n_ev; i++) {
-        float ms = 0;
-        cudaEventElapsedTime(&ms, c->ev[i - 1], c->ev[i]);
-        int k = 0;
-        while (k < c->n_tt && strcmp(c->tt[k].name, c->ev_name[i])) k++;
-        if (k == c->n_tt) {
-            if (k == SE_TIMING_NAMES) continue;
-            c->tt[c->n_tt++] = {c->ev_name[i], 0, 0};
-        }
-        c->tt[k].us += 1e3 * ms;
-        c->tt[k].count++;
-    }
-    c->n_ev = 0;
-    c->steps++;
-}
-
-static void timing_report(const cuda_ctx * c) {
-    double total = 0;
-    for (int k = 0; k < c->n_tt; k++) total += c->tt[k].us;
-    fprintf(stderr, "sepedge CUDA timing, one-token passes: %lld, GPU time per pass %.1f us\n", c->steps, total / c->steps);
-    fprintf(stderr, "%-22s %10s %12s %7s\n", "kernel", "launches", "us/pass", "share");
-    for (int k = 0; k < c->n_tt; k++) {
-        fprintf(stderr, "%-22s %10.1f %12.1f %6.1f%%\n", c->tt[k].name, (double) c->tt[k].count / c->steps,
-                c->tt[k].us / c->steps, 100 * c->tt[k].us / total);
-    }
-}
+static void mark(cuda_ctx * c, const char * name) { se_cuda_timing_mark(&c->timing, name, c->stream); }
 
 static cuda_ctx * cctx(se_context * ctx) { return (cuda_ctx *) ctx->dev; }
 
@@ -366,15 +97,14 @@ static void kernels_init() {
     done = true;
     se_cuda_attention_init();
     se_cuda_matmul_init();
-    const void * kernels[] = {(const void *) k_rmsnorm, (const void *) k_swiglu, (const void *) k_rope_store};
-    for (const void * k : kernels) cudaFuncSetAttribute(k, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
-    cudaGetLastError();
+    se_cuda_elementwise_init();
+    se_cuda_rope_init();
 }
 
 static int cuda_init(se_context * ctx) {
     const se_model * m = ctx->model;
     const se_hparams * hp = &m->hp;
-    const cuda_model * cm = (const cuda_model *) m->dev;
+    const se_cuda_model * cm = (const se_cuda_model *) m->dev;
     se_buffers * b = &ctx->buf;
     const int64_t nb = ctx->params.n_batch, n_cells = ctx->kv.cfg.n_cells;
     b->cells = (int32_t *) calloc((size_t) nb, sizeof(int32_t));
@@ -400,12 +130,9 @@ static int cuda_init(se_context * ctx) {
     c->path = env && !strcmp(env, "float") ? SE_MV_FLOAT : SE_MV_AUTO;
     env = getenv("SEPEDGE_CUDA_GRAPHS");
     c->use_graphs = !(env && !strcmp(env, "0"));
-    env = getenv("SEPEDGE_CUDA_TIMING");
-    c->timing = env && strcmp(env, "0");
-    if (c->timing) {
-        c->use_graphs = false;  // events between the kernels of a direct launch
-        for (int i = 0; i < SE_TIMING_EVENTS; i++) SE_CUDA_CHECK(cudaEventCreate(&c->ev[i]));
-    }
+    int r = se_cuda_timing_init(&c->timing);
+    if (r != SE_OK) return r;
+    if (c->timing.on) c->use_graphs = false;  // events between the kernels of a direct launch
     const int64_t dim = hp->n_embd, q_dim = (int64_t) hp->n_head * hp->head_dim, kv_dim = ctx->kv.row;
     int64_t widest = hp->n_ff > q_dim ? hp->n_ff : q_dim;
     if (widest < dim) widest = dim;
@@ -442,10 +169,10 @@ static int cuda_init(se_context * ctx) {
     }
     SE_CUDA_CHECK(cudaMemcpy(c->freq, freq, (size_t) (hp->head_dim / 2) * sizeof(double), cudaMemcpyHostToDevice));
     c->off_pos = 256;
-    c->off_floor = c->off_pos + align256((size_t) nb * 4);
-    c->off_cells = c->off_floor + align256((size_t) nb * 4);
-    c->off_live = c->off_cells + align256((size_t) nb * 4);
-    c->off_x = c->off_live + align256((size_t) n_cells * sizeof(se_dcell));
+    c->off_floor = c->off_pos + se_align256((size_t) nb * 4);
+    c->off_cells = c->off_floor + se_align256((size_t) nb * 4);
+    c->off_live = c->off_cells + se_align256((size_t) nb * 4);
+    c->off_x = c->off_live + se_align256((size_t) n_cells * sizeof(se_dcell));
     c->step_bytes = c->off_x + (size_t) nb * (size_t) dim * sizeof(float);
     DEV_ALLOC(c->d_step, c->step_bytes);
     SE_CUDA_CHECK(cudaMallocHost((void **) &c->h_step, c->step_bytes));
@@ -466,14 +193,10 @@ static void cuda_free(se_context * ctx) {
     memset(b, 0, sizeof *b);
     cuda_ctx * c = cctx(ctx);
     if (!c) return;
-    cudaSetDevice(((const cuda_model *) ctx->model->dev)->device);
+    cudaSetDevice(((const se_cuda_model *) ctx->model->dev)->device);
     for (int i = 0; i < 2; i++)
         if (c->graph[i]) cudaGraphExecDestroy(c->graph[i]);
-    if (c->timing) {
-        if (c->steps) timing_report(c);
-        for (int i = 0; i < SE_TIMING_EVENTS; i++)
-            if (c->ev[i]) cudaEventDestroy(c->ev[i]);
-    }
+    se_cuda_timing_free(&c->timing);
     void * dev[] = {c->x, c->xb, c->q, c->k, c->v, c->att, c->hb, c->hb2, c->logits, c->part, c->qx, c->ds, c->kc, c->vc,
                     c->freq, c->rope, c->dtab, c->tab_delta, c->count, c->d_step};
     for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++) cudaFree(dev[i]);
@@ -543,18 +266,17 @@ static int norm_products(se_context * ctx, const se_mm_out * outs, int n_outs, c
     int r = se_cuda_matvec_norm(outs, n_outs, x, norm, hp->rms_eps, c->path, swiglu, down_q8 ? c->qx : NULL, c->ds, c->stream);
     if (r != SE_ERR_UNSUPPORTED) return r;
     const bool q8 = any_q8(c, outs, n_outs);
-    k_rmsnorm<<<1, 256, 0, c->stream>>>(x, norm, hp->n_embd, hp->rms_eps, c->xb, q8 ? c->qx : NULL, c->ds);
+    if ((r = se_cuda_rmsnorm(x, norm, 1, hp->n_embd, hp->rms_eps, c->xb, q8 ? c->qx : NULL, c->ds, c->stream)) != SE_OK) return r;
     mark(c, "rmsnorm");
     if ((r = products(c, outs, n_outs, 1, q8)) != SE_OK || !swiglu) return r;
     mark(c, "matvec");
-    k_swiglu<<<(unsigned) ((hp->n_ff + 255) / 256), 256, 0, c->stream>>>(c->hb, c->hb2, hp->n_ff, down_q8 ? c->qx : NULL, c->ds);
-    return SE_OK;
+    return se_cuda_swiglu(c->hb, c->hb2, hp->n_ff, down_q8 ? c->qx : NULL, c->ds, c->stream);
 }
 
 // One layer for one token.
 static int layer_decode(se_context * ctx, int32_t il) {
     const se_hparams * hp = &ctx->model->hp;
-    const cuda_layer * l = &((const cuda_model *) ctx->model->dev)->layers[il];
+    const se_cuda_layer * l = &((const se_cuda_model *) ctx->model->dev)->layers[il];
     cuda_ctx * c = cctx(ctx);
     cudaStream_t st = c->stream;
     const se_mm_out qkv[3] = {{l->wq, c->q, l->bq, 0}, {l->wk, c->k, l->bk, 0}, {l->wv, c->v, l->bv, 0}};
@@ -563,9 +285,7 @@ static int layer_decode(se_context * ctx, int32_t il) {
     mark(c, "norm+qkv");
     const se_dattn a = attn_args(ctx, il);
     if (!se_cuda_decode_fused(hp->head_dim)) {
-        const int64_t layer = (int64_t) ctx->kv.cfg.n_cells * ctx->kv.row;
-        k_rope_store<<<1, 256, 0, st>>>(c->q, c->k, c->v, a.pos, a.cells, c->freq, c->kc + il * layer, c->vc + il * layer,
-                                        hp->n_head, hp->n_head_kv, hp->head_dim, hp->rope_type);
+        if ((r = se_cuda_rope_store(&a, c->q, c->freq, 1, st)) != SE_OK) return r;
         mark(c, "rope_store");
     }
     const bool q8 = se_cuda_wants_q8(&l->wo, c->path), fused = q8 && hp->head_dim % 32 == 0;  // attention quantizes
@@ -590,25 +310,22 @@ static int layer_decode(se_context * ctx, int32_t il) {
 // One layer for n > 1 tokens: tensor-core products and tiled attention.
 static int layer_prefill(se_context * ctx, int32_t il, int32_t n) {
     const se_hparams * hp = &ctx->model->hp;
-    const cuda_layer * l = &((const cuda_model *) ctx->model->dev)->layers[il];
+    const se_cuda_layer * l = &((const se_cuda_model *) ctx->model->dev)->layers[il];
     cuda_ctx * c = cctx(ctx);
     cudaStream_t st = c->stream;
-    const int64_t dim = hp->n_embd, layer = (int64_t) ctx->kv.cfg.n_cells * ctx->kv.row;
-    k_rmsnorm<<<n, 256, 0, st>>>(c->x, l->attn_norm, dim, hp->rms_eps, c->xb, NULL, c->ds);
+    const int64_t dim = hp->n_embd;
+    int r = se_cuda_rmsnorm(c->x, l->attn_norm, n, dim, hp->rms_eps, c->xb, NULL, c->ds, st);
     const se_mm_out qkv[3] = {{l->wq, c->q, l->bq, 0}, {l->wk, c->k, l->bk, 0}, {l->wv, c->v, l->bv, 0}};
-    int r = products(c, qkv, 3, n, false);
-    if (r != SE_OK) return r;
+    if (r != SE_OK || (r = products(c, qkv, 3, n, false)) != SE_OK) return r;
     const se_dattn a = attn_args(ctx, il);
-    k_rope_store<<<n, 256, 0, st>>>(c->q, c->k, c->v, a.pos, a.cells, c->freq, c->kc + il * layer, c->vc + il * layer,
-                                    hp->n_head, hp->n_head_kv, hp->head_dim, hp->rope_type);
+    if ((r = se_cuda_rope_store(&a, c->q, c->freq, n, st)) != SE_OK) return r;
     if ((r = se_cuda_attention_prefill(&a, n, st)) != SE_OK) return r;
     const se_mm_out wo = {l->wo, c->x, NULL, 1};
     if ((r = se_cuda_matmul(&wo, c->att, n, st)) != SE_OK) return r;
-    k_rmsnorm<<<n, 256, 0, st>>>(c->x, l->ffn_norm, dim, hp->rms_eps, c->xb, NULL, c->ds);
+    if ((r = se_cuda_rmsnorm(c->x, l->ffn_norm, n, dim, hp->rms_eps, c->xb, NULL, c->ds, st)) != SE_OK) return r;
     const se_mm_out gate_up[2] = {{l->w_gate, c->hb, NULL, 0}, {l->w_up, c->hb2, NULL, 0}};
     if ((r = products(c, gate_up, 2, n, false)) != SE_OK) return r;
-    const int64_t n_ff = (int64_t) n * hp->n_ff;
-    k_swiglu<<<(unsigned) ((n_ff + 255) / 256), 256, 0, st>>>(c->hb, c->hb2, n_ff, NULL, c->ds);
+    if ((r = se_cuda_swiglu(c->hb, c->hb2, (int64_t) n * hp->n_ff, NULL, c->ds, st)) != SE_OK) return r;
     const se_mm_out down = {l->w_down, c->x, NULL, 1};
     return se_cuda_matmul(&down, c->hb, n, st);
 }
@@ -632,7 +349,7 @@ static int run_layers(se_context * ctx, int32_t n) {
 // Logits of `count` rows of the residual stream from row `first` into c->logits.
 static int run_output(se_context * ctx, int32_t first, int32_t count) {
     const se_hparams * hp = &ctx->model->hp;
-    const cuda_model * cm = (const cuda_model *) ctx->model->dev;
+    const se_cuda_model * cm = (const se_cuda_model *) ctx->model->dev;
     cuda_ctx * c = cctx(ctx);
     const se_mm_out o = {cm->output, c->logits, NULL, 0};
     const float * x = c->x + (int64_t) first * hp->n_embd;
@@ -641,8 +358,8 @@ static int run_output(se_context * ctx, int32_t first, int32_t count) {
         mark(c, "norm+output");
         return r;
     }
-    k_rmsnorm<<<count, 256, 0, c->stream>>>(x, cm->output_norm, hp->n_embd, hp->rms_eps, c->xb, NULL, c->ds);
-    return products(c, &o, 1, count, false);
+    const int r = se_cuda_rmsnorm(x, cm->output_norm, count, hp->n_embd, hp->rms_eps, c->xb, NULL, c->ds, c->stream);
+    return r != SE_OK ? r : products(c, &o, 1, count, false);
 }
 
 static int capture(se_context * ctx, int with_logits) {
@@ -707,7 +424,7 @@ static void build_step(se_context * ctx, const int32_t * tokens, int32_t n) {
 static int cuda_forward(se_context * ctx, const int32_t * tokens, int32_t n, float * logits, int32_t n_logits) {
     const se_hparams * hp = &ctx->model->hp;
     cuda_ctx * c = cctx(ctx);
-    SE_CUDA_CHECK(cudaSetDevice(((const cuda_model *) ctx->model->dev)->device));
+    SE_CUDA_CHECK(cudaSetDevice(((const se_cuda_model *) ctx->model->dev)->device));
     build_step(ctx, tokens, n);
     const size_t head = c->off_live + (size_t) ctx->kv.n_live * sizeof(se_dcell);
     SE_CUDA_CHECK(cudaMemcpyAsync(c->d_step, c->h_step, head, cudaMemcpyHostToDevice, c->stream));
@@ -725,12 +442,8 @@ static int cuda_forward(se_context * ctx, const int32_t * tokens, int32_t n, flo
         if (g) memcpy(logits, c->h_logits, (size_t) hp->n_vocab * sizeof(float));
         return SE_OK;
     }
-    c->marking = c->timing && n == 1;
-    c->n_ev = 0;
-    if (c->marking) {
-        k_spin<<<1, 1, 0, c->stream>>>(20000000);  // ~10 ms: the launches below queue behind it
-        mark(c, "start");
-    }
+    c->timing.marking = c->timing.on && n == 1;
+    se_cuda_timing_begin(&c->timing, c->stream);
     if ((r = run_layers(ctx, n)) != SE_OK) return r;
     for (int32_t g = 0; g < n_logits; g += c->logit_rows) {  // the wanted rows, a few at a time
         const int32_t count = n_logits - g < c->logit_rows ? n_logits - g : c->logit_rows;
@@ -742,93 +455,8 @@ static int cuda_forward(se_context * ctx, const int32_t * tokens, int32_t n, flo
     }
     // the pinned step buffer is rewritten by the next pass: wait until this one has read it
     SE_CUDA_CHECK(cudaStreamSynchronize(c->stream));
-    if (c->marking) timing_collect(c);
-    c->marking = false;
+    se_cuda_timing_end(&c->timing);
     return SE_OK;
 }
 
 extern "C" const se_backend se_backend_cuda = {"cuda", cuda_init, cuda_free, cuda_forward};
-
-// ---------------------------------------------------------------------------------------------
-// public entry points for tests and tools
-
-extern "C" int se_cuda_device_count(int32_t * count) {
-    if (!count) return se_error(SE_ERR_INVALID_ARGUMENT, "se_cuda_device_count: count is NULL");
-    int n;
-    const int r = check_device(&n);
-    *count = n;
-    return r == SE_OK || n == 0 ? SE_OK : r;
-}
-
-typedef struct mm_test {  // device buffers of se_cuda_mul_mat
-    uint8_t * w;
-    float * x, * out;
-    int8_t * qx;
-    float2 * ds;
-} mm_test;
-
-static int mul_mat(const se_type_traits * tt, int32_t type, const void * w, int64_t rows, int64_t cols, const float * x,
-                   int32_t n, float * out, int32_t path, mm_test * b) {
-    int32_t qb, sb;
-    se_cuda_block_layout(type, &qb, &sb);
-    const int64_t nb = cols / tt->block;
-    const size_t q_bytes = (size_t) (rows * nb * qb), s_bytes = (size_t) (rows * nb * sb);
-    SE_CUDA_CHECK(cudaMalloc((void **) &b->w, align256(q_bytes) + s_bytes + 16));
-    SE_CUDA_CHECK(cudaMalloc((void **) &b->x, (size_t) (n * cols) * sizeof(float)));
-    SE_CUDA_CHECK(cudaMalloc((void **) &b->out, (size_t) (n * rows) * sizeof(float)));
-    SE_CUDA_CHECK(cudaMalloc((void **) &b->qx, (size_t) cols + 32));
-    SE_CUDA_CHECK(cudaMalloc((void **) &b->ds, (size_t) (cols / 32 + 1) * sizeof(float2)));
-    se_dweight dw = {type, sb ? SE_DL_PLANES : SE_DL_RAW, rows, cols, b->w, sb ? b->w + align256(q_bytes) : NULL, nb * qb, nb * sb};
-    if (sb) {
-        uint8_t * host = (uint8_t *) malloc(q_bytes + s_bytes + 1);
-        if (!host) return se_error(SE_ERR_OUT_OF_MEMORY, "out of memory");
-        se_cuda_split_blocks(type, (const uint8_t *) w, rows * nb, host, host + q_bytes);
-        cudaError_t e1 = cudaMemcpy(b->w, host, q_bytes, cudaMemcpyHostToDevice);
-        cudaError_t e2 = cudaMemcpy(b->w + align256(q_bytes), host + q_bytes, s_bytes, cudaMemcpyHostToDevice);
-        free(host);
-        SE_CUDA_CHECK(e1);
-        SE_CUDA_CHECK(e2);
-    } else {
-        SE_CUDA_CHECK(cudaMemcpy(b->w, w, q_bytes, cudaMemcpyHostToDevice));
-    }
-    SE_CUDA_CHECK(cudaMemcpy(b->x, x, (size_t) (n * cols) * sizeof(float), cudaMemcpyHostToDevice));
-    int r = SE_OK;
-    if (path == SE_MV_AUTO && n > 1) {
-        const se_mm_out o = {dw, b->out, NULL, 0};
-        r = se_cuda_matmul(&o, b->x, n, 0);
-    } else {
-        for (int32_t t = 0; t < n && r == SE_OK; t++) {  // the decode kernels, token by token
-            const float * xt = b->x + t * cols;
-            if (se_cuda_wants_q8(&dw, path)) r = se_cuda_quantize_q8(xt, 1, cols, b->qx, b->ds, 0);
-            const se_mm_out o = {dw, b->out + t * rows, NULL, 0};
-            if (r == SE_OK) r = se_cuda_matvec(&o, 1, se_dact{xt, b->qx, b->ds}, path, 0);
-        }
-    }
-    if (r != SE_OK) return r;
-    SE_CUDA_CHECK(cudaDeviceSynchronize());
-    SE_CUDA_CHECK(cudaMemcpy(out, b->out, (size_t) (n * rows) * sizeof(float), cudaMemcpyDeviceToHost));
-    return SE_OK;
-}
-
-extern "C" int se_cuda_mul_mat(int32_t type, const void * w, int64_t rows, int64_t cols, const float * x, int32_t n,
-                               float * out, int32_t path) {
-    const se_type_traits * tt = se_type_get(type);
-    if (!tt || !tt->dot) return se_error(SE_ERR_UNSUPPORTED, "se_cuda_mul_mat: type %d is not supported", type);
-    if (!w || !x || !out || rows < 1 || n < 1 || cols < 1 || cols % tt->block || (path != SE_MV_AUTO && path != SE_MV_FLOAT)) {
-        return se_error(SE_ERR_INVALID_ARGUMENT, "se_cuda_mul_mat: bad arguments");
-    }
-    if (tt->block > 1 && cols % 32) return se_error(SE_ERR_INVALID_ARGUMENT, "se_cuda_mul_mat: cols must be a multiple of 32");
-    int count;
-    int r = check_device(&count);
-    if (r != SE_OK) return r;
-    se_quants_init();
-    SE_CUDA_CHECK(cudaSetDevice(0));
-    mm_test b = {};
-    r = mul_mat(tt, type, w, rows, cols, x, n, out, path, &b);
-    cudaFree(b.w);
-    cudaFree(b.x);
-    cudaFree(b.out);
-    cudaFree(b.qx);
-    cudaFree(b.ds);
-    return r;
-}

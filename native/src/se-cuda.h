@@ -1,9 +1,14 @@
 // The CUDA backend's internals, shared by its .cu files (C++; the rest of the core is C).
 //
-//   se-cuda.cu            weights on the device, the per-step upload, the forward pass, graphs
-//   se-cuda-matmul.cu     matrix-vector products (decode) and tensor-core matrix products (prefill)
-//   se-cuda-attention.cu  attention over the live cells: split-K for one token, tiled for many
-//   se-cuda-quants.cuh    the tensor types on the device: dot products and dequantization
+//   se-cuda.cu             the context, the per-step upload, the forward pass, CUDA graphs
+//   se-cuda-weights.cu     the weights on the device: upload once, in their quantized formats
+//   se-cuda-elementwise.cu RMSNorm, SwiGLU, activations to 8 bits
+//   se-cuda-rope.cu/.cuh   rotary position embedding: the tables, the prefill rotation, the helpers
+//                          the attention kernels rotate with (the one place RoPE is written)
+//   se-cuda-matmul.cu      matrix-vector products (decode) and f16 tensor-core products (prefill)
+//   se-cuda-attention.cu   attention over the live cells: split-K for one token, tiled for many
+//   se-cuda-timing.cu      SEPEDGE_CUDA_TIMING per-kernel times, and the entry points for tests
+//   se-cuda-quants.cuh     the tensor types on the device: dot products and dequantization
 //
 // Weights keep their quantized formats. Types whose GGUF blocks are not 16-byte multiples are split
 // on upload into a plane of codes (16-byte aligned per block) and a plane of scales, so that a warp
@@ -21,6 +26,10 @@ extern "C" {
 
 // Record a failed CUDA call as SE_ERR_BACKEND; evaluates to the status.
 int se_cuda_error(cudaError_t e, const char * what);
+// Number of usable GPUs in *count; SE_ERR_BACKEND (with a message) where there are none.
+int se_cuda_check_device(int * count);
+// Multiprocessors of the current device (cached).
+int se_cuda_n_sms();
 #define SE_CUDA_CHECK(call)                                              \
     do {                                                                 \
         cudaError_t e_ = (call);                                         \
@@ -47,6 +56,27 @@ struct se_dweight {
 void se_cuda_block_layout(int32_t type, int32_t * q_block, int32_t * s_block);
 // Split n_blocks GGUF blocks of `type` into their planes (host memory).
 void se_cuda_split_blocks(int32_t type, const uint8_t * src, int64_t n_blocks, uint8_t * q, uint8_t * s);
+
+// Bytes to 256-byte alignment (every device allocation and arena slice).
+static inline size_t se_align256(size_t n) { return (n + 255) & ~(size_t) 255; }
+
+// The model's weights on the device (se-cuda-weights.cu), one arena.
+struct se_cuda_layer {
+    float * attn_norm, * ffn_norm;   // (n_embd)
+    float * bq, * bk, * bv;          // or NULL
+    se_dweight wq, wk, wv, wo, w_gate, w_up, w_down;
+};
+
+struct se_cuda_model {
+    int device;
+    uint8_t * arena;                 // every weight, one allocation
+    size_t size, used;
+    se_cuda_layer * layers;          // (n_layer)
+    float * output_norm;
+    se_dweight output;
+    uint8_t * staging;               // pinned, for the upload
+    size_t staging_size;
+};
 
 // Activations of a matrix product: float rows, and the same quantized to 8 bits per value in
 // blocks of 32 (codes in qx, per block its scale d and d * sum of codes in ds) for the dp4a kernels.
@@ -80,8 +110,16 @@ int se_cuda_matvec_norm(const se_mm_out * outs, int n_outs, const float * x, con
                         bool swiglu, int8_t * hq, float2 * hds, cudaStream_t s);
 // Prefill: out (n, rows) for n tokens through the tensor cores (f16 inputs, f32 accumulation).
 int se_cuda_matmul(const se_mm_out * o, const float * x, int32_t n, cudaStream_t s);
-// Quantize n rows of cols floats (cols a multiple of 32) for the dp4a kernels.
+
+// Element-wise kernels (se-cuda-elementwise.cu).
+// Quantize n rows of cols floats (cols a multiple of 32) for the dp4a and int8 tensor-core kernels.
 int se_cuda_quantize_q8(const float * x, int32_t n, int64_t cols, int8_t * qx, float2 * ds, cudaStream_t s);
+// out = rmsnorm(x) * w for n rows of dim; with qx also in 8-bit blocks (dim % 32 == 0).
+int se_cuda_rmsnorm(const float * x, const float * w, int32_t n, int64_t dim, float eps, float * out, int8_t * qx,
+                    float2 * ds, cudaStream_t s);
+// g = silu(g) * u over n values; with qx also in 8-bit blocks (n % 32 == 0).
+int se_cuda_swiglu(float * g, const float * u, int64_t n, int8_t * qx, float2 * ds, cudaStream_t s);
+void se_cuda_elementwise_init();
 
 // What the attention kernels read about the step, in device memory (the per-step upload).
 struct se_dcell {            // a live cell, in cache order
@@ -122,10 +160,17 @@ struct se_dattn {
 // Cells per split of the one-token kernel, at least; at most SE_ATTN_MAX_SPLITS splits.
 #define SE_ATTN_SPLIT 32
 #define SE_ATTN_MAX_SPLITS 128
+// Rotary embedding (se-cuda-rope.cu).
 // (cos, sin) tables of the step: of the decode token's position, and of each live cell's delta
 // (recomputed only for cells whose delta changed: tab_delta holds the delta each row was made for).
 int se_cuda_rope_tables(const se_dattn * a, const double * freq, int32_t * tab_delta, float2 * dtab, float2 * rope,
                         cudaStream_t s);
+// Rotate n tokens' queries (in place) and keys by their positions and store keys and values (f16)
+// in their cells: the prefill path, and decode for head sizes the fused attention kernel does not take.
+int se_cuda_rope_store(const se_dattn * a, float * q, const double * freq, int32_t n, cudaStream_t s);
+void se_cuda_rope_init();
+
+// Attention (se-cuda-attention.cu).
 // One token, with its rotation and its store into the cache; with qx, the result is also
 // quantized to 8 bits for the output projection (head_dim % 32 == 0).
 int se_cuda_attention_decode(const se_dattn * a, int8_t * qx, float2 * ds, cudaStream_t s);
@@ -136,5 +181,24 @@ bool se_cuda_decode_fused(int32_t head_dim);
 // Kernel attributes, once a process (se-cuda.cu calls them).
 void se_cuda_attention_init();
 void se_cuda_matmul_init();
+
+// SEPEDGE_CUDA_TIMING (se-cuda-timing.cu): CUDA events between the launches of one-token passes,
+// summed per kernel name and printed when the context is freed.
+#define SE_TIMING_EVENTS 4096
+#define SE_TIMING_NAMES 24
+struct se_cuda_timing {
+    bool on, marking;        // marking: the pass in flight is timed
+    cudaEvent_t ev[SE_TIMING_EVENTS];
+    const char * ev_name[SE_TIMING_EVENTS];
+    int n_ev;
+    struct { const char * name; double us; long long count; } tt[SE_TIMING_NAMES];
+    int n_tt;
+    long long steps;
+};
+int  se_cuda_timing_init(se_cuda_timing * t);        // events, when SEPEDGE_CUDA_TIMING is set
+void se_cuda_timing_begin(se_cuda_timing * t, cudaStream_t s);  // hold the stream, first event
+void se_cuda_timing_mark(se_cuda_timing * t, const char * name, cudaStream_t s);
+void se_cuda_timing_end(se_cuda_timing * t);         // after the pass: sum the intervals
+void se_cuda_timing_free(se_cuda_timing * t);        // report and destroy
 
 #endif  // SE_CUDA_H

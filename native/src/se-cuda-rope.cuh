@@ -1,0 +1,63 @@
+// Rotary position embedding on the device: the one place the pair convention and the rotation are
+// written. llama.cpp's two conventions: SE_ROPE_NORM rotates pairs (2i, 2i + 1), SE_ROPE_NEOX pairs
+// (i, i + d / 2); pair i turns by angle pos * freq[i], (cos, sin) from a table or sincos.
+#ifndef SE_CUDA_ROPE_CUH
+#define SE_CUDA_ROPE_CUH
+
+#include "se-cuda-quants.cuh"
+
+// The two dimensions of pair i (of d / 2).
+__device__ __forceinline__ void rope_pair(int i, int d, int rope_type, int & ia, int & ib) {
+    ia = rope_type == SE_ROPE_NORM ? 2 * i : i;
+    ib = rope_type == SE_ROPE_NORM ? 2 * i + 1 : i + d / 2;
+}
+
+// The pair (x0, x1) turned by (cos, sin) = cs.
+__device__ __forceinline__ float2 rope_turn(float x0, float x1, float2 cs) {
+    return make_float2(x0 * cs.x - x1 * cs.y, x0 * cs.y + x1 * cs.x);
+}
+
+// Dimension j of a key row rotated by the cell's delta, t its (cos, sin) row.
+__device__ inline float rope_rotated(const __half * k, int j, int d, const float2 * t, int rope_type) {
+    const int i = rope_type == SE_ROPE_NORM ? j / 2 : j % (d / 2);
+    int ia, ib;
+    rope_pair(i, d, rope_type, ia, ib);
+    const float2 r = rope_turn(__half2float(k[ia]), __half2float(k[ib]), t[i]);
+    return j == ia ? r.x : r.y;
+}
+
+// Eight f16 values from a 16-byte load.
+__device__ __forceinline__ void load8(const __half * p, float x[8]) {
+    const int4 raw = *(const int4 *) p;
+    const __half2 * h = (const __half2 *) &raw;
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+        const float2 f = __half22float2(h[e]);
+        x[2 * e] = f.x;
+        x[2 * e + 1] = f.y;
+    }
+}
+
+// Dimensions [j0, j0 + 8) of key row kr (already in k) rotated by the cell's delta (table row t).
+__device__ __forceinline__ void rope_rotate8(float k[8], const __half * kr, int j0, int d, const float2 * t, int rope_type) {
+    if (rope_type == SE_ROPE_NORM) {  // pairs (2i, 2i + 1) lie within the lane's eight
+#pragma unroll
+        for (int e = 0; e < 8; e += 2) {
+            const float2 r = rope_turn(k[e], k[e + 1], t[(j0 + e) / 2]);
+            k[e] = r.x;
+            k[e + 1] = r.y;
+        }
+        return;
+    }
+    const int half = d / 2;  // pairs (i, i + half): the partners are eight other dimensions
+    const bool low = j0 < half;
+    float pk[8];
+    load8(kr + (low ? j0 + half : j0 - half), pk);
+#pragma unroll
+    for (int e = 0; e < 8; e++) {
+        const float2 cs = t[(j0 + e) % half];
+        k[e] = low ? k[e] * cs.x - pk[e] * cs.y : pk[e] * cs.y + k[e] * cs.x;
+    }
+}
+
+#endif  // SE_CUDA_ROPE_CUH

@@ -1,0 +1,164 @@
+// SEPEDGE_CUDA_TIMING=1: the GPU time of every kernel of one-token passes, from CUDA events recorded
+// between the launches of a direct (not graph) pass, summed per kernel name and printed to stderr
+// when the context is freed. A spin kernel first holds the stream while the pass's launches queue
+// behind it, so that the kernels run back to back and the events time the kernels, not the host.
+//
+// Also the entry points for tests and tools of sepedge.h: se_cuda_device_count, se_cuda_mul_mat.
+#include "se-cuda-quants.cuh"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+// Busy for `cycles` clocks.
+__global__ void k_spin(long long cycles) {
+    const long long t0 = clock64();
+    while (clock64() - t0 < cycles) {
+    }
+}
+
+int se_cuda_timing_init(se_cuda_timing * t) {
+    memset(t, 0, sizeof *t);
+    const char * env = getenv("SEPEDGE_CUDA_TIMING");
+    t->on = env && strcmp(env, "0");
+    if (!t->on) return SE_OK;
+    for (int i = 0; i < SE_TIMING_EVENTS; i++) SE_CUDA_CHECK(cudaEventCreate(&t->ev[i]));
+    return SE_OK;
+}
+
+void se_cuda_timing_begin(se_cuda_timing * t, cudaStream_t s) {
+    t->n_ev = 0;
+    if (!t->marking) return;
+    k_spin<<<1, 1, 0, s>>>(20000000);  // ~10 ms: the launches after it queue behind it
+    se_cuda_timing_mark(t, "start", s);
+}
+
+void se_cuda_timing_mark(se_cuda_timing * t, const char * name, cudaStream_t s) {
+    if (!t->marking || t->n_ev >= SE_TIMING_EVENTS) return;
+    cudaEventRecord(t->ev[t->n_ev], s);
+    t->ev_name[t->n_ev++] = name;
+}
+
+void se_cuda_timing_end(se_cuda_timing * t) {
+    if (!t->marking) return;
+    for (int i = 1; i < t->n_ev; i++) {
+        float ms = 0;
+        cudaEventElapsedTime(&ms, t->ev[i - 1], t->ev[i]);
+        int k = 0;
+        while (k < t->n_tt && strcmp(t->tt[k].name, t->ev_name[i])) k++;
+        if (k == t->n_tt) {
+            if (k == SE_TIMING_NAMES) continue;
+            t->tt[t->n_tt].name = t->ev_name[i];
+            t->tt[t->n_tt].us = 0;
+            t->tt[t->n_tt++].count = 0;
+        }
+        t->tt[k].us += 1e3 * ms;
+        t->tt[k].count++;
+    }
+    t->n_ev = 0;
+    t->steps++;
+    t->marking = false;
+}
+
+void se_cuda_timing_free(se_cuda_timing * t) {
+    if (!t->on) return;
+    if (t->steps) {
+        double total = 0;
+        for (int k = 0; k < t->n_tt; k++) total += t->tt[k].us;
+        fprintf(stderr, "sepedge CUDA timing, one-token passes: %lld, GPU time per pass %.1f us\n", t->steps, total / t->steps);
+        fprintf(stderr, "%-22s %10s %12s %7s\n", "kernel", "launches", "us/pass", "share");
+        for (int k = 0; k < t->n_tt; k++) {
+            fprintf(stderr, "%-22s %10.1f %12.1f %6.1f%%\n", t->tt[k].name, (double) t->tt[k].count / t->steps,
+                    t->tt[k].us / t->steps, 100 * t->tt[k].us / total);
+        }
+    }
+    for (int i = 0; i < SE_TIMING_EVENTS; i++)
+        if (t->ev[i]) cudaEventDestroy(t->ev[i]);
+    t->on = false;
+}
+
+// ---------------------------------------------------------------------------------------------
+// entry points for tests and tools
+
+extern "C" int se_cuda_device_count(int32_t * count) {
+    if (!count) return se_error(SE_ERR_INVALID_ARGUMENT, "se_cuda_device_count: count is NULL");
+    int n;
+    const int r = se_cuda_check_device(&n);
+    *count = n;
+    return r == SE_OK || n == 0 ? SE_OK : r;
+}
+
+typedef struct mm_test {  // device buffers of se_cuda_mul_mat
+    uint8_t * w;
+    float * x, * out;
+    int8_t * qx;
+    float2 * ds;
+} mm_test;
+
+static int mul_mat(const se_type_traits * tt, int32_t type, const void * w, int64_t rows, int64_t cols, const float * x,
+                   int32_t n, float * out, int32_t path, mm_test * b) {
+    int32_t qb, sb;
+    se_cuda_block_layout(type, &qb, &sb);
+    const int64_t nb = cols / tt->block;
+    const size_t q_bytes = (size_t) (rows * nb * qb), s_bytes = (size_t) (rows * nb * sb);
+    SE_CUDA_CHECK(cudaMalloc((void **) &b->w, se_align256(q_bytes) + s_bytes + 16));
+    SE_CUDA_CHECK(cudaMalloc((void **) &b->x, (size_t) (n * cols) * sizeof(float)));
+    SE_CUDA_CHECK(cudaMalloc((void **) &b->out, (size_t) (n * rows) * sizeof(float)));
+    SE_CUDA_CHECK(cudaMalloc((void **) &b->qx, (size_t) (n * cols) + 32));
+    SE_CUDA_CHECK(cudaMalloc((void **) &b->ds, (size_t) (n * cols / 32 + 1) * sizeof(float2)));
+    se_dweight dw = {type, sb ? SE_DL_PLANES : SE_DL_RAW, rows, cols, b->w, sb ? b->w + se_align256(q_bytes) : NULL, nb * qb, nb * sb};
+    if (sb) {
+        uint8_t * host = (uint8_t *) malloc(q_bytes + s_bytes + 1);
+        if (!host) return se_error(SE_ERR_OUT_OF_MEMORY, "out of memory");
+        se_cuda_split_blocks(type, (const uint8_t *) w, rows * nb, host, host + q_bytes);
+        cudaError_t e1 = cudaMemcpy(b->w, host, q_bytes, cudaMemcpyHostToDevice);
+        cudaError_t e2 = cudaMemcpy(b->w + se_align256(q_bytes), host + q_bytes, s_bytes, cudaMemcpyHostToDevice);
+        free(host);
+        SE_CUDA_CHECK(e1);
+        SE_CUDA_CHECK(e2);
+    } else {
+        SE_CUDA_CHECK(cudaMemcpy(b->w, w, q_bytes, cudaMemcpyHostToDevice));
+    }
+    SE_CUDA_CHECK(cudaMemcpy(b->x, x, (size_t) (n * cols) * sizeof(float), cudaMemcpyHostToDevice));
+    // poison the output: every element must be written
+    SE_CUDA_CHECK(cudaMemset(b->out, 0xff, (size_t) (n * rows) * sizeof(float)));
+    int r = SE_OK;
+    if (path == SE_MV_AUTO && n > 1) {
+        const se_mm_out o = {dw, b->out, NULL, 0};
+        r = se_cuda_matmul(&o, b->x, n, 0);
+    } else {
+        for (int32_t t = 0; t < n && r == SE_OK; t++) {  // the decode kernels, token by token
+            const float * xt = b->x + t * cols;
+            if (se_cuda_wants_q8(&dw, path)) r = se_cuda_quantize_q8(xt, 1, cols, b->qx, b->ds, 0);
+            const se_mm_out o = {dw, b->out + t * rows, NULL, 0};
+            if (r == SE_OK) r = se_cuda_matvec(&o, 1, se_dact{xt, b->qx, b->ds}, path, 0);
+        }
+    }
+    if (r != SE_OK) return r;
+    SE_CUDA_CHECK(cudaDeviceSynchronize());
+    SE_CUDA_CHECK(cudaMemcpy(out, b->out, (size_t) (n * rows) * sizeof(float), cudaMemcpyDeviceToHost));
+    return SE_OK;
+}
+
+extern "C" int se_cuda_mul_mat(int32_t type, const void * w, int64_t rows, int64_t cols, const float * x, int32_t n,
+                               float * out, int32_t path) {
+    const se_type_traits * tt = se_type_get(type);
+    if (!tt || !tt->dot) return se_error(SE_ERR_UNSUPPORTED, "se_cuda_mul_mat: type %d is not supported", type);
+    if (!w || !x || !out || rows < 1 || n < 1 || cols < 1 || cols % tt->block || (path != SE_MV_AUTO && path != SE_MV_FLOAT)) {
+        return se_error(SE_ERR_INVALID_ARGUMENT, "se_cuda_mul_mat: bad arguments");
+    }
+    if (tt->block > 1 && cols % 32) return se_error(SE_ERR_INVALID_ARGUMENT, "se_cuda_mul_mat: cols must be a multiple of 32");
+    int count;
+    int r = se_cuda_check_device(&count);
+    if (r != SE_OK) return r;
+    se_quants_init();
+    SE_CUDA_CHECK(cudaSetDevice(0));
+    mm_test b = {};
+    r = mul_mat(tt, type, w, rows, cols, x, n, out, path, &b);
+    cudaFree(b.w);
+    cudaFree(b.x);
+    cudaFree(b.out);
+    cudaFree(b.qx);
+    cudaFree(b.ds);
+    return r;
+}

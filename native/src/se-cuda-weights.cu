@@ -1,0 +1,147 @@
+// The weights on the device: uploaded once, in their quantized formats, into one arena.
+//
+// Types whose GGUF blocks are not 16-byte multiples (Q4_0: 18 bytes, Q4_1: 20, Q8_0: 34, Q6_K: 210)
+// are split on upload into a plane of codes and a plane of scales, so that every block's codes
+// start 16-byte aligned and a warp reads a row with 16-byte loads; values and order are unchanged.
+// Plane sizes come from the block structs of se-common.h (llama.cpp's ggml-common.h layouts).
+#include "se-cuda-quants.cuh"
+
+#include <stddef.h>
+#include <stdlib.h>
+#include <string.h>
+
+void se_cuda_block_layout(int32_t type, int32_t * q_block, int32_t * s_block) {
+    switch (type) {  // codes | the scales before them (d, and m for Q4_1)
+        case SE_TYPE_Q4_0: *q_block = sizeof(block_q4_0::qs); *s_block = offsetof(block_q4_0, qs); break;
+        case SE_TYPE_Q4_1: *q_block = sizeof(block_q4_1::qs); *s_block = offsetof(block_q4_1, qs); break;
+        case SE_TYPE_Q8_0: *q_block = sizeof(block_q8_0::qs); *s_block = offsetof(block_q8_0, qs); break;
+        case SE_TYPE_Q6_K: *q_block = offsetof(block_q6_K, d); *s_block = sizeof(block_q6_K::d); break;  // ql qh scales | d
+        default: *q_block = se_type_get(type)->size; *s_block = 0; break;
+    }
+}
+
+void se_cuda_split_blocks(int32_t type, const uint8_t * src, int64_t n_blocks, uint8_t * q, uint8_t * s) {
+    const int32_t size = se_type_get(type)->size;
+    int32_t qb, sb;
+    se_cuda_block_layout(type, &qb, &sb);
+    for (int64_t i = 0; i < n_blocks; i++, src += size, q += qb, s += sb) {
+        if (type == SE_TYPE_Q6_K) {  // ql qh scales | d
+            memcpy(q, src, offsetof(block_q6_K, d));
+            memcpy(s, src + offsetof(block_q6_K, d), sizeof(block_q6_K::d));
+        } else {                     // d (m) | codes
+            memcpy(s, src, (size_t) sb);
+            memcpy(q, src + sb, (size_t) qb);
+        }
+    }
+}
+
+static size_t weight_bytes(const se_weight * w) {
+    const se_type_traits * tt = se_type_get(w->type);
+    int32_t qb, sb;
+    se_cuda_block_layout(w->type, &qb, &sb);
+    const int64_t nb = w->cols / tt->block;
+    return se_align256((size_t) (w->rows * nb * qb)) + se_align256((size_t) (w->rows * nb * sb));
+}
+
+static uint8_t * claim(se_cuda_model * cm, size_t n) {
+    uint8_t * p = cm->arena + cm->used;
+    cm->used += se_align256(n);
+    return p;
+}
+
+static int upload_weight(se_cuda_model * cm, const se_weight * w, se_dweight * out) {
+    const se_type_traits * tt = se_type_get(w->type);
+    int32_t qb, sb;
+    se_cuda_block_layout(w->type, &qb, &sb);
+    const int64_t nb = w->cols / tt->block;
+    *out = (se_dweight) {w->type, sb ? SE_DL_PLANES : SE_DL_RAW, w->rows, w->cols, NULL, NULL, nb * qb, nb * sb};
+    uint8_t * q = claim(cm, (size_t) (w->rows * nb * qb)), * s = sb ? claim(cm, (size_t) (w->rows * nb * sb)) : NULL;
+    out->q = q;
+    out->s = s;
+    if (!sb) {
+        SE_CUDA_CHECK(cudaMemcpy(q, w->data, (size_t) (w->rows * nb * qb), cudaMemcpyHostToDevice));
+        return SE_OK;
+    }
+    // split rows into the staging buffer, a batch at a time: codes in the first half, scales after
+    const int64_t per_row = nb * (qb + sb);
+    int64_t batch = (int64_t) cm->staging_size / per_row;
+    if (batch < 1) return se_error(SE_ERR_OUT_OF_MEMORY, "a weight row does not fit the upload buffer");
+    for (int64_t r = 0; r < w->rows; r += batch) {
+        const int64_t n = w->rows - r < batch ? w->rows - r : batch;
+        uint8_t * sq = cm->staging, * ss = cm->staging + n * nb * qb;
+        se_cuda_split_blocks(w->type, w->data + (uint64_t) r * w->row_bytes, n * nb, sq, ss);
+        SE_CUDA_CHECK(cudaMemcpy(q + r * nb * qb, sq, (size_t) (n * nb * qb), cudaMemcpyHostToDevice));
+        SE_CUDA_CHECK(cudaMemcpy(s + r * nb * sb, ss, (size_t) (n * nb * sb), cudaMemcpyHostToDevice));
+    }
+    return SE_OK;
+}
+
+static int upload_floats(se_cuda_model * cm, const float * src, int64_t n, float ** out) {
+    *out = NULL;
+    if (!src) return SE_OK;
+    *out = (float *) claim(cm, (size_t) n * sizeof(float));
+    SE_CUDA_CHECK(cudaMemcpy(*out, src, (size_t) n * sizeof(float), cudaMemcpyHostToDevice));
+    return SE_OK;
+}
+
+static void cuda_model_free(se_cuda_model * cm) {
+    if (!cm) return;
+    cudaSetDevice(cm->device);
+    cudaFree(cm->arena);
+    cudaFreeHost(cm->staging);
+    free(cm->layers);
+    free(cm);
+}
+
+void se_cuda_model_free(se_model * m) {
+    cuda_model_free((se_cuda_model *) m->dev);
+    m->dev = NULL;
+}
+
+int se_cuda_model_upload(se_model * m) {
+    int count;
+    int r = se_cuda_check_device(&count);
+    if (r != SE_OK) return r;
+    const se_hparams * hp = &m->hp;
+    se_cuda_model * cm = (se_cuda_model *) calloc(1, sizeof *cm);
+    if (!cm || !(cm->layers = (se_cuda_layer *) calloc((size_t) hp->n_layer, sizeof(se_cuda_layer)))) {
+        free(cm);
+        return se_error(SE_ERR_OUT_OF_MEMORY, "out of memory");
+    }
+    m->dev = cm;
+    SE_CUDA_CHECK(cudaSetDevice(cm->device));
+    const int64_t dim = hp->n_embd, q_dim = (int64_t) hp->n_head * hp->head_dim, kv_dim = (int64_t) hp->n_head_kv * hp->head_dim;
+    size_t total = weight_bytes(&m->output) + se_align256((size_t) dim * 4);
+    for (int32_t il = 0; il < hp->n_layer; il++) {
+        const se_layer * l = &m->layers[il];
+        total += weight_bytes(&l->wq) + weight_bytes(&l->wk) + weight_bytes(&l->wv) + weight_bytes(&l->wo) +
+                 weight_bytes(&l->w_gate) + weight_bytes(&l->w_up) + weight_bytes(&l->w_down) +
+                 2 * se_align256((size_t) dim * 4) + se_align256((size_t) q_dim * 4) + 2 * se_align256((size_t) kv_dim * 4);
+    }
+    cudaError_t e = cudaMalloc((void **) &cm->arena, total);
+    if (e != cudaSuccess) {
+        cudaGetLastError();
+        return se_error(SE_ERR_OUT_OF_MEMORY, "cannot allocate %.1f MiB of GPU memory for the weights: %s",
+                        (double) total / (1 << 20), cudaGetErrorString(e));
+    }
+    cm->size = total;
+    cm->staging_size = 64u << 20;
+    SE_CUDA_CHECK(cudaMallocHost((void **) &cm->staging, cm->staging_size));
+    for (int32_t il = 0; il < hp->n_layer && r == SE_OK; il++) {
+        const se_layer * l = &m->layers[il];
+        se_cuda_layer * d = &cm->layers[il];
+        if ((r = upload_floats(cm, l->attn_norm, dim, &d->attn_norm)) != SE_OK) break;
+        if ((r = upload_floats(cm, l->ffn_norm, dim, &d->ffn_norm)) != SE_OK) break;
+        if ((r = upload_floats(cm, l->bq, q_dim, &d->bq)) != SE_OK) break;
+        if ((r = upload_floats(cm, l->bk, kv_dim, &d->bk)) != SE_OK) break;
+        if ((r = upload_floats(cm, l->bv, kv_dim, &d->bv)) != SE_OK) break;
+        const se_weight * src[7] = {&l->wq, &l->wk, &l->wv, &l->wo, &l->w_gate, &l->w_up, &l->w_down};
+        se_dweight * dst[7] = {&d->wq, &d->wk, &d->wv, &d->wo, &d->w_gate, &d->w_up, &d->w_down};
+        for (int k = 0; k < 7 && r == SE_OK; k++) r = upload_weight(cm, src[k], dst[k]);
+    }
+    if (r == SE_OK) r = upload_floats(cm, m->output_norm, dim, &cm->output_norm);
+    if (r == SE_OK) r = upload_weight(cm, &m->output, &cm->output);
+    cudaFreeHost(cm->staging);
+    cm->staging = NULL;
+    return r;
+}
