@@ -1,12 +1,12 @@
 """CUDA speed and memory, sepedge against llama.cpp on the same GGUF files (issue D).
 
-For each model: pp512, tg128, and tg128 after DEPTH tokens of history (llama.cpp and sepedge with
+For each model: pp512, pp4096, tg128, and tg128 after DEPTH tokens of history (llama.cpp and sepedge with
 the full cache; sepedge's sepllm-stream cache with its default c = 800), each run as its own
 process (llama-bench, `sepedge bench --device cuda`), the two tools alternating row by row. Peak
 VRAM is the most nvidia-smi reported in use during the run, minus what was in use before it.
 
     python benchmarks/cuda_bench.py --llama-bench BIN MODEL.gguf [MODEL.gguf ...] [--reps 3] [--depth 32768]
-                                    [--out results.json]
+                                    [--tests pp512,pp4096,tg128,tg128@d32768] [--out results.json]
 """
 
 from __future__ import annotations
@@ -85,12 +85,16 @@ def main() -> None:
     ap.add_argument("--depth", type=int, default=32768)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--no-depth", action="store_true", help="skip the rows with history")
+    ap.add_argument("--tests", default=None, help="only these rows, comma-separated names (pp512,tg128,...)")
     args = ap.parse_args()
     gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
                          capture_output=True, text=True).stdout.strip()
-    tests = [{"name": "pp512", "p": 512, "n": 0, "d": 0}, {"name": "tg128", "p": 0, "n": 128, "d": 0}]
+    tests = [{"name": "pp512", "p": 512, "n": 0, "d": 0}, {"name": "pp4096", "p": 4096, "n": 0, "d": 0},
+             {"name": "tg128", "p": 0, "n": 128, "d": 0}]
     if not args.no_depth:
         tests.append({"name": f"tg128@d{args.depth}", "p": 0, "n": 128, "d": args.depth})
+    if args.tests:
+        tests = [t for t in tests if t["name"] in args.tests.split(",")]
     results = {"gpu": gpu, "rows": []}
     for i, model in enumerate(args.models):
         for j, test in enumerate(tests):

@@ -4,6 +4,7 @@ events); or sum an Nsight Compute run per kernel.
 
     python benchmarks/cuda_profile.py MODEL.gguf [--depth N] [--kv-mode M] [--steps 64]
     SEPEDGE_CUDA_TIMING=1 python benchmarks/cuda_profile.py MODEL.gguf --steps 16
+    SEPEDGE_CUDA_TIMING=prefill python benchmarks/cuda_profile.py MODEL.gguf --prompt 512   (prefill kernels)
     SEPEDGE_CUDA_GRAPHS=0 ncu --clock-control none --csv --metrics gpu__time_duration.sum \\
         python benchmarks/cuda_profile.py MODEL.gguf --steps 8 > ncu.csv
     python benchmarks/cuda_profile.py --summarize ncu.csv --steps 8
@@ -46,6 +47,7 @@ def main() -> None:
     ap.add_argument("--depth", type=int, default=0)
     ap.add_argument("--kv-mode", default="full")
     ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--prompt", type=int, default=0, help="time prompts of this many tokens instead of decode steps")
     ap.add_argument("--summarize", type=Path, help="an ncu --csv output to sum per kernel")
     args = ap.parse_args()
     if args.summarize:
@@ -53,6 +55,20 @@ def main() -> None:
     from sepedge import Engine
     kw = dict(n_ctx=args.depth + args.steps + 16) if args.kv_mode == "full" else dict(kv_mode=args.kv_mode)
     rng = np.random.default_rng(0)
+    if args.prompt:
+        with Engine(args.model, device="cuda", kv_type="f16", n_ctx=args.prompt + 16) as llm:
+            prompt = rng.integers(0, llm.n_vocab, args.prompt).tolist()
+            llm.eval(prompt)  # warm up
+            times = []
+            for _ in range(3):
+                llm.reset()
+                t0 = time.perf_counter()
+                llm.eval(prompt)
+                times.append(time.perf_counter() - t0)
+        dt = min(times)
+        print(f"{Path(args.model).name} prompt {args.prompt}: {dt * 1e3:.1f} ms, {args.prompt / dt:.1f} tokens/s",
+              file=sys.stderr)
+        return
     with Engine(args.model, device="cuda", kv_type="f16", **kw) as llm:
         if args.depth:
             llm.eval(rng.integers(0, llm.n_vocab, args.depth).tolist())

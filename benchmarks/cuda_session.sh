@@ -12,7 +12,9 @@
 # Phases: tests (pytest -m gpu), llama (build llama.cpp with CUDA, in the background), models
 # (random-weight GGUFs), bench (benchmarks/cuda_bench.py), bench8b / benchsmol (one model each),
 # save-llama (the built llama-bench, compressed, to $OUT) / use-llama (take it from .gpu/ instead of
-# building), quick (sepedge bench alone).
+# building), quick (sepedge bench alone), copybw (device-to-device copy rate through torch: the
+# ceiling of the decode kernels), profile8b (per-kernel GPU times of decode and of a 512-token
+# prefill, and prompt times, on the 8B files).
 set -u
 OUT=${OUT:-/tmp/sepedge-out}
 mkdir -p "$OUT" /tmp/models
@@ -39,7 +41,8 @@ llama_build() {
 }
 
 wait_llama() {
-    while [ ! -e /tmp/llama-done ]; do sleep 2; done
+    local waited=0
+    while [ ! -e /tmp/llama-done ] && [ $waited -lt ${LLAMA_WAIT:-100000} ]; do sleep 2; waited=$((waited + 2)); done
     ls -la /tmp/llama-build/bin/llama-bench || { tail -30 "$OUT/llama-build.log"; return 1; }
 }
 
@@ -68,9 +71,13 @@ for phase in "$@"; do
         bench) models && wait_llama && python3 benchmarks/cuda_bench.py --llama-bench /tmp/llama-build/bin/llama-bench \
                    /tmp/models/*.gguf --out "$OUT/cuda_bench.json" ;;
         bench8b) models 8b && wait_llama && python3 benchmarks/cuda_bench.py --llama-bench /tmp/llama-build/bin/llama-bench \
-                   /tmp/models/llama3-8b-q4_0.gguf /tmp/models/llama3-8b-q4_k_m.gguf --out "$OUT/cuda_bench_8b.json" ;;
+                   /tmp/models/llama3-8b-q4_0.gguf /tmp/models/llama3-8b-q4_k_m.gguf --out "$OUT/cuda_bench_8b.json" ${BENCH_ARGS:-} ;;
         benchsmol) models smol && wait_llama && python3 benchmarks/cuda_bench.py --llama-bench /tmp/llama-build/bin/llama-bench \
-                   /tmp/models/smollm2-135m-q4_0.gguf --out "$OUT/cuda_bench_smol.json" ;;
+                   /tmp/models/smollm2-135m-q4_0.gguf --out "$OUT/cuda_bench_smol.json" ${BENCH_ARGS_SMOL:-} ;;
+        mvu) models 8b  # the decode products with 1, 2, 4 blocks in flight per lane (SEPEDGE_CUDA_MV_U)
+             for m in /tmp/models/llama3-8b-*.gguf; do for u in 1 2 4; do
+                 echo "SEPEDGE_CUDA_MV_U=$u"; SEPEDGE_CUDA_MV_U=$u SEPEDGE_CUDA_TIMING=1 python3 benchmarks/cuda_profile.py $m --steps 16
+             done; done 2>&1 | tee $OUT/mvu.log ;;
         profile) models ${PROFILE_MODELS:-smol}
                  for m in /tmp/models/*.gguf; do
                      [ -n "${ONLY_MODELS:-}" ] && [[ " $ONLY_MODELS " != *" $(basename $m .gguf) "* ]] && continue
@@ -82,6 +89,30 @@ for phase in "$@"; do
                      done
                  done 2>&1 | tee $OUT/profile.log ;;
         quick) models && for m in /tmp/models/*.gguf; do python3 -m sepedge.cli bench $m --device cuda -p 512 -n 128 -r 3; done ;;
+        quick8b) models 8b && for m in /tmp/models/llama3-8b-*.gguf; do
+                     python3 -m sepedge.cli bench $m --device cuda -p 4096 -n 128 -r 2
+                 done 2>&1 | tee $OUT/quick.log ;;
+        copybw) python3 - <<'PY' 2>&1 | tee $OUT/copybw.log
+import torch
+n = 2 << 30  # 2 GiB read + 2 GiB written a copy
+a = torch.empty(n, dtype=torch.uint8, device="cuda").random_(0, 255)
+b = torch.empty_like(a)
+for _ in range(3):
+    b.copy_(a)
+ts = []
+for _ in range(20):
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record(); b.copy_(a); e.record(); torch.cuda.synchronize()
+    ts.append(s.elapsed_time(e) / 1e3)
+ts.sort()
+print(f"device-to-device copy: {2 * n / ts[len(ts) // 2] / 1e12:.2f} TB/s (bytes read + written, median of 20, 2 GiB)")
+PY
+                ;;
+        profile8b) models 8b
+                 for m in /tmp/models/llama3-8b-*.gguf; do
+                     SEPEDGE_CUDA_TIMING=1 python3 benchmarks/cuda_profile.py $m --steps 16
+                     SEPEDGE_CUDA_TIMING=prefill python3 benchmarks/cuda_profile.py $m --prompt 512
+                 done 2>&1 | tee $OUT/profile.log ;;
         *) echo "unknown phase $phase"; exit 2 ;;
     esac
 done

@@ -38,12 +38,16 @@ _skip = pytest.mark.skipif(N_GPUS == 0, reason=f"no CUDA GPU ({WHY_NOT or 'none 
 def gpu(f):
     return pytest.mark.gpu(_skip(f))
 
-# Kernels, relative to sum_j |w_j x_j| of each output: float32 accumulation; the tensor-core
-# prefill path rounds weights and activations to f16 (2^-11 relative each).
+# Kernels, relative to sum_j |w_j x_j| of each output: float32 accumulation; the f16 tensor-core
+# prefill path rounds weights and activations to f16 (2^-11 relative each); the int8 tensor-core
+# path (MMQ_TYPES) sums each block's integer products exactly and scales them in float32.
 MAX_MV_REL_ERROR = 1e-5
 MAX_TC_REL_ERROR = 2e-3
+MAX_MMQ_REL_ERROR = 1e-5
 # Models, max |a - b| / max |b| over a sequence's logits (f16 keys and values throughout).
-# Prefill against the float64 reference: f16 tensor-core inputs (measured <= 1e-3 on every type).
+# Prefill against the float64 reference: f16 tensor-core inputs (measured <= 1e-3 on every type);
+# quantized weights with an int8 tensor-core kernel take 8-bit activations, as in decode
+# (MAX_DECODE_REL).
 MAX_PREFILL_REL = 3e-3
 # Decode against the reference: float weights at rounding level (measured <= 3e-4); quantized ones
 # take 8-bit activations as llama.cpp and the CPU engine do (measured <= 1.6e-2).
@@ -119,6 +123,25 @@ def shapes(qtype):
 
 
 Q8_TYPES = {QT.Q4_0, QT.Q4_1, QT.Q8_0, QT.Q4_K, QT.Q6_K}  # types with a dp4a decode kernel
+MMQ_TYPES = Q8_TYPES  # types whose prefill products run on int8 tensor cores over 8-bit activations
+
+
+def q8_activations(x: np.ndarray) -> np.ndarray:
+    """The activations as the 8-bit kernels see them (float64), row by row."""
+    rows = []
+    for row in x:
+        a = q8_reference(row)
+        rows.append((a["d"][:, None].astype(np.float64) * a["qs"]).reshape(-1))
+    return np.stack(rows)
+
+
+def prefill_shapes(qtype):
+    """The kernel shapes plus one of several tiles in every dimension with tails (rows 128 a tile,
+    tokens 32 or 64, K 256 values, three pipeline stages)."""
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    cols = {1: 1001, 32: 9 * 256 + 5 * 32}.get(block, 9 * 256)
+    big = (300, cols, 150)
+    return [(rows, cols, n) for rows, cols in shapes(qtype) for n in (2, 70)] + [big]
 
 
 @gpu
@@ -144,20 +167,28 @@ def test_decode_kernels(rng, qtype):
 
 
 @gpu
+@pytest.mark.parametrize("mmq", [True, False], ids=["int8", "f16"])
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
-def test_prefill_kernel(rng, qtype):
-    """Many tokens through the tensor cores against the float64 product of dequantized weights."""
-    for rows, cols in shapes(qtype):
+def test_prefill_kernel(rng, qtype, mmq, monkeypatch):
+    """Many tokens through the tensor cores against the float64 product of dequantized weights:
+    int8 (the types that have it) with the 8-bit activations, f16 (every type, SEPEDGE_CUDA_MMQ=0)
+    with the activations as given."""
+    if mmq and qtype not in MMQ_TYPES:
+        pytest.skip("no int8 tensor-core kernel for this type: the f16 one serves it")
+    if not mmq:
+        monkeypatch.setenv("SEPEDGE_CUDA_MMQ", "0")
+    for rows, cols, n in prefill_shapes(qtype):
         data = weights(rng, qtype, rows, cols)
         w = gguf.quants.dequantize(data, qtype).reshape(rows, cols).astype(np.float64)
-        for n in (2, 70):
-            x = rng.standard_normal((n, cols)).astype(np.float32)
-            got = mul_mat(qtype, data, rows, cols, x, 0)
-            ref = x.astype(np.float64) @ w.T
-            scale = np.abs(x.astype(np.float64)) @ np.abs(w).T
-            err = float((np.abs(got - ref) / np.maximum(scale, 1e-30)).max())
-            report("prefill", qtype.name, n, rows, cols, err)
-            assert err <= MAX_TC_REL_ERROR, (rows, cols, n)
+        x = (rng.standard_normal((n, cols)) * rng.choice([1e-3, 1, 30])).astype(np.float32)
+        got = mul_mat(qtype, data, rows, cols, x, 0)
+        xs = q8_activations(x) if mmq else x.astype(np.float64)
+        ref = xs @ w.T
+        scale = np.abs(xs) @ np.abs(w).T
+        err = float((np.abs(got - ref) / np.maximum(scale, 1e-30)).max())
+        report("prefill", qtype.name, "int8" if mmq else "f16", n, rows, cols, err)
+        assert np.isfinite(got).all(), (rows, cols, n)
+        assert err <= (MAX_MMQ_REL_ERROR if mmq else MAX_TC_REL_ERROR), (rows, cols, n)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,7 +223,7 @@ def test_logits_match_reference_and_cpu(gguf_path, rng, spec, outtype):
         cpu_prompt = cpu_llm.eval_logits(tokens[:40])
         errs = (rel(prompt, ref[:40]), rel(steps, ref[40:]), rel(gpu_all, cpu_all), rel(prompt, cpu_prompt))
         report("model", spec.name, outtype, *errs)
-        assert errs[0] <= MAX_PREFILL_REL
+        assert errs[0] <= max(MAX_PREFILL_REL, MAX_DECODE_REL[outtype])  # 8-bit activations where quantized
         assert errs[1] <= MAX_DECODE_REL[outtype]
         assert errs[2] <= MAX_REL_VS_CPU_DECODE[outtype]
         assert errs[3] <= MAX_REL_VS_CPU_PREFILL

@@ -434,14 +434,20 @@ __global__ void __launch_bounds__(128) k_attn_prefill(const se_dattn a, int32_t 
         row_floor[tid] = R < n_rows ? a.floor[R / group] : 0;
     }
 
+    __syncthreads();
+    int p_max = -1;  // the block's latest query position: cells after it are masked for every row
+    for (int r = 0; r < PF_ROWS; r++) p_max = max(p_max, row_p[r]);
     for (int j0 = 0; j0 < n_live; j0 += PF_CELLS) {
         __syncthreads();  // the previous tile is done with kv, sc, pr
+        bool seen = false;
         if (tid < PF_CELLS) {
             se_dcell c = {-1, 0, 0, -1};
             if (j0 + tid < n_live) c = a.live[j0 + tid];
             cells[tid] = c;
+            seen = c.cell >= 0 && c.pos + c.delta <= p_max;
         }
-        __syncthreads();
+        // causal skip: a tile whose cells all come after every query of the block adds nothing
+        if (!__syncthreads_or(seen)) continue;
         // keys, rotated by their delta where they have one
         for (int idx = tid; idx < PF_CELLS * D; idx += blockDim.x) {
             const int ci = idx / D, j = idx % D;

@@ -11,6 +11,8 @@
 #include "se-cuda-quants.cuh"
 
 #include <mma.h>
+#include <stdlib.h>
+#include <string.h>
 
 // ---------------------------------------------------------------------------------------------
 // decode: a warp per row over the rows of up to three weights; a block takes a contiguous run of
@@ -34,43 +36,45 @@ struct mv_args {
 
 bool se_cuda_wants_q8(const se_dweight * w, int path) { return path == SE_MV_AUTO && has_q8_kernel(w->type); }
 
-template <int NR>
+template <int NR, int U>
 __device__ __forceinline__ void qdot(int32_t type, int64_t cols, const qrows<NR> & w, const se_dact & act, int lane, float * acc) {
 #pragma unroll
     for (int n = 0; n < NR; n++) acc[n] = 0;
     switch (type) {
-        case SE_TYPE_Q4_0: dot_q4<false, NR>(w, cols / 32, act.qx, act.ds, lane, acc); break;
-        case SE_TYPE_Q4_1: dot_q4<true, NR>(w, cols / 32, act.qx, act.ds, lane, acc); break;
-        case SE_TYPE_Q8_0: dot_q8_0<NR>(w, cols / 32, act.qx, act.ds, lane, acc); break;
-        case SE_TYPE_Q4_K: dot_q4_K<NR>(w, cols / 256, act.qx, act.ds, lane, acc); break;
-        default:           dot_q6_K<NR>(w, cols / 256, act.qx, act.ds, lane, acc); break;
+        case SE_TYPE_Q4_0: dot_q4<false, NR, U>(w, cols / 32, act.qx, act.ds, lane, acc); break;
+        case SE_TYPE_Q4_1: dot_q4<true, NR, U>(w, cols / 32, act.qx, act.ds, lane, acc); break;
+        case SE_TYPE_Q8_0: dot_q8_0<NR, U>(w, cols / 32, act.qx, act.ds, lane, acc); break;
+        case SE_TYPE_Q4_K: dot_q4_K<NR, U>(w, cols / 256, act.qx, act.ds, lane, acc); break;
+        default:           dot_q6_K<NR, U>(w, cols / 256, act.qx, act.ds, lane, acc); break;
     }
 }
 
 __device__ __forceinline__ const uint8_t * scales_of(const se_dweight & w, int64_t r) { return w.s ? w.s + r * w.s_row : nullptr; }
 
 // A lane's share of row r . x.
+template <int U>
 __device__ __forceinline__ float dot1(const se_dweight & w, int64_t r, const se_dact & act, int path, int lane) {
     if (path == SE_MV_FLOAT || !has_q8_kernel(w.type)) return dot_float(w, r, act.x, lane);
     const qrows<1> q = {{w.q + r * w.q_row}, {scales_of(w, r)}};
     float acc[1];
-    qdot<1>(w.type, w.cols, q, act, lane, acc);
+    qdot<1, U>(w.type, w.cols, q, act, lane, acc);
     return acc[0];
 }
 
 // Two rows (of one weight or two) at once where they share a type, else one after the other.
+template <int U>
 __device__ __forceinline__ void dot2(const se_dweight & wa, int64_t ra, const se_dweight & wb, int64_t rb, const se_dact & act,
                                      int path, int lane, float & da, float & db) {
     if (path != SE_MV_FLOAT && has_q8_kernel(wa.type) && wa.type == wb.type && wa.cols == wb.cols) {
         const qrows<2> q = {{wa.q + ra * wa.q_row, wb.q + rb * wb.q_row}, {scales_of(wa, ra), scales_of(wb, rb)}};
         float acc[2];
-        qdot<2>(wa.type, wa.cols, q, act, lane, acc);
+        qdot<2, U>(wa.type, wa.cols, q, act, lane, acc);
         da = acc[0];
         db = acc[1];
         return;
     }
-    da = dot1(wa, ra, act, path, lane);
-    db = dot1(wb, rb, act, path, lane);
+    da = dot1<U>(wa, ra, act, path, lane);
+    db = dot1<U>(wb, rb, act, path, lane);
 }
 
 // Output k and its row for row v of the outputs' concatenation; false past the end.
@@ -86,6 +90,7 @@ __device__ __forceinline__ void store(const se_mm_out & o, int64_t r, float acc)
     o.out[r] = o.accumulate ? o.out[r] + v : v;
 }
 
+template <int U>
 __global__ void __launch_bounds__(256) k_matvec(const mv_args a) {
     extern __shared__ __align__(16) uint8_t smem[];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -124,7 +129,7 @@ __global__ void __launch_bounds__(256) k_matvec(const mv_args a) {
             float h = 0;
             if (r < gate.w.rows) {
                 float g, u;
-                dot2(gate.w, r, up.w, r, act, a.path, lane, g, u);
+                dot2<U>(gate.w, r, up.w, r, act, a.path, lane, g, u);
                 g = warp_sum(g);
                 u = warp_sum(u);
                 h = g / (1.0f + expf(-g)) * u;
@@ -151,7 +156,7 @@ __global__ void __launch_bounds__(256) k_matvec(const mv_args a) {
         if (!locate(a, r0 + rr, ka, ra)) return;
         if (locate(a, r0 + rr + 1, kb, rb)) {
             float da, db;
-            dot2(a.o[ka].w, ra, a.o[kb].w, rb, act, a.path, lane, da, db);
+            dot2<U>(a.o[ka].w, ra, a.o[kb].w, rb, act, a.path, lane, da, db);
             da = warp_sum(da);
             db = warp_sum(db);
             if (lane == 0) {
@@ -159,7 +164,7 @@ __global__ void __launch_bounds__(256) k_matvec(const mv_args a) {
                 store(a.o[kb], rb, db);
             }
         } else {
-            const float da = warp_sum(dot1(a.o[ka].w, ra, act, a.path, lane));
+            const float da = warp_sum(dot1<U>(a.o[ka].w, ra, act, a.path, lane));
             if (lane == 0) store(a.o[ka], ra, da);
         }
     }
@@ -178,9 +183,24 @@ static int rows_per_block(int64_t rows, bool swiglu) {
     return rpb;
 }
 
+// Blocks a lane has in flight per row: SEPEDGE_CUDA_MV_U = 1, 2 (default) or 4. More blocks in
+// flight per lane cost registers, so fewer warps a multiprocessor (80, ~120, 161 registers).
+static int mv_unroll() {
+    static int u = 0;
+    if (!u) {
+        const char * env = getenv("SEPEDGE_CUDA_MV_U");
+        u = env && !strcmp(env, "1") ? 1 : env && !strcmp(env, "4") ? 4 : 2;
+    }
+    return u;
+}
+
 static int launch(mv_args & a, int64_t rows, size_t smem, cudaStream_t s) {
     a.rows_per_block = rows_per_block(rows, a.swiglu);
-    k_matvec<<<(unsigned) ((rows + a.rows_per_block - 1) / a.rows_per_block), 256, smem, s>>>(a);
+    const unsigned grid = (unsigned) ((rows + a.rows_per_block - 1) / a.rows_per_block);
+    const int u = mv_unroll();
+    if (u == 1) k_matvec<1><<<grid, 256, smem, s>>>(a);
+    else if (u == 2) k_matvec<2><<<grid, 256, smem, s>>>(a);
+    else k_matvec<4><<<grid, 256, smem, s>>>(a);
     SE_CUDA_CHECK(cudaGetLastError());
     return SE_OK;
 }
@@ -303,7 +323,7 @@ int se_cuda_matmul(const se_mm_out * o, const float * x, int32_t n, cudaStream_t
 }
 
 void se_cuda_matmul_init() {
-    const void * kernels[] = {(const void *) k_matvec, (const void *) k_matmul};
+    const void * kernels[] = {(const void *) k_matvec<1>, (const void *) k_matvec<2>, (const void *) k_matvec<4>, (const void *) k_matmul};
     for (const void * k : kernels) cudaFuncSetAttribute(k, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
     cudaGetLastError();
 }

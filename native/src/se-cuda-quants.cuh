@@ -16,7 +16,7 @@
 constexpr int Q4_0_QB = sizeof(block_q4_0::qs), Q4_0_SB = offsetof(block_q4_0, qs);   // 16 | 2
 constexpr int Q4_1_QB = sizeof(block_q4_1::qs), Q4_1_SB = offsetof(block_q4_1, qs);   // 16 | 4
 constexpr int Q8_0_QB = sizeof(block_q8_0::qs), Q8_0_SB = offsetof(block_q8_0, qs);   // 32 | 2
-constexpr int Q6_K_QB = offsetof(block_q6_K, d), Q6_K_SB = sizeof(block_q6_K::d);     // 208 | 2
+constexpr int Q6_K_QB = offsetof(block_q6_K, d), Q6_K_SB = 2 * sizeof(block_q6_K::d); // 208 | 4: d, 2 bytes padding
 constexpr int Q6_K_QH = offsetof(block_q6_K, qh), Q6_K_SC = offsetof(block_q6_K, scales);
 constexpr int Q4_K_SC = offsetof(block_q4_K, scales), Q4_K_QS = offsetof(block_q4_K, qs);
 constexpr int Q5_K_SC = offsetof(block_q5_K, scales), Q5_K_QH = offsetof(block_q5_K, qh), Q5_K_QS = offsetof(block_q5_K, qs);
@@ -201,129 +201,214 @@ struct qrows {
     const uint8_t * s[NR];   // each row's scale plane, or NULL
 };
 
+// Each lane issues the loads of MV_U of its blocks (of every row) before it uses any of them: a
+// decode product is bound by how many bytes are in flight, and the rows of a layer are too few for
+// the warps alone to keep enough in flight (4096 rows: 2048 warps for 132 multiprocessors).
+// MV_U is a template parameter of the decode kernels (SEPEDGE_CUDA_MV_U, se-cuda-matmul.cu; the
+// measured comparison is in benchmarks/results/cuda_kernels_log.md).
+
 // Q4_0 / Q4_1: a lane takes whole blocks, 16 code bytes in one load.
-template <bool MIN, int NR>
+template <bool MIN, int NR, int MV_U>
 __device__ inline void dot_q4(const qrows<NR> & w, int64_t nb, const int8_t * qx, const float2 * ds, int lane, float * acc) {
-#pragma unroll 2
-    for (int64_t b = lane; b < nb; b += 32) {
-        const int4 x0 = *(const int4 *) (qx + 32 * b), x1 = *(const int4 *) (qx + 32 * b + 16);
-        const int xl[4] = {x0.x, x0.y, x0.z, x0.w}, xh[4] = {x1.x, x1.y, x1.z, x1.w};
-        const float2 a = ds[b];
+    constexpr int SB = MIN ? Q4_1_SB : Q4_0_SB;
+    for (int64_t b0 = lane; b0 < nb; b0 += 32 * MV_U) {
+        int4 qv[MV_U][NR], x0[MV_U], x1[MV_U];
+        float2 sc[MV_U][NR], a[MV_U];
 #pragma unroll
-        for (int n = 0; n < NR; n++) {
-            const int4 qv = *(const int4 *) (w.q[n] + Q4_0_QB * b);  // Q4_1_QB == Q4_0_QB
-            const int qs[4] = {qv.x, qv.y, qv.z, qv.w};
-            int sumi = 0;
+        for (int u = 0; u < MV_U; u++) {
+            const int64_t b = b0 + 32 * u;
+            const bool ok = b < nb;
+            x0[u] = ok ? *(const int4 *) (qx + 32 * b) : make_int4(0, 0, 0, 0);
+            x1[u] = ok ? *(const int4 *) (qx + 32 * b + 16) : make_int4(0, 0, 0, 0);
+            a[u] = ok ? ds[b] : make_float2(0.0f, 0.0f);
 #pragma unroll
-            for (int i = 0; i < 4; i++) {
-                sumi = __dp4a(qs[i] & 0x0f0f0f0f, xl[i], sumi);
-                sumi = __dp4a((qs[i] >> 4) & 0x0f0f0f0f, xh[i], sumi);
+            for (int n = 0; n < NR; n++) {
+                qv[u][n] = ok ? *(const int4 *) (w.q[n] + Q4_0_QB * b) : make_int4(0, 0, 0, 0);  // Q4_1_QB == Q4_0_QB
+                if (MIN) {
+                    sc[u][n] = ok ? __half22float2(*(const __half2 *) (w.s[n] + SB * b)) : make_float2(0.0f, 0.0f);
+                } else {
+                    sc[u][n] = make_float2(ok ? h2f(w.s[n] + SB * b) : 0.0f, 0.0f);
+                }
             }
-            if (MIN) {  // d q + m
-                acc[n] += h2f(w.s[n] + Q4_1_SB * b) * a.x * sumi + h2f(w.s[n] + Q4_1_SB * b + offsetof(block_q4_1, m)) * a.y;
-            } else {    // d (q - 8)
-                acc[n] += h2f(w.s[n] + Q4_0_SB * b) * (a.x * sumi - 8 * a.y);
+        }
+#pragma unroll
+        for (int u = 0; u < MV_U; u++) {
+            const int xl[4] = {x0[u].x, x0[u].y, x0[u].z, x0[u].w}, xh[4] = {x1[u].x, x1[u].y, x1[u].z, x1[u].w};
+#pragma unroll
+            for (int n = 0; n < NR; n++) {
+                const int qs[4] = {qv[u][n].x, qv[u][n].y, qv[u][n].z, qv[u][n].w};
+                int sumi = 0;
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    sumi = __dp4a(qs[i] & 0x0f0f0f0f, xl[i], sumi);
+                    sumi = __dp4a((qs[i] >> 4) & 0x0f0f0f0f, xh[i], sumi);
+                }
+                if (MIN) {  // d q + m
+                    acc[n] += sc[u][n].x * a[u].x * sumi + sc[u][n].y * a[u].y;
+                } else {    // d (q - 8)
+                    acc[n] += sc[u][n].x * (a[u].x * sumi - 8 * a[u].y);
+                }
             }
         }
     }
 }
 
-template <int NR>
+template <int NR, int MV_U>
 __device__ inline void dot_q8_0(const qrows<NR> & w, int64_t nb, const int8_t * qx, const float2 * ds, int lane, float * acc) {
-#pragma unroll 2
-    for (int64_t b = lane; b < nb; b += 32) {
-        const int4 x0 = *(const int4 *) (qx + 32 * b), x1 = *(const int4 *) (qx + 32 * b + 16);
-        const float dx = ds[b].x;
+    for (int64_t b0 = lane; b0 < nb; b0 += 32 * MV_U) {
+        int4 q0[MV_U][NR], q1[MV_U][NR], x0[MV_U], x1[MV_U];
+        float d[MV_U][NR], dx[MV_U];
 #pragma unroll
-        for (int n = 0; n < NR; n++) {
-            const int4 q0 = *(const int4 *) (w.q[n] + Q8_0_QB * b), q1 = *(const int4 *) (w.q[n] + Q8_0_QB * b + 16);
-            int sumi = __dp4a(q0.x, x0.x, 0);
-            sumi = __dp4a(q0.y, x0.y, sumi);
-            sumi = __dp4a(q0.z, x0.z, sumi);
-            sumi = __dp4a(q0.w, x0.w, sumi);
-            sumi = __dp4a(q1.x, x1.x, sumi);
-            sumi = __dp4a(q1.y, x1.y, sumi);
-            sumi = __dp4a(q1.z, x1.z, sumi);
-            sumi = __dp4a(q1.w, x1.w, sumi);
-            acc[n] += h2f(w.s[n] + Q8_0_SB * b) * dx * sumi;
+        for (int u = 0; u < MV_U; u++) {
+            const int64_t b = b0 + 32 * u;
+            const bool ok = b < nb;
+            x0[u] = ok ? *(const int4 *) (qx + 32 * b) : make_int4(0, 0, 0, 0);
+            x1[u] = ok ? *(const int4 *) (qx + 32 * b + 16) : make_int4(0, 0, 0, 0);
+            dx[u] = ok ? ds[b].x : 0.0f;
+#pragma unroll
+            for (int n = 0; n < NR; n++) {
+                q0[u][n] = ok ? *(const int4 *) (w.q[n] + Q8_0_QB * b) : make_int4(0, 0, 0, 0);
+                q1[u][n] = ok ? *(const int4 *) (w.q[n] + Q8_0_QB * b + 16) : make_int4(0, 0, 0, 0);
+                d[u][n] = ok ? h2f(w.s[n] + Q8_0_SB * b) : 0.0f;
+            }
         }
+#pragma unroll
+        for (int u = 0; u < MV_U; u++) {
+#pragma unroll
+            for (int n = 0; n < NR; n++) {
+                int sumi = __dp4a(q0[u][n].x, x0[u].x, 0);
+                sumi = __dp4a(q0[u][n].y, x0[u].y, sumi);
+                sumi = __dp4a(q0[u][n].z, x0[u].z, sumi);
+                sumi = __dp4a(q0[u][n].w, x0[u].w, sumi);
+                sumi = __dp4a(q1[u][n].x, x1[u].x, sumi);
+                sumi = __dp4a(q1[u][n].y, x1[u].y, sumi);
+                sumi = __dp4a(q1[u][n].z, x1[u].z, sumi);
+                sumi = __dp4a(q1[u][n].w, x1[u].w, sumi);
+                acc[n] += d[u][n] * dx[u] * sumi;
+            }
+        }
+    }
+}
+
+// Six-bit scale and min j of a Q4_K superblock from the scale words of its 16-byte head (h.y, h.z,
+// h.w = scales[0..3], [4..7], [8..11]), j = jj or jj + 1 with jj even: shifts, no indexed array.
+__device__ __forceinline__ void k_scale_min_words(const int4 & h, int j, int & sc, int & m) {
+    if (j < 4) {
+        sc = (h.y >> (8 * j)) & 63;
+        m = (h.z >> (8 * j)) & 63;
+    } else {
+        const int s = 8 * (j - 4);
+        sc = ((h.w >> s) & 0xf) | (((h.y >> (s + 6)) & 3) << 4);
+        m = ((h.w >> (s + 4)) & 0xf) | (((h.z >> (s + 6)) & 3) << 4);
     }
 }
 
 // Q4_K: eight lanes a superblock; lane t takes 16 code bytes of chunk t / 2 (64 weights), the low
-// nibbles being weights [16 (t % 2), +16) of sub-block 2 (t / 2), the high ones of the next.
-template <int NR>
+// nibbles being weights [16 (t % 2), +16) of sub-block 2 (t / 2), the high ones of the next. The
+// superblock's head (d, dmin, scales) comes in one 16-byte load.
+template <int NR, int MV_U>
 __device__ inline void dot_q4_K(const qrows<NR> & w, int64_t nsb, const int8_t * qx, const float2 * ds, int lane, float * acc) {
+    static_assert(Q4_K_SC == 4 && Q4_K_QS == 16, "Q4_K head: d, dmin, 12 scale bytes in 16 bytes");
     const int t = lane % 8, chunk = t / 2, h = t % 2;
-#pragma unroll 2
-    for (int64_t sb = lane / 8; sb < nsb; sb += 4) {
-        const int64_t blo = sb * 8 + 2 * chunk;  // activation blocks of the two sub-blocks
-        const int4 xl4 = *(const int4 *) (qx + 32 * blo + 16 * h), xh4 = *(const int4 *) (qx + 32 * (blo + 1) + 16 * h);
-        const int xl[4] = {xl4.x, xl4.y, xl4.z, xl4.w}, xh[4] = {xh4.x, xh4.y, xh4.z, xh4.w};
-        int sl = 0, sh = 0;
+    for (int64_t sb0 = lane / 8; sb0 < nsb; sb0 += 4 * MV_U) {
+        int4 qv[MV_U][NR], hd[MV_U][NR], xl4[MV_U], xh4[MV_U];
+        float axl[MV_U], axh[MV_U];
 #pragma unroll
-        for (int i = 0; i < 4; i++) {
-            sl = __dp4a(0x01010101, xl[i], sl);
-            sh = __dp4a(0x01010101, xh[i], sh);
+        for (int u = 0; u < MV_U; u++) {
+            const int64_t sb = sb0 + 4 * u, blo = sb * 8 + 2 * chunk;  // activation blocks of the two sub-blocks
+            const bool ok = sb < nsb;
+            xl4[u] = ok ? *(const int4 *) (qx + 32 * blo + 16 * h) : make_int4(0, 0, 0, 0);
+            xh4[u] = ok ? *(const int4 *) (qx + 32 * (blo + 1) + 16 * h) : make_int4(0, 0, 0, 0);
+            axl[u] = ok ? ds[blo].x : 0.0f;
+            axh[u] = ok ? ds[blo + 1].x : 0.0f;
+#pragma unroll
+            for (int n = 0; n < NR; n++) {
+                const uint8_t * b = w.q[n] + sizeof(block_q4_K) * sb;
+                hd[u][n] = ok ? *(const int4 *) b : make_int4(0, 0, 0, 0);
+                qv[u][n] = ok ? *(const int4 *) (b + Q4_K_QS + 32 * chunk + 16 * h) : make_int4(0, 0, 0, 0);
+            }
         }
-        const float axl = ds[blo].x, axh = ds[blo + 1].x;
 #pragma unroll
-        for (int n = 0; n < NR; n++) {
-            const uint8_t * b = w.q[n] + sizeof(block_q4_K) * sb;
-            const int4 qv = *(const int4 *) (b + Q4_K_QS + 32 * chunk + 16 * h);
-            const int qs[4] = {qv.x, qv.y, qv.z, qv.w};
-            int dl = 0, dh = 0;
+        for (int u = 0; u < MV_U; u++) {
+            const int xl[4] = {xl4[u].x, xl4[u].y, xl4[u].z, xl4[u].w}, xh[4] = {xh4[u].x, xh4[u].y, xh4[u].z, xh4[u].w};
+            int sl = 0, sh = 0;
 #pragma unroll
             for (int i = 0; i < 4; i++) {
-                dl = __dp4a(qs[i] & 0x0f0f0f0f, xl[i], dl);
-                dh = __dp4a((qs[i] >> 4) & 0x0f0f0f0f, xh[i], dh);
+                sl = __dp4a(0x01010101, xl[i], sl);
+                sh = __dp4a(0x01010101, xh[i], sh);
             }
-            int scl, ml, sch, mh;
-            k_scale_min(b + Q4_K_SC, 2 * chunk, scl, ml);
-            k_scale_min(b + Q4_K_SC, 2 * chunk + 1, sch, mh);
-            const float d = h2f(b), dmin = h2f(b + offsetof(block_q4_K, dmin));
-            acc[n] += d * (scl * axl * dl + sch * axh * dh) - dmin * (ml * axl * sl + mh * axh * sh);
+#pragma unroll
+            for (int n = 0; n < NR; n++) {
+                const int qs[4] = {qv[u][n].x, qv[u][n].y, qv[u][n].z, qv[u][n].w};
+                int dl = 0, dh = 0;
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    dl = __dp4a(qs[i] & 0x0f0f0f0f, xl[i], dl);
+                    dh = __dp4a((qs[i] >> 4) & 0x0f0f0f0f, xh[i], dh);
+                }
+                int scl, ml, sch, mh;
+                k_scale_min_words(hd[u][n], 2 * chunk, scl, ml);
+                k_scale_min_words(hd[u][n], 2 * chunk + 1, sch, mh);
+                const float2 dm = __half22float2(*(const __half2 *) &hd[u][n].x);  // d, dmin
+                acc[n] += dm.x * (scl * axl[u] * dl + sch * axh[u] * dh) - dm.y * (ml * axl[u] * sl + mh * axh[u] * sh);
+            }
         }
     }
 }
 
 // Q6_K: eight lanes a superblock; lane t takes l in [8 (t % 4), +8) of half t / 4: from 8 bytes of
 // ql, 8 more 32 bytes on and 8 of qh, the weights l, l + 32, l + 64, l + 96 of that half.
-template <int NR>
+template <int NR, int MV_U>
 __device__ inline void dot_q6_K(const qrows<NR> & w, int64_t nsb, const int8_t * qx, const float2 * ds, int lane, float * acc) {
+    constexpr int MV_U6 = MV_U > 1 ? MV_U / 2 : 1;
     const int t = lane % 8, half = t / 4, l0 = 8 * (t % 4);
-    for (int64_t sb = lane / 8; sb < nsb; sb += 4) {
-        int xv[4][2];
-        float dx[4];
+    for (int64_t sb0 = lane / 8; sb0 < nsb; sb0 += 4 * MV_U6) {
+        int2 a2[MV_U6][NR], b2[MV_U6][NR], h2[MV_U6][NR], xv[MV_U6][4];
+        int sc2[MV_U6][NR];
+        float dx[MV_U6][4], dw[MV_U6][NR];
 #pragma unroll
-        for (int g = 0; g < 4; g++) {
-            const int64_t blk = sb * 8 + 4 * half + g;
-            const int2 x2 = *(const int2 *) (qx + 32 * blk + l0);
-            xv[g][0] = x2.x;
-            xv[g][1] = x2.y;
-            dx[g] = ds[blk].x;
-        }
-#pragma unroll
-        for (int n = 0; n < NR; n++) {
-            const uint8_t * b = w.q[n] + Q6_K_QB * sb;
-            const int2 a2 = *(const int2 *) (b + 64 * half + l0), b2 = *(const int2 *) (b + 64 * half + 32 + l0);
-            const int2 h2 = *(const int2 *) (b + Q6_K_QH + 32 * half + l0);
-            const int8_t * sc = (const int8_t *) (b + Q6_K_SC + 8 * half + l0 / 16);
-            const int av[2] = {a2.x, a2.y}, bv[2] = {b2.x, b2.y}, hv[2] = {h2.x, h2.y};
-            float part = 0;
+        for (int u = 0; u < MV_U6; u++) {
+            const int64_t sb = sb0 + 4 * u;
+            const bool ok = sb < nsb;
 #pragma unroll
             for (int g = 0; g < 4; g++) {
-                int sumi = 0;
-#pragma unroll
-                for (int i = 0; i < 2; i++) {
-                    const int lo = g == 0 ? av[i] & 0x0f0f0f0f : g == 1 ? bv[i] & 0x0f0f0f0f
-                                 : g == 2 ? (av[i] >> 4) & 0x0f0f0f0f : (bv[i] >> 4) & 0x0f0f0f0f;
-                    const int hi = ((hv[i] >> (2 * g)) << 4) & 0x30303030;
-                    sumi = __dp4a((int) __vsubss4(lo | hi, 0x20202020), xv[g][i], sumi);
-                }
-                part += sc[2 * g] * dx[g] * sumi;
+                const int64_t blk = sb * 8 + 4 * half + g;
+                xv[u][g] = ok ? *(const int2 *) (qx + 32 * blk + l0) : make_int2(0, 0);
+                dx[u][g] = ok ? ds[blk].x : 0.0f;
             }
-            acc[n] += h2f(w.s[n] + Q6_K_SB * sb) * part;
+#pragma unroll
+            for (int n = 0; n < NR; n++) {
+                const uint8_t * b = w.q[n] + Q6_K_QB * sb;
+                a2[u][n] = ok ? *(const int2 *) (b + 64 * half + l0) : make_int2(0, 0);
+                b2[u][n] = ok ? *(const int2 *) (b + 64 * half + 32 + l0) : make_int2(0, 0);
+                h2[u][n] = ok ? *(const int2 *) (b + Q6_K_QH + 32 * half + l0) : make_int2(0, 0);
+                // the four scales this lane needs, sc[2 g] for g = 0..3, at stride 2 from l0 / 16
+                const uint8_t * sp = b + Q6_K_SC + 8 * half + l0 / 16;
+                sc2[u][n] = ok ? (sp[0] | (sp[2] << 8) | (sp[4] << 16) | ((int) sp[6] << 24)) : 0;
+                dw[u][n] = ok ? h2f(w.s[n] + Q6_K_SB * sb) : 0.0f;
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < MV_U6; u++) {
+#pragma unroll
+            for (int n = 0; n < NR; n++) {
+                const int av[2] = {a2[u][n].x, a2[u][n].y}, bv[2] = {b2[u][n].x, b2[u][n].y}, hv[2] = {h2[u][n].x, h2[u][n].y};
+                float part = 0;
+#pragma unroll
+                for (int g = 0; g < 4; g++) {
+                    int sumi = 0;
+                    const int xg[2] = {xv[u][g].x, xv[u][g].y};
+#pragma unroll
+                    for (int i = 0; i < 2; i++) {
+                        const int lo = g == 0 ? av[i] & 0x0f0f0f0f : g == 1 ? bv[i] & 0x0f0f0f0f
+                                     : g == 2 ? (av[i] >> 4) & 0x0f0f0f0f : (bv[i] >> 4) & 0x0f0f0f0f;
+                        const int hi = ((hv[i] >> (2 * g)) << 4) & 0x30303030;
+                        sumi = __dp4a((int) __vsubss4(lo | hi, 0x20202020), xg[i], sumi);
+                    }
+                    part += (float) (int8_t) (sc2[u][n] >> (8 * g)) * dx[u][g] * sumi;
+                }
+                acc[n] += dw[u][n] * part;
+            }
         }
     }
 }

@@ -1,4 +1,5 @@
-// SEPEDGE_CUDA_TIMING=1: the GPU time of every kernel of one-token passes, from CUDA events recorded
+// SEPEDGE_CUDA_TIMING=1: the GPU time of every kernel of one-token passes (=prefill: of passes of
+// many tokens), from CUDA events recorded
 // between the launches of a direct (not graph) pass, summed per kernel name and printed to stderr
 // when the context is freed. A spin kernel first holds the stream while the pass's launches queue
 // behind it, so that the kernels run back to back and the events time the kernels, not the host.
@@ -21,6 +22,7 @@ int se_cuda_timing_init(se_cuda_timing * t) {
     memset(t, 0, sizeof *t);
     const char * env = getenv("SEPEDGE_CUDA_TIMING");
     t->on = env && strcmp(env, "0");
+    t->prefill = t->on && !strcmp(env, "prefill");
     if (!t->on) return SE_OK;
     for (int i = 0; i < SE_TIMING_EVENTS; i++) SE_CUDA_CHECK(cudaEventCreate(&t->ev[i]));
     return SE_OK;
@@ -65,7 +67,8 @@ void se_cuda_timing_free(se_cuda_timing * t) {
     if (t->steps) {
         double total = 0;
         for (int k = 0; k < t->n_tt; k++) total += t->tt[k].us;
-        fprintf(stderr, "sepedge CUDA timing, one-token passes: %lld, GPU time per pass %.1f us\n", t->steps, total / t->steps);
+        fprintf(stderr, "sepedge CUDA timing, %s passes: %lld, GPU time per pass %.1f us\n", t->prefill ? "prefill" : "one-token",
+                t->steps, total / t->steps);
         fprintf(stderr, "%-22s %10s %12s %7s\n", "kernel", "launches", "us/pass", "share");
         for (int k = 0; k < t->n_tt; k++) {
             fprintf(stderr, "%-22s %10.1f %12.1f %6.1f%%\n", t->tt[k].name, (double) t->tt[k].count / t->steps,
@@ -100,19 +103,21 @@ static int mul_mat(const se_type_traits * tt, int32_t type, const void * w, int6
     int32_t qb, sb;
     se_cuda_block_layout(type, &qb, &sb);
     const int64_t nb = cols / tt->block;
+    const int64_t s_row = se_align16(nb * sb);
     const size_t q_bytes = (size_t) (rows * nb * qb), s_bytes = (size_t) (rows * nb * sb);
-    SE_CUDA_CHECK(cudaMalloc((void **) &b->w, se_align256(q_bytes) + s_bytes + 16));
+    SE_CUDA_CHECK(cudaMalloc((void **) &b->w, se_align256(q_bytes) + (size_t) (rows * s_row) + 16));
     SE_CUDA_CHECK(cudaMalloc((void **) &b->x, (size_t) (n * cols) * sizeof(float)));
     SE_CUDA_CHECK(cudaMalloc((void **) &b->out, (size_t) (n * rows) * sizeof(float)));
     SE_CUDA_CHECK(cudaMalloc((void **) &b->qx, (size_t) (n * cols) + 32));
     SE_CUDA_CHECK(cudaMalloc((void **) &b->ds, (size_t) (n * cols / 32 + 1) * sizeof(float2)));
-    se_dweight dw = {type, sb ? SE_DL_PLANES : SE_DL_RAW, rows, cols, b->w, sb ? b->w + se_align256(q_bytes) : NULL, nb * qb, nb * sb};
+    se_dweight dw = {type, sb ? SE_DL_PLANES : SE_DL_RAW, rows, cols, b->w, sb ? b->w + se_align256(q_bytes) : NULL, nb * qb, s_row};
     if (sb) {
         uint8_t * host = (uint8_t *) malloc(q_bytes + s_bytes + 1);
         if (!host) return se_error(SE_ERR_OUT_OF_MEMORY, "out of memory");
         se_cuda_split_blocks(type, (const uint8_t *) w, rows * nb, host, host + q_bytes);
         cudaError_t e1 = cudaMemcpy(b->w, host, q_bytes, cudaMemcpyHostToDevice);
-        cudaError_t e2 = cudaMemcpy(b->w + se_align256(q_bytes), host + q_bytes, s_bytes, cudaMemcpyHostToDevice);
+        cudaError_t e2 = cudaMemcpy2D(b->w + se_align256(q_bytes), (size_t) s_row, host + q_bytes, (size_t) (nb * sb),
+                                      (size_t) (nb * sb), (size_t) rows, cudaMemcpyHostToDevice);
         free(host);
         SE_CUDA_CHECK(e1);
         SE_CUDA_CHECK(e2);
@@ -123,9 +128,14 @@ static int mul_mat(const se_type_traits * tt, int32_t type, const void * w, int6
     // poison the output: every element must be written
     SE_CUDA_CHECK(cudaMemset(b->out, 0xff, (size_t) (n * rows) * sizeof(float)));
     int r = SE_OK;
-    if (path == SE_MV_AUTO && n > 1) {
+    if (path == SE_MV_AUTO && n > 1) {  // as the forward pass: int8 tensor cores where the type has them
         const se_mm_out o = {dw, b->out, NULL, 0};
-        r = se_cuda_matmul(&o, b->x, n, 0);
+        if (se_cuda_mmq_enabled() && se_cuda_has_mmq(type)) {
+            r = se_cuda_quantize_q8(b->x, n, cols, b->qx, b->ds, 0);
+            if (r == SE_OK) r = se_cuda_mmq(&o, se_dact{b->x, b->qx, b->ds}, n, 0);
+        } else {
+            r = se_cuda_matmul(&o, b->x, n, 0);
+        }
     } else {
         for (int32_t t = 0; t < n && r == SE_OK; t++) {  // the decode kernels, token by token
             const float * xt = b->x + t * cols;

@@ -15,7 +15,8 @@ void se_cuda_block_layout(int32_t type, int32_t * q_block, int32_t * s_block) {
         case SE_TYPE_Q4_0: *q_block = sizeof(block_q4_0::qs); *s_block = offsetof(block_q4_0, qs); break;
         case SE_TYPE_Q4_1: *q_block = sizeof(block_q4_1::qs); *s_block = offsetof(block_q4_1, qs); break;
         case SE_TYPE_Q8_0: *q_block = sizeof(block_q8_0::qs); *s_block = offsetof(block_q8_0, qs); break;
-        case SE_TYPE_Q6_K: *q_block = offsetof(block_q6_K, d); *s_block = sizeof(block_q6_K::d); break;  // ql qh scales | d
+        // ql qh scales | d and two bytes of padding: 4-byte scale units, the smallest asynchronous copy
+        case SE_TYPE_Q6_K: *q_block = offsetof(block_q6_K, d); *s_block = 2 * sizeof(block_q6_K::d); break;
         default: *q_block = se_type_get(type)->size; *s_block = 0; break;
     }
 }
@@ -25,9 +26,10 @@ void se_cuda_split_blocks(int32_t type, const uint8_t * src, int64_t n_blocks, u
     int32_t qb, sb;
     se_cuda_block_layout(type, &qb, &sb);
     for (int64_t i = 0; i < n_blocks; i++, src += size, q += qb, s += sb) {
-        if (type == SE_TYPE_Q6_K) {  // ql qh scales | d
+        if (type == SE_TYPE_Q6_K) {  // ql qh scales | d, padding
             memcpy(q, src, offsetof(block_q6_K, d));
             memcpy(s, src + offsetof(block_q6_K, d), sizeof(block_q6_K::d));
+            memset(s + sizeof(block_q6_K::d), 0, (size_t) sb - sizeof(block_q6_K::d));
         } else {                     // d (m) | codes
             memcpy(s, src, (size_t) sb);
             memcpy(q, src + sb, (size_t) qb);
@@ -40,7 +42,7 @@ static size_t weight_bytes(const se_weight * w) {
     int32_t qb, sb;
     se_cuda_block_layout(w->type, &qb, &sb);
     const int64_t nb = w->cols / tt->block;
-    return se_align256((size_t) (w->rows * nb * qb)) + se_align256((size_t) (w->rows * nb * sb));
+    return se_align256((size_t) (w->rows * nb * qb)) + se_align256((size_t) (w->rows * se_align16(nb * sb)));
 }
 
 static uint8_t * claim(se_cuda_model * cm, size_t n) {
@@ -54,8 +56,9 @@ static int upload_weight(se_cuda_model * cm, const se_weight * w, se_dweight * o
     int32_t qb, sb;
     se_cuda_block_layout(w->type, &qb, &sb);
     const int64_t nb = w->cols / tt->block;
-    *out = (se_dweight) {w->type, sb ? SE_DL_PLANES : SE_DL_RAW, w->rows, w->cols, NULL, NULL, nb * qb, nb * sb};
-    uint8_t * q = claim(cm, (size_t) (w->rows * nb * qb)), * s = sb ? claim(cm, (size_t) (w->rows * nb * sb)) : NULL;
+    const int64_t s_row = se_align16(nb * sb);
+    *out = (se_dweight) {w->type, sb ? SE_DL_PLANES : SE_DL_RAW, w->rows, w->cols, NULL, NULL, nb * qb, s_row};
+    uint8_t * q = claim(cm, (size_t) (w->rows * nb * qb)), * s = sb ? claim(cm, (size_t) (w->rows * s_row)) : NULL;
     out->q = q;
     out->s = s;
     if (!sb) {
@@ -71,7 +74,8 @@ static int upload_weight(se_cuda_model * cm, const se_weight * w, se_dweight * o
         uint8_t * sq = cm->staging, * ss = cm->staging + n * nb * qb;
         se_cuda_split_blocks(w->type, w->data + (uint64_t) r * w->row_bytes, n * nb, sq, ss);
         SE_CUDA_CHECK(cudaMemcpy(q + r * nb * qb, sq, (size_t) (n * nb * qb), cudaMemcpyHostToDevice));
-        SE_CUDA_CHECK(cudaMemcpy(s + r * nb * sb, ss, (size_t) (n * nb * sb), cudaMemcpyHostToDevice));
+        SE_CUDA_CHECK(cudaMemcpy2D(s + r * s_row, (size_t) s_row, ss, (size_t) (nb * sb), (size_t) (nb * sb), (size_t) n,
+                                   cudaMemcpyHostToDevice));
     }
     return SE_OK;
 }

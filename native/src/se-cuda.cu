@@ -72,6 +72,7 @@ typedef struct cuda_ctx {
     int32_t logit_rows;
     int32_t max_splits;
     int path;             // se_mv_path
+    bool mmq;             // prefill products on int8 tensor cores where the type has them
     bool use_graphs;
     cudaGraphExec_t graph[2];  // one-token pass without / with logits
     se_cuda_timing timing;     // SEPEDGE_CUDA_TIMING
@@ -97,6 +98,7 @@ static void kernels_init() {
     done = true;
     se_cuda_attention_init();
     se_cuda_matmul_init();
+    se_cuda_mmq_init();
     se_cuda_elementwise_init();
     se_cuda_rope_init();
 }
@@ -128,6 +130,7 @@ static int cuda_init(se_context * ctx) {
     SE_CUDA_CHECK(cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking));
     const char * env = getenv("SEPEDGE_CUDA_MATVEC");
     c->path = env && !strcmp(env, "float") ? SE_MV_FLOAT : SE_MV_AUTO;
+    c->mmq = se_cuda_mmq_enabled();
     env = getenv("SEPEDGE_CUDA_GRAPHS");
     c->use_graphs = !(env && !strcmp(env, "0"));
     int r = se_cuda_timing_init(&c->timing);
@@ -149,8 +152,8 @@ static int cuda_init(se_context * ctx) {
     DEV_ALLOC(c->hb2, nb * hp->n_ff);
     DEV_ALLOC(c->logits, (int64_t) c->logit_rows * hp->n_vocab);
     DEV_ALLOC(c->part, (int64_t) hp->n_head * c->max_splits * (hp->head_dim + 2));
-    DEV_ALLOC(c->qx, widest);
-    DEV_ALLOC(c->ds, widest / 32 + 1);
+    DEV_ALLOC(c->qx, nb * widest);  // n_batch tokens' 8-bit activations (prefill on int8 tensor cores)
+    DEV_ALLOC(c->ds, nb * widest / 32 + 1);
     DEV_ALLOC(c->kc, (int64_t) hp->n_layer * n_cells * kv_dim);
     DEV_ALLOC(c->vc, (int64_t) hp->n_layer * n_cells * kv_dim);
     DEV_ALLOC(c->freq, hp->head_dim / 2);
@@ -239,11 +242,26 @@ static se_dattn attn_args(se_context * ctx, int32_t il) {
     return a;
 }
 
-// products of n tokens sharing the input xb (q8: its 8-bit form, one token)
+// Whether the prefill product of w runs on the int8 tensor cores (its input then wanted in 8 bits).
+static bool wants_mmq(const cuda_ctx * c, const se_dweight * w) { return c->mmq && se_cuda_has_mmq(w->type) && w->cols % 32 == 0; }
+
+static bool any_mmq(const cuda_ctx * c, const se_mm_out * outs, int n_outs) {
+    for (int k = 0; k < n_outs; k++)
+        if (wants_mmq(c, &outs[k].w)) return true;
+    return false;
+}
+
+// n > 1 tokens: the product of x, on the int8 tensor cores when q8 (x's 8-bit form is in qx, ds).
+static int prefill_product(cuda_ctx * c, const se_mm_out * o, const float * x, bool q8, int32_t n) {
+    if (q8 && wants_mmq(c, &o->w)) return se_cuda_mmq(o, se_dact{x, c->qx, c->ds}, n, c->stream);
+    return se_cuda_matmul(o, x, n, c->stream);
+}
+
+// products of n tokens sharing the input xb (q8: its 8-bit form is in qx, ds)
 static int products(cuda_ctx * c, const se_mm_out * outs, int n_outs, int32_t n, bool q8) {
     if (n == 1) return se_cuda_matvec(outs, n_outs, se_dact{c->xb, c->qx, c->ds}, c->path, c->stream);
     for (int k = 0; k < n_outs; k++) {
-        int r = se_cuda_matmul(&outs[k], c->xb, n, c->stream);
+        int r = prefill_product(c, &outs[k], c->xb, q8, n);
         if (r != SE_OK) return r;
     }
     return SE_OK;
@@ -307,27 +325,44 @@ static int layer_decode(se_context * ctx, int32_t il) {
     return SE_OK;
 }
 
-// One layer for n > 1 tokens: tensor-core products and tiled attention.
+// One layer for n > 1 tokens: tensor-core products (int8 over 8-bit activations for the quantized
+// types that have such a kernel, else f16) and tiled attention.
 static int layer_prefill(se_context * ctx, int32_t il, int32_t n) {
     const se_hparams * hp = &ctx->model->hp;
     const se_cuda_layer * l = &((const se_cuda_model *) ctx->model->dev)->layers[il];
     cuda_ctx * c = cctx(ctx);
     cudaStream_t st = c->stream;
     const int64_t dim = hp->n_embd;
-    int r = se_cuda_rmsnorm(c->x, l->attn_norm, n, dim, hp->rms_eps, c->xb, NULL, c->ds, st);
     const se_mm_out qkv[3] = {{l->wq, c->q, l->bq, 0}, {l->wk, c->k, l->bk, 0}, {l->wv, c->v, l->bv, 0}};
-    if (r != SE_OK || (r = products(c, qkv, 3, n, false)) != SE_OK) return r;
+    bool q8 = any_mmq(c, qkv, 3);
+    int r = se_cuda_rmsnorm(c->x, l->attn_norm, n, dim, hp->rms_eps, c->xb, q8 ? c->qx : NULL, c->ds, st);
+    mark(c, "rmsnorm");
+    if (r != SE_OK || (r = products(c, qkv, 3, n, q8)) != SE_OK) return r;
+    mark(c, "qkv");
     const se_dattn a = attn_args(ctx, il);
     if ((r = se_cuda_rope_store(&a, c->q, c->freq, n, st)) != SE_OK) return r;
+    mark(c, "rope_store");
     if ((r = se_cuda_attention_prefill(&a, n, st)) != SE_OK) return r;
+    mark(c, "attention");
     const se_mm_out wo = {l->wo, c->x, NULL, 1};
-    if ((r = se_cuda_matmul(&wo, c->att, n, st)) != SE_OK) return r;
-    if ((r = se_cuda_rmsnorm(c->x, l->ffn_norm, n, dim, hp->rms_eps, c->xb, NULL, c->ds, st)) != SE_OK) return r;
+    q8 = wants_mmq(c, &l->wo);
+    if (q8 && (r = se_cuda_quantize_q8(c->att, n, l->wo.cols, c->qx, c->ds, st)) != SE_OK) return r;
+    mark(c, "quantize");
+    if ((r = prefill_product(c, &wo, c->att, q8, n)) != SE_OK) return r;
+    mark(c, "wo");
     const se_mm_out gate_up[2] = {{l->w_gate, c->hb, NULL, 0}, {l->w_up, c->hb2, NULL, 0}};
-    if ((r = products(c, gate_up, 2, n, false)) != SE_OK) return r;
-    if ((r = se_cuda_swiglu(c->hb, c->hb2, (int64_t) n * hp->n_ff, NULL, c->ds, st)) != SE_OK) return r;
+    q8 = any_mmq(c, gate_up, 2);
+    if ((r = se_cuda_rmsnorm(c->x, l->ffn_norm, n, dim, hp->rms_eps, c->xb, q8 ? c->qx : NULL, c->ds, st)) != SE_OK) return r;
+    mark(c, "rmsnorm");
+    if ((r = products(c, gate_up, 2, n, q8)) != SE_OK) return r;
+    mark(c, "gate_up");
+    q8 = wants_mmq(c, &l->w_down);
+    if ((r = se_cuda_swiglu(c->hb, c->hb2, (int64_t) n * hp->n_ff, q8 ? c->qx : NULL, c->ds, st)) != SE_OK) return r;
+    mark(c, "swiglu");
     const se_mm_out down = {l->w_down, c->x, NULL, 1};
-    return se_cuda_matmul(&down, c->hb, n, st);
+    r = prefill_product(c, &down, c->hb, q8, n);
+    mark(c, "down");
+    return r;
 }
 
 // All layers over the n tokens of the step.
@@ -358,8 +393,9 @@ static int run_output(se_context * ctx, int32_t first, int32_t count) {
         mark(c, "norm+output");
         return r;
     }
-    const int r = se_cuda_rmsnorm(x, cm->output_norm, count, hp->n_embd, hp->rms_eps, c->xb, NULL, c->ds, c->stream);
-    return r != SE_OK ? r : products(c, &o, 1, count, false);
+    const bool q8 = wants_mmq(c, &cm->output);
+    const int r = se_cuda_rmsnorm(x, cm->output_norm, count, hp->n_embd, hp->rms_eps, c->xb, q8 ? c->qx : NULL, c->ds, c->stream);
+    return r != SE_OK ? r : products(c, &o, 1, count, q8);
 }
 
 static int capture(se_context * ctx, int with_logits) {
@@ -442,7 +478,7 @@ static int cuda_forward(se_context * ctx, const int32_t * tokens, int32_t n, flo
         if (g) memcpy(logits, c->h_logits, (size_t) hp->n_vocab * sizeof(float));
         return SE_OK;
     }
-    c->timing.marking = c->timing.on && n == 1;
+    c->timing.marking = c->timing.on && (n == 1) != c->timing.prefill;
     se_cuda_timing_begin(&c->timing, c->stream);
     if ((r = run_layers(ctx, n)) != SE_OK) return r;
     for (int32_t g = 0; g < n_logits; g += c->logit_rows) {  // the wanted rows, a few at a time

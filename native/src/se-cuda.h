@@ -6,13 +6,15 @@
 //   se-cuda-rope.cu/.cuh   rotary position embedding: the tables, the prefill rotation, the helpers
 //                          the attention kernels rotate with (the one place RoPE is written)
 //   se-cuda-matmul.cu      matrix-vector products (decode) and f16 tensor-core products (prefill)
+//   se-cuda-mmq.cu         prefill products on int8 tensor cores over 8-bit activations
 //   se-cuda-attention.cu   attention over the live cells: split-K for one token, tiled for many
 //   se-cuda-timing.cu      SEPEDGE_CUDA_TIMING per-kernel times, and the entry points for tests
 //   se-cuda-quants.cuh     the tensor types on the device: dot products and dequantization
 //
 // Weights keep their quantized formats. Types whose GGUF blocks are not 16-byte multiples are split
-// on upload into a plane of codes (16-byte aligned per block) and a plane of scales, so that a warp
-// reads a row with 16-byte loads; the values and their order are unchanged.
+// on upload into a plane of codes (16-byte aligned per block) and a plane of scales (rows padded to
+// 16 bytes), so that a warp reads a row with 16-byte loads and the prefill kernels copy tiles with
+// aligned asynchronous copies; the values and their order are unchanged.
 #ifndef SE_CUDA_H
 #define SE_CUDA_H
 
@@ -49,16 +51,18 @@ struct se_dweight {
     const uint8_t * q;       // raw rows or the code plane
     const uint8_t * s;       // the scale plane, or NULL
     int64_t q_row;           // bytes per row of q
-    int64_t s_row;           // bytes per row of s
+    int64_t s_row;           // bytes per row of s (a multiple of 16)
 };
 
 // Bytes of each plane for one block of `type` once uploaded (s_block 0: raw layout).
+// Rows of the scale plane take se_align16(blocks * s_block) bytes.
 void se_cuda_block_layout(int32_t type, int32_t * q_block, int32_t * s_block);
 // Split n_blocks GGUF blocks of `type` into their planes (host memory).
 void se_cuda_split_blocks(int32_t type, const uint8_t * src, int64_t n_blocks, uint8_t * q, uint8_t * s);
 
 // Bytes to 256-byte alignment (every device allocation and arena slice).
 static inline size_t se_align256(size_t n) { return (n + 255) & ~(size_t) 255; }
+static inline int64_t se_align16(int64_t n) { return (n + 15) & ~(int64_t) 15; }
 
 // The model's weights on the device (se-cuda-weights.cu), one arena.
 struct se_cuda_layer {
@@ -110,6 +114,14 @@ int se_cuda_matvec_norm(const se_mm_out * outs, int n_outs, const float * x, con
                         bool swiglu, int8_t * hq, float2 * hds, cudaStream_t s);
 // Prefill: out (n, rows) for n tokens through the tensor cores (f16 inputs, f32 accumulation).
 int se_cuda_matmul(const se_mm_out * o, const float * x, int32_t n, cudaStream_t s);
+
+// Prefill on int8 tensor cores (se-cuda-mmq.cu): out (n, rows) from the 8-bit activations of n
+// tokens (act.qx, act.ds as se_cuda_quantize_q8 makes them; cols % 32 == 0). SE_ERR_UNSUPPORTED,
+// having launched nothing, for types without such a kernel. SEPEDGE_CUDA_MMQ=0 turns it off (the
+// f16 tensor-core kernel then serves every type).
+bool se_cuda_has_mmq(int32_t type);
+bool se_cuda_mmq_enabled();
+int se_cuda_mmq(const se_mm_out * o, se_dact act, int32_t n, cudaStream_t s);
 
 // Element-wise kernels (se-cuda-elementwise.cu).
 // Quantize n rows of cols floats (cols a multiple of 32) for the dp4a and int8 tensor-core kernels.
@@ -181,6 +193,7 @@ bool se_cuda_decode_fused(int32_t head_dim);
 // Kernel attributes, once a process (se-cuda.cu calls them).
 void se_cuda_attention_init();
 void se_cuda_matmul_init();
+void se_cuda_mmq_init();
 
 // SEPEDGE_CUDA_TIMING (se-cuda-timing.cu): CUDA events between the launches of one-token passes,
 // summed per kernel name and printed when the context is freed.
@@ -188,6 +201,7 @@ void se_cuda_matmul_init();
 #define SE_TIMING_NAMES 24
 struct se_cuda_timing {
     bool on, marking;        // marking: the pass in flight is timed
+    bool prefill;            // SEPEDGE_CUDA_TIMING=prefill: time passes of many tokens instead
     cudaEvent_t ev[SE_TIMING_EVENTS];
     const char * ev_name[SE_TIMING_EVENTS];
     int n_ev;
