@@ -5,6 +5,7 @@
 // contexts run the same functions, so there is one policy and any backend gets every mode.
 #include "se-impl.h"
 
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -83,6 +84,10 @@ int se_cache_policy_new(const se_model * m, const se_cache_policy_params * param
     pol->is_sep = calloc((size_t) n_vocab, 1);
     pol->sep_floor = calloc((size_t) n_batch, sizeof(int64_t));
     // a step gives up at most the cells live before it and the tokens it admits
+    if (cfg.n_cells > INT32_MAX / 2) {
+        free(pol);
+        return se_error(SE_ERR_INVALID_ARGUMENT, "%d cells are more than a policy can log", cfg.n_cells);
+    }
     pol->log.cap = 2 * cfg.n_cells;
     pol->log.evicted = calloc((size_t) pol->log.cap, sizeof(se_kv_evicted));
     const se_hparams no_storage = {0};  // row 0: the policy holds no keys or values
