@@ -2,7 +2,9 @@
 
 Loads an HF checkpoint directory (rotate-half RoPE on HF-ordered Q/K rows) or a GGUF file
 (dequantized with `gguf`; adjacent-pair RoPE on the permuted Q/K rows of `llama` files). Short on
-purpose: every runtime path is tested against this file.
+purpose: every runtime path is tested against this file. SepLLM's cache is not re-implemented
+here: `forward_plan` follows the plans of the native cache policy (sepedge.cache_plan); the
+independent Python oracle of the policy that tests check the C core with is tests/policy_oracle.py.
 
     model = Transformer.from_pretrained("model.gguf", dtype=torch.float64)
     logits = model(torch.tensor(tokens))        # (len(tokens), n_vocab)
@@ -112,36 +114,42 @@ class Transformer(nn.Module):
         x = self.rms_norm(x, self.w["output_norm.weight"])
         return self.project(x, "output")
 
-    # --- SepLLM policies ----------------------------------------------------------------------
+    # --- SepLLM: the native cache policy's plans ----------------------------------------------
 
     @torch.no_grad()
-    def forward_step(self, token: int, cache: StreamingCache) -> Tensor:
-        """One token through a streaming cache: the cache makes room (evicting or compressing), takes
-        the token's pre-RoPE key and value, and every key is rotated at its slot in the cache, the
-        query at the last slot (positions within the cache). Returns the token's logits (n_vocab,)."""
-        a = self.args
-        cache.admit(token)
-        x = self.w["token_embd.weight"][torch.tensor([token])]
-        for i in range(a.n_layer):
-            blk = f"blk.{i}"
-            h = self.rms_norm(x, self.w[f"{blk}.attn_norm.weight"])
-            q = self.project(h, f"{blk}.attn_q").view(1, a.n_head, a.head_dim)
-            k = self.project(h, f"{blk}.attn_k").view(1, a.n_head_kv, a.head_dim)
-            v = self.project(h, f"{blk}.attn_v").view(1, a.n_head_kv, a.head_dim)
-            keys, values = cache.store(i, k, v)
-            slots = torch.arange(len(keys))
-            q = self.rope(q, slots[-1:])
-            att = self.attention(q, self.rope(keys, slots), values, torch.ones(1, len(keys), dtype=torch.bool))
-            x = x + self.project(att.reshape(1, -1), f"{blk}.attn_output")
-            h = self.rms_norm(x, self.w[f"{blk}.ffn_norm.weight"])
-            x = x + self.project(F.silu(self.project(h, f"{blk}.ffn_gate")) * self.project(h, f"{blk}.ffn_up"),
-                                 f"{blk}.ffn_down")
-        return self.project(self.rms_norm(x, self.w["output_norm.weight"]), "output")[0]
-
-    @torch.no_grad()
-    def stream(self, tokens: list[int], cache: StreamingCache) -> Tensor:
-        """Logits of every token fed one at a time through `cache`: (len(tokens), n_vocab)."""
-        return torch.stack([self.forward_step(t, cache) for t in tokens])
+    def forward_plan(self, tokens: list[int], policy, cache: CellCache) -> Tensor:
+        """Tokens after those `policy` has seen, one forward pass per plan of the native cache policy
+        (sepedge.cache_plan.CachePolicy, the C core's one implementation): new keys are rotated at
+        their original positions and written to their cells, every live key is read with its cell's
+        extra rotation (delta), and each query attends the cells its row of the plan's mask allows.
+        Returns the logits of every token, (len(tokens), n_vocab)."""
+        a, out, s = self.args, [], 0
+        while s < len(tokens):
+            plan = policy.step(tokens[s:])
+            if plan.mask is None:
+                raise ValueError("forward_plan needs a policy that returns masks (CachePolicy(mask=True))")
+            n, s = plan.n_tokens, s + plan.n_tokens
+            positions = torch.from_numpy(plan.positions.astype(np.int64))
+            cells = torch.from_numpy(plan.cells.astype(np.int64))
+            live = torch.from_numpy(plan.live_cells.astype(np.int64))
+            deltas = torch.from_numpy(plan.live_deltas.astype(np.int64))
+            mask = torch.from_numpy(plan.mask)
+            x = self.w["token_embd.weight"][torch.tensor(tokens[s - n:s])]
+            for i in range(a.n_layer):
+                blk = f"blk.{i}"
+                h = self.rms_norm(x, self.w[f"{blk}.attn_norm.weight"])
+                q = self.rope(self.project(h, f"{blk}.attn_q").view(n, a.n_head, a.head_dim), positions)
+                k = self.rope(self.project(h, f"{blk}.attn_k").view(n, a.n_head_kv, a.head_dim), positions)
+                v = self.project(h, f"{blk}.attn_v").view(n, a.n_head_kv, a.head_dim)
+                cache.k[i][cells], cache.v[i][cells] = k, v
+                keys = self.rope(cache.k[i][live], deltas)  # rotated once more on read, never written back
+                att = self.attention(q, keys, cache.v[i][live], mask).reshape(n, a.n_head * a.head_dim)
+                x = x + self.project(att, f"{blk}.attn_output")
+                h = self.rms_norm(x, self.w[f"{blk}.ffn_norm.weight"])
+                x = x + self.project(F.silu(self.project(h, f"{blk}.ffn_gate")) * self.project(h, f"{blk}.ffn_up"),
+                                     f"{blk}.ffn_down")
+            out.append(self.project(self.rms_norm(x, self.w["output_norm.weight"]), "output"))
+        return torch.cat(out)
 
     @torch.no_grad()
     def greedy(self, tokens: list[int], n: int) -> list[int]:
@@ -212,73 +220,15 @@ class Transformer(nn.Module):
         return cls(args, w, w.pop("rope_freqs.weight", None))
 
 
-def sepllm_mask(is_sep: Tensor, n_init: int, n_sep: int, n_local: int) -> Tensor:
-    """Training-free SepLLM (SEPLLM.md §1): query i attends to key j <= i when j is initial, j is in
-    the window of the last n_local tokens (i included), or j is a separator; with n_sep > 0, only the
-    newest n_sep separators that left the window count. is_sep: (T,) bool -> (T, T) bool."""
-    T = len(is_sep)
-    i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
-    causal, initial, window = j <= i, j < n_init, j > i - n_local
-    sep = is_sep[None, :] & ~initial & causal
-    if n_sep > 0:
-        left = sep & ~window
-        newer = left.flip(-1).cumsum(-1).flip(-1)  # separators that left, at or after j
-        sep = (sep & window) | (left & (newer <= n_sep))
-    return causal & (initial | window | sep)
+class CellCache:
+    """Keys and values of every cache cell for `Transformer.forward_plan`, as the C backends keep
+    them: a key is stored rotated with its token's original position, and any further rotation the
+    policy asks for (a delta, SEPLLM.md §6.4) is applied when it is read."""
 
-
-class StreamingCache:
-    """The physical cache of the streaming references (StreamingLLM, Streaming-SepLLM): pre-RoPE
-    keys and values in cache order [initial | separators | recent], one token admitted at a time.
-
-    mode "streamingllm": the initial tokens and the last n_local tokens (the new one included).
-    mode "sepllm-stream": when a token arrives and the cache holds n_cache entries, the past window
-    (all recent entries but the newest n_local - 1) keeps only its separators, appended to the
-    separator region, which keeps its newest n_sep (0 = all).
-    """
-
-    def __init__(self, mode: str, is_sep, n_init: int, n_sep: int, n_local: int, n_cache: int):
-        if mode not in ("streamingllm", "sepllm-stream"):
-            raise ValueError(f"unknown streaming mode {mode!r}")
-        self.mode, self.is_sep = mode, set(int(t) for t in is_sep)
-        self.n_init, self.n_sep, self.n_local, self.n_cache = n_init, n_sep, n_local, n_cache
-        self.entries: list[tuple[int, int, str]] = []  # (token, position in the text, region)
-        self.k: dict[int, Tensor] = {}
-        self.v: dict[int, Tensor] = {}
-        self.n_seen = 0
-
-    def _keep(self, idx: list[int]) -> None:
-        self.entries = [self.entries[i] for i in idx]
-        for layer in self.k:
-            self.k[layer], self.v[layer] = self.k[layer][idx], self.v[layer][idx]
-
-    def admit(self, token: int) -> None:
-        idx = {r: [i for i, e in enumerate(self.entries) if e[2] == r] for r in ("init", "sep", "recent")}
-        if self.mode == "streamingllm":
-            self._keep(idx["init"] + idx["recent"][max(0, len(idx["recent"]) - (self.n_local - 1)):])
-        elif len(self.entries) >= self.n_cache:
-            local = max(0, len(idx["recent"]) - (self.n_local - 1))
-            past, keep = idx["recent"][:local], idx["recent"][local:]
-            seps = idx["sep"] + [i for i in past if self.entries[i][0] in self.is_sep]
-            if self.n_sep > 0:
-                seps = seps[-self.n_sep:]
-            for i in seps:
-                self.entries[i] = (*self.entries[i][:2], "sep")
-            self._keep(idx["init"] + seps + keep)
-            if len(self.entries) >= self.n_cache:
-                raise RuntimeError("the cache is full of separators")
-        region = "init" if self.n_seen < self.n_init else "recent"
-        self.entries.append((token, self.n_seen, region))
-        self.n_seen += 1
-
-    def store(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Append this token's key and value (its entry is already admitted) and return the layer's."""
-        if layer in self.k:
-            self.k[layer], self.v[layer] = torch.cat([self.k[layer], k]), torch.cat([self.v[layer], v])
-        else:
-            self.k[layer], self.v[layer] = k, v
-        assert len(self.k[layer]) == len(self.entries)
-        return self.k[layer], self.v[layer]
+    def __init__(self, args: ModelArgs, n_cells: int, dtype: torch.dtype = torch.float32):
+        shape = (n_cells, args.n_head_kv, args.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype) for _ in range(args.n_layer)]
+        self.v = [torch.zeros(shape, dtype=dtype) for _ in range(args.n_layer)]
 
 
 _GGUF_NAME = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",

@@ -48,11 +48,12 @@ def test_struct_layouts_match_the_compiler(tmp_path):
     spec = importlib.util.spec_from_file_location("_sepedge_layout_check", so)
     compiled = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(compiled)  # API mode: sizes and offsets come from the compiler
-    for struct in ("se_model_params", "se_model_info", "se_context_params", "se_cache_info", "se_sampler_params"):
+    for struct in ("se_model_params", "se_model_info", "se_context_params", "se_cache_info", "se_sampler_params",
+                   "se_cache_policy_params", "se_cache_plan"):
         assert ffi.sizeof(struct) == compiled.ffi.sizeof(struct), struct
         for field, _ in ffi.typeof(struct).fields:
             assert ffi.offsetof(struct, field) == compiled.ffi.offsetof(struct, field), (struct, field)
-    for name in ("SE_ERR_CONTEXT_FULL", "SE_KV_F16", "SE_META_ARRAY", "SE_DEVICE_CUDA"):
+    for name in ("SE_ERR_CONTEXT_FULL", "SE_KV_F16", "SE_META_ARRAY", "SE_DEVICE_CUDA", "SE_REGION_RECENT"):
         assert getattr(lib, name) == getattr(compiled.lib, name), name
 
 

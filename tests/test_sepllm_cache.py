@@ -1,7 +1,8 @@
-"""The SepLLM KV cache against the torch reference policies: training-free `sepllm` equals full
-attention under the SepLLM mask; `sepllm-stream` and `streamingllm` equal the streaming references
-(physical caches of pre-RoPE keys re-rotated at cache positions every step). Step by step through
-thousands of tokens with many compression events, and in chunked prefill."""
+"""The SepLLM KV cache against the test-only Python oracle of the policy (policy_oracle.py):
+training-free `sepllm` equals full attention under the SepLLM mask; `sepllm-stream` and
+`streamingllm` equal the streaming references (physical caches of pre-RoPE keys re-rotated at cache
+positions every step). Step by step through thousands of tokens with many compression events, and
+in chunked prefill."""
 
 import secrets
 
@@ -12,7 +13,10 @@ import torch
 import fixtures
 from sepedge import ContextFullError, Engine, InvalidArgumentError
 from sepedge.convert import convert
-from sepedge.reference import StreamingCache, Transformer, sepllm_mask
+from sepedge.reference import Transformer
+
+from policy_oracle import StreamingCache, sepllm_mask
+from policy_oracle import stream as oracle_stream
 
 MAX_REL_DIFF = 5e-5          # native float32 vs the float64 reference, f32 KV cache
 MAX_REL_DIFF_SMOLLM2 = 2e-4  # 30 layers, float32 reference
@@ -124,7 +128,7 @@ def test_sepllm_unlimited_separators_fill_up(model, separators, stream):
 
 def reference_stream(reference, tokens, separators, mode, n_init, n_sep, n_local, n_cache):
     cache = StreamingCache(mode, separators, n_init, n_sep, n_local, n_cache)
-    return reference.stream(tokens, cache).numpy(), cache
+    return oracle_stream(reference, tokens, cache).numpy(), cache
 
 
 @pytest.mark.parametrize("mode,n_init,n_sep,n_local,n_cache", [

@@ -5,7 +5,7 @@
 // other than SE_API, no inline functions).
 //
 // Conventions
-//   - Opaque handles (se_model, se_context, se_sampler) come from *_load / *_new and go back
+//   - Opaque handles (se_model, se_context, se_sampler, se_cache_policy) come from *_load / *_new and go back
 //     through *_free. Free functions accept NULL.
 //   - Functions that can fail return an int status: SE_OK (0) or a negative se_status. The reason
 //     is then available from se_last_error() in the same thread, until the next failing call.
@@ -172,9 +172,107 @@ typedef struct se_cache_info {
 } se_cache_info;
 
 SE_API int se_cache_get_info(const se_context * ctx, se_cache_info * out);
-// Token id, original position and region (1 initial, 2 separator, 3 recent) of every live cell, in
-// cache order [initial | separators | recent] (n >= n_live entries).
+// Token id, original position and region (se_cache_region) of every live cell, in cache order
+// [initial | separators | recent] (n >= n_live entries).
 SE_API int se_cache_get_cells(const se_context * ctx, int32_t * tokens, int32_t * positions, int32_t * regions, int32_t n);
+
+// ---------------------------------------------------------------------------------------------
+// Cache policy: SepLLM's retention rule as a plan that any backend follows.
+//
+// The one implementation of which KV cells live (the contexts above run the same code), usable
+// with or without a model by a backend that keeps K and V itself (Triton, the torch reference).
+// Per forward pass, a step says where each new token's K/V go, which cells the pass attends to
+// (with the extra rotation of each key and, optionally, the query x cell mask), and which cells
+// were given up. The policy never sees keys or values: retention is decided from token ids alone.
+//
+// How a backend runs n tokens:
+//     for (s = 0; s < n; s += plan.n_tokens) {
+//         se_cache_policy_step(policy, tokens + s, n - s, &plan);   // SE_ERR_CONTEXT_FULL: nothing done
+//         // rotate the new keys with plan.positions and write K/V to plan.cells, then for every
+//         // new token t attend to plan.live_cells[i] where mask[t * n_live + i], the key of that
+//         // cell rotated by a further plan.live_deltas[i]; the query's position is positions[t]
+//     }
+// Cells given up in a step keep their K/V until a later step hands them out again.
+//
+// Sizes. n_local counts the window with the token being evaluated, n_cache every cell including
+// that token's. The streaming reference code (Streaming-SepLLM's kv_cache_manager, StreamingLLM)
+// appends a token, runs it, and only then compresses when the cache holds more than cache_size; so
+// a token attends to up to cache_size + 1 entries and to a window of local_size + 1. A sepedge
+// cache of (n_cache, n_local) therefore behaves as the reference's cache_size = n_cache - 1,
+// local_size = n_local - 1 (n_init and n_sep are the same): the paper's c = 800, w = 256 run is
+// n_cache 801, n_local 257 here, and the reference's a + s + w < c reads n_init + n_sep + n_local
+// < n_cache. Training-free sepllm's window n (the mask rule of SepAttention) includes the current
+// token already: n_local = n.
+//
+// A policy copies what it needs from the model (it may be freed first) and is used by one thread
+// at a time.
+
+// Region of a live cell (se_cache_get_cells, se_cache_plan.live_regions).
+enum se_cache_region {
+    SE_REGION_FREE   = 0,
+    SE_REGION_INIT   = 1,  // the first n_init tokens (or a pinned prefix: se_cache_keep)
+    SE_REGION_SEP    = 2,  // separators that left the window
+    SE_REGION_RECENT = 3,  // everything else: the window (and, streaming, the past window)
+};
+
+typedef struct se_cache_policy se_cache_policy;
+
+typedef struct se_cache_policy_params {
+    int32_t kv_mode;      // se_kv_mode
+    // SepLLM sizes as in se_context_params; -1 = the model's `sepllm.*` defaults (needs a model)
+    int32_t n_init;
+    int32_t n_sep;
+    int32_t n_local;
+    int32_t n_cache;
+    int32_t n_ctx;        // full mode: cells; 0 = the model's training context (needs a model)
+    int32_t n_batch;      // most tokens per forward pass, so per step
+    int32_t n_vocab;      // token ids are accepted in [0, n_vocab); 0 = the model's vocabulary (needs a model)
+} se_cache_policy_params;
+
+// kv_mode full, sizes -1, n_ctx 0, n_batch 512, n_vocab 0: the defaults of a context.
+SE_API se_cache_policy_params se_cache_policy_default_params(void);
+// model may be NULL. separators: the separator token ids; n_separators = -1 takes the model's set.
+SE_API int  se_cache_policy_new(const se_model * model, const se_cache_policy_params * params,
+                                const int32_t * separators, int32_t n_separators, se_cache_policy ** out);
+SE_API void se_cache_policy_free(se_cache_policy * policy);
+
+typedef struct se_cache_plan {
+    // Buffers the caller provides, their sizes in entries (checked before anything changes).
+    int32_t * cells;          // (max_tokens) the cell each new token's K and V are written to
+    int32_t * positions;      // (max_tokens) the token's original position: its key is rotated with it
+    int32_t   max_tokens;     // >= min(n_tokens, n_batch)
+    int32_t * live_cells;     // (max_live) cells the pass attends to, in cache order [initial | separators | recent]
+    int32_t * live_positions; // (max_live) their original positions
+    int32_t * live_deltas;    // (max_live) extra rotation when read: the key acts as if at position + delta
+    int32_t * live_regions;   // (max_live) se_cache_region
+    int32_t   max_live;       // >= the number of cells (se_cache_info.n_cells)
+    uint8_t * mask;           // NULL, or (mask_size): mask[t * n_live + i] = 1 when new token t attends live cell i
+    int64_t   mask_size;      // >= min(n_tokens, n_batch) * n_cells
+    // Results.
+    int32_t n_tokens;         // tokens planned for this pass: the first n_tokens of those given
+    int32_t n_live;           // live cells, the new tokens' included
+    int32_t n_evicted;        // cells given up in this step, before or after the pass (se_cache_policy_get_evicted)
+    int32_t n_compressions;   // sepllm-stream compressions in this step
+    int64_t n_visible;        // sum over the new tokens of the cells each one attends to
+} se_cache_plan;
+
+// Plan the next forward pass over up to n_tokens tokens (n_tokens >= 1) after those already seen:
+// make room as the mode says, claim cells for the tokens that share the pass, and, when the pass
+// takes all n_tokens, evict what the next token will not see (as se_decode does at its end).
+// SE_ERR_CONTEXT_FULL, with nothing changed, when the n_tokens tokens would not all fit.
+SE_API int se_cache_policy_step(se_cache_policy * policy, const int32_t * tokens, int32_t n_tokens, se_cache_plan * plan);
+// The cells given up by the last step: cell, token, original position and the region it left
+// (n >= plan.n_evicted entries; NULL arrays are skipped).
+SE_API int se_cache_policy_get_evicted(const se_cache_policy * policy, int32_t * cells, int32_t * tokens,
+                                       int32_t * positions, int32_t * regions, int32_t n);
+// As se_cache_get_info and se_cache_get_cells for a context (kv_bytes is 0: a policy stores no K/V).
+SE_API int se_cache_policy_get_info(const se_cache_policy * policy, se_cache_info * out);
+SE_API int se_cache_policy_get_cells(const se_cache_policy * policy, int32_t * tokens, int32_t * positions,
+                                     int32_t * regions, int32_t n);
+// As se_cache_clear, se_cache_truncate and se_cache_keep.
+SE_API int se_cache_policy_clear(se_cache_policy * policy);
+SE_API int se_cache_policy_truncate(se_cache_policy * policy, int32_t n_keep);
+SE_API int se_cache_policy_keep(se_cache_policy * policy, int32_t n_keep);
 
 // ---------------------------------------------------------------------------------------------
 // Sampler: picks the next token from logits. Defaults follow llama.cpp.

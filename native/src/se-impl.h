@@ -4,6 +4,7 @@
 //   se-quants.c    tensor types: dequantization and dot products
 //   se-model.c     hyperparameters and weight views of a model
 //   se-kv-cache.c  the KV cache: cells with token, position and separator flag
+//   se-cache-plan.c the cache policy on its own (public se_cache_policy): plans for any backend
 //   se-forward.c   the transformer forward pass on the CPU backend
 //   se-threads.c   a persistent thread pool
 //   se-sampler.c   sampling
@@ -215,18 +216,13 @@ void se_pool_run(se_pool * pool, se_task_fn fn, void * arg);
 // ---------------------------------------------------------------------------------------------
 // KV cache (se-kv-cache.c explains the modes)
 
-enum se_region {
-    SE_REGION_FREE   = 0,
-    SE_REGION_INIT   = 1,     // the first n_init tokens (or the pinned system prompt)
-    SE_REGION_SEP    = 2,     // separators that left the window
-    SE_REGION_RECENT = 3,     // everything else: window (and, streaming, the past window)
-};
+// Regions of cells: enum se_cache_region in sepedge.h (the cache policy's public plan).
 
 typedef struct se_kv_cell {
     int32_t token;
     int32_t pos;              // original position; the stored key was rotated with it
     int32_t delta;            // extra rotation when read: the key acts as if at pos + delta
-    int32_t region;           // se_region
+    int32_t region;           // se_cache_region
     int64_t sep_seq;          // order among non-initial separators, -1 for other tokens
 } se_kv_cell;
 
@@ -258,6 +254,16 @@ typedef struct se_kv_config {
     int32_t kv_type;          // se_kv_type
 } se_kv_config;
 
+typedef struct se_kv_evicted {  // a cell given up, as it was
+    int32_t cell, token, pos, region;
+} se_kv_evicted;
+
+typedef struct se_kv_log {    // what the policy did during one step (se-cache-plan.c)
+    se_kv_evicted * evicted;  // (cap)
+    int32_t n_evicted, cap;
+    int32_t n_compressions;
+} se_kv_log;
+
 typedef struct se_kv_cache {
     se_kv_config cfg;
     int32_t kv_type;
@@ -267,6 +273,7 @@ typedef struct se_kv_cache {
     int32_t * live;           // (n_cells) live cells in cache order [init | sep | recent]
     int32_t n_live;
     int64_t sum_visible;      // sum over processed tokens of the cells each one attended to
+    se_kv_log * log;          // NULL, or where evictions and compressions of the live state are recorded
     void * k;                 // (n_layer, n_cells, row), keys rotated with the cell's pos
     void * v;                 // (n_layer, n_cells, row)
 } se_kv_cache;

@@ -16,6 +16,10 @@
 // query position minus key position, so recent tokens keep their original positions (the query too)
 // and only initial and separator cells get a `delta` that places them where their cache slot says.
 // Stored keys are never rewritten, so nothing is rotated twice and nothing drifts.
+//
+// This is the one implementation of the policy: contexts (CPU and CUDA backends, through se_decode)
+// and the public se_cache_policy (se-cache-plan.c: plans for backends that keep K/V themselves)
+// both run it.
 #include "se-impl.h"
 
 #include <stdlib.h>
@@ -156,7 +160,16 @@ void se_kv_clear(se_kv_cache * kv) {
 
 // --- the policies
 
-static void release(se_kv_meta * m, int32_t cell) {
+// The log, when one is set, records what happens to the live state; dry runs on the scratch copy
+// and rewinds (se_kv_truncate) are not policy decisions and go unrecorded.
+static se_kv_log * log_of(const se_kv_cache * kv, const se_kv_meta * m) { return m == &kv->m ? kv->log : NULL; }
+
+static void release(const se_kv_cache * kv, se_kv_meta * m, int32_t cell) {
+    se_kv_log * log = log_of(kv, m);
+    if (log && log->n_evicted < log->cap) {
+        const se_kv_cell * c = &m->cells[cell];
+        log->evicted[log->n_evicted++] = (se_kv_evicted) {.cell = cell, .token = c->token, .pos = c->pos, .region = c->region};
+    }
     m->cells[cell] = (se_kv_cell) {.token = -1, .pos = -1, .region = SE_REGION_FREE, .sep_seq = -1};
     m->free[m->n_free++] = cell;
     m->n_evicted++;
@@ -166,7 +179,7 @@ static void release(se_kv_meta * m, int32_t cell) {
 static void keep_separator(const se_kv_cache * kv, se_kv_meta * m, int32_t cell) {
     m->cells[cell].region = SE_REGION_SEP;
     m->n_sep_left++;
-    if (kv->cfg.n_sep > 0 && m->sep.len == kv->cfg.n_sep) release(m, ring_pop_front(&m->sep));
+    if (kv->cfg.n_sep > 0 && m->sep.len == kv->cfg.n_sep) release(kv, m, ring_pop_front(&m->sep));
     ring_push(&m->sep, cell);
 }
 
@@ -179,7 +192,7 @@ static bool evict_window(const se_kv_cache * kv, se_kv_meta * m, int64_t p, bool
             keep_separator(kv, m, cell);
         } else {
             if (m->cells[cell].sep_seq >= 0) m->n_sep_left++;
-            release(m, cell);
+            release(kv, m, cell);
         }
         changed = true;
     }
@@ -190,12 +203,14 @@ static bool evict_window(const se_kv_cache * kv, se_kv_meta * m, int64_t p, bool
 // newest n_local - 1 tokens) keeps only its separators; then every cell gets the position of its slot
 // in [initial | separators | recent], expressed as a delta for the initial and separator cells.
 static void compress(const se_kv_cache * kv, se_kv_meta * m, int64_t p) {
+    se_kv_log * log = log_of(kv, m);
+    if (log) log->n_compressions++;
     while (m->recent.len > kv->cfg.n_local - 1) {
         const int32_t cell = ring_pop_front(&m->recent);
         if (m->cells[cell].sep_seq >= 0) {
             keep_separator(kv, m, cell);
         } else {
-            release(m, cell);
+            release(kv, m, cell);
         }
     }
     const int64_t live = m->n_init_live + m->sep.len + m->recent.len;  // the query takes slot `live`
@@ -364,11 +379,11 @@ int se_kv_truncate(se_kv_cache * kv, int64_t n_keep) {
     while (m->recent.len > 0 && m->cells[ring_at(&m->recent, m->recent.len - 1)].pos >= n_keep) {
         const int32_t c = ring_pop_back(&m->recent);
         if (m->cells[c].sep_seq >= 0) m->n_sep_seen--;
-        release(m, c);
+        release(kv, m, c);
         m->n_evicted--;  // undone, not evicted
     }
     while (m->n_init_live > 0 && m->cells[m->init[m->n_init_live - 1]].pos >= n_keep) {
-        release(m, m->init[--m->n_init_live]);
+        release(kv, m, m->init[--m->n_init_live]);
         m->n_evicted--;
     }
     m->n_seen = n_keep;
