@@ -478,10 +478,9 @@ class Engine:
         if not g._chat or self._chat_text is None:
             self._chat_text = None
             return
-        try:  # the reply's tokens that went into the cache extend the conversation text
-            self._chat_text += self.tokenizer.decode(g.tokens[:g.n_fed]).decode("utf-8")
-        except UnicodeDecodeError:
-            self._chat_text = None
+        # the reply's tokens that went into the cache extend the conversation text; invalid UTF-8 reads
+        # as the client read it (replaced), a character cut at the end stops the next turn matching
+        self._chat_text += self.tokenizer.decode(g.tokens[:g.n_fed]).decode("utf-8", errors="replace")
 
     # --- generation
 

@@ -219,7 +219,8 @@ class Server:
                 self.counters["tokens_prompt"] += g.n_prompt
                 self.counters["cancelled"] += g.finish_reason == "cancelled"
                 slot.last = {"finish_reason": g.finish_reason, "completion_tokens": len(g.tokens),
-                             "prompt_tokens": g.n_prompt, "prompt_seconds": round(g.prompt_seconds, 4),
+                             "prompt_tokens": g.n_prompt, "prompt_evaluated": len(g.prompt_tokens),
+                             "prompt_seconds": round(g.prompt_seconds, 4),
                              "generate_seconds": round(g.generate_seconds, 4)}
             asyncio.ensure_future(self.pool.release(slot))
 

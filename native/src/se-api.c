@@ -412,7 +412,7 @@ int se_state_save(const se_context * ctx, void * buf, uint64_t size) {
 // Whether a saved state fits this context and is consistent; nothing is changed.
 static int state_check(const se_context * ctx, const se_state_header * h, const char * cells, uint64_t size) {
     const se_kv_cache * kv = &ctx->kv;
-    if (h->magic != SE_STATE_MAGIC || h->version != SE_STATE_VERSION) return se_error(SE_ERR_FORMAT, "not a sepedge cache state (or another version)");
+    if (h->magic != SE_STATE_MAGIC || h->version != SE_STATE_VERSION) return se_error(SE_ERR_INVALID_ARGUMENT, "not a sepedge cache state (or another version)");
     if (h->n_layer != ctx->model->hp.n_layer || h->row != kv->row || h->kv_type != kv->kv_type || h->mode != kv->cfg.mode ||
         h->n_cells != kv->cfg.n_cells || h->n_init_cfg != kv->cfg.n_init || h->n_sep_cfg != kv->cfg.n_sep || h->n_local_cfg != kv->cfg.n_local) {
         return se_error(SE_ERR_INVALID_ARGUMENT, "the state was saved from another model or cache configuration");
@@ -420,18 +420,18 @@ static int state_check(const se_context * ctx, const se_state_header * h, const 
     const int64_t sep_cap = kv->cfg.n_sep > 0 ? kv->cfg.n_sep : kv->cfg.n_cells;
     if (h->n_live_init < 0 || h->n_live_sep < 0 || h->n_live_recent < 0 || h->n_live_sep > sep_cap ||
         h->n_live_init + h->n_live_sep + h->n_live_recent > kv->cfg.n_cells) {
-        return se_error(SE_ERR_FORMAT, "cache state: bad cell counts");
+        return se_error(SE_ERR_INVALID_ARGUMENT, "cache state: bad cell counts");
     }
     const int64_t n_live = h->n_live_init + h->n_live_sep + h->n_live_recent;
-    if (size != state_bytes(ctx, n_live)) return se_error(SE_ERR_FORMAT, "cache state: %llu bytes, expected %llu", (unsigned long long) size, (unsigned long long) state_bytes(ctx, n_live));
+    if (size != state_bytes(ctx, n_live)) return se_error(SE_ERR_INVALID_ARGUMENT, "cache state: %llu bytes, expected %llu", (unsigned long long) size, (unsigned long long) state_bytes(ctx, n_live));
     if (h->n_seen < n_live || h->n_seen > INT32_MAX || h->n_evicted < 0 || h->n_sep_seen < 0 || h->n_sep_left < 0 ||
         h->n_sep_left > h->n_sep_seen || h->rewind_floor < 0 || h->rewind_floor > h->n_seen || h->sum_visible < 0 ||
         h->n_init < kv->cfg.n_init || h->n_init > kv->cfg.n_cells || h->n_live_init > h->n_init) {
-        return se_error(SE_ERR_FORMAT, "cache state: bad counters");
+        return se_error(SE_ERR_INVALID_ARGUMENT, "cache state: bad counters");
     }
     if (kv->cfg.mode != SE_KV_MODE_FULL &&
         se_kv_capacity_check(kv->cfg.mode, kv->cfg.n_cells, (int32_t) h->n_init, kv->cfg.n_sep, kv->cfg.n_local) != SE_OK) {
-        return se_error(SE_ERR_FORMAT, "cache state: initial region of %lld does not fit", (long long) h->n_init);
+        return se_error(SE_ERR_INVALID_ARGUMENT, "cache state: initial region of %lld does not fit", (long long) h->n_init);
     }
     for (int64_t i = 0; i < n_live; i++) {
         se_state_cell c;
@@ -440,7 +440,7 @@ static int state_check(const se_context * ctx, const se_state_header * h, const 
         if (c.region != region || c.token < 0 || c.token >= ctx->model->hp.n_vocab || c.pos < 0 || c.pos >= h->n_seen ||
             c.delta < INT32_MIN || c.delta > INT32_MAX || c.sep_seq < -1 || c.sep_seq >= h->n_sep_seen ||
             (region == SE_REGION_SEP && c.sep_seq < 0)) {
-            return se_error(SE_ERR_FORMAT, "cache state: cell %lld is inconsistent", (long long) i);
+            return se_error(SE_ERR_INVALID_ARGUMENT, "cache state: cell %lld is inconsistent", (long long) i);
         }
     }
     return SE_OK;
@@ -449,7 +449,7 @@ static int state_check(const se_context * ctx, const se_state_header * h, const 
 int se_state_load(se_context * ctx, const void * buf, uint64_t size) {
     int r = state_backend(ctx, "se_state_load");
     if (r != SE_OK) return r;
-    if (!buf || size < sizeof(se_state_header)) return se_error(SE_ERR_FORMAT, "cache state: %llu bytes is too short", (unsigned long long) size);
+    if (!buf || size < sizeof(se_state_header)) return se_error(SE_ERR_INVALID_ARGUMENT, "cache state: %llu bytes is too short", (unsigned long long) size);
     se_state_header h;
     memcpy(&h, buf, sizeof h);
     const char * cells = (const char *) buf + sizeof h;
