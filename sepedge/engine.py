@@ -41,7 +41,7 @@ class Generation:
     def __init__(self, engine: Engine, prompt_tokens: list[int], max_tokens: int | None, stop: list[str],
                  sampler: Sampler, prefill: Callable[[], np.ndarray], chat: bool = False, *,
                  logit_bias: dict[int, float] | None = None, frequency_penalty: float = 0.0,
-                 presence_penalty: float = 0.0, logprobs: int | None = None):
+                 presence_penalty: float = 0.0, logprobs: int | None = None, json_mode: bool = False):
         self.engine, self.prompt_tokens, self.max_tokens, self.stop, self.sampler = \
             engine, prompt_tokens, max_tokens, stop, sampler
         self._prefill, self._chat = prefill, chat
@@ -59,6 +59,10 @@ class Generation:
         self.logprobs: list[tuple[int, float, list[tuple[int, float]]]] = []
         self._logprobs_taken = 0
         self._cancelled = False
+        self.constraint = None
+        if json_mode:
+            from .jsonmode import JSONConstraint
+            self.constraint = JSONConstraint(engine._json_texts(), engine.tokenizer.eog_ids)
         self._chunks = self._run()
 
     def __iter__(self) -> Generation:
@@ -136,6 +140,8 @@ class Generation:
                     self.finish_reason = "length"
                     break
                 logits = self._process(logits, counts)
+                if self.constraint is not None:
+                    logits = self.constraint.mask(logits)
                 token = self.sampler.sample(logits)
                 if self.first_token_time is None:
                     self.first_token_time = time.perf_counter()
@@ -144,6 +150,8 @@ class Generation:
                     break
                 if self.n_logprobs is not None:
                     self._record_logprobs(logits, token)
+                if self.constraint is not None:
+                    self.constraint.accept(token)
                 counts[token] = counts.get(token, 0) + 1
                 self.sampler.accept(token)
                 self.tokens.append(token)
@@ -490,7 +498,16 @@ class Engine:
         return Sampler(self.n_vocab, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                        repeat_penalty=repeat_penalty, seed=seed)
 
-    def _logit_options(self, logit_bias=None, frequency_penalty=0.0, presence_penalty=0.0, logprobs=None) -> dict:
+    def _json_texts(self) -> list:
+        """Token texts for JSON mode, made once per tokenizer."""
+        t = self.tokenizer
+        if getattr(t, "_json_texts", None) is None:
+            from .jsonmode import token_texts
+            t._json_texts = token_texts(t)
+        return t._json_texts
+
+    def _logit_options(self, logit_bias=None, frequency_penalty=0.0, presence_penalty=0.0, logprobs=None,
+                       json_mode=False) -> dict:
         """Checked options of Generation (OpenAI's logit_bias maps token ids, as ints or strings, to a bias)."""
         bias = {}
         if logit_bias is not None:
@@ -512,7 +529,7 @@ class Engine:
         if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int) or logprobs < 0):
             raise InvalidArgumentError(f"logprobs must be a non-negative integer or None, got {logprobs!r}")
         return dict(logit_bias=bias, frequency_penalty=frequency_penalty or 0.0, presence_penalty=presence_penalty or 0.0,
-                    logprobs=logprobs)
+                    logprobs=logprobs, json_mode=bool(json_mode))
 
     def _start(self, prompt, max_tokens, stop, sampling, seed, messages=None, options: dict | None = None) -> Generation:
         options = self._logit_options(**(options or {}))
@@ -632,13 +649,16 @@ class Engine:
                     top_k: int = DEFAULTS["top_k"], top_p: float = DEFAULTS["top_p"], min_p: float = DEFAULTS["min_p"],
                     repeat_penalty: float = DEFAULTS["repeat_penalty"], stop=None,
                     seed: int | None = None, logprobs: int | None = None, logit_bias: dict | None = None,
-                    frequency_penalty: float = 0.0, presence_penalty: float = 0.0) -> Generation:
-        """The assistant's reply to a conversation as a Generation (text chunks, then its stats)."""
+                    frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
+                    response_format: dict | None = None) -> Generation:
+        """The assistant's reply to a conversation as a Generation (text chunks, then its stats);
+        response_format {"type": "json_object"} constrains it to one JSON object."""
         return self._start(None, max_tokens, stop, dict(temperature=temperature, top_k=top_k, top_p=top_p,
                                                         min_p=min_p, repeat_penalty=repeat_penalty), seed,
                            messages=messages, options=dict(logprobs=logprobs, logit_bias=logit_bias,
                                                            frequency_penalty=frequency_penalty,
-                                                           presence_penalty=presence_penalty))
+                                                           presence_penalty=presence_penalty,
+                                                           json_mode=check_response_format(response_format)))
 
     def create_chat_completion(self, messages, max_tokens: int | None = None, *, temperature: float = 0.2,
                                top_k: int = DEFAULTS["top_k"], top_p: float = DEFAULTS["top_p"],
@@ -647,13 +667,13 @@ class Engine:
                                top_logprobs: int | None = None, logit_bias: dict | None = None,
                                frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
                                response_format: dict | None = None, model: str | None = None):
-        check_response_format(response_format)
         if top_logprobs is not None and not logprobs:
             raise InvalidArgumentError("top_logprobs needs logprobs=True")
         g = self.stream_chat(messages, max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                              repeat_penalty=repeat_penalty, stop=stop, seed=seed,
                              logprobs=(top_logprobs or 0) if logprobs else None, logit_bias=logit_bias,
-                             frequency_penalty=frequency_penalty, presence_penalty=presence_penalty)
+                             frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
+                             response_format=response_format)
         head = {"id": f"chatcmpl-{uuid.uuid4()}", "created": int(time.time()), "model": model or self.model_path}
         if stream:
             def chunks():
@@ -688,15 +708,21 @@ class EngineState:
         return f"EngineState({self.kv_mode}, {self.n_tokens} tokens seen, {self.nbytes / 2 ** 20:.2f} MiB)"
 
 
-def check_response_format(response_format) -> None:
-    """Plain text is what sepedge generates; constrained JSON output (a grammar) is not implemented."""
+def check_response_format(response_format) -> bool:
+    """Whether a response_format asks for JSON mode: {"type": "text"} (or None) is plain text,
+    {"type": "json_object"} one JSON object. A JSON schema is not supported (it needs a grammar
+    compiled from the schema)."""
     if response_format is None:
-        return
+        return False
     if not isinstance(response_format, dict) or "type" not in response_format:
         raise InvalidArgumentError("response_format must be an object with a 'type'")
-    if response_format["type"] != "text":
-        raise InvalidArgumentError(f"response_format type {response_format['type']!r} is not supported "
-                                   "(sepedge has no constrained decoding; only 'text')")
+    kind = response_format["type"]
+    if kind == "text":
+        return False
+    if kind == "json_object" and not response_format.get("schema"):
+        return True
+    raise InvalidArgumentError(f"response_format {kind!r}{' with a schema' if kind == 'json_object' else ''} is not "
+                               "supported (sepedge constrains output to JSON, not to a schema: use 'json_object')")
 
 
 def _usage(g: Generation) -> dict:

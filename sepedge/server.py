@@ -446,7 +446,8 @@ def create_app(server: Server) -> FastAPI:
         def start(engine: Engine):
             return engine.stream_chat(messages, limit, stop=r.stop, seed=r.seed, logprobs=n_logprobs,
                                       logit_bias=r.logit_bias, frequency_penalty=r.frequency_penalty,
-                                      presence_penalty=r.presence_penalty, **sampling(r))
+                                      presence_penalty=r.presence_penalty, response_format=r.response_format,
+                                      **sampling(r))
 
         def lp(entries):
             return server.engine.chat_logprobs(entries) if r.logprobs else None

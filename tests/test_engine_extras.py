@@ -255,3 +255,72 @@ def test_quantize_and_tokenize_commands(gguf_path, tmp_path):
     lines = done.stdout.splitlines()
     assert len(lines) == len(expected) + 1 and lines[-1] == f"Total number of tokens: {len(expected)}"
     assert lines[0].split(" -> ")[0].strip() == str(expected[0])
+
+
+# --- JSON mode
+
+
+def random_json(rng, depth=0):
+    kind = rng.integers(0, 7 if depth < 3 else 4)
+    if kind == 0:
+        return int(rng.integers(-10 ** 6, 10 ** 6))
+    if kind == 1:
+        return float(rng.normal() * 10.0 ** int(rng.integers(-5, 6)))
+    if kind == 2:
+        return "".join(rng.choice(list('ab "\\\n\té日\u0001/'), rng.integers(0, 8)))
+    if kind == 3:
+        return [None, True, False][rng.integers(0, 3)]
+    if kind == 4:
+        return [random_json(rng, depth + 1) for _ in range(rng.integers(0, 4))]
+    return {f"k{i}": random_json(rng, depth + 1) for i in range(rng.integers(0, 4))}
+
+
+def test_json_prefix_recognizer(rng):
+    import json
+
+    from sepedge.jsonmode import JSONPrefix
+    for _ in range(300):
+        doc = {f"key{i}": random_json(rng) for i in range(rng.integers(0, 4))}
+        text = json.dumps(doc, indent=int(rng.integers(0, 3)) or None, ensure_ascii=bool(rng.integers(0, 2)))
+        p = JSONPrefix()
+        for i, ch in enumerate(text):
+            assert p.feed(ch), (text, i)
+            assert p.complete == (i == len(text) - 1)
+        # a random edit: what the recognizer reads completely must be what json accepts
+        chars = list(text)
+        pos = int(rng.integers(0, len(chars)))
+        op = rng.integers(0, 3)
+        if op == 0:
+            del chars[pos]
+        elif op == 1:
+            chars.insert(pos, rng.choice(list('{}[]:,"\\ 0-e.atfn')))
+        else:
+            chars[pos] = rng.choice(list('{}[]:,"\\ 0-e.atfn'))
+        edited = "".join(chars)
+        q = JSONPrefix()
+        whole = all(q.feed(ch) for ch in edited) and q.complete
+        try:
+            ok = isinstance(json.loads(edited), dict) and not edited[0].isspace() and not edited[-1].isspace()
+        except json.JSONDecodeError:
+            ok = False
+        if ok:
+            assert whole, edited
+        if whole:
+            assert isinstance(json.loads(edited), dict), edited
+    for bad in ("[1]", "1", '"x"', "{1:2}", "{'a':1}", '{"a" 1}', '{"a":01}', '{"a":tru}', '{"a":1,}', "{} {}"):
+        p = JSONPrefix()
+        assert not (all(p.feed(ch) for ch in bad) and p.complete), bad
+
+
+def test_json_mode_generation(tiny):
+    import json
+
+    from sepedge.jsonmode import JSONPrefix
+    with Engine(tiny, n_ctx=512) as e:
+        for seed in range(4):
+            g = e.stream_chat([{"role": "user", "content": "JSON"}], 120, temperature=1.0, seed=seed,
+                              response_format={"type": "json_object"})
+            text = "".join(g)
+            assert text.lstrip().startswith("{") and JSONPrefix().accepts(text)
+            if g.finish_reason == "stop":
+                assert isinstance(json.loads(text), dict)

@@ -2,6 +2,7 @@
 with `from sepedge import Llama` in place of `from llama_cpp import Llama` (and a local model path),
 and the methods people use return what llama-cpp-python's do."""
 
+import json
 import textwrap
 
 import numpy as np
@@ -9,10 +10,11 @@ import pytest
 
 import fixtures
 from sepedge import ContextFullError, InvalidArgumentError, Llama
+from sepedge.jsonmode import JSONPrefix
 
 # llama-cpp-python's README (abetlen/llama-cpp-python), "High-level API", "Pulling models from
-# Hugging Face Hub", "Chat Completion", "Embeddings", "Adjusting the Context Window": only the
-# import line and the model paths differ.
+# Hugging Face Hub", "Chat Completion", "JSON Mode", "Embeddings", "Adjusting the Context Window":
+# only the import line and the model paths differ.
 README_EXAMPLES = {
     "completion": '''
         from sepedge import Llama
@@ -52,6 +54,23 @@ README_EXAMPLES = {
                       "content": "Describe this image in detail please."
                   }
               ]
+        )
+    ''',
+    "json_mode": '''
+        from sepedge import Llama
+        llm = Llama(model_path="path/to/model.gguf", chat_format="chatml")
+        llm.create_chat_completion(
+            messages=[
+                {
+                    "role": "system",
+                    "content": "You are a helpful assistant that outputs in JSON.",
+                },
+                {"role": "user", "content": "Who won the world series in 2020"},
+            ],
+            response_format={
+                "type": "json_object",
+            },
+            temperature=0.7,
         )
     ''',
     "embeddings": '''
@@ -115,6 +134,21 @@ def test_readme_chat_and_n_ctx(model_path, gguf_path):
     assert r["object"] == "chat.completion" and r["choices"][0]["message"]["role"] == "assistant"
     assert r["usage"]["completion_tokens"] <= 8
     assert run_example("n_ctx", model_path)["llm"].n_ctx() == 2048
+
+
+def test_readme_json_mode(gguf_path):
+    # generates until the object closes or the 512-token window is full: the tiny random model is quick
+    llm = run_example("json_mode", str(gguf_path("mha-d64", "q8_0")))["llm"]
+    for seed in range(3):
+        r = llm.create_chat_completion(messages=[{"role": "user", "content": "JSON please"}], temperature=0.7,
+                                       seed=seed, max_tokens=80, response_format={"type": "json_object"})
+        text = r["choices"][0]["message"]["content"]
+        assert JSONPrefix().accepts(text) and text.lstrip().startswith("{")
+        if r["choices"][0]["finish_reason"] == "stop":
+            assert isinstance(json.loads(text), dict)
+    with pytest.raises(InvalidArgumentError, match="schema"):
+        llm.create_chat_completion(messages=[{"role": "user", "content": "x"}], response_format={
+            "type": "json_object", "schema": {"type": "object"}})
 
 
 def test_readme_embeddings(model_path):

@@ -192,6 +192,20 @@ def test_content_parts_and_streamed_completion(server, eog):
     assert "".join(ch.choices[0].text for ch in streamed) == whole.choices[0].text
 
 
+def test_json_mode(server):
+    r = server.client.chat.completions.create(model="tiny", messages=user("Give me JSON"), max_tokens=60,
+                                              temperature=1.0, seed=3, response_format={"type": "json_object"})
+    text = r.choices[0].message.content
+    assert JSONPrefix_accepts(text)
+    if r.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(text), dict)
+
+
+def JSONPrefix_accepts(text: str) -> bool:  # noqa: N802
+    from sepedge.jsonmode import JSONPrefix
+    return text.lstrip().startswith("{") and JSONPrefix().accepts(text)
+
+
 def test_embeddings(server):
     r = server.client.embeddings.create(model="tiny", input=["first text", "second one"])
     assert [d.index for d in r.data] == [0, 1] and r.usage.prompt_tokens > 0
@@ -222,7 +236,7 @@ def test_bad_requests(server):
     assert e.value.body["code"] == "model_not_found" and e.value.body["param"] == "model"
     bad = [dict(temperature=-1), dict(top_p=1.5), dict(n=2), dict(max_tokens=-3), dict(logit_bias={"abc": 1}),
            dict(logit_bias={"99999999": 1}), dict(presence_penalty=3), dict(top_logprobs=3),
-           dict(response_format={"type": "json_object"}), dict(messages=[]), dict(messages=[{"role": "alien", "content": "x"}]),
+           dict(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}), dict(messages=[]), dict(messages=[{"role": "alien", "content": "x"}]),
            dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
            dict(stop=5)]
     for override in bad:
