@@ -128,6 +128,7 @@ class Slot:
         self.n_requests = 0
         self.last_used = 0.0
         self.last: dict = {}  # the last request: finish_reason, tokens, seconds
+        self.generation = None  # the Generation running (or last run) on this slot
 
 
 class SlotPool:
@@ -178,6 +179,9 @@ class Server:
         self.counters = {"requests": 0, "errors": 0, "tokens_generated": 0, "tokens_prompt": 0, "cancelled": 0}
 
     def close(self) -> None:
+        for s in self.pool.slots:  # stop what is still generating, between two tokens
+            if s.generation is not None:
+                s.generation.cancel()
         self.executor.shutdown(wait=True, cancel_futures=True)
         for s in self.pool.slots[1:]:
             s.engine.close()
@@ -201,7 +205,7 @@ class Server:
 
         def produce():
             try:
-                g = holder["g"] = start(slot.engine)
+                g = holder["g"] = slot.generation = start(slot.engine)
                 if holder.get("cancelled"):  # the client left before the generation started
                     g.cancel()
                 for piece in g:
