@@ -165,9 +165,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads of each server, in all")
     ap.add_argument("--ctx-per-slot", type=int, default=2048, help="llama-server's context per slot")
     ap.add_argument("--skip-llama", action="store_true")
+    # -nr: no extra CPU buffer types. A -march=native build of llama.cpp on a CPU that reports AMX
+    # runs its AMX kernels, which stop with SIGILL where the (virtual) machine does not let processes
+    # use AMX; Q4_1, the default model's type, has no other repacked CPU layout, so -nr only drops AMX.
+    ap.add_argument("--llama-args", default="-nr", help="extra llama-server arguments [default: -nr]")
     args = ap.parse_args()
     model = str(args.model or package_gguf())
     bias = eog_bias(model)
+    binary = None if args.skip_llama else llama_cpp.server_bin()
+    if not args.skip_llama and binary is None:
+        sys.exit("llama-server is not built: python tests/llama_cpp.py build-server (or set SEPEDGE_LLAMA_CPP_BIN)")
     sepedge_cmd = [sys.executable, "-m", "sepedge.cli", "serve", model, "--parallel", str(args.parallel),
                    "--threads", str(max(1, args.threads // args.parallel)), "-a", "bench", "--log-level", "warning"]
     runs = []
@@ -178,14 +185,11 @@ def main() -> None:
     finally:
         s.stop()
     llama_cmd = None
-    if not args.skip_llama:
-        binary = llama_cpp.server_bin()
-        if binary is None:
-            sys.exit("llama-server is not built: python tests/llama_cpp.py build-server")
+    if binary is not None:
         port = free_port()
         llama_cmd = [str(binary), "-m", model, "--host", "127.0.0.1", "--port", str(port), "-np", str(args.parallel),
                      "-c", str(args.ctx_per_slot * args.parallel), "-t", str(args.threads), "--alias", "bench",
-                     "--no-webui"]
+                     "--no-webui", *args.llama_args.split()]
         s = Server("llama-server", llama_cmd, port)
         try:
             runs.append(run_load(s, args.clients, args.turns, args.max_tokens, bias))

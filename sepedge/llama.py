@@ -16,6 +16,7 @@ from __future__ import annotations
 import fnmatch
 import os
 import sys
+import warnings
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -81,8 +82,9 @@ class Llama:
         n_ctx: context window in tokens (full mode); 0 = the model's training context. In the sparse
             kv_modes the cache has n_cache cells and no window limit.
         n_threads: CPU threads (None: one per core).
-        n_gpu_layers: 0 runs on the CPU; -1 (or >= the model's layers) on the GPU. Splitting the
-            layers between CPU and GPU is not supported.
+        n_gpu_layers: 0 runs on the CPU; -1 (or >= the model's layers) on the GPU, or with a
+            warning on the CPU where there is none. Splitting the layers between CPU and GPU is
+            not supported.
         seed: sampling seed (LLAMA_DEFAULT_SEED or None: random).
         chat_format: a name in CHAT_FORMATS; None: the model's own template.
         embedding: allow create_embedding()/embed().
@@ -123,12 +125,15 @@ class Llama:
             raise InvalidArgumentError(f"n_gpu_layers must be an integer, got {n_gpu_layers!r}")
         if n_gpu_layers == 0:
             return "cpu"
-        if n_gpu_layers < 0:
-            return "cuda"
-        with Model(self.model_path) as m:  # a mapping, no weights read
-            n_layer = m.info["n_layer"]
-        if n_gpu_layers >= n_layer:
-            return "cuda"
+        if n_gpu_layers > 0:
+            with Model(self.model_path) as m:  # a mapping, no weights read
+                n_layer = m.info["n_layer"]
+        if n_gpu_layers < 0 or n_gpu_layers >= n_layer:
+            if _cuda_devices() > 0:
+                return "cuda"
+            # as llama-cpp-python's CPU builds, which take n_gpu_layers=-1 and run on the CPU
+            warnings.warn("n_gpu_layers: no CUDA GPU (or a build without CUDA): running on the CPU", stacklevel=3)
+            return "cpu"
         raise InvalidArgumentError(f"n_gpu_layers={n_gpu_layers}: sepedge runs all {n_layer} layers on one device; "
                                    "splitting them between CPU and GPU is not supported (use 0 for the CPU, -1 for the GPU)")
 
@@ -351,6 +356,12 @@ class Llama:
             raise InvalidArgumentError(f"load_state takes what save_state() returned, got {type(state).__name__}")
         self._engine.load_state(state.engine_state)
         self._last_logits = None
+
+
+def _cuda_devices() -> int:
+    from ._ffi import ffi, lib
+    n = ffi.new("int32_t *")
+    return n[0] if lib.se_cuda_device_count(n) == 0 else 0
 
 
 def _kv_type(type_k, type_v) -> str:

@@ -266,6 +266,11 @@ def test_low_level_generate_and_errors(model_path, llm):
     assert llm.detokenize([llm.sample(temp=0)]) == b" Paris"
     with pytest.raises(ValueError, match="not supported"):
         Llama(model_path=model_path, n_gpu_layers=5, verbose=False)
+    from sepedge.llama import _cuda_devices
+    if _cuda_devices() == 0:  # as llama-cpp-python's CPU builds: all layers "on the GPU" runs on the CPU
+        with pytest.warns(UserWarning, match="no CUDA GPU"), Llama(model_path=model_path, n_gpu_layers=-1,
+                                                                  verbose=False) as gpu:
+            assert gpu.engine.device == "cpu"
     with pytest.raises(ValueError, match="chat_format"):
         Llama(model_path=model_path, chat_format="no-such-format", verbose=False)
     with Llama(model_path=model_path, verbose=False) as plain, pytest.raises(ValueError, match="embedding=True"):
