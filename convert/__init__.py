@@ -28,7 +28,7 @@ from .checkpoint import SourceTensor, open_checkpoint
 from .tokenizer import GGUFVocab, load_vocab
 from .writer import OutTensor, write_gguf
 
-__all__ = ["convert", "ConvertError", "OUTTYPES"]
+__all__ = ["convert", "requantize", "ConvertError", "OUTTYPES"]
 
 # outtype -> the type most weights get, and general.file_type
 OUTTYPES = {"f32": QT.F32, "f16": QT.F16, "bf16": QT.BF16, "q8_0": QT.Q8_0, "q4_0": QT.Q4_0, "q4_1": QT.Q4_1,
@@ -217,6 +217,25 @@ def _add_sepllm_keys(w: gguf.GGUFWriter, sep_ids: list[int], sizes: dict[str, in
 _COPY_CHUNK = 64 << 20
 
 
+def copy_fields(w: gguf.GGUFWriter, fields: dict, path: Path, skip=lambda key: False) -> None:
+    """Every metadata key of a GGUFReader (but general.architecture, which the writer adds, and what
+    `skip` names) into a writer, with its type."""
+    for key, f in fields.items():
+        if key == "general.architecture" or skip(key):
+            continue
+        if key == "general.alignment":  # also sets the padding the writer uses
+            w.add_custom_alignment(int(f.contents()))
+            continue
+        vtype = f.types[0]
+        if vtype == gguf.GGUFValueType.ARRAY:
+            if len(f.types) > 1 and f.types[1] == gguf.GGUFValueType.ARRAY:
+                raise ConvertError(f"{path}: nested array in key {key!r} is not supported")
+            sub = f.types[1] if len(f.types) > 1 else gguf.GGUFValueType.UINT8
+            w.add_key_value(key, f.contents(), vtype, sub_type=sub)
+        else:
+            w.add_key_value(key, f.contents(), vtype)
+
+
 def _convert_gguf(path: Path, out, separators, sizes: dict[str, int], progress: bool) -> Path:
     try:
         r = gguf.GGUFReader(path)
@@ -239,20 +258,7 @@ def _convert_gguf(path: Path, out, separators, sizes: dict[str, int], progress: 
         raise ConvertError(f"{out}: the output would overwrite the input")
 
     def metadata(w: gguf.GGUFWriter) -> None:
-        for key, f in fields.items():
-            if key == "general.architecture" or key.startswith("sepllm."):
-                continue
-            if key == "general.alignment":  # also sets the padding the writer uses
-                w.add_custom_alignment(int(f.contents()))
-                continue
-            vtype = f.types[0]
-            if vtype == gguf.GGUFValueType.ARRAY:
-                if len(f.types) > 1 and f.types[1] == gguf.GGUFValueType.ARRAY:
-                    raise ConvertError(f"{path}: nested array in key {key!r} is not supported")
-                sub = f.types[1] if len(f.types) > 1 else gguf.GGUFValueType.UINT8
-                w.add_key_value(key, f.contents(), vtype, sub_type=sub)
-            else:
-                w.add_key_value(key, f.contents(), vtype)
+        copy_fields(w, fields, path, skip=lambda key: key.startswith("sepllm."))
         _add_sepllm_keys(w, sep_ids, sizes)
 
     def chunks(offset: int, nbytes: int) -> Iterator[np.ndarray]:
@@ -266,3 +272,6 @@ def _convert_gguf(path: Path, out, separators, sizes: dict[str, int], progress: 
     tensors = [OutTensor(t.name, tuple(int(d) for d in reversed(t.shape)), t.tensor_type, int(t.n_bytes),
                          lambda t=t: chunks(int(t.data_offset), int(t.n_bytes))) for t in r.tensors]
     return write_gguf(out, arch_field.contents(), metadata, tensors, progress, desc=path.name)
+
+
+from .requantize import requantize  # noqa: E402  (uses the helpers above)

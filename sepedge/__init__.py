@@ -11,8 +11,11 @@ def __getattr__(name):
     if name == "Engine":
         from .engine import Engine
         return Engine
+    if name == "Llama":  # llama-cpp-python's class, over an Engine
+        from .llama import Llama
+        return Llama
     raise AttributeError(f"module 'sepedge' has no attribute {name!r}")
 
 
-__all__ = ["BackendError", "ContextFullError", "ConvertError", "Engine", "InvalidArgumentError", "ModelLoadError",
+__all__ = ["BackendError", "ContextFullError", "ConvertError", "Engine", "InvalidArgumentError", "Llama", "ModelLoadError",
            "OutOfMemoryError", "SepedgeError", "UnsupportedError", "__version__"]

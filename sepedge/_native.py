@@ -83,6 +83,17 @@ class Model(_Handle):
     def n_vocab(self) -> int:
         return self.info["n_vocab"]
 
+    def meta_keys(self) -> list[str]:
+        """Every GGUF metadata key, in file order."""
+        return [ffi.string(lib.se_model_meta_key(self.ptr, i)).decode("utf-8", "replace")
+                for i in range(lib.se_model_meta_count(self.ptr))]
+
+    def meta_is_array(self, key: str) -> bool:
+        i = lib.se_model_meta_find(self.ptr, key.encode())
+        typ = ffi.new("int32_t *")
+        check(lib.se_model_meta_type(self.ptr, i, typ, ffi.NULL, ffi.NULL))
+        return typ[0] == lib.SE_META_ARRAY
+
     # --- metadata
 
     def meta(self, key: str, default=None):
@@ -181,6 +192,35 @@ class Context(_Handle):
     def keep(self, n_keep: int) -> None:
         """Make the first n_keep tokens initial ones (never evicted)."""
         check(lib.se_cache_keep(self.ptr, _int_arg("n_keep", n_keep, 0)))
+
+    # --- embeddings and state (CPU backend)
+
+    def embeddings(self, tokens, pooling: str = "mean") -> np.ndarray:
+        """The final hidden states of `tokens`, fed after those in the cache, pooled ("mean" or
+        "last"): (n_embd,) float32."""
+        poolings = {"mean": lib.SE_POOLING_MEAN, "last": lib.SE_POOLING_LAST}
+        if pooling not in poolings:
+            raise InvalidArgumentError(f"pooling must be one of {sorted(poolings)}, got {pooling!r}")
+        check(lib.se_embeddings_enable(self.ptr, 1))
+        try:
+            self.decode(tokens, n_logits=0)
+            out = np.empty(self.model.info["n_embd"], dtype=np.float32)
+            check(lib.se_embeddings_get(self.ptr, poolings[pooling], ffi.from_buffer("float[]", out), len(out)))
+        finally:
+            lib.se_embeddings_enable(self.ptr, 0)
+        return out
+
+    def state_save(self) -> bytes:
+        size = ffi.new("uint64_t *")
+        check(lib.se_state_size(self.ptr, size))
+        buf = bytearray(size[0])
+        check(lib.se_state_save(self.ptr, ffi.from_buffer(buf), size[0]))
+        return bytes(buf)
+
+    def state_load(self, data: bytes) -> None:
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise InvalidArgumentError(f"a cache state is bytes, got {type(data).__name__}")
+        check(lib.se_state_load(self.ptr, ffi.from_buffer(data), len(data)))
 
     def info(self) -> dict:
         out = ffi.new("se_cache_info *")

@@ -32,13 +32,36 @@ def _compile(template: str) -> jinja2.Template:
         raise SepedgeError(f"the model's chat template does not compile: {e}") from None
 
 
+def _content_text(content, i: int) -> str:
+    """A message's content as text: a string, or (OpenAI's form) a list of text parts; None (an
+    assistant turn that only called tools) is empty."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, (list, tuple)):
+        texts = []
+        for part in content:
+            if isinstance(part, str):
+                texts.append(part)
+            elif isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+            else:
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise InvalidArgumentError(f"message {i}: content part of type {kind!r} is not supported (text parts only)")
+        return "".join(texts)
+    raise InvalidArgumentError(f"message {i}: content must be a string or a list of text parts")
+
+
 def check_messages(messages) -> list[dict]:
     if not isinstance(messages, (list, tuple)) or not messages:
         raise InvalidArgumentError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+    out = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise InvalidArgumentError(f"message {i} must be a dict with a role in {ROLES} and a string content, got {m!r}")
-    return [dict(m) for m in messages]
+        if not isinstance(m, dict) or m.get("role") not in ROLES or "content" not in m:
+            raise InvalidArgumentError(f"message {i} must be a dict with a role in {ROLES} and a content, got {m!r}")
+        out.append({**m, "content": _content_text(m["content"], i)})
+    return out
 
 
 def render(template: str | None, messages, add_generation_prompt: bool = True, bos_token: str = "",

@@ -295,5 +295,88 @@ def perplexity(model, textfile, max_tokens, chunk, n_threads, as_json, **cache):
                    f"{r['tokens_per_second']:.1f} tokens/s")
 
 
+@main.command()
+@click.argument("model", required=False, type=click.Path(dir_okay=False))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback only by default).")
+@click.option("--port", type=int, default=8080, show_default=True)
+@click.option("-np", "--parallel", type=int, default=4, show_default=True,
+              help="Slots: conversations served at once, each with its own KV cache.")
+@click.option("--api-key", envvar="SEPEDGE_API_KEY", help="Require 'Authorization: Bearer KEY' [env: SEPEDGE_API_KEY].")
+@click.option("-a", "--alias", "model_name", help="Model name in the API [default: the file name without .gguf].")
+@click.option("-n", "--n-predict", type=int, default=1024, show_default=True,
+              help="Tokens to generate when a request sets no max_tokens.")
+@click.option("-t", "--threads", "n_threads", type=int, default=None,
+              help="CPU threads per slot [default: the cores divided among the slots].")
+@click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
+              show_default=True)
+@cache_options("sepllm-stream")
+def serve(model, host, port, parallel, api_key, model_name, n_predict, n_threads, log_level, **cache):
+    """Serve MODEL (a GGUF file; default: the embedded model) over an OpenAI-compatible HTTP API.
+
+    Endpoints: /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models, /health, /slots,
+    /metrics. Each of the --parallel slots keeps its own cache; with the default sepllm-stream cache
+    each costs a fixed n_cache cells however long its conversations run.
+    """
+    try:
+        from .server import serve as run
+    except ImportError as e:
+        _fail(RuntimeError(f"the server needs FastAPI, uvicorn and sse-starlette: pip install 'sepedge[server]' ({e})"))
+    if parallel < 1:
+        _fail(ValueError(f"--parallel must be >= 1, got {parallel}"))
+    path = model or _default_model_path()
+    try:
+        run(path, host=host, port=port, parallel=parallel, api_key=api_key, model_name=model_name,
+            n_predict=n_predict, n_threads=n_threads, log_level=log_level, **cache)
+    except SepedgeError as e:
+        _fail(e)
+
+
+@main.command()
+@click.argument("src", type=click.Path(exists=True, dir_okay=False))
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.argument("outtype", type=click.Choice(["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q4_k_m"], case_sensitive=False))
+@click.option("--allow-requantize", is_flag=True, help="Accept a source whose weights are quantized already.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def quantize(src, out, outtype, allow_requantize, quiet):
+    """Write the GGUF file SRC to OUT with its weights in OUTTYPE (as llama-quantize).
+
+    Types per tensor follow `sepedge convert` (norms stay f32, the output head gets Q6_K under the
+    4-bit types, q4_k_m keeps some attn_v/ffn_down at Q6_K). Metadata is copied.
+    """
+    from .convert import requantize
+    try:
+        path = requantize(src, out, outtype.lower(), allow_requantize=allow_requantize, progress=not quiet)
+    except (SepedgeError, ValueError) as e:
+        _fail(e)
+    click.echo(str(path))
+
+
+@main.command()
+@click.argument("model", required=False, type=click.Path(dir_okay=False))
+@click.option("-p", "--prompt", help="Text to tokenize [default: standard input].")
+@click.option("--no-bos", is_flag=True, help="Do not add the BOS token.")
+@click.option("--no-parse-special", is_flag=True, help="Tokenize special-token text (e.g. <|im_start|>) as plain text.")
+@click.option("--ids", "ids_only", is_flag=True, help="Print only the ids, as a list.")
+@click.option("--show-count", is_flag=True, help="Print the number of tokens at the end.")
+def tokenize(model, prompt, no_bos, no_parse_special, ids_only, show_count):
+    """Token ids of a text under MODEL's tokenizer (as llama-tokenize): one `id -> 'piece'` per line."""
+    from ._native import Model
+    from .tokenizer import Tokenizer
+    text = prompt if prompt is not None else sys.stdin.read()
+    try:
+        with Model(model or _default_model_path()) as m:
+            tok = Tokenizer.from_model(m)
+        ids = tok.encode(text, add_bos=False if no_bos else None, special=not no_parse_special)
+    except SepedgeError as e:
+        _fail(e)
+    if ids_only:
+        click.echo(json.dumps(ids))
+    else:
+        for i in ids:
+            click.echo(f"{i:6d} -> {tok.decode([i], special=True).decode('utf-8', 'replace')!r}")
+    if show_count:
+        click.echo(f"Total number of tokens: {len(ids)}")
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -29,11 +29,19 @@ DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "repe
 
 
 class Generation:
-    """One generation, an iterator of text chunks; once exhausted, finish_reason ("stop" or
-    "length"), the generated tokens and text, and timings are set."""
+    """One generation, an iterator of text chunks; once exhausted, finish_reason ("stop", "length",
+    or "cancelled" after cancel()), the generated tokens and text, and timings are set.
+
+    Options on the way from logits to token (as OpenAI defines them): logit_bias adds to the logits
+    of token ids; frequency_penalty subtracts its value times the number of times a token was
+    generated so far, presence_penalty its value once a token was generated; logprobs (an int)
+    records each token's log-probability under those logits and the `logprobs` most likely tokens'.
+    """
 
     def __init__(self, engine: Engine, prompt_tokens: list[int], max_tokens: int | None, stop: list[str],
-                 sampler: Sampler, prefill: Callable[[], np.ndarray], chat: bool = False):
+                 sampler: Sampler, prefill: Callable[[], np.ndarray], chat: bool = False, *,
+                 logit_bias: dict[int, float] | None = None, frequency_penalty: float = 0.0,
+                 presence_penalty: float = 0.0, logprobs: int | None = None, json_mode: bool = False):
         self.engine, self.prompt_tokens, self.max_tokens, self.stop, self.sampler = \
             engine, prompt_tokens, max_tokens, stop, sampler
         self._prefill, self._chat = prefill, chat
@@ -43,6 +51,18 @@ class Generation:
         self.text = ""
         self.finish_reason: str | None = None
         self.prompt_seconds = self.generate_seconds = 0.0
+        self.first_token_time: float | None = None  # perf_counter() when the first token was sampled
+        self.logit_bias = logit_bias or {}
+        self.frequency_penalty, self.presence_penalty = float(frequency_penalty), float(presence_penalty)
+        self.n_logprobs = logprobs
+        # per generated token with logprobs: (token, logprob, [(token, logprob) of the top n_logprobs])
+        self.logprobs: list[tuple[int, float, list[tuple[int, float]]]] = []
+        self._logprobs_taken = 0
+        self._cancelled = False
+        self.constraint = None
+        if json_mode:
+            from .jsonmode import JSONConstraint
+            self.constraint = JSONConstraint(engine._json_texts(), engine.tokenizer.eog_ids)
         self._chunks = self._run()
 
     def __iter__(self) -> Generation:
@@ -50,6 +70,16 @@ class Generation:
 
     def __next__(self) -> str:
         return next(self._chunks)
+
+    def cancel(self) -> None:
+        """Stop after the token being computed (safe to call from another thread)."""
+        self._cancelled = True
+
+    def take_logprobs(self) -> list[tuple[int, float, list[tuple[int, float]]]]:
+        """The logprob entries recorded since the last call (for streamed chunks)."""
+        out = self.logprobs[self._logprobs_taken:]
+        self._logprobs_taken = len(self.logprobs)
+        return out
 
     @property
     def tokens_per_second(self) -> float:
@@ -63,10 +93,38 @@ class Generation:
                 return n
         return 0
 
+    def _process(self, logits: np.ndarray, counts: dict[int, int]) -> np.ndarray:
+        """The logits with bias and penalties applied (a copy when anything changes)."""
+        if not self.logit_bias and not (counts and (self.frequency_penalty or self.presence_penalty)):
+            return logits
+        logits = np.array(logits, dtype=np.float32)
+        for t, b in self.logit_bias.items():
+            logits[t] += b
+        if counts and (self.frequency_penalty or self.presence_penalty):
+            ids = np.fromiter(counts.keys(), dtype=np.int64, count=len(counts))
+            c = np.fromiter(counts.values(), dtype=np.float32, count=len(counts))
+            logits[ids] -= c * self.frequency_penalty + self.presence_penalty
+        return logits
+
+    def _record_logprobs(self, logits: np.ndarray, token: int) -> None:
+        x = logits.astype(np.float64)
+        finite = np.isfinite(x)
+        m = x[finite].max()
+        lse = m + np.log(np.exp(x[finite] - m).sum())
+        lp = x - lse
+        top: list[tuple[int, float]] = []
+        if self.n_logprobs:
+            k = min(self.n_logprobs, len(lp))
+            idx = np.argpartition(-lp, k - 1)[:k]
+            idx = idx[np.argsort(-lp[idx], kind="stable")]
+            top = [(int(i), float(lp[i])) for i in idx]
+        self.logprobs.append((token, float(lp[token]), top))
+
     def _run(self) -> Iterator[str]:
         eng, tok = self.engine, self.engine.tokenizer
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         emitted, stopped_by_string = 0, False
+        counts: dict[int, int] = {}
         t0 = time.perf_counter()
         logits = self._prefill()
         self.prompt_seconds = time.perf_counter() - t0
@@ -75,13 +133,26 @@ class Generation:
             self.sampler.accept(t)
         try:
             while True:
+                if self._cancelled:
+                    self.finish_reason = "cancelled"
+                    break
                 if self.max_tokens is not None and len(self.tokens) >= self.max_tokens:
                     self.finish_reason = "length"
                     break
+                logits = self._process(logits, counts)
+                if self.constraint is not None:
+                    logits = self.constraint.mask(logits)
                 token = self.sampler.sample(logits)
+                if self.first_token_time is None:
+                    self.first_token_time = time.perf_counter()
                 if token in tok.eog_ids:
                     self.finish_reason = "stop"
                     break
+                if self.n_logprobs is not None:
+                    self._record_logprobs(logits, token)
+                if self.constraint is not None:
+                    self.constraint.accept(token)
+                counts[token] = counts.get(token, 0) + 1
                 self.sampler.accept(token)
                 self.tokens.append(token)
                 self.text += decoder.decode(tok.decode([token]))
@@ -96,6 +167,9 @@ class Generation:
                     emitted = safe
                 if not eng.sparse and eng._seen >= eng.n_ctx:
                     self.finish_reason = "length"  # no cell left for the token just generated
+                    break
+                if self._cancelled:  # before the next forward pass, the expensive part
+                    self.finish_reason = "cancelled"
                     break
                 try:
                     logits = eng._decode([token])
@@ -146,11 +220,16 @@ class Engine:
             if not self._model.separators:  # a GGUF from another converter: derive them as `convert` does
                 t = self.tokenizer
                 self._model.separators = V.derive_separator_ids(t.tokens, t.token_types, t.model, t.bos_id)
-            self._ctx = Context(self._model, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads or 0, kv_type=kv_type,
-                                kv_mode=kv_mode, n_init=n_init, n_sep=n_sep, n_local=n_local, n_cache=n_cache)
+            self._ctx_args = dict(n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads or 0, kv_type=kv_type,
+                                  kv_mode=kv_mode, n_init=n_init, n_sep=n_sep, n_local=n_local, n_cache=n_cache)
+            self._ctx = Context(self._model, **self._ctx_args)
         except BaseException:
             self._model.close()
             raise
+        self._owns_model = True
+        self._init_state(kv_mode, keep_system, seed)
+
+    def _init_state(self, kv_mode: str, keep_system: bool, seed: int | None) -> None:
         self.kv_mode = kv_mode
         self.n_ctx: int = self._ctx.info()["n_cells"]
         self.keep_system = keep_system
@@ -163,8 +242,23 @@ class Engine:
 
     # --- lifetime
 
+    def spawn(self, seed: int | None = None) -> Engine:
+        """Another Engine on the same loaded model (weights and tokenizer shared, nothing copied)
+        with its own KV cache of the same configuration: a server's slot. Closing it closes only
+        its cache; closing this Engine closes them all."""
+        e = Engine.__new__(Engine)
+        e.model_path, e.device, e._model, e.tokenizer = self.model_path, self.device, self._model, self.tokenizer
+        e._ctx_args = dict(self._ctx_args)
+        e._ctx = Context(self._model, **e._ctx_args)
+        e._owns_model = False
+        e._init_state(self.kv_mode, self.keep_system, seed)
+        return e
+
     def close(self) -> None:
-        self._model.close()  # closes the context too
+        if getattr(self, "_owns_model", True):
+            self._model.close()  # closes the context too
+        else:
+            self._ctx.close()
 
     def __enter__(self) -> Engine:
         return self
@@ -177,6 +271,14 @@ class Engine:
     @property
     def n_vocab(self) -> int:
         return self._model.n_vocab
+
+    @property
+    def n_embd(self) -> int:
+        return self._model.info["n_embd"]
+
+    @property
+    def n_ctx_train(self) -> int:
+        return self._model.info["n_ctx_train"]
 
     @property
     def sparse(self) -> bool:
@@ -198,6 +300,10 @@ class Engine:
     def metadata(self, key: str, default=None):
         """A GGUF metadata value of the model."""
         return self._model.meta(key, default)
+
+    def metadata_dict(self, arrays: bool = False) -> dict:
+        """Every GGUF metadata key and its value (array values left out unless arrays=True)."""
+        return {k: self._model.meta(k) for k in self._model.meta_keys() if arrays or not self._model.meta_is_array(k)}
 
     # --- tokens
 
@@ -253,6 +359,65 @@ class Engine:
         Sparse modes process any length, in chunks that never exceed the cache."""
         self.reset()
         return self.eval(tokens, all_logits=True)
+
+    def embed(self, text: str | bytes | Sequence[int], pooling: str = "mean", normalize: bool = True) -> np.ndarray:
+        """The embedding of a text (or token ids): the model's final hidden states (after the output
+        norm, as llama.cpp's embeddings), pooled over the tokens ("mean" or "last"), L2-normalized
+        unless normalize=False. Uses (and empties) the KV cache; sparse modes embed any length."""
+        ids = self.tokenize(text) if isinstance(text, (str, bytes)) else self._check_tokens(text)
+        if not ids:
+            raise InvalidArgumentError("nothing to embed: the input is empty")
+        self.reset()
+        if not self.sparse:
+            self._check_room(len(ids))
+        try:
+            v = self._ctx.embeddings(ids, pooling)
+        finally:
+            self.reset()
+        if normalize:
+            n = float(np.linalg.norm(v.astype(np.float64)))
+            v = v / n if n > 0 else v
+        return v
+
+    def save_state(self) -> EngineState:
+        """A copy of the KV cache and what the Engine knows about it. A sparse cache's state holds at
+        most n_cache cells: (2 * n_layer * n_head_kv * head_dim * 2 bytes) each with the f16 cache,
+        whatever the length of the conversation."""
+        return EngineState(self._ctx.state_save(), self._seen, None if self._tokens is None else list(self._tokens),
+                           self._chat_text, self.kv_mode)
+
+    def load_state(self, state: EngineState) -> None:
+        """Restore a state from save_state() of an Engine with the same model and cache configuration."""
+        if not isinstance(state, EngineState):
+            raise InvalidArgumentError(f"load_state takes what save_state() returned, got {type(state).__name__}")
+        if state.kv_mode != self.kv_mode:
+            raise InvalidArgumentError(f"the state is of a {state.kv_mode} cache, this Engine's is {self.kv_mode}")
+        self._ctx.state_load(state.cache)
+        self._seen = state.n_tokens
+        self._tokens = None if state.tokens is None else list(state.tokens)
+        self._chat_text = state.chat_text
+
+    def cached_prefix(self, tokens: Sequence[int] | None = None, messages=None) -> int:
+        """How much of a prompt the cache already holds, so a server can send a request to the cache
+        that will evaluate the least: for a conversation, the characters of its rendered text that
+        continue the cached conversation; for tokens (full mode), the common token prefix."""
+        if messages is not None:
+            if not self._chat_text:
+                return 0
+            t = self.tokenizer
+            try:
+                text = chat.render(t.chat_template, messages, True, t.bos_text, t.eos_text)
+            except InvalidArgumentError:
+                return 0
+            return len(self._chat_text) if text.startswith(self._chat_text) and len(text) > len(self._chat_text) else 0
+        if tokens is None or self._tokens is None:
+            return 0
+        k = 0
+        for a, b in zip(self._tokens, tokens):
+            if a != b:
+                break
+            k += 1
+        return k
 
     def _check_room(self, n: int) -> None:
         if n > self.n_ctx:
@@ -321,10 +486,9 @@ class Engine:
         if not g._chat or self._chat_text is None:
             self._chat_text = None
             return
-        try:  # the reply's tokens that went into the cache extend the conversation text
-            self._chat_text += self.tokenizer.decode(g.tokens[:g.n_fed]).decode("utf-8")
-        except UnicodeDecodeError:
-            self._chat_text = None
+        # the reply's tokens that went into the cache extend the conversation text; invalid UTF-8 reads
+        # as the client read it (replaced), a character cut at the end stops the next turn matching
+        self._chat_text += self.tokenizer.decode(g.tokens[:g.n_fed]).decode("utf-8", errors="replace")
 
     # --- generation
 
@@ -334,7 +498,41 @@ class Engine:
         return Sampler(self.n_vocab, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                        repeat_penalty=repeat_penalty, seed=seed)
 
-    def _start(self, prompt, max_tokens, stop, sampling, seed, messages=None) -> Generation:
+    def _json_texts(self) -> list:
+        """Token texts for JSON mode, made once per tokenizer."""
+        t = self.tokenizer
+        if getattr(t, "_json_texts", None) is None:
+            from .jsonmode import token_texts
+            t._json_texts = token_texts(t)
+        return t._json_texts
+
+    def _logit_options(self, logit_bias=None, frequency_penalty=0.0, presence_penalty=0.0, logprobs=None,
+                       json_mode=False) -> dict:
+        """Checked options of Generation (OpenAI's logit_bias maps token ids, as ints or strings, to a bias)."""
+        bias = {}
+        if logit_bias is not None:
+            if not isinstance(logit_bias, dict):
+                raise InvalidArgumentError("logit_bias must map token ids to numbers")
+            for k, v in logit_bias.items():
+                try:
+                    t = int(k)
+                except (TypeError, ValueError):
+                    raise InvalidArgumentError(f"logit_bias: {k!r} is not a token id") from None
+                if not 0 <= t < self.n_vocab:
+                    raise InvalidArgumentError(f"logit_bias: token id {t} is outside the vocabulary (0..{self.n_vocab - 1})")
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v):
+                    raise InvalidArgumentError(f"logit_bias: the bias of token {t} must be a finite number, got {v!r}")
+                bias[t] = float(v)
+        for name, v in (("frequency_penalty", frequency_penalty), ("presence_penalty", presence_penalty)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v):
+                raise InvalidArgumentError(f"{name} must be a finite number, got {v!r}")
+        if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int) or logprobs < 0):
+            raise InvalidArgumentError(f"logprobs must be a non-negative integer or None, got {logprobs!r}")
+        return dict(logit_bias=bias, frequency_penalty=frequency_penalty or 0.0, presence_penalty=presence_penalty or 0.0,
+                    logprobs=logprobs, json_mode=bool(json_mode))
+
+    def _start(self, prompt, max_tokens, stop, sampling, seed, messages=None, options: dict | None = None) -> Generation:
+        options = self._logit_options(**(options or {}))
         if messages is not None:
             tokens = None
         elif isinstance(prompt, (str, bytes)):
@@ -354,9 +552,9 @@ class Engine:
         if messages is None:
             if not self.sparse:
                 self._check_room(len(tokens))
-            return Generation(self, tokens, max_tokens, stops, sampler, lambda: self._feed(tokens))
+            return Generation(self, tokens, max_tokens, stops, sampler, lambda: self._feed(tokens), **options)
         chat.check_messages(messages)
-        g = Generation(self, [], max_tokens, stops, sampler, None, chat=True)
+        g = Generation(self, [], max_tokens, stops, sampler, None, chat=True, **options)
 
         def prefill():
             g.prompt_tokens, logits = self._feed_chat(messages)
@@ -370,39 +568,73 @@ class Engine:
                  temperature: float = DEFAULTS["temperature"], top_k: int = DEFAULTS["top_k"],
                  top_p: float = DEFAULTS["top_p"], min_p: float = DEFAULTS["min_p"],
                  repeat_penalty: float = DEFAULTS["repeat_penalty"], stop: str | Sequence[str] | None = None,
-                 seed: int | None = None, stream: bool = False) -> str | Iterator[str]:
+                 seed: int | None = None, stream: bool = False, logit_bias: dict | None = None,
+                 frequency_penalty: float = 0.0, presence_penalty: float = 0.0) -> str | Iterator[str]:
         """Continue `prompt` (text or token ids). Returns the text, or with stream=True an iterator
         of text chunks (never splitting a UTF-8 character, never showing a stop string)."""
         g = self._start(prompt, max_tokens, stop, dict(temperature=temperature, top_k=top_k, top_p=top_p,
-                                                        min_p=min_p, repeat_penalty=repeat_penalty), seed)
+                                                        min_p=min_p, repeat_penalty=repeat_penalty), seed,
+                        options=dict(logit_bias=logit_bias, frequency_penalty=frequency_penalty,
+                                     presence_penalty=presence_penalty))
         return g if stream else "".join(g)
 
     # --- OpenAI-shaped API (as llama-cpp-python)
+
+    def _token_text(self, token: int) -> str:
+        return self.tokenizer.decode([token], special=True).decode("utf-8", "replace")
+
+    def completion_logprobs(self, entries, text_offset: int) -> dict:
+        """OpenAI's (legacy) completions logprobs object for logprob entries of a Generation."""
+        out = {"tokens": [], "text_offset": [], "token_logprobs": [], "top_logprobs": []}
+        for token, lp, top in entries:
+            text = self._token_text(token)
+            out["tokens"].append(text)
+            out["text_offset"].append(text_offset)
+            out["token_logprobs"].append(lp)
+            out["top_logprobs"].append({self._token_text(t): v for t, v in top})
+            text_offset += len(text)
+        return out
+
+    def chat_logprobs(self, entries) -> dict:
+        """OpenAI's chat logprobs object ({"content": [...]}) for logprob entries of a Generation."""
+        def item(token, lp):
+            return {"token": self._token_text(token), "logprob": lp, "bytes": list(self.tokenizer.decode([token], special=True))}
+        return {"content": [{**item(token, lp), "top_logprobs": [item(t, v) for t, v in top]} for token, lp, top in entries],
+                "refusal": None}
 
     def create_completion(self, prompt: str | Sequence[int], max_tokens: int | None = 16, *,
                           temperature: float = DEFAULTS["temperature"], top_k: int = DEFAULTS["top_k"],
                           top_p: float = DEFAULTS["top_p"], min_p: float = DEFAULTS["min_p"],
                           repeat_penalty: float = DEFAULTS["repeat_penalty"], stop=None, seed: int | None = None,
-                          stream: bool = False, echo: bool = False):
+                          stream: bool = False, echo: bool = False, logprobs: int | None = None,
+                          logit_bias: dict | None = None, frequency_penalty: float = 0.0,
+                          presence_penalty: float = 0.0, model: str | None = None):
         g = self._start(prompt, max_tokens, stop, dict(temperature=temperature, top_k=top_k, top_p=top_p,
-                                                        min_p=min_p, repeat_penalty=repeat_penalty), seed)
+                                                        min_p=min_p, repeat_penalty=repeat_penalty), seed,
+                        options=dict(logprobs=logprobs, logit_bias=logit_bias, frequency_penalty=frequency_penalty,
+                                     presence_penalty=presence_penalty))
         head = {"id": f"cmpl-{uuid.uuid4()}", "object": "text_completion", "created": int(time.time()),
-                "model": self.model_path}
+                "model": model or self.model_path}
         prefix = prompt if echo and isinstance(prompt, str) else ""
+        offset = [len(prefix)]
 
-        def choice(text, finish):
-            return {"text": text, "index": 0, "logprobs": None, "finish_reason": finish}
+        def choice(text, finish, entries=None):
+            lp = None
+            if logprobs is not None:
+                lp = self.completion_logprobs(entries or [], offset[0])
+                offset[0] += sum(len(t) for t in lp["tokens"])
+            return {"text": text, "index": 0, "logprobs": lp, "finish_reason": finish}
 
         if stream:
             def chunks():
                 if prefix:
                     yield {**head, "choices": [choice(prefix, None)]}
                 for piece in g:
-                    yield {**head, "choices": [choice(piece, None)]}
-                yield {**head, "choices": [choice("", g.finish_reason)]}
+                    yield {**head, "choices": [choice(piece, None, g.take_logprobs())]}
+                yield {**head, "choices": [choice("", g.finish_reason, g.take_logprobs())]}
             return chunks()
         text = "".join(g)
-        return {**head, "choices": [choice(prefix + text, g.finish_reason)], "usage": _usage(g)}
+        return {**head, "choices": [choice(prefix + text, g.finish_reason, g.logprobs)], "usage": _usage(g)}
 
     __call__ = create_completion
 
@@ -416,33 +648,81 @@ class Engine:
     def stream_chat(self, messages, max_tokens: int | None = None, *, temperature: float = 0.2,
                     top_k: int = DEFAULTS["top_k"], top_p: float = DEFAULTS["top_p"], min_p: float = DEFAULTS["min_p"],
                     repeat_penalty: float = DEFAULTS["repeat_penalty"], stop=None,
-                    seed: int | None = None) -> Generation:
-        """The assistant's reply to a conversation as a Generation (text chunks, then its stats)."""
+                    seed: int | None = None, logprobs: int | None = None, logit_bias: dict | None = None,
+                    frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
+                    response_format: dict | None = None) -> Generation:
+        """The assistant's reply to a conversation as a Generation (text chunks, then its stats);
+        response_format {"type": "json_object"} constrains it to one JSON object."""
         return self._start(None, max_tokens, stop, dict(temperature=temperature, top_k=top_k, top_p=top_p,
                                                         min_p=min_p, repeat_penalty=repeat_penalty), seed,
-                           messages=messages)
+                           messages=messages, options=dict(logprobs=logprobs, logit_bias=logit_bias,
+                                                           frequency_penalty=frequency_penalty,
+                                                           presence_penalty=presence_penalty,
+                                                           json_mode=check_response_format(response_format)))
 
     def create_chat_completion(self, messages, max_tokens: int | None = None, *, temperature: float = 0.2,
                                top_k: int = DEFAULTS["top_k"], top_p: float = DEFAULTS["top_p"],
                                min_p: float = DEFAULTS["min_p"], repeat_penalty: float = DEFAULTS["repeat_penalty"],
-                               stop=None, seed: int | None = None, stream: bool = False):
+                               stop=None, seed: int | None = None, stream: bool = False, logprobs: bool = False,
+                               top_logprobs: int | None = None, logit_bias: dict | None = None,
+                               frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
+                               response_format: dict | None = None, model: str | None = None):
+        if top_logprobs is not None and not logprobs:
+            raise InvalidArgumentError("top_logprobs needs logprobs=True")
         g = self.stream_chat(messages, max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                             repeat_penalty=repeat_penalty, stop=stop, seed=seed)
-        head = {"id": f"chatcmpl-{uuid.uuid4()}", "created": int(time.time()), "model": self.model_path}
+                             repeat_penalty=repeat_penalty, stop=stop, seed=seed,
+                             logprobs=(top_logprobs or 0) if logprobs else None, logit_bias=logit_bias,
+                             frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
+                             response_format=response_format)
+        head = {"id": f"chatcmpl-{uuid.uuid4()}", "created": int(time.time()), "model": model or self.model_path}
         if stream:
             def chunks():
-                def chunk(delta, finish):
+                def chunk(delta, finish, entries=None):
+                    lp = self.chat_logprobs(entries) if logprobs and entries else None
                     return {**head, "object": "chat.completion.chunk",
-                            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+                            "choices": [{"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}]}
                 yield chunk({"role": "assistant"}, None)
                 for piece in g:
-                    yield chunk({"content": piece}, None)
-                yield chunk({}, g.finish_reason)
+                    yield chunk({"content": piece}, None, g.take_logprobs())
+                yield chunk({}, g.finish_reason, g.take_logprobs())
             return chunks()
         text = "".join(g)
         return {**head, "object": "chat.completion",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                             "logprobs": self.chat_logprobs(g.logprobs) if logprobs else None,
                              "finish_reason": g.finish_reason}], "usage": _usage(g)}
+
+
+class EngineState:
+    """What Engine.save_state() returns: the KV cache's live cells (a few MiB for a SepLLM cache of
+    n_cache cells, whatever the length of the conversation) and the Engine's view of them."""
+
+    def __init__(self, cache: bytes, n_tokens: int, tokens: list[int] | None, chat_text: str | None, kv_mode: str):
+        self.cache, self.n_tokens, self.tokens, self.chat_text, self.kv_mode = cache, n_tokens, tokens, chat_text, kv_mode
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.cache)
+
+    def __repr__(self) -> str:
+        return f"EngineState({self.kv_mode}, {self.n_tokens} tokens seen, {self.nbytes / 2 ** 20:.2f} MiB)"
+
+
+def check_response_format(response_format) -> bool:
+    """Whether a response_format asks for JSON mode: {"type": "text"} (or None) is plain text,
+    {"type": "json_object"} one JSON object. A JSON schema is not supported (it needs a grammar
+    compiled from the schema)."""
+    if response_format is None:
+        return False
+    if not isinstance(response_format, dict) or "type" not in response_format:
+        raise InvalidArgumentError("response_format must be an object with a 'type'")
+    kind = response_format["type"]
+    if kind == "text":
+        return False
+    if kind == "json_object" and not response_format.get("schema"):
+        return True
+    raise InvalidArgumentError(f"response_format {kind!r}{' with a schema' if kind == 'json_object' else ''} is not "
+                               "supported (sepedge constrains output to JSON, not to a schema: use 'json_object')")
 
 
 def _usage(g: Generation) -> dict:

@@ -8,6 +8,7 @@ tokens, end-of-generation ids, and detokenization to bytes.
 
 from __future__ import annotations
 
+import threading
 import warnings
 from collections.abc import Iterable, Sequence
 
@@ -92,6 +93,7 @@ class Tokenizer:
                  add_bos: bool | None = None, add_space_prefix: bool = True, chat_template: str | None = None):
         self.tokens, self.token_types, self.model = list(tokens), list(token_types), model
         self.hf = build_tokenizer(tokens, token_types, model, pre, merges, scores, add_space_prefix)
+        self._lock = threading.Lock()
         self.bos_id, self.eos_id = bos_id, eos_id
         if add_bos is None:  # llama.cpp's defaults when the file does not say
             add_bos = model == "llama" or pre in ("llama-bpe", "llama3", "llama-v3")
@@ -129,8 +131,9 @@ class Tokenizer:
         those tokens; otherwise it is tokenized as plain text."""
         if isinstance(text, bytes):
             text = text.decode("utf-8", errors="replace")
-        self.hf.encode_special_tokens = not special
-        ids = self.hf.encode(text, add_special_tokens=False).ids
+        with self._lock:  # encode_special_tokens is state of the shared HF tokenizer (server slots share it)
+            self.hf.encode_special_tokens = not special
+            ids = self.hf.encode(text, add_special_tokens=False).ids
         if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
             ids = [self.bos_id, *ids]
         return ids

@@ -1,6 +1,7 @@
 """llama.cpp, the peer: its source from the `llama-cpp-python` sdist on PyPI, built with CMake.
 
     python tests/llama_cpp.py build     # fetch + build the tools tests and benchmarks use
+    python tests/llama_cpp.py build-server   # llama-server too (benchmarks/serve_bench.py; not the tests)
 
 Tests find the binaries in .cache/llama.cpp/build/bin (or $SEPEDGE_LLAMA_CPP_BIN).
 """
@@ -18,6 +19,8 @@ SDIST = "llama-cpp-python==0.3.36"
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("SEPEDGE_TEST_CACHE") or ROOT / ".cache")
 TARGETS = ["llama-simple", "llama-tokenize", "llama-completion", "llama-perplexity", "llama-bench"]
+# Built on request only: the tests do not need it and it is the largest tool to compile.
+SERVER_TARGET = "llama-server"
 
 
 def source_dir() -> Path:
@@ -47,12 +50,22 @@ def bin_dir() -> Path | None:
     return d if all((d / t).is_file() for t in TARGETS) else None
 
 
-def build(jobs: int = os.cpu_count() or 2) -> Path:
+def server_bin() -> Path | None:
+    """llama-server, where built (build-server), next to the other tools."""
+    d = Path(os.environ.get("SEPEDGE_LLAMA_CPP_BIN") or CACHE / "llama.cpp" / "build" / "bin")
+    return d / SERVER_TARGET if (d / SERVER_TARGET).is_file() else None
+
+
+def build(jobs: int = os.cpu_count() or 2, server: bool = False) -> Path:
     build_dir = CACHE / "llama.cpp" / "build"
+    # the server's web UI is left out: it would be built with npm or downloaded, and no test needs it
     subprocess.run(["cmake", "-S", str(source_dir()), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",
-                    "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF",
-                    "-DLLAMA_BUILD_APP=OFF", "-DGGML_NATIVE=ON"], check=True, stdout=subprocess.DEVNULL)
-    subprocess.run(["cmake", "--build", str(build_dir), "-j", str(jobs), "--target", *TARGETS], check=True,
+                    "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+                    f"-DLLAMA_BUILD_SERVER={'ON' if server else 'OFF'}", "-DLLAMA_BUILD_UI=OFF",
+                    "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_BUILD_APP=OFF", "-DGGML_NATIVE=ON"], check=True,
+                   stdout=subprocess.DEVNULL)
+    targets = [*TARGETS, SERVER_TARGET] if server else TARGETS
+    subprocess.run(["cmake", "--build", str(build_dir), "-j", str(jobs), "--target", *targets], check=True,
                    stdout=subprocess.DEVNULL)
     return build_dir / "bin"
 
@@ -85,9 +98,11 @@ def subset(dest: Path) -> Path:
 if __name__ == "__main__":
     if sys.argv[1:] == ["build"]:
         print(bin_dir() or build())
+    elif sys.argv[1:] == ["build-server"]:
+        print(server_bin() or build(server=True) / SERVER_TARGET)
     elif sys.argv[1:] == ["source"]:
         print(source_dir())
     elif len(sys.argv) == 3 and sys.argv[1] == "subset":
         print(subset(Path(sys.argv[2])))
     else:
-        sys.exit("usage: python tests/llama_cpp.py build|source|subset DEST")
+        sys.exit("usage: python tests/llama_cpp.py build|build-server|source|subset DEST")

@@ -274,6 +274,29 @@ SE_API int se_cache_policy_clear(se_cache_policy * policy);
 SE_API int se_cache_policy_truncate(se_cache_policy * policy, int32_t n_keep);
 SE_API int se_cache_policy_keep(se_cache_policy * policy, int32_t n_keep);
 
+// Embeddings and cache state (the server and the llama-cpp-python drop-in). The CPU backend has
+// them; the CUDA backend returns SE_ERR_UNSUPPORTED.
+
+enum se_pooling {
+    SE_POOLING_MEAN = 0,  // the mean over the tokens
+    SE_POOLING_LAST = 1,  // the last token's (what a causal model has read everything by)
+};
+
+// enable = 1: collect the final hidden states (after the output norm, as llama.cpp's embeddings) of
+// the tokens the following decodes process, forgetting what was collected before; 0: stop.
+SE_API int se_embeddings_enable(se_context * ctx, int32_t enable);
+// The collected states pooled over the tokens: n_embd floats. SE_ERR_INVALID_ARGUMENT when no
+// token was processed since se_embeddings_enable(ctx, 1).
+SE_API int se_embeddings_get(const se_context * ctx, int32_t pooling, float * out, int32_t n_embd);
+
+// The cache's state: its live cells (token, position, region, keys and values) and counters. A
+// sparse cache's state is bounded by its n_cache cells however many tokens it has seen.
+SE_API int se_state_size(const se_context * ctx, uint64_t * size);
+SE_API int se_state_save(const se_context * ctx, void * buf, uint64_t size);
+// Restore a state saved from a context of the same model and cache configuration; every count and
+// value in `buf` is checked first, and a rejected state leaves the cache as it was.
+SE_API int se_state_load(se_context * ctx, const void * buf, uint64_t size);
+
 // ---------------------------------------------------------------------------------------------
 // Sampler: picks the next token from logits. Defaults follow llama.cpp.
 

@@ -1,6 +1,7 @@
 // The public API: argument checks, model and context lifetimes, decode.
 #include "se-impl.h"
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -199,6 +200,8 @@ void se_context_free(se_context * ctx) {
     if (ctx->backend) ctx->backend->free(ctx);
     se_kv_free(&ctx->kv);
     se_pool_free(ctx->pool);
+    free(ctx->embd.sum);
+    free(ctx->embd.last);
     free(ctx);
 }
 
@@ -276,6 +279,212 @@ int se_cache_get_cells(const se_context * ctx, int32_t * tokens, int32_t * posit
         tokens[i] = c->token;
         positions[i] = c->pos;
         regions[i] = c->region;
+    }
+    return SE_OK;
+}
+
+// ---------------------------------------------------------------------------------------------
+// embeddings: the final hidden states (after the output norm, as llama.cpp's embeddings), pooled
+
+int se_embeddings_enable(se_context * ctx, int32_t enable) {
+    if (!ctx) return se_error(SE_ERR_INVALID_ARGUMENT, "se_embeddings_enable: context is NULL");
+    if (ctx->backend != &se_backend_cpu) return se_error(SE_ERR_UNSUPPORTED, "embeddings are not available on the %s backend", ctx->backend->name);
+    se_embd * e = &ctx->embd;
+    if (enable && !e->sum) {
+        const int32_t d = ctx->model->hp.n_embd;
+        e->sum = calloc((size_t) d, sizeof(double));
+        e->last = calloc((size_t) d, sizeof(float));
+        if (!e->sum || !e->last) {
+            free(e->sum);
+            free(e->last);
+            e->sum = NULL;
+            e->last = NULL;
+            return se_error(SE_ERR_OUT_OF_MEMORY, "out of memory for embeddings");
+        }
+    }
+    if (enable) {
+        memset(e->sum, 0, (size_t) ctx->model->hp.n_embd * sizeof(double));
+        e->n = 0;
+    }
+    e->on = enable != 0;
+    return SE_OK;
+}
+
+void se_embd_collect(se_context * ctx, const float * x, int32_t n) {
+    const se_model * m = ctx->model;
+    const int64_t d = m->hp.n_embd;
+    se_embd * e = &ctx->embd;
+    for (int32_t t = 0; t < n; t++, x += d) {
+        double ss = 0;  // rmsnorm with the output norm's weights, in double as the forward pass's
+        for (int64_t i = 0; i < d; i++) ss += (double) x[i] * x[i];
+        const float scale = (float) (1.0 / sqrt(ss / (double) d + m->hp.rms_eps));
+        for (int64_t i = 0; i < d; i++) {
+            e->last[i] = x[i] * scale * m->output_norm[i];
+            e->sum[i] += e->last[i];
+        }
+    }
+    e->n += n;
+}
+
+int se_embeddings_get(const se_context * ctx, int32_t pooling, float * out, int32_t n_embd) {
+    if (!ctx || !out) return se_error(SE_ERR_INVALID_ARGUMENT, "se_embeddings_get: NULL argument");
+    if (n_embd != ctx->model->hp.n_embd) return se_error(SE_ERR_INVALID_ARGUMENT, "se_embeddings_get: the model has %d dimensions, not %d", ctx->model->hp.n_embd, n_embd);
+    if (pooling != SE_POOLING_MEAN && pooling != SE_POOLING_LAST) return se_error(SE_ERR_INVALID_ARGUMENT, "unknown pooling %d", pooling);
+    const se_embd * e = &ctx->embd;
+    if (!e->sum || e->n == 0) return se_error(SE_ERR_INVALID_ARGUMENT, "no tokens were processed with embeddings enabled");
+    for (int32_t i = 0; i < n_embd; i++) out[i] = pooling == SE_POOLING_MEAN ? (float) (e->sum[i] / (double) e->n) : e->last[i];
+    return SE_OK;
+}
+
+// ---------------------------------------------------------------------------------------------
+// cache state: [header | live cells in cache order | K rows of the live cells per layer | V rows]
+// Everything is int64 so the layout has no padding; the cells are renumbered 0..n_live-1 on load.
+
+#define SE_STATE_MAGIC 0x54534553  // "SEST"
+#define SE_STATE_VERSION 1
+
+typedef struct se_state_header {
+    int64_t magic, version;
+    int64_t n_layer, row, kv_type, mode, n_cells, n_init_cfg, n_sep_cfg, n_local_cfg;  // must match the context
+    int64_t n_seen, n_evicted, n_sep_seen, n_sep_left, rewind_floor, n_init, sum_visible;
+    int64_t n_live_init, n_live_sep, n_live_recent;
+} se_state_header;
+
+typedef struct se_state_cell {
+    int64_t token, pos, delta, region, sep_seq;
+} se_state_cell;
+
+static int state_backend(const se_context * ctx, const char * fn) {
+    if (!ctx) return se_error(SE_ERR_INVALID_ARGUMENT, "%s: context is NULL", fn);
+    if (ctx->backend != &se_backend_cpu) return se_error(SE_ERR_UNSUPPORTED, "cache state is not available on the %s backend", ctx->backend->name);
+    return SE_OK;
+}
+
+static uint64_t state_bytes(const se_context * ctx, int64_t n_live) {
+    const uint64_t esize = ctx->kv.kv_type == SE_KV_F16 ? 2 : 4;
+    return sizeof(se_state_header) + (uint64_t) n_live * sizeof(se_state_cell) +
+           2 * (uint64_t) ctx->model->hp.n_layer * (uint64_t) n_live * (uint64_t) ctx->kv.row * esize;
+}
+
+int se_state_size(const se_context * ctx, uint64_t * size) {
+    int r = state_backend(ctx, "se_state_size");
+    if (r != SE_OK) return r;
+    if (!size) return se_error(SE_ERR_INVALID_ARGUMENT, "se_state_size: size is NULL");
+    *size = state_bytes(ctx, ctx->kv.n_live);
+    return SE_OK;
+}
+
+int se_state_save(const se_context * ctx, void * buf, uint64_t size) {
+    int r = state_backend(ctx, "se_state_save");
+    if (r != SE_OK) return r;
+    const se_kv_cache * kv = &ctx->kv;
+    const se_kv_meta * m = &kv->m;
+    if (!buf || size != state_bytes(ctx, kv->n_live)) {
+        return se_error(SE_ERR_INVALID_ARGUMENT, "se_state_save: the buffer must be se_state_size() bytes");
+    }
+    const int32_t n_layer = ctx->model->hp.n_layer;
+    se_state_header h = {
+        .magic = SE_STATE_MAGIC, .version = SE_STATE_VERSION, .n_layer = n_layer, .row = kv->row, .kv_type = kv->kv_type,
+        .mode = kv->cfg.mode, .n_cells = kv->cfg.n_cells, .n_init_cfg = kv->cfg.n_init, .n_sep_cfg = kv->cfg.n_sep,
+        .n_local_cfg = kv->cfg.n_local, .n_seen = m->n_seen, .n_evicted = m->n_evicted, .n_sep_seen = m->n_sep_seen,
+        .n_sep_left = m->n_sep_left, .rewind_floor = m->rewind_floor, .n_init = m->n_init, .sum_visible = kv->sum_visible,
+        .n_live_init = m->n_init_live, .n_live_sep = m->sep.len, .n_live_recent = m->recent.len,
+    };
+    char * p = buf;
+    memcpy(p, &h, sizeof h);
+    p += sizeof h;
+    for (int32_t i = 0; i < kv->n_live; i++, p += sizeof(se_state_cell)) {
+        const se_kv_cell * c = &m->cells[kv->live[i]];
+        const se_state_cell s = {c->token, c->pos, c->delta, c->region, c->sep_seq};
+        memcpy(p, &s, sizeof s);
+    }
+    const size_t row_bytes = (size_t) kv->row * (kv->kv_type == SE_KV_F16 ? 2 : 4);
+    for (int kind = 0; kind < 2; kind++) {
+        for (int32_t l = 0; l < n_layer; l++) {
+            for (int32_t i = 0; i < kv->n_live; i++, p += row_bytes) {
+                memcpy(p, kind == 0 ? se_kv_k(kv, l, kv->live[i]) : se_kv_v(kv, l, kv->live[i]), row_bytes);
+            }
+        }
+    }
+    return SE_OK;
+}
+
+// Whether a saved state fits this context and is consistent; nothing is changed.
+static int state_check(const se_context * ctx, const se_state_header * h, const char * cells, uint64_t size) {
+    const se_kv_cache * kv = &ctx->kv;
+    if (h->magic != SE_STATE_MAGIC || h->version != SE_STATE_VERSION) return se_error(SE_ERR_INVALID_ARGUMENT, "not a sepedge cache state (or another version)");
+    if (h->n_layer != ctx->model->hp.n_layer || h->row != kv->row || h->kv_type != kv->kv_type || h->mode != kv->cfg.mode ||
+        h->n_cells != kv->cfg.n_cells || h->n_init_cfg != kv->cfg.n_init || h->n_sep_cfg != kv->cfg.n_sep || h->n_local_cfg != kv->cfg.n_local) {
+        return se_error(SE_ERR_INVALID_ARGUMENT, "the state was saved from another model or cache configuration");
+    }
+    const int64_t sep_cap = kv->cfg.n_sep > 0 ? kv->cfg.n_sep : kv->cfg.n_cells;
+    if (h->n_live_init < 0 || h->n_live_sep < 0 || h->n_live_recent < 0 || h->n_live_sep > sep_cap ||
+        h->n_live_init + h->n_live_sep + h->n_live_recent > kv->cfg.n_cells) {
+        return se_error(SE_ERR_INVALID_ARGUMENT, "cache state: bad cell counts");
+    }
+    const int64_t n_live = h->n_live_init + h->n_live_sep + h->n_live_recent;
+    if (size != state_bytes(ctx, n_live)) return se_error(SE_ERR_INVALID_ARGUMENT, "cache state: %llu bytes, expected %llu", (unsigned long long) size, (unsigned long long) state_bytes(ctx, n_live));
+    if (h->n_seen < n_live || h->n_seen > INT32_MAX || h->n_evicted < 0 || h->n_sep_seen < 0 || h->n_sep_left < 0 ||
+        h->n_sep_left > h->n_sep_seen || h->rewind_floor < 0 || h->rewind_floor > h->n_seen || h->sum_visible < 0 ||
+        h->n_init < kv->cfg.n_init || h->n_init > kv->cfg.n_cells || h->n_live_init > h->n_init) {
+        return se_error(SE_ERR_INVALID_ARGUMENT, "cache state: bad counters");
+    }
+    if (kv->cfg.mode != SE_KV_MODE_FULL &&
+        se_kv_capacity_check(kv->cfg.mode, kv->cfg.n_cells, (int32_t) h->n_init, kv->cfg.n_sep, kv->cfg.n_local) != SE_OK) {
+        return se_error(SE_ERR_INVALID_ARGUMENT, "cache state: initial region of %lld does not fit", (long long) h->n_init);
+    }
+    for (int64_t i = 0; i < n_live; i++) {
+        se_state_cell c;
+        memcpy(&c, cells + i * (int64_t) sizeof c, sizeof c);
+        const int64_t region = i < h->n_live_init ? SE_REGION_INIT : i < h->n_live_init + h->n_live_sep ? SE_REGION_SEP : SE_REGION_RECENT;
+        if (c.region != region || c.token < 0 || c.token >= ctx->model->hp.n_vocab || c.pos < 0 || c.pos >= h->n_seen ||
+            c.delta < INT32_MIN || c.delta > INT32_MAX || c.sep_seq < -1 || c.sep_seq >= h->n_sep_seen ||
+            (region == SE_REGION_SEP && c.sep_seq < 0)) {
+            return se_error(SE_ERR_INVALID_ARGUMENT, "cache state: cell %lld is inconsistent", (long long) i);
+        }
+    }
+    return SE_OK;
+}
+
+int se_state_load(se_context * ctx, const void * buf, uint64_t size) {
+    int r = state_backend(ctx, "se_state_load");
+    if (r != SE_OK) return r;
+    if (!buf || size < sizeof(se_state_header)) return se_error(SE_ERR_INVALID_ARGUMENT, "cache state: %llu bytes is too short", (unsigned long long) size);
+    se_state_header h;
+    memcpy(&h, buf, sizeof h);
+    const char * cells = (const char *) buf + sizeof h;
+    r = state_check(ctx, &h, cells, size);
+    if (r != SE_OK) return r;
+    se_kv_cache * kv = &ctx->kv;
+    se_kv_meta * m = &kv->m;
+    se_kv_clear(kv);
+    const int32_t n_live = (int32_t) (h.n_live_init + h.n_live_sep + h.n_live_recent);
+    for (int32_t i = 0; i < n_live; i++) {  // cell i holds the i-th live token
+        se_state_cell c;
+        memcpy(&c, cells + (int64_t) i * (int64_t) sizeof c, sizeof c);
+        m->cells[i] = (se_kv_cell) {.token = (int32_t) c.token, .pos = (int32_t) c.pos, .delta = (int32_t) c.delta,
+                                    .region = (int32_t) c.region, .sep_seq = c.sep_seq};
+        if (c.region == SE_REGION_INIT) m->init[m->n_init_live++] = i;
+        else if (c.region == SE_REGION_SEP) m->sep.buf[m->sep.len++] = i;
+        else m->recent.buf[m->recent.len++] = i;
+        kv->live[i] = i;
+    }
+    m->n_free = kv->cfg.n_cells - n_live;  // popped from the end: lowest free cell first
+    for (int32_t i = 0; i < m->n_free; i++) m->free[i] = kv->cfg.n_cells - 1 - i;
+    kv->n_live = n_live;
+    m->n_seen = h.n_seen;
+    m->n_evicted = h.n_evicted;
+    m->n_sep_seen = h.n_sep_seen;
+    m->n_sep_left = h.n_sep_left;
+    m->rewind_floor = h.rewind_floor;
+    m->n_init = (int32_t) h.n_init;
+    kv->sum_visible = h.sum_visible;
+    const size_t row_bytes = (size_t) kv->row * (kv->kv_type == SE_KV_F16 ? 2 : 4);
+    const char * p = cells + (int64_t) n_live * (int64_t) sizeof(se_state_cell);
+    for (int kind = 0; kind < 2; kind++) {
+        for (int32_t l = 0; l < ctx->model->hp.n_layer; l++) {
+            for (int32_t i = 0; i < n_live; i++, p += row_bytes) memcpy(kind == 0 ? se_kv_k(kv, l, i) : se_kv_v(kv, l, i), p, row_bytes);
+        }
     }
     return SE_OK;
 }

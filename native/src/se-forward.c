@@ -311,6 +311,8 @@ static int forward(se_context * ctx, const int32_t * tokens, int32_t n, float * 
         for (int64_t i = 0; i < n * dim; i++) b->x[i] += b->xb2[i];
     }
 
+    if (ctx->embd.on) se_embd_collect(ctx, b->x, n);  // embeddings: the final hidden states, before the head
+
     if (n_logits > 0) {  // only the rows whose logits are wanted
         const float * last = b->x + (int64_t) (n - n_logits) * dim;
         rmsnorm(b->xb, last, m->output_norm, dim, n_logits, hp->rms_eps);

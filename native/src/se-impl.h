@@ -347,6 +347,17 @@ int  se_cuda_model_upload(se_model * m);  // the weights to the GPU (m->dev)
 void se_cuda_model_free(se_model * m);
 #endif
 
+// Embeddings being collected (se_embeddings_enable): the final hidden states of the tokens processed.
+typedef struct se_embd {
+    int32_t on;
+    int64_t n;                // tokens collected
+    double * sum;             // (n_embd) sum of their normalized hidden states
+    float * last;             // (n_embd) the last one
+} se_embd;
+
+// forward(): hand the final hidden states of n tokens, (n, n_embd), to the embeddings (se-api.c).
+void se_embd_collect(se_context * ctx, const float * x, int32_t n);
+
 struct se_context {
     se_model * model;
     const se_backend * backend;
@@ -355,6 +366,7 @@ struct se_context {
     se_kv_cache kv;
     se_buffers buf;
     void * dev;               // the backend's device state, or NULL
+    se_embd embd;             // embeddings being collected
 };
 
 #endif  // SE_IMPL_H
