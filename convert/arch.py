@@ -88,10 +88,15 @@ class Arch:
             raise ConvertError(f"{where}: hidden_act {config['hidden_act']!r} is not supported (llama uses 'silu')")
         if (not self.qkv_bias and config.get("attention_bias")) or config.get("mlp_bias"):
             raise ConvertError(f"{where}: attention_bias / mlp_bias are not supported for {self.name}")
-        rope = dict(config.get("rope_parameters") or {})  # transformers >= 5 nests the RoPE settings
+        rope = config.get("rope_parameters") or {}
+        if not isinstance(rope, dict):
+            raise ConvertError(f"{where}: 'rope_parameters' must be an object, got {rope!r}")
+        rope = dict(rope)  # transformers >= 5 nests the RoPE settings
         theta_key = "rope_parameters.rope_theta" if "rope_theta" in rope else "rope_theta"
         rope_theta = _number(where, theta_key, rope.get("rope_theta", config.get("rope_theta", 10000.0)), 1, math.inf)
         scaling = config.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+        if scaling is not None and not isinstance(scaling, dict):
+            raise ConvertError(f"{where}: 'rope_scaling' must be an object, got {scaling!r}")
         if scaling is not None:
             kind = scaling.get("rope_type", scaling.get("type"))
             if kind == "default":

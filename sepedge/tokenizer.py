@@ -128,10 +128,24 @@ class Tokenizer:
 
     _lock = threading.Lock()  # encode_special_tokens is a setting of the shared HF object
 
+    @property
+    def missing_bytes(self) -> frozenset[int]:
+        """Bytes no token stands for (byte-level BPE vocabularies that never saw some control
+        bytes, e.g. SmolLM2's 0x16). encode() leaves them out, as the HF tokenizer does."""
+        if not hasattr(self, "_missing"):
+            if self.model == "gpt2":
+                have = set(self.tokens)
+                self._missing = frozenset(b for b in range(256) if V.GPT2_CHAR_OF[b] not in have)
+            else:  # SentencePiece: byte fallback tokens <0xNN>
+                have = {bytes_ for bytes_, typ in zip(self.token_bytes, self.token_types) if typ == V.TOKEN_BYTE}
+                self._missing = frozenset(b for b in range(256) if bytes([b]) not in have) if have else frozenset()
+        return self._missing
+
     def encode(self, text: str | bytes, add_bos: bool | None = None, special: bool = False) -> list[int]:
         """Token ids of `text`. special=True parses special-token text such as "<|im_start|>" into
         those tokens; otherwise it is tokenized as plain text. Bytes that are not UTF-8 become U+FFFD
-        (documented replacement); a str with lone surrogates is refused (InvalidArgumentError)."""
+        (documented replacement); a str with lone surrogates is refused (InvalidArgumentError);
+        bytes the vocabulary has no token for (missing_bytes) are left out."""
         if isinstance(text, bytes):
             text = text.decode("utf-8", errors="replace")
         if not isinstance(text, str):
