@@ -224,8 +224,12 @@ def _reply(llm, history: list, text: str, max_tokens, sampling: dict, seed) -> N
         g = llm.stream_chat(history, max_tokens, seed=seed, **sampling)
         for chunk in g:
             click.echo(chunk, nl=False)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # within a layer of the native call (the engine cancels it)
         click.echo(" [stopped]", nl=False)
+        if g is None or not g.tokens:  # stopped while reading the message: it was never answered
+            history.pop()
+            click.echo()
+            return
     except SepedgeError as e:
         history.pop()
         click.echo(f"\nerror: {e}", err=True)

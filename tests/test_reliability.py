@@ -30,8 +30,10 @@ from test_malformed_gguf import VT, Doc, value
 ROOT = Path(__file__).resolve().parents[1]
 # A native call asked to stop returns within a layer; "about a second" leaves room for a loaded CI
 # machine (2 cores shared) and the interpreter's own start-up in the subprocess tests.
-CANCEL_DEADLINE_S = 2.0
-HANG_DEADLINE_S = 20.0       # what "does not hang" means for a template or a FIFO
+# Sanitizer builds run several times slower: tests/reliability.sh sets SEPEDGE_TIME_SCALE.
+TIME_SCALE = float(os.environ.get("SEPEDGE_TIME_SCALE", "1"))
+CANCEL_DEADLINE_S = 2.0 * TIME_SCALE
+HANG_DEADLINE_S = 20.0 * TIME_SCALE  # what "does not hang" means for a template or a FIFO
 MAX_REL_DIFF_F32 = 1e-5      # f32 weights, f32 KV cache: float32 rounding against the float64 reference
 
 
@@ -210,6 +212,40 @@ def test_ctrl_c_during_a_long_prefill_returns_quickly_and_the_engine_stays_usabl
     words = r.stdout.split()
     assert words[0] == "interrupted", r.stdout
     assert float(words[-1]) < CANCEL_DEADLINE_S
+
+
+def test_ctrl_c_in_the_cli(smollm2):
+    import pexpect
+    long_prompt = "Once upon a time " * 500
+    # generate: exits with 130 soon after Ctrl-C, even in the middle of the prompt
+    child = pexpect.spawn(sys.executable, ["-m", "sepedge.cli", "generate", str(smollm2), "-p", long_prompt, "-t", "1",
+                                           "-c", "4096"], encoding="utf-8", timeout=120)
+    time.sleep(1.0 if TIME_SCALE == 1 else 10.0)  # past loading, into the prefill
+    t0 = time.perf_counter()
+    child.sendintr()
+    child.expect(pexpect.EOF)
+    child.close()
+    assert time.perf_counter() - t0 < CANCEL_DEADLINE_S + 1 and child.exitstatus == 130
+    # chat: Ctrl-C while the message is read stops it; the chat goes on
+    child = pexpect.spawn(sys.executable, ["-m", "sepedge.cli", "chat", str(smollm2), "--temperature", "0", "-t", "1",
+                                           "-n", "8", "--kv-mode", "full", "-c", "4096", "-s", long_prompt],
+                          encoding="utf-8", timeout=120 * TIME_SCALE, dimensions=(40, 200))
+    try:
+        child.expect("> ")
+        child.sendline("Hi")  # the long system prompt is read first
+        time.sleep(1.0)
+        t0 = time.perf_counter()
+        child.sendintr()
+        child.expect(r"\[stopped\]", timeout=CANCEL_DEADLINE_S + 1)
+        assert time.perf_counter() - t0 < CANCEL_DEADLINE_S + 1
+        child.expect("> ")
+        child.sendline("Name the capital city of France.")
+        child.expect("tokens/s")  # a whole reply: the engine is usable after the interrupt
+        child.expect("> ")
+        child.sendeof()
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
 
 
 def test_engine_cancel_stops_a_generation_from_another_thread(smollm2):
