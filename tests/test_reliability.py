@@ -220,7 +220,7 @@ def test_ctrl_c_in_the_cli(smollm2):
     # generate: exits with 130 soon after Ctrl-C, even in the middle of the prompt
     child = pexpect.spawn(sys.executable, ["-m", "sepedge.cli", "generate", str(smollm2), "-p", long_prompt, "-t", "1",
                                            "-c", "4096"], encoding="utf-8", timeout=120)
-    time.sleep(1.0 if TIME_SCALE == 1 else 10.0)  # past loading, into the prefill
+    time.sleep(4.0 * TIME_SCALE)  # past loading (1-3 s), into the prefill (over 10 s on one thread)
     t0 = time.perf_counter()
     child.sendintr()
     child.expect(pexpect.EOF)
@@ -233,7 +233,7 @@ def test_ctrl_c_in_the_cli(smollm2):
     try:
         child.expect("> ")
         child.sendline("Hi")  # the long system prompt is read first
-        time.sleep(1.0)
+        time.sleep(1.0 * TIME_SCALE)
         t0 = time.perf_counter()
         child.sendintr()
         child.expect(r"\[stopped\]", timeout=CANCEL_DEADLINE_S + 1)
