@@ -42,6 +42,27 @@ class TensorPlan:
     generate: Callable[[], np.ndarray] | None = None
 
 
+INT32_MAX = 2 ** 31 - 1
+
+
+def _number(where: str, key: str, v, lo: float, hi: float, lo_open: bool = True) -> float:
+    """A finite float config value in (lo, hi) (or [lo, hi) with lo_open=False), else ConvertError
+    naming the key: the loader would reject the file, so it must not be written."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ConvertError(f"{where}: {key!r} must be a number, got {v!r}")
+    x = float(v)
+    if not (math.isfinite(x) and (x > lo if lo_open else x >= lo) and x < hi):
+        raise ConvertError(f"{where}: {key!r} = {v!r} is out of range: must be a finite number in "
+                           f"{'(' if lo_open else '['}{lo:g}, {hi:g})")
+    return x
+
+
+def _count(where: str, key: str, v, hi: int = INT32_MAX) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or not 0 < v <= hi:
+        raise ConvertError(f"{where}: {key!r} must be a positive integer (at most {hi}), got {v!r}")
+    return v
+
+
 @dataclass(frozen=True)
 class Arch:
     name: str                       # general.architecture
@@ -50,17 +71,15 @@ class Arch:
     qkv_bias: bool                  # Q/K/V projections carry biases
 
     def hparams(self, config: dict, where: str) -> HParams:
-        def need(key):
+        def need(key, hi=INT32_MAX):
             if key not in config:
                 raise ConvertError(f"{where}: missing required key {key!r}")
-            v = config[key]
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise ConvertError(f"{where}: {key!r} must be a positive integer, got {v!r}")
-            return v
+            return _count(where, key, config[key], hi)
 
-        n_embd, n_head = need("hidden_size"), need("num_attention_heads")
-        head_dim = config.get("head_dim") or n_embd // n_head
-        n_head_kv = config.get("num_key_value_heads") or n_head
+        # the loader's ranges (se-model.c), so that every file written also loads
+        n_embd, n_head = need("hidden_size", 1 << 20), need("num_attention_heads", 4096)
+        head_dim = _count(where, "head_dim", config.get("head_dim") or n_embd // n_head or 0, 1 << 16)
+        n_head_kv = _count(where, "num_key_value_heads", config.get("num_key_value_heads") or n_head, n_head)
         if n_head % n_head_kv:
             raise ConvertError(f"{where}: num_attention_heads {n_head} is not a multiple of num_key_value_heads {n_head_kv}")
         if head_dim % 2:
@@ -69,20 +88,34 @@ class Arch:
             raise ConvertError(f"{where}: hidden_act {config['hidden_act']!r} is not supported (llama uses 'silu')")
         if (not self.qkv_bias and config.get("attention_bias")) or config.get("mlp_bias"):
             raise ConvertError(f"{where}: attention_bias / mlp_bias are not supported for {self.name}")
-        rope = dict(config.get("rope_parameters") or {})  # transformers >= 5 nests the RoPE settings
-        rope_theta = float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
+        rope = config.get("rope_parameters") or {}
+        if not isinstance(rope, dict):
+            raise ConvertError(f"{where}: 'rope_parameters' must be an object, got {rope!r}")
+        rope = dict(rope)  # transformers >= 5 nests the RoPE settings
+        theta_key = "rope_parameters.rope_theta" if "rope_theta" in rope else "rope_theta"
+        rope_theta = _number(where, theta_key, rope.get("rope_theta", config.get("rope_theta", 10000.0)), 1, math.inf)
         scaling = config.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+        if scaling is not None and not isinstance(scaling, dict):
+            raise ConvertError(f"{where}: 'rope_scaling' must be an object, got {scaling!r}")
         if scaling is not None:
             kind = scaling.get("rope_type", scaling.get("type"))
             if kind == "default":
                 scaling = None
             elif kind not in ("linear", "llama3"):
                 raise ConvertError(f"{where}: rope scaling type {kind!r} is not supported (supported: linear, llama3)")
+            else:
+                _number(where, "rope_scaling.factor", scaling.get("factor"), 0, math.inf)
+                if kind == "llama3":
+                    for k in ("low_freq_factor", "high_freq_factor"):
+                        _number(where, f"rope_scaling.{k}", scaling.get(k, 1.0), 0, math.inf)
+                    _count(where, "rope_scaling.original_max_position_embeddings",
+                           scaling.get("original_max_position_embeddings", 8192))
         return HParams(
-            n_vocab=need("vocab_size"), n_embd=n_embd, n_layer=need("num_hidden_layers"), n_head=n_head,
-            n_head_kv=n_head_kv, n_ff=need("intermediate_size"), head_dim=head_dim,
-            n_ctx_train=int(config.get("max_position_embeddings", 2048)),
-            rms_eps=float(config.get("rms_norm_eps", 1e-6)), rope_theta=rope_theta, rope_scaling=scaling,
+            n_vocab=need("vocab_size"), n_embd=n_embd, n_layer=need("num_hidden_layers", 4096), n_head=n_head,
+            n_head_kv=n_head_kv, n_ff=need("intermediate_size", 1 << 22), head_dim=head_dim,
+            n_ctx_train=_count(where, "max_position_embeddings", config.get("max_position_embeddings", 2048)),
+            rms_eps=_number(where, "rms_norm_eps", config.get("rms_norm_eps", 1e-6), 0, 1),
+            rope_theta=rope_theta, rope_scaling=scaling,
             tied=bool(config.get("tie_word_embeddings", False)), name=str(config.get("_name_or_path") or ""))
 
     def add_keys(self, w: gguf.GGUFWriter, hp: HParams) -> None:

@@ -95,6 +95,17 @@ def read_safetensors_header(path: Path) -> dict[str, SourceTensor]:
     return tensors
 
 
+def _check_shard_name(index: Path, name) -> None:
+    """A shard named by the index must lie inside the checkpoint directory: a relative path without
+    '..' (checked on the text: symbolic links inside the directory, as in the Hugging Face cache's
+    snapshots, stay allowed)."""
+    if not isinstance(name, str) or not name or "\0" in name:
+        raise ConvertError(f"{index}: shard name {name!r} is not a file name")
+    norm = os.path.normpath(name)
+    if os.path.isabs(name) or norm == ".." or norm.startswith(".." + os.sep) or os.path.splitdrive(name)[0]:
+        raise ConvertError(f"{index}: shard {name!r} lies outside the checkpoint directory; refused")
+
+
 def open_checkpoint(model_dir: Path) -> dict[str, SourceTensor]:
     """All tensors of a checkpoint directory by HF name."""
     index = model_dir / "model.safetensors.index.json"
@@ -105,6 +116,7 @@ def open_checkpoint(model_dir: Path) -> dict[str, SourceTensor]:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
             raise ConvertError(f"{index}: unreadable index ({e})") from None
         for name in files:
+            _check_shard_name(index, name)
             if not (model_dir / name).is_file():
                 raise ConvertError(f"{index}: shard {name!r} is missing from {model_dir}")
         paths = [model_dir / name for name in files]

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,13 +35,41 @@ def atomic_output(out: Path):
     if not out.parent.is_dir():
         raise ConvertError(f"{out}: the output directory does not exist")
     tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
+    with _terminate_as_exit():
+        try:
+            yield tmp
+            os.replace(tmp, out)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            raise
+
+
+class Terminated(SystemExit):
+    """SIGTERM or SIGHUP arrived during a conversion (exit status 128 + the signal's number)."""
+
+
+@contextlib.contextmanager
+def _terminate_as_exit():
+    """SIGTERM and SIGHUP would end the process on the spot, leaving the partial file: while a file
+    is written they raise Terminated instead, so the cleanup runs as for Ctrl-C. Only where the
+    signal has its default action (a caller's own handler or SIG_IGN is kept) and in the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated(128 + signum)
+
+    saved = {}
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) == signal.SIG_DFL:
+            saved[sig] = signal.signal(sig, handler)
     try:
-        yield tmp
-        os.replace(tmp, out)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
+        yield
+    finally:
+        for sig, old in saved.items():
+            signal.signal(sig, old)
 
 
 def write_gguf(out: Path, arch: str, add_metadata: Callable[[gguf.GGUFWriter], None],

@@ -2,8 +2,9 @@
 
 __version__ = "0.1.0"
 
-from .errors import (BackendError, ContextFullError, ConvertError, InvalidArgumentError,  # noqa: E402
-                     ModelLoadError, OutOfMemoryError, SepedgeError, UnsupportedError)
+from .errors import (BackendError, BusyError, CancelledError, ContextFullError, ConvertError,  # noqa: E402
+                     InvalidArgumentError, ModelLoadError, NumericalError, OutOfMemoryError, SepedgeError,
+                     UnsupportedError)
 
 
 def __getattr__(name):
@@ -17,5 +18,6 @@ def __getattr__(name):
     raise AttributeError(f"module 'sepedge' has no attribute {name!r}")
 
 
-__all__ = ["BackendError", "ContextFullError", "ConvertError", "Engine", "InvalidArgumentError", "Llama", "ModelLoadError",
-           "OutOfMemoryError", "SepedgeError", "UnsupportedError", "__version__"]
+__all__ = ["BackendError", "BusyError", "CancelledError", "ContextFullError", "ConvertError", "Engine",
+           "InvalidArgumentError", "Llama", "ModelLoadError", "NumericalError", "OutOfMemoryError", "SepedgeError",
+           "UnsupportedError", "__version__"]

@@ -137,8 +137,9 @@ def _stats(g) -> str:
 def generate(model, prompt, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed, n_threads, **cache):
     """Continue PROMPT with MODEL (a GGUF file; default: the embedded model), streaming to stdout."""
     from .engine import DEFAULTS
-    llm = _engine(model, n_threads, cache)
+    llm = None
     try:
+        llm = _engine(model, n_threads, cache)
         g = llm.generate(prompt, 256 if max_tokens is None else max_tokens, stream=True, seed=seed,
                          temperature=DEFAULTS["temperature"] if temperature is None else temperature,
                          top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty)
@@ -146,13 +147,14 @@ def generate(model, prompt, max_tokens, temperature, top_k, top_p, min_p, repeat
             click.echo(chunk, nl=False)
         click.echo()
         click.echo(_stats(g), err=True)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # loading, or within a layer of the prompt or a token
         click.echo()
         sys.exit(130)
     except SepedgeError as e:
         _fail(e)
     finally:
-        llm.close()
+        if llm is not None:
+            llm.close()
 
 
 @main.command()
@@ -224,8 +226,12 @@ def _reply(llm, history: list, text: str, max_tokens, sampling: dict, seed) -> N
         g = llm.stream_chat(history, max_tokens, seed=seed, **sampling)
         for chunk in g:
             click.echo(chunk, nl=False)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # within a layer of the native call (the engine cancels it)
         click.echo(" [stopped]", nl=False)
+        if g is None or not g.tokens:  # stopped while reading the message: it was never answered
+            history.pop()
+            click.echo()
+            return
     except SepedgeError as e:
         history.pop()
         click.echo(f"\nerror: {e}", err=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import codecs
 import os
 import random
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -20,12 +21,44 @@ import numpy as np
 
 from . import chat
 from . import vocab as V
-from ._native import Context, Model, Sampler
-from .errors import ContextFullError, InvalidArgumentError
+from ._native import Context, Model, Sampler, token_array
+from .errors import CancelledError, ContextFullError, InvalidArgumentError, SepedgeError
 from .tokenizer import Tokenizer
 
 # llama.cpp's sampling defaults
 DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "repeat_penalty": 1.0}
+
+
+class _OwnerLock:
+    """The engine's one-operation-at-a-time lock: other threads wait, the owning thread may re-enter
+    (a generation started inside another's loop), and any thread may release (a stream finished by
+    the garbage collector in another thread)."""
+
+    def __init__(self):
+        self._cond = threading.Condition(threading.Lock())
+        self._owner: int | None = None
+        self._depth = 0
+
+    def acquire(self) -> None:
+        me = threading.get_ident()
+        with self._cond:
+            while self._owner not in (None, me):
+                self._cond.wait()
+            self._owner, self._depth = me, self._depth + 1
+
+    def release(self) -> None:
+        with self._cond:
+            self._depth -= 1
+            if self._depth == 0:
+                self._owner = None
+                self._cond.notify()
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 class Generation:
@@ -72,8 +105,9 @@ class Generation:
         return next(self._chunks)
 
     def cancel(self) -> None:
-        """Stop after the token being computed (safe to call from another thread)."""
-        self._cancelled = True
+        """Stop this generation from any thread: the native call running for it returns within a
+        layer, and the iteration ends with finish_reason "cancelled" (the text so far is kept)."""
+        self.engine._cancel_generation(self)
 
     def take_logprobs(self) -> list[tuple[int, float, list[tuple[int, float]]]]:
         """The logprob entries recorded since the last call (for streamed chunks)."""
@@ -121,11 +155,29 @@ class Generation:
         self.logprobs.append((token, float(lp[token]), top))
 
     def _run(self) -> Iterator[str]:
+        eng = self.engine
+        eng._begin(self)
+        try:
+            yield from self._steps()
+        except CancelledError:
+            if not self._cancelled:
+                raise
+            self.finish_reason = "cancelled"
+        except SepedgeError:
+            if not self._cancelled:  # e.g. "the context is closed" after Engine.close() cancelled us
+                raise
+            self.finish_reason = "cancelled"
+        finally:
+            eng._end(self)
+
+    def _steps(self) -> Iterator[str]:
         eng, tok = self.engine, self.engine.tokenizer
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         emitted, stopped_by_string = 0, False
         counts: dict[int, int] = {}
         t0 = time.perf_counter()
+        if self._cancelled:
+            raise CancelledError("cancelled before the prompt was processed")
         logits = self._prefill()
         self.prompt_seconds = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -168,9 +220,8 @@ class Generation:
                 if not eng.sparse and eng._seen >= eng.n_ctx:
                     self.finish_reason = "length"  # no cell left for the token just generated
                     break
-                if self._cancelled:  # before the next forward pass, the expensive part
-                    self.finish_reason = "cancelled"
-                    break
+                if self._cancelled:
+                    raise CancelledError("cancelled")
                 try:
                     logits = eng._decode([token])
                 except ContextFullError:  # sepllm with unlimited separators, full
@@ -203,17 +254,27 @@ class Engine:
         n_init, n_sep, n_local, n_cache: SepLLM sizes; None = the model's `sepllm.*` defaults.
         keep_system: in chat, the rendered system prompt joins the initial region, so a long chat
             never evicts it.
+        parse_special_in_content: in chat, parse special-token text inside message contents (e.g. a
+            user typing "<|im_end|>") as those tokens. Off by default, as in llama.cpp's server: a
+            message cannot forge turns; the template's own special tokens are always parsed.
+
+    Threads: one operation runs at a time (others wait); cancel() or Generation.cancel() stop a
+    running one from any thread, close() cancels and waits. Ctrl-C in the main thread interrupts a
+    native call within a layer; the cache is then as it was before that call (or empty where a
+    sparse cache had evicted tokens during it) and the engine stays usable.
     """
 
     def __init__(self, model_path: str | os.PathLike | None = None, *, n_ctx: int = 0, n_batch: int = 512,
                  n_threads: int | None = None, seed: int | None = None, kv_type: str = "f16", device: str = "cpu",
                  kv_mode: str = "full", n_init: int | None = None, n_sep: int | None = None,
-                 n_local: int | None = None, n_cache: int | None = None, keep_system: bool = True):
+                 n_local: int | None = None, n_cache: int | None = None, keep_system: bool = True,
+                 parse_special_in_content: bool = False):
         if model_path is None:
             from .default_model import default_model
             model_path = default_model()
         self.model_path = os.fspath(model_path)
         self.device = device
+        self.parse_special_in_content = bool(parse_special_in_content)
         self._model = Model(self.model_path, device)
         try:
             self.tokenizer = Tokenizer.from_model(self._model)
@@ -230,6 +291,9 @@ class Engine:
         self._init_state(kv_mode, keep_system, seed)
 
     def _init_state(self, kv_mode: str, keep_system: bool, seed: int | None) -> None:
+        self._lock = _OwnerLock()  # one operation at a time (generations hold it while they run)
+        self._cancel_mu = threading.Lock()
+        self._active: Generation | None = None
         self.kv_mode = kv_mode
         self.n_ctx: int = self._ctx.info()["n_cells"]
         self.keep_system = keep_system
@@ -251,14 +315,54 @@ class Engine:
         e._ctx_args = dict(self._ctx_args)
         e._ctx = Context(self._model, **e._ctx_args)
         e._owns_model = False
+        e.parse_special_in_content = self.parse_special_in_content
         e._init_state(self.kv_mode, self.keep_system, seed)
         return e
 
     def close(self) -> None:
+        """Free the model and cache. A call running in another thread is cancelled and waited for;
+        a generation in progress ends with finish_reason "cancelled"."""
+        self.cancel()
         if getattr(self, "_owns_model", True):
-            self._model.close()  # closes the context too
+            self._model.close()  # closes the context too (waiting for a running native call)
         else:
             self._ctx.close()
+
+    def cancel(self) -> None:
+        """Stop the running operation, from any thread (the server's disconnects, a UI's stop
+        button): a generation ends with finish_reason "cancelled", eval() raises CancelledError.
+        The cache is as it was before the interrupted native call, or empty where a sparse cache
+        evicted tokens during it; the engine stays usable. Without a running operation it does nothing."""
+        with self._cancel_mu:
+            if self._active is not None:
+                self._active._cancelled = True
+            if self._lock._owner is not None and not self._ctx.closed:
+                self._ctx.cancel()
+
+    def _cancel_generation(self, g: Generation) -> None:
+        with self._cancel_mu:
+            g._cancelled = True
+            if self._active is g and not self._ctx.closed:
+                self._ctx.cancel()
+
+    def _begin(self, g: Generation | None = None) -> None:
+        """Start an operation: wait for the engine, clear stale cancel requests."""
+        self._lock.acquire()
+        with self._cancel_mu:
+            if self._lock._depth == 1:
+                self._active = g
+                if not self._ctx.closed:
+                    self._ctx.uncancel()
+
+    def _end(self, g: Generation | None = None) -> None:
+        try:
+            with self._cancel_mu:
+                if self._lock._depth == 1:
+                    self._active = None
+                    if not self._ctx.closed:
+                        self._ctx.uncancel()
+        finally:
+            self._lock.release()
 
     def __enter__(self) -> Engine:
         return self
@@ -318,47 +422,61 @@ class Engine:
         return self.tokenizer.decode(self._check_tokens(tokens), special=special)
 
     def _check_tokens(self, tokens) -> list[int]:
-        try:
-            ids = [int(t) for t in tokens]
-        except (TypeError, ValueError):
-            raise InvalidArgumentError("tokens must be a sequence of integer token ids") from None
-        bad = [t for t in ids if not 0 <= t < self.n_vocab]
-        if bad:
-            raise InvalidArgumentError(f"token id {bad[0]} is outside the vocabulary (0..{self.n_vocab - 1})")
-        return ids
+        return token_array(tokens, self.n_vocab).tolist()  # integers in the vocabulary, nothing coerced
 
     # --- evaluation
 
     def reset(self) -> None:
         """Empty the KV cache."""
-        self._ctx.clear()
-        self._seen = 0
-        self._tokens = [] if self._tokens is not None else None
-        self._chat_text = None
+        with self._lock:
+            self._ctx.clear()
+            self._seen = 0
+            self._tokens = [] if self._tokens is not None else None
+            self._chat_text = None
 
     def _decode(self, ids: list[int], all_logits: bool = False) -> np.ndarray:
-        logits = self._ctx.decode(ids, n_logits=len(ids) if all_logits else 1)
+        try:
+            logits = self._ctx.decode(ids, n_logits=len(ids) if all_logits else 1)
+        except BaseException:
+            self._resync()
+            raise
         self._seen += len(ids)
         if self._tokens is not None:
             self._tokens += ids
         return logits if all_logits else logits[0]
 
+    def _resync(self) -> None:
+        """After a failed native call: the cache is as it was, or was cleared (se_decode's promise)."""
+        if self._ctx.closed:
+            return
+        if self._ctx.info()["n_seen"] != self._seen:
+            self._seen = 0
+            self._tokens = [] if self._tokens is not None else None
+            self._chat_text = None
+
     def eval(self, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
         """Feed tokens after those already in the cache. Returns the logits of the last one,
-        (n_vocab,), or with all_logits those of every one, (len(tokens), n_vocab)."""
+        (n_vocab,), or with all_logits those of every one, (len(tokens), n_vocab).
+        NumericalError when a logit or hidden state is not finite; CancelledError after cancel()."""
         ids = self._check_tokens(tokens)
         if not ids:
             raise InvalidArgumentError("no tokens to evaluate")
-        if not self.sparse:
-            self._check_room(self._seen + len(ids))
-        self._chat_text = None
-        return self._decode(ids, all_logits)
+        self._begin()
+        try:
+            if not self.sparse:
+                self._check_room(self._seen + len(ids))
+            self._chat_text = None
+            return self._decode(ids, all_logits)
+        finally:
+            self._end()
 
     def eval_logits(self, tokens: Sequence[int]) -> np.ndarray:
         """Logits at every position of `tokens`, evaluated from an empty cache: (len(tokens), n_vocab).
         Sparse modes process any length, in chunks that never exceed the cache."""
-        self.reset()
-        return self.eval(tokens, all_logits=True)
+        ids = self._check_tokens(tokens)
+        with self._lock:
+            self.reset()
+            return self.eval(ids, all_logits=True)
 
     def embed(self, text: str | bytes | Sequence[int], pooling: str = "mean", normalize: bool = True) -> np.ndarray:
         """The embedding of a text (or token ids): the model's final hidden states (after the output
@@ -367,13 +485,14 @@ class Engine:
         ids = self.tokenize(text) if isinstance(text, (str, bytes)) else self._check_tokens(text)
         if not ids:
             raise InvalidArgumentError("nothing to embed: the input is empty")
-        self.reset()
-        if not self.sparse:
-            self._check_room(len(ids))
-        try:
-            v = self._ctx.embeddings(ids, pooling)
-        finally:
+        with self._lock:
             self.reset()
+            if not self.sparse:
+                self._check_room(len(ids))
+            try:
+                v = self._ctx.embeddings(ids, pooling)
+            finally:
+                self.reset()
         if normalize:
             n = float(np.linalg.norm(v.astype(np.float64)))
             v = v / n if n > 0 else v
@@ -383,8 +502,9 @@ class Engine:
         """A copy of the KV cache and what the Engine knows about it. A sparse cache's state holds at
         most n_cache cells: (2 * n_layer * n_head_kv * head_dim * 2 bytes) each with the f16 cache,
         whatever the length of the conversation."""
-        return EngineState(self._ctx.state_save(), self._seen, None if self._tokens is None else list(self._tokens),
-                           self._chat_text, self.kv_mode)
+        with self._lock:
+            return EngineState(self._ctx.state_save(), self._seen,
+                               None if self._tokens is None else list(self._tokens), self._chat_text, self.kv_mode)
 
     def load_state(self, state: EngineState) -> None:
         """Restore a state from save_state() of an Engine with the same model and cache configuration."""
@@ -392,10 +512,11 @@ class Engine:
             raise InvalidArgumentError(f"load_state takes what save_state() returned, got {type(state).__name__}")
         if state.kv_mode != self.kv_mode:
             raise InvalidArgumentError(f"the state is of a {state.kv_mode} cache, this Engine's is {self.kv_mode}")
-        self._ctx.state_load(state.cache)
-        self._seen = state.n_tokens
-        self._tokens = None if state.tokens is None else list(state.tokens)
-        self._chat_text = state.chat_text
+        with self._lock:
+            self._ctx.state_load(state.cache)
+            self._seen = state.n_tokens
+            self._tokens = None if state.tokens is None else list(state.tokens)
+            self._chat_text = state.chat_text
 
     def cached_prefix(self, tokens: Sequence[int] | None = None, messages=None) -> int:
         """How much of a prompt the cache already holds, so a server can send a request to the cache
@@ -447,10 +568,9 @@ class Engine:
         """Prompt tokens and logits for a conversation. When the cache holds the conversation so far
         (the previous turns, reply included), only the new turn is fed: a chat can go on forever in
         a streaming cache."""
-        t = self.tokenizer
-        text = chat.render(t.chat_template, messages, True, t.bos_text, t.eos_text)
+        text, spans = self._render_chat(messages, True)
         if self._chat_text and text.startswith(self._chat_text) and len(text) > len(self._chat_text):
-            ids = self.tokenize(text[len(self._chat_text):], add_bos=False, special=True)
+            ids = self._chat_tokens(text, spans, len(self._chat_text), add_bos=False)
             if not self.sparse:
                 self._check_room(self._seen + len(ids))
             logits = self._decode(ids)
@@ -639,11 +759,30 @@ class Engine:
     __call__ = create_completion
 
     def format_chat(self, messages, add_generation_prompt: bool = True) -> list[int]:
-        """Token ids of a conversation rendered with the model's chat template."""
+        """Token ids of a conversation rendered with the model's chat template. Special-token text
+        inside message contents stays plain text unless parse_special_in_content is set."""
         t = self.tokenizer
-        text = chat.render(t.chat_template, messages, add_generation_prompt, t.bos_text, t.eos_text)
+        text, spans = self._render_chat(messages, add_generation_prompt)
         has_bos = bool(t.bos_text) and text.startswith(t.bos_text)  # templates often write BOS themselves
-        return self.tokenize(text, add_bos=not has_bos, special=True)
+        return self._chat_tokens(text, spans, 0, add_bos=not has_bos)
+
+    def _render_chat(self, messages, add_generation_prompt: bool) -> tuple[str, list | None]:
+        t = self.tokenizer
+        messages = chat.check_messages(messages)
+        if self.parse_special_in_content or not any(t.contains_special(m["content"]) for m in messages):
+            # nothing to protect: one rendering
+            return chat.render(t.chat_template, messages, add_generation_prompt, t.bos_text, t.eos_text), []
+        text, spans = chat.render_spans(t.chat_template, messages, add_generation_prompt, t.bos_text, t.eos_text)
+        if spans is None:
+            raise InvalidArgumentError("a message contains special-token text, and this model's chat template "
+                                       "rewrites message contents, so it cannot be kept as plain text; remove it "
+                                       "or set parse_special_in_content=True")
+        return text, spans
+
+    def _chat_tokens(self, text: str, spans: list, start: int, add_bos: bool) -> list[int]:
+        if self.parse_special_in_content or not spans:
+            return self.tokenize(text[start:], add_bos=add_bos, special=True)
+        return self.tokenizer.encode_spans(text, spans, start, add_bos=None if add_bos else False)
 
     def stream_chat(self, messages, max_tokens: int | None = None, *, temperature: float = 0.2,
                     top_k: int = DEFAULTS["top_k"], top_p: float = DEFAULTS["top_p"], min_p: float = DEFAULTS["min_p"],

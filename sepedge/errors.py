@@ -33,9 +33,24 @@ class OutOfMemoryError(SepedgeError, MemoryError):
     pass
 
 
+class CancelledError(SepedgeError):
+    """The call was cancelled (Engine.cancel, Ctrl-C, a closed engine). The KV cache is as it was
+    before the call, or empty where that could not be restored; the engine stays usable."""
+
+
+class NumericalError(SepedgeError, ArithmeticError):
+    """A hidden state or logit is NaN or infinite: the weights (or the inputs) are out of range.
+    Never a silent NaN or a token drawn from one."""
+
+
+class BusyError(SepedgeError):
+    """Another thread is running a call on the same native context (the C API's one-caller rule)."""
+
+
 # se_status values (native/include/sepedge.h)
 _BY_STATUS = {-1: InvalidArgumentError, -2: ModelLoadError, -3: ModelLoadError, -4: UnsupportedError,
-              -5: OutOfMemoryError, -6: ContextFullError, -7: BackendError}
+              -5: OutOfMemoryError, -6: ContextFullError, -7: BackendError, -8: CancelledError, -9: NumericalError,
+              -10: BusyError}
 
 
 def check(status: int) -> int:
@@ -43,6 +58,14 @@ def check(status: int) -> int:
     if status >= 0:
         return status
     from ._ffi import ffi, lib
-    message = ffi.string(lib.se_last_error()).decode("utf-8", "replace")
+    check_with_message(status, ffi.string(lib.se_last_error()))
+
+
+def check_with_message(status: int, message: bytes) -> int:
+    """check() with the message read already (the C message is per thread: for a call made on
+    another thread, it is read there)."""
+    if status >= 0:
+        return status
+    from ._ffi import ffi, lib
     name = ffi.string(lib.se_status_name(status)).decode()
-    raise _BY_STATUS.get(status, SepedgeError)(message or name)
+    raise _BY_STATUS.get(status, SepedgeError)(message.decode("utf-8", "replace") or name)

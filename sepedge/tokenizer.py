@@ -8,6 +8,7 @@ tokens, end-of-generation ids, and detokenization to bytes.
 
 from __future__ import annotations
 
+import re
 import threading
 import warnings
 from collections.abc import Iterable, Sequence
@@ -16,7 +17,7 @@ from tokenizers import AddedToken, decoders, models, normalizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from . import vocab as V
-from .errors import SepedgeError
+from .errors import InvalidArgumentError, ModelLoadError, SepedgeError
 
 # Texts of control tokens that end a turn in common chat formats (as llama.cpp recognizes them).
 EOG_TEXTS = {"<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>",
@@ -107,16 +108,16 @@ class Tokenizer:
 
     @classmethod
     def from_model(cls, model) -> Tokenizer:
-        """From a loaded `sepedge._native.Model`'s metadata."""
-        tokens = model.meta("tokenizer.ggml.tokens")
-        if not tokens:
-            raise SepedgeError(f"{model.path}: the file has no vocabulary (tokenizer.ggml.tokens)")
-        types = model.meta("tokenizer.ggml.token_type") or [V.TOKEN_NORMAL] * len(tokens)
-        return cls(tokens, types, model.meta("tokenizer.ggml.model", "gpt2"), model.meta("tokenizer.ggml.pre"),
-                   model.meta("tokenizer.ggml.merges"), model.meta("tokenizer.ggml.scores"),
-                   model.meta("tokenizer.ggml.bos_token_id"), model.meta("tokenizer.ggml.eos_token_id"),
-                   model.meta("tokenizer.ggml.eot_token_id"), model.meta("tokenizer.ggml.add_bos_token"),
-                   model.meta("tokenizer.ggml.add_space_prefix", True), model.meta("tokenizer.chat_template"))
+        """From a loaded `sepedge._native.Model`'s metadata, every field checked first (ModelLoadError
+        naming the key): types, array lengths, ids inside the vocabulary."""
+        f = read_tokenizer_fields(model.meta, model.path, model.n_vocab)
+        try:
+            return cls(f["tokens"], f["token_type"], f["model"], f["pre"], f["merges"], f["scores"], f["bos_token_id"],
+                       f["eos_token_id"], f["eot_token_id"], f["add_bos_token"], f["add_space_prefix"], f["chat_template"])
+        except SepedgeError as e:
+            raise ModelLoadError(f"{model.path}: {e}") from None
+        except Exception as e:  # the tokenizers library refusing the vocabulary (e.g. a malformed merge)
+            raise ModelLoadError(f"{model.path}: the vocabulary cannot be built: {type(e).__name__}: {e}") from None
 
     @property
     def bos_text(self) -> str:
@@ -126,14 +127,72 @@ class Tokenizer:
     def eos_text(self) -> str:
         return self.tokens[self.eos_id] if self.eos_id is not None else ""
 
+    _lock = threading.Lock()  # encode_special_tokens is a setting of the shared HF object
+
+    @property
+    def missing_bytes(self) -> frozenset[int]:
+        """Bytes no token stands for (byte-level BPE vocabularies that never saw some control
+        bytes, e.g. SmolLM2's 0x16). encode() leaves them out, as the HF tokenizer does."""
+        if not hasattr(self, "_missing"):
+            if self.model == "gpt2":
+                have = set(self.tokens)
+                self._missing = frozenset(b for b in range(256) if V.GPT2_CHAR_OF[b] not in have)
+            else:  # SentencePiece: byte fallback tokens <0xNN>
+                have = {bytes_ for bytes_, typ in zip(self.token_bytes, self.token_types) if typ == V.TOKEN_BYTE}
+                self._missing = frozenset(b for b in range(256) if bytes([b]) not in have) if have else frozenset()
+        return self._missing
+
     def encode(self, text: str | bytes, add_bos: bool | None = None, special: bool = False) -> list[int]:
         """Token ids of `text`. special=True parses special-token text such as "<|im_start|>" into
-        those tokens; otherwise it is tokenized as plain text."""
+        those tokens; otherwise it is tokenized as plain text. Bytes that are not UTF-8 become U+FFFD
+        (documented replacement); a str with lone surrogates is refused (InvalidArgumentError);
+        bytes the vocabulary has no token for (missing_bytes) are left out."""
         if isinstance(text, bytes):
             text = text.decode("utf-8", errors="replace")
-        with self._lock:  # encode_special_tokens is state of the shared HF tokenizer (server slots share it)
+        if not isinstance(text, str):
+            raise InvalidArgumentError(f"text must be str or bytes, got {type(text).__name__}")
+        check_text(text)
+        with self._lock:
             self.hf.encode_special_tokens = not special
             ids = self.hf.encode(text, add_special_tokens=False).ids
+        if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
+            ids = [self.bos_id, *ids]
+        return ids
+
+    @property
+    def _control_pattern(self) -> re.Pattern | None:
+        """Control-token texts, longest first: a leftmost-longest match, as the HF added-token split."""
+        if not hasattr(self, "_control_re"):
+            self._control_ids = {}
+            for i, (t, c) in enumerate(zip(self.tokens, self.is_control)):
+                if c and t:
+                    self._control_ids.setdefault(t, i)
+            texts = sorted(self._control_ids, key=len, reverse=True)
+            self._control_re = re.compile("|".join(map(re.escape, texts))) if texts else None
+        return self._control_re
+
+    def contains_special(self, text: str) -> bool:
+        return self._control_pattern is not None and self._control_pattern.search(text) is not None
+
+    def encode_spans(self, text: str, spans: list[tuple[int, int]], start: int = 0,
+                     add_bos: bool | None = None) -> list[int]:
+        """Token ids of text[start:] where special-token text is parsed outside `spans` (the
+        template's own "<|im_start|>") and not inside them (what a user typed). Text between the
+        template's special tokens is tokenized as one piece, so a conversation whose contents hold
+        no special-token text tokenizes exactly as encode(text, special=True)."""
+        cuts = []  # (start, end, id) of the template's special tokens
+        if (pattern := self._control_pattern) is not None:
+            for m in pattern.finditer(text, start):
+                if not any(a < m.end() and m.start() < b for a, b in spans):
+                    cuts.append((m.start(), m.end(), self._control_ids[m.group()]))
+        ids, pos = [], start
+        for a, b, tid in cuts:
+            if a > pos:
+                ids += self.encode(text[pos:a], add_bos=False, special=False)
+            ids.append(tid)
+            pos = b
+        if pos < len(text):
+            ids += self.encode(text[pos:], add_bos=False, special=False)
         if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
             ids = [self.bos_id, *ids]
         return ids
@@ -141,3 +200,85 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], special: bool = False) -> bytes:
         """The bytes the tokens stand for; control tokens are left out unless special=True."""
         return b"".join(self.token_bytes[i] for i in ids if special or not self.is_control[i])
+
+
+def check_text(text: str) -> None:
+    """Refuse lone surrogates (a str that is not Unicode text: it has no UTF-8 encoding)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidArgumentError(f"the text has a lone surrogate {text[e.start]!r} at index {e.start}: not valid "
+                                   "Unicode (decode bytes with errors='replace' or 'surrogateescape' first)") from None
+
+
+def _fail(path, key: str, what: str):
+    raise ModelLoadError(f"{path}: '{key}' {what}")
+
+
+def read_tokenizer_fields(meta, path, n_vocab: int) -> dict:
+    """The tokenizer.* keys through `meta(key, default)`, checked: types, lengths equal to the
+    vocabulary, token ids inside it. Any defect is a ModelLoadError naming the key, at load time."""
+    p = "tokenizer.ggml."
+    f = {}
+
+    def strings(key, required=False):
+        v = meta(key)
+        if v is None:
+            if required:
+                _fail(path, key, "is missing: the file has no vocabulary")
+            return None
+        if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+            _fail(path, key, "is not an array of strings")
+        return v
+
+    def string(key, default=None):
+        v = meta(key, default)
+        if v is not None and not isinstance(v, str):
+            _fail(path, key, f"is not a string (got {type(v).__name__})")
+        return v
+
+    def flag(key, default):
+        v = meta(key, default)
+        if v is not None and not isinstance(v, bool):
+            _fail(path, key, f"is not a bool (got {v!r})")
+        return v
+
+    f["tokens"] = tokens = strings(p + "tokens", required=True)
+    if not tokens:
+        _fail(path, p + "tokens", "is empty")
+    if len(tokens) != n_vocab:
+        _fail(path, p + "tokens", f"has {len(tokens)} tokens, but the model has {n_vocab} embedding rows")
+    types = meta(p + "token_type")
+    if types is None:
+        types = [V.TOKEN_NORMAL] * len(tokens)
+    if not isinstance(types, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in types):
+        _fail(path, p + "token_type", "is not an array of integers")
+    if len(types) != len(tokens):
+        _fail(path, p + "token_type", f"has {len(types)} entries for {len(tokens)} tokens")
+    if bad := [t for t in types if not V.TOKEN_NORMAL <= t <= V.TOKEN_BYTE]:
+        _fail(path, p + "token_type", f"holds {bad[0]}, not a token type (1..6)")
+    f["token_type"] = types
+    f["model"] = string(p + "model", "gpt2")
+    f["pre"] = string(p + "pre")
+    f["merges"] = strings(p + "merges")
+    if f["merges"] is not None and (bad := [m for m in f["merges"] if " " not in m]):
+        _fail(path, p + "merges", f"holds {bad[0]!r}, not a pair 'left right'")
+    scores = meta(p + "scores")
+    if scores is not None:
+        if not isinstance(scores, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in scores):
+            _fail(path, p + "scores", "is not an array of numbers")
+        if len(scores) != len(tokens):
+            _fail(path, p + "scores", f"has {len(scores)} entries for {len(tokens)} tokens")
+        if any(x != x for x in scores):
+            _fail(path, p + "scores", "holds NaN")
+    f["scores"] = scores
+    for name in ("bos", "eos", "eot", "eom", "unknown", "padding", "seperator", "mask"):
+        key = f"{p}{name}_token_id"
+        v = meta(key)
+        if v is not None and (isinstance(v, (bool, list)) or not isinstance(v, int) or not 0 <= v < len(tokens)):
+            _fail(path, key, f"= {v!r} is not a token id in [0, {len(tokens) - 1}]")
+        f[f"{name}_token_id"] = v
+    f["add_bos_token"] = flag(p + "add_bos_token", None)
+    f["add_space_prefix"] = flag(p + "add_space_prefix", True)
+    f["chat_template"] = string("tokenizer.chat_template")
+    return f

@@ -9,7 +9,12 @@
 //     through *_free. Free functions accept NULL.
 //   - Functions that can fail return an int status: SE_OK (0) or a negative se_status. The reason
 //     is then available from se_last_error() in the same thread, until the next failing call.
-//     Nothing in the library exits or aborts on bad input; a failed call changes no state.
+//     Nothing in the library exits or aborts on bad input; a failed call changes no state (se_decode
+//     says precisely what it leaves when it fails part-way).
+//   - Threads: a model may be shared by contexts in different threads. A context takes one call at
+//     a time: a call made while another thread runs one on the same context fails with SE_ERR_BUSY
+//     (se_context_cancel is the exception, callable at any time). se_context_free must not overlap
+//     a running call: cancel it, wait for it to return, then free.
 //   - Parameter structs come from *_default_params() and are passed by pointer.
 #ifndef SEPEDGE_H
 #define SEPEDGE_H
@@ -36,6 +41,9 @@ enum se_status {
     SE_ERR_OUT_OF_MEMORY    = -5,
     SE_ERR_CONTEXT_FULL     = -6,  // the tokens do not fit in the KV cache; nothing was processed
     SE_ERR_BACKEND          = -7,  // the requested device is not available
+    SE_ERR_CANCELLED        = -8,  // se_context_cancel stopped the call
+    SE_ERR_NUMERICAL        = -9,  // a hidden state or logit is NaN or infinite (weights or inputs out of range)
+    SE_ERR_BUSY             = -10, // another thread is running a call on the same context
 };
 
 // Message of the last failed call in this thread ("" if none).
@@ -125,7 +133,7 @@ enum se_kv_mode {
 typedef struct se_context_params {
     int32_t n_ctx;        // full mode: cells in the KV cache; 0 = the model's training context
     int32_t n_batch;      // tokens per forward pass when a prompt is processed in chunks
-    int32_t n_threads;    // 0 = one per core
+    int32_t n_threads;    // 0 = one per core (at most 64); explicit values 1..256
     int32_t kv_type;      // se_kv_type
     int32_t kv_mode;      // se_kv_mode
     // SepLLM sizes; -1 = the model's `sepllm.*` defaults (else 4, 64, 256, 800)
@@ -143,7 +151,14 @@ SE_API void se_context_free(se_context * ctx);
 
 // Process n_tokens tokens after those already in the cache. The logits of the last n_logits of
 // them (0 <= n_logits <= n_tokens) are written to `logits`, n_logits * n_vocab floats, in order.
-// Returns SE_ERR_CONTEXT_FULL, with the cache untouched, when the tokens do not fit.
+// Failures:
+//   - bad arguments, tokens outside the vocabulary, SE_ERR_CONTEXT_FULL (the tokens do not fit),
+//     SE_ERR_BUSY: found before any work; the cache is untouched.
+//   - SE_ERR_CANCELLED (se_context_cancel), SE_ERR_NUMERICAL (a non-finite hidden state or logit),
+//     a backend error: found part-way. The cache is then put back as it was before the call when
+//     no token was evicted during it (always in the full mode, and whenever the tokens fit in the
+//     free cells); otherwise it is cleared. The message ends with "the cache is as it was" or "the
+//     cache was cleared", and se_cache_get_info's n_seen tells which. `logits` is undefined.
 SE_API int se_decode(se_context * ctx, const int32_t * tokens, int32_t n_tokens, float * logits, int32_t n_logits);
 
 // Forget everything in the cache.
@@ -318,7 +333,21 @@ SE_API void se_sampler_free(se_sampler * sampler);
 // Add a token to the history the repeat penalty looks at (prompt and generated tokens).
 SE_API int  se_sampler_accept(se_sampler * sampler, int32_t token);
 SE_API int  se_sampler_reset(se_sampler * sampler);
+// `logits` holds n_vocab floats (the n_vocab of se_sampler_new). NaN or +inf among them, or all of
+// them -inf, give SE_ERR_NUMERICAL; -inf alone marks a token that must not be drawn.
 SE_API int  se_sampler_sample(se_sampler * sampler, const float * logits, int32_t * token);
+
+// ---------------------------------------------------------------------------------------------
+// Reliability: cancellation.
+
+// Ask the se_decode running on ctx (or the next one) to stop at the next layer or chunk boundary;
+// it then returns SE_ERR_CANCELLED as se_decode describes. Callable from any thread, a signal
+// handler included, while another thread runs a call on ctx. The request stays until
+// se_context_uncancel: every se_decode fails fast meanwhile.
+SE_API int se_context_cancel(se_context * ctx);
+SE_API int se_context_uncancel(se_context * ctx);
+// 1 while a cancel request is pending, else 0 (and 0 for NULL).
+SE_API int32_t se_context_cancelled(const se_context * ctx);
 
 // ---------------------------------------------------------------------------------------------
 // Tensor type kernels (ggml type ids), exposed for tests and tools.

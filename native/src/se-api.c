@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #define SE_VERSION "0.1.0"
+#define SE_MAX_THREADS 256  // explicit n_threads above this are refused (a typo, not a machine)
 
 const char * se_version(void) { return SE_VERSION; }
 
@@ -68,7 +69,7 @@ int se_model_get_separators(const se_model * m, int32_t * ids, int32_t n) {
     if (!m || (!ids && n > 0) || n < m->n_separators) {
         return se_error(SE_ERR_INVALID_ARGUMENT, "se_model_get_separators: need room for %d ids", m ? m->n_separators : 0);
     }
-    memcpy(ids, m->separators, (size_t) m->n_separators * sizeof(int32_t));
+    if (m->n_separators > 0) memcpy(ids, m->separators, (size_t) m->n_separators * sizeof(int32_t));
     return SE_OK;
 }
 
@@ -155,8 +156,18 @@ static int kv_config(const se_model * m, const se_context_params * p, se_kv_conf
     }
     *cfg = (se_kv_config) {.mode = p->kv_mode, .n_cells = p->kv_mode == SE_KV_MODE_FULL ? p->n_ctx : v[3],
                            .n_init = v[0], .n_sep = v[1], .n_local = v[2], .kv_type = p->kv_type};
-    if (cfg->n_cells < 1) return se_error(SE_ERR_INVALID_ARGUMENT, "the KV cache needs at least one cell");
-    return se_kv_capacity_check(cfg->mode, cfg->n_cells, cfg->n_init, cfg->n_sep, cfg->n_local);
+    if (cfg->n_cells < 1) {
+        return se_error(SE_ERR_INVALID_ARGUMENT, "the KV cache needs at least one cell (%s = %d)",
+                        p->kv_mode == SE_KV_MODE_FULL ? "n_ctx" : "n_cache", cfg->n_cells);
+    }
+    int r = se_kv_capacity_check(cfg->mode, cfg->n_cells, cfg->n_init, cfg->n_sep, cfg->n_local);
+    if (r != SE_OK) {  // the sizes in effect (the model's defaults filled in), by name and value
+        char why[512];
+        snprintf(why, sizeof why, "%s", se_last_error());
+        return se_error(r, "%s [in effect: n_init %d, n_sep %d (0 = all), n_local %d, n_cache %d]", why, cfg->n_init,
+                        cfg->n_sep, cfg->n_local, cfg->n_cells);
+    }
+    return SE_OK;
 }
 
 int se_context_new(se_model * m, const se_context_params * params, se_context ** out) {
@@ -166,7 +177,10 @@ int se_context_new(se_model * m, const se_context_params * params, se_context **
     se_context_params p = params ? *params : se_context_default_params();
     if (p.n_ctx < 0) return se_error(SE_ERR_INVALID_ARGUMENT, "n_ctx must be >= 0, got %d", p.n_ctx);
     if (p.n_batch < 1) return se_error(SE_ERR_INVALID_ARGUMENT, "n_batch must be >= 1, got %d", p.n_batch);
-    if (p.n_threads < 0) return se_error(SE_ERR_INVALID_ARGUMENT, "n_threads must be >= 0, got %d", p.n_threads);
+    if (p.n_threads < 0 || p.n_threads > SE_MAX_THREADS) {
+        return se_error(SE_ERR_INVALID_ARGUMENT, "n_threads must be in [0, %d] (0 = one per core), got %d", SE_MAX_THREADS,
+                        p.n_threads);
+    }
     if (p.kv_type != SE_KV_F32 && p.kv_type != SE_KV_F16) return se_error(SE_ERR_INVALID_ARGUMENT, "unknown kv_type %d", p.kv_type);
     if (p.n_ctx == 0) p.n_ctx = m->hp.n_ctx_train;
     se_kv_config cfg;
@@ -205,6 +219,57 @@ void se_context_free(se_context * ctx) {
     free(ctx);
 }
 
+// The one-caller rule: a call claims the context or fails with SE_ERR_BUSY, never waits.
+static int enter(const se_context * ctx, const char * fn) {
+    int32_t idle = 0;
+    if (!__atomic_compare_exchange_n((int32_t *) &ctx->busy, &idle, 1, false, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED)) {
+        return se_error(SE_ERR_BUSY, "%s: another thread is running a call on this context (one caller at a time)", fn);
+    }
+    return SE_OK;
+}
+
+static void leave(const se_context * ctx) { __atomic_store_n((int32_t *) &ctx->busy, 0, __ATOMIC_RELEASE); }
+
+static bool all_finite(const float * x, int64_t n) {
+    float acc = 0;  // NaN and inf survive a sum of x * 0; finite values give 0 (one branch, vectorizable)
+    for (int64_t i = 0; i < n; i++) acc += x[i] * 0.0f;
+    return acc == 0;
+}
+
+// Run the chunks of a decode. Errors found part-way are returned as they are; se_decode undoes them.
+static int decode_chunks(se_context * ctx, const int32_t * tokens, int32_t n, float * logits, int32_t n_logits) {
+    const se_model * m = ctx->model;
+    const se_hparams * hp = &m->hp;
+    se_kv_cache * kv = &ctx->kv;
+    se_buffers * b = &ctx->buf;
+    for (int32_t s = 0; s < n;) {
+        if (se_cancelled(ctx)) return se_error(SE_ERR_CANCELLED, "cancelled (after %d of %d tokens)", s, n);
+        // the cache decides how many tokens share a pass: bounded by free cells, cut at compressions
+        const int32_t chunk = se_kv_next_chunk(kv, m->is_sep, tokens + s, n - s, ctx->params.n_batch, b->cells, b->positions);
+        se_kv_sep_floors(kv, tokens + s, m->is_sep, chunk, b->sep_floor);
+        // the wanted logits are those of tokens [n - n_logits, n); this chunk holds [s, s + chunk)
+        const int32_t first = n - n_logits > s ? n - n_logits : s;
+        const int32_t n_out = first < s + chunk ? s + chunk - first : 0;
+        float * out = n_out ? logits + (int64_t) (first - (n - n_logits)) * hp->n_vocab : NULL;
+        int r = ctx->backend->forward(ctx, tokens + s, chunk, out, n_out);
+        if (r != SE_OK) return r;
+        // non-finite numbers never reach the caller or a later token silently: the CPU backend's
+        // hidden states of the whole chunk (what the cache was filled from), and the logits
+        if (ctx->backend == &se_backend_cpu && b->x && !all_finite(b->x, (int64_t) chunk * hp->n_embd)) {
+            return se_error(SE_ERR_NUMERICAL, "a hidden state is NaN or infinite (tokens %d..%d): the weights or the "
+                            "inputs are out of range", s, s + chunk - 1);
+        }
+        if (n_out && !all_finite(out, (int64_t) n_out * hp->n_vocab)) {
+            return se_error(SE_ERR_NUMERICAL, "a logit is NaN or infinite (tokens %d..%d): the weights or the inputs "
+                            "are out of range", first, s + chunk - 1);
+        }
+        for (int32_t t = 0; t < chunk; t++) kv->sum_visible += b->visible[t];
+        s += chunk;
+    }
+    se_kv_finish(kv);
+    return SE_OK;
+}
+
 int se_decode(se_context * ctx, const int32_t * tokens, int32_t n, float * logits, int32_t n_logits) {
     if (!ctx) return se_error(SE_ERR_INVALID_ARGUMENT, "se_decode: context is NULL");
     if (n < 0 || (n > 0 && !tokens)) return se_error(SE_ERR_INVALID_ARGUMENT, "se_decode: bad token array");
@@ -219,46 +284,83 @@ int se_decode(se_context * ctx, const int32_t * tokens, int32_t n, float * logit
                             tokens[i], i, hp->n_vocab);
         }
     }
-    se_kv_cache * kv = &ctx->kv;
-    if (kv->m.n_seen + n > INT32_MAX) return se_error(SE_ERR_CONTEXT_FULL, "position limit reached");
-    int r = se_kv_check_fits(kv, m->is_sep, tokens, n, ctx->params.n_batch);  // all or nothing
+    int r = enter(ctx, "se_decode");
     if (r != SE_OK) return r;
-    se_buffers * b = &ctx->buf;
-    for (int32_t s = 0; s < n;) {
-        // the cache decides how many tokens share a pass: bounded by free cells, cut at compressions
-        const int32_t chunk = se_kv_next_chunk(kv, m->is_sep, tokens + s, n - s, ctx->params.n_batch, b->cells, b->positions);
-        se_kv_sep_floors(kv, tokens + s, m->is_sep, chunk, b->sep_floor);
-        // the wanted logits are those of tokens [n - n_logits, n); this chunk holds [s, s + chunk)
-        const int32_t first = n - n_logits > s ? n - n_logits : s;
-        const int32_t n_out = first < s + chunk ? s + chunk - first : 0;
-        r = ctx->backend->forward(ctx, tokens + s, chunk, n_out ? logits + (int64_t) (first - (n - n_logits)) * hp->n_vocab : NULL,
-                                  n_out);
-        if (r != SE_OK) return r;
-        for (int32_t t = 0; t < chunk; t++) kv->sum_visible += b->visible[t];
-        s += chunk;
+    se_kv_cache * kv = &ctx->kv;
+    if (kv->m.n_seen + n > INT32_MAX) {
+        r = se_error(SE_ERR_CONTEXT_FULL, "position limit reached");
+    } else if (se_cancelled(ctx)) {
+        r = se_error(SE_ERR_CANCELLED, "cancelled (before the first token; se_context_uncancel clears the request); the cache is as it was");
+    } else {
+        r = se_kv_check_fits(kv, m->is_sep, tokens, n, ctx->params.n_batch);  // all or nothing
     }
-    se_kv_finish(kv);
+    if (r == SE_OK) {
+        const int64_t n_seen = kv->m.n_seen, sum_visible = kv->sum_visible;
+        r = decode_chunks(ctx, tokens, n, logits, n_logits);
+        if (r != SE_OK) {
+            // part-way: undo the chunks that ran. Truncation restores the cache exactly when nothing
+            // was evicted during the call (new tokens took free cells only); else start over empty.
+            char why[512];
+            snprintf(why, sizeof why, "%s", se_last_error());
+            const bool restored = se_kv_truncate(kv, n_seen) == SE_OK;
+            if (restored) {
+                kv->sum_visible = sum_visible;
+            } else {
+                se_kv_clear(kv);
+            }
+            se_error(r, "%s; %s", why, restored ? "the cache is as it was" : "the cache was cleared");
+        }
+    }
+    leave(ctx);
+    return r;
+}
+
+int se_context_cancel(se_context * ctx) {
+    if (!ctx) return SE_ERR_INVALID_ARGUMENT;  // no message: this may run in a signal handler
+    __atomic_store_n(&ctx->cancel, 1, __ATOMIC_RELAXED);
     return SE_OK;
 }
 
+int se_context_uncancel(se_context * ctx) {
+    if (!ctx) return se_error(SE_ERR_INVALID_ARGUMENT, "se_context_uncancel: context is NULL");
+    __atomic_store_n(&ctx->cancel, 0, __ATOMIC_RELAXED);
+    return SE_OK;
+}
+
+int32_t se_context_cancelled(const se_context * ctx) { return ctx && se_cancelled(ctx) ? 1 : 0; }
+
 int se_cache_clear(se_context * ctx) {
     if (!ctx) return se_error(SE_ERR_INVALID_ARGUMENT, "se_cache_clear: context is NULL");
+    int r = enter(ctx, "se_cache_clear");
+    if (r != SE_OK) return r;
     se_kv_clear(&ctx->kv);
+    leave(ctx);
     return SE_OK;
 }
 
 int se_cache_truncate(se_context * ctx, int32_t n_keep) {
     if (!ctx) return se_error(SE_ERR_INVALID_ARGUMENT, "se_cache_truncate: context is NULL");
-    return se_kv_truncate(&ctx->kv, n_keep);
+    if (n_keep < 0) return se_error(SE_ERR_INVALID_ARGUMENT, "se_cache_truncate: n_keep must be >= 0, got %d", n_keep);
+    int r = enter(ctx, "se_cache_truncate");
+    if (r != SE_OK) return r;
+    r = se_kv_truncate(&ctx->kv, n_keep);
+    leave(ctx);
+    return r;
 }
 
 int se_cache_keep(se_context * ctx, int32_t n_keep) {
     if (!ctx || n_keep < 0) return se_error(SE_ERR_INVALID_ARGUMENT, "se_cache_keep: bad arguments");
-    return se_kv_keep(&ctx->kv, n_keep);
+    int r = enter(ctx, "se_cache_keep");
+    if (r != SE_OK) return r;
+    r = se_kv_keep(&ctx->kv, n_keep);
+    leave(ctx);
+    return r;
 }
 
 int se_cache_get_info(const se_context * ctx, se_cache_info * out) {
     if (!ctx || !out) return se_error(SE_ERR_INVALID_ARGUMENT, "se_cache_get_info: NULL argument");
+    int r = enter(ctx, "se_cache_get_info");
+    if (r != SE_OK) return r;
     const se_kv_cache * kv = &ctx->kv;
     const se_kv_meta * m = &kv->m;
     *out = (se_cache_info) {
@@ -267,6 +369,7 @@ int se_cache_get_info(const se_context * ctx, se_cache_info * out) {
         .n_live_recent = m->recent.len, .n_seen = m->n_seen, .n_evicted = m->n_evicted, .sum_visible = kv->sum_visible,
         .kv_bytes = se_kv_bytes(kv, ctx->model->hp.n_layer),
     };
+    leave(ctx);
     return SE_OK;
 }
 
@@ -274,12 +377,15 @@ int se_cache_get_cells(const se_context * ctx, int32_t * tokens, int32_t * posit
     if (!ctx || n < ctx->kv.n_live || (ctx->kv.n_live > 0 && (!tokens || !positions || !regions))) {
         return se_error(SE_ERR_INVALID_ARGUMENT, "se_cache_get_cells: need room for %d cells", ctx ? ctx->kv.n_live : 0);
     }
+    int r = enter(ctx, "se_cache_get_cells");
+    if (r != SE_OK) return r;
     for (int32_t i = 0; i < ctx->kv.n_live; i++) {
         const se_kv_cell * c = &ctx->kv.m.cells[ctx->kv.live[i]];
         tokens[i] = c->token;
         positions[i] = c->pos;
         regions[i] = c->region;
     }
+    leave(ctx);
     return SE_OK;
 }
 

@@ -27,6 +27,9 @@ const char * se_status_name(int status) {
         case SE_ERR_OUT_OF_MEMORY: return "SE_ERR_OUT_OF_MEMORY";
         case SE_ERR_CONTEXT_FULL: return "SE_ERR_CONTEXT_FULL";
         case SE_ERR_BACKEND: return "SE_ERR_BACKEND";
+        case SE_ERR_CANCELLED: return "SE_ERR_CANCELLED";
+        case SE_ERR_NUMERICAL: return "SE_ERR_NUMERICAL";
+        case SE_ERR_BUSY: return "SE_ERR_BUSY";
         default: return "SE_ERR_UNKNOWN";
     }
 }

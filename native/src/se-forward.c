@@ -287,6 +287,7 @@ static int forward(se_context * ctx, const int32_t * tokens, int32_t n, float * 
     rope_tables(ctx, n);
 
     for (int32_t il = 0; il < hp->n_layer; il++) {
+        if (se_cancelled(ctx)) return se_error(SE_ERR_CANCELLED, "cancelled (at layer %d)", il);  // se_context_cancel
         const se_layer * l = &m->layers[il];
         // attention
         rmsnorm(b->xb, b->x, l->attn_norm, dim, n, hp->rms_eps);

@@ -225,8 +225,11 @@ static int parse(se_gguf * g) {
         const se_gguf_kv * kv = &g->kv[ia];
         uint32_t a = 0;
         if (kv->type == SE_META_UINT32) memcpy(&a, kv->data, 4);
-        if (a == 0 || (a & (a - 1)) || a > (1u << 20)) {
-            r = se_error(SE_ERR_FORMAT, "%s: malformed GGUF: general.alignment must be a uint32 power of two", g->path);
+        // quant blocks are read in place, so their fields must be naturally aligned: llama.cpp's
+        // loader also requires a power of two, and 8 covers every field of every block type
+        if (a < 8 || (a & (a - 1)) || a > (1u << 20)) {
+            r = se_error(SE_ERR_FORMAT, "%s: malformed GGUF: general.alignment must be a uint32 power of two in [8, 2^20], got %u",
+                         g->path, a);
         } else {
             g->alignment = a;
         }
@@ -258,7 +261,9 @@ int se_gguf_open(const char * path, se_gguf * g) {
     memset(g, 0, sizeof *g);
     g->path = strdup(path);
     if (!g->path) return se_error(SE_ERR_OUT_OF_MEMORY, "out of memory");
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    // O_NONBLOCK: opening a FIFO (or a device) for reading would otherwise block until a writer
+    // appears; such files are then refused by the regular-file check below
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     if (fd < 0) {
         int r = se_error(SE_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
         se_gguf_close(g);

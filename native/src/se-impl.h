@@ -367,6 +367,14 @@ struct se_context {
     se_buffers buf;
     void * dev;               // the backend's device state, or NULL
     se_embd embd;             // embeddings being collected
+    // Set by se_context_cancel from any thread, read between chunks and layers (se_cancelled).
+    // Plain ints under the GCC __atomic builtins, so that the CUDA (C++) files share the layout.
+    int32_t cancel;
+    int32_t busy;             // a call is running on the context (the one-caller rule)
 };
+
+// Whether se_context_cancel asked the running decode to stop (a relaxed read: a stop request may
+// take one more layer to be seen).
+static inline bool se_cancelled(const se_context * ctx) { return __atomic_load_n(&ctx->cancel, __ATOMIC_RELAXED) != 0; }
 
 #endif  // SE_IMPL_H

@@ -4,6 +4,7 @@
 // means a row in `arches` plus whatever tensors it has beyond llama's.
 #include "se-impl.h"
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -69,7 +70,7 @@ static int key_float(se_model * m, const char * key, bool required, double def, 
         return r;
     }
     r = se_gguf_float(&m->gguf, i, 0, out);
-    if (r == SE_OK && !(*out == *out)) return se_error(SE_ERR_FORMAT, "%s: '%s' is NaN", m->gguf.path, full);
+    if (r == SE_OK && !isfinite(*out)) return se_error(SE_ERR_FORMAT, "%s: '%s' = %g is not a finite number (NaN or infinite)", m->gguf.path, full, *out);
     return r;
 }
 
@@ -253,7 +254,11 @@ static int load_sepllm_defaults(se_model * m) {
         if (i < 0) continue;
         int r = se_gguf_int(&m->gguf, i, 0, &v);
         if (r != SE_OK) return r;
-        if (v < 0 || v > (1 << 24)) return se_error(SE_ERR_FORMAT, "%s: '%s' = %lld is out of range", m->gguf.path, keys[k], (long long) v);
+        const int64_t lo = k >= 2 ? 1 : 0;  // a window and a cache of at least one cell (n_init, n_sep may be 0)
+        if (v < lo || v > (1 << 24)) {
+            return se_error(SE_ERR_FORMAT, "%s: '%s' = %lld is out of range [%lld, %d]", m->gguf.path, keys[k], (long long) v,
+                            (long long) lo, 1 << 24);
+        }
         m->sepllm[k] = (int32_t) v;
     }
     return SE_OK;

@@ -40,7 +40,9 @@ static int check(const se_sampler_params * p) {
     if (!(p->repeat_penalty > 0 && isfinite(p->repeat_penalty))) {
         return se_error(SE_ERR_INVALID_ARGUMENT, "repeat_penalty must be a finite number > 0, got %g", p->repeat_penalty);
     }
-    if (p->repeat_last_n < 0) return se_error(SE_ERR_INVALID_ARGUMENT, "repeat_last_n must be >= 0, got %d", p->repeat_last_n);
+    if (p->repeat_last_n < 0 || p->repeat_last_n > (1 << 24)) {
+        return se_error(SE_ERR_INVALID_ARGUMENT, "repeat_last_n must be in [0, 16777216], got %d", p->repeat_last_n);
+    }
     return SE_OK;
 }
 
@@ -145,10 +147,17 @@ int se_sampler_sample(se_sampler * s, const float * logits, int32_t * token) {
     const se_sampler_params * p = &s->params;
     candidate * c = s->cand;
     int32_t n = s->n_vocab;
+    // NaN compares false and +inf would win every comparison (and make softmax NaN): both mean the
+    // numbers upstream went wrong. -inf is a legitimate "never this token", unless every logit is.
+    bool any_finite = false;
     for (int32_t i = 0; i < n; i++) {
-        if (logits[i] != logits[i]) return se_error(SE_ERR_INVALID_ARGUMENT, "logit %d is NaN", i);
+        if (isnan(logits[i]) || logits[i] == INFINITY) {
+            return se_error(SE_ERR_NUMERICAL, "logit %d is %s", i, isnan(logits[i]) ? "NaN" : "+inf");
+        }
+        any_finite |= logits[i] != -INFINITY;
         c[i] = (candidate) {i, logits[i], 0};
     }
+    if (!any_finite) return se_error(SE_ERR_NUMERICAL, "every logit is -inf: no token can be drawn");
     // repeat penalty: each token in the recent history once
     if (p->repeat_penalty != 1.0f) {
         for (int32_t i = 0; i < s->n_history; i++) {
