@@ -392,7 +392,7 @@ int se_cache_get_cells(const se_context * ctx, int32_t * tokens, int32_t * posit
 // ---------------------------------------------------------------------------------------------
 // embeddings: the final hidden states (after the output norm, as llama.cpp's embeddings), pooled
 
-int se_embeddings_enable(se_context * ctx, int32_t enable) {
+static int embeddings_enable_unlocked(se_context * ctx, int32_t enable) {
     if (!ctx) return se_error(SE_ERR_INVALID_ARGUMENT, "se_embeddings_enable: context is NULL");
     if (ctx->backend != &se_backend_cpu) return se_error(SE_ERR_UNSUPPORTED, "embeddings are not available on the %s backend", ctx->backend->name);
     se_embd * e = &ctx->embd;
@@ -432,7 +432,7 @@ void se_embd_collect(se_context * ctx, const float * x, int32_t n) {
     e->n += n;
 }
 
-int se_embeddings_get(const se_context * ctx, int32_t pooling, float * out, int32_t n_embd) {
+static int embeddings_get_unlocked(const se_context * ctx, int32_t pooling, float * out, int32_t n_embd) {
     if (!ctx || !out) return se_error(SE_ERR_INVALID_ARGUMENT, "se_embeddings_get: NULL argument");
     if (n_embd != ctx->model->hp.n_embd) return se_error(SE_ERR_INVALID_ARGUMENT, "se_embeddings_get: the model has %d dimensions, not %d", ctx->model->hp.n_embd, n_embd);
     if (pooling != SE_POOLING_MEAN && pooling != SE_POOLING_LAST) return se_error(SE_ERR_INVALID_ARGUMENT, "unknown pooling %d", pooling);
@@ -472,7 +472,7 @@ static uint64_t state_bytes(const se_context * ctx, int64_t n_live) {
            2 * (uint64_t) ctx->model->hp.n_layer * (uint64_t) n_live * (uint64_t) ctx->kv.row * esize;
 }
 
-int se_state_size(const se_context * ctx, uint64_t * size) {
+static int state_size_unlocked(const se_context * ctx, uint64_t * size) {
     int r = state_backend(ctx, "se_state_size");
     if (r != SE_OK) return r;
     if (!size) return se_error(SE_ERR_INVALID_ARGUMENT, "se_state_size: size is NULL");
@@ -480,7 +480,7 @@ int se_state_size(const se_context * ctx, uint64_t * size) {
     return SE_OK;
 }
 
-int se_state_save(const se_context * ctx, void * buf, uint64_t size) {
+static int state_save_unlocked(const se_context * ctx, void * buf, uint64_t size) {
     int r = state_backend(ctx, "se_state_save");
     if (r != SE_OK) return r;
     const se_kv_cache * kv = &ctx->kv;
@@ -552,7 +552,7 @@ static int state_check(const se_context * ctx, const se_state_header * h, const 
     return SE_OK;
 }
 
-int se_state_load(se_context * ctx, const void * buf, uint64_t size) {
+static int state_load_unlocked(se_context * ctx, const void * buf, uint64_t size) {
     int r = state_backend(ctx, "se_state_load");
     if (r != SE_OK) return r;
     if (!buf || size < sizeof(se_state_header)) return se_error(SE_ERR_INVALID_ARGUMENT, "cache state: %llu bytes is too short", (unsigned long long) size);
@@ -606,3 +606,50 @@ int se_cuda_mul_mat(int32_t type, const void * w, int64_t rows, int64_t cols, co
     return se_error(SE_ERR_BACKEND, "this build of sepedge has no CUDA backend");
 }
 #endif
+
+// The calls above under the one-caller rule.
+
+int se_embeddings_enable(se_context * ctx, int32_t enable) {
+    if (!ctx) return se_error(SE_ERR_INVALID_ARGUMENT, "se_embeddings_enable: context is NULL");
+    int r = enter(ctx, "se_embeddings_enable");
+    if (r != SE_OK) return r;
+    r = embeddings_enable_unlocked(ctx, enable);
+    leave(ctx);
+    return r;
+}
+
+int se_embeddings_get(const se_context * ctx, int32_t pooling, float * out, int32_t n_embd) {
+    if (!ctx) return se_error(SE_ERR_INVALID_ARGUMENT, "se_embeddings_get: context is NULL");
+    int r = enter(ctx, "se_embeddings_get");
+    if (r != SE_OK) return r;
+    r = embeddings_get_unlocked(ctx, pooling, out, n_embd);
+    leave(ctx);
+    return r;
+}
+
+int se_state_size(const se_context * ctx, uint64_t * size) {
+    if (!ctx) return se_error(SE_ERR_INVALID_ARGUMENT, "se_state_size: context is NULL");
+    int r = enter(ctx, "se_state_size");
+    if (r != SE_OK) return r;
+    r = state_size_unlocked(ctx, size);
+    leave(ctx);
+    return r;
+}
+
+int se_state_save(const se_context * ctx, void * buf, uint64_t size) {
+    if (!ctx) return se_error(SE_ERR_INVALID_ARGUMENT, "se_state_save: context is NULL");
+    int r = enter(ctx, "se_state_save");
+    if (r != SE_OK) return r;
+    r = state_save_unlocked(ctx, buf, size);
+    leave(ctx);
+    return r;
+}
+
+int se_state_load(se_context * ctx, const void * buf, uint64_t size) {
+    if (!ctx) return se_error(SE_ERR_INVALID_ARGUMENT, "se_state_load: context is NULL");
+    int r = enter(ctx, "se_state_load");
+    if (r != SE_OK) return r;
+    r = state_load_unlocked(ctx, buf, size);
+    leave(ctx);
+    return r;
+}
