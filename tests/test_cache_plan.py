@@ -333,7 +333,7 @@ def test_bad_arguments_in_python():
             p.step(bad)
     with pytest.raises(InvalidArgumentError, match="evicted"):
         p.truncate(2)
-    with pytest.raises(InvalidArgumentError, match=">= 0"):
+    with pytest.raises(InvalidArgumentError, match=r"n_keep must be in \[0"):
         p.keep(-1)
     with pytest.raises(InvalidArgumentError, match="initial region"):
         p.keep(3)
