@@ -9,8 +9,11 @@
 // covers the most splits there can be and blocks past the live cells return at once, so the launch
 // does not depend on the step (CUDA graphs).
 //
-// Many tokens (prefill): a block takes 16 query rows (token, head) of one KV head and streams the
-// live cells through shared memory 64 at a time; Q K^T and P V run on the tensor cores.
+// Many tokens (prefill), head_dim 64 or 128: a block takes 64 query rows (token, head) of one KV head,
+// a warp 16 of them, and streams the live cells through shared memory 64 at a time; Q K^T, the
+// online softmax and P V stay in registers (mma.sync, FlashAttention-2's layout). The older WMMA
+// kernel (16 rows a block, scores through shared memory) remains behind SEPEDGE_CUDA_ATTN_MMA=0, and a
+// warp-per-row kernel serves other head sizes.
 //
 // Keys are stored rotated with their original position; a cell with a delta (positions within the
 // cache) has its key rotated by the delta as it is read (se-cuda-rope.cuh, tables from se-cuda-rope.cu).
