@@ -74,10 +74,6 @@ for phase in "$@"; do
                    /tmp/models/llama3-8b-q4_0.gguf /tmp/models/llama3-8b-q4_k_m.gguf --out "$OUT/cuda_bench_8b.json" ${BENCH_ARGS:-} ;;
         benchsmol) models smol && wait_llama && python3 benchmarks/cuda_bench.py --llama-bench /tmp/llama-build/bin/llama-bench \
                    /tmp/models/smollm2-135m-q4_0.gguf --out "$OUT/cuda_bench_smol.json" ${BENCH_ARGS_SMOL:-} ;;
-        mvu) models 8b  # the decode products with 1, 2, 4 blocks in flight per lane (SEPEDGE_CUDA_MV_U)
-             for m in /tmp/models/llama3-8b-*.gguf; do for u in 1 2 4; do
-                 echo "SEPEDGE_CUDA_MV_U=$u"; SEPEDGE_CUDA_MV_U=$u SEPEDGE_CUDA_TIMING=1 python3 benchmarks/cuda_profile.py $m --steps 16
-             done; done 2>&1 | tee $OUT/mvu.log ;;
         profile) models ${PROFILE_MODELS:-smol}
                  for m in /tmp/models/*.gguf; do
                      [ -n "${ONLY_MODELS:-}" ] && [[ " $ONLY_MODELS " != *" $(basename $m .gguf) "* ]] && continue

@@ -9,14 +9,19 @@
 // covers the most splits there can be and blocks past the live cells return at once, so the launch
 // does not depend on the step (CUDA graphs).
 //
-// Many tokens (prefill): a block takes 16 query rows (token, head) of one KV head and streams the
-// live cells through shared memory 64 at a time; Q K^T and P V run on the tensor cores.
+// Many tokens (prefill), head_dim 64 or 128: a block takes 64 query rows (token, head) of one KV head,
+// a warp 16 of them, and streams the live cells through shared memory 64 at a time; Q K^T, the
+// online softmax and P V stay in registers (mma.sync, FlashAttention-2's layout). The older WMMA
+// kernel (16 rows a block, scores through shared memory) remains behind SEPEDGE_CUDA_ATTN_MMA=0, and a
+// warp-per-row kernel serves other head sizes.
 //
 // Keys are stored rotated with their original position; a cell with a delta (positions within the
 // cache) has its key rotated by the delta as it is read (se-cuda-rope.cuh, tables from se-cuda-rope.cu).
 #include "se-cuda-rope.cuh"
 
 #include <mma.h>
+#include <stdlib.h>
+#include <string.h>
 
 // Whether the query at position p sees the cell (se_kv_visible on the host).
 __device__ __forceinline__ bool visible(const se_dcell & c, int p, int floor, int mode, int n_local) {
@@ -569,10 +574,221 @@ __global__ void k_attn_rows(const se_dattn a, int32_t n) {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// many tokens, head_dim 64 or 128: mma.sync m16n8k16 (f16 in, f32 accumulation) with the scores,
+// the online softmax and the output in registers, as FlashAttention-2 lays it out (facts, not code):
+// a block takes 64 query rows (token, head) of one KV head, a warp 16 of them; each tile of 64 cells
+// (keys rotated by their deltas, values) goes through shared memory once for all 64 rows. The
+// scores' accumulator layout is the A-operand layout of the next product, so P never leaves
+// registers; V's fragments come transposed by ldmatrix. Tiles after every query of the block are
+// skipped (causal).
+
+#define FA_WARPS 4
+#define FA_ROWS (16 * FA_WARPS)
+#define FA_CELLS 64
+
+__device__ __forceinline__ uint32_t pack_half2(float a, float b) {
+    const __half2 h = __floats2half2_rn(a, b);
+    return *(const uint32_t *) &h;
+}
+
+__device__ __forceinline__ void mma_f16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void * p) {
+    const unsigned s = (unsigned) __cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(s));
+}
+
+template <int D>
+__global__ void __launch_bounds__(FA_WARPS * 32) k_attn_prefill_mma(const se_dattn a, int32_t n) {
+    constexpr int LD = D + 8;         // f16 row stride of the tiles: 16-byte rows, fragment loads in distinct banks
+    constexpr int KS = D / 16;        // k-steps of Q K^T
+    constexpr int NT = FA_CELLS / 8;  // score tiles of 8 cells
+    constexpr int DT = D / 8;         // output tiles of 8 dimensions
+    __shared__ __align__(16) __half ks[FA_CELLS * LD];
+    __shared__ __align__(16) __half vs[FA_CELLS * LD];
+    __shared__ se_dcell cells[FA_CELLS];
+    __shared__ int s_pmax[FA_WARPS];
+
+    const int group = a.n_head / a.n_head_kv, hk = blockIdx.y;
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, tig = lane % 4;
+    const int n_rows = n * group, n_live = a.step->n_live, mode = a.step->mode, n_local = a.step->n_local;
+    const int64_t row = (int64_t) a.n_head_kv * D;
+
+    // this thread's two query rows (g and g + 8 of its warp's 16): position, sepllm floor, output row
+    int rp[2], rf[2];
+    int64_t ro[2];
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        const int R = blockIdx.x * FA_ROWS + warp * 16 + g + 8 * h;
+        const bool ok = R < n_rows;
+        rp[h] = ok ? a.pos[R / group] : -1;
+        rf[h] = ok ? a.floor[R / group] : 0;
+        ro[h] = ok ? ((int64_t) (R / group) * a.n_head + hk * group + R % group) * D : -1;
+    }
+    // the queries, scaled, as A fragments: a0 (g, 2 tig..), a1 (g + 8, 2 tig..), a2 / a3 the same 8 on
+    uint32_t qf[KS][4];
+#pragma unroll
+    for (int kk = 0; kk < KS; kk++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const int h = e % 2, col = 16 * kk + 2 * tig + 8 * (e / 2);
+            float x0 = 0, x1 = 0;
+            if (ro[h] >= 0) {
+                const float2 q2 = *(const float2 *) (a.q + ro[h] + col);
+                x0 = q2.x * a.scale;
+                x1 = q2.y * a.scale;
+            }
+            qf[kk][e] = pack_half2(x0, x1);
+        }
+    int pm = max(rp[0], rp[1]);
+    for (int off = 16; off > 0; off >>= 1) pm = max(pm, __shfl_xor_sync(0xffffffffu, pm, off));
+    if (lane == 0) s_pmax[warp] = pm;
+
+    float o[DT][4], m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int dt = 0; dt < DT; dt++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) o[dt][e] = 0.0f;
+
+    for (int j0 = 0; j0 < n_live; j0 += FA_CELLS) {
+        __syncthreads();  // the previous tile is done with ks, vs, cells (and s_pmax is written)
+        int p_max = s_pmax[0];
+#pragma unroll
+        for (int w = 1; w < FA_WARPS; w++) p_max = max(p_max, s_pmax[w]);
+        bool seen = false;
+        if (tid < FA_CELLS) {
+            se_dcell c = {-1, 0, 0, -1};
+            if (j0 + tid < n_live) c = a.live[j0 + tid];
+            cells[tid] = c;
+            seen = c.cell >= 0 && c.pos + c.delta <= p_max;
+        }
+        if (!__syncthreads_or(seen)) continue;  // every cell of the tile comes after every query
+        for (int idx = tid; idx < FA_CELLS * DT; idx += FA_WARPS * 32) {  // 8 dimensions (16 bytes) at a time
+            const int ci = idx / DT, jd = 8 * (idx % DT);
+            const se_dcell c = cells[ci];
+            int4 kq = make_int4(0, 0, 0, 0), vq = kq;
+            if (c.cell >= 0) {
+                const __half * kr = a.k + (int64_t) c.cell * row + (int64_t) hk * D;
+                kq = *(const int4 *) (kr + jd);
+                vq = *(const int4 *) (a.v + (int64_t) c.cell * row + (int64_t) hk * D + jd);
+                if (c.delta != 0) {  // rotated by the cell's delta as it is read
+                    float k8[8];
+                    load8(kr + jd, k8);
+                    rope_rotate8(k8, kr, jd, D, a.dtab + (int64_t) c.cell * (D / 2), a.rope_type);
+                    __half2 * h2 = (__half2 *) &kq;
+#pragma unroll
+                    for (int e = 0; e < 4; e++) h2[e] = __floats2half2_rn(k8[2 * e], k8[2 * e + 1]);
+                }
+            }
+            *(int4 *) (ks + ci * LD + jd) = kq;
+            *(int4 *) (vs + ci * LD + jd) = vq;
+        }
+        __syncthreads();
+
+        // scores S = Q K^T: B fragments b0 = K[cell 8 nt + g][dims 16 kk + 2 tig ..], b1 8 dims on
+        float sc[NT][4];
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) sc[nt][e] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < KS; kk++)
+#pragma unroll
+            for (int nt = 0; nt < NT; nt++) {
+                const __half * kp = ks + (nt * 8 + g) * LD + 16 * kk + 2 * tig;
+                mma_f16(sc[nt], qf[kk], *(const uint32_t *) kp, *(const uint32_t *) (kp + 8));
+            }
+        // mask, online softmax (a row's 64 scores lie in the 4 threads of a quad)
+        float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int h = e / 2;
+                const se_dcell c = cells[nt * 8 + 2 * tig + e % 2];
+                const bool ok = rp[h] >= 0 && c.cell >= 0 && visible(c, rp[h], rf[h], mode, n_local);
+                sc[nt][e] = ok ? sc[nt][e] : -INFINITY;
+                mx[h] = fmaxf(mx[h], sc[nt][e]);
+            }
+        float alpha[2], ls[2] = {0.0f, 0.0f};
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
+            mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
+            const float mn = fmaxf(m[h], mx[h]);
+            alpha[h] = mn == -INFINITY ? 1.0f : __expf(m[h] - mn);
+            m[h] = mn;
+        }
+        uint32_t pf[NT / 2][4];  // P as A fragments of the k-steps of 16 cells
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) {
+            float p[4];
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                p[e] = sc[nt][e] == -INFINITY ? 0.0f : __expf(sc[nt][e] - m[e / 2]);
+                ls[e / 2] += p[e];
+            }
+            pf[nt / 2][2 * (nt % 2)] = pack_half2(p[0], p[1]);      // row g
+            pf[nt / 2][2 * (nt % 2) + 1] = pack_half2(p[2], p[3]);  // row g + 8
+        }
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            ls[h] += __shfl_xor_sync(0xffffffffu, ls[h], 1);
+            ls[h] += __shfl_xor_sync(0xffffffffu, ls[h], 2);
+            l[h] = l[h] * alpha[h] + ls[h];
+        }
+#pragma unroll
+        for (int dt = 0; dt < DT; dt++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) o[dt][e] *= alpha[e / 2];
+        // O += P V: ldmatrix.trans gives b0 = V[cells 2 tig, 2 tig + 1][dim g] of each 8 x 8 block
+#pragma unroll
+        for (int j = 0; j < NT / 2; j++)
+#pragma unroll
+            for (int dt = 0; dt < DT; dt += 2) {
+                uint32_t b[4];
+                const int mi = lane / 8;
+                ldmatrix_x4_trans(b, vs + (16 * j + 8 * (mi % 2) + lane % 8) * LD + 8 * (dt + mi / 2));
+                mma_f16(o[dt], pf[j], b[0], b[1]);
+                mma_f16(o[dt + 1], pf[j], b[2], b[3]);
+            }
+    }
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        if (ro[h] < 0) continue;
+        const float inv = l[h] > 0 ? 1.0f / l[h] : 0.0f;
+#pragma unroll
+        for (int dt = 0; dt < DT; dt++)
+            *(float2 *) (a.out + ro[h] + 8 * dt + 2 * tig) = make_float2(o[dt][2 * h] * inv, o[dt][2 * h + 1] * inv);
+    }
+}
+
+// SEPEDGE_CUDA_ATTN_MMA=0: the WMMA kernel above instead (kept as the reference path).
+static bool attn_mma() {
+    static int on = -1;
+    if (on < 0) {
+        const char * env = getenv("SEPEDGE_CUDA_ATTN_MMA");
+        on = !(env && !strcmp(env, "0"));
+    }
+    return on;
+}
+
 int se_cuda_attention_prefill(const se_dattn * a, int32_t n, cudaStream_t s) {
     const int group = a->n_head / a->n_head_kv;
     const dim3 grid((unsigned) ((n * group + PF_ROWS - 1) / PF_ROWS), (unsigned) a->n_head_kv);
-    if (a->head_dim == 128) {
+    const dim3 grid_mma((unsigned) ((n * group + FA_ROWS - 1) / FA_ROWS), (unsigned) a->n_head_kv);
+    if (attn_mma() && a->head_dim == 128) {
+        k_attn_prefill_mma<128><<<grid_mma, FA_WARPS * 32, 0, s>>>(*a, n);
+    } else if (attn_mma() && a->head_dim == 64) {
+        k_attn_prefill_mma<64><<<grid_mma, FA_WARPS * 32, 0, s>>>(*a, n);
+    } else if (a->head_dim == 128) {
         k_attn_prefill<128><<<grid, 128, 0, s>>>(*a, n);
     } else if (a->head_dim == 64) {
         k_attn_prefill<64><<<grid, 128, 0, s>>>(*a, n);
@@ -594,7 +810,8 @@ void se_cuda_attention_init() {
     carveout_decode<64, 1>(), carveout_decode<64, 2>(), carveout_decode<64, 4>(), carveout_decode<64, 8>();
     carveout_decode<128, 1>(), carveout_decode<128, 2>(), carveout_decode<128, 4>(), carveout_decode<128, 8>();
     const void * kernels[] = {(const void *) k_attn_split, (const void *) k_attn_merge,
-                              (const void *) k_attn_prefill<64>, (const void *) k_attn_prefill<128>, (const void *) k_attn_rows};
+                              (const void *) k_attn_prefill<64>, (const void *) k_attn_prefill<128>,
+                              (const void *) k_attn_prefill_mma<64>, (const void *) k_attn_prefill_mma<128>, (const void *) k_attn_rows};
     for (const void * k : kernels) cudaFuncSetAttribute(k, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
     cudaGetLastError();
 }

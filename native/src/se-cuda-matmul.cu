@@ -183,24 +183,14 @@ static int rows_per_block(int64_t rows, bool swiglu) {
     return rpb;
 }
 
-// Blocks a lane has in flight per row: SEPEDGE_CUDA_MV_U = 1, 2 (default) or 4. More blocks in
-// flight per lane cost registers, so fewer warps a multiprocessor (80, ~120, 161 registers).
-static int mv_unroll() {
-    static int u = 0;
-    if (!u) {
-        const char * env = getenv("SEPEDGE_CUDA_MV_U");
-        u = env && !strcmp(env, "1") ? 1 : env && !strcmp(env, "4") ? 4 : 2;
-    }
-    return u;
-}
+// Blocks a lane has in flight per row. Measured on an H200 (benchmarks/results/cuda_kernels_log.md):
+// 2 beats 1 (fewer loads in flight) and 4 (161 registers: one block a multiprocessor).
+#define MV_UNROLL 2
 
 static int launch(mv_args & a, int64_t rows, size_t smem, cudaStream_t s) {
     a.rows_per_block = rows_per_block(rows, a.swiglu);
     const unsigned grid = (unsigned) ((rows + a.rows_per_block - 1) / a.rows_per_block);
-    const int u = mv_unroll();
-    if (u == 1) k_matvec<1><<<grid, 256, smem, s>>>(a);
-    else if (u == 2) k_matvec<2><<<grid, 256, smem, s>>>(a);
-    else k_matvec<4><<<grid, 256, smem, s>>>(a);
+    k_matvec<MV_UNROLL><<<grid, 256, smem, s>>>(a);
     SE_CUDA_CHECK(cudaGetLastError());
     return SE_OK;
 }
@@ -323,7 +313,7 @@ int se_cuda_matmul(const se_mm_out * o, const float * x, int32_t n, cudaStream_t
 }
 
 void se_cuda_matmul_init() {
-    const void * kernels[] = {(const void *) k_matvec<1>, (const void *) k_matvec<2>, (const void *) k_matvec<4>, (const void *) k_matmul};
+    const void * kernels[] = {(const void *) k_matvec<MV_UNROLL>, (const void *) k_matmul};
     for (const void * k : kernels) cudaFuncSetAttribute(k, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
     cudaGetLastError();
 }

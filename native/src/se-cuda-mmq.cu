@@ -14,7 +14,8 @@
 // A fragments are assembled in registers from them (for Q4_0 one 32-bit word of codes gives both
 // the low-nibble fragment, values 4k.., and the high-nibble one, values 16 + 4k..). A block of 256
 // threads computes 128 rows x BN tokens, K in tiles of 256 values (a K-quant superblock), with a
-// three-stage cp.async pipeline (the copy of tile k + 2 runs under the products of tile k). Scale
+// three-stage cp.async pipeline (the copy of tile k + 2 runs under the products of tile k; two
+// stages measured no faster on an H200). Scale
 // planes have rows padded to 16 bytes on upload (se-cuda-weights.cu), so every copy is aligned.
 #include "se-cuda-quants.cuh"
 
@@ -25,8 +26,8 @@
 #define MMQ_BK 256      // values of K a tile
 #define MMQ_KB (MMQ_BK / 32)
 #define MMQ_XLD (MMQ_BK + 16)  // activation row stride in shared memory: conflict-free fragment loads
-#define MMQ_STAGES 3
 #define MMQ_THREADS 256
+#define MMQ_STAGES 3
 
 // Per type: code bytes of a row per K tile (QROW), their shared-memory stride (QLD, chosen so that
 // the 8 rows of a fragment load fall in distinct banks), scale bytes of a row per tile (SROW) and
@@ -261,21 +262,17 @@ bool se_cuda_has_mmq(int32_t type) {
 }
 
 template <int T, int BN>
-static void attributes() {
-    cudaFuncSetAttribute(k_mmq<T, BN>, cudaFuncAttributeMaxDynamicSharedMemorySize, MMQ_STAGES * mmq_layout<T, BN>::BYTES);
-    cudaFuncSetAttribute(k_mmq<T, BN>, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
-}
-
-template <int T, int BN>
 static int launch_mmq(const se_mm_out * o, se_dact act, int32_t n, cudaStream_t s) {
+    constexpr int smem = MMQ_STAGES * mmq_layout<T, BN>::BYTES;
     static bool ready = false;  // more than 48 KiB of shared memory must be asked for, once a kernel
     if (!ready) {
-        attributes<T, BN>();
+        cudaFuncSetAttribute(k_mmq<T, BN>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+        cudaFuncSetAttribute(k_mmq<T, BN>, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
         SE_CUDA_CHECK(cudaGetLastError());
         ready = true;
     }
     const dim3 grid((unsigned) ((o->w.rows + MMQ_BM - 1) / MMQ_BM), (unsigned) ((n + BN - 1) / BN));
-    k_mmq<T, BN><<<grid, MMQ_THREADS, MMQ_STAGES * mmq_layout<T, BN>::BYTES, s>>>(*o, act, n);
+    k_mmq<T, BN><<<grid, MMQ_THREADS, smem, s>>>(*o, act, n);
     SE_CUDA_CHECK(cudaGetLastError());
     return SE_OK;
 }
@@ -304,11 +301,3 @@ bool se_cuda_mmq_enabled() {
     return !(env && !strcmp(env, "0"));
 }
 
-void se_cuda_mmq_init() {
-    attributes<SE_TYPE_Q4_0, 32>(), attributes<SE_TYPE_Q4_0, 64>();
-    attributes<SE_TYPE_Q4_1, 32>(), attributes<SE_TYPE_Q4_1, 64>();
-    attributes<SE_TYPE_Q8_0, 32>(), attributes<SE_TYPE_Q8_0, 64>();
-    attributes<SE_TYPE_Q4_K, 32>(), attributes<SE_TYPE_Q4_K, 64>();
-    attributes<SE_TYPE_Q6_K, 32>(), attributes<SE_TYPE_Q6_K, 64>();
-    cudaGetLastError();
-}

@@ -204,8 +204,7 @@ struct qrows {
 // Each lane issues the loads of MV_U of its blocks (of every row) before it uses any of them: a
 // decode product is bound by how many bytes are in flight, and the rows of a layer are too few for
 // the warps alone to keep enough in flight (4096 rows: 2048 warps for 132 multiprocessors).
-// MV_U is a template parameter of the decode kernels (SEPEDGE_CUDA_MV_U, se-cuda-matmul.cu; the
-// measured comparison is in benchmarks/results/cuda_kernels_log.md).
+// MV_U is a template parameter of the decode kernels (se-cuda-matmul.cu's MV_UNROLL).
 
 // Q4_0 / Q4_1: a lane takes whole blocks, 16 code bytes in one load.
 template <bool MIN, int NR, int MV_U>

@@ -98,7 +98,6 @@ static void kernels_init() {
     done = true;
     se_cuda_attention_init();
     se_cuda_matmul_init();
-    se_cuda_mmq_init();
     se_cuda_elementwise_init();
     se_cuda_rope_init();
 }

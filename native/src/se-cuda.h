@@ -193,7 +193,6 @@ bool se_cuda_decode_fused(int32_t head_dim);
 // Kernel attributes, once a process (se-cuda.cu calls them).
 void se_cuda_attention_init();
 void se_cuda_matmul_init();
-void se_cuda_mmq_init();
 
 // SEPEDGE_CUDA_TIMING (se-cuda-timing.cu): CUDA events between the launches of one-token passes,
 // summed per kernel name and printed when the context is freed.
