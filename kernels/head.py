@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .quants import BLOCKS, dequant_tile, dequantize_ref, row_bytes, weight_view
+from .quants import BLOCKS, LAYOUT, dequant_tile, dequantize_ref, row_bytes, weight_view
 
 
 @triton.jit
@@ -20,7 +20,8 @@ def head_kernel(
     N, K,  # W is (n_vocab, n_embd) logical
     stride_x, stride_y,
     eps,
-    QTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    QTYPE: tl.constexpr, QK: tl.constexpr, SUBS: tl.constexpr, RUN: tl.constexpr,  # quants.LAYOUT
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NB: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     t = tl.program_id(1)
@@ -31,17 +32,22 @@ def head_kernel(
         ss += x * x
     rstd = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / K + eps)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
+    r4 = rows[:, None, None, None]
+    blocks = tl.arange(0, NB)[None, :, None, None]
+    sub = tl.arange(0, SUBS)[None, None, :, None]
+    l = tl.arange(0, RUN)[None, None, None, :]
+    acc = tl.zeros([BLOCK_N, NB, SUBS, RUN], dtype=tl.float32)
+    for b0 in range(0, tl.cdiv(K, QK), NB):
+        cols = (b0 + blocks) * QK + sub * RUN + l
         x = tl.load(X + t * stride_x + cols, mask=cols < K, other=0.0).to(tl.float32)
         x = x * tl.load(NORM + cols, mask=cols < K, other=0.0).to(tl.float32)
-        acc += dequant_tile(W, rows[:, None], cols[None, :], N, K, QTYPE) * x[None, :]
-    tl.store(LOGITS + t * stride_y + rows, tl.sum(acc, axis=1) * rstd, mask=rows < N)
+        acc += dequant_tile(W, r4, b0 + blocks, sub, l, N, K, QTYPE, QK, RUN) * x
+    y = tl.sum(tl.sum(tl.sum(acc, axis=3), axis=2), axis=1)
+    tl.store(LOGITS + t * stride_y + rows, y * rstd, mask=rows < N)
 
 
 def head(w: torch.Tensor, qtype: int, x: torch.Tensor, norm: torch.Tensor, eps: float,
-         block_n: int = 32, block_k: int = 256) -> torch.Tensor:
+         block_n: int = 8, block_k: int = 512) -> torch.Tensor:
     """Logits of the rows of x.
 
     w: (n_vocab, row_bytes) uint8 GGUF bytes (output.weight, or token_embd.weight when tied);
@@ -53,8 +59,10 @@ def head(w: torch.Tensor, qtype: int, x: torch.Tensor, norm: torch.Tensor, eps: 
     x = x.contiguous()
     y = torch.empty(T, N, dtype=torch.float32, device=x.device)
     if T:
+        QK, SUBS, RUN = LAYOUT[qtype]
         head_kernel[(triton.cdiv(N, block_n), T)](y, weight_view(w, qtype), x, norm.contiguous(), N, K, x.stride(0),
-                                                  y.stride(0), eps, QTYPE=qtype, BLOCK_N=block_n, BLOCK_K=block_k)
+                                                  y.stride(0), eps, QTYPE=qtype, QK=QK, SUBS=SUBS, RUN=RUN,
+                                                  BLOCK_N=block_n, BLOCK_K=block_k, NB=max(1, block_k // QK))
     return y
 
 

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .quants import BLOCKS, dequant_tile, dequantize_ref, row_bytes, weight_view
+from .quants import BLOCKS, LAYOUT, dequant_tile, dequantize_ref, row_bytes, weight_view
 
 
 @triton.jit
@@ -20,28 +20,35 @@ def matvec_kernel(
     Y, W, X, BIAS,  # pointers
     N, K,  # W is (N, K) logical
     stride_x, stride_y,
-    QTYPE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    QTYPE: tl.constexpr, QK: tl.constexpr, SUBS: tl.constexpr, RUN: tl.constexpr,  # quants.LAYOUT
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr,  # NB blocks of QK values per step
 ):
     pid_n = tl.program_id(0)
     t = tl.program_id(1)  # activation row
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)  # reduced once at the end
-    for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
+    # tiles are (rows, blocks, runs, values): scales load per run, codes per value
+    r4 = rows[:, None, None, None]
+    blocks = tl.arange(0, NB)[None, :, None, None]
+    sub = tl.arange(0, SUBS)[None, None, :, None]
+    l = tl.arange(0, RUN)[None, None, None, :]
+    acc = tl.zeros([BLOCK_N, NB, SUBS, RUN], dtype=tl.float32)  # reduced once at the end
+    for b0 in range(0, tl.cdiv(K, QK), NB):
+        cols = (b0 + blocks) * QK + sub * RUN + l
         x = tl.load(X + t * stride_x + cols, mask=cols < K, other=0.0).to(tl.float32)
-        acc += dequant_tile(W, rows[:, None], cols[None, :], N, K, QTYPE) * x[None, :]
-    y = tl.sum(acc, axis=1)
+        acc += dequant_tile(W, r4, b0 + blocks, sub, l, N, K, QTYPE, QK, RUN) * x
+    y = tl.sum(tl.sum(tl.sum(acc, axis=3), axis=2), axis=1)
     if HAS_BIAS:
         y += tl.load(BIAS + rows, mask=rows < N, other=0.0)
     tl.store(Y + t * stride_y + rows, y, mask=rows < N)
 
 
 def matvec(w: torch.Tensor, qtype: int, x: torch.Tensor, bias: torch.Tensor | None = None,
-           block_n: int = 16, block_k: int = 256) -> torch.Tensor:
+           block_n: int = 4, block_k: int | None = None) -> torch.Tensor:
     """y = x @ W.T (+ bias) for decode.
 
     w: (N, row_bytes) uint8 GGUF bytes of a (N, K) weight; x: (T, K) float; bias: (N,) float32 or None
-    -> (T, N) float32. One program per BLOCK_N rows and activation row."""
+    -> (T, N) float32. One program per BLOCK_N rows and activation row, block_k values (at least one
+    block) per step."""
     T, K = x.shape
     N = w.shape[0]
     assert K % BLOCKS[qtype][0] == 0, "K must be a whole number of blocks"
@@ -50,9 +57,13 @@ def matvec(w: torch.Tensor, qtype: int, x: torch.Tensor, bias: torch.Tensor | No
     y = torch.empty(T, N, dtype=torch.float32, device=x.device)
     if bias is not None:
         assert bias.shape == (N,) and bias.dtype == torch.float32
+    QK, SUBS, RUN = LAYOUT[qtype]
+    if block_k is None:  # the best of a sweep on the H200 (benchmarks/results/triton_kernels.md)
+        block_k = 1024 if QK == 32 else 512
     grid = (triton.cdiv(N, block_n), T)
     matvec_kernel[grid](y, weight_view(w, qtype), x, bias if bias is not None else y, N, K, x.stride(0), y.stride(0),
-                        QTYPE=qtype, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k)
+                        QTYPE=qtype, QK=QK, SUBS=SUBS, RUN=RUN, HAS_BIAS=bias is not None, BLOCK_N=block_n,
+                        NB=max(1, block_k // QK))
     return y
 
 
