@@ -47,7 +47,7 @@ def head_kernel(
 
 
 def head(w: torch.Tensor, qtype: int, x: torch.Tensor, norm: torch.Tensor, eps: float,
-         block_n: int = 8, block_k: int = 512) -> torch.Tensor:
+         block_n: int | None = None, block_k: int = 512) -> torch.Tensor:
     """Logits of the rows of x.
 
     w: (n_vocab, row_bytes) uint8 GGUF bytes (output.weight, or token_embd.weight when tied);
@@ -60,9 +60,10 @@ def head(w: torch.Tensor, qtype: int, x: torch.Tensor, norm: torch.Tensor, eps: 
     y = torch.empty(T, N, dtype=torch.float32, device=x.device)
     if T:
         QK, SUBS, RUN = LAYOUT[qtype]
+        block_n = block_n or (8 if x.is_cuda else min(256, triton.next_power_of_2(N)))  # interpreter: see matvec
         head_kernel[(triton.cdiv(N, block_n), T)](y, weight_view(w, qtype), x, norm.contiguous(), N, K, x.stride(0),
                                                   y.stride(0), eps, QTYPE=qtype, QK=QK, SUBS=SUBS, RUN=RUN,
-                                                  BLOCK_N=block_n, BLOCK_K=block_k, NB=max(1, block_k // QK))
+                                                  BLOCK_N=block_n, BLOCK_K=block_k, NB=max(1, min(block_k, triton.next_power_of_2(K)) // QK))
     return y
 
 

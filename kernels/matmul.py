@@ -51,7 +51,7 @@ def matmul_kernel(
 
 
 def matmul(w: torch.Tensor, qtype: int, x: torch.Tensor, bias: torch.Tensor | None = None,
-           block_m: int | None = None, block_n: int | None = None, block_k: int = 64) -> torch.Tensor:
+           block_m: int | None = None, block_n: int | None = None, block_k: int | None = None) -> torch.Tensor:
     """Y = X @ W.T (+ bias) for prefill.
 
     w: (N, row_bytes) uint8 GGUF bytes of a (N, K) weight; x: (M, K) float; bias: (N,) float32 or None
@@ -65,10 +65,11 @@ def matmul(w: torch.Tensor, qtype: int, x: torch.Tensor, bias: torch.Tensor | No
     if bias is not None:
         assert bias.shape == (N,) and bias.dtype == torch.float32
     QK, SUBS, RUN = LAYOUT[qtype]
-    block_k = max(block_k, QK)  # whole blocks per step
+    # the interpreter runs one program at a time in Python: few, large tiles there
+    block_k = max(block_k or (64 if x.is_cuda else 256), QK)  # whole blocks per step
     # defaults: the best of a sweep on the H200; K-quant tiles of 256 values leave room for 64 x 64
-    block_m = block_m or (128 if QK == 32 else 64)
-    block_n = block_n or (128 if qtype in (F16, BF16) else 64)
+    block_m = block_m or min(128 if QK == 32 else 64, max(16, triton.next_power_of_2(M)))  # short chunks: less padding
+    block_n = block_n or (128 if qtype in (F16, BF16) or not x.is_cuda else 64)
     assert min(block_m, block_n, block_k) >= 16, "tl.dot needs tiles of at least 16"
     grid = (triton.cdiv(N, block_n), triton.cdiv(M, block_m))
     matmul_kernel[grid](y, weight_view(w, qtype), x, bias if bias is not None else y, M, N, K, x.stride(0),

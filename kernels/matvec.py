@@ -43,7 +43,7 @@ def matvec_kernel(
 
 
 def matvec(w: torch.Tensor, qtype: int, x: torch.Tensor, bias: torch.Tensor | None = None,
-           block_n: int = 4, block_k: int | None = None) -> torch.Tensor:
+           block_n: int | None = None, block_k: int | None = None) -> torch.Tensor:
     """y = x @ W.T (+ bias) for decode.
 
     w: (N, row_bytes) uint8 GGUF bytes of a (N, K) weight; x: (T, K) float; bias: (N,) float32 or None
@@ -58,12 +58,14 @@ def matvec(w: torch.Tensor, qtype: int, x: torch.Tensor, bias: torch.Tensor | No
     if bias is not None:
         assert bias.shape == (N,) and bias.dtype == torch.float32
     QK, SUBS, RUN = LAYOUT[qtype]
-    if block_k is None:  # the best of a sweep on the H200 (benchmarks/results/triton_kernels.md)
+    if block_k is None:  # the best of a sweep on the H200 (benchmarks/results/triton_sweep.md)
         block_k = 1024 if QK == 32 else 512
+    # many small programs fill a GPU; the interpreter runs one program at a time in Python, so fewer
+    block_n = block_n or (4 if x.is_cuda else min(256, triton.next_power_of_2(N)))
     grid = (triton.cdiv(N, block_n), T)
     matvec_kernel[grid](y, weight_view(w, qtype), x, bias if bias is not None else y, N, K, x.stride(0), y.stride(0),
                         QTYPE=qtype, QK=QK, SUBS=SUBS, RUN=RUN, HAS_BIAS=bias is not None, BLOCK_N=block_n,
-                        NB=max(1, block_k // QK))
+                        NB=max(1, min(block_k, triton.next_power_of_2(K)) // QK))  # short rows: no padding
     return y
 
 

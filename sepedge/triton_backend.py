@@ -140,4 +140,6 @@ class TritonForward:
             x = x + self._project(ff, f"{blk}.ffn_down")
         self.n_past += T
         w, qtype, _ = self.w["output.weight"]
-        return K.head(w, qtype, x, self._vector("output_norm.weight"), self.eps)
+        if T <= 2:  # decode: the final norm fused into the vocabulary-wide product
+            return K.head(w, qtype, x, self._vector("output_norm.weight"), self.eps)
+        return K.matmul(w, qtype, K.rms_norm(x, self._vector("output_norm.weight"), self.eps))
