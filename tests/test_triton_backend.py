@@ -48,3 +48,20 @@ def test_logits_match_cpu_engine(gguf_path, spec, outtype):
     print(f"rel to reference {rel(got, ref):.3g}, to the CPU engine {rel(got, cpu):.3g}")
     assert rel(got, ref) <= MAX_REL_REFERENCE[outtype]
     assert rel(got, cpu) <= MAX_REL_CPU[outtype]
+
+
+def test_bad_input(gguf_path, monkeypatch):
+    from sepedge import BackendError, InvalidArgumentError
+    path = gguf_path("mha-d64", "f16")
+    fwd = TritonForward(path, n_cells=8, device=DEVICE)
+    with pytest.raises(InvalidArgumentError, match="exceed"):
+        fwd.decode(list(range(9)))
+    with pytest.raises(InvalidArgumentError, match="out of range"):
+        fwd.decode([fixtures.SPEC_BY_NAME["mha-d64"].n_vocab])
+    with pytest.raises(InvalidArgumentError, match="no tokens"):
+        fwd.decode([])
+    assert fwd.n_past == 0  # nothing was fed
+    if not CUDA:
+        monkeypatch.delenv("TRITON_INTERPRET")
+        with pytest.raises(BackendError, match="GPU"):
+            TritonForward(path)
