@@ -17,9 +17,8 @@ import torch
 import triton.runtime.errors
 import triton.testing
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from sepedge.kernels import matmul, matvec  # noqa: E402
-from sepedge.kernels.quants import BLOCKS, NAMES, row_bytes  # noqa: E402
+from sepedge.kernels import matmul, matvec  # installed, or a PYTHONPATH folder holding sepedge/kernels
+from sepedge.kernels.quants import BLOCKS, NAMES, row_bytes
 
 SHAPES = [(4096, 4096), (14336, 4096)]
 PREFILL_TOKENS = 512
