@@ -1,0 +1,21 @@
+"""Triton kernels of sepedge (shipped as sepedge.kernels): one file per op, each with its kernel, its
+launcher and a small torch reference. Weights are the raw GGUF bytes as uint8 tensors on the device.
+
+Needs torch and triton (`pip install sepedge[triton]`); runs on NVIDIA GPUs (sm_80, sm_90) and, with
+TRITON_INTERPRET=1 set before triton is imported, on CPU tensors through Triton's interpreter.
+"""
+
+from .attention_decode import attention_decode, attention_decode_ref
+from .attention_prefill import attention_prefill, attention_prefill_ref
+from .head import head, head_ref
+from .matmul import matmul, matmul_ref
+from .matvec import matvec, matvec_ref
+from .quants import BLOCKS, NAMES, dequantize, dequantize_ref, get_rows, row_bytes
+from .rms_norm import rms_norm, rms_norm_ref
+from .rope import NEOX, NORM, inv_freq, rope_, rope_ref
+from .swiglu import swiglu, swiglu_ref
+
+__all__ = ["BLOCKS", "NAMES", "NEOX", "NORM", "attention_decode", "attention_decode_ref", "attention_prefill",
+           "attention_prefill_ref", "dequantize", "dequantize_ref", "get_rows", "head", "head_ref", "inv_freq",
+           "matmul", "matmul_ref", "matvec", "matvec_ref", "rms_norm", "rms_norm_ref", "rope_", "rope_ref",
+           "row_bytes", "swiglu", "swiglu_ref"]

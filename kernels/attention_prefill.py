@@ -1,0 +1,104 @@
+"""Prefill attention, flash-attention style, over the live cells of the cache plus the chunk itself.
+
+The chunk's keys and values are written to their cells first; `cells` lists the n_past live cells
+every query of the chunk may read, then the chunk's own T cells in token order, so query t reads
+entries j <= n_past + t of the list (causal inside the chunk). Programs own BLOCK_M queries of one
+head and stream BLOCK_N keys at a time with an online softmax (Dao et al., FlashAttention-2), both
+products on tensor cores.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def attention_prefill_kernel(
+    OUT, Q, K, V, CELLS,  # pointers
+    T, n_past, rep,  # chunk length, live cells before the chunk, query heads per kv head
+    stride_qt, stride_qh, stride_kc, stride_kh, stride_vc, stride_vh, stride_ot, stride_oh,
+    qk_scale, D,
+    HALF: tl.constexpr,  # half-precision cache: f16 operands; else float32 operands at full precision
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    kvh = h // rep
+    t = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, BLOCK_D)
+    q = tl.load(Q + t[:, None] * stride_qt + h * stride_qh + d[None, :],
+                mask=(t[:, None] < T) & (d[None, :] < D), other=0.0).to(tl.float32) * qk_scale
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    n_keys = n_past + T
+    hi = tl.minimum(n_past + (pid_m + 1) * BLOCK_M, n_keys)  # the last query of the block sees no further
+    for j0 in range(0, hi, BLOCK_N):
+        j = j0 + tl.arange(0, BLOCK_N)
+        cell = tl.load(CELLS + j, mask=j < n_keys, other=0).to(tl.int64)
+        kv_mask = (j[:, None] < n_keys) & (d[None, :] < D)
+        k = tl.load(K + cell[:, None] * stride_kc + kvh * stride_kh + d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + cell[:, None] * stride_vc + kvh * stride_vh + d[None, :], mask=kv_mask, other=0.0)
+        if HALF:
+            scores = tl.dot(q.to(tl.float16), tl.trans(k.to(tl.float16)))
+        else:
+            scores = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
+        visible = (j[None, :] <= n_past + t[:, None]) & (j[None, :] < n_keys)
+        scores = tl.where(visible, scores, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, axis=1))
+        p = tl.exp2(scores - m_new[:, None])
+        alpha = tl.exp2(m - m_new)
+        if HALF:
+            acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), v.to(tl.float16))
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        l = l * alpha + tl.sum(p, axis=1)
+        m = m_new
+    tl.store(OUT + t[:, None] * stride_ot + h * stride_oh + d[None, :], acc / l[:, None],
+             mask=(t[:, None] < T) & (d[None, :] < D))
+
+
+def attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cells: torch.Tensor,
+                      n_past: int, block_m: int = 64, block_n: int = 64) -> torch.Tensor:
+    """Attention of a chunk of T tokens.
+
+    q: (T, n_head, head_dim) float (rotated); k_cache, v_cache: (n_cells, n_head_kv, head_dim) float16
+    or float32 holding the chunk's keys already; cells: (n_past + T,) int, the live cells then the
+    chunk's cells -> (T, n_head, head_dim) float32."""
+    T, H, D = q.shape
+    _, H_kv, Dk = k_cache.shape
+    assert Dk == D and v_cache.shape == k_cache.shape, "cache shapes must match the queries"
+    assert H % H_kv == 0, "query heads must be a multiple of kv heads"
+    assert k_cache.dtype in (torch.float16, torch.float32) and v_cache.dtype == k_cache.dtype
+    assert cells.shape == (n_past + T,), "cells: the n_past live cells, then the chunk's T cells"
+    assert q.stride(2) == 1 and k_cache.stride(2) == 1 and v_cache.stride(2) == 1, "heads must be contiguous"
+    assert min(block_m, block_n) >= 16, "tl.dot needs tiles of at least 16"
+    cells = cells.to(device=q.device, dtype=torch.int32).contiguous()
+    out = torch.empty(T, H, D, dtype=torch.float32, device=q.device)
+    if T:
+        grid = (triton.cdiv(T, block_m), H)
+        attention_prefill_kernel[grid](
+            out, q, k_cache, v_cache, cells, T, n_past, H // H_kv,
+            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
+            out.stride(0), out.stride(1), LOG2E / math.sqrt(D), D, HALF=k_cache.dtype == torch.float16,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(D)))
+    return out
+
+
+def attention_prefill_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cells: torch.Tensor,
+                          n_past: int) -> torch.Tensor:
+    """Masked softmax attention in q's dtype."""
+    T, H, D = q.shape
+    rep = H // k_cache.shape[1]
+    k = k_cache[cells.long()].to(q.dtype).repeat_interleave(rep, dim=1)
+    v = v_cache[cells.long()].to(q.dtype).repeat_interleave(rep, dim=1)
+    scores = torch.einsum("thd,shd->hts", q, k) / math.sqrt(D)
+    visible = torch.arange(len(cells))[None, :] <= n_past + torch.arange(T)[:, None]
+    scores = scores.masked_fill(~visible.to(q.device)[None], float("-inf"))
+    return torch.einsum("hts,shd->thd", torch.softmax(scores, dim=-1), v)

@@ -1,0 +1,81 @@
+"""RoPE by a per-row position: rotates queries and keys at their positions, and rotates cached keys by
+the position deltas of the cells they moved to (llama.cpp's K-shift, GGUF.md §11): a rotation by a
+then by b is a rotation by a + b, so one kernel does both.
+
+Two pairings (GGUF.md §6): NORM rotates adjacent pairs (x[2i], x[2i+1]), what `llama` GGUF files are
+permuted for; NEOX rotates (x[i], x[i + d/2]), the HF rotate-half convention of `qwen2`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+NORM, NEOX = 0, 2  # ggml's rope modes
+
+
+@triton.jit
+def rope_kernel(
+    X, POS, INV_FREQ,  # pointers; X is rotated in place
+    n_heads, half,  # heads per row, rotated pairs per head (head_dim / 2)
+    stride_t, stride_h,
+    MODE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    t = tl.program_id(0)
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    i = tl.arange(0, BLOCK_D)
+    angle = tl.load(POS + t).to(tl.float32) * tl.load(INV_FREQ + i, mask=i < half, other=0.0)
+    cos, sin = tl.cos(angle)[None, :], tl.sin(angle)[None, :]
+    if MODE == 0:  # NORM: adjacent pairs
+        i0, i1 = 2 * i, 2 * i + 1
+    else:  # NEOX: the two halves
+        i0, i1 = i, i + half
+    base = X + t.to(tl.int64) * stride_t + heads[:, None] * stride_h
+    mask = (heads[:, None] < n_heads) & (i[None, :] < half)
+    x0 = tl.load(base + i0[None, :], mask=mask, other=0.0).to(tl.float32)
+    x1 = tl.load(base + i1[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(base + i0[None, :], (x0 * cos - x1 * sin).to(X.dtype.element_ty), mask=mask)
+    tl.store(base + i1[None, :], (x0 * sin + x1 * cos).to(X.dtype.element_ty), mask=mask)
+
+
+def inv_freq(head_dim: int, theta: float, freq_factors: torch.Tensor | None = None,
+             linear_factor: float = 1.0) -> torch.Tensor:
+    """The head_dim / 2 rotation frequencies, float32: theta^(-2i/d) / factor_i / linear_factor
+    (Llama 3.1's rope_freqs factors, GGUF.md §5; linear scaling divides the positions)."""
+    f = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim) / linear_factor
+    if freq_factors is not None:
+        f = f / freq_factors.double().cpu()
+    return f.float()
+
+
+def rope_(x: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor, mode: int = NORM,
+          block_h: int = 8) -> torch.Tensor:
+    """Rotate x in place and return it.
+
+    x: (T, n_heads, head_dim) float with a contiguous last axis (a cache's rows are fine);
+    positions: (T,) int, a position or a delta per row; freqs: (head_dim / 2,) float32 from inv_freq."""
+    T, H, D = x.shape
+    assert mode in (NORM, NEOX), "mode is NORM (0) or NEOX (2)"
+    assert D % 2 == 0 and freqs.shape == (D // 2,), "freqs must have head_dim / 2 entries"
+    assert x.stride(2) == 1 and positions.shape == (T,), "one position per row, contiguous heads"
+    positions = positions.to(device=x.device, dtype=torch.int32).contiguous()
+    freqs = freqs.to(device=x.device, dtype=torch.float32).contiguous()
+    if T:
+        grid = (T, triton.cdiv(H, block_h))
+        rope_kernel[grid](x, positions, freqs, H, D // 2, x.stride(0), x.stride(1),
+                          MODE=mode, BLOCK_H=block_h, BLOCK_D=triton.next_power_of_2(D // 2))
+    return x
+
+
+def rope_ref(x: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor, mode: int = NORM) -> torch.Tensor:
+    """The rotation out of place, in x's dtype (use float64 inputs for a reference)."""
+    angles = positions.to(torch.float64)[:, None] * freqs.to(torch.float64)[None, :]
+    cos, sin = angles.cos().to(x.dtype)[:, None, :], angles.sin().to(x.dtype)[:, None, :]
+    if mode == NORM:
+        x0, x1 = x[..., 0::2], x[..., 1::2]
+        return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
+    half = x.shape[-1] // 2
+    x0, x1 = x[..., :half], x[..., half:]
+    return torch.cat((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1)
+

@@ -1,0 +1,343 @@
+"""The Triton kernels (sepedge.kernels) against float64 references on fresh random inputs of odd sizes.
+
+Without a CUDA GPU (CI) the kernels run through Triton's interpreter on CPU tensors, small shapes only;
+with one they run compiled on the GPU, and the tests marked `gpu` add model-sized shapes. The float64
+dequantization here is written from the block tables of GGUF.md §7, independently of the kernels' own
+decoding and of their torch references (and checked against gguf-py's)."""
+
+import math
+import os
+import secrets
+
+import numpy as np
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are decorated, i.e. at import below
+
+pytest.importorskip("triton")
+from sepedge import kernels as K  # noqa: E402
+from sepedge.kernels import quants as Q  # noqa: E402
+
+DEVICE = "cuda" if CUDA else "cpu"
+TYPES = [Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K]
+type_id = Q.NAMES.get
+# byte offsets of the f16 scales in each block (random bytes there could be NaN or huge)
+SCALE_FIELDS = {Q.Q8_0: [0], Q.Q4_0: [0], Q.Q4_1: [0, 2], Q.Q5_0: [0], Q.Q4_K: [0, 2], Q.Q5_K: [0, 2], Q.Q6_K: [208]}
+
+# tolerances
+DEQUANT_REL = 2.0 ** -23     # float32 decoding: one rounding of d * sc * q - dmin * m
+DOT_REL = 2e-5               # float32 sums: |error| / sum |w_j x_j| of a row
+HALF_DOT_REL = 2e-3          # half-precision operands (2^-11 each) on tensor cores, float32 sums
+NORM_REL = 1e-5              # RMSNorm: float32 sum of squares and rsqrt
+ROPE_ATOL = 1e-4             # float32 angles of positions up to 2000 (ulp 1.2e-4), values ~N(0, 1)
+SWIGLU_RTOL, SWIGLU_ATOL = 1e-5, 1e-6
+ATTN_ATOL = 1e-5             # float32 cache: online softmax in float32
+ATTN_HALF_ATOL = 3e-3        # float16 cache in prefill: queries and probabilities rounded to f16
+
+gpu_only = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")]
+SIZES = ["small", pytest.param("large", marks=gpu_only)]
+
+
+@pytest.fixture
+def rng():
+    seed = secrets.randbits(32)
+    print(f"random seed {seed}")  # shown by pytest when the test fails
+    torch.manual_seed(seed)
+    return np.random.default_rng(seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# float64 reference decoding (GGUF.md §7)
+
+
+def f16(b: np.ndarray, off: int) -> np.ndarray:
+    return b[:, off:off + 2].copy().view(np.float16)[:, 0].astype(np.float64)
+
+
+def nibbles(qs: np.ndarray) -> np.ndarray:
+    """16 bytes -> 32 codes: value j in the low nibble of byte j, value j + 16 in its high nibble."""
+    return np.concatenate([qs & 15, qs >> 4], axis=1).astype(np.float64)
+
+
+def k_scales(s: np.ndarray, j: int) -> tuple[np.ndarray, np.ndarray]:
+    """6-bit scale and min of sub-block j from the 12 packed bytes (GGUF.md §7.2)."""
+    s = s.astype(np.int64)
+    if j < 4:
+        return s[:, j] & 63, s[:, j + 4] & 63
+    return (s[:, j + 4] & 15) | ((s[:, j - 4] >> 6) << 4), (s[:, j + 4] >> 4) | ((s[:, j] >> 6) << 4)
+
+
+def decode_blocks(b: np.ndarray, qtype: int) -> np.ndarray:
+    """(n_blocks, block bytes) uint8 -> (n_blocks, values per block) float64."""
+    n = len(b)
+    if qtype == Q.Q8_0:
+        return f16(b, 0)[:, None] * b[:, 2:].view(np.int8)
+    if qtype == Q.Q4_0:
+        return f16(b, 0)[:, None] * (nibbles(b[:, 2:]) - 8)
+    if qtype == Q.Q4_1:
+        return f16(b, 0)[:, None] * nibbles(b[:, 4:]) + f16(b, 2)[:, None]
+    if qtype == Q.Q5_0:
+        qh = b[:, 2:6].copy().view("<u4")[:, 0].astype(np.int64)
+        high = (qh[:, None] >> np.arange(32)) & 1
+        return f16(b, 0)[:, None] * (nibbles(b[:, 6:]) + 16 * high - 16)
+    if qtype in (Q.Q4_K, Q.Q5_K):
+        y = np.empty((n, 256))
+        qs = b[:, -128:].astype(np.int64)
+        d, dmin = f16(b, 0), f16(b, 2)
+        for j in range(8):  # sub-block j: chunk j // 2 of 32 bytes, low nibbles when j is even
+            c = qs[:, 32 * (j // 2):32 * (j // 2) + 32]
+            q = c & 15 if j % 2 == 0 else c >> 4
+            if qtype == Q.Q5_K:
+                q = q + 16 * ((b[:, 16:48].astype(np.int64) >> j) & 1)
+            sc, m = k_scales(b[:, 4:16], j)
+            y[:, 32 * j:32 * j + 32] = (d * sc)[:, None] * q - (dmin * m)[:, None]
+        return y
+    if qtype == Q.Q6_K:
+        y = np.empty((n, 256))
+        ql, qh = b[:, :128].astype(np.int64), b[:, 128:192].astype(np.int64)
+        sc = b[:, 192:208].view(np.int8).astype(np.float64)
+        d = f16(b, 208)
+        for half in range(2):
+            for l in range(32):
+                lo = ql[:, 64 * half + l]
+                lo32 = ql[:, 64 * half + l + 32]
+                h = qh[:, 32 * half + l]
+                is_ = 8 * half + l // 16
+                base = 128 * half + l
+                y[:, base] = d * sc[:, is_] * (((lo & 15) | ((h & 3) << 4)) - 32)
+                y[:, base + 32] = d * sc[:, is_ + 2] * (((lo32 & 15) | (((h >> 2) & 3) << 4)) - 32)
+                y[:, base + 64] = d * sc[:, is_ + 4] * (((lo >> 4) | (((h >> 4) & 3) << 4)) - 32)
+                y[:, base + 96] = d * sc[:, is_ + 6] * (((lo32 >> 4) | (((h >> 6) & 3) << 4)) - 32)
+        return y
+    raise ValueError(qtype)
+
+
+def decode(w: np.ndarray, qtype: int, n_cols: int) -> np.ndarray:
+    """Weight bytes (N, row bytes) -> float64 (N, n_cols)."""
+    N = len(w)
+    if qtype == Q.F32:
+        return w.copy().view(np.float32).astype(np.float64)
+    if qtype == Q.F16:
+        return w.copy().view(np.float16).astype(np.float64)
+    if qtype == Q.BF16:
+        return (w.copy().view(np.uint16).astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    block, size = Q.BLOCKS[qtype]
+    return decode_blocks(w.reshape(-1, size), qtype).reshape(N, n_cols)
+
+
+def random_weight(rng, qtype: int, N: int, n_cols: int) -> np.ndarray:
+    """(N, row bytes) uint8: random floats, or random block bytes (every code and bit pattern) with sane
+    f16 scales."""
+    block, size = Q.BLOCKS[qtype]
+    if qtype == Q.F32:
+        return rng.standard_normal((N, n_cols)).astype(np.float32).view(np.uint8)
+    if qtype == Q.F16:
+        return rng.standard_normal((N, n_cols)).astype(np.float16).view(np.uint8)
+    if qtype == Q.BF16:
+        x = rng.standard_normal((N, n_cols)).astype(np.float32)
+        return (x.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)
+    b = rng.integers(0, 256, (N, n_cols // block, size), dtype=np.uint8)
+    for off in SCALE_FIELDS[qtype]:
+        b[..., off:off + 2] = (rng.standard_normal((N, n_cols // block)) * 0.01).astype(np.float16).view(
+            np.uint8).reshape(N, n_cols // block, 2)
+    return b.reshape(N, -1)
+
+
+def on_device(a: np.ndarray) -> torch.Tensor:
+    return torch.tensor(a, device=DEVICE)  # a copy: in-place kernels leave the numpy input alone
+
+
+def n_cols_for(qtype: int, size: str) -> int:
+    block = Q.BLOCKS[qtype][0]
+    if size == "large":
+        return 4096
+    return 2 * 256 if block == 256 else (5 * 32 if block == 32 else 37 * 2)  # odd numbers of blocks / values
+
+
+# ---------------------------------------------------------------------------------------------
+# dequantization
+
+
+@pytest.mark.parametrize("qtype", [t for t in TYPES if Q.BLOCKS[t][0] > 1], ids=type_id)
+def test_reference_decoding_matches_gguf(rng, qtype):
+    """The float64 decoding above agrees with gguf-py's, so the two cannot share a misreading."""
+    gguf = pytest.importorskip("gguf")
+    w = random_weight(rng, qtype, 3, 512)
+    np.testing.assert_array_equal(decode(w, qtype, 512).astype(np.float32), gguf.quants.dequantize(w, qtype))
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=type_id)
+def test_get_rows(rng, qtype):
+    N, n_cols = 29, n_cols_for(qtype, "small")
+    w = random_weight(rng, qtype, N, n_cols)
+    ids = rng.integers(0, N, 7)
+    ref = decode(w, qtype, n_cols)[ids]
+    got = K.get_rows(on_device(w), qtype, n_cols, on_device(ids)).double().cpu().numpy()
+    assert np.all(np.abs(got - ref) <= DEQUANT_REL * np.abs(ref))
+    torch_ref = K.dequantize_ref(torch.from_numpy(w), qtype, n_cols)[ids].double().numpy()
+    assert np.all(np.abs(torch_ref - ref) <= DEQUANT_REL * np.abs(ref))
+
+
+# ---------------------------------------------------------------------------------------------
+# products
+
+
+def check_product(got: torch.Tensor, w64: np.ndarray, x64: np.ndarray, bias, rel: float):
+    ref = x64 @ w64.T + (0 if bias is None else bias.astype(np.float64))
+    scale = np.abs(x64) @ np.abs(w64).T + 1e-30
+    err = np.abs(got.double().cpu().numpy() - ref) / scale
+    assert err.max() <= rel, f"max error {err.max():.3g} of sum |w x| (tolerance {rel})"
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("qtype", TYPES, ids=type_id)
+def test_matvec(rng, qtype, size):
+    N, T = (37, 2) if size == "small" else (4099, 3)
+    n_cols = n_cols_for(qtype, size)
+    w = random_weight(rng, qtype, N, n_cols)
+    x = rng.standard_normal((T, n_cols)).astype(np.float32)
+    bias = rng.standard_normal(N).astype(np.float32) if qtype == Q.Q8_0 else None  # qwen2's q/k/v biases
+    got = K.matvec(on_device(w), qtype, on_device(x), None if bias is None else on_device(bias))
+    check_product(got, decode(w, qtype, n_cols), x.astype(np.float64), bias, DOT_REL)
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("qtype", TYPES, ids=type_id)
+def test_matmul(rng, qtype, size):
+    M, N = (19, 37) if size == "small" else (301, 1031)
+    n_cols = n_cols_for(qtype, size)
+    w = random_weight(rng, qtype, N, n_cols)
+    x = rng.standard_normal((M, n_cols)).astype(np.float32)
+    bias = rng.standard_normal(N).astype(np.float32) if qtype == Q.Q4_K else None
+    blocks = dict(block_m=16, block_n=16, block_k=32) if size == "small" else {}  # several tiles each way
+    got = K.matmul(on_device(w), qtype, on_device(x), None if bias is None else on_device(bias), **blocks)
+    check_product(got, decode(w, qtype, n_cols), x.astype(np.float64), bias,
+                  DOT_REL if qtype == Q.F32 else HALF_DOT_REL)
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("qtype", [Q.F16, Q.Q8_0, Q.Q6_K, Q.Q4_K], ids=type_id)
+def test_head(rng, qtype, size):
+    V, n_embd, T = (53, n_cols_for(qtype, "small"), 2) if size == "small" else (32003, 4096, 1)
+    w = random_weight(rng, qtype, V, n_embd)
+    x = (rng.standard_normal((T, n_embd)) * 3).astype(np.float32)
+    norm = rng.uniform(0.5, 1.5, n_embd).astype(np.float32)
+    eps = 1e-5
+    got = K.head(on_device(w), qtype, on_device(x), on_device(norm), eps)
+    x64 = x.astype(np.float64)
+    h = x64 / np.sqrt((x64 ** 2).mean(-1, keepdims=True) + eps) * norm
+    check_product(got, decode(w, qtype, n_embd), h, None, DOT_REL)
+
+
+# ---------------------------------------------------------------------------------------------
+# elementwise ops
+
+
+@pytest.mark.parametrize("n", [1, 37, 576, pytest.param(4096, marks=gpu_only)])
+def test_rms_norm(rng, n):
+    x = (rng.standard_normal((5, n)) * rng.choice([1e-3, 1, 30])).astype(np.float32)
+    w = rng.uniform(-2, 2, n).astype(np.float32)
+    eps = 1e-6
+    got = K.rms_norm(on_device(x), on_device(w), eps).double().cpu().numpy()
+    x64 = x.astype(np.float64)
+    ref = x64 / np.sqrt((x64 ** 2).mean(-1, keepdims=True) + eps) * w
+    assert np.abs(got - ref).max() <= NORM_REL * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("mode", [K.NORM, K.NEOX], ids=["norm", "neox"])
+@pytest.mark.parametrize("head_dim", [6, 64, pytest.param(128, marks=gpu_only)])
+def test_rope(rng, mode, head_dim):
+    """Positions and signed per-cell deltas, on a strided view (cached keys rotate in place)."""
+    T, H = 11, 3
+    cache = rng.standard_normal((T + 4, H + 2, head_dim)).astype(np.float32)
+    positions = rng.integers(-2000, 2000, T)
+    factors = rng.uniform(1, 8, head_dim // 2)  # Llama 3.1 rope_freqs
+    freqs = K.inv_freq(head_dim, 10000.0, torch.from_numpy(factors), linear_factor=2.0)
+    x = on_device(cache)
+    view = x[2:2 + T, 1:1 + H]
+    K.rope_(view, on_device(positions), freqs, mode)
+    # float64 rotation written from the two pairings of GGUF.md §6
+    f64 = 1.0 / 10000.0 ** (np.arange(0, head_dim, 2) / head_dim) / 2.0 / factors
+    angle = positions[:, None, None] * f64[None, None, :]
+    src = cache[2:2 + T, 1:1 + H].astype(np.float64)
+    i0 = np.arange(0, head_dim, 2) if mode == K.NORM else np.arange(head_dim // 2)
+    i1 = i0 + 1 if mode == K.NORM else i0 + head_dim // 2
+    ref = src.copy()
+    ref[..., i0] = src[..., i0] * np.cos(angle) - src[..., i1] * np.sin(angle)
+    ref[..., i1] = src[..., i0] * np.sin(angle) + src[..., i1] * np.cos(angle)
+    out = x.cpu().numpy()
+    assert np.abs(out[2:2 + T, 1:1 + H] - ref).max() <= ROPE_ATOL
+    untouched = np.ones(cache.shape[:2], bool)
+    untouched[2:2 + T, 1:1 + H] = False
+    np.testing.assert_array_equal(out[untouched], cache[untouched])
+    ref_t = K.rope_ref(torch.from_numpy(src), torch.from_numpy(positions), freqs.double(), mode).numpy()
+    assert np.abs(ref_t - ref).max() <= ROPE_ATOL
+
+
+@pytest.mark.parametrize("n", [1, 1000, 3 * 1024 + 7])
+def test_swiglu(rng, n):
+    g, u = (rng.standard_normal((2, n)) * 6).astype(np.float32)
+    got = K.swiglu(on_device(g), on_device(u)).double().cpu().numpy()
+    g64 = g.astype(np.float64)
+    ref = g64 / (1 + np.exp(-g64)) * u
+    np.testing.assert_allclose(got, ref, rtol=SWIGLU_RTOL, atol=SWIGLU_ATOL)
+
+
+# ---------------------------------------------------------------------------------------------
+# attention over live cells
+
+
+def attention64(q, k_cache, v_cache, cells, n_past):
+    """Float64 softmax attention of T queries over cache rows `cells`; query t sees entries <= n_past + t."""
+    T, H, D = q.shape
+    rep = H // k_cache.shape[1]
+    k = np.repeat(k_cache[cells].astype(np.float64), rep, axis=1)
+    v = np.repeat(v_cache[cells].astype(np.float64), rep, axis=1)
+    s = np.einsum("thd,shd->hts", q.astype(np.float64), k) / math.sqrt(D)
+    s = np.where(np.arange(len(cells))[None, None, :] <= n_past + np.arange(T)[None, :, None], s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return np.einsum("hts,shd->thd", p / p.sum(-1, keepdims=True), v)
+
+
+def random_cache(rng, n_cells, H_kv, D, dtype):
+    k = (rng.standard_normal((n_cells, H_kv, D)) * 2).astype(dtype)
+    v = rng.standard_normal((n_cells, H_kv, D)).astype(dtype)
+    return k, v
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["f32", "f16"])
+@pytest.mark.parametrize("size", SIZES)
+def test_attention_decode(rng, dtype, size):
+    """Live cells in scattered order (SepLLM keeps initial, separator and recent cells), several splits."""
+    n_cells, n_live, H, H_kv, D, per_split = (97, 45, 6, 2, 20, 16) if size == "small" else (40000, 32001, 32, 8, 128, 256)
+    k, v = random_cache(rng, n_cells, H_kv, D, dtype)
+    cells = rng.permutation(n_cells)[:n_live]
+    q = rng.standard_normal((H, D)).astype(np.float32)
+    got = K.attention_decode(on_device(q), on_device(k), on_device(v), on_device(cells), cells_per_split=per_split,
+                             block_n=8 if size == "small" else 64)
+    ref = attention64(q[None], k, v, cells, n_live)[0]
+    assert np.abs(got.double().cpu().numpy() - ref).max() <= ATTN_ATOL
+    torch_ref = K.attention_decode_ref(torch.from_numpy(q).double(), torch.from_numpy(k), torch.from_numpy(v),
+                                       torch.from_numpy(cells)).numpy()
+    assert np.abs(torch_ref - ref).max() <= ATTN_ATOL
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["f32", "f16"])
+@pytest.mark.parametrize("size", SIZES)
+def test_attention_prefill(rng, dtype, size):
+    """A chunk after n_past scattered live cells; its own cells causal; blocks that cross the boundary."""
+    n_cells, n_past, T, H, H_kv, D = (80, 21, 23, 4, 2, 24) if size == "small" else (9000, 4000, 777, 32, 8, 128)
+    k, v = random_cache(rng, n_cells, H_kv, D, dtype)
+    cells = rng.permutation(n_cells)[:n_past + T]
+    q = rng.standard_normal((T, H, D)).astype(np.float32)
+    blocks = dict(block_m=16, block_n=16) if size == "small" else {}
+    got = K.attention_prefill(on_device(q), on_device(k), on_device(v), on_device(cells), n_past, **blocks)
+    ref = attention64(q, k, v, cells, n_past)
+    err = np.abs(got.double().cpu().numpy() - ref).max()
+    assert err <= (ATTN_ATOL if dtype == np.float32 else ATTN_HALF_ATOL), f"max error {err:.3g}"
+    torch_ref = K.attention_prefill_ref(torch.from_numpy(q).double(), torch.from_numpy(k), torch.from_numpy(v),
+                                        torch.from_numpy(cells), n_past).numpy()
+    assert np.abs(torch_ref - ref).max() <= ATTN_ATOL
