@@ -225,7 +225,10 @@ def write(args, model: str, runs: list[dict], sepedge_cmd, llama_cmd) -> None:
         lines.append(f"llama-server command: `{' '.join(llama_cmd)}`")
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "serve_bench.md").write_text("\n".join(lines) + "\n")
-    (OUT / "serve_bench.json").write_text(json.dumps({"args": vars(args), "model": model, "runs": runs}, indent=1) + "\n")
+    for r in runs:
+        r["rss_mib"] = [[round(t, 1), round(v, 1)] for t, v in r["rss_mib"]]
+    (OUT / "serve_bench.json").write_text(json.dumps({"args": vars(args), "model": model, "runs": runs},
+                                                     separators=(",", ":")) + "\n")
     print("\n".join(lines))
 
 

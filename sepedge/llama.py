@@ -348,7 +348,7 @@ class Llama:
     def save_state(self) -> LlamaState:
         """The KV cache and its bookkeeping. With a sepllm-stream cache this stays at most n_cache
         cells (2 x n_layer x n_head_kv x head_dim values of 2 bytes each: 23 KiB per cell for
-        SmolLM2-135M, 18 MiB for 800 cells) however long the conversation has run."""
+        SmolLM2-135M, 17.6 MiB for 800 cells) however long the conversation has run."""
         return LlamaState(self._engine.save_state(), self._seed)
 
     def load_state(self, state: LlamaState) -> None:
