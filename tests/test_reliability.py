@@ -574,3 +574,9 @@ def test_sigterm_and_sighup_leave_no_partial_file(tiny_dirs, tmp_path, sig):
     assert p.wait(30) == 128 + sig
     assert list(tmp_path.iterdir()) == []
 
+
+
+def test_sepllm_sizes_the_loader_refuses_are_refused_at_convert_time(tiny_dirs, tmp_path):
+    with pytest.raises(ConvertError, match="n_cache"):
+        convert(tiny_dirs("mha-d64"), tmp_path / "out.gguf", outtype="f32", n_cache=1 << 25, progress=False)
+    assert list(tmp_path.iterdir()) == []
