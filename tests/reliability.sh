@@ -24,9 +24,11 @@ export LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=lib
 export ASAN_OPTIONS=detect_leaks=0:alloc_dealloc_mismatch=0:abort_on_error=1
 export UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
 export SEPEDGE_TIME_SCALE=10  # the deadlines of the cancellation tests, for a build several times slower
-export SEPEDGE_FUZZ_EXAMPLES=0.3  # the property tests' example counts (full counts ran in the plain run)
+# the property tests at a third of their example counts (the plain run had them all); the CLI interrupt
+# test is left to the plain run (it re-reads a 2000-token prompt, minutes in this build)
+export SEPEDGE_FUZZ_EXAMPLES=0.3
 SEPEDGE_LIB=$PWD/$b/libsepedge.so python -m pytest -q -p no:cacheprovider \
-    tests/test_reliability.py tests/test_malformed_gguf.py tests/test_ffi.py tests/test_fuzz_properties.py
+    tests/test_reliability.py tests/test_malformed_gguf.py tests/test_ffi.py tests/test_fuzz_properties.py -k "not cli"
 unset LD_PRELOAD ASAN_OPTIONS UBSAN_OPTIONS
 
 # --- 2. fuzz smoke

@@ -274,6 +274,21 @@ def test_a_cancelled_decode_leaves_the_full_cache_as_it_was(tiny):
         np.testing.assert_array_equal(ctx.decode(rest, n_logits=30), want)
 
 
+def test_a_decode_cancelled_part_way_is_undone(smollm2):
+    prefix, probe = list(range(1000, 1010)), [1234]
+    with Model(smollm2) as m, Context(m, n_ctx=2048, n_batch=64, n_threads=1, kv_type="f32") as ctx:
+        ctx.decode(prefix)
+        want = ctx.decode(probe)
+        ctx.truncate(len(prefix))
+        timer = threading.Timer(0.5, ctx.cancel)  # well inside the 1500 tokens' 24 chunks
+        timer.start()
+        with pytest.raises(CancelledError, match=r"cancelled \((at layer|after) .*the cache is as it was"):
+            ctx.decode(list(range(2000, 3500)))
+        ctx.uncancel()
+        assert ctx.info()["n_seen"] == len(prefix)
+        np.testing.assert_array_equal(ctx.decode(probe), want)
+
+
 def test_a_decode_failing_after_evictions_clears_the_sparse_cache(tiny, tmp_path):
     # NaN in the embedding row of one token: the numerical check fails the chunk holding it, after
     # earlier chunks evicted tokens, so the cache cannot be put back; the message says so
@@ -574,3 +589,9 @@ def test_sigterm_and_sighup_leave_no_partial_file(tiny_dirs, tmp_path, sig):
     assert p.wait(30) == 128 + sig
     assert list(tmp_path.iterdir()) == []
 
+
+
+def test_sepllm_sizes_the_loader_refuses_are_refused_at_convert_time(tiny_dirs, tmp_path):
+    with pytest.raises(ConvertError, match="n_cache"):
+        convert(tiny_dirs("mha-d64"), tmp_path / "out.gguf", outtype="f32", n_cache=1 << 25, progress=False)
+    assert list(tmp_path.iterdir()) == []

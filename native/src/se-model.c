@@ -70,7 +70,9 @@ static int key_float(se_model * m, const char * key, bool required, double def, 
         return r;
     }
     r = se_gguf_float(&m->gguf, i, 0, out);
-    if (r == SE_OK && !isfinite(*out)) return se_error(SE_ERR_FORMAT, "%s: '%s' = %g is not a finite number (NaN or infinite)", m->gguf.path, full, *out);
+    if (r == SE_OK && !isfinite(*out)) {
+        return se_error(SE_ERR_FORMAT, "%s: '%s' = %g is not a finite number (NaN or infinite)", m->gguf.path, full, *out);
+    }
     return r;
 }
 
