@@ -56,13 +56,29 @@ def server_bin() -> Path | None:
     return d / SERVER_TARGET if (d / SERVER_TARGET).is_file() else None
 
 
+def isa_flags() -> list[str]:
+    """The machine's x86 vector extensions without AMX: GGML_NATIVE would turn on AMX where the CPU
+    has it, and virtual machines that do not grant the AMX tile state kill llama.cpp with SIGILL at
+    its first AMX instruction. Elsewhere, GGML_NATIVE as usual."""
+    try:
+        flags = set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split())
+    except (OSError, StopIteration):
+        return ["-DGGML_NATIVE=ON"]
+    if "avx2" not in flags:
+        return ["-DGGML_NATIVE=ON"]
+    wanted = {"GGML_AVX": "avx", "GGML_AVX2": "avx2", "GGML_FMA": "fma", "GGML_F16C": "f16c", "GGML_BMI2": "bmi2",
+              "GGML_AVX_VNNI": "avx_vnni", "GGML_AVX512": "avx512f", "GGML_AVX512_VBMI": "avx512vbmi",
+              "GGML_AVX512_VNNI": "avx512_vnni", "GGML_AVX512_BF16": "avx512_bf16"}
+    return ["-DGGML_NATIVE=OFF"] + [f"-D{k}={'ON' if v in flags else 'OFF'}" for k, v in wanted.items()]
+
+
 def build(jobs: int = os.cpu_count() or 2, server: bool = False) -> Path:
     build_dir = CACHE / "llama.cpp" / "build"
     # the server's web UI is left out: it would be built with npm or downloaded, and no test needs it
     subprocess.run(["cmake", "-S", str(source_dir()), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",
                     "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
                     f"-DLLAMA_BUILD_SERVER={'ON' if server else 'OFF'}", "-DLLAMA_BUILD_UI=OFF",
-                    "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_BUILD_APP=OFF", "-DGGML_NATIVE=ON"], check=True,
+                    "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_BUILD_APP=OFF", *isa_flags()], check=True,
                    stdout=subprocess.DEVNULL)
     targets = [*TARGETS, SERVER_TARGET] if server else TARGETS
     subprocess.run(["cmake", "--build", str(build_dir), "-j", str(jobs), "--target", *targets], check=True,
