@@ -42,6 +42,10 @@ typedef struct { uint8_t ql[SE_QK_K / 2]; uint8_t qh[SE_QK_K / 4]; int8_t scales
 typedef struct { uint16_t d[SE_RP_ROWS]; uint8_t qs[SE_RP_ROWS * SE_QK / 2]; } block_q4_0x8;
 // Q8_0: piece k (0..7) of row r at qs[32k + 4r] = that row's qs[4k..4k+3]
 typedef struct { uint16_t d[SE_RP_ROWS]; int8_t qs[SE_RP_ROWS * SE_QK]; } block_q8_0x8;
+// Q5_0: qs as Q4_0's; the fifth bits of row r in the 32-bit word qh[r], placed for cheap unpacking:
+// bit 8j + k = fifth bit of column 4k + j (low nibble of piece k), bit 8j + 4 + k = fifth bit of
+// column 16 + 4k + j (its high nibble), for k, j in 0..3
+typedef struct { uint16_t d[SE_RP_ROWS]; uint32_t qh[SE_RP_ROWS]; uint8_t qs[SE_RP_ROWS * SE_QK / 2]; } block_q5_0x8;
 // Q4_K: scales and mins unpacked to bytes, sub-block j of row r at sc[j][r] / m[j][r]; for chunk c
 // (sub-blocks 2c and 2c+1) piece k (0..7) of row r at qs[256c + 32k + 4r] = that row's
 // qs[32c + 4k .. 32c + 4k + 3]
@@ -60,6 +64,7 @@ SE_STATIC_ASSERT(sizeof(block_q5_K) == 176, "Q5_K block layout");
 SE_STATIC_ASSERT(sizeof(block_q6_K) == 210, "Q6_K block layout");
 SE_STATIC_ASSERT(sizeof(block_q4_0x8) == 8 * 18, "Q4_0x8 layout");
 SE_STATIC_ASSERT(sizeof(block_q8_0x8) == 8 * 34, "Q8_0x8 layout");
+SE_STATIC_ASSERT(sizeof(block_q5_0x8) == 8 * 22, "Q5_0x8 layout");
 SE_STATIC_ASSERT(sizeof(block_q4_Kx8) == 1216, "Q4_Kx8 layout");
 
 #endif

@@ -281,6 +281,41 @@ static inline __attribute__((always_inline)) void gemm_q4_0_nt(const void * grou
     for (int t = 0; t < nt; t++) _mm256_storeu_ps(out + t * ld, acc[t]);
 }
 
+static inline __attribute__((always_inline)) void gemm_q5_0_nt(const void * group, const void * act, size_t stride,
+                                                               int64_t cols, int nt, float * out, int64_t ld) {
+    const block_q5_0x8 * b = group;
+    const se_block_q8 * a[SE_RP_TOKENS];
+    __m256 acc[SE_RP_TOKENS];
+    for (int t = 0; t < nt; t++) {
+        a[t] = act_row(act, stride, t);
+        acc[t] = _mm256_setzero_ps();
+    }
+    const __m256i low4 = _mm256_set1_epi8(0x0f), bit4 = _mm256_set1_epi8(0x10), ones = _mm256_set1_epi16(1);
+    for (int64_t i = 0; i < cols / 32; i++) {
+        const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) b[i].d));
+        const __m256i qh = _mm256_loadu_si256((const __m256i *) b[i].qh);
+        __m256i sum[2][SE_RP_TOKENS];  // 5-bit codes: two pieces per 16-bit partial sum (4 x 2 x 31 x 127 < 2^15)
+        for (int k = 0; k < 4; k++) {
+            const __m256i raw = _mm256_loadu_si256((const __m256i *) (b[i].qs + 32 * k));
+            // fifth bits: bit 8j + k -> bit 8j + 4 for the low nibbles, bit 8j + 4 + k -> 8j + 4 for the high
+            const __m256i lo = _mm256_or_si256(_mm256_and_si256(raw, low4), _mm256_and_si256(_mm256_sll_epi32(qh, _mm_cvtsi32_si128(4 - k)), bit4));
+            const __m256i hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(raw, 4), low4),
+                                               _mm256_and_si256(_mm256_srl_epi32(qh, _mm_cvtsi32_si128(k)), bit4));
+            for (int t = 0; t < nt; t++) {
+                const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, bcast4(a[t][i].qs + 4 * k)),
+                                                   _mm256_maddubs_epi16(hi, bcast4(a[t][i].qs + 16 + 4 * k)));
+                sum[k / 2][t] = k % 2 == 0 ? p : _mm256_add_epi16(sum[k / 2][t], p);
+            }
+        }
+        for (int t = 0; t < nt; t++) {
+            const __m256i s32 = _mm256_add_epi32(_mm256_madd_epi16(sum[0][t], ones), _mm256_madd_epi16(sum[1][t], ones));
+            const __m256 v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), _mm256_set1_ps(a[t][i].d), _mm256_set1_ps(-16 * a[t][i].s));
+            acc[t] = _mm256_fmadd_ps(dw, v, acc[t]);
+        }
+    }
+    for (int t = 0; t < nt; t++) _mm256_storeu_ps(out + t * ld, acc[t]);
+}
+
 static inline __attribute__((always_inline)) void gemm_q8_0_nt(const void * group, const void * act, size_t stride,
                                                                int64_t cols, int nt, float * out, int64_t ld) {
     const block_q8_0x8 * b = group;
@@ -370,6 +405,7 @@ static inline __attribute__((always_inline)) void gemm_q4_K_nt(const void * grou
     }
 GEMM(q4_0)
 GEMM(q8_0)
+GEMM(q5_0)
 GEMM(q4_K)
 
 // --- float activations
@@ -547,6 +583,7 @@ void se_quants_use_avx2(se_type_traits * types, se_kernels * k) {
     types[SE_TYPE_Q8_0].vec_dot4 = vec_dot4_q8_0;
     types[SE_TYPE_Q4_0].gemm = gemm_q4_0;
     types[SE_TYPE_Q8_0].gemm = gemm_q8_0;
+    types[SE_TYPE_Q5_0].gemm = gemm_q5_0;
     types[SE_TYPE_Q4_K].gemm = gemm_q4_K;
     types[SE_TYPE_F32].vec_dot = vec_dot_f32;
     types[SE_TYPE_F16].vec_dot = vec_dot_f16;

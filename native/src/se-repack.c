@@ -33,6 +33,26 @@ static void repack_q4_0(const uint8_t * rows, uint64_t row_bytes, int64_t cols, 
     }
 }
 
+static void repack_q5_0(const uint8_t * rows, uint64_t row_bytes, int64_t cols, void * group) {
+    block_q5_0x8 * dst = group;
+    for (int64_t i = 0; i < cols / SE_QK; i++) {
+        for (int r = 0; r < SE_RP_ROWS; r++) {
+            const block_q5_0 * src = (const block_q5_0 *) (rows + (uint64_t) r * row_bytes) + i;
+            uint32_t qh, out = 0;
+            memcpy(&qh, src->qh, 4);
+            for (int k = 0; k < 4; k++) {
+                for (int j = 0; j < 4; j++) {
+                    out |= ((qh >> (4 * k + j)) & 1u) << (8 * j + k);
+                    out |= ((qh >> (16 + 4 * k + j)) & 1u) << (8 * j + 4 + k);
+                }
+            }
+            dst[i].d[r] = src->d;
+            dst[i].qh[r] = out;
+            for (int k = 0; k < 4; k++) memcpy(dst[i].qs + 32 * k + 4 * r, src->qs + 4 * k, 4);
+        }
+    }
+}
+
 static void repack_q8_0(const uint8_t * rows, uint64_t row_bytes, int64_t cols, void * group) {
     block_q8_0x8 * dst = group;
     for (int64_t i = 0; i < cols / SE_QK; i++) {
@@ -93,6 +113,29 @@ static void gemm_q4_0(const void * group, const void * act, size_t stride, int64
     }
 }
 
+static void gemm_q5_0(const void * group, const void * act, size_t stride, int64_t cols, int32_t nt, float * out, int64_t ld) {
+    const block_q5_0x8 * b = group;
+    for (int32_t t = 0; t < nt; t++) {
+        const se_block_q8 * a = act_row(act, stride, t);
+        float acc[SE_RP_ROWS] = {0};
+        for (int64_t i = 0; i < cols / SE_QK; i++) {
+            for (int r = 0; r < SE_RP_ROWS; r++) {
+                int32_t sum = 0;
+                for (int k = 0; k < 4; k++) {
+                    for (int j = 0; j < 4; j++) {
+                        const uint8_t q = b[i].qs[32 * k + 4 * r + j];
+                        const int lo = (q & 15) | (int) ((b[i].qh[r] >> (8 * j + k)) & 1) << 4;
+                        const int hi = (q >> 4) | (int) ((b[i].qh[r] >> (8 * j + 4 + k)) & 1) << 4;
+                        sum += lo * a[i].qs[4 * k + j] + hi * a[i].qs[16 + 4 * k + j];
+                    }
+                }
+                acc[r] += se_fp16_to_fp32(b[i].d[r]) * (a[i].d * (float) sum - 16 * a[i].s);  // codes are q + 16
+            }
+        }
+        memcpy(out + t * ld, acc, sizeof acc);
+    }
+}
+
 static void gemm_q8_0(const void * group, const void * act, size_t stride, int64_t cols, int32_t nt, float * out, int64_t ld) {
     const block_q8_0x8 * b = group;
     for (int32_t t = 0; t < nt; t++) {
@@ -139,6 +182,9 @@ void se_repack_portable(se_type_traits * types) {
     types[SE_TYPE_Q4_0].packed_size = sizeof(block_q4_0x8);
     types[SE_TYPE_Q4_0].repack = repack_q4_0;
     types[SE_TYPE_Q4_0].gemm = gemm_q4_0;
+    types[SE_TYPE_Q5_0].packed_size = sizeof(block_q5_0x8);
+    types[SE_TYPE_Q5_0].repack = repack_q5_0;
+    types[SE_TYPE_Q5_0].gemm = gemm_q5_0;
     types[SE_TYPE_Q8_0].packed_size = sizeof(block_q8_0x8);
     types[SE_TYPE_Q8_0].repack = repack_q8_0;
     types[SE_TYPE_Q8_0].gemm = gemm_q8_0;
