@@ -229,9 +229,9 @@ def test_vec_dot_float_types(rng, simd, qtype):
 
 # ---------------------------------------------------------------------------------------------
 # matrix products: the forward pass's row-range driver, on interleaved groups of 8 rows (the
-# layout the CPU backend repacks Q4_0, Q5_0, Q8_0 and Q4_K weights into at load) or row by row
+# layout the CPU backend repacks Q4_0, Q5_0, Q8_0, Q4_K and Q6_K weights into at load) or row by row
 
-PACKED_TYPES = [QT.Q4_0, QT.Q5_0, QT.Q8_0, QT.Q4_K]
+PACKED_TYPES = [QT.Q4_0, QT.Q5_0, QT.Q8_0, QT.Q4_K, QT.Q6_K]
 # per output: float32 accumulation over blocks vs the float64 sum, relative to sum |w_j x_j|
 MAX_MATMUL_REL_ERROR = 1e-5
 

@@ -55,6 +55,18 @@ typedef struct {
     uint8_t qs[SE_RP_ROWS * SE_QK_K / 2];
 } block_q4_Kx8;
 
+// Q6_K: the 6-bit codes q (value d * scale * (q - 32)) re-split per 32-column activation block b:
+// for chunk c (blocks 2c, 2c + 1) piece k (0..7) of row r at qs[256c + 32k + 4r] holds the low 4 bits
+// of columns 4k..4k+3 of block 2c (low nibbles) and of block 2c + 1 (high nibbles), as Q4_K; their
+// high 2 bits in the 32-bit word qh[128c + 32(k / 2) + 4r], bits 8j + 2m (m = 2 (k % 2) + 0 for
+// block 2c, + 1 for block 2c + 1) for column 4k + j. Sub-block s (16 columns) of row r scales with sc[s][r].
+typedef struct {
+    float d[SE_RP_ROWS];
+    int8_t sc[16][SE_RP_ROWS];
+    uint8_t qs[SE_RP_ROWS * SE_QK_K / 2];
+    uint8_t qh[SE_RP_ROWS * SE_QK_K / 4];
+} block_q6_Kx8;
+
 SE_STATIC_ASSERT(sizeof(block_q8_0) == 34, "Q8_0 block layout");
 SE_STATIC_ASSERT(sizeof(block_q4_0) == 18, "Q4_0 block layout");
 SE_STATIC_ASSERT(sizeof(block_q4_1) == 20, "Q4_1 block layout");
@@ -66,5 +78,6 @@ SE_STATIC_ASSERT(sizeof(block_q4_0x8) == 8 * 18, "Q4_0x8 layout");
 SE_STATIC_ASSERT(sizeof(block_q8_0x8) == 8 * 34, "Q8_0x8 layout");
 SE_STATIC_ASSERT(sizeof(block_q5_0x8) == 8 * 22, "Q5_0x8 layout");
 SE_STATIC_ASSERT(sizeof(block_q4_Kx8) == 1216, "Q4_Kx8 layout");
+SE_STATIC_ASSERT(sizeof(block_q6_Kx8) == 1696, "Q6_Kx8 layout");
 
 #endif

@@ -394,6 +394,66 @@ static inline __attribute__((always_inline)) void gemm_q4_K_nt(const void * grou
     for (int t = 0; t < nt; t++) _mm256_storeu_ps(out + t * ld, acc[t]);
 }
 
+static inline __m256i scales16_s8(const int8_t s[8]) {  // signed bytes -> each in both 16-bit halves of its lane
+    const __m256i w = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *) s));
+    return _mm256_or_si256(_mm256_and_si256(w, _mm256_set1_epi32(0xffff)), _mm256_slli_epi32(w, 16));
+}
+
+// Q6_K: codes q - 32 in -32..31, so signed x signed with the sign trick; |q - 32| <= 32 lets the 4
+// pieces of a 16-column sub-block add in 16 bits (4 x 2 x 32 x 127 < 2^15) before the int8 scale
+// multiplies in the madd
+static inline __attribute__((always_inline)) void gemm_q6_K_nt(const void * group, const void * act, size_t stride,
+                                                               int64_t cols, int nt, float * out, int64_t ld) {
+    const block_q6_Kx8 * b = group;
+    const se_block_q8 * a[SE_RP_TOKENS];
+    __m256 acc[SE_RP_TOKENS];
+    for (int t = 0; t < nt; t++) {
+        a[t] = act_row(act, stride, t);
+        acc[t] = _mm256_setzero_ps();
+    }
+    const __m256i low4 = _mm256_set1_epi8(0x0f), high2 = _mm256_set1_epi8(0x30), off = _mm256_set1_epi8(32);
+    for (int64_t i = 0; i < cols / 256; i++) {
+        const __m256 d = _mm256_loadu_ps(b[i].d);
+        for (int c = 0; c < 4; c++) {  // activation blocks 2c (low nibbles) and 2c + 1 (high nibbles)
+            __m256i i0[SE_RP_TOKENS], i1[SE_RP_TOKENS];
+            for (int h = 0; h < 2; h++) {  // sub-blocks: columns 16h .. 16h + 15 of each block
+                __m256i s0[SE_RP_TOKENS], s1[SE_RP_TOKENS];
+                for (int kk = 0; kk < 4; kk++) {
+                    const int k = 4 * h + kk, p = k % 2;
+                    const __m256i raw = _mm256_loadu_si256((const __m256i *) (b[i].qs + 256 * c + 32 * k));
+                    const __m256i qh = _mm256_loadu_si256((const __m256i *) (b[i].qh + 128 * c + 32 * (k / 2)));
+                    // high bits 8j + 4p -> 8j + 4 (block 2c), 8j + 4p + 2 -> 8j + 4 (block 2c + 1)
+                    const __m256i h0 = p ? qh : _mm256_slli_epi32(qh, 4);
+                    const __m256i h1 = p ? _mm256_srli_epi32(qh, 2) : _mm256_slli_epi32(qh, 2);
+                    const __m256i w0 = _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(raw, low4), _mm256_and_si256(h0, high2)), off);
+                    const __m256i w1 = _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(raw, 4), low4),
+                                                                       _mm256_and_si256(h1, high2)), off);
+                    const __m256i a0 = _mm256_sign_epi8(w0, w0), a1 = _mm256_sign_epi8(w1, w1);
+                    for (int t = 0; t < nt; t++) {
+                        const __m256i p0 = _mm256_maddubs_epi16(a0, _mm256_sign_epi8(bcast4(a[t][8 * i + 2 * c].qs + 4 * k), w0));
+                        const __m256i p1 = _mm256_maddubs_epi16(a1, _mm256_sign_epi8(bcast4(a[t][8 * i + 2 * c + 1].qs + 4 * k), w1));
+                        s0[t] = kk == 0 ? p0 : _mm256_add_epi16(s0[t], p0);
+                        s1[t] = kk == 0 ? p1 : _mm256_add_epi16(s1[t], p1);
+                    }
+                }
+                const __m256i sc0 = scales16_s8(b[i].sc[4 * c + h]), sc1 = scales16_s8(b[i].sc[4 * c + 2 + h]);
+                for (int t = 0; t < nt; t++) {
+                    const __m256i m0 = _mm256_madd_epi16(s0[t], sc0), m1 = _mm256_madd_epi16(s1[t], sc1);
+                    i0[t] = h == 0 ? m0 : _mm256_add_epi32(i0[t], m0);
+                    i1[t] = h == 0 ? m1 : _mm256_add_epi32(i1[t], m1);
+                }
+            }
+            for (int t = 0; t < nt; t++) {
+                const se_block_q8 * x = a[t] + 8 * i + 2 * c;
+                const __m256 v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0[t]), _mm256_set1_ps(x[0].d),
+                                                 _mm256_mul_ps(_mm256_cvtepi32_ps(i1[t]), _mm256_set1_ps(x[1].d)));
+                acc[t] = _mm256_fmadd_ps(d, v, acc[t]);
+            }
+        }
+    }
+    for (int t = 0; t < nt; t++) _mm256_storeu_ps(out + t * ld, acc[t]);
+}
+
 #define GEMM(type)                                                                                    \
     static void gemm_##type(const void * g, const void * act, size_t stride, int64_t cols, int32_t nt, float * out, int64_t ld) { \
         switch (nt) {  /* one register allocation per tile width */                                  \
@@ -406,6 +466,7 @@ static inline __attribute__((always_inline)) void gemm_q4_K_nt(const void * grou
 GEMM(q4_0)
 GEMM(q8_0)
 GEMM(q5_0)
+GEMM(q6_K)
 GEMM(q4_K)
 
 // --- float activations
@@ -584,6 +645,7 @@ void se_quants_use_avx2(se_type_traits * types, se_kernels * k) {
     types[SE_TYPE_Q4_0].gemm = gemm_q4_0;
     types[SE_TYPE_Q8_0].gemm = gemm_q8_0;
     types[SE_TYPE_Q5_0].gemm = gemm_q5_0;
+    types[SE_TYPE_Q6_K].gemm = gemm_q6_K;
     types[SE_TYPE_Q4_K].gemm = gemm_q4_K;
     types[SE_TYPE_F32].vec_dot = vec_dot_f32;
     types[SE_TYPE_F16].vec_dot = vec_dot_f16;

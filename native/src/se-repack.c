@@ -84,6 +84,47 @@ static void repack_q4_K(const uint8_t * rows, uint64_t row_bytes, int64_t cols, 
     }
 }
 
+// the 256 codes (0..63) of a Q6_K super-block in column order (GGUF.md §7.2)
+static void q6_K_codes(const block_q6_K * b, uint8_t q[256]) {
+    for (int h = 0; h < 2; h++) {
+        const uint8_t * ql = b->ql + 64 * h, * qh = b->qh + 32 * h;
+        uint8_t * o = q + 128 * h;
+        for (int l = 0; l < 32; l++) {
+            o[l] = (uint8_t) ((ql[l] & 0xf) | (((qh[l] >> 0) & 3) << 4));
+            o[l + 32] = (uint8_t) ((ql[l + 32] & 0xf) | (((qh[l] >> 2) & 3) << 4));
+            o[l + 64] = (uint8_t) ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4));
+            o[l + 96] = (uint8_t) ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4));
+        }
+    }
+}
+
+static void repack_q6_K(const uint8_t * rows, uint64_t row_bytes, int64_t cols, void * group) {
+    block_q6_Kx8 * dst = group;
+    for (int64_t i = 0; i < cols / SE_QK_K; i++) {
+        memset(dst[i].qh, 0, sizeof dst[i].qh);
+        for (int r = 0; r < SE_RP_ROWS; r++) {
+            const block_q6_K * src = (const block_q6_K *) (rows + (uint64_t) r * row_bytes) + i;
+            uint8_t q[256];
+            q6_K_codes(src, q);
+            dst[i].d[r] = se_fp16_to_fp32(src->d);
+            for (int sb = 0; sb < 16; sb++) dst[i].sc[sb][r] = src->scales[sb];
+            for (int c = 0; c < 4; c++) {
+                for (int k = 0; k < 8; k++) {
+                    uint32_t w = 0;
+                    memcpy(&w, dst[i].qh + 128 * c + 32 * (k / 2) + 4 * r, 4);
+                    for (int j = 0; j < 4; j++) {
+                        const uint8_t a = q[64 * c + 4 * k + j], b = q[64 * c + 32 + 4 * k + j];
+                        dst[i].qs[256 * c + 32 * k + 4 * r + j] = (uint8_t) ((a & 15) | (b & 15) << 4);
+                        w |= (uint32_t) (a >> 4) << (8 * j + 2 * (2 * (k % 2)));
+                        w |= (uint32_t) (b >> 4) << (8 * j + 2 * (2 * (k % 2) + 1));
+                    }
+                    memcpy(dst[i].qh + 128 * c + 32 * (k / 2) + 4 * r, &w, 4);
+                }
+            }
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // portable kernels: one group of 8 rows with nt activation rows; integer sums per block, one float
 // multiply-add per block and row (the offset or min term folded in), as the AVX2 kernels do
@@ -178,7 +219,40 @@ static void gemm_q4_K(const void * group, const void * act, size_t stride, int64
     }
 }
 
+static void gemm_q6_K(const void * group, const void * act, size_t stride, int64_t cols, int32_t nt, float * out, int64_t ld) {
+    const block_q6_Kx8 * b = group;
+    for (int32_t t = 0; t < nt; t++) {
+        const se_block_q8 * a = act_row(act, stride, t);
+        float acc[SE_RP_ROWS] = {0};
+        for (int64_t i = 0; i < cols / SE_QK_K; i++) {
+            for (int r = 0; r < SE_RP_ROWS; r++) {
+                for (int blk = 0; blk < 8; blk++) {  // activation block: nibble blk % 2 of chunk blk / 2
+                    const int c = blk / 2, m = blk % 2;
+                    const se_block_q8 * x = &a[8 * i + blk];
+                    int32_t sum = 0;
+                    for (int k = 0; k < 8; k++) {
+                        uint32_t w;
+                        memcpy(&w, b[i].qh + 128 * c + 32 * (k / 2) + 4 * r, 4);
+                        int32_t part = 0;
+                        for (int j = 0; j < 4; j++) {
+                            const uint8_t lo = b[i].qs[256 * c + 32 * k + 4 * r + j];
+                            const int q = (m ? lo >> 4 : lo & 15) | (int) ((w >> (8 * j + 2 * (2 * (k % 2) + m))) & 3) << 4;
+                            part += (q - 32) * x->qs[4 * k + j];
+                        }
+                        sum += part * b[i].sc[2 * blk + k / 4][r];
+                    }
+                    acc[r] += b[i].d[r] * (x->d * (float) sum);
+                }
+            }
+        }
+        memcpy(out + t * ld, acc, sizeof acc);
+    }
+}
+
 void se_repack_portable(se_type_traits * types) {
+    types[SE_TYPE_Q6_K].packed_size = sizeof(block_q6_Kx8);
+    types[SE_TYPE_Q6_K].repack = repack_q6_K;
+    types[SE_TYPE_Q6_K].gemm = gemm_q6_K;
     types[SE_TYPE_Q4_0].packed_size = sizeof(block_q4_0x8);
     types[SE_TYPE_Q4_0].repack = repack_q4_0;
     types[SE_TYPE_Q4_0].gemm = gemm_q4_0;
