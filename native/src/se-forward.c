@@ -11,6 +11,7 @@
 #include "se-common.h"
 
 #include <math.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -33,62 +34,101 @@ typedef struct matmul_job {
     mm_out outs[3];
     int n_outs;
     int64_t rows;           // all weights' rows together
+    int64_t chunk;          // rows per work item, a multiple of 8
+    atomic_llong next;      // the next work item
 } matmul_job;
 
+// What the input rows of a product need first; done per token by the threads that quantize them,
+// so that normalization and the SwiGLU product run in parallel and cost no extra pool barrier.
+typedef struct row_prep {
+    float * x;              // norm: x += add (when add is set), then input = rmsnorm(x) * norm
+    const float * add;
+    const float * norm;
+    const float * up;       // swiglu: input (the gate values, in place) = silu(gate) * up
+    float eps;
+} row_prep;
+
+static void rmsnorm(float * out, const float * x, const float * weight, int64_t dim, int32_t n, float eps);
+
 typedef struct quantize_job {
-    const float * x;
-    se_block_q8 * q;
+    float * x;              // (n, cols) the float input rows
+    se_block_q8 * q;        // their 8-bit form, or NULL when no weight needs it
     int32_t n;
     int64_t cols;
+    const row_prep * prep;  // or NULL
+    atomic_int next;        // the next token
 } quantize_job;
 
 static void quantize_task(void * p, int ith, int nth) {
-    const quantize_job * j = p;
-    for (int32_t t = (int32_t) ((int64_t) j->n * ith / nth); t < (int32_t) ((int64_t) j->n * (ith + 1) / nth); t++) {
-        se_kern.quantize_q8(j->x + t * j->cols, j->q + t * (j->cols / 32), j->cols);
+    quantize_job * j = p;
+    for (int32_t t; (t = atomic_fetch_add(&j->next, 1)) < j->n;) {
+        float * in = j->x + t * j->cols;
+        const row_prep * r = j->prep;
+        if (r && r->norm) {
+            float * x = r->x + t * j->cols;
+            if (r->add) {
+                for (int64_t i = 0; i < j->cols; i++) x[i] += r->add[t * j->cols + i];
+            }
+            rmsnorm(in, x, r->norm, j->cols, 1, r->eps);
+        } else if (r && r->up) {
+            const float * up = r->up + t * j->cols;
+            for (int64_t i = 0; i < j->cols; i++) in[i] = in[i] / (1.0f + expf(-in[i])) * up[i];
+        }
+        if (j->q) se_kern.quantize_q8(in, j->q + t * (j->cols / 32), j->cols);
     }
 }
 
-// Threads take contiguous ranges of the combined rows, cut at multiples of 8 so that interleaved
-// groups (se-repack.c) stay whole and every row takes the same kernel whatever the thread count.
+// Threads take chunks of the combined rows from a shared counter (as llama.cpp's threadpool hands
+// out chunks): on a machine where another process can take a core away, the other threads finish
+// the work instead of waiting. Chunks are cut at multiples of 8 so that interleaved groups
+// (se-repack.c) stay whole; each row takes the same kernel whichever thread runs it.
 static void matmul_task(void * p, int ith, int nth) {
-    const matmul_job * j = p;
-    const int64_t groups = (j->rows + SE_RP_ROWS - 1) / SE_RP_ROWS;
-    int64_t r = groups * ith / nth * SE_RP_ROWS, end = groups * (ith + 1) / nth * SE_RP_ROWS;
-    if (end > j->rows) end = j->rows;
-    int64_t base = 0;  // first row of outs[k] in the combined row space
-    for (int k = 0; k < j->n_outs && r < end; base += j->outs[k].w->rows, k++) {
-        const mm_out * o = &j->outs[k];
-        const se_weight * w = o->w;
-        if (r >= base + w->rows) continue;
-        const se_type_traits * tt = se_type_get(w->type);
-        const void * act = tt->act == SE_ACT_Q8 ? j->xq : (const void *) j->x;
-        const int64_t stop = end < base + w->rows ? end : base + w->rows;
-        se_matmul_rows(w, o->bias, act, se_act_row_bytes(tt->act, j->cols), j->n, o->out, r - base, stop - base);
-        r = stop;
+    matmul_job * j = p;
+    for (;;) {
+        int64_t r = atomic_fetch_add(&j->next, 1) * j->chunk;
+        if (r >= j->rows) return;
+        const int64_t end = r + j->chunk < j->rows ? r + j->chunk : j->rows;
+        int64_t base = 0;  // first row of outs[k] in the combined row space
+        for (int k = 0; k < j->n_outs && r < end; base += j->outs[k].w->rows, k++) {
+            const mm_out * o = &j->outs[k];
+            const se_weight * w = o->w;
+            if (r >= base + w->rows) continue;
+            const se_type_traits * tt = se_type_get(w->type);
+            const void * act = tt->act == SE_ACT_Q8 ? j->xq : (const void *) j->x;
+            const int64_t stop = end < base + w->rows ? end : base + w->rows;
+            se_matmul_rows(w, o->bias, act, se_act_row_bytes(tt->act, j->cols), j->n, o->out, r - base, stop - base);
+            r = stop;
+        }
     }
 }
 
-static void matmul_many(se_context * ctx, const float * x, int32_t n, const mm_out * outs, int n_outs) {
+// `prep` (or NULL) is applied to the rows of x first, in place.
+static void matmul_many(se_context * ctx, float * x, int32_t n, const mm_out * outs, int n_outs, const row_prep * prep) {
     matmul_job j = {.x = x, .n = n, .cols = outs[0].w->cols, .n_outs = n_outs};
+    atomic_init(&j.next, 0);
     bool need_q8 = false;
     for (int k = 0; k < n_outs; k++) {
         j.outs[k] = outs[k];
         j.rows += outs[k].w->rows;
         need_q8 |= se_type_get(outs[k].w->type)->act == SE_ACT_Q8;
     }
-    if (need_q8) {
-        quantize_job q = {x, ctx->buf.xq, n, j.cols};
+    if (need_q8 || prep) {
+        quantize_job q = {.x = x, .q = need_q8 ? ctx->buf.xq : NULL, .n = n, .cols = j.cols, .prep = prep};
+        atomic_init(&q.next, 0);
         if (n == 1) quantize_task(&q, 0, 1);
         else se_pool_run(ctx->pool, quantize_task, &q);
         j.xq = ctx->buf.xq;
     }
+    // about 8 chunks per thread, each whole groups of 8 rows
+    const int64_t groups = (j.rows + SE_RP_ROWS - 1) / SE_RP_ROWS, per = 8 * (int64_t) se_pool_size(ctx->pool);
+    j.chunk = (groups + per - 1) / per * SE_RP_ROWS;
     se_pool_run(ctx->pool, matmul_task, &j);
 }
 
-static void matmul(se_context * ctx, float * out, const float * x, const se_weight * w, const float * bias, int32_t n) {
+static void matmul(se_context * ctx, float * out, float * x, const se_weight * w, const float * bias, int32_t n,
+                   const row_prep * prep) {
     const mm_out o = {out, w, bias};
-    matmul_many(ctx, x, n, &o, 1);
+    matmul_many(ctx, x, n, &o, 1, prep);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -281,14 +321,15 @@ typedef struct attention_job {
     int32_t n;
     int32_t nh;               // query heads per work item
     int32_t tile;             // query tokens per work item
+    atomic_llong next;        // the next work item
 } attention_job;
 
 static void attention_task(void * p, int ith, int nth) {
-    const attention_job * j = p;
+    attention_job * j = p;
     const se_hparams * hp = &j->ctx->model->hp;
     float * scratch = j->ctx->buf.scratch + (int64_t) ith * j->ctx->buf.scratch_stride;
     const int64_t per_tile = hp->n_head / j->nh, n_tiles = (j->n + j->tile - 1) / j->tile, n_items = n_tiles * per_tile;
-    for (int64_t item = n_items * ith / nth; item < n_items * (ith + 1) / nth; item++) {
+    for (int64_t item; (item = atomic_fetch_add(&j->next, 1)) < n_items;) {
         const int32_t t0 = (int32_t) (item / per_tile) * j->tile;
         const int32_t nt = j->n - t0 < j->tile ? j->n - t0 : j->tile;
         attend(j->ctx, j->il, t0, nt, (int32_t) (item % per_tile) * j->nh, j->nh, scratch);
@@ -321,34 +362,31 @@ static int forward(se_context * ctx, const int32_t * tokens, int32_t n, float * 
 
     for (int32_t il = 0; il < hp->n_layer; il++) {
         const se_layer * l = &m->layers[il];
-        // attention
-        rmsnorm(b->xb, b->x, l->attn_norm, dim, n, hp->rms_eps);
+        // attention (the previous layer's feed-forward output joins the residual stream here)
+        const row_prep attn_in = {b->x, il > 0 ? b->xb2 : NULL, l->attn_norm, NULL, hp->rms_eps};
         const mm_out qkv[3] = {{b->q, &l->wq, l->bq}, {b->k, &l->wk, l->bk}, {b->v, &l->wv, l->bv}};
-        matmul_many(ctx, b->xb, n, qkv, 3);
+        matmul_many(ctx, b->xb, n, qkv, 3, &attn_in);
         rope(ctx, b->q, hp->n_head, n);
         rope(ctx, b->k, hp->n_head_kv, n);
         store_kv(ctx, il, b->k, b->v, n);
-        attention_job aj = {ctx, il, n, 1, 1};
+        attention_job aj = {.ctx = ctx, .il = il, .n = n, .nh = 1, .tile = 1};
+        atomic_init(&aj.next, 0);
         attention_items(ctx, n, &aj.nh, &aj.tile);
         se_pool_run(ctx->pool, attention_task, &aj);
-        matmul(ctx, b->xb2, b->att, &l->wo, NULL, n);
-        for (int64_t i = 0; i < n * dim; i++) b->x[i] += b->xb2[i];
-        // SwiGLU feed-forward
-        rmsnorm(b->xb, b->x, l->ffn_norm, dim, n, hp->rms_eps);
+        matmul(ctx, b->xb2, b->att, &l->wo, NULL, n, NULL);
+        // SwiGLU feed-forward, after x += attention output
+        const row_prep ffn_in = {b->x, b->xb2, l->ffn_norm, NULL, hp->rms_eps};
         const mm_out gate_up[2] = {{b->hb, &l->w_gate, NULL}, {b->hb2, &l->w_up, NULL}};
-        matmul_many(ctx, b->xb, n, gate_up, 2);
-        for (int64_t i = 0; i < (int64_t) n * hp->n_ff; i++) {
-            const float g = b->hb[i];
-            b->hb[i] = g / (1.0f + expf(-g)) * b->hb2[i];
-        }
-        matmul(ctx, b->xb2, b->hb, &l->w_down, NULL, n);
-        for (int64_t i = 0; i < n * dim; i++) b->x[i] += b->xb2[i];
+        matmul_many(ctx, b->xb, n, gate_up, 2, &ffn_in);
+        const row_prep swiglu = {.up = b->hb2};
+        matmul(ctx, b->xb2, b->hb, &l->w_down, NULL, n, &swiglu);
     }
+    for (int64_t i = 0; i < n * dim; i++) b->x[i] += b->xb2[i];  // the last layer's feed-forward output
 
     if (n_logits > 0) {  // only the rows whose logits are wanted
         const float * last = b->x + (int64_t) (n - n_logits) * dim;
         rmsnorm(b->xb, last, m->output_norm, dim, n_logits, hp->rms_eps);
-        matmul(ctx, logits, b->xb, &m->output, NULL, n_logits);
+        matmul(ctx, logits, b->xb, &m->output, NULL, n_logits, NULL);
     }
     return SE_OK;
 }

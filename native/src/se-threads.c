@@ -4,6 +4,7 @@
 #include "se-impl.h"
 
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 
@@ -111,5 +112,10 @@ void se_pool_run(se_pool * pool, se_task_fn fn, void * arg) {
         pthread_mutex_unlock(&pool->mu);
     }
     fn(arg, 0, pool->n);
-    while (atomic_load(&pool->pending) > 0) cpu_relax();
+    // A worker still busy may have lost its core to another process: after a short spin, offer
+    // this core so that it can finish (and not burn the time slice it needs).
+    for (int spins = 0; atomic_load(&pool->pending) > 0; spins++) {
+        if (spins < 2000) cpu_relax();
+        else sched_yield();
+    }
 }
