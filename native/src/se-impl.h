@@ -232,8 +232,10 @@ void se_matmul_rows(const se_weight * w, const float * bias, const void * act, s
                     int64_t r0, int64_t r1);
 
 // ---------------------------------------------------------------------------------------------
-// Thread pool: fn(arg, ith, nth) runs on nth threads (the caller is thread 0) and returns when all
-// are done. Workers spin briefly between jobs, then sleep.
+// Thread pool: fn(arg, ith, nth) runs on the caller (ith 0) and on the workers (ith < nth) that
+// reach the job before the caller has finished its own call; it returns when those are done. So fn
+// must take its work from a shared counter, never a fixed share per ith (a worker that lost its core
+// to another process is not waited for). Workers spin briefly between jobs, then sleep.
 
 typedef void (*se_task_fn)(void * arg, int ith, int nth);
 typedef struct se_pool se_pool;
