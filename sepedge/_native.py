@@ -142,7 +142,8 @@ class Model(_Handle):
         info = ffi.new("se_model_info *")
         check(lib.se_model_get_info(self.ptr, info))
         self.info = {k: getattr(info, k) for k in ("n_vocab", "n_ctx_train", "n_embd", "n_layer", "n_head",
-                                                   "n_head_kv", "n_ff", "head_dim", "file_type", "n_params", "n_bytes")}
+                                                   "n_head_kv", "n_ff", "head_dim", "file_type", "n_params", "n_bytes",
+                                                   "n_bytes_packed")}
         self.info["arch"] = ffi.string(info.arch).decode()
 
     def close(self) -> None:

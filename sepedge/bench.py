@@ -57,6 +57,8 @@ def format_table(llm, rows: list[dict], n_threads: int | None) -> str:
     info = llm.info
     stats = llm.kv_stats()
     size = f"{info['n_bytes'] / 2 ** 20:.2f} MiB"
+    if info.get("n_bytes_packed"):  # the CPU backend's repacked copies, held beside the file's mapping
+        size += f" + {info['n_bytes_packed'] / 2 ** 20:.2f} MiB repacked"
     ftype = info["file_type"]
     kind = gguf.LlamaFileType(ftype).name.removeprefix("MOSTLY_") if ftype in gguf.LlamaFileType._value2member_map_ \
         else str(ftype)

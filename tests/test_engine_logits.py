@@ -64,8 +64,11 @@ def test_f16_kv_cache(gguf_path, rng, spec):
         assert rel(llm.eval_logits(tokens), reference_logits(path, tokens)) <= MAX_REL_DIFF_F16_KV
 
 
-def test_chunking_and_threads_do_not_change_logits(gguf_path, rng):
-    path = gguf_path("gqa3-sharded-padded", "q4_1")
+@pytest.mark.parametrize("outtype", ["q4_1", "q4_0", "q8_0", "q4_k_m"])
+def test_chunking_and_threads_do_not_change_logits(gguf_path, rng, outtype):
+    """Row-by-row (Q4_1) and repacked (Q4_0, Q8_0, Q4_K_M's mix) weights, tiles of tokens and
+    chunks of rows handed to threads: the same logits."""
+    path = gguf_path("gqa3-sharded-padded", outtype)
     tokens = rng.integers(0, 990, 150).tolist()
     results = []
     for n_batch, n_threads in ((512, 1), (7, 2), (1, 3)):
@@ -113,3 +116,31 @@ def test_smollm2_knows_paris(smollm2):
         reply = llm.create_chat_completion([{"role": "user", "content": "Name the capital city of France."}],
                                            max_tokens=24, temperature=0)
         assert "Paris" in reply["choices"][0]["message"]["content"]
+
+
+@pytest.mark.parametrize("outtype", ["q4_0", "q8_0", "q4_k_m"])
+def test_repacked_weights_are_counted(gguf_path, monkeypatch, outtype):
+    """The CPU backend's interleaved copies of the matrices (rows in groups of 8, types with a
+    layout) are reported in the model's memory figures; with and without them the logits match the
+    reference (not each other bit for bit: float rounding in a different order can move an 8-bit
+    activation code by one)."""
+    import gguf
+    path = gguf_path("gqa3-sharded-padded", outtype)
+    # bytes of a group of 8 rows' blocks / bytes of the 8 blocks in the file (se-common.h)
+    packable = {"Q4_0": (144, 144), "Q5_0": (176, 176), "Q8_0": (272, 272), "Q4_K": (1216, 1152), "Q6_K": (1696, 1680)}
+    reader = gguf.GGUFReader(path)
+    names = {t.name for t in reader.tensors}
+    matrices = [t for t in reader.tensors if t.name.startswith("blk.") and len(t.shape) == 2
+                or t.name == ("output.weight" if "output.weight" in names else "token_embd.weight")]
+    expected = sum(int(t.n_bytes) * packable[t.tensor_type.name][0] // packable[t.tensor_type.name][1]
+                   for t in matrices if t.tensor_type.name in packable and int(t.shape[1]) % 8 == 0)
+    tokens = list(range(1, 40))
+    with Engine(path, n_ctx=64) as llm:
+        assert llm.info["n_bytes_packed"] == expected
+        packed = llm.eval_logits(tokens)
+    monkeypatch.setenv("SEPEDGE_REPACK", "0")
+    with Engine(path, n_ctx=64) as llm:
+        assert llm.info["n_bytes_packed"] == 0
+        rows = llm.eval_logits(tokens)
+    ref = reference_logits(path, tokens)
+    assert rel(packed, ref) <= MAX_REL_DIFF[outtype] and rel(rows, ref) <= MAX_REL_DIFF[outtype]

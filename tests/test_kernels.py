@@ -225,3 +225,66 @@ def test_vec_dot_float_types(rng, simd, qtype):
         out = ffi.new("float *")
         check(lib.se_vec_dot(int(qtype), ffi.from_buffer(data), ffi.from_buffer("float[]", x), n, out))
         assert abs(out[0] - wq @ x) <= MAX_DOT_REL_ERROR * np.abs(wq * x).sum(), (n, simd)
+
+
+# ---------------------------------------------------------------------------------------------
+# matrix products: the forward pass's row-range driver, on interleaved groups of 8 rows (the
+# layout the CPU backend repacks Q4_0, Q5_0, Q8_0, Q4_K and Q6_K weights into at load) or row by row
+
+PACKED_TYPES = [QT.Q4_0, QT.Q5_0, QT.Q8_0, QT.Q4_K, QT.Q6_K]
+# per output: float32 accumulation over blocks vs the float64 sum, relative to sum |w_j x_j|
+MAX_MATMUL_REL_ERROR = 1e-5
+
+
+def c_matmul(data: np.ndarray, qtype: QT, rows: int, cols: int, x: np.ndarray, packed: bool) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    out = np.full((len(x), rows), np.nan, dtype=np.float32)
+    check(lib.se_matmul(int(qtype), ffi.from_buffer(np.ascontiguousarray(data)), rows, cols,
+                        ffi.from_buffer("float[]", x), len(x), ffi.from_buffer("float[]", out), int(packed)))
+    return out
+
+
+@pytest.mark.parametrize("qtype", QUANTIZED, ids=lambda t: t.name)
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "rows"])
+def test_matmul_matches_float64(rng, simd, qtype, packed):
+    """Every quantized type, odd row counts (groups of 8 and leftovers), odd block counts, token
+    counts below, at and above the kernels' 4-token tile."""
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    for rows, n_blocks, n in ((8, 1, 1), (24, 3, 5), (40, 7, 4), (13, 5, 7), (56, 3, 37)):
+        cols = n_blocks * max(block, 32)
+        data = random_blocks(rng, qtype, rows * cols // block)
+        w = gguf.quants.dequantize(data, qtype).reshape(rows, cols).astype(np.float64)
+        x = rng.standard_normal((n, cols)).astype(np.float32)
+        x[0, :32] = 0  # an all-zero activation block
+        a = np.stack([q8_reference(r) for r in x])
+        xq = a["d"][..., None].astype(np.float64) * a["qs"]
+        xq = xq.reshape(n, cols)
+        out = c_matmul(data, qtype, rows, cols, x, packed)
+        expected = xq @ w.T
+        scale = np.abs(xq) @ np.abs(w).T
+        assert np.all(np.abs(out - expected) <= MAX_MATMUL_REL_ERROR * scale + 1e-30), (rows, cols, n, simd)
+
+
+@pytest.mark.parametrize("qtype", PACKED_TYPES, ids=lambda t: t.name)
+def test_matmul_does_not_depend_on_the_token_tile(rng, simd, qtype):
+    """A token's outputs are bit for bit the same whether it is multiplied alone or within a batch
+    (logits must not depend on how a prompt is cut into chunks)."""
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    rows, cols, n = 48, 3 * max(block, 32), 11
+    data = random_blocks(rng, qtype, rows * cols // block)
+    x = rng.standard_normal((n, cols)).astype(np.float32)
+    batch = c_matmul(data, qtype, rows, cols, x, True)
+    alone = np.concatenate([c_matmul(data, qtype, rows, cols, x[t:t + 1], True) for t in range(n)])
+    np.testing.assert_array_equal(batch, alone)
+
+
+def test_matmul_errors():
+    out = np.zeros(8, dtype=np.float32)
+    x = np.zeros(32, dtype=np.float32)
+    w = np.zeros(18, dtype=np.uint8)
+    with pytest.raises(InvalidArgumentError):
+        check(lib.se_matmul(int(QT.Q4_0), ffi.from_buffer(w), 1, 33, ffi.from_buffer("float[]", x), 1,
+                            ffi.from_buffer("float[]", out), 1))
+    with pytest.raises(UnsupportedError):
+        check(lib.se_matmul(int(QT.Q2_K), ffi.from_buffer(w), 1, 256, ffi.from_buffer("float[]", x), 1,
+                            ffi.from_buffer("float[]", out), 1))

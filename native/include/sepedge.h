@@ -83,6 +83,7 @@ typedef struct se_model_info {
     int32_t file_type;    // general.file_type, or -1
     int64_t n_params;
     int64_t n_bytes;      // bytes of tensor data
+    int64_t n_bytes_packed; // bytes of the CPU backend's repacked copies of matrices, held beside the file's mapping
 } se_model_info;
 
 SE_API int se_model_get_info(const se_model * model, se_model_info * out);
@@ -364,6 +365,11 @@ SE_API int se_fp32_to_fp16_row(const float * src, uint16_t * dst, int64_t n);
 // in blocks of 32 (se_quantize_act_q8: per block a float scale, the int32 sum, 32 int8 codes).
 SE_API int se_vec_dot(int32_t type, const void * row, const float * x, int64_t n, float * out);
 SE_API int se_quantize_act_q8(const float * x, void * out, int64_t n);
+// The forward pass's matrix product: out (n, rows) = x (n, cols) . W^T for W (rows, cols) in `type`,
+// x quantized as se_vec_dot does; packed != 0 runs it on the interleaved layout the CPU backend
+// builds at load (for types that have one and rows a multiple of 8), else row by row.
+SE_API int se_matmul(int32_t type, const void * w, int64_t rows, int64_t cols, const float * x, int32_t n, float * out,
+                     int32_t packed);
 // The SIMD kernels in use ("avx2" or "none"); se_set_simd(0) selects the portable C ones (tests),
 // as does the environment variable SEPEDGE_SIMD=0 at load. Not to be called during a decode.
 SE_API const char * se_simd(void);

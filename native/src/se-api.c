@@ -60,6 +60,7 @@ int se_model_get_info(const se_model * m, se_model_info * out) {
         .n_layer = hp->n_layer, .n_head = hp->n_head, .n_head_kv = hp->n_head_kv, .n_ff = hp->n_ff,
         .head_dim = hp->head_dim, .file_type = hp->file_type, .n_params = m->n_params, .n_bytes = m->n_bytes,
     };
+    out->n_bytes_packed = m->n_bytes_packed;
     return SE_OK;
 }
 

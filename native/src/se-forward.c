@@ -8,8 +8,10 @@
 //
 // Matrix products and attention run on the thread pool; the rest is cheap and stays on the caller.
 #include "se-impl.h"
+#include "se-common.h"
 
 #include <math.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -32,71 +34,101 @@ typedef struct matmul_job {
     mm_out outs[3];
     int n_outs;
     int64_t rows;           // all weights' rows together
+    int64_t chunk;          // rows per work item, a multiple of 8
+    atomic_llong next;      // the next work item
 } matmul_job;
 
+// What the input rows of a product need first; done per token by the threads that quantize them,
+// so that normalization and the SwiGLU product run in parallel and cost no extra pool barrier.
+typedef struct row_prep {
+    float * x;              // norm: x += add (when add is set), then input = rmsnorm(x) * norm
+    const float * add;
+    const float * norm;
+    const float * up;       // swiglu: input (the gate values, in place) = silu(gate) * up
+    float eps;
+} row_prep;
+
+static void rmsnorm(float * out, const float * x, const float * weight, int64_t dim, int32_t n, float eps);
+
 typedef struct quantize_job {
-    const float * x;
-    se_block_q8 * q;
+    float * x;              // (n, cols) the float input rows
+    se_block_q8 * q;        // their 8-bit form, or NULL when no weight needs it
     int32_t n;
     int64_t cols;
+    const row_prep * prep;  // or NULL
+    atomic_int next;        // the next token
 } quantize_job;
 
 static void quantize_task(void * p, int ith, int nth) {
-    const quantize_job * j = p;
-    for (int32_t t = (int32_t) ((int64_t) j->n * ith / nth); t < (int32_t) ((int64_t) j->n * (ith + 1) / nth); t++) {
-        se_kern.quantize_q8(j->x + t * j->cols, j->q + t * (j->cols / 32), j->cols);
+    quantize_job * j = p;
+    for (int32_t t; (t = atomic_fetch_add(&j->next, 1)) < j->n;) {
+        float * in = j->x + t * j->cols;
+        const row_prep * r = j->prep;
+        if (r && r->norm) {
+            float * x = r->x + t * j->cols;
+            if (r->add) {
+                for (int64_t i = 0; i < j->cols; i++) x[i] += r->add[t * j->cols + i];
+            }
+            rmsnorm(in, x, r->norm, j->cols, 1, r->eps);
+        } else if (r && r->up) {
+            const float * up = r->up + t * j->cols;
+            for (int64_t i = 0; i < j->cols; i++) in[i] = in[i] / (1.0f + expf(-in[i])) * up[i];
+        }
+        if (j->q) se_kern.quantize_q8(in, j->q + t * (j->cols / 32), j->cols);
     }
 }
 
+// Threads take chunks of the combined rows from a shared counter (as llama.cpp's threadpool hands
+// out chunks): on a machine where another process can take a core away, the other threads finish
+// the work instead of waiting. Chunks are cut at multiples of 8 so that interleaved groups
+// (se-repack.c) stay whole; each row takes the same kernel whichever thread runs it.
 static void matmul_task(void * p, int ith, int nth) {
-    const matmul_job * j = p;
-    int64_t r = j->rows * ith / nth, end = j->rows * (ith + 1) / nth;
-    int64_t base = 0;  // first row of outs[k] in the combined row space
-    for (int k = 0; k < j->n_outs && r < end; base += j->outs[k].w->rows, k++) {
-        const mm_out * o = &j->outs[k];
-        const se_weight * w = o->w;
-        const se_type_traits * tt = se_type_get(w->type);
-        const void * act = tt->act == SE_ACT_Q8 ? j->xq : (const void *) j->x;
-        const size_t stride = se_act_row_bytes(tt->act, j->cols);
-        for (; r < end && r < base + w->rows; r++) {
-            const int64_t row = r - base;
-            const uint8_t * wrow = w->data + (uint64_t) row * w->row_bytes;
-            const float bias = o->bias ? o->bias[row] : 0.0f;
-            int32_t t = 0;
-            if (tt->vec_dot4) {
-                for (; t + 4 <= j->n; t += 4) {
-                    float v[4];
-                    tt->vec_dot4(wrow, (const char *) act + t * stride, stride, j->cols, v);
-                    for (int k = 0; k < 4; k++) o->out[(t + k) * w->rows + row] = v[k] + bias;
-                }
-            }
-            for (; t < j->n; t++) {
-                o->out[t * w->rows + row] = tt->vec_dot(wrow, (const char *) act + t * stride, j->cols) + bias;
-            }
+    matmul_job * j = p;
+    for (;;) {
+        int64_t r = atomic_fetch_add(&j->next, 1) * j->chunk;
+        if (r >= j->rows) return;
+        const int64_t end = r + j->chunk < j->rows ? r + j->chunk : j->rows;
+        int64_t base = 0;  // first row of outs[k] in the combined row space
+        for (int k = 0; k < j->n_outs && r < end; base += j->outs[k].w->rows, k++) {
+            const mm_out * o = &j->outs[k];
+            const se_weight * w = o->w;
+            if (r >= base + w->rows) continue;
+            const se_type_traits * tt = se_type_get(w->type);
+            const void * act = tt->act == SE_ACT_Q8 ? j->xq : (const void *) j->x;
+            const int64_t stop = end < base + w->rows ? end : base + w->rows;
+            se_matmul_rows(w, o->bias, act, se_act_row_bytes(tt->act, j->cols), j->n, o->out, r - base, stop - base);
+            r = stop;
         }
     }
 }
 
-static void matmul_many(se_context * ctx, const float * x, int32_t n, const mm_out * outs, int n_outs) {
+// `prep` (or NULL) is applied to the rows of x first, in place.
+static void matmul_many(se_context * ctx, float * x, int32_t n, const mm_out * outs, int n_outs, const row_prep * prep) {
     matmul_job j = {.x = x, .n = n, .cols = outs[0].w->cols, .n_outs = n_outs};
+    atomic_init(&j.next, 0);
     bool need_q8 = false;
     for (int k = 0; k < n_outs; k++) {
         j.outs[k] = outs[k];
         j.rows += outs[k].w->rows;
         need_q8 |= se_type_get(outs[k].w->type)->act == SE_ACT_Q8;
     }
-    if (need_q8) {
-        quantize_job q = {x, ctx->buf.xq, n, j.cols};
+    if (need_q8 || prep) {
+        quantize_job q = {.x = x, .q = need_q8 ? ctx->buf.xq : NULL, .n = n, .cols = j.cols, .prep = prep};
+        atomic_init(&q.next, 0);
         if (n == 1) quantize_task(&q, 0, 1);
         else se_pool_run(ctx->pool, quantize_task, &q);
         j.xq = ctx->buf.xq;
     }
+    // about 8 chunks per thread, each whole groups of 8 rows
+    const int64_t groups = (j.rows + SE_RP_ROWS - 1) / SE_RP_ROWS, per = 8 * (int64_t) se_pool_size(ctx->pool);
+    j.chunk = (groups + per - 1) / per * SE_RP_ROWS;
     se_pool_run(ctx->pool, matmul_task, &j);
 }
 
-static void matmul(se_context * ctx, float * out, const float * x, const se_weight * w, const float * bias, int32_t n) {
+static void matmul(se_context * ctx, float * out, float * x, const se_weight * w, const float * bias, int32_t n,
+                   const row_prep * prep) {
     const mm_out o = {out, w, bias};
-    matmul_many(ctx, x, n, &o, 1);
+    matmul_many(ctx, x, n, &o, 1, prep);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -118,6 +150,11 @@ static double rope_freq(const se_model * m, int32_t i) {
     return m->rope_freqs ? freq / m->rope_freqs[i] : freq;
 }
 
+static int cmp_cell(const void * a, const void * b) {
+    const int32_t x = *(const int32_t *) a, y = *(const int32_t *) b;
+    return (x > y) - (x < y);
+}
+
 // cos/sin of every (token, frequency) pair of this batch, and of every cell that is read with an
 // extra rotation (its delta)
 static void rope_tables(se_context * ctx, int32_t n) {
@@ -134,11 +171,15 @@ static void rope_tables(se_context * ctx, int32_t n) {
         for (int32_t j = 0; j < ctx->kv.n_live; j++) {
             const int32_t c = ctx->kv.live[j];
             const int32_t delta = ctx->kv.m.cells[c].delta;
-            if (delta == 0) continue;
+            if (delta == 0 || delta == b->delta_done[c]) continue;  // a cell's delta changes rarely
             b->delta_cos[(int64_t) c * half + i] = (float) cos(delta * freq);
             b->delta_sin[(int64_t) c * half + i] = (float) sin(delta * freq);
         }
     }
+    for (int32_t j = 0; j < ctx->kv.n_live; j++) b->delta_done[ctx->kv.live[j]] = ctx->kv.m.cells[ctx->kv.live[j]].delta;
+    // attention walks the live cells in memory order (their rows in the cache), not in cache order
+    memcpy(b->order, ctx->kv.live, (size_t) ctx->kv.n_live * sizeof(int32_t));
+    qsort(b->order, (size_t) ctx->kv.n_live, sizeof(int32_t), cmp_cell);
 }
 
 // Rotate one head of d values by the angles (c, s): the pair convention of the model.
@@ -182,67 +223,94 @@ static void store_kv(se_context * ctx, int32_t il, const float * k, const float 
 // ---------------------------------------------------------------------------------------------
 // attention: every (token, head) pair against the live cells it may see
 
-// A cell's key or value row of one KV head as float: converted from f16 into `tmp`, or in place.
-static const float * kv_floats(const se_kv_cache * kv, const void * row, float * tmp, int32_t d) {
-    if (kv->kv_type == SE_KV_F32) return row;
-    se_kern.f16_to_f32(row, tmp, d);
-    return tmp;
-}
+// One work item: a tile of up to ATT_TOKENS query tokens against one KV head, for `nh` of the query
+// heads that share it (GQA): nq = tokens x heads query rows. Each live cell's key and value row is
+// read once, in memory order, for all of them: the scores are a small (nq x cells) matrix product
+// and the output a (cells -> nq x d) one, with f16 rows converted inside the multiply-add loops.
+#define ATT_TOKENS 4
 
-// One work item: token t against one KV head, for `nh` of the query heads that share it (GQA), so
-// every key and value row is read and converted once for all of them.
-static void attend(se_context * ctx, int32_t il, int32_t t, int32_t h0, int32_t nh, float * scratch) {
+static void attend(se_context * ctx, int32_t il, int32_t t0, int32_t nt, int32_t h0, int32_t nh, float * scratch) {
     const se_hparams * hp = &ctx->model->hp;
     const se_kv_cache * kv = &ctx->kv;
     const se_buffers * b = &ctx->buf;
-    const int32_t d = hp->head_dim, half = d / 2, n = kv->n_live;
+    const int32_t d = hp->head_dim, half = d / 2, n = kv->n_live, nq = nt * nh;
     const size_t esize = kv->kv_type == SE_KV_F16 ? 2 : 4;
     const int64_t off = (int64_t) (h0 / (hp->n_head / hp->n_head_kv)) * d;  // the KV head of these heads
     const float scale = 1.0f / sqrtf((float) d);
-    const int64_t pos = b->positions[t];
-    float * scores = scratch;                 // (nh, n_live)
-    float * row = scratch + (int64_t) nh * n; // (d) a key or value as float
-    float * rot = row + d;                    // (d) a key rotated by its cell's delta
-    float max[8];
-    for (int32_t k = 0; k < nh; k++) max[k] = -INFINITY;
-    int32_t n_visible = 0;
+    float * scores = scratch;                   // (n_live, nq) cell-major
+    float * qt = scores + (int64_t) n * nq;     // (nq, d) the queries, scaled
+    float * ot = qt + (int64_t) nq * d;         // (nq, d) the outputs
+    float * rot = ot + (int64_t) nq * d;        // (d) a key rotated by its cell's delta
+    float * w = rot + d;                        // (nq) one cell's weights
+    float max[ATT_TOKENS * 8], inv[ATT_TOKENS * 8];
+    int32_t n_visible[ATT_TOKENS] = {0};
+    for (int32_t tt = 0; tt < nt; tt++) {
+        for (int32_t k = 0; k < nh; k++) {
+            const float * q = b->q + ((int64_t) (t0 + tt) * hp->n_head + h0 + k) * d;
+            for (int32_t j = 0; j < d; j++) qt[(tt * nh + k) * d + j] = q[j] * scale;
+        }
+    }
+    for (int32_t k = 0; k < nq; k++) max[k] = -INFINITY;
+    memset(ot, 0, (size_t) nq * d * sizeof(float));
     for (int32_t i = 0; i < n; i++) {
-        const int32_t cell = kv->live[i];
+        const int32_t cell = b->order[i];
         const se_kv_cell * c = &kv->m.cells[cell];
-        if (!se_kv_visible(kv, c, pos, b->sep_floor[t])) {
-            for (int32_t k = 0; k < nh; k++) scores[k * n + i] = -INFINITY;
-            continue;
+        float * s = scores + (int64_t) i * nq;
+        bool vis[ATT_TOKENS], any = false;
+        for (int32_t tt = 0; tt < nt; tt++) {
+            vis[tt] = se_kv_visible(kv, c, b->positions[t0 + tt], b->sep_floor[t0 + tt]);
+            any |= vis[tt];
+            n_visible[tt] += vis[tt];
         }
-        const float * key = kv_floats(kv, (const char *) se_kv_k(kv, il, cell) + off * esize, row, d);
-        if (c->delta != 0) {
-            memcpy(rot, key, (size_t) d * sizeof(float));
-            rotate(rot, b->delta_cos + (int64_t) cell * half, b->delta_sin + (int64_t) cell * half, d, hp->rope_type);
-            key = rot;
+        if (any) {
+            const void * key = (const char *) se_kv_k(kv, il, cell) + off * esize;
+            if (c->delta != 0) {
+                if (kv->kv_type == SE_KV_F16) se_kern.f16_to_f32(key, rot, d);
+                else memcpy(rot, key, (size_t) d * sizeof(float));
+                rotate(rot, b->delta_cos + (int64_t) cell * half, b->delta_sin + (int64_t) cell * half, d, hp->rope_type);
+                se_kern.dot_f32_n(rot, qt, d, nq, d, s);
+            } else if (kv->kv_type == SE_KV_F16) {
+                se_kern.dot_f16_n(key, qt, d, nq, d, s);
+            } else {
+                se_kern.dot_f32_n(key, qt, d, nq, d, s);
+            }
         }
-        for (int32_t k = 0; k < nh; k++) {
-            const float s = se_kern.dot_f32(key, b->q + ((int64_t) t * hp->n_head + h0 + k) * d, d) * scale;
-            scores[k * n + i] = s;
-            if (s > max[k]) max[k] = s;
+        for (int32_t tt = 0; tt < nt; tt++) {
+            for (int32_t k = 0; k < nh; k++) {
+                const int32_t qi = tt * nh + k;
+                if (!vis[tt]) s[qi] = -INFINITY;
+                else if (s[qi] > max[qi]) max[qi] = s[qi];
+            }
         }
-        n_visible++;
     }
-    if (il == 0 && h0 == 0) b->visible[t] = n_visible;
-    float inv[8];
-    for (int32_t k = 0; k < nh; k++) {
-        float sum = 0;
-        for (int32_t i = 0; i < n; i++) {
-            const float s = scores[k * n + i];
-            scores[k * n + i] = s == -INFINITY ? 0 : expf(s - max[k]);
-            sum += scores[k * n + i];
-        }
-        inv[k] = 1 / sum;
-        memset(b->att + ((int64_t) t * hp->n_head + h0 + k) * d, 0, (size_t) d * sizeof(float));
+    if (il == 0 && h0 == 0) {
+        for (int32_t tt = 0; tt < nt; tt++) b->visible[t0 + tt] = n_visible[tt];
     }
+    float sum[ATT_TOKENS * 8] = {0};
     for (int32_t i = 0; i < n; i++) {
-        if (!se_kv_visible(kv, &kv->m.cells[kv->live[i]], pos, b->sep_floor[t])) continue;
-        const float * value = kv_floats(kv, (const char *) se_kv_v(kv, il, kv->live[i]) + off * esize, row, d);
+        float * s = scores + (int64_t) i * nq;
+        for (int32_t qi = 0; qi < nq; qi++) {
+            s[qi] = s[qi] == -INFINITY ? 0 : expf(s[qi] - max[qi]);
+            sum[qi] += s[qi];
+        }
+    }
+    for (int32_t qi = 0; qi < nq; qi++) inv[qi] = 1 / sum[qi];
+    for (int32_t i = 0; i < n; i++) {
+        const float * s = scores + (int64_t) i * nq;
+        bool any = false;
+        for (int32_t qi = 0; qi < nq; qi++) {
+            w[qi] = s[qi] * inv[qi];
+            any |= s[qi] != 0;
+        }
+        if (!any) continue;
+        const void * value = (const char *) se_kv_v(kv, il, b->order[i]) + off * esize;
+        if (kv->kv_type == SE_KV_F16) se_kern.axpy_f16_n(ot, d, w, nq, value, d);
+        else se_kern.axpy_f32_n(ot, d, w, nq, value, d);
+    }
+    for (int32_t tt = 0; tt < nt; tt++) {
         for (int32_t k = 0; k < nh; k++) {
-            se_kern.axpy_f32(b->att + ((int64_t) t * hp->n_head + h0 + k) * d, scores[k * n + i] * inv[k], value, d);
+            memcpy(b->att + ((int64_t) (t0 + tt) * hp->n_head + h0 + k) * d, ot + (int64_t) (tt * nh + k) * d,
+                   (size_t) d * sizeof(float));
         }
     }
 }
@@ -252,24 +320,32 @@ typedef struct attention_job {
     int32_t il;
     int32_t n;
     int32_t nh;               // query heads per work item
+    int32_t tile;             // query tokens per work item
+    atomic_llong next;        // the next work item
 } attention_job;
 
 static void attention_task(void * p, int ith, int nth) {
-    const attention_job * j = p;
+    attention_job * j = p;
     const se_hparams * hp = &j->ctx->model->hp;
     float * scratch = j->ctx->buf.scratch + (int64_t) ith * j->ctx->buf.scratch_stride;
-    const int64_t per_token = hp->n_head / j->nh, n_items = (int64_t) j->n * per_token;
-    for (int64_t item = n_items * ith / nth; item < n_items * (ith + 1) / nth; item++) {
-        attend(j->ctx, j->il, (int32_t) (item / per_token), (int32_t) (item % per_token) * j->nh, j->nh, scratch);
+    const int64_t per_tile = hp->n_head / j->nh, n_tiles = (j->n + j->tile - 1) / j->tile, n_items = n_tiles * per_tile;
+    for (int64_t item; (item = atomic_fetch_add(&j->next, 1)) < n_items;) {
+        const int32_t t0 = (int32_t) (item / per_tile) * j->tile;
+        const int32_t nt = j->n - t0 < j->tile ? j->n - t0 : j->tile;
+        attend(j->ctx, j->il, t0, nt, (int32_t) (item % per_tile) * j->nh, j->nh, scratch);
     }
 }
 
-// Heads sharing a KV head go together, unless that leaves threads idle (decoding one token).
-static int32_t heads_per_item(const se_context * ctx, int32_t n) {
+// Heads sharing a KV head go together, and tokens in tiles of ATT_TOKENS, unless that leaves threads
+// idle (decoding one token).
+static void attention_items(const se_context * ctx, int32_t n, int32_t * nh, int32_t * tile) {
     const se_hparams * hp = &ctx->model->hp;
-    const int32_t group = hp->n_head / hp->n_head_kv;
-    if (group > 8 || (int64_t) n * hp->n_head_kv < 2 * se_pool_size(ctx->pool)) return 1;
-    return group;
+    const int32_t group = hp->n_head / hp->n_head_kv, nth = se_pool_size(ctx->pool);
+    *tile = n >= ATT_TOKENS * nth ? ATT_TOKENS : 1;
+    const int64_t items = (int64_t) (n + *tile - 1) / *tile * hp->n_head_kv;
+    // a KV head's rows read once for all its query heads beats an even split (decoding SmolLM2's 3 KV
+    // heads on 2 threads): split heads only when there are fewer items than threads
+    *nh = group > 8 || items < nth ? 1 : group;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -289,35 +365,33 @@ static int forward(se_context * ctx, const int32_t * tokens, int32_t n, float * 
     for (int32_t il = 0; il < hp->n_layer; il++) {
         if (se_cancelled(ctx)) return se_error(SE_ERR_CANCELLED, "cancelled (at layer %d)", il);  // se_context_cancel
         const se_layer * l = &m->layers[il];
-        // attention
-        rmsnorm(b->xb, b->x, l->attn_norm, dim, n, hp->rms_eps);
+        // attention (the previous layer's feed-forward output joins the residual stream here)
+        const row_prep attn_in = {b->x, il > 0 ? b->xb2 : NULL, l->attn_norm, NULL, hp->rms_eps};
         const mm_out qkv[3] = {{b->q, &l->wq, l->bq}, {b->k, &l->wk, l->bk}, {b->v, &l->wv, l->bv}};
-        matmul_many(ctx, b->xb, n, qkv, 3);
+        matmul_many(ctx, b->xb, n, qkv, 3, &attn_in);
         rope(ctx, b->q, hp->n_head, n);
         rope(ctx, b->k, hp->n_head_kv, n);
         store_kv(ctx, il, b->k, b->v, n);
-        attention_job aj = {ctx, il, n, heads_per_item(ctx, n)};
+        attention_job aj = {.ctx = ctx, .il = il, .n = n, .nh = 1, .tile = 1};
+        atomic_init(&aj.next, 0);
+        attention_items(ctx, n, &aj.nh, &aj.tile);
         se_pool_run(ctx->pool, attention_task, &aj);
-        matmul(ctx, b->xb2, b->att, &l->wo, NULL, n);
-        for (int64_t i = 0; i < n * dim; i++) b->x[i] += b->xb2[i];
-        // SwiGLU feed-forward
-        rmsnorm(b->xb, b->x, l->ffn_norm, dim, n, hp->rms_eps);
+        matmul(ctx, b->xb2, b->att, &l->wo, NULL, n, NULL);
+        // SwiGLU feed-forward, after x += attention output
+        const row_prep ffn_in = {b->x, b->xb2, l->ffn_norm, NULL, hp->rms_eps};
         const mm_out gate_up[2] = {{b->hb, &l->w_gate, NULL}, {b->hb2, &l->w_up, NULL}};
-        matmul_many(ctx, b->xb, n, gate_up, 2);
-        for (int64_t i = 0; i < (int64_t) n * hp->n_ff; i++) {
-            const float g = b->hb[i];
-            b->hb[i] = g / (1.0f + expf(-g)) * b->hb2[i];
-        }
-        matmul(ctx, b->xb2, b->hb, &l->w_down, NULL, n);
-        for (int64_t i = 0; i < n * dim; i++) b->x[i] += b->xb2[i];
+        matmul_many(ctx, b->xb, n, gate_up, 2, &ffn_in);
+        const row_prep swiglu = {.up = b->hb2};
+        matmul(ctx, b->xb2, b->hb, &l->w_down, NULL, n, &swiglu);
     }
+    for (int64_t i = 0; i < n * dim; i++) b->x[i] += b->xb2[i];  // the last layer's feed-forward output
 
     if (ctx->embd.on) se_embd_collect(ctx, b->x, n);  // embeddings: the final hidden states, before the head
 
     if (n_logits > 0) {  // only the rows whose logits are wanted
         const float * last = b->x + (int64_t) (n - n_logits) * dim;
         rmsnorm(b->xb, last, m->output_norm, dim, n_logits, hp->rms_eps);
-        matmul(ctx, logits, b->xb, &m->output, NULL, n_logits);
+        matmul(ctx, logits, b->xb, &m->output, NULL, n_logits, NULL);
     }
     return SE_OK;
 }
@@ -329,9 +403,9 @@ static int cpu_init(se_context * ctx) {
     const se_hparams * hp = &ctx->model->hp;
     se_buffers * b = &ctx->buf;
     const int64_t nb = ctx->params.n_batch, q_dim = (int64_t) hp->n_head * hp->head_dim, kv_dim = ctx->kv.row;
-    // attention: scores of up to 8 heads sharing a KV head, a key or value row, a rotated key
-    const int64_t group = hp->n_head / hp->n_head_kv > 8 ? 1 : hp->n_head / hp->n_head_kv;
-    int64_t stride = group * ctx->kv.cfg.n_cells + 2 * hp->head_dim;
+    // attention: scores, queries and outputs of up to ATT_TOKENS x 8 query rows, a rotated key, weights
+    const int64_t group = hp->n_head / hp->n_head_kv > 8 ? 1 : hp->n_head / hp->n_head_kv, nq = ATT_TOKENS * group;
+    int64_t stride = nq * ctx->kv.cfg.n_cells + 2 * nq * hp->head_dim + hp->head_dim + nq;
     if (stride < hp->n_embd) stride = hp->n_embd;
     if (stride < hp->n_ff) stride = hp->n_ff;
     if (stride < q_dim) stride = q_dim;
@@ -357,7 +431,9 @@ static int cpu_init(se_context * ctx) {
     b->visible = calloc((size_t) nb, sizeof(int32_t));
     b->delta_cos = calloc((size_t) ctx->kv.cfg.n_cells * (size_t) (hp->head_dim / 2), sizeof(float));
     b->delta_sin = calloc((size_t) ctx->kv.cfg.n_cells * (size_t) (hp->head_dim / 2), sizeof(float));
-    if (!b->x || !b->xb || !b->xb2 || !b->q || !b->k || !b->v || !b->att || !b->hb || !b->hb2 || !b->rope_cos ||
+    b->delta_done = calloc((size_t) ctx->kv.cfg.n_cells, sizeof(int32_t));
+    b->order = calloc((size_t) ctx->kv.cfg.n_cells, sizeof(int32_t));
+    if (!b->delta_done || !b->order || !b->x || !b->xb || !b->xb2 || !b->q || !b->k || !b->v || !b->att || !b->hb || !b->hb2 || !b->rope_cos ||
         !b->rope_sin || !b->scratch || !b->xq || !b->cells || !b->positions || !b->sep_floor || !b->visible || !b->delta_cos ||
         !b->delta_sin) {
         return se_error(SE_ERR_OUT_OF_MEMORY, "out of memory for activation buffers (n_batch %lld)", (long long) nb);
@@ -370,6 +446,7 @@ static void cpu_free(se_context * ctx) {
     free(b->x); free(b->xb); free(b->xb2); free(b->q); free(b->k); free(b->v); free(b->att);
     free(b->hb); free(b->hb2); free(b->rope_cos); free(b->rope_sin); free(b->scratch); free(b->xq);
     free(b->cells); free(b->positions); free(b->sep_floor); free(b->visible); free(b->delta_cos); free(b->delta_sin);
+    free(b->delta_done); free(b->order);
     memset(b, 0, sizeof *b);
 }
 

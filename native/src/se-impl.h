@@ -65,7 +65,15 @@ typedef struct se_type_traits {
     float (*vec_dot)(const void * row, const void * act, int64_t n);   // row . activations: the fast path
     // the same for 4 activation rows `stride` bytes apart (prefill: each weight block unpacked once)
     void (*vec_dot4)(const void * row, const void * act, size_t stride, int64_t n, float out[4]);
+    // Interleaved groups of SE_RP_ROWS rows (se-common.h), for the types that have a layout (0 / NULL
+    // otherwise): bytes per block of a group; repack 8 rows `row_bytes` apart into one group; the
+    // product of one group with nt (1..SE_RP_TOKENS) activation rows, out[t * ld + r] for row r.
+    int32_t packed_size;
+    void (*repack)(const uint8_t * rows, uint64_t row_bytes, int64_t cols, void * group);
+    void (*gemm)(const void * group, const void * act, size_t stride, int64_t cols, int32_t nt, float * out, int64_t ld);
 } se_type_traits;
+
+#define SE_RP_TOKENS 4  // activation rows per call of a gemm kernel: its register tile is 8 rows x 4 tokens
 
 // Kernels without a tensor type, chosen for the CPU at init like the vec_dots.
 typedef struct se_kernels {
@@ -75,6 +83,13 @@ typedef struct se_kernels {
     void  (*axpy_f32)(float * y, float a, const float * x, int64_t n);      // y += a x
     void  (*axpy_f16)(float * y, float a, const uint16_t * x, int64_t n);
     void  (*f16_to_f32)(const uint16_t * x, float * y, int64_t n);
+    // Attention over one cell: its key row against nq query rows `q_stride` floats apart (out[i]),
+    // and its value row added to nq output rows `y_stride` apart with weights a[i]. The f16 forms
+    // convert inside the multiply-add loop; a row is read once for all the query heads sharing it.
+    void  (*dot_f16_n)(const uint16_t * k, const float * q, int64_t q_stride, int32_t nq, int64_t d, float * out);
+    void  (*axpy_f16_n)(float * y, int64_t y_stride, const float * a, int32_t nq, const uint16_t * v, int64_t d);
+    void  (*dot_f32_n)(const float * k, const float * q, int64_t q_stride, int32_t nq, int64_t d, float * out);
+    void  (*axpy_f32_n)(float * y, int64_t y_stride, const float * a, int32_t nq, const float * v, int64_t d);
 } se_kernels;
 
 // The 8 six-bit scales and mins of a Q4_K/Q5_K super-block.
@@ -90,6 +105,7 @@ size_t se_act_row_bytes(int32_t act, int64_t n);
 // x86-64 with AVX2, FMA and F16C (se-quants-avx2.c): replaces the portable kernels
 bool se_cpu_has_avx2(void);
 void se_quants_use_avx2(se_type_traits * types, se_kernels * k);
+void se_repack_portable(se_type_traits * types);  // the interleaved layouts and their portable kernels
 
 // ---------------------------------------------------------------------------------------------
 // GGUF
@@ -164,6 +180,8 @@ typedef struct se_weight {    // a matrix (rows, cols) of any supported type, ro
     int64_t rows;             // ne[1]
     uint64_t row_bytes;
     const uint8_t * data;     // in the host mapping
+    const uint8_t * packed;   // (rows / 8, cols / block) interleaved groups (se-repack.c), or NULL
+    uint64_t group_bytes;     // bytes of one group of 8 rows in `packed`
 } se_weight;
 
 typedef struct se_layer {
@@ -190,6 +208,8 @@ struct se_model {
     se_layer * layers;        // (n_layer)
     int64_t n_params;
     int64_t n_bytes;
+    int64_t n_bytes_packed;   // the repacked copies in host memory, beside the mapping
+    uint8_t * packed;         // (n_bytes_packed) all of them
     int32_t * separators;     // sorted separator token ids
     int32_t n_separators;
     int32_t sepllm[4];        // default n_init, n_sep, n_local, n_cache (`sepllm.*` keys or built in)
@@ -202,8 +222,21 @@ int  se_model_build(se_model * m);  // after m->gguf is open: hparams, weights, 
 void se_model_release(se_model * m);
 
 // ---------------------------------------------------------------------------------------------
-// Thread pool: fn(arg, ith, nth) runs on nth threads (the caller is thread 0) and returns when all
-// are done. Workers spin briefly between jobs, then sleep.
+// Matrix products (se-repack.c)
+
+// Interleaved copies of the CPU model's matrices whose type has a layout and whose rows split
+// into groups of 8; m->packed, n_bytes_packed. Built once per model at load.
+int  se_model_repack(se_model * m);
+// out[t * w->rows + r] = row r of w . activation row t (+ bias[r]) for rows [r0, r1) and n tokens;
+// act: float rows or Q8 blocks as the type takes them, `stride` bytes apart.
+void se_matmul_rows(const se_weight * w, const float * bias, const void * act, size_t stride, int32_t n, float * out,
+                    int64_t r0, int64_t r1);
+
+// ---------------------------------------------------------------------------------------------
+// Thread pool: fn(arg, ith, nth) runs on the caller (ith 0) and on the workers (ith < nth) that
+// reach the job before the caller has finished its own call; it returns when those are done. So fn
+// must take its work from a shared counter, never a fixed share per ith (a worker that lost its core
+// to another process is not waited for). Workers spin briefly between jobs, then sleep.
 
 typedef void (*se_task_fn)(void * arg, int ith, int nth);
 typedef struct se_pool se_pool;
@@ -325,6 +358,8 @@ typedef struct se_buffers {   // activations for up to n_batch tokens
     int32_t * visible;        // (n_batch) cells each query attended to (first layer, first head)
     float * delta_cos;        // (n_cells, head_dim / 2) rotation of cells with a delta
     float * delta_sin;        // (n_cells, head_dim / 2)
+    int32_t * delta_done;     // (n_cells) the delta delta_cos/sin hold for each cell (0: none)
+    int32_t * order;          // (n_cells) the live cells in memory order
 } se_buffers;
 
 // A backend owns where the KV data and activations live and how the forward pass runs there. The

@@ -317,7 +317,8 @@ int se_model_build(se_model * m) {
         m->n_bytes += (int64_t) t->nbytes;
     }
     if ((r = load_sepllm_defaults(m)) != SE_OK) return r;
-    return load_separators(m);
+    if ((r = load_separators(m)) != SE_OK) return r;
+    return m->device == SE_DEVICE_CPU ? se_model_repack(m) : SE_OK;
 }
 
 void se_model_release(se_model * m) {
@@ -332,6 +333,7 @@ void se_model_release(se_model * m) {
         }
     }
     free(m->layers);
+    free(m->packed);
     free(m->output_norm);
     free(m->rope_freqs);
     free(m->separators);

@@ -407,6 +407,22 @@ static void axpy_f16(float * y, float a, const uint16_t * x, int64_t n) {
 
 static void f16_to_f32(const uint16_t * x, float * y, int64_t n) { f16_to_float(x, y, n); }
 
+static void dot_f16_n(const uint16_t * k, const float * q, int64_t q_stride, int32_t nq, int64_t d, float * out) {
+    for (int32_t i = 0; i < nq; i++) out[i] = plain_dot_f16(k, q + i * q_stride, d);
+}
+
+static void axpy_f16_n(float * y, int64_t y_stride, const float * a, int32_t nq, const uint16_t * v, int64_t d) {
+    for (int32_t i = 0; i < nq; i++) axpy_f16(y + i * y_stride, a[i], v, d);
+}
+
+static void dot_f32_n(const float * k, const float * q, int64_t q_stride, int32_t nq, int64_t d, float * out) {
+    for (int32_t i = 0; i < nq; i++) out[i] = plain_dot_f32(k, q + i * q_stride, d);
+}
+
+static void axpy_f32_n(float * y, int64_t y_stride, const float * a, int32_t nq, const float * v, int64_t d) {
+    for (int32_t i = 0; i < nq; i++) axpy_f32(y + i * y_stride, a[i], v, d);
+}
+
 // four activation rows through vec_dot, for types without a dedicated kernel
 static void vec_dot4_generic(float (*vec_dot)(const void *, const void *, int64_t), const void * row,
                              const void * act, size_t stride, int64_t n, float out[4]) {
@@ -489,7 +505,8 @@ void se_k_scales(const uint8_t s[12], uint8_t sc[8], uint8_t m[8]) {
     }
 }
 
-se_kernels se_kern = {quantize_q8, plain_dot_f32, plain_dot_f16, axpy_f32, axpy_f16, f16_to_f32};
+se_kernels se_kern = {quantize_q8, plain_dot_f32, plain_dot_f16, axpy_f32, axpy_f16, f16_to_f32,
+                      dot_f16_n, axpy_f16_n, dot_f32_n, axpy_f32_n};
 
 bool se_cpu_has_avx2(void) {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -516,6 +533,7 @@ static void choose_kernels(int simd) {
 
 static void init_tables(void) {
     for (uint32_t i = 0; i < (1u << 16); i++) fp16_table[i] = fp16_to_fp32_slow((uint16_t) i);
+    se_repack_portable(types);
     memcpy(portable_types, types, sizeof types);
     portable_kern = se_kern;
     const char * env = getenv("SEPEDGE_SIMD");
