@@ -12,8 +12,8 @@ b=build/sanitize
 mkdir -p "$b"
 
 # --- 1. sanitizer build and test run
-srcs=(native/src/se-api.c native/src/se-error.c native/src/se-forward.c native/src/se-gguf.c native/src/se-kv-cache.c
-      native/src/se-model.c native/src/se-quants.c native/src/se-sampler.c native/src/se-threads.c)
+# every portable C file of the core; the *-avx2.c files are compiled apart, for their instruction set
+mapfile -t srcs < <(ls native/src/*.c | grep -v -- '-avx2\.c$')
 san=(-g -O1 -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined -fPIC -std=gnu11
      -DSE_BUILD -Inative/include -Inative/src)
 gcc "${san[@]}" -mavx2 -mfma -mf16c -c native/src/se-quants-avx2.c -o "$b/se-quants-avx2.o"

@@ -8,8 +8,8 @@ mkdir -p "$out"
 CC=${CC:-clang}
 flags=(-g -O1 -std=gnu11 -fno-omit-frame-pointer -fsanitize=fuzzer,address,undefined
        -fno-sanitize-recover=undefined -DSE_BUILD -Inative/include -Inative/src)
-srcs=(native/src/se-api.c native/src/se-error.c native/src/se-forward.c native/src/se-gguf.c
-      native/src/se-kv-cache.c native/src/se-model.c native/src/se-sampler.c native/src/se-threads.c)
+# every portable C file of the core but se-quants.c (patched below); *-avx2.c files apart
+mapfile -t srcs < <(ls native/src/*.c | grep -v -- '-avx2\.c$' | grep -v 'se-quants\.c$')
 # clang before 15 does not know the "f16c" name of __builtin_cpu_supports; every x86 CPU with AVX2
 # and FMA has F16C, so the fuzz build checks those two only (a copy, the source is untouched)
 sed 's/&& __builtin_cpu_supports("f16c")//' native/src/se-quants.c > "$out/se-quants.c"
