@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import array
 import codecs
 import os
 import random
@@ -29,7 +30,7 @@ from .tokenizer import Tokenizer
 DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "repeat_penalty": 1.0}
 
 
-FED_HISTORY = 65536  # tokens of each Engine's history of fed tokens (cache_snapshot), about 0.5 MiB
+FED_HISTORY = 65536  # tokens of each Engine's history of fed tokens (cache_snapshot): 256 KiB of int32
 
 
 class _OwnerLock:
@@ -309,7 +310,7 @@ class Engine:
         # the tokens fed since the last reset, for showing what the cache kept and what it evicted (the
         # cells hold only the kept ones); the last FED_HISTORY of them, so memory stays bounded
         self._fed_mu = threading.Lock()  # a server's request thread reads them while a generation feeds
-        self._fed: list[int] = []
+        self._fed = array.array("i")
         self._fed_start = 0  # the position of _fed[0]
 
     # --- lifetime
@@ -382,9 +383,9 @@ class Engine:
         """Append fed tokens to the history, or (ids None) restart it empty at position `start`."""
         with self._fed_mu:
             if ids is None:
-                self._fed, self._fed_start = [], start or 0
+                self._fed, self._fed_start = array.array("i"), start or 0
                 return
-            self._fed += ids
+            self._fed.extend(ids)
             if len(self._fed) > FED_HISTORY:
                 drop = len(self._fed) - FED_HISTORY
                 del self._fed[:drop]
@@ -428,7 +429,7 @@ class Engine:
         cell's, or "evicted"."""
         i, (tokens, positions, regions) = self._ctx.snapshot()
         with self._fed_mu:
-            fed, start = list(self._fed), self._fed_start
+            fed, start = self._fed.tolist(), self._fed_start
         n_seen = i["n_seen"]
         fed = fed[:max(0, n_seen - start)]  # a pass that ended after the cells were read
         ids = fed + [-1] * (n_seen - start - len(fed))  # one that ended before its tokens were recorded

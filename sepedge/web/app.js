@@ -272,7 +272,12 @@ async function refreshCache(c) {
   cacheBusy = true;
   try {
     const r = await api(`/slots/${c.slot}/cache`);
-    if (r.ok && c.id === current) showCache(await r.json());
+    if (r.ok && c.id === current) {
+      const view = await r.json();
+      showCache(view);
+      // the reply has ended here but the server had not yet freed the slot: look again shortly
+      if (view.busy && !running) setTimeout(() => refreshCache(c), POLL_MS);
+    }
   } catch { /* the next refresh tries again */ }
   finally { cacheBusy = false; }
 }
