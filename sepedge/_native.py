@@ -366,11 +366,27 @@ class Context(_Handle):
         out = ffi.new("se_cache_info *")
         with self._lock:
             check(lib.se_cache_get_info(self.ptr, out))
+        return self._info_dict(out)
+
+    @staticmethod
+    def _info_dict(out) -> dict:
         info = {k: getattr(out, k) for k in ("n_cells", "n_init", "n_sep", "n_local", "n_live", "n_live_init",
                                              "n_live_sep", "n_live_recent", "n_seen", "n_evicted", "sum_visible",
                                              "kv_bytes")}
         info["kv_mode"] = next(k for k, v in KV_MODES.items() if v == out.kv_mode)
         return info
+
+    def snapshot(self) -> tuple[dict, tuple[np.ndarray, np.ndarray, list[str]]]:
+        """info() and cells() read under one hold of the lock: the same cache state, never half of a
+        forward pass running in another thread."""
+        out = ffi.new("se_cache_info *")
+        with self._lock:
+            check(lib.se_cache_get_info(self.ptr, out))
+            n = out.n_live
+            tokens, positions, regions = (np.empty(max(n, 1), np.int32) for _ in range(3))
+            check(lib.se_cache_get_cells(self.ptr, ffi.from_buffer("int32_t[]", tokens),
+                                         ffi.from_buffer("int32_t[]", positions), ffi.from_buffer("int32_t[]", regions), n))
+        return self._info_dict(out), (tokens[:n], positions[:n], [REGIONS[r] for r in regions[:n]])
 
     def cells(self) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """Token ids, original positions and regions of the live cells, in cache order

@@ -319,8 +319,9 @@ def perplexity(model, textfile, max_tokens, chunk, n_threads, as_json, **cache):
 def serve(model, host, port, parallel, api_key, model_name, n_predict, n_threads, log_level, **cache):
     """Serve MODEL (a GGUF file; default: the embedded model) over an OpenAI-compatible HTTP API.
 
+    Open http://HOST:PORT/ in a browser for a chat page that shows what each slot's cache holds.
     Endpoints: /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models, /health, /slots,
-    /metrics. Each of the --parallel slots keeps its own cache; with the default sepllm-stream cache
+    /slots/ID/cache, /metrics. Each of the --parallel slots keeps its own cache; with the default sepllm-stream cache
     each costs a fixed n_cache cells however long its conversations run.
     """
     try:

