@@ -87,6 +87,8 @@ def test_embeddings_of_long_texts_in_a_sparse_cache(tiny, rng):
 
 # --- cache state
 
+RESTORED_ATOL = 2e-5  # logits of order 1, float32 sums over at most 100 cells in another order
+
 
 @pytest.mark.parametrize("mode", MODES, ids=lambda m: m["kv_mode"])
 def test_state_round_trip_continues_exactly(tiny, rng, mode):
@@ -104,8 +106,13 @@ def test_state_round_trip_continues_exactly(tiny, rng, mode):
         assert b.kv_stats() == stats
         got = [b.eval([t]) for t in after]
         b.close()
+    # A restored sparse cache holds the same cells, packed from cell 0; attention walks cells in
+    # memory order, so the sums may run in another order: equal to float32 rounding, not bit for bit.
     for x, y in zip(expected, got):
-        assert np.array_equal(x, y)
+        if mode["kv_mode"] == "full":
+            assert np.array_equal(x, y)
+        else:
+            np.testing.assert_allclose(y, x, rtol=0, atol=RESTORED_ATOL)
     # the state holds the live cells only: header + per cell its record and n_layer K and V rows
     spec = fixtures.SPEC_BY_NAME[SPEC]
     row = spec.n_head_kv * spec.dim * 4

@@ -316,7 +316,7 @@ def test_more_clients_than_slots(server, eog):
     def client(i):
         messages = user(f"client {i} says hello")
         for _ in range(turns):
-            stream = server.client.chat.completions.create(model="tiny", messages=messages, max_tokens=40,
+            stream = server.client.chat.completions.create(model="tiny", messages=messages, max_tokens=300,
                                                            temperature=0.5, seed=i, logit_bias=eog, stream=True)
             text = "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices)
             messages = messages + [{"role": "assistant", "content": text}, {"role": "user", "content": "more"}]
