@@ -60,18 +60,23 @@ def qwen15_gguf() -> Path:
     return out
 
 
-def models() -> list[Path]:
+def models(only: str = "") -> list[Path]:
+    """The benchmark's files whose name contains `only`; only those are built or fetched."""
     cache = fixtures.CACHE / "bench"
     cache.mkdir(parents=True, exist_ok=True)
     out = []
     for outtype in ("q4_0", "q8_0", "q4_k_m"):
         path = cache / f"smollm2-135m-{outtype}.gguf"
+        if only not in path.name:
+            continue
         if not path.is_file():
             convert(fixtures.smollm2_hf_dir(), path, outtype=outtype, progress=False)
         out.append(path)
-    out.append(fixtures.qwen_gguf())
-    out.append(qwen15_gguf())
-    return out
+    if only in "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf":
+        out.append(fixtures.qwen_gguf())
+    if only in "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf":
+        out.append(qwen15_gguf())
+    return [p for p in out if only in p.name]
 
 
 def run_llama(bench: Path, model: Path, test: dict, threads: int) -> dict:
@@ -118,10 +123,12 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--depth", type=int, default=8192)
     ap.add_argument("--llama-bin", type=Path, default=None, help="folder with llama-bench [default: tests/llama_cpp.py's]")
+    ap.add_argument("--only", default="", help="measure only the files whose name contains this text")
+    ap.add_argument("--out", default="cpu_bench.json", help="results file under benchmarks/results/")
     args = ap.parse_args()
     bench = (args.llama_bin or llama_cpp.bin_dir() or llama_cpp.build()) / "llama-bench"
     results = {"machine": machine(), "threads": args.threads, "reps": args.reps, "llama_bench": str(bench), "rows": []}
-    paths = models()
+    paths = models(args.only)
     for i, model in enumerate(paths):
         tests = [{"name": "pp512", "p": 512, "n": 0, "d": 0}, {"name": "tg128", "p": 0, "n": 128, "d": 0}]
         if i == 0:
@@ -144,7 +151,7 @@ def main() -> None:
             row["ratio"] = ratio(row.get("llama.cpp"), row.get("sepedge"))
             results["rows"].append(row)
             print(json.dumps(row), flush=True)
-            (OUT / "cpu_bench.json").write_text(json.dumps(results, indent=1))
+            (OUT / args.out).write_text(json.dumps(results, indent=1))
     print(table(results))
 
 
