@@ -5,6 +5,7 @@ events); or sum an Nsight Compute run per kernel.
     python benchmarks/cuda_profile.py MODEL.gguf [--depth N] [--kv-mode M] [--steps 64]
     SEPEDGE_CUDA_TIMING=1 python benchmarks/cuda_profile.py MODEL.gguf --steps 16
     SEPEDGE_CUDA_TIMING=prefill python benchmarks/cuda_profile.py MODEL.gguf --prompt 512   (prefill kernels)
+    python benchmarks/cuda_profile.py MODEL.gguf --prompt 4096 --kv-mode sepllm-stream   (time to first token)
     SEPEDGE_CUDA_GRAPHS=0 ncu --clock-control none --csv --metrics gpu__time_duration.sum \\
         python benchmarks/cuda_profile.py MODEL.gguf --steps 8 > ncu.csv
     python benchmarks/cuda_profile.py --summarize ncu.csv --steps 8
@@ -56,7 +57,8 @@ def main() -> None:
     kw = dict(n_ctx=args.depth + args.steps + 16) if args.kv_mode == "full" else dict(kv_mode=args.kv_mode)
     rng = np.random.default_rng(0)
     if args.prompt:
-        with Engine(args.model, device="cuda", kv_type="f16", n_ctx=args.prompt + 16) as llm:
+        pkw = dict(n_ctx=args.prompt + 16) if args.kv_mode == "full" else dict(kv_mode=args.kv_mode)
+        with Engine(args.model, device="cuda", kv_type="f16", **pkw) as llm:
             prompt = rng.integers(0, llm.n_vocab, args.prompt).tolist()
             llm.eval(prompt)  # warm up
             times = []
@@ -66,7 +68,7 @@ def main() -> None:
                 llm.eval(prompt)
                 times.append(time.perf_counter() - t0)
         dt = min(times)
-        print(f"{Path(args.model).name} prompt {args.prompt}: {dt * 1e3:.1f} ms, {args.prompt / dt:.1f} tokens/s",
+        print(f"{Path(args.model).name} prompt {args.prompt} {args.kv_mode}: {dt * 1e3:.1f} ms, {args.prompt / dt:.1f} tokens/s",
               file=sys.stderr)
         return
     with Engine(args.model, device="cuda", kv_type="f16", **kw) as llm:

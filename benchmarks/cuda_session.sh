@@ -13,7 +13,9 @@
 # (random-weight GGUFs), bench (benchmarks/cuda_bench.py), bench8b / benchsmol (one model each),
 # save-llama (the built llama-bench, compressed, to $OUT) / use-llama (take it from .gpu/ instead of
 # building), quick (sepedge bench alone), copybw (device-to-device copy rate through torch: the
-# ceiling of the decode kernels), profile8b (per-kernel GPU times of decode and of a 512-token
+# ceiling of the decode kernels), decode-ab / depth-ab (decode with chained launches and L2 prefetch
+# on and off; at 32K history), pick-mv (2 or 3 decode-product blocks a multiprocessor, the faster
+# exported for the later phases), bench8b-depth (the 32K row), ttft (4096-token prompts through Engine), profile8b (per-kernel GPU times of decode and of a 512-token
 # prefill, and prompt times, on the 8B files).
 set -u
 OUT=${OUT:-/tmp/sepedge-out}
@@ -104,11 +106,60 @@ ts.sort()
 print(f"device-to-device copy: {2 * n / ts[len(ts) // 2] / 1e12:.2f} TB/s (bytes read + written, median of 20, 2 GiB)")
 PY
                 ;;
+        decode-ab) models  # decode ms/token: chained launches (PDL) off, then on with each L2 prefetch level
+                 for m in /tmp/models/*.gguf; do
+                     for v in "0 1" "1 0" "1 1" "1 2"; do
+                         read pdl pf <<< "$v"
+                         SEPEDGE_CUDA_PDL=$pdl SEPEDGE_CUDA_PREFETCH=$pf python3 benchmarks/cuda_profile.py $m --steps 64 2>&1 |
+                             sed "s/^/pdl=$pdl prefetch=$pf /"
+                     done
+                 done 2>&1 | tee $OUT/decode-ab.log ;;
+        depth-ab) models 8b  # full cache after 32K tokens, 8B Q4_0: prefetch levels, split counts, then kernel times
+                 m=/tmp/models/llama3-8b-q4_0.gguf
+                 for v in "0 0" "1 0" "2 0" "1 128" "1 24"; do
+                     read pf sp <<< "$v"
+                     SEPEDGE_CUDA_PREFETCH=$pf SEPEDGE_CUDA_ATTN_SPLITS=$sp python3 benchmarks/cuda_profile.py $m --depth 32768 --steps 32 2>&1 |
+                         sed "s/^/prefetch=$pf splits=$sp /"
+                 done 2>&1 | tee $OUT/depth-ab.log
+                 SEPEDGE_CUDA_TIMING=1 python3 benchmarks/cuda_profile.py $m --depth 32768 --steps 8 2>&1 | tee -a $OUT/depth-ab.log ;;
+        pick-mv) models 8b  # decode products: 2 or 3 blocks a multiprocessor; the faster (both files' ms summed) for what follows
+                 best=3 best_ms=1e9
+                 for b in 2 3; do
+                     ms=0
+                     for m in /tmp/models/llama3-8b-*.gguf; do
+                         t=$(SEPEDGE_CUDA_MV_BLOCKS=$b python3 benchmarks/cuda_profile.py $m --steps 64 2>&1 | tee -a $OUT/pick-mv.log |
+                             sed -n 's/.*: \([0-9.]*\) ms\/token.*/\1/p')
+                         ms=$(python3 -c "print($ms + ${t:-1e9})")
+                     done
+                     echo "mv_blocks=$b: $ms ms (sum)" | tee -a $OUT/pick-mv.log
+                     if python3 -c "import sys; sys.exit(not $ms < $best_ms)"; then best=$b best_ms=$ms; fi
+                 done
+                 export SEPEDGE_CUDA_MV_BLOCKS=$best
+                 echo "SEPEDGE_CUDA_MV_BLOCKS=$best" | tee -a $OUT/pick-mv.log ;;
+        bench8b-depth) models 8b && wait_llama && python3 benchmarks/cuda_bench.py --llama-bench /tmp/llama-build/bin/llama-bench \
+                   /tmp/models/llama3-8b-q4_0.gguf --out "$OUT/cuda_bench_depth.json" --tests tg128@d32768 --reps 1 ;;
+        ttft) models 8b  # time to first token: a 4096-token prompt through Engine, full cache and sepllm-stream
+                 for m in /tmp/models/llama3-8b-*.gguf; do
+                     for mode in full sepllm-stream; do python3 benchmarks/cuda_profile.py $m --prompt 4096 --kv-mode $mode; done
+                 done 2>&1 | tee $OUT/ttft.log ;;
+        ncu) models 8b  # hardware counters: one decode attention launch after 32K tokens, one layer's decode products
+                 m=/tmp/models/llama3-8b-q4_0.gguf
+                 sections="--section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats"
+                 SEPEDGE_CUDA_GRAPHS=0 timeout 150 ncu --clock-control none -k regex:k_attn_decode --launch-skip 40 --launch-count 1 \
+                     $sections python3 benchmarks/cuda_profile.py $m --depth 32768 --steps 4 > $OUT/ncu.log 2>&1
+                 SEPEDGE_CUDA_GRAPHS=0 timeout 100 ncu --clock-control none -k regex:k_matvec --launch-skip 133 --launch-count 4 \
+                     $sections python3 benchmarks/cuda_profile.py $m --steps 4 >> $OUT/ncu.log 2>&1
+                 grep -E "k_attn|k_matvec|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Theoretical Occ|Grid Size|Block Limit|Warp Cycles Per Issued|Issued Warp" $OUT/ncu.log ;;
         profile8b) models 8b
                  for m in /tmp/models/llama3-8b-*.gguf; do
                      SEPEDGE_CUDA_TIMING=1 python3 benchmarks/cuda_profile.py $m --steps 16
                      SEPEDGE_CUDA_TIMING=prefill python3 benchmarks/cuda_profile.py $m --prompt 512
                  done 2>&1 | tee $OUT/profile.log ;;
+        profile-extra) models  # kernel times of decode after 32K tokens (8B Q4_0) and of SmolLM2's decode
+                 { SEPEDGE_CUDA_TIMING=1 python3 benchmarks/cuda_profile.py /tmp/models/llama3-8b-q4_0.gguf --depth 32768 --steps 8
+                   python3 benchmarks/cuda_profile.py /tmp/models/smollm2-135m-q4_0.gguf --steps 128
+                   SEPEDGE_CUDA_TIMING=1 python3 benchmarks/cuda_profile.py /tmp/models/smollm2-135m-q4_0.gguf --steps 32; } 2>&1 |
+                     tee $OUT/profile-extra.log ;;
         *) echo "unknown phase $phase"; exit 2 ;;
     esac
 done

@@ -285,12 +285,26 @@ def test_kv_modes_match_cpu(gguf_path, stream, spec, mode, sizes):
 
 @gpu
 def test_graphs_and_decode_paths(gguf_path, rng, monkeypatch):
-    """CUDA graphs replay exactly the kernels of a direct launch; the float decode path (weights
+    """CUDA graphs replay exactly the kernels of a direct launch, with or without chained launches
+    and prefetch; the float decode path (weights
     dequantized in registers) agrees with the dp4a one up to the 8-bit activations."""
     path = gguf_path("gqa-d128-llama31", "q4_k_m")
     tokens = rng.integers(0, 777, 300).tolist()
     with cuda_engine(path, n_ctx=512) as llm:
         graphs = step_by_step(llm, tokens)
+    # chained launches (programmatic dependent launch) and L2 prefetch change when work runs, never what
+    monkeypatch.setenv("SEPEDGE_CUDA_PDL", "0")
+    monkeypatch.setenv("SEPEDGE_CUDA_PREFETCH", "0")
+    with cuda_engine(path, n_ctx=512) as llm:
+        unchained = step_by_step(llm, tokens)
+    np.testing.assert_array_equal(graphs, unchained)
+    monkeypatch.delenv("SEPEDGE_CUDA_PDL")
+    monkeypatch.setenv("SEPEDGE_CUDA_PREFETCH", "2")
+    monkeypatch.setenv("SEPEDGE_CUDA_ATTN_SPLITS", "1")  # one split: a block walks every cell, stage by stage
+    with cuda_engine(path, n_ctx=512) as llm:
+        few_splits = step_by_step(llm, tokens)
+    monkeypatch.delenv("SEPEDGE_CUDA_ATTN_SPLITS")
+    monkeypatch.delenv("SEPEDGE_CUDA_PREFETCH")
     monkeypatch.setenv("SEPEDGE_CUDA_GRAPHS", "0")
     with cuda_engine(path, n_ctx=512) as llm:
         direct = step_by_step(llm, tokens)
@@ -299,9 +313,10 @@ def test_graphs_and_decode_paths(gguf_path, rng, monkeypatch):
     with cuda_engine(path, n_ctx=512) as llm:
         floats = step_by_step(llm, tokens)
     ref = Transformer.from_gguf(path, dtype=torch.float64)(torch.tensor(tokens)).numpy()
-    report("paths", rel(graphs, ref), rel(floats, ref))
+    report("paths", rel(graphs, ref), rel(floats, ref), rel(few_splits, ref))
     assert rel(floats, ref) <= MAX_DECODE_REL["f16"]
     assert rel(graphs, ref) <= MAX_DECODE_REL["q4_k_m"]
+    assert rel(few_splits, ref) <= MAX_DECODE_REL["q4_k_m"]
 
 
 @gpu

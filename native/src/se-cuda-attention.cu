@@ -37,6 +37,17 @@ __device__ __forceinline__ bool visible(const se_dcell & c, int p, int floor, in
 #define DEC_MAX_G 8    // query heads a block
 #define DEC_STAGE 256  // cells staged in shared memory at once
 #define DEC_U 4        // cells a lane group has in flight
+// Blocks a multiprocessor must hold (a register cap): the kernel is bound by latency, so more warps
+// in flight; four query heads a block fit 128 registers a thread without spills.
+#define DEC_MIN_BLOCKS(GB) ((GB) <= 4 ? 4 : 2)
+#define DEC_PREFETCH 64 // cells of its split a block asks L2 for before it waits for its inputs
+#define DEC_AHEAD 2     // main-loop steps ahead that a lane group asks L2 for its cells
+
+// Ask L2 for the lines of one cache row [p, p + bytes), one thread.
+__device__ __forceinline__ void prefetch_row_l2(const __half * p, int bytes) {
+    const uintptr_t end = (uintptr_t) p + (uintptr_t) bytes;
+    for (uintptr_t x = (uintptr_t) p & ~(uintptr_t) 127; x < end; x += 128) asm volatile("prefetch.global.L2 [%0];" ::"l"(x));
+}
 
 __device__ __forceinline__ int n_splits_of(int n_live, int max_splits) {
     const int n = (n_live + SE_ATTN_SPLIT - 1) / SE_ATTN_SPLIT;
@@ -46,7 +57,7 @@ __device__ __forceinline__ int n_splits_of(int n_live, int max_splits) {
 // grid (n_head / gb, max_splits); block DEC_WARPS warps; head_dim d <= DP, d % 16 == 0; gb <= GB
 // query heads (registers scale with GB: fewer for smaller groups, more blocks a multiprocessor).
 template <int DP, int GB>
-__global__ void __launch_bounds__(DEC_WARPS * 32) k_attn_decode(const se_dattn a, int gb, int8_t * qx, float2 * ds) {
+__global__ void __launch_bounds__(DEC_WARPS * 32, DEC_MIN_BLOCKS(GB)) k_attn_decode(const se_dattn a, int gb, int8_t * qx, float2 * ds) {
     constexpr int L = DP / 8, C = 32 / L;  // lanes a cell, cells a warp at once
     __shared__ __align__(16) float s_q[GB][DP];  // queries; at the end, the outputs
     __shared__ __align__(16) __half s_k[DP], s_v[DP];   // the token's own key and value
@@ -56,13 +67,23 @@ __global__ void __launch_bounds__(DEC_WARPS * 32) k_attn_decode(const se_dattn a
     __shared__ int s_last;
 
     const int n_live = a.step->n_live, n_splits = n_splits_of(n_live, a.max_splits), split = blockIdx.y;
-    if (split >= n_splits) return;
     const int len = (n_live + n_splits - 1) / n_splits, c0 = split * len, c1 = min(c0 + len, n_live);
     const int d = a.head_dim, half = d / 2, group = a.n_head / a.n_head_kv;
     const int h0 = blockIdx.x * gb, hk = h0 / group;
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, G = lane / L, j0 = 8 * (lane % L);
-    const int p = a.pos[0], floor = a.floor[0], mode = a.step->mode, n_local = a.step->n_local, own = a.cells[0];
     const int64_t row = (int64_t) a.n_head_kv * d;
+    // The cells' keys and values of earlier steps depend on nothing the kernels before this one
+    // write (the step's upload precedes the pass): ask L2 for the split's first ones, let the next
+    // kernel start, then wait for the token's query, key and value.
+    for (int t = tid; t < min(c1 - c0, a.prefetch >= 1 ? DEC_PREFETCH : 0); t += blockDim.x) {
+        const int cell = a.live[c0 + t].cell;
+        prefetch_row_l2(a.k + (int64_t) cell * row + (int64_t) hk * d, d * (int) sizeof(__half));
+        prefetch_row_l2(a.v + (int64_t) cell * row + (int64_t) hk * d, d * (int) sizeof(__half));
+    }
+    pdl_trigger();
+    pdl_wait();
+    if (split >= n_splits) return;
+    const int p = a.pos[0], floor = a.floor[0], mode = a.step->mode, n_local = a.step->n_local, own = a.cells[0];
 
     // the token's queries (scaled) and key rotated by its position; key and value rounded to f16
     for (int idx = tid; idx < (gb + 1) * half; idx += blockDim.x) {
@@ -93,16 +114,13 @@ __global__ void __launch_bounds__(DEC_WARPS * 32) k_attn_decode(const se_dattn a
         }
     }
 
-    float q[GB][8], acc[GB][8], m[GB], l[GB];
+    float acc[GB][8], m[GB], l[GB];  // the queries stay in shared memory (registers)
 #pragma unroll
     for (int g = 0; g < GB; g++) {
         m[g] = -INFINITY;
         l[g] = 0;
 #pragma unroll
-        for (int e = 0; e < 8; e++) {
-            q[g][e] = g < gb ? s_q[g][j0 + e] : 0.0f;
-            acc[g][e] = 0;
-        }
+        for (int e = 0; e < 8; e++) acc[g][e] = 0;
     }
     const bool dims = j0 < d;
     // the split's cells, a stage at a time: staged in shared memory with their visibility, then each
@@ -118,52 +136,101 @@ __global__ void __launch_bounds__(DEC_WARPS * 32) k_attn_decode(const se_dattn a
         __syncthreads();
         for (int base = warp * C * DEC_U; base < sn; base += DEC_WARPS * C * DEC_U) {
             int4 kraw[DEC_U], vraw[DEC_U];
-            se_dcell cu[DEC_U];
+            int cu[DEC_U], du[DEC_U];  // the cells and their deltas
+            if (a.prefetch >= 2 && j0 == 0 && base + DEC_AHEAD * DEC_WARPS * C * DEC_U >= DEC_PREFETCH) {  // beyond the first ones
+#pragma unroll
+                for (int u = 0; u < DEC_U; u++) {
+                    const int i = base + DEC_AHEAD * DEC_WARPS * C * DEC_U + u * C + G;
+                    const int cell = i < sn ? s_cells[i].cell : -1;
+                    if (cell >= 0) {
+                        prefetch_row_l2(a.k + (int64_t) cell * row + (int64_t) hk * d, d * (int) sizeof(__half));
+                        prefetch_row_l2(a.v + (int64_t) cell * row + (int64_t) hk * d, d * (int) sizeof(__half));
+                    }
+                }
+            }
 #pragma unroll
             for (int u = 0; u < DEC_U; u++) {
                 const int i = base + u * C + G;
-                cu[u] = i < sn ? s_cells[i] : se_dcell{-1, 0, 0, -1};
-                if (cu[u].cell >= 0 && dims) {
-                    const bool mine = cu[u].cell == own;
-                    const __half * kr = mine ? s_k : a.k + (int64_t) cu[u].cell * row + (int64_t) hk * d;
-                    const __half * vr = mine ? s_v : a.v + (int64_t) cu[u].cell * row + (int64_t) hk * d;
+                cu[u] = i < sn ? s_cells[i].cell : -1;
+                du[u] = i < sn ? s_cells[i].delta : 0;
+                if (cu[u] >= 0 && dims) {
+                    const bool mine = cu[u] == own;
+                    const __half * kr = mine ? s_k : a.k + (int64_t) cu[u] * row + (int64_t) hk * d;
+                    const __half * vr = mine ? s_v : a.v + (int64_t) cu[u] * row + (int64_t) hk * d;
                     kraw[u] = *(const int4 *) (kr + j0);
                     vraw[u] = *(const int4 *) (vr + j0);
                 } else {
                     kraw[u] = vraw[u] = make_int4(0, 0, 0, 0);
                 }
             }
+            // scores of the DEC_U cells for every head, then one online-softmax step for all of
+            // them (one rescale of the running sums per DEC_U cells, not per cell); the values are
+            // converted from f16 as they are used (registers: four blocks a multiprocessor)
+            float sc[DEC_U][GB];
 #pragma unroll
             for (int u = 0; u < DEC_U; u++) {
-                const se_dcell c = cu[u];
-                const bool vis = c.cell >= 0;
-                float k[8], v[8];
-                const __half2 * kh = (const __half2 *) &kraw[u], * vh = (const __half2 *) &vraw[u];
+                const int cell = cu[u];
+                const bool vis = cell >= 0;
+                float k[8];
+                const __half2 * kh = (const __half2 *) &kraw[u];
 #pragma unroll
                 for (int e = 0; e < 4; e++) {
-                    const float2 kf = __half22float2(kh[e]), vf = __half22float2(vh[e]);
-                    k[2 * e] = kf.x, k[2 * e + 1] = kf.y, v[2 * e] = vf.x, v[2 * e + 1] = vf.y;
+                    const float2 kf = __half22float2(kh[e]);
+                    k[2 * e] = kf.x, k[2 * e + 1] = kf.y;
                 }
-                if (vis && dims && c.delta != 0) {
-                    const __half * kr = c.cell == own ? s_k : a.k + (int64_t) c.cell * row + (int64_t) hk * d;
-                    rope_rotate8(k, kr, j0, d, a.dtab + (int64_t) c.cell * half, a.rope_type);
+                if (vis && dims && du[u] != 0) {
+                    const __half * kr = cell == own ? s_k : a.k + (int64_t) cell * row + (int64_t) hk * d;
+                    rope_rotate8(k, kr, j0, d, a.dtab + (int64_t) cell * half, a.rope_type);
                 }
 #pragma unroll
                 for (int g = 0; g < GB; g++) {
-                    if (g >= gb) break;
-                    float sc = 0;
+                    float t = 0;
+                    if (g < gb) {
+                        const float4 qa = *(const float4 *) &s_q[g][j0], qb = *(const float4 *) &s_q[g][j0 + 4];
+                        t = qa.x * k[0] + qa.y * k[1] + qa.z * k[2] + qa.w * k[3] + qb.x * k[4] + qb.y * k[5] + qb.z * k[6] +
+                            qb.w * k[7];
 #pragma unroll
-                    for (int e = 0; e < 8; e++) sc += q[g][e] * k[e];
-#pragma unroll
-                    for (int off = L / 2; off > 0; off >>= 1) sc += __shfl_xor_sync(0xffffffffu, sc, off);
-                    if (vis) {
-                        const float m_new = fmaxf(m[g], sc), alpha = __expf(m[g] - m_new), w = __expf(sc - m_new);
-                        m[g] = m_new;
-                        l[g] = l[g] * alpha + w;
-#pragma unroll
-                        for (int e = 0; e < 8; e++) acc[g][e] = acc[g][e] * alpha + w * v[e];
+                        for (int off = L / 2; off > 0; off >>= 1) t += __shfl_xor_sync(0xffffffffu, t, off);
                     }
+                    sc[u][g] = vis ? t : -INFINITY;
                 }
+            }
+            // per head: the new max, the old sums rescaled once, the cells' weights (into sc)
+#pragma unroll
+            for (int g = 0; g < GB; g++) {
+                float mx = m[g];
+#pragma unroll
+                for (int u = 0; u < DEC_U; u++) mx = fmaxf(mx, sc[u][g]);
+                if (g >= gb || mx == -INFINITY) {  // nothing visible yet
+#pragma unroll
+                    for (int u = 0; u < DEC_U; u++) sc[u][g] = 0;
+                    continue;
+                }
+                const float alpha = __expf(m[g] - mx);
+                float wsum = 0;
+#pragma unroll
+                for (int u = 0; u < DEC_U; u++) {
+                    sc[u][g] = __expf(sc[u][g] - mx);
+                    wsum += sc[u][g];
+                }
+                m[g] = mx;
+                l[g] = l[g] * alpha + wsum;
+#pragma unroll
+                for (int e = 0; e < 8; e++) acc[g][e] *= alpha;
+            }
+#pragma unroll
+            for (int u = 0; u < DEC_U; u++) {
+                float v[8];
+                const __half2 * vh = (const __half2 *) &vraw[u];
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const float2 vv = __half22float2(vh[e]);
+                    v[2 * e] = vv.x, v[2 * e + 1] = vv.y;
+                }
+#pragma unroll
+                for (int g = 0; g < GB; g++)
+#pragma unroll
+                    for (int e = 0; e < 8; e++) acc[g][e] += sc[u][g] * v[e];
             }
         }
     }
@@ -234,7 +301,7 @@ __global__ void __launch_bounds__(DEC_WARPS * 32) k_attn_decode(const se_dattn a
             const float * part = a.part + (int64_t) (h0 + g) * a.max_splits * (d + 2) + j;
             const float * w = s_pw + g * SE_ATTN_MAX_SPLITS;
             float val = 0;
-#pragma unroll 8
+#pragma unroll 32
             for (int sp = 0; sp < n_splits; sp++) val += __ldcg(part + sp * (d + 2)) * w[sp];
             s_q[g][j] = s_hm[g] > 0 ? val / s_hm[g] : 0.0f;
         }
@@ -370,12 +437,32 @@ static int heads_per_block(int group) {
     return gb;
 }
 
+// One wave: the splits of a column are capped so that every block of the grid is resident at once
+// (blocks past the live cells return at once, but a second wave of them still costs its start, and
+// a split left for a second wave doubles the kernel's time). SEPEDGE_CUDA_ATTN_SPLITS sets the cap (measurements).
+template <int DP, int GB>
+static cudaError_t launch_decode_gb(se_dattn a, int gb, int8_t * qx, float2 * ds, cudaStream_t s) {
+    static int per_sm = 0;
+    if (!per_sm && cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k_attn_decode<DP, GB>, DEC_WARPS * 32, 0) != cudaSuccess) {
+        cudaGetLastError();
+        per_sm = 1;
+    }
+    const int columns = a.n_head / gb;
+    int wave = per_sm * se_cuda_n_sms() / columns;
+    const char * env = getenv("SEPEDGE_CUDA_ATTN_SPLITS");  // measurements
+    if (env && atoi(env) > 0) wave = atoi(env);
+    a.prefetch = se_cuda_opts.prefetch;
+    if (wave >= 1 && wave < a.max_splits) a.max_splits = wave;  // part's stride: the same in every block
+    return se_launch(k_attn_decode<DP, GB>, dim3((unsigned) columns, (unsigned) a.max_splits), dim3(DEC_WARPS * 32), 0, s,
+              se_cuda_opts.pdl, a, gb, qx, ds);
+}
+
 template <int DP>
-static void launch_decode(const se_dattn * a, int gb, dim3 grid, int8_t * qx, float2 * ds, cudaStream_t s) {
-    if (gb == 1) k_attn_decode<DP, 1><<<grid, DEC_WARPS * 32, 0, s>>>(*a, gb, qx, ds);
-    else if (gb == 2) k_attn_decode<DP, 2><<<grid, DEC_WARPS * 32, 0, s>>>(*a, gb, qx, ds);
-    else if (gb <= 4) k_attn_decode<DP, 4><<<grid, DEC_WARPS * 32, 0, s>>>(*a, gb, qx, ds);
-    else k_attn_decode<DP, 8><<<grid, DEC_WARPS * 32, 0, s>>>(*a, gb, qx, ds);
+static cudaError_t launch_decode(const se_dattn * a, int gb, int8_t * qx, float2 * ds, cudaStream_t s) {
+    if (gb == 1) return launch_decode_gb<DP, 1>(*a, gb, qx, ds, s);
+    if (gb == 2) return launch_decode_gb<DP, 2>(*a, gb, qx, ds, s);
+    if (gb <= 4) return launch_decode_gb<DP, 4>(*a, gb, qx, ds, s);
+    return launch_decode_gb<DP, 8>(*a, gb, qx, ds, s);
 }
 
 bool se_cuda_decode_fused(int32_t head_dim) { return head_dim % 16 == 0 && head_dim <= 128; }
@@ -384,10 +471,9 @@ int se_cuda_attention_decode(const se_dattn * a, int8_t * qx, float2 * ds, cudaS
     const int gb = heads_per_block(a->n_head / a->n_head_kv);
     const dim3 grid((unsigned) (a->n_head / gb), (unsigned) a->max_splits);
     if (se_cuda_decode_fused(a->head_dim)) {
-        if (a->head_dim <= 32) launch_decode<32>(a, gb, grid, qx, ds, s);
-        else if (a->head_dim <= 64) launch_decode<64>(a, gb, grid, qx, ds, s);
-        else launch_decode<128>(a, gb, grid, qx, ds, s);
-        SE_CUDA_CHECK(cudaGetLastError());
+        SE_CUDA_CHECK(a->head_dim <= 32 ? launch_decode<32>(a, gb, qx, ds, s)
+                      : a->head_dim <= 64 ? launch_decode<64>(a, gb, qx, ds, s)
+                      : launch_decode<128>(a, gb, qx, ds, s));
         return SE_OK;
     }
     k_attn_split<<<grid, DEC_WARPS * 32, 0, s>>>(*a, gb);

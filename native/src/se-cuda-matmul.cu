@@ -32,6 +32,8 @@ struct mv_args {
     int8_t * hq;               // swiglu: h in 8 bits (n_ff % 32 == 0) or NULL
     float2 * hds;
     int rows_per_block;        // a multiple of 32 with swiglu
+    bool vec;                  // with norm: dim % 32 == 0 and x, norm 16-byte aligned (float4 loads)
+    int prefetch;              // se_cuda_opts.prefetch
 };
 
 bool se_cuda_wants_q8(const se_dweight * w, int path) { return path == SE_MV_AUTO && has_q8_kernel(w->type); }
@@ -90,20 +92,39 @@ __device__ __forceinline__ void store(const se_mm_out & o, int64_t r, float acc)
     o.out[r] = o.accumulate ? o.out[r] + v : v;
 }
 
-template <int U>
-__global__ void __launch_bounds__(256) k_matvec(const mv_args a) {
-    extern __shared__ __align__(16) uint8_t smem[];
+// Ask L2 for row v of the outputs' concatenation (codes and scales), a warp together.
+__device__ __forceinline__ void prefetch_row(const mv_args & a, int64_t v, int lane) {
+    int k;
+    int64_t r;
+    if (!locate(a, v, k, r)) return;
+    const se_dweight & w = a.o[k].w;
+    prefetch_l2(w.q + r * w.q_row, w.q_row, lane);
+    if (w.s) prefetch_l2(w.s + r * w.s_row, w.s_row, lane);
+}
+
+// A warp's task rr of the block (rows r0 + rr and the next; with swiglu row r0 + rr of gate and up).
+__device__ __forceinline__ void prefetch_task(const mv_args & a, int64_t r0, int rr, int lane, int level) {
+    if (a.prefetch < level || rr >= a.rows_per_block) return;
+    if (a.swiglu) {
+        const int64_t r = r0 + rr;
+        if (r >= a.o[0].w.rows) return;
+        for (int k = 0; k < 2; k++) {
+            const se_dweight & w = a.o[k].w;
+            prefetch_l2(w.q + r * w.q_row, w.q_row, lane);
+            if (w.s) prefetch_l2(w.s + r * w.s_row, w.s_row, lane);
+        }
+        return;
+    }
+    prefetch_row(a, r0 + rr, lane);
+    prefetch_row(a, r0 + rr + 1, lane);
+}
+
+// The block's normalized input in shared memory: xs (floats) and / or qs, ds (8-bit blocks of 32,
+// as q8_lane makes them). Every load of a thread is issued before its arithmetic: two rounds
+// through memory (the sum of squares, then the values) instead of one per block of 32.
+__device__ void norm_prologue(const mv_args & a, int64_t dim, float * xs, int8_t * qs, float2 * ds) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    se_dact act = a.act;
-    float * h_s = (float *) smem;  // swiglu: the block's rows of h
-    const int64_t r0 = (int64_t) blockIdx.x * a.rows_per_block;
-    if (a.norm_x) {  // smem: [h rows] [float input] [8-bit codes] [block scales]
-        const int64_t dim = a.o[0].w.cols;
-        uint8_t * p = smem + (a.swiglu ? a.rows_per_block * sizeof(float) : 0);
-        float * xs = a.want_float ? (float *) p : nullptr;
-        p += a.want_float ? dim * sizeof(float) : 0;
-        int8_t * qs = (int8_t *) p;
-        float2 * ds = (float2 *) (p + dim);
+    if (!a.vec) {  // dim % 32 != 0 or unaligned: a value a thread
         const float scale = block_rms_scale(a.norm_x, dim, a.eps);
         if (a.want_q8) {
             for (int64_t c = warp; c < dim / 32; c += 8) {
@@ -119,12 +140,95 @@ __global__ void __launch_bounds__(256) k_matvec(const mv_args a) {
         } else {
             for (int64_t i = threadIdx.x; i < dim; i += 256) xs[i] = a.norm_x[i] * scale * a.norm_w[i];
         }
+        return;
+    }
+    __shared__ float partial[8];
+    const float4 * x4 = (const float4 *) a.norm_x, * w4 = (const float4 *) a.norm_w;
+    const int64_t n4 = dim / 4, n16 = dim / 16;
+    float ss = 0;
+#pragma unroll 4
+    for (int64_t i = threadIdx.x; i < n4; i += 256) {
+        const float4 v = x4[i];
+        ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+    }
+    ss = warp_sum(ss);
+    if (lane == 0) partial[warp] = ss;
+    __syncthreads();
+    float total = 0;
+#pragma unroll
+    for (int w = 0; w < 8; w++) total += partial[w];
+    const float scale = rsqrtf(total / (float) dim + a.eps);
+    // a thread 16 values (half a block of 32: the pair of lanes 2i, 2i + 1 makes one block)
+    for (int64_t base = threadIdx.x - lane; base < n16; base += 256) {  // warp-uniform bounds
+        const int64_t h = base + lane;
+        const bool ok = h < n16;
+        float v[16];
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const float4 x = ok ? x4[4 * h + j] : make_float4(0, 0, 0, 0), w = ok ? w4[4 * h + j] : make_float4(0, 0, 0, 0);
+            v[4 * j] = x.x * scale * w.x;
+            v[4 * j + 1] = x.y * scale * w.y;
+            v[4 * j + 2] = x.z * scale * w.z;
+            v[4 * j + 3] = x.w * scale * w.w;
+        }
+        if (xs && ok) {
+#pragma unroll
+            for (int j = 0; j < 4; j++) ((float4 *) xs)[4 * h + j] = make_float4(v[4 * j], v[4 * j + 1], v[4 * j + 2], v[4 * j + 3]);
+        }
+        if (!a.want_q8) continue;
+        float amax = 0;
+#pragma unroll
+        for (int j = 0; j < 16; j++) amax = fmaxf(amax, fabsf(v[j]));
+        amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
+        const float d = amax / 127.0f, inv = d == 0.0f ? 0.0f : 1.0f / d;
+        int packed[4];
+        int sum = 0;
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            int word = 0;
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int q = __float2int_rn(v[4 * j + e] * inv);
+                sum += q;
+                word |= (q & 0xff) << (8 * e);
+            }
+            packed[j] = word;
+        }
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        if (ok) {
+            ((int4 *) qs)[h] = make_int4(packed[0], packed[1], packed[2], packed[3]);
+            if (lane % 2 == 0) ds[h / 2] = make_float2(d, d * (float) sum);
+        }
+    }
+}
+
+template <int U, int MINB>
+__global__ void __launch_bounds__(256, MINB) k_matvec(const mv_args a) {
+    extern __shared__ __align__(16) uint8_t smem[];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    se_dact act = a.act;
+    float * h_s = (float *) smem;  // swiglu: the block's rows of h
+    const int64_t r0 = (int64_t) blockIdx.x * a.rows_per_block;
+    // the weights depend on nothing before: ask for the first task's rows, let the next kernel
+    // start, then wait for the input
+    prefetch_task(a, r0, a.swiglu ? warp : 2 * warp, lane, 1);
+    pdl_trigger();
+    pdl_wait();
+    if (a.norm_x) {  // smem: [h rows] [float input] [8-bit codes] [block scales]
+        const int64_t dim = a.o[0].w.cols;
+        uint8_t * p = smem + (a.swiglu ? a.rows_per_block * sizeof(float) : 0);
+        float * xs = a.want_float ? (float *) p : nullptr;
+        p += a.want_float ? dim * sizeof(float) : 0;
+        int8_t * qs = (int8_t *) p;
+        float2 * ds = (float2 *) (p + dim);
+        norm_prologue(a, dim, xs, qs, ds);
         __syncthreads();
         act = se_dact{xs, qs, ds};
     }
     if (a.swiglu) {
         const se_mm_out & gate = a.o[0], & up = a.o[1];
         for (int rr = warp; rr < a.rows_per_block; rr += 8) {
+            prefetch_task(a, r0, rr + 8, lane, 2);
             const int64_t r = r0 + rr;
             float h = 0;
             if (r < gate.w.rows) {
@@ -151,6 +255,7 @@ __global__ void __launch_bounds__(256) k_matvec(const mv_args a) {
         return;
     }
     for (int rr = 2 * warp; rr < a.rows_per_block; rr += 16) {  // rows in pairs
+        prefetch_task(a, r0, rr + 16, lane, 2);
         int ka, kb;
         int64_t ra, rb;
         if (!locate(a, r0 + rr, ka, ra)) return;
@@ -170,10 +275,21 @@ __global__ void __launch_bounds__(256) k_matvec(const mv_args a) {
     }
 }
 
-// Rows a block: enough blocks for two a multiprocessor, a warp taking rows two at a time (a pair
-// of gate and up rows with swiglu, whose blocks take whole 8-bit blocks of rows: 32).
+// Blocks a multiprocessor holds (registers: 106 a thread for 2, 80 for 3 with no spills; 4 spills).
+// SEPEDGE_CUDA_MV_BLOCKS=2 or 3 (measurements; 3 by default).
+static int mv_blocks() {
+    static int n = 0;
+    if (!n) {
+        const char * env = getenv("SEPEDGE_CUDA_MV_BLOCKS");
+        n = env && atoi(env) == 2 ? 2 : 3;
+    }
+    return n;
+}
+
+// Rows a block: enough blocks to fill every multiprocessor once, a warp taking rows two at a time
+// (a pair of gate and up rows with swiglu, whose blocks take whole 8-bit blocks of rows: 32).
 static int rows_per_block(int64_t rows, bool swiglu) {
-    const int64_t target = 2 * (int64_t) se_cuda_n_sms();
+    const int64_t target = mv_blocks() * (int64_t) se_cuda_n_sms();
     const int per_step = swiglu ? 8 : 16;
     int64_t steps = (rows + per_step * target - 1) / (per_step * target);
     if (steps < 1) steps = 1;
@@ -190,8 +306,9 @@ static int rows_per_block(int64_t rows, bool swiglu) {
 static int launch(mv_args & a, int64_t rows, size_t smem, cudaStream_t s) {
     a.rows_per_block = rows_per_block(rows, a.swiglu);
     const unsigned grid = (unsigned) ((rows + a.rows_per_block - 1) / a.rows_per_block);
-    k_matvec<MV_UNROLL><<<grid, 256, smem, s>>>(a);
-    SE_CUDA_CHECK(cudaGetLastError());
+    a.prefetch = se_cuda_opts.prefetch;
+    if (mv_blocks() == 2) SE_CUDA_CHECK(se_launch(k_matvec<MV_UNROLL, 2>, dim3(grid), dim3(256), smem, s, se_cuda_opts.pdl, a));
+    else SE_CUDA_CHECK(se_launch(k_matvec<MV_UNROLL, 3>, dim3(grid), dim3(256), smem, s, se_cuda_opts.pdl, a));
     return SE_OK;
 }
 
@@ -227,6 +344,7 @@ int se_cuda_matvec_norm(const se_mm_out * outs, int n_outs, const float * x, con
     a.norm_x = x;
     a.norm_w = norm;
     a.eps = eps;
+    a.vec = dim % 32 == 0 && (uintptr_t) x % 16 == 0 && (uintptr_t) norm % 16 == 0;
     a.swiglu = swiglu;
     a.hq = swiglu && rows % 32 == 0 ? hq : NULL;
     const size_t smem = (swiglu ? (size_t) rows_per_block(rows, true) * sizeof(float) : 0) +
@@ -313,7 +431,7 @@ int se_cuda_matmul(const se_mm_out * o, const float * x, int32_t n, cudaStream_t
 }
 
 void se_cuda_matmul_init() {
-    const void * kernels[] = {(const void *) k_matvec<MV_UNROLL>, (const void *) k_matmul};
+    const void * kernels[] = {(const void *) k_matvec<MV_UNROLL, 2>, (const void *) k_matvec<MV_UNROLL, 3>, (const void *) k_matmul};
     for (const void * k : kernels) cudaFuncSetAttribute(k, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
     cudaGetLastError();
 }

@@ -24,6 +24,47 @@ constexpr int Q5_0_QH = offsetof(block_q5_0, qh), Q5_0_QS = offsetof(block_q5_0,
 static_assert(Q4_1_QB == Q4_0_QB, "Q4_0 and Q4_1 codes");
 static_assert(offsetof(block_q4_K, dmin) == offsetof(block_q5_K, dmin) && Q4_K_SC == Q5_K_SC, "K-quant heads");
 
+// Programmatic dependent launch (sm_90; no-ops before it). trigger: this grid's dependents may
+// start now (each of them still waits for this grid to finish before reading its results).
+// wait: block until the grid this one depends on has finished and its writes are visible; every
+// decode kernel calls it before its first read of an activation.
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+// Ask L2 for the 128-byte lines of [p, p + bytes), a warp together (a hint: no register waits on it).
+__device__ __forceinline__ void prefetch_l2(const uint8_t * p, int64_t bytes, int lane) {
+    const uintptr_t end = (uintptr_t) p + (uintptr_t) bytes;
+    for (uintptr_t a = ((uintptr_t) p & ~(uintptr_t) 127) + 128 * (uintptr_t) lane; a < end; a += 32 * 128) {
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(a));
+    }
+}
+
+// A kernel launch that may start before the previous kernel on the stream has finished (pdl), the
+// kernel then waiting in pdl_wait().
+template <typename... P, typename... A>
+static inline cudaError_t se_launch(void (*k)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, bool pdl, A... args) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = block;
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = s;
+    cudaLaunchAttribute at[1];
+    at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    at[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = at;
+    cfg.numAttrs = pdl ? 1 : 0;
+    return cudaLaunchKernelEx(&cfg, k, args...);
+}
+
 __device__ __forceinline__ float h2f(const uint8_t * p) { return __half2float(*(const __half *) p); }
 
 __device__ __forceinline__ int load_i32(const uint8_t * p) { return *(const int *) p; }  // 4-byte aligned

@@ -17,6 +17,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+thread_local se_cuda_launch_opts se_cuda_opts = {false, 1};
+
 int se_cuda_error(cudaError_t e, const char * what) {
     return se_error(SE_ERR_BACKEND, "CUDA error: %s (%s)", cudaGetErrorString(e), what);
 }
@@ -74,6 +76,7 @@ typedef struct cuda_ctx {
     int path;             // se_mv_path
     bool mmq;             // prefill products on int8 tensor cores where the type has them
     bool use_graphs;
+    se_cuda_launch_opts opts;  // programmatic dependent launch, L2 prefetch (se-cuda.h)
     cudaGraphExec_t graph[2];  // one-token pass without / with logits
     se_cuda_timing timing;     // SEPEDGE_CUDA_TIMING
 } cuda_ctx;
@@ -135,6 +138,12 @@ static int cuda_init(se_context * ctx) {
     int r = se_cuda_timing_init(&c->timing);
     if (r != SE_OK) return r;
     if (c->timing.on) c->use_graphs = false;  // events between the kernels of a direct launch
+    int major = 0;
+    SE_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, cm->device));
+    env = getenv("SEPEDGE_CUDA_PDL");
+    c->opts.pdl = major >= 9 && !c->timing.on && !(env && !strcmp(env, "0"));
+    env = getenv("SEPEDGE_CUDA_PREFETCH");
+    c->opts.prefetch = env && *env ? atoi(env) : 1;
     const int64_t dim = hp->n_embd, q_dim = (int64_t) hp->n_head * hp->head_dim, kv_dim = ctx->kv.row;
     int64_t widest = hp->n_ff > q_dim ? hp->n_ff : q_dim;
     if (widest < dim) widest = dim;
@@ -237,6 +246,7 @@ static se_dattn attn_args(se_context * ctx, int32_t il) {
     a.head_dim = hp->head_dim;
     a.rope_type = hp->rope_type;
     a.max_splits = c->max_splits;
+    a.prefetch = c->opts.prefetch;
     a.scale = 1.0f / sqrtf((float) hp->head_dim);
     return a;
 }
@@ -460,6 +470,7 @@ static int cuda_forward(se_context * ctx, const int32_t * tokens, int32_t n, flo
     const se_hparams * hp = &ctx->model->hp;
     cuda_ctx * c = cctx(ctx);
     SE_CUDA_CHECK(cudaSetDevice(((const se_cuda_model *) ctx->model->dev)->device));
+    se_cuda_opts = c->opts;
     build_step(ctx, tokens, n);
     const size_t head = c->off_live + (size_t) ctx->kv.n_live * sizeof(se_dcell);
     SE_CUDA_CHECK(cudaMemcpyAsync(c->d_step, c->h_step, head, cudaMemcpyHostToDevice, c->stream));

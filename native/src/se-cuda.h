@@ -103,6 +103,19 @@ enum se_mv_path {
     SE_MV_FLOAT = 1,         // every type dequantized in registers against float activations
 };
 
+// How the one-token kernels are launched (se-cuda.cu sets it before each pass, on the thread that
+// launches). pdl: programmatic dependent launch (sm_90): a decode kernel starts while the one
+// before it finishes, prefetches its weights into L2 and waits (griddepcontrol.wait) before it
+// reads anything that kernel wrote; off while SEPEDGE_CUDA_TIMING puts events between kernels.
+// prefetch: L2 prefetch of the decode kernels' weight rows and cache rows: 1 the first ones, asked
+// for before the kernel waits for its inputs; 2 also those of a warp's next task inside the loop;
+// 0 none (SEPEDGE_CUDA_PREFETCH=0/1/2; SEPEDGE_CUDA_PDL=0 turns the chaining off).
+struct se_cuda_launch_opts {
+    bool pdl;
+    int prefetch;
+};
+extern thread_local se_cuda_launch_opts se_cuda_opts;
+
 // Whether the decode kernels want 8-bit activations for this weight (else float ones).
 bool se_cuda_wants_q8(const se_dweight * w, int path);
 // Decode: n_outs (<= 3) products sharing the input, one launch, for one token.
@@ -166,6 +179,7 @@ struct se_dattn {
     unsigned * count;        // (n_head) splits done per block column; 0 between launches
     int32_t n_head, n_head_kv, head_dim, rope_type;
     int32_t max_splits;
+    int32_t prefetch;        // se_cuda_opts.prefetch, for the one-token kernel
     float scale;
 };
 
