@@ -14,8 +14,7 @@
 # save-llama (the built llama-bench, compressed, to $OUT) / use-llama (take it from .gpu/ instead of
 # building), quick (sepedge bench alone), copybw (device-to-device copy rate through torch: the
 # ceiling of the decode kernels), decode-ab / depth-ab (decode with chained launches and L2 prefetch
-# on and off; at 32K history), pick-mv (2 or 3 decode-product blocks a multiprocessor, the faster
-# exported for the later phases), bench8b-depth (the 32K row), ttft (4096-token prompts through Engine), profile8b (per-kernel GPU times of decode and of a 512-token
+# on and off; at 32K history), bench8b-depth (the 32K row), ttft (4096-token prompts through Engine), profile8b (per-kernel GPU times of decode and of a 512-token
 # prefill, and prompt times, on the 8B files).
 set -u
 OUT=${OUT:-/tmp/sepedge-out}
@@ -122,20 +121,6 @@ PY
                          sed "s/^/prefetch=$pf splits=$sp /"
                  done 2>&1 | tee $OUT/depth-ab.log
                  SEPEDGE_CUDA_TIMING=1 python3 benchmarks/cuda_profile.py $m --depth 32768 --steps 8 2>&1 | tee -a $OUT/depth-ab.log ;;
-        pick-mv) models 8b  # decode products: 2 or 3 blocks a multiprocessor; the faster (both files' ms summed) for what follows
-                 best=3 best_ms=1e9
-                 for b in 2 3; do
-                     ms=0
-                     for m in /tmp/models/llama3-8b-*.gguf; do
-                         t=$(SEPEDGE_CUDA_MV_BLOCKS=$b python3 benchmarks/cuda_profile.py $m --steps 64 2>&1 | tee -a $OUT/pick-mv.log |
-                             sed -n 's/.*: \([0-9.]*\) ms\/token.*/\1/p')
-                         ms=$(python3 -c "print($ms + ${t:-1e9})")
-                     done
-                     echo "mv_blocks=$b: $ms ms (sum)" | tee -a $OUT/pick-mv.log
-                     if python3 -c "import sys; sys.exit(not $ms < $best_ms)"; then best=$b best_ms=$ms; fi
-                 done
-                 export SEPEDGE_CUDA_MV_BLOCKS=$best
-                 echo "SEPEDGE_CUDA_MV_BLOCKS=$best" | tee -a $OUT/pick-mv.log ;;
         bench8b-depth) models 8b && wait_llama && python3 benchmarks/cuda_bench.py --llama-bench /tmp/llama-build/bin/llama-bench \
                    /tmp/models/llama3-8b-q4_0.gguf --out "$OUT/cuda_bench_depth.json" --tests tg128@d32768 --reps 1 ;;
         ttft) models 8b  # time to first token: a 4096-token prompt through Engine, full cache and sepllm-stream
@@ -155,6 +140,11 @@ PY
                      SEPEDGE_CUDA_TIMING=1 python3 benchmarks/cuda_profile.py $m --steps 16
                      SEPEDGE_CUDA_TIMING=prefill python3 benchmarks/cuda_profile.py $m --prompt 512
                  done 2>&1 | tee $OUT/profile.log ;;
+        profile-stream) models 8b  # kernel times of sepllm-stream decode after 32K tokens, and its wall time
+                 { SEPEDGE_CUDA_TIMING=1 python3 benchmarks/cuda_profile.py /tmp/models/llama3-8b-q4_0.gguf --depth 32768 --kv-mode sepllm-stream --steps 16
+                   python3 benchmarks/cuda_profile.py /tmp/models/llama3-8b-q4_0.gguf --depth 32768 --kv-mode sepllm-stream --steps 64
+                   python3 benchmarks/cuda_profile.py /tmp/models/llama3-8b-q4_0.gguf --kv-mode sepllm-stream --steps 64; } 2>&1 |
+                     tee $OUT/profile-stream.log ;;
         profile-extra) models  # kernel times of decode after 32K tokens (8B Q4_0) and of SmolLM2's decode
                  { SEPEDGE_CUDA_TIMING=1 python3 benchmarks/cuda_profile.py /tmp/models/llama3-8b-q4_0.gguf --depth 32768 --steps 8
                    python3 benchmarks/cuda_profile.py /tmp/models/smollm2-135m-q4_0.gguf --steps 128

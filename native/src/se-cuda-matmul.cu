@@ -202,8 +202,10 @@ __device__ void norm_prologue(const mv_args & a, int64_t dim, float * xs, int8_t
     }
 }
 
-template <int U, int MINB>
-__global__ void __launch_bounds__(256, MINB) k_matvec(const mv_args a) {
+// Two blocks a multiprocessor (123 registers a thread). Measured on an H200: 3 (80 registers, no
+// spills) is 12% slower a token (benchmarks/results/cuda_kernels_log.md).
+template <int U>
+__global__ void __launch_bounds__(256, 2) k_matvec(const mv_args a) {
     extern __shared__ __align__(16) uint8_t smem[];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     se_dact act = a.act;
@@ -275,21 +277,10 @@ __global__ void __launch_bounds__(256, MINB) k_matvec(const mv_args a) {
     }
 }
 
-// Blocks a multiprocessor holds (registers: 106 a thread for 2, 80 for 3 with no spills; 4 spills).
-// SEPEDGE_CUDA_MV_BLOCKS=2 or 3 (measurements; 3 by default).
-static int mv_blocks() {
-    static int n = 0;
-    if (!n) {
-        const char * env = getenv("SEPEDGE_CUDA_MV_BLOCKS");
-        n = env && atoi(env) == 2 ? 2 : 3;
-    }
-    return n;
-}
-
-// Rows a block: enough blocks to fill every multiprocessor once, a warp taking rows two at a time
-// (a pair of gate and up rows with swiglu, whose blocks take whole 8-bit blocks of rows: 32).
+// Rows a block: enough blocks for two a multiprocessor, a warp taking rows two at a time (a pair
+// of gate and up rows with swiglu, whose blocks take whole 8-bit blocks of rows: 32).
 static int rows_per_block(int64_t rows, bool swiglu) {
-    const int64_t target = mv_blocks() * (int64_t) se_cuda_n_sms();
+    const int64_t target = 2 * (int64_t) se_cuda_n_sms();
     const int per_step = swiglu ? 8 : 16;
     int64_t steps = (rows + per_step * target - 1) / (per_step * target);
     if (steps < 1) steps = 1;
@@ -307,8 +298,7 @@ static int launch(mv_args & a, int64_t rows, size_t smem, cudaStream_t s) {
     a.rows_per_block = rows_per_block(rows, a.swiglu);
     const unsigned grid = (unsigned) ((rows + a.rows_per_block - 1) / a.rows_per_block);
     a.prefetch = se_cuda_opts.prefetch;
-    if (mv_blocks() == 2) SE_CUDA_CHECK(se_launch(k_matvec<MV_UNROLL, 2>, dim3(grid), dim3(256), smem, s, se_cuda_opts.pdl, a));
-    else SE_CUDA_CHECK(se_launch(k_matvec<MV_UNROLL, 3>, dim3(grid), dim3(256), smem, s, se_cuda_opts.pdl, a));
+    SE_CUDA_CHECK(se_launch(k_matvec<MV_UNROLL>, dim3(grid), dim3(256), smem, s, se_cuda_opts.pdl, a));
     return SE_OK;
 }
 
@@ -431,7 +421,7 @@ int se_cuda_matmul(const se_mm_out * o, const float * x, int32_t n, cudaStream_t
 }
 
 void se_cuda_matmul_init() {
-    const void * kernels[] = {(const void *) k_matvec<MV_UNROLL, 2>, (const void *) k_matvec<MV_UNROLL, 3>, (const void *) k_matmul};
+    const void * kernels[] = {(const void *) k_matvec<MV_UNROLL>, (const void *) k_matmul};
     for (const void * k : kernels) cudaFuncSetAttribute(k, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
     cudaGetLastError();
 }
