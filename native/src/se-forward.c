@@ -119,9 +119,9 @@ static void matmul_many(se_context * ctx, float * x, int32_t n, const mm_out * o
         else se_pool_run(ctx->pool, quantize_task, &q);
         j.xq = ctx->buf.xq;
     }
-    // about 8 chunks per thread, each whole groups of 8 rows
-    const int64_t groups = (j.rows + SE_RP_ROWS - 1) / SE_RP_ROWS, per = 8 * (int64_t) se_pool_size(ctx->pool);
-    j.chunk = (groups + per - 1) / per * SE_RP_ROWS;
+    // about 8 chunks per thread, each whole pairs of groups of 8 rows (the AVX-512 kernels take two)
+    const int64_t pairs = (j.rows + 2 * SE_RP_ROWS - 1) / (2 * SE_RP_ROWS), per = 8 * (int64_t) se_pool_size(ctx->pool);
+    j.chunk = (pairs + per - 1) / per * 2 * SE_RP_ROWS;
     se_pool_run(ctx->pool, matmul_task, &j);
 }
 

@@ -71,6 +71,10 @@ typedef struct se_type_traits {
     int32_t packed_size;
     void (*repack)(const uint8_t * rows, uint64_t row_bytes, int64_t cols, void * group);
     void (*gemm)(const void * group, const void * act, size_t stride, int64_t cols, int32_t nt, float * out, int64_t ld);
+    // the same for two neighbouring groups (`group_bytes` apart), 16 rows: out[t * ld + r], r < 16
+    // (NULL where the ISA has no wider kernel); per row bit for bit the result of gemm
+    void (*gemm16)(const void * group, uint64_t group_bytes, const void * act, size_t stride, int64_t cols, int32_t nt,
+                   float * out, int64_t ld);
 } se_type_traits;
 
 #define SE_RP_TOKENS 4  // activation rows per call of a gemm kernel: its register tile is 8 rows x 4 tokens
@@ -105,6 +109,9 @@ size_t se_act_row_bytes(int32_t act, int64_t n);
 // x86-64 with AVX2, FMA and F16C (se-quants-avx2.c): replaces the portable kernels
 bool se_cpu_has_avx2(void);
 void se_quants_use_avx2(se_type_traits * types, se_kernels * k);
+// and with AVX-512 F/BW/VL + VNNI (se-quants-avx512.c): on top of the AVX2 ones
+bool se_cpu_has_avx512(void);
+void se_quants_use_avx512(se_type_traits * types, se_kernels * k);
 void se_repack_portable(se_type_traits * types);  // the interleaved layouts and their portable kernels
 
 // ---------------------------------------------------------------------------------------------
