@@ -94,6 +94,14 @@ typedef struct se_kernels {
     void  (*axpy_f16_n)(float * y, int64_t y_stride, const float * a, int32_t nq, const uint16_t * v, int64_t d);
     void  (*dot_f32_n)(const float * k, const float * q, int64_t q_stride, int32_t nq, int64_t d, float * out);
     void  (*axpy_f32_n)(float * y, int64_t y_stride, const float * a, int32_t nq, const float * v, int64_t d);
+    // The same over n cells of one KV head at once (f16 rows `stride` values apart from `base`, row
+    // cells[i]), queries and outputs d floats apart: out[i * nq + j] = key row i . q row j, and
+    // y row j += sum_i w[i * nq + j] value row i. One call per head instead of one per cell; each
+    // query's result does not depend on nq or on its place among the queries.
+    void  (*att_dot_f16)(const uint16_t * base, int64_t stride, const int32_t * cells, int32_t n, const float * q, int32_t nq,
+                         int64_t d, float * out);
+    void  (*att_axpy_f16)(float * y, const float * w, int32_t nq, const uint16_t * base, int64_t stride, const int32_t * cells,
+                          int32_t n, int64_t d);
 } se_kernels;
 
 // The 8 six-bit scales and mins of a Q4_K/Q5_K super-block.
@@ -367,6 +375,7 @@ typedef struct se_buffers {   // activations for up to n_batch tokens
     float * delta_sin;        // (n_cells, head_dim / 2)
     int32_t * delta_done;     // (n_cells) the delta delta_cos/sin hold for each cell (0: none)
     int32_t * order;          // (n_cells) the live cells in memory order
+    float * att_part;         // split decode attention: per (head group, split) softmax parts (se-forward.c)
 } se_buffers;
 
 // A backend owns where the KV data and activations live and how the forward pass runs there. The

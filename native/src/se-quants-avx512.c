@@ -297,6 +297,104 @@ SE_AVX512 static void axpy_f16_n_any(float * y, int64_t y_stride, const float * 
     else axpy_f16_n(y, y_stride, a, nq, v, d);
 }
 
+// Many cells of one KV head (decode and prefill attention): the loop over cells runs here, so a
+// cell costs no call; a key row meets up to 4 query rows per pass, and the 4 dot products are
+// summed across lanes together (about 14 shuffles and adds for 4, against about 8 each alone);
+// value rows add into up to 4 x 64 outputs that stay in registers across all the cells.
+
+// the lane sums of a0..a3, in that order (each sum's order of additions is fixed: a query's score
+// does not depend on its place among the 4)
+SE_INLINE __m128 sum4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
+    const __m512 x01 = _mm512_add_ps(_mm512_shuffle_f32x4(a0, a1, 0x44), _mm512_shuffle_f32x4(a0, a1, 0xee));
+    const __m512 x23 = _mm512_add_ps(_mm512_shuffle_f32x4(a2, a3, 0x44), _mm512_shuffle_f32x4(a2, a3, 0xee));
+    const __m512 y = _mm512_add_ps(_mm512_shuffle_f32x4(x01, x23, 0x88), _mm512_shuffle_f32x4(x01, x23, 0xdd));
+    const __m512 z = _mm512_add_ps(y, _mm512_permute_ps(y, _MM_SHUFFLE(2, 3, 0, 1)));
+    const __m512 u = _mm512_add_ps(z, _mm512_permute_ps(z, _MM_SHUFFLE(1, 0, 3, 2)));
+    return _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), u));
+}
+
+SE_INLINE void att_dot_m(const uint16_t * base, int64_t stride, const int32_t * cells, int32_t n, const float * q, int m,
+                         int64_t d, float * out, int32_t nq) {
+    for (int32_t i = 0; i < n; i++) {
+        const uint16_t * k = base + (int64_t) cells[i] * stride;
+        __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+        for (int64_t j = 0; j < d; j += 16) {
+            const __m512 kv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *) (k + j)));
+            for (int r = 0; r < m; r++) a[r] = _mm512_fmadd_ps(kv, _mm512_loadu_ps(q + r * d + j), a[r]);
+        }
+        float s[4];
+        _mm_storeu_ps(s, sum4(a[0], a[1], a[2], a[3]));
+        for (int r = 0; r < m; r++) out[(int64_t) i * nq + r] = s[r];
+    }
+}
+
+SE_AVX512 static void att_dot_f16(const uint16_t * base, int64_t stride, const int32_t * cells, int32_t n, const float * q,
+                                  int32_t nq, int64_t d, float * out) {
+    if (d % 16) {
+        for (int32_t i = 0; i < n; i++) avx2_dot_f16_n(base + (int64_t) cells[i] * stride, q, d, nq, d, out + (int64_t) i * nq);
+        return;
+    }
+    for (int32_t q0 = 0; q0 < nq; q0 += 4) {
+        switch (nq - q0) {
+        case 1: att_dot_m(base, stride, cells, n, q + q0 * d, 1, d, out + q0, nq); break;
+        case 2: att_dot_m(base, stride, cells, n, q + q0 * d, 2, d, out + q0, nq); break;
+        case 3: att_dot_m(base, stride, cells, n, q + q0 * d, 3, d, out + q0, nq); break;
+        default: att_dot_m(base, stride, cells, n, q + q0 * d, 4, d, out + q0, nq); break;
+        }
+    }
+}
+
+// y rows [q0, q0 + m), columns [j0, j0 + 16 nc): sum over the cells in registers, then added to y
+SE_INLINE void att_axpy_m(float * y, const float * w, int32_t nq, const uint16_t * base, int64_t stride,
+                          const int32_t * cells, int32_t n, int64_t d, int m, int nc) {
+    __m512 acc[4][4];
+    for (int r = 0; r < 4; r++) {
+        for (int c = 0; c < 4; c++) acc[r][c] = _mm512_setzero_ps();
+    }
+    for (int32_t i = 0; i < n; i++) {
+        const uint16_t * v = base + (int64_t) cells[i] * stride;
+        const float * wi = w + (int64_t) i * nq;
+        for (int c = 0; c < nc; c++) {
+            const __m512 vv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *) (v + 16 * c)));
+            for (int r = 0; r < m; r++) acc[r][c] = _mm512_fmadd_ps(_mm512_set1_ps(wi[r]), vv, acc[r][c]);
+        }
+    }
+    for (int r = 0; r < m; r++) {
+        for (int c = 0; c < nc; c++) {
+            float * yr = y + r * d + 16 * c;
+            _mm512_storeu_ps(yr, _mm512_add_ps(_mm512_loadu_ps(yr), acc[r][c]));
+        }
+    }
+}
+
+SE_AVX512 static void att_axpy_f16(float * y, const float * w, int32_t nq, const uint16_t * base, int64_t stride,
+                                   const int32_t * cells, int32_t n, int64_t d) {
+    if (d % 16) {
+        for (int32_t i = 0; i < n; i++) avx2_axpy_f16_n(y, d, w + (int64_t) i * nq, nq, base + (int64_t) cells[i] * stride, d);
+        return;
+    }
+    for (int32_t q0 = 0; q0 < nq; q0 += 4) {
+        for (int64_t j0 = 0; j0 < d; j0 += 64) {
+            const int m = nq - q0 < 4 ? nq - q0 : 4, nc = d - j0 < 64 ? (int) (d - j0) / 16 : 4;
+            float * yq = y + q0 * d + j0;
+            const uint16_t * b = base + j0;
+            const float * wq = w + q0;
+#define AXPY_CASE(M, NC) att_axpy_m(yq, wq, nq, b, stride, cells, n, d, M, NC)
+            if (nc == 4) {
+                switch (m) {
+                case 1: AXPY_CASE(1, 4); break;
+                case 2: AXPY_CASE(2, 4); break;
+                case 3: AXPY_CASE(3, 4); break;
+                default: AXPY_CASE(4, 4); break;
+                }
+            } else {
+                att_axpy_m(yq, wq, nq, b, stride, cells, n, d, m, nc);
+            }
+#undef AXPY_CASE
+        }
+    }
+}
+
 bool se_cpu_has_avx512(void) {
     __builtin_cpu_init();  // also checks that the OS saves the 512-bit state
     return se_cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -314,6 +412,8 @@ void se_quants_use_avx512(se_type_traits * types, se_kernels * k) {
     avx2_axpy_f16_n = k->axpy_f16_n;
     k->dot_f16_n = dot_f16_n_any;
     k->axpy_f16_n = axpy_f16_n_any;
+    k->att_dot_f16 = att_dot_f16;
+    k->att_axpy_f16 = att_axpy_f16;
 }
 
 #endif

@@ -423,6 +423,17 @@ static void axpy_f32_n(float * y, int64_t y_stride, const float * a, int32_t nq,
     for (int32_t i = 0; i < nq; i++) axpy_f32(y + i * y_stride, a[i], v, d);
 }
 
+// many cells through the per-cell forms of the ISA in use (portable, AVX2)
+static void att_dot_f16_cells(const uint16_t * base, int64_t stride, const int32_t * cells, int32_t n, const float * q,
+                              int32_t nq, int64_t d, float * out) {
+    for (int32_t i = 0; i < n; i++) se_kern.dot_f16_n(base + (int64_t) cells[i] * stride, q, d, nq, d, out + (int64_t) i * nq);
+}
+
+static void att_axpy_f16_cells(float * y, const float * w, int32_t nq, const uint16_t * base, int64_t stride,
+                               const int32_t * cells, int32_t n, int64_t d) {
+    for (int32_t i = 0; i < n; i++) se_kern.axpy_f16_n(y, d, w + (int64_t) i * nq, nq, base + (int64_t) cells[i] * stride, d);
+}
+
 // four activation rows through vec_dot, for types without a dedicated kernel
 static void vec_dot4_generic(float (*vec_dot)(const void *, const void *, int64_t), const void * row,
                              const void * act, size_t stride, int64_t n, float out[4]) {
@@ -506,7 +517,7 @@ void se_k_scales(const uint8_t s[12], uint8_t sc[8], uint8_t m[8]) {
 }
 
 se_kernels se_kern = {quantize_q8, plain_dot_f32, plain_dot_f16, axpy_f32, axpy_f16, f16_to_f32,
-                      dot_f16_n, axpy_f16_n, dot_f32_n, axpy_f32_n};
+                      dot_f16_n, axpy_f16_n, dot_f32_n, axpy_f32_n, att_dot_f16_cells, att_axpy_f16_cells};
 
 bool se_cpu_has_avx2(void) {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -542,6 +553,8 @@ static void choose_kernels(int isa) {
     if (isa >= ISA_AVX2) se_quants_use_avx2(types, &se_kern);
     if (isa >= ISA_AVX512) se_quants_use_avx512(types, &se_kern);
 #endif
+    if (!se_kern.att_dot_f16) se_kern.att_dot_f16 = att_dot_f16_cells;
+    if (!se_kern.att_axpy_f16) se_kern.att_axpy_f16 = att_axpy_f16_cells;
     isa_now = isa;
 }
 
