@@ -12,7 +12,8 @@ b=build/sanitize
 mkdir -p "$b"
 
 # --- 1. sanitizer build and test run
-# every portable C file of the core; the *-avx2.c files are compiled apart, for their instruction set
+# every portable C file of the core (se-quants-avx512.c too: its functions carry their own target
+# attributes); the *-avx2.c files are compiled apart, for their instruction set
 mapfile -t srcs < <(ls native/src/*.c | grep -v -- '-avx2\.c$')
 san=(-g -O1 -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined -fPIC -std=gnu11
      -DSE_BUILD -Inative/include -Inative/src)

@@ -64,6 +64,21 @@ def test_f16_kv_cache(gguf_path, rng, spec):
         assert rel(llm.eval_logits(tokens), reference_logits(path, tokens)) <= MAX_REL_DIFF_F16_KV
 
 
+@pytest.mark.parametrize("n_threads", [1, 2])
+@pytest.mark.parametrize("spec", ["gqa3-sharded-padded", "mha-d64"])
+def test_f16_kv_cache_step_by_step(gguf_path, rng, spec, n_threads):
+    """Decode steps over f16 keys and values: the batched attention kernels, and at 2 threads on 3
+    query heads (gqa3) the cells of a step split between the threads and merged."""
+    s = fixtures.SPEC_BY_NAME[spec]
+    path = gguf_path(spec, "f16")
+    tokens = rng.integers(0, s.n_tokens or s.n_vocab, 220).tolist()
+    ref = reference_logits(path, tokens)
+    with Engine(path, n_ctx=256, n_threads=n_threads, kv_type="f16") as llm:
+        llm.eval(tokens[:20])
+        steps = np.stack([llm.eval([t]) for t in tokens[20:]])
+    assert rel(steps, ref[20:]) <= MAX_REL_DIFF_F16_KV
+
+
 @pytest.mark.parametrize("outtype", ["q4_1", "q4_0", "q8_0", "q4_k_m"])
 def test_chunking_and_threads_do_not_change_logits(gguf_path, rng, outtype):
     """Row-by-row (Q4_1) and repacked (Q4_0, Q8_0, Q4_K_M's mix) weights, tiles of tokens and

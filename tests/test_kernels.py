@@ -1,6 +1,9 @@
 """C kernels (dequantization, dot products, half precision) against numpy / gguf references."""
 
+import os
+
 import gguf
+
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as QT
@@ -162,11 +165,43 @@ def weight_codes(data: np.ndarray, qtype: QT, n: int):
     return d, b[:, 2:4].copy().view(np.float16).astype(np.float64).reshape(-1), codes
 
 
-@pytest.fixture(params=[1, 0], ids=["simd", "portable"])
+ISAS = ["avx512", "avx2", "portable"]
+
+
+@pytest.fixture(params=ISAS)
 def simd(request):
-    lib.se_set_simd(request.param)
-    yield ffi.string(lib.se_simd()).decode()
-    lib.se_set_simd(1)
+    """Every kernel level the CPU has (its own and each lower one), skipped where it lacks one."""
+    if lib.se_set_isa(request.param.encode()) != 0:
+        pytest.skip(f"this CPU has no {request.param} kernels")
+    try:
+        yield ffi.string(lib.se_simd()).decode()
+    finally:
+        lib.se_set_simd(1)
+
+
+def test_isa_selection():
+    """se_set_isa picks a level and se_simd names it; an unknown name is an error."""
+    try:
+        check(lib.se_set_isa(b"portable"))
+        assert ffi.string(lib.se_simd()) == b"none"
+        for name in ISAS[:2]:
+            if lib.se_set_isa(name.encode()) == 0:
+                assert ffi.string(lib.se_simd()).decode() == name
+        with pytest.raises(InvalidArgumentError):
+            check(lib.se_set_isa(b"sse9"))
+    finally:
+        lib.se_set_simd(1)
+
+
+def test_isa_env_override():
+    """SEPEDGE_ISA=avx2|portable caps the level chosen at load (a fresh process)."""
+    import subprocess
+    import sys
+    code = "from sepedge._ffi import lib, ffi; print(ffi.string(lib.se_simd()).decode())"
+    for name, want in (("portable", {"none"}), ("avx2", {"avx2", "none"})):
+        env = dict(os.environ, SEPEDGE_ISA=name)
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+        assert out.strip() in want, (name, out)
 
 
 def test_activation_quantization_is_exact(rng, simd):
@@ -276,6 +311,20 @@ def test_matmul_does_not_depend_on_the_token_tile(rng, simd, qtype):
     batch = c_matmul(data, qtype, rows, cols, x, True)
     alone = np.concatenate([c_matmul(data, qtype, rows, cols, x[t:t + 1], True) for t in range(n)])
     np.testing.assert_array_equal(batch, alone)
+
+
+@pytest.mark.parametrize("qtype", PACKED_TYPES, ids=lambda t: t.name)
+def test_matmul_does_not_depend_on_the_row_pairing(rng, simd, qtype):
+    """A row's outputs are bit for bit the same whether its group of 8 is multiplied paired with a
+    neighbour (the 16-row AVX-512 kernels) or alone (threads cut the rows at any multiple of 8)."""
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    rows, cols, n = 40, 5 * max(block, 32), 6
+    data = random_blocks(rng, qtype, rows * cols // block).reshape(rows, -1)
+    x = rng.standard_normal((n, cols)).astype(np.float32)
+    together = c_matmul(data, qtype, rows, cols, x, True)
+    for g in range(rows // 8):
+        alone = c_matmul(data[8 * g:8 * g + 8], qtype, 8, cols, x, True)
+        np.testing.assert_array_equal(together[:, 8 * g:8 * g + 8], alone)
 
 
 def test_matmul_errors():

@@ -9,7 +9,8 @@ shift
 out=build/fuzz-cov
 mkdir -p "$out"
 srcs=(native/src/se-api.c native/src/se-error.c native/src/se-forward.c native/src/se-gguf.c
-      native/src/se-kv-cache.c native/src/se-model.c native/src/se-sampler.c native/src/se-threads.c)
+      native/src/se-kv-cache.c native/src/se-model.c native/src/se-sampler.c native/src/se-threads.c
+      native/src/se-cache-plan.c native/src/se-repack.c native/src/se-quants-avx512.c)
 sed 's/&& __builtin_cpu_supports("f16c")//' native/src/se-quants.c > "$out/se-quants.c"  # as build.sh
 flags=(-g -O1 -std=gnu11 -fprofile-instr-generate -fcoverage-mapping -DSE_BUILD -Inative/include -Inative/src)
 clang "${flags[@]}" -mavx2 -mfma -mf16c -c native/src/se-quants-avx2.c -o "$out/se-quants-avx2.o"

@@ -370,10 +370,14 @@ SE_API int se_quantize_act_q8(const float * x, void * out, int64_t n);
 // builds at load (for types that have one and rows a multiple of 8), else row by row.
 SE_API int se_matmul(int32_t type, const void * w, int64_t rows, int64_t cols, const float * x, int32_t n, float * out,
                      int32_t packed);
-// The SIMD kernels in use ("avx2" or "none"); se_set_simd(0) selects the portable C ones (tests),
-// as does the environment variable SEPEDGE_SIMD=0 at load. Not to be called during a decode.
+// The SIMD kernels in use ("avx512", "avx2" or "none"); se_set_simd(0) selects the portable C ones
+// (tests), se_set_simd(1) the level chosen at load: the best the CPU has, or lower where the
+// environment says SEPEDGE_ISA=avx2|portable (SEPEDGE_SIMD=0: portable). se_set_isa("avx512" |
+// "avx2" | "portable") selects one level (SE_ERR_UNSUPPORTED where the CPU lacks it). Not to be
+// called during a decode.
 SE_API const char * se_simd(void);
 SE_API int se_set_simd(int32_t enable);
+SE_API int se_set_isa(const char * name);
 
 // ---------------------------------------------------------------------------------------------
 // CUDA. Builds without the CUDA backend return SE_ERR_BACKEND from these.

@@ -119,9 +119,9 @@ static void matmul_many(se_context * ctx, float * x, int32_t n, const mm_out * o
         else se_pool_run(ctx->pool, quantize_task, &q);
         j.xq = ctx->buf.xq;
     }
-    // about 8 chunks per thread, each whole groups of 8 rows
-    const int64_t groups = (j.rows + SE_RP_ROWS - 1) / SE_RP_ROWS, per = 8 * (int64_t) se_pool_size(ctx->pool);
-    j.chunk = (groups + per - 1) / per * SE_RP_ROWS;
+    // about 8 chunks per thread, each whole pairs of groups of 8 rows (the AVX-512 kernels take two)
+    const int64_t pairs = (j.rows + 2 * SE_RP_ROWS - 1) / (2 * SE_RP_ROWS), per = 8 * (int64_t) se_pool_size(ctx->pool);
+    j.chunk = (pairs + per - 1) / per * 2 * SE_RP_ROWS;
     se_pool_run(ctx->pool, matmul_task, &j);
 }
 
@@ -228,20 +228,31 @@ static void store_kv(se_context * ctx, int32_t il, const float * k, const float 
 // read once, in memory order, for all of them: the scores are a small (nq x cells) matrix product
 // and the output a (cells -> nq x d) one, with f16 rows converted inside the multiply-add loops.
 #define ATT_TOKENS 4
+#define SE_ATT_MAX_SPLITS 8  // parts of a split decode step's cells
 
-static void attend(se_context * ctx, int32_t il, int32_t t0, int32_t nt, int32_t h0, int32_t nh, float * scratch) {
+// Cells [c0, c1) of the memory order; `part` NULL: the normalized outputs go to b->att. Else (a
+// decode step whose cells are split among threads, as flash-decoding splits them) this range's
+// part of the softmax goes there for merge_parts: per query its max score, its sum of exp(score -
+// max), the outputs weighted by those exps (nq x d), then the count of cells the first token saw.
+static void attend(se_context * ctx, int32_t il, int32_t t0, int32_t nt, int32_t h0, int32_t nh, float * scratch,
+                   int32_t c0, int32_t c1, float * part_out) {
     const se_hparams * hp = &ctx->model->hp;
     const se_kv_cache * kv = &ctx->kv;
     const se_buffers * b = &ctx->buf;
-    const int32_t d = hp->head_dim, half = d / 2, n = kv->n_live, nq = nt * nh;
+    const int32_t d = hp->head_dim, half = d / 2, n = c1 - c0, nq = nt * nh;
     const size_t esize = kv->kv_type == SE_KV_F16 ? 2 : 4;
     const int64_t off = (int64_t) (h0 / (hp->n_head / hp->n_head_kv)) * d;  // the KV head of these heads
     const float scale = 1.0f / sqrtf((float) d);
+    const bool f16 = kv->kv_type == SE_KV_F16;
     float * scores = scratch;                   // (n_live, nq) cell-major
     float * qt = scores + (int64_t) n * nq;     // (nq, d) the queries, scaled
     float * ot = qt + (int64_t) nq * d;         // (nq, d) the outputs
     float * rot = ot + (int64_t) nq * d;        // (d) a key rotated by its cell's delta
     float * w = rot + d;                        // (nq) one cell's weights
+    float * part = w + nq;                      // (n_live, nq) scores of the cells in `list`
+    int32_t * list = (int32_t *) (part + (int64_t) n * nq);  // (n_live) cells for one batched kernel call
+    int32_t * where = list + n;                 // (n_live) their index in memory order
+    uint8_t * vmask = (uint8_t *) (where + n);  // (n_live) bit tt: token tt sees the cell
     float max[ATT_TOKENS * 8], inv[ATT_TOKENS * 8];
     int32_t n_visible[ATT_TOKENS] = {0};
     for (int32_t tt = 0; tt < nt; tt++) {
@@ -252,38 +263,51 @@ static void attend(se_context * ctx, int32_t il, int32_t t0, int32_t nt, int32_t
     }
     for (int32_t k = 0; k < nq; k++) max[k] = -INFINITY;
     memset(ot, 0, (size_t) nq * d * sizeof(float));
+    // scores: cells read with an extra rotation (delta) one at a time, the others (f16 keys) in one
+    // call of the batched kernel over the list of their rows
+    int32_t n_list = 0;
     for (int32_t i = 0; i < n; i++) {
-        const int32_t cell = b->order[i];
+        const int32_t cell = b->order[c0 + i];
         const se_kv_cell * c = &kv->m.cells[cell];
         float * s = scores + (int64_t) i * nq;
-        bool vis[ATT_TOKENS], any = false;
+        uint8_t vis = 0;
         for (int32_t tt = 0; tt < nt; tt++) {
-            vis[tt] = se_kv_visible(kv, c, b->positions[t0 + tt], b->sep_floor[t0 + tt]);
-            any |= vis[tt];
-            n_visible[tt] += vis[tt];
+            const bool v = se_kv_visible(kv, c, b->positions[t0 + tt], b->sep_floor[t0 + tt]);
+            vis |= (uint8_t) (v << tt);
+            n_visible[tt] += v;
         }
-        if (any) {
-            const void * key = (const char *) se_kv_k(kv, il, cell) + off * esize;
-            if (c->delta != 0) {
-                if (kv->kv_type == SE_KV_F16) se_kern.f16_to_f32(key, rot, d);
-                else memcpy(rot, key, (size_t) d * sizeof(float));
-                rotate(rot, b->delta_cos + (int64_t) cell * half, b->delta_sin + (int64_t) cell * half, d, hp->rope_type);
-                se_kern.dot_f32_n(rot, qt, d, nq, d, s);
-            } else if (kv->kv_type == SE_KV_F16) {
-                se_kern.dot_f16_n(key, qt, d, nq, d, s);
-            } else {
-                se_kern.dot_f32_n(key, qt, d, nq, d, s);
-            }
+        vmask[i] = vis;
+        if (!vis) continue;
+        const void * key = (const char *) se_kv_k(kv, il, cell) + off * esize;
+        if (c->delta != 0) {
+            if (f16) se_kern.f16_to_f32(key, rot, d);
+            else memcpy(rot, key, (size_t) d * sizeof(float));
+            rotate(rot, b->delta_cos + (int64_t) cell * half, b->delta_sin + (int64_t) cell * half, d, hp->rope_type);
+            se_kern.dot_f32_n(rot, qt, d, nq, d, s);
+        } else if (f16) {
+            list[n_list] = cell;
+            where[n_list++] = i;
+        } else {
+            se_kern.dot_f32_n(key, qt, d, nq, d, s);
         }
+    }
+    if (n_list) {
+        const uint16_t * kbase = (const uint16_t *) se_kv_k(kv, il, 0) + off;
+        se_kern.att_dot_f16(kbase, kv->row, list, n_list, qt, nq, d, part);
+        for (int32_t k = 0; k < n_list; k++) memcpy(scores + (int64_t) where[k] * nq, part + (int64_t) k * nq, (size_t) nq * sizeof(float));
+    }
+    for (int32_t i = 0; i < n; i++) {
+        float * s = scores + (int64_t) i * nq;
         for (int32_t tt = 0; tt < nt; tt++) {
+            const bool v = vmask[i] >> tt & 1;
             for (int32_t k = 0; k < nh; k++) {
                 const int32_t qi = tt * nh + k;
-                if (!vis[tt]) s[qi] = -INFINITY;
+                if (!v) s[qi] = -INFINITY;
                 else if (s[qi] > max[qi]) max[qi] = s[qi];
             }
         }
     }
-    if (il == 0 && h0 == 0) {
+    if (il == 0 && h0 == 0 && !part_out) {
         for (int32_t tt = 0; tt < nt; tt++) b->visible[t0 + tt] = n_visible[tt];
     }
     float sum[ATT_TOKENS * 8] = {0};
@@ -294,18 +318,28 @@ static void attend(se_context * ctx, int32_t il, int32_t t0, int32_t nt, int32_t
             sum[qi] += s[qi];
         }
     }
-    for (int32_t qi = 0; qi < nq; qi++) inv[qi] = 1 / sum[qi];
+    for (int32_t qi = 0; qi < nq; qi++) inv[qi] = part_out ? 1 : 1 / sum[qi];
+    // values: the weights of the cells any query sees, packed in place (row k <= i), then one call
+    n_list = 0;
     for (int32_t i = 0; i < n; i++) {
         const float * s = scores + (int64_t) i * nq;
-        bool any = false;
-        for (int32_t qi = 0; qi < nq; qi++) {
-            w[qi] = s[qi] * inv[qi];
-            any |= s[qi] != 0;
+        if (!vmask[i]) continue;
+        if (f16) {
+            float * wk = scores + (int64_t) n_list * nq;
+            for (int32_t qi = 0; qi < nq; qi++) wk[qi] = s[qi] * inv[qi];
+            list[n_list++] = b->order[c0 + i];
+            continue;
         }
-        if (!any) continue;
-        const void * value = (const char *) se_kv_v(kv, il, b->order[i]) + off * esize;
-        if (kv->kv_type == SE_KV_F16) se_kern.axpy_f16_n(ot, d, w, nq, value, d);
-        else se_kern.axpy_f32_n(ot, d, w, nq, value, d);
+        for (int32_t qi = 0; qi < nq; qi++) w[qi] = s[qi] * inv[qi];
+        se_kern.axpy_f32_n(ot, d, w, nq, (const float *) se_kv_v(kv, il, b->order[c0 + i]) + off, d);
+    }
+    if (n_list) se_kern.att_axpy_f16(ot, scores, nq, (const uint16_t *) se_kv_v(kv, il, 0) + off, kv->row, list, n_list, d);
+    if (part_out) {
+        memcpy(part_out, max, (size_t) nq * sizeof(float));
+        memcpy(part_out + nq, sum, (size_t) nq * sizeof(float));
+        memcpy(part_out + 2 * nq, ot, (size_t) nq * d * sizeof(float));
+        part_out[2 * nq + (int64_t) nq * d] = (float) n_visible[0];
+        return;
     }
     for (int32_t tt = 0; tt < nt; tt++) {
         for (int32_t k = 0; k < nh; k++) {
@@ -321,19 +355,62 @@ typedef struct attention_job {
     int32_t n;
     int32_t nh;               // query heads per work item
     int32_t tile;             // query tokens per work item
+    int32_t splits;           // decode: parts of the cells per head group (1: not split)
     atomic_llong next;        // the next work item
 } attention_job;
+
+// floats of one part (attend's part_out) of nq query rows
+static int64_t part_size(int32_t nq, int32_t d) { return 2 * (int64_t) nq + (int64_t) nq * d + 1; }
 
 static void attention_task(void * p, int ith, int nth) {
     attention_job * j = p;
     const se_hparams * hp = &j->ctx->model->hp;
     float * scratch = j->ctx->buf.scratch + (int64_t) ith * j->ctx->buf.scratch_stride;
-    const int64_t per_tile = hp->n_head / j->nh, n_tiles = (j->n + j->tile - 1) / j->tile, n_items = n_tiles * per_tile;
+    const int64_t per_tile = hp->n_head / j->nh, n_tiles = (j->n + j->tile - 1) / j->tile, n_items = n_tiles * per_tile * j->splits;
+    const int32_t n_live = j->ctx->kv.n_live;
     for (int64_t item; (item = atomic_fetch_add(&j->next, 1)) < n_items;) {
+        if (j->splits > 1) {  // one token: item = (head group, part of the cells)
+            const int32_t g = (int32_t) (item / j->splits), p = (int32_t) (item % j->splits);
+            const int32_t c0 = (int32_t) ((int64_t) n_live * p / j->splits), c1 = (int32_t) ((int64_t) n_live * (p + 1) / j->splits);
+            attend(j->ctx, j->il, 0, 1, g * j->nh, j->nh, scratch, c0, c1,
+                   j->ctx->buf.att_part + item * part_size(j->nh, hp->head_dim));
+            continue;
+        }
         const int32_t t0 = (int32_t) (item / per_tile) * j->tile;
         const int32_t nt = j->n - t0 < j->tile ? j->n - t0 : j->tile;
-        attend(j->ctx, j->il, t0, nt, (int32_t) (item % per_tile) * j->nh, j->nh, scratch);
+        attend(j->ctx, j->il, t0, nt, (int32_t) (item % per_tile) * j->nh, j->nh, scratch, 0, n_live, NULL);
     }
+}
+
+// The parts of a split decode step combined: per query, the outputs and sums rescaled to the
+// largest max among the parts, then normalized (flash-decoding's merge).
+static void merge_parts(se_context * ctx, const attention_job * j) {
+    const se_hparams * hp = &ctx->model->hp;
+    const int32_t d = hp->head_dim, nq = j->nh, groups = hp->n_head / j->nh;
+    const int64_t ps = part_size(nq, d);
+    int64_t n_visible = 0;
+    for (int32_t g = 0; g < groups; g++) {
+        const float * parts = ctx->buf.att_part + (int64_t) g * j->splits * ps;
+        for (int32_t qi = 0; qi < nq; qi++) {
+            float m = -INFINITY, total = 0;
+            for (int32_t p = 0; p < j->splits; p++) m = fmaxf(m, parts[p * ps + qi]);
+            float * out = ctx->buf.att + (int64_t) (g * nq + qi) * d;
+            memset(out, 0, (size_t) d * sizeof(float));
+            for (int32_t p = 0; p < j->splits; p++) {
+                const float * part = parts + p * ps;
+                const float f = part[qi] == -INFINITY ? 0 : expf(part[qi] - m);
+                total += f * part[nq + qi];
+                const float * o = part + 2 * nq + (int64_t) qi * d;
+                for (int32_t k = 0; k < d; k++) out[k] += f * o[k];
+            }
+            const float inv = 1 / total;
+            for (int32_t k = 0; k < d; k++) out[k] *= inv;
+        }
+        if (g == 0) {
+            for (int32_t p = 0; p < j->splits; p++) n_visible += (int64_t) parts[p * ps + ps - 1];
+        }
+    }
+    if (j->il == 0) ctx->buf.visible[0] = (int32_t) n_visible;
 }
 
 // Heads sharing a KV head go together, and tokens in tiles of ATT_TOKENS, unless that leaves threads
@@ -346,6 +423,15 @@ static void attention_items(const se_context * ctx, int32_t n, int32_t * nh, int
     // a KV head's rows read once for all its query heads beats an even split (decoding SmolLM2's 3 KV
     // heads on 2 threads): split heads only when there are fewer items than threads
     *nh = group > 8 || items < nth ? 1 : group;
+}
+
+// Decoding one token with fewer head groups than threads, or a count that leaves a thread idle
+// for a whole group (SmolLM2: 3 KV heads on 2 threads), and enough cells: split the cells of each
+// group among the threads, so that they share the work evenly.
+static int32_t attention_splits(const se_context * ctx, int32_t n, int32_t nh) {
+    const int32_t nth = se_pool_size(ctx->pool), groups = ctx->model->hp.n_head / nh;
+    if (n != 1 || nth < 2 || groups % nth == 0 || ctx->kv.n_live < 64 * nth) return 1;
+    return nth < SE_ATT_MAX_SPLITS ? nth : SE_ATT_MAX_SPLITS;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -375,7 +461,9 @@ static int forward(se_context * ctx, const int32_t * tokens, int32_t n, float * 
         attention_job aj = {.ctx = ctx, .il = il, .n = n, .nh = 1, .tile = 1};
         atomic_init(&aj.next, 0);
         attention_items(ctx, n, &aj.nh, &aj.tile);
+        aj.splits = attention_splits(ctx, n, aj.nh);
         se_pool_run(ctx->pool, attention_task, &aj);
+        if (aj.splits > 1) merge_parts(ctx, &aj);
         matmul(ctx, b->xb2, b->att, &l->wo, NULL, n, NULL);
         // SwiGLU feed-forward, after x += attention output
         const row_prep ffn_in = {b->x, b->xb2, l->ffn_norm, NULL, hp->rms_eps};
@@ -405,7 +493,8 @@ static int cpu_init(se_context * ctx) {
     const int64_t nb = ctx->params.n_batch, q_dim = (int64_t) hp->n_head * hp->head_dim, kv_dim = ctx->kv.row;
     // attention: scores, queries and outputs of up to ATT_TOKENS x 8 query rows, a rotated key, weights
     const int64_t group = hp->n_head / hp->n_head_kv > 8 ? 1 : hp->n_head / hp->n_head_kv, nq = ATT_TOKENS * group;
-    int64_t stride = nq * ctx->kv.cfg.n_cells + 2 * nq * hp->head_dim + hp->head_dim + nq;
+    // (+ the batched kernels' scores, cell lists and visibility bytes)
+    int64_t stride = 2 * nq * ctx->kv.cfg.n_cells + 2 * nq * hp->head_dim + hp->head_dim + nq + 3 * (int64_t) ctx->kv.cfg.n_cells;
     if (stride < hp->n_embd) stride = hp->n_embd;
     if (stride < hp->n_ff) stride = hp->n_ff;
     if (stride < q_dim) stride = q_dim;
@@ -433,7 +522,9 @@ static int cpu_init(se_context * ctx) {
     b->delta_sin = calloc((size_t) ctx->kv.cfg.n_cells * (size_t) (hp->head_dim / 2), sizeof(float));
     b->delta_done = calloc((size_t) ctx->kv.cfg.n_cells, sizeof(int32_t));
     b->order = calloc((size_t) ctx->kv.cfg.n_cells, sizeof(int32_t));
-    if (!b->delta_done || !b->order || !b->x || !b->xb || !b->xb2 || !b->q || !b->k || !b->v || !b->att || !b->hb || !b->hb2 || !b->rope_cos ||
+    // split decode steps: a part per (query head, split) at most, each with its query rows
+    b->att_part = calloc((size_t) hp->n_head * SE_ATT_MAX_SPLITS, (size_t) part_size(1, hp->head_dim) * sizeof(float));
+    if (!b->att_part || !b->delta_done || !b->order || !b->x || !b->xb || !b->xb2 || !b->q || !b->k || !b->v || !b->att || !b->hb || !b->hb2 || !b->rope_cos ||
         !b->rope_sin || !b->scratch || !b->xq || !b->cells || !b->positions || !b->sep_floor || !b->visible || !b->delta_cos ||
         !b->delta_sin) {
         return se_error(SE_ERR_OUT_OF_MEMORY, "out of memory for activation buffers (n_batch %lld)", (long long) nb);
@@ -446,7 +537,7 @@ static void cpu_free(se_context * ctx) {
     free(b->x); free(b->xb); free(b->xb2); free(b->q); free(b->k); free(b->v); free(b->att);
     free(b->hb); free(b->hb2); free(b->rope_cos); free(b->rope_sin); free(b->scratch); free(b->xq);
     free(b->cells); free(b->positions); free(b->sep_floor); free(b->visible); free(b->delta_cos); free(b->delta_sin);
-    free(b->delta_done); free(b->order);
+    free(b->delta_done); free(b->order); free(b->att_part);
     memset(b, 0, sizeof *b);
 }
 

@@ -71,6 +71,10 @@ typedef struct se_type_traits {
     int32_t packed_size;
     void (*repack)(const uint8_t * rows, uint64_t row_bytes, int64_t cols, void * group);
     void (*gemm)(const void * group, const void * act, size_t stride, int64_t cols, int32_t nt, float * out, int64_t ld);
+    // the same for two neighbouring groups (`group_bytes` apart), 16 rows: out[t * ld + r], r < 16
+    // (NULL where the ISA has no wider kernel); per row bit for bit the result of gemm
+    void (*gemm16)(const void * group, uint64_t group_bytes, const void * act, size_t stride, int64_t cols, int32_t nt,
+                   float * out, int64_t ld);
 } se_type_traits;
 
 #define SE_RP_TOKENS 4  // activation rows per call of a gemm kernel: its register tile is 8 rows x 4 tokens
@@ -90,6 +94,14 @@ typedef struct se_kernels {
     void  (*axpy_f16_n)(float * y, int64_t y_stride, const float * a, int32_t nq, const uint16_t * v, int64_t d);
     void  (*dot_f32_n)(const float * k, const float * q, int64_t q_stride, int32_t nq, int64_t d, float * out);
     void  (*axpy_f32_n)(float * y, int64_t y_stride, const float * a, int32_t nq, const float * v, int64_t d);
+    // The same over n cells of one KV head at once (f16 rows `stride` values apart from `base`, row
+    // cells[i]), queries and outputs d floats apart: out[i * nq + j] = key row i . q row j, and
+    // y row j += sum_i w[i * nq + j] value row i. One call per head instead of one per cell; each
+    // query's result does not depend on nq or on its place among the queries.
+    void  (*att_dot_f16)(const uint16_t * base, int64_t stride, const int32_t * cells, int32_t n, const float * q, int32_t nq,
+                         int64_t d, float * out);
+    void  (*att_axpy_f16)(float * y, const float * w, int32_t nq, const uint16_t * base, int64_t stride, const int32_t * cells,
+                          int32_t n, int64_t d);
 } se_kernels;
 
 // The 8 six-bit scales and mins of a Q4_K/Q5_K super-block.
@@ -105,6 +117,9 @@ size_t se_act_row_bytes(int32_t act, int64_t n);
 // x86-64 with AVX2, FMA and F16C (se-quants-avx2.c): replaces the portable kernels
 bool se_cpu_has_avx2(void);
 void se_quants_use_avx2(se_type_traits * types, se_kernels * k);
+// and with AVX-512 F/BW/VL + VNNI (se-quants-avx512.c): on top of the AVX2 ones
+bool se_cpu_has_avx512(void);
+void se_quants_use_avx512(se_type_traits * types, se_kernels * k);
 void se_repack_portable(se_type_traits * types);  // the interleaved layouts and their portable kernels
 
 // ---------------------------------------------------------------------------------------------
@@ -360,6 +375,7 @@ typedef struct se_buffers {   // activations for up to n_batch tokens
     float * delta_sin;        // (n_cells, head_dim / 2)
     int32_t * delta_done;     // (n_cells) the delta delta_cos/sin hold for each cell (0: none)
     int32_t * order;          // (n_cells) the live cells in memory order
+    float * att_part;         // split decode attention: per (head group, split) softmax parts (se-forward.c)
 } se_buffers;
 
 // A backend owns where the KV data and activations live and how the forward pass runs there. The

@@ -650,5 +650,6 @@ void se_quants_use_avx2(se_type_traits * types, se_kernels * k) {
     types[SE_TYPE_F32].vec_dot = vec_dot_f32;
     types[SE_TYPE_F16].vec_dot = vec_dot_f16;
     types[SE_TYPE_BF16].vec_dot = vec_dot_bf16;
-    *k = (se_kernels) {quantize_q8, dot_f32, dot_f16, axpy_f32, axpy_f16, f16_to_f32, dot_f16_n, axpy_f16_n, dot_f32_n, axpy_f32_n};
+    *k = (se_kernels) {quantize_q8, dot_f32, dot_f16, axpy_f32, axpy_f16, f16_to_f32, dot_f16_n, axpy_f16_n, dot_f32_n, axpy_f32_n,
+                       NULL, NULL};  // the batched attention forms: the generic ones over these (se-quants.c)
 }

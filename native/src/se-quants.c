@@ -423,6 +423,17 @@ static void axpy_f32_n(float * y, int64_t y_stride, const float * a, int32_t nq,
     for (int32_t i = 0; i < nq; i++) axpy_f32(y + i * y_stride, a[i], v, d);
 }
 
+// many cells through the per-cell forms of the ISA in use (portable, AVX2)
+static void att_dot_f16_cells(const uint16_t * base, int64_t stride, const int32_t * cells, int32_t n, const float * q,
+                              int32_t nq, int64_t d, float * out) {
+    for (int32_t i = 0; i < n; i++) se_kern.dot_f16_n(base + (int64_t) cells[i] * stride, q, d, nq, d, out + (int64_t) i * nq);
+}
+
+static void att_axpy_f16_cells(float * y, const float * w, int32_t nq, const uint16_t * base, int64_t stride,
+                               const int32_t * cells, int32_t n, int64_t d) {
+    for (int32_t i = 0; i < n; i++) se_kern.axpy_f16_n(y, d, w + (int64_t) i * nq, nq, base + (int64_t) cells[i] * stride, d);
+}
+
 // four activation rows through vec_dot, for types without a dedicated kernel
 static void vec_dot4_generic(float (*vec_dot)(const void *, const void *, int64_t), const void * row,
                              const void * act, size_t stride, int64_t n, float out[4]) {
@@ -506,7 +517,7 @@ void se_k_scales(const uint8_t s[12], uint8_t sc[8], uint8_t m[8]) {
 }
 
 se_kernels se_kern = {quantize_q8, plain_dot_f32, plain_dot_f16, axpy_f32, axpy_f16, f16_to_f32,
-                      dot_f16_n, axpy_f16_n, dot_f32_n, axpy_f32_n};
+                      dot_f16_n, axpy_f16_n, dot_f32_n, axpy_f32_n, att_dot_f16_cells, att_axpy_f16_cells};
 
 bool se_cpu_has_avx2(void) {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -520,15 +531,31 @@ bool se_cpu_has_avx2(void) {
 static se_type_traits portable_types[SE_TYPE_COUNT];
 static se_kernels portable_kern;
 
-// Point the kernels at the best the CPU has (simd != 0) or at the portable C (simd == 0).
-static void choose_kernels(int simd) {
+// Instruction-set levels of the kernel table, each on top of the one below.
+enum { ISA_PORTABLE = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
+static const char * const isa_names[] = {"none", "avx2", "avx512"};
+static int isa_chosen;  // at load: the best the CPU has, capped by SEPEDGE_ISA / SEPEDGE_SIMD
+static int isa_now;
+
+static int isa_best(void) {
+#if defined(__x86_64__)
+    if (se_cpu_has_avx512()) return ISA_AVX512;
+    if (se_cpu_has_avx2()) return ISA_AVX2;
+#endif
+    return ISA_PORTABLE;
+}
+
+// Point the kernels at those of `isa` (which the CPU must have), or at the portable C.
+static void choose_kernels(int isa) {
     memcpy(types, portable_types, sizeof types);
     se_kern = portable_kern;
 #if defined(__x86_64__)
-    if (simd && se_cpu_has_avx2()) se_quants_use_avx2(types, &se_kern);
-#else
-    (void) simd;
+    if (isa >= ISA_AVX2) se_quants_use_avx2(types, &se_kern);
+    if (isa >= ISA_AVX512) se_quants_use_avx512(types, &se_kern);
 #endif
+    if (!se_kern.att_dot_f16) se_kern.att_dot_f16 = att_dot_f16_cells;
+    if (!se_kern.att_axpy_f16) se_kern.att_axpy_f16 = att_axpy_f16_cells;
+    isa_now = isa;
 }
 
 static void init_tables(void) {
@@ -536,8 +563,14 @@ static void init_tables(void) {
     se_repack_portable(types);
     memcpy(portable_types, types, sizeof types);
     portable_kern = se_kern;
-    const char * env = getenv("SEPEDGE_SIMD");
-    choose_kernels(!(env && env[0] == '0'));
+    // SEPEDGE_ISA=avx2|portable forces a lower level than the CPU's (so the lower paths are tested
+    // and measured on any machine); SEPEDGE_SIMD=0 is the older spelling of portable
+    isa_chosen = isa_best();
+    const char * env = getenv("SEPEDGE_ISA"), * simd = getenv("SEPEDGE_SIMD");
+    if (env && (!strcmp(env, "portable") || !strcmp(env, "none"))) isa_chosen = ISA_PORTABLE;
+    else if (env && !strcmp(env, "avx2") && isa_chosen > ISA_AVX2) isa_chosen = ISA_AVX2;
+    if (simd && simd[0] == '0') isa_chosen = ISA_PORTABLE;
+    choose_kernels(isa_chosen);
 }
 
 void se_quants_init(void) { pthread_once(&init_once, init_tables); }
@@ -605,12 +638,25 @@ SE_API int se_quantize_act_q8(const float * x, void * out, int64_t n) {
 
 SE_API const char * se_simd(void) {
     se_quants_init();
-    return types[SE_TYPE_Q4_0].vec_dot == portable_types[SE_TYPE_Q4_0].vec_dot ? "none" : "avx2";
+    return isa_names[isa_now];
 }
 
 SE_API int se_set_simd(int32_t enable) {
     se_quants_init();
-    choose_kernels(enable);
+    choose_kernels(enable ? isa_chosen : ISA_PORTABLE);
+    return SE_OK;
+}
+
+SE_API int se_set_isa(const char * name) {
+    se_quants_init();
+    int isa = -1;
+    for (int i = 0; i < 3; i++) {
+        if (name && !strcmp(name, isa_names[i])) isa = i;
+    }
+    if (name && !strcmp(name, "portable")) isa = ISA_PORTABLE;
+    if (isa < 0) return se_error(SE_ERR_INVALID_ARGUMENT, "unknown instruction set '%s' (avx512, avx2, portable)", name ? name : "(null)");
+    if (isa > isa_best()) return se_error(SE_ERR_UNSUPPORTED, "this CPU has no %s kernels", isa_names[isa]);
+    choose_kernels(isa);
     return SE_OK;
 }
 

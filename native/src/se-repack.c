@@ -305,7 +305,18 @@ void se_matmul_rows(const se_weight * w, const float * bias, const void * act, s
     rows_one_by_one(w, bias, act, stride, n, out, r0, g0);
     for (int32_t t0 = 0; t0 < n; t0 += TOKEN_BLOCK) {
         const int32_t t1 = t0 + TOKEN_BLOCK < n ? t0 + TOKEN_BLOCK : n;
-        for (int64_t g = g0; g < g1; g += SE_RP_ROWS) {
+        int64_t g = g0;
+        if (tt->gemm16) {  // pairs of groups where the ISA has a 16-row kernel (AVX-512)
+            for (; g + 2 * SE_RP_ROWS <= g1; g += 2 * SE_RP_ROWS) {
+                const uint8_t * group = w->packed + (uint64_t) (g / SE_RP_ROWS) * w->group_bytes;
+                for (int32_t t = t0; t < t1; t += SE_RP_TOKENS) {
+                    const int32_t nt = t1 - t < SE_RP_TOKENS ? t1 - t : SE_RP_TOKENS;
+                    tt->gemm16(group, w->group_bytes, (const char *) act + t * stride, stride, w->cols, nt, out + t * w->rows + g,
+                               w->rows);
+                }
+            }
+        }
+        for (; g < g1; g += SE_RP_ROWS) {
             const uint8_t * group = w->packed + (uint64_t) (g / SE_RP_ROWS) * w->group_bytes;
             for (int32_t t = t0; t < t1; t += SE_RP_TOKENS) {
                 const int32_t nt = t1 - t < SE_RP_TOKENS ? t1 - t : SE_RP_TOKENS;
