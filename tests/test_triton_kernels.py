@@ -20,6 +20,7 @@ if not CUDA:
 pytest.importorskip("triton")
 from sepedge import kernels as K  # noqa: E402
 from sepedge.kernels import quants as Q  # noqa: E402
+from sepedge.kernels.matvec import WIDE  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
 TYPES = [Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K]
@@ -36,6 +37,7 @@ ROPE_ATOL = 1e-4             # float32 angles of positions up to 2000 (ulp 1.2e-
 SWIGLU_RTOL, SWIGLU_ATOL = 1e-5, 1e-6
 ATTN_ATOL = 1e-5             # float32 cache: online softmax in float32
 ATTN_HALF_ATOL = 3e-3        # float16 cache in prefill: queries and probabilities rounded to f16
+ATTN_ROT_ATOL = 2e-4         # keys rotated on read: float32 angles of deltas up to 700 (ulp 6e-5), keys ~N(0, 4)
 
 gpu_only = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")]
 SIZES = ["small", pytest.param("large", marks=gpu_only)]
@@ -195,13 +197,27 @@ def check_product(got: torch.Tensor, w64: np.ndarray, x64: np.ndarray, bias, rel
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("qtype", TYPES, ids=type_id)
 def test_matvec(rng, qtype, size):
+    """The default kernel of each type (wide words where there is one) and the byte-wise one."""
     N, T = (37, 2) if size == "small" else (4099, 3)
     n_cols = n_cols_for(qtype, size)
     w = random_weight(rng, qtype, N, n_cols)
     x = rng.standard_normal((T, n_cols)).astype(np.float32)
     bias = rng.standard_normal(N).astype(np.float32) if qtype == Q.Q8_0 else None  # qwen2's q/k/v biases
-    got = K.matvec(on_device(w), qtype, on_device(x), None if bias is None else on_device(bias))
-    check_product(got, decode(w, qtype, n_cols), x.astype(np.float64), bias, DOT_REL)
+    for wide in ([True, False] if qtype in WIDE else [False]):
+        got = K.matvec(on_device(w), qtype, on_device(x), None if bias is None else on_device(bias), wide=wide)
+        check_product(got, decode(w, qtype, n_cols), x.astype(np.float64), bias, DOT_REL)
+
+
+@pytest.mark.parametrize("qtype", list(WIDE), ids=type_id)
+def test_matvec_wide_tails(rng, qtype):
+    """Wide-word kernels with small tiles: an odd number of blocks (a partial last step), rows that do
+    not fill the last program, large scales and codes of every value."""
+    block = Q.BLOCKS[qtype][0]
+    N, n_cols = 13, block * (3 if block == 256 else 7)
+    w = random_weight(rng, qtype, N, n_cols)
+    x = (rng.standard_normal((1, n_cols)) * 5).astype(np.float32)
+    got = K.matvec(on_device(w), qtype, on_device(x), block_n=4, block_k=2 * block, wide=True)
+    check_product(got, decode(w, qtype, n_cols), x.astype(np.float64), None, DOT_REL)
 
 
 @pytest.mark.parametrize("size", SIZES)
@@ -341,3 +357,77 @@ def test_attention_prefill(rng, dtype, size):
     torch_ref = K.attention_prefill_ref(torch.from_numpy(q).double(), torch.from_numpy(k), torch.from_numpy(v),
                                         torch.from_numpy(cells), n_past).numpy()
     assert np.abs(torch_ref - ref).max() <= ATTN_ATOL
+
+
+def rotate64(k: np.ndarray, deltas: np.ndarray, f64: np.ndarray, mode: int) -> np.ndarray:
+    """Keys (S, H, D) rotated by a further delta each, in float64 (the pairings of GGUF.md §6)."""
+    D = k.shape[-1]
+    angle = deltas[:, None, None] * f64[None, None, :]
+    i0 = np.arange(0, D, 2) if mode == K.NORM else np.arange(D // 2)
+    i1 = i0 + 1 if mode == K.NORM else i0 + D // 2
+    src, out = k.astype(np.float64), k.astype(np.float64)
+    out[..., i0] = src[..., i0] * np.cos(angle) - src[..., i1] * np.sin(angle)
+    out[..., i1] = src[..., i0] * np.sin(angle) + src[..., i1] * np.cos(angle)
+    return out
+
+
+def attention64_masked(q, k, v, visible):
+    """Float64 attention of q (T, H, D) over gathered keys/values (S, H_kv, D), visible (T, S) bool."""
+    T, H, D = q.shape
+    rep = H // k.shape[1]
+    k, v = np.repeat(k.astype(np.float64), rep, axis=1), np.repeat(v.astype(np.float64), rep, axis=1)
+    s = np.einsum("thd,shd->hts", q.astype(np.float64), k) / math.sqrt(D)
+    s = np.where(visible[None], s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return np.einsum("hts,shd->thd", p / p.sum(-1, keepdims=True), v)
+
+
+@pytest.mark.parametrize("mode", [K.NORM, K.NEOX], ids=["norm", "neox"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["f32", "f16"])
+def test_attention_decode_deltas_fixed_shape(rng, mode, dtype):
+    """Keys rotated on read by the cache plan's deltas; the live count read from device memory over
+    fixed-size buffers (what a CUDA graph replays), the entries past it ignored."""
+    n_cells, n_live, H, H_kv, D = 61, 29, 4, 2, 16
+    k, v = random_cache(rng, n_cells, H_kv, D, dtype)
+    cells = rng.permutation(n_cells).astype(np.int32)  # all n_cells entries; only the first n_live count
+    deltas = rng.integers(-700, 0, n_cells).astype(np.int32)
+    freqs = K.inv_freq(D, 10000.0)
+    q = rng.standard_normal((H, D)).astype(np.float32)
+    got = K.attention_decode(on_device(q), on_device(k), on_device(v), on_device(cells), deltas=on_device(deltas),
+                             freqs=freqs, rope_mode=mode, n_live=on_device(np.array([n_live], np.int32)),
+                             cells_per_split=8, block_n=4)
+    f64 = 1.0 / 10000.0 ** (np.arange(0, D, 2) / D)
+    live = cells[:n_live]
+    ref = attention64_masked(q[None], rotate64(k[live], deltas[:n_live], f64, mode), v[live],
+                             np.ones((1, n_live), bool))[0]
+    assert np.abs(got.double().cpu().numpy() - ref).max() <= ATTN_ROT_ATOL
+    torch_ref = K.attention_decode_ref(torch.from_numpy(q).double(), torch.from_numpy(k), torch.from_numpy(v),
+                                       torch.from_numpy(live), torch.from_numpy(deltas[:n_live]), freqs, mode).numpy()
+    assert np.abs(torch_ref - ref).max() <= ATTN_ROT_ATOL
+
+
+@pytest.mark.parametrize("mode", [K.NORM, K.NEOX], ids=["norm", "neox"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["f32", "f16"])
+def test_attention_prefill_mask_deltas(rng, mode, dtype):
+    """A chunk under a cache plan's mask (any pattern; every query sees at least its own cell, some see
+    nothing in a whole key block) with keys rotated by deltas."""
+    n_cells, S, T, H, H_kv, D = 70, 41, 19, 4, 2, 32
+    k, v = random_cache(rng, n_cells, H_kv, D, dtype)
+    cells = rng.permutation(n_cells)[:S].astype(np.int32)
+    deltas = rng.integers(-300, 300, S).astype(np.int32)
+    visible = rng.random((T, S)) < 0.4
+    visible[:, :16] = False  # the first key block hidden from everyone
+    visible[np.arange(T), S - T + np.arange(T)] = True
+    freqs = K.inv_freq(D, 500000.0)
+    q = rng.standard_normal((T, H, D)).astype(np.float32)
+    got = K.attention_prefill(on_device(q), on_device(k), on_device(v), on_device(cells), S - T,
+                              mask=on_device(visible), deltas=on_device(deltas), freqs=freqs, rope_mode=mode,
+                              block_m=16, block_n=16)
+    f64 = 1.0 / 500000.0 ** (np.arange(0, D, 2) / D)
+    ref = attention64_masked(q, rotate64(k[cells], deltas, f64, mode), v[cells], visible)
+    err = np.abs(got.double().cpu().numpy() - ref).max()
+    assert err <= (ATTN_ROT_ATOL if dtype == np.float32 else ATTN_HALF_ATOL), f"max error {err:.3g}"
+    torch_ref = K.attention_prefill_ref(torch.from_numpy(q).double(), torch.from_numpy(k), torch.from_numpy(v),
+                                        torch.from_numpy(cells), S - T, torch.from_numpy(visible),
+                                        torch.from_numpy(deltas), freqs, mode).numpy()
+    assert np.abs(torch_ref - ref).max() <= ATTN_ROT_ATOL
