@@ -19,7 +19,7 @@ from .quants import BF16, BLOCKS, F16, F32, LAYOUT, dequant_tile, dequantize_ref
 def matmul_kernel(
     Y, W, X, BIAS,  # pointers
     M, N, K,  # X (M, K), W (N, K) logical, Y (M, N)
-    stride_xm, stride_ym,
+    stride_xm, stride_ym, stride_b,  # stride_b: 0 for a bias, a row's for a residual
     QTYPE: tl.constexpr, QK: tl.constexpr, SUBS: tl.constexpr, RUN: tl.constexpr,  # quants.LAYOUT
     HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,  # BLOCK_K: whole blocks
@@ -45,17 +45,20 @@ def matmul_kernel(
         else:
             acc += tl.dot(x.to(tl.float16), tl.trans(w.to(tl.float16)))
     if HAS_BIAS:
-        acc += tl.load(BIAS + offs_n, mask=offs_n < N, other=0.0)[None, :]
+        acc += tl.load(BIAS + offs_m[:, None].to(tl.int64) * stride_b + offs_n[None, :],
+                       mask=(offs_m[:, None] < M) & (offs_n[None, :] < N), other=0.0)
     tl.store(Y + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :], acc,
              mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
 def matmul(w: torch.Tensor, qtype: int, x: torch.Tensor, bias: torch.Tensor | None = None,
-           block_m: int | None = None, block_n: int | None = None, block_k: int | None = None) -> torch.Tensor:
-    """Y = X @ W.T (+ bias) for prefill.
+           block_m: int | None = None, block_n: int | None = None, block_k: int | None = None,
+           res: torch.Tensor | None = None) -> torch.Tensor:
+    """Y = X @ W.T (+ bias) (+ res) for prefill.
 
-    w: (N, row_bytes) uint8 GGUF bytes of a (N, K) weight; x: (M, K) float; bias: (N,) float32 or None
-    -> (M, N) float32. Block sizes are at least 16 (tl.dot); block_k is raised to a whole block."""
+    w: (N, row_bytes) uint8 GGUF bytes of a (N, K) weight; x: (M, K) float; bias: (N,) float32 or None;
+    res: (M, N) float32 or None, added in the epilogue -> (M, N) float32. Block sizes are at least 16
+    (tl.dot); block_k is raised to a whole block."""
     M, K = x.shape
     N = w.shape[0]
     assert K % BLOCKS[qtype][0] == 0, "K must be a whole number of blocks"
@@ -64,6 +67,11 @@ def matmul(w: torch.Tensor, qtype: int, x: torch.Tensor, bias: torch.Tensor | No
     y = torch.empty(M, N, dtype=torch.float32, device=x.device)
     if bias is not None:
         assert bias.shape == (N,) and bias.dtype == torch.float32
+    if res is not None:
+        assert res.shape == (M, N) and res.dtype == torch.float32 and res.stride(1) == 1
+        if bias is not None:  # one epilogue term: fold the bias into the residual
+            res, bias = res + bias, None
+    add, stride_b = (res, res.stride(0)) if res is not None else (bias, 0)
     QK, SUBS, RUN = LAYOUT[qtype]
     # the interpreter runs one program at a time in Python: few, large tiles there
     block_k = max(block_k or (64 if x.is_cuda else 256), QK)  # whole blocks per step
@@ -72,17 +80,18 @@ def matmul(w: torch.Tensor, qtype: int, x: torch.Tensor, bias: torch.Tensor | No
     block_n = block_n or (128 if qtype in (F16, BF16) or not x.is_cuda else 64)
     assert min(block_m, block_n, block_k) >= 16, "tl.dot needs tiles of at least 16"
     grid = (triton.cdiv(N, block_n), triton.cdiv(M, block_m))
-    matmul_kernel[grid](y, weight_view(w, qtype), x, bias if bias is not None else y, M, N, K, x.stride(0),
-                        y.stride(0), QTYPE=qtype, QK=QK, SUBS=SUBS, RUN=RUN, HAS_BIAS=bias is not None,
+    matmul_kernel[grid](y, weight_view(w, qtype), x, add if add is not None else y, M, N, K, x.stride(0),
+                        y.stride(0), stride_b, QTYPE=qtype, QK=QK, SUBS=SUBS, RUN=RUN, HAS_BIAS=add is not None,
                         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
     return y
 
 
 def matmul_ref(w: torch.Tensor, qtype: int, x: torch.Tensor, bias: torch.Tensor | None = None,
-               upcast: bool = True) -> torch.Tensor:
+               upcast: bool = True, res: torch.Tensor | None = None) -> torch.Tensor:
     """The product in float32 (upcast) or with the kernel's half-precision operands."""
     wf = dequantize_ref(w, qtype, x.shape[1])
     if not upcast and qtype != F32:
         x, wf = x.half().float(), wf.half().float()
     y = x.float() @ wf.T
-    return y if bias is None else y + bias
+    y = y if bias is None else y + bias
+    return y if res is None else y + res

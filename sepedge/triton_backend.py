@@ -111,10 +111,29 @@ class TritonWeights:
                 continue
             self.w[t.name] = (torch.from_numpy(data.copy()).to(self.device), qtype, n_cols)
         self.w.setdefault("output.weight", self.w["token_embd.weight"])  # tied embeddings
+        for i in range(self.n_layer):  # one product (one launch, one pass over x) where the types agree
+            self._fuse(f"blk.{i}", ("attn_q", "attn_k", "attn_v"), "attn_qkv")
+            self._fuse(f"blk.{i}", ("ffn_gate", "ffn_up"), "ffn_gateup")
         self.n_vocab = self.w["token_embd.weight"][0].shape[0]
         self.n_out = self.w["output.weight"][0].shape[0]
         self.freqs = K.inv_freq(self.head_dim, kv("rope.freq_base", 10000.0), factors, linear).to(self.device)
         self.nbytes = sum(w.numel() for w, _, _ in self.w.values())
+
+
+    def _fuse(self, blk: str, parts: tuple, name: str) -> None:
+        """Stack the rows of matrices that read the same input (Q, K, V; gate, up) into one, when
+        they share a type and a row length (a Q4_K_M file often gives V another type: then not)."""
+        ws = [self.w.get(f"{blk}.{p}.weight") for p in parts]
+        if any(w is None for w in ws) or len({(q, n) for _, q, n in ws}) != 1:
+            return
+        biases = [self.vec.get(f"{blk}.{p}.bias") for p in parts]
+        if any(b is None for b in biases) and any(b is not None for b in biases):
+            return
+        self.w[f"{blk}.{name}.weight"] = (self.torch.cat([w for w, _, _ in ws]), ws[0][1], ws[0][2])
+        for p in parts:
+            del self.w[f"{blk}.{p}.weight"]
+        if biases[0] is not None:
+            self.vec[f"{blk}.{name}.bias"] = self.torch.cat(biases)
 
 
 class _Forward:
@@ -129,16 +148,21 @@ class _Forward:
         self.v_cache = torch.zeros(shape, dtype=kv_dtype, device=W.device)
         self.n_cells = n_cells
         self.cancel_event = threading.Event()
+        from .kernels.matvec import WIDE
+        self.wide = WIDE
 
-    def project(self, x, name: str):
+    def project(self, x, name: str, res=None):
+        """x W^T (+ bias) (+ res: the residual stream, added in the product's epilogue)."""
         w, qtype, _ = self.W.w[f"{name}.weight"]
         bias = self.W.vec.get(f"{name}.bias")
         # decode reads each weight byte once per token; prefill tiles on tensor cores
-        return self.K.matvec(w, qtype, x, bias) if x.shape[0] <= 2 else self.K.matmul(w, qtype, x, bias)
+        if x.shape[0] <= 2:
+            return self.K.matvec(w, qtype, x, bias, res=res)
+        return self.K.matmul(w, qtype, x, bias, res=res)
 
     def run(self, ids, positions, cells, live, deltas, mask, n_live_t, n_out: int, hidden: bool = False,
             check_cancel: bool = True):
-        """One forward pass. ids, positions (T,) int32, cells (T,) int64: the new tokens and their cells;
+        """One forward pass. ids, positions, cells (T,) int32: the new tokens, their positions and cells;
         live (L,) int32 and deltas (L,) int32 or None: the cells attended and their further rotations;
         mask (T, L) uint8 or None (None: T = 1 sees every live cell, or the chunk is causal after the
         live cells before it); n_live_t: None or a (1,) int32 device tensor (fixed shapes: the count of
@@ -154,24 +178,33 @@ class _Forward:
                 raise CancelledError("cancelled")
             blk = f"blk.{i}"
             h = K.rms_norm(x, W.vec[f"{blk}.attn_norm.weight"], W.eps)
-            q = self.project(h, f"{blk}.attn_q").view(T, H, D)
-            k = self.project(h, f"{blk}.attn_k").view(T, Hkv, D)
-            v = self.project(h, f"{blk}.attn_v").view(T, Hkv, D)
+            if f"{blk}.attn_qkv.weight" in W.w:
+                qkv = self.project(h, f"{blk}.attn_qkv")
+                q = qkv[:, :H * D].view(T, H, D)
+                k = qkv[:, H * D:(H + Hkv) * D].view(T, Hkv, D)
+                v = qkv[:, (H + Hkv) * D:].view(T, Hkv, D)
+            else:
+                q = self.project(h, f"{blk}.attn_q").view(T, H, D)
+                k = self.project(h, f"{blk}.attn_k").view(T, Hkv, D)
+                v = self.project(h, f"{blk}.attn_v").view(T, Hkv, D)
             K.rope_(q, positions, W.freqs, W.rope_mode)
-            K.rope_(k, positions, W.freqs, W.rope_mode)
             kc, vc = self.k_cache[i], self.v_cache[i]
-            kc.index_copy_(0, cells, k.to(kc.dtype))
-            vc.index_copy_(0, cells, v.to(vc.dtype))
+            K.rope_store(k, v, positions, cells, kc, vc, W.freqs, W.rope_mode)  # rotated keys, values -> cells
             if T == 1 and mask is None:
                 att = K.attention_decode(q[0], kc, vc, live, deltas=deltas, freqs=W.freqs, rope_mode=W.rope_mode,
                                          n_live=n_live_t)
             else:
                 att = K.attention_prefill(q, kc, vc, live, live.shape[0] - T, mask=mask, deltas=deltas,
                                           freqs=W.freqs, rope_mode=W.rope_mode)
-            x = x + self.project(att.reshape(T, H * D), f"{blk}.attn_output")
+            x = self.project(att.reshape(T, H * D), f"{blk}.attn_output", res=x)
             h = K.rms_norm(x, W.vec[f"{blk}.ffn_norm.weight"], W.eps)
-            ff = K.swiglu(self.project(h, f"{blk}.ffn_gate"), self.project(h, f"{blk}.ffn_up"))
-            x = x + self.project(ff, f"{blk}.ffn_down")
+            if f"{blk}.ffn_gateup.weight" in W.w:
+                gu = self.project(h, f"{blk}.ffn_gateup")
+                n_ff = gu.shape[1] // 2
+                ff = K.swiglu(gu[:, :n_ff], gu[:, n_ff:])
+            else:
+                ff = K.swiglu(self.project(h, f"{blk}.ffn_gate"), self.project(h, f"{blk}.ffn_up"))
+            x = self.project(ff, f"{blk}.ffn_down", res=x)
         norm = W.vec["output_norm.weight"]
         if hidden:
             return K.rms_norm(x, norm, W.eps)
@@ -179,8 +212,10 @@ class _Forward:
         if n_out == 0:
             return x.new_empty(0, W.n_out)
         w, qtype, _ = W.w["output.weight"]
-        if n_out <= 2:  # decode: the final norm fused into the vocabulary-wide product
-            return K.head(w, qtype, x, norm, W.eps)
+        if n_out <= 2:
+            if qtype in self.wide:  # the wide-word product after a separate norm (one short launch)
+                return K.matvec(w, qtype, K.rms_norm(x, norm, W.eps))
+            return K.head(w, qtype, x, norm, W.eps)  # the final norm fused into a byte-wise product
         return K.matmul(w, qtype, K.rms_norm(x, norm, W.eps))
 
 
@@ -202,7 +237,7 @@ class _DecodeGraph:
 
     def _step(self):
         b, n = self.buf, self.fwd.n_cells
-        return self.fwd.run(b[0:1], b[1:2], b[2:3].long(), b[4:4 + n], b[4 + n:4 + 2 * n] if self.use_deltas else None,
+        return self.fwd.run(b[0:1], b[1:2], b[2:3], b[4:4 + n], b[4 + n:4 + 2 * n] if self.use_deltas else None,
                             None, b[3:4], 1, check_cancel=False)
 
     def __call__(self, token: int, position: int, cell: int, live: np.ndarray, deltas: np.ndarray):
@@ -325,7 +360,7 @@ class TritonContext:
                 raise CancelledError("cancelled")
             return self._graph(int(toks[0]), int(plan.positions[0]), int(plan.cells[0]), plan.live_cells,
                                plan.live_deltas)
-        return self.fwd.run(self._tensor(toks, torch.int32), self._tensor(plan.positions), self._tensor(plan.cells, torch.int64),
+        return self.fwd.run(self._tensor(toks, torch.int32), self._tensor(plan.positions), self._tensor(plan.cells),
                             self._tensor(plan.live_cells), self._tensor(plan.live_deltas) if use_deltas else None,
                             None if mask is None else self._tensor(mask.view(np.uint8)), None, n_out, hidden)
 

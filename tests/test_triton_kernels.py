@@ -206,6 +206,11 @@ def test_matvec(rng, qtype, size):
     for wide in ([True, False] if qtype in WIDE else [False]):
         got = K.matvec(on_device(w), qtype, on_device(x), None if bias is None else on_device(bias), wide=wide)
         check_product(got, decode(w, qtype, n_cols), x.astype(np.float64), bias, DOT_REL)
+        # the residual stream added in the epilogue (with a bias: folded into it)
+        res = rng.standard_normal((T, N)).astype(np.float32)
+        got = K.matvec(on_device(w), qtype, on_device(x), None if bias is None else on_device(bias), wide=wide,
+                       res=on_device(res))
+        check_product(got - on_device(res), decode(w, qtype, n_cols), x.astype(np.float64), bias, DOT_REL + 1e-6)
 
 
 @pytest.mark.parametrize("qtype", list(WIDE), ids=type_id)
@@ -229,7 +234,11 @@ def test_matmul(rng, qtype, size):
     x = rng.standard_normal((M, n_cols)).astype(np.float32)
     bias = rng.standard_normal(N).astype(np.float32) if qtype == Q.Q4_K else None
     blocks = dict(block_m=16, block_n=16, block_k=32) if size == "small" else {}  # several tiles each way
-    got = K.matmul(on_device(w), qtype, on_device(x), None if bias is None else on_device(bias), **blocks)
+    res = rng.standard_normal((M, N)).astype(np.float32) if qtype in (Q.Q8_0, Q.Q4_K) else None
+    got = K.matmul(on_device(w), qtype, on_device(x), None if bias is None else on_device(bias), **blocks,
+                   res=None if res is None else on_device(res))
+    if res is not None:  # the residual stream added in the epilogue
+        got = got - on_device(res)
     check_product(got, decode(w, qtype, n_cols), x.astype(np.float64), bias,
                   DOT_REL if qtype == Q.F32 else HALF_DOT_REL)
 
@@ -293,6 +302,30 @@ def test_rope(rng, mode, head_dim):
     assert np.abs(ref_t - ref).max() <= ROPE_ATOL
 
 
+@pytest.mark.parametrize("mode", [K.NORM, K.NEOX], ids=["norm", "neox"])
+def test_rope_store(rng, mode):
+    """New keys rotated at their positions and values, written to scattered cells of an f16 cache
+    from strided views (the K and V columns of a fused QKV product)."""
+    T, H, D, n_cells = 5, 3, 16, 23
+    qkv = rng.standard_normal((T, (4 + 2) * H * D // 2)).astype(np.float32)  # a wider row: strided views
+    k_np = qkv[:, :H * D].reshape(T, H, D)
+    v_np = qkv[:, H * D:2 * H * D].reshape(T, H, D)
+    positions = rng.integers(0, 3000, T)
+    cells = rng.permutation(n_cells)[:T].astype(np.int32)
+    freqs = K.inv_freq(D, 10000.0)
+    x = on_device(qkv)
+    kc = torch.zeros(n_cells, H, D, dtype=torch.float16, device=DEVICE)
+    vc = torch.zeros_like(kc)
+    K.rope_store(x[:, :H * D].view(T, H, D), x[:, H * D:2 * H * D].view(T, H, D), on_device(positions),
+                 on_device(cells), kc, vc, freqs.to(DEVICE), mode)
+    ref_k = K.rope_ref(torch.from_numpy(k_np).double(), torch.from_numpy(positions), freqs.double(), mode).numpy()
+    got_k, got_v = kc.double().cpu().numpy(), vc.double().cpu().numpy()
+    assert np.abs(got_k[cells] - ref_k).max() <= ROPE_ATOL + 2.0 ** -11 * np.abs(ref_k).max()  # f16 rounding
+    assert np.abs(got_v[cells] - v_np).max() <= 2.0 ** -11 * np.abs(v_np).max()
+    others = np.setdiff1d(np.arange(n_cells), cells)
+    assert not got_k[others].any() and not got_v[others].any()
+
+
 @pytest.mark.parametrize("n", [1, 1000, 3 * 1024 + 7])
 def test_swiglu(rng, n):
     g, u = (rng.standard_normal((2, n)) * 6).astype(np.float32)
@@ -300,6 +333,11 @@ def test_swiglu(rng, n):
     g64 = g.astype(np.float64)
     ref = g64 / (1 + np.exp(-g64)) * u
     np.testing.assert_allclose(got, ref, rtol=SWIGLU_RTOL, atol=SWIGLU_ATOL)
+    # rows of a fused gate/up product: the two halves, strided
+    gu = on_device(np.concatenate([np.stack([g, g[::-1]]), np.stack([u, u[::-1]])], axis=1))
+    got2 = K.swiglu(gu[:, :n], gu[:, n:]).double().cpu().numpy()
+    np.testing.assert_allclose(got2[0], ref, rtol=SWIGLU_RTOL, atol=SWIGLU_ATOL)
+    np.testing.assert_allclose(got2[1], (g64 / (1 + np.exp(-g64)) * u)[::-1], rtol=SWIGLU_RTOL, atol=SWIGLU_ATOL)
 
 
 # ---------------------------------------------------------------------------------------------
