@@ -71,7 +71,8 @@ def product_bandwidth(model: str) -> dict:
             total_b += w.numel()
             total_t += t
         out["wide" if wide else "bytes"] = {"GBps": total_b / total_t / 1e9, "matrices": per}
-    from sepedge.kernels.matvec import _tuned  # the tiles triton.autotune chose, per type and shape
+    from sepedge.kernels.matvec import WIDE_FAILED, _tuned  # the tiles triton.autotune chose, per type and shape
+    out["wide_failed"] = {K.NAMES[q]: why for q, why in WIDE_FAILED.items()}
     out["tuned"] = {K.NAMES[q]: {str(k): str(c) for k, c in t.cache.items()} for q, t in _tuned.items()}
     del W
     torch.cuda.empty_cache()

@@ -9,6 +9,7 @@ activation rounding).
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 import triton
@@ -249,6 +250,7 @@ def matvec_q6_k_kernel(Y, W16, W8, X, BIAS, N, K, stride_x, stride_y, stride_b,
 WIDE = {Q4_0: (matvec_q4_0_kernel, (8, 16), (64, 32)), Q8_0: (matvec_q8_0_kernel, (8, 8), (64, 32)),
         Q4_K: (matvec_q4_k_kernel, (4, 2), (64, 4)), Q6_K: (matvec_q6_k_kernel, (4, 2), (64, 4))}
 WIDE_ENV = "SEPEDGE_TRITON_MATVEC"  # "bytes": the byte-wise kernel for every type (benchmarks compare them)
+WIDE_FAILED: dict = {}  # type -> why its wide-word kernel did not run here (then the byte-wise one does)
 TUNE_ENV = "SEPEDGE_TRITON_TUNE"    # "0": the fixed tiles of WIDE on the GPU too
 # (block_n, blocks per step, warps) tried for model-sized weights on a GPU, per block length: rows
 # and blocks per step set the bytes in flight; the best depends on the GPU (triton.autotune, once
@@ -313,11 +315,18 @@ def matvec(w: torch.Tensor, qtype: int, x: torch.Tensor, bias: torch.Tensor | No
         if bias is not None:  # one epilogue term: fold the bias into the residual
             res, bias = res + bias, None
     add, stride_b = (res, res.stride(0)) if res is not None else (bias, 0)
-    if wide is None:
-        wide = os.environ.get(WIDE_ENV, "") != "bytes"
-    if wide and qtype in WIDE:
-        return _matvec_wide(w, qtype, x.float() if x.dtype != torch.float32 else x, add, stride_b, y, block_n,
-                            None if block_k is None else max(1, block_k // BLOCKS[qtype][0]))
+    env_bytes = os.environ.get(WIDE_ENV, "") == "bytes"
+    if qtype in WIDE and (wide is True or (wide is None and not env_bytes and qtype not in WIDE_FAILED)):
+        xf = x.float() if x.dtype != torch.float32 else x
+        nb = None if block_k is None else max(1, block_k // BLOCKS[qtype][0])
+        if wide is True:
+            return _matvec_wide(w, qtype, xf, add, stride_b, y, block_n, nb)
+        try:  # the default: a wide kernel that does not compile here leaves the byte-wise one, said aloud
+            return _matvec_wide(w, qtype, xf, add, stride_b, y, block_n, nb)
+        except (triton.CompilationError, triton.runtime.errors.OutOfResources) as e:
+            WIDE_FAILED[qtype] = f"{type(e).__name__}: {e}"  # benchmarks report it
+            print(f"sepedge.kernels: the wide-word matvec of type {qtype} failed here, the byte-wise one runs: {e}",
+                  file=sys.stderr)
     QK, SUBS, RUN = LAYOUT[qtype]
     if block_k is None:  # the best of a sweep on the H200 (benchmarks/results/triton_sweep.md)
         block_k = 1024 if QK == 32 else 512
