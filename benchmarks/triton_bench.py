@@ -71,8 +71,19 @@ def product_bandwidth(model: str) -> dict:
             total_b += w.numel()
             total_t += t
         out["wide" if wide else "bytes"] = {"GBps": total_b / total_t / 1e9, "matrices": per}
+    # prefill products of 512 tokens where there are two kernels (Q4_K: whole words or generic), TFLOP/s
+    out["prefill"] = {}
+    for n in names[:-1]:
+        w, qtype, k = W.w[n]
+        if qtype == 12:
+            x = torch.randn(512, k, device="cuda")
+            for wide in (True, False):
+                t = triton.testing.do_bench(lambda: K.matmul(w, qtype, x, wide=wide), warmup=5, rep=25) * 1e-3
+                out["prefill"][f"{n} {'words' if wide else 'generic'}"] = 2 * 512 * w.shape[0] * k / t / 1e12
     from sepedge.kernels.matvec import WIDE_FAILED, _tuned  # the tiles triton.autotune chose, per type and shape
+    from sepedge.kernels.matmul import WIDE_FAILED as MM_FAILED
     out["wide_failed"] = {K.NAMES[q]: why for q, why in WIDE_FAILED.items()}
+    out["wide_failed"].update({f"{K.NAMES[q]} matmul": why for q, why in MM_FAILED.items()})
     out["tuned"] = {K.NAMES[q]: {str(k): str(c) for k, c in t.cache.items()} for q, t in _tuned.items()}
     del W
     torch.cuda.empty_cache()
@@ -90,7 +101,7 @@ def run_sepedge(model: str, device: str, reps: int, depth: int) -> list[dict]:
             rows.append({"test": r["test"], "kv_mode": "full", **_tps(r)})
     with Engine(model, device=device, kv_mode="sepllm-stream") as llm:
         for d in (0, depth):
-            for r in bench(llm, 0, 128, d, reps if d == 0 else max(1, min(reps, 2))):
+            for r in bench(llm, 0, 128, d, reps if d == 0 else 1):  # each repetition rebuilds the history
                 rows.append({"test": r["test"], "kv_mode": "sepllm-stream", **_tps(r)})
     for r in rows:
         r["load_s"] = round(load, 1)
@@ -162,6 +173,11 @@ def table(res: dict) -> str:
             frac = f"{b['wide']['GBps'] / 1e3 / cr:.0%}" if cr else "-"
             lines.append(f"| {m} | {b['wide']['GBps'] / 1e3:.2f} | {b['bytes']['GBps'] / 1e3:.2f} | {frac} |")
         for m, b in bw.items():
+            if b.get("wide_failed"):
+                lines += ["", f"{m}: kernels that fell back: {b['wide_failed']}"]
+            if b.get("prefill"):
+                lines += ["", f"{m}, Q4_K prefill products of 512 tokens (TFLOP/s): "
+                          + ", ".join(f"{n.removeprefix('blk.0.')} {v:.1f}" for n, v in b["prefill"].items())]
             lines += ["", f"{m}, per matrix (wide / byte-wise GB/s): " + ", ".join(
                 f"{n.removeprefix('blk.0.').removesuffix('.weight')} {v['type']} {v['GBps']:.0f} / "
                 f"{b['bytes']['matrices'][n]['GBps']:.0f}" for n, v in b["wide"]["matrices"].items())]

@@ -4,7 +4,7 @@
 # and is reused by the next call. Wheels in .whl/, vocabularies (and llama-bench) in .gpu/ as for
 # benchmarks/cuda_session.sh; the real SmolLM2 file arrives in two parts (one call carries at most
 # 64 MiB): part A under .trid-a/smol.part* in one call (phase stash), part B in the next (phase smol).
-# DEADLINE (seconds from the start of the script, default 280) bounds the tests and smol phases.
+# DEADLINE (seconds from the start of the script, default 280) bounds the long phases; TEST_K selects tests.
 #
 #     bash benchmarks/triton_session.sh setup tests stash ...   (phases in order; logs in $OUT)
 #
@@ -66,8 +66,8 @@ for phase in "$@"; do
               cat /tmp/smol/smol.part* > /tmp/smol/smollm2.gguf && sha256sum /tmp/smol/smollm2.gguf | tee "$OUT/smol.sha256"
               timeout $(left) python3 benchmarks/triton_smollm2.py /tmp/smol/smollm2.gguf --json "$OUT/triton_smollm2.json" \
                   2>&1 | tee "$OUT/smol.log" | tail -12 ;;
-        tests) timeout $(left) python3 -m pytest -q -p no:cacheprovider ${TEST_ARGS:-} \
-                   tests/test_triton_kernels.py tests/test_triton_backend.py 2>&1 | tee "$OUT/tests.log" | tail -25 ;;
+        tests) timeout $(left) python3 -m pytest -q -p no:cacheprovider -rs ${TEST_K:+-k "$TEST_K"} \
+                   tests/test_triton_backend.py tests/test_triton_kernels.py 2>&1 | tee "$OUT/tests.log" | tail -25 ;;
         models-bg) (setsid bash -c "$(declare -f make_models); make_models > $OUT/models.log 2>&1" &) ;;
         models) [ -e /tmp/models-started ] || make_models > "$OUT/models.log" 2>&1
                 while [ ! -e /tmp/models-done ]; do sleep 1; done; ls -la /tmp/models ;;

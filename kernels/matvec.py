@@ -255,8 +255,8 @@ TUNE_ENV = "SEPEDGE_TRITON_TUNE"    # "0": the fixed tiles of WIDE on the GPU to
 # (block_n, blocks per step, warps) tried for model-sized weights on a GPU, per block length: rows
 # and blocks per step set the bytes in flight; the best depends on the GPU (triton.autotune, once
 # per weight shape and process)
-TUNE_CONFIGS = {32: [(4, 16, 4), (8, 16, 4), (8, 32, 4), (4, 32, 4), (16, 16, 8), (2, 32, 4)],
-                256: [(4, 2, 4), (8, 2, 4), (4, 4, 4), (2, 4, 4), (8, 4, 8), (16, 2, 8)]}
+TUNE_CONFIGS = {32: [(4, 16, 4), (8, 16, 4), (8, 32, 4), (16, 16, 8)],
+                256: [(4, 2, 4), (8, 2, 4), (4, 4, 4), (8, 4, 8)]}
 TUNE_MIN_SIZE = 1 << 22  # values of a weight worth tuning for
 _tuned: dict = {}
 

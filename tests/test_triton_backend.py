@@ -37,7 +37,7 @@ gpu_only = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs a CUDA G
 MODES = [
     ("full", {}, "gqa-d128-llama31", "f32"),
     ("full", {}, "qwen2-untied-odd", "q8_0"),
-    ("sepllm", dict(n_init=2, n_sep=4, n_local=8, n_cache=64), "mha-d64", "q4_k_m"),
+    ("sepllm", dict(n_init=2, n_sep=4, n_local=8, n_cache=32), "mha-d64", "q4_k_m"),
     ("sepllm-stream", dict(n_init=2, n_sep=4, n_local=8, n_cache=20), "mha-d64", "f16"),
     ("sepllm-stream", dict(n_init=2, n_sep=4, n_local=8, n_cache=20), "qwen2-untied-odd", "q4_0"),
     ("streamingllm", dict(n_init=2, n_local=10, n_cache=13), "gqa-d128-llama31", "q8_0"),

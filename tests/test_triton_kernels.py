@@ -243,6 +243,18 @@ def test_matmul(rng, qtype, size):
                   DOT_REL if qtype == Q.F32 else HALF_DOT_REL)
 
 
+@pytest.mark.parametrize("wide", [True, False], ids=["words", "generic"])
+def test_matmul_q4_k_kernels(rng, wide):
+    """Q4_K prefill: the whole-word kernel and the generic one, odd sizes (3 blocks, partial tiles),
+    with a residual."""
+    M, N, n_cols = 21, 45, 3 * 256
+    w = random_weight(rng, Q.Q4_K, N, n_cols)
+    x = rng.standard_normal((M, n_cols)).astype(np.float32)
+    res = rng.standard_normal((M, N)).astype(np.float32)
+    got = K.matmul(on_device(w), Q.Q4_K, on_device(x), block_m=16, block_n=16, res=on_device(res), wide=wide)
+    check_product(got - on_device(res), decode(w, Q.Q4_K, n_cols), x.astype(np.float64), None, HALF_DOT_REL)
+
+
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("qtype", [Q.F16, Q.Q8_0, Q.Q6_K, Q.Q4_K], ids=type_id)
 def test_head(rng, qtype, size):
