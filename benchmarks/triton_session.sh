@@ -8,19 +8,21 @@
 #
 #     bash benchmarks/triton_session.sh setup tests stash ...   (phases in order; logs in $OUT)
 #
-# Phases: setup (wheels, the library with CUDA built once under /tmp), stash (copy .trid*/smol.part*
-# to /tmp), smol (join the parts, greedy text against the CPU engine), tests (pytest of the Triton
-# kernels and backend, compiled on the GPU), models-bg / models (random-weight 8B files: started in
-# the background / waited for), bandwidth (decode
-# products + copy rate), bench (benchmarks/triton_bench.py, DEVICES=triton,cuda), use-llama (the
-# llama-bench of .gpu/), llamabench (its rows), results (copy the result files to $OUT).
+# Phases: setup (wheels; the library without CUDA built at once under /tmp, with CUDA in the
+# background), stash (copy .trid*/smol.part* to /tmp), smol (join the parts, greedy text against
+# the CPU engine), tests / kerneltests (pytest of the Triton backend / kernels, compiled on the GPU),
+# models-bg / models (the random-weight 8B files: started in the background / waited for),
+# bandwidth (decode products + copy rate), bench (benchmarks/triton_bench.py, DEVICES=triton,cuda),
+# use-llama (the llama-bench of .gpu/), llamabench (its rows).
 set -u
 OUT=${OUT:-/tmp/sepedge-out}
 mkdir -p "$OUT" /tmp/models /tmp/smol
 export PYTHONUNBUFFERED=1
 ARCH=${CUDA_ARCH:-90}
 export PYTHONPATH=/tmp/site:$PWD
-export SEPEDGE_LIB=/tmp/build-gpu/libsepedge.so
+# the CPU-only library (built in seconds) serves tests and the SmolLM2 check; the CUDA one (built in the
+# background by setup) the benchmark's CUDA rows
+if [ -e /tmp/build-gpu/done ]; then export SEPEDGE_LIB=/tmp/build-gpu/libsepedge.so; else export SEPEDGE_LIB=/tmp/build-cpu/libsepedge.so; fi
 export SEPEDGE_SMOLLM2_VOCAB=/tmp/vocab/smollm2-vocab.gguf
 MODELS="/tmp/models/llama3-8b-q4_0.gguf /tmp/models/llama3-8b-q4_k_m.gguf"
 ln -sfn ../convert sepedge/convert   # where the wheel puts them
@@ -31,13 +33,22 @@ setup() {
     python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
     [ -e /tmp/site/gguf ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || return 1
     mkdir -p /tmp/vocab && cp -n .gpu/*vocab*.gguf .trid*/*vocab*.gguf /tmp/vocab/ 2>/dev/null; ls /tmp/vocab
-    if [ ! -e "$SEPEDGE_LIB" ]; then  # the C sources do not change between calls: built once
+    if [ ! -e /tmp/build-cpu/libsepedge.so ]; then  # the C sources do not change between calls: built once
         rm -rf /tmp/nsrc && mkdir -p /tmp/nsrc && cp -r CMakeLists.txt native /tmp/nsrc/
         local t0=$SECONDS
-        cmake -S /tmp/nsrc -B /tmp/build-gpu -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=$ARCH > "$OUT/build.log" 2>&1 &&
-            cmake --build /tmp/build-gpu -j "$(nproc)" >> "$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; return 1; }
-        echo "library built in $((SECONDS - t0)) s"
+        cmake -S /tmp/nsrc -B /tmp/build-cpu -DCMAKE_BUILD_TYPE=Release -DSEPEDGE_CUDA=OFF > "$OUT/build-cpu.log" 2>&1 &&
+            cmake --build /tmp/build-cpu -j "$(nproc)" >> "$OUT/build-cpu.log" 2>&1 || { tail -30 "$OUT/build-cpu.log"; return 1; }
+        echo "CPU library built in $((SECONDS - t0)) s"
+        (setsid bash -c "cmake -S /tmp/nsrc -B /tmp/build-gpu -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=$ARCH \
+            > /tmp/build-gpu.log 2>&1 && cmake --build /tmp/build-gpu -j 8 >> /tmp/build-gpu.log 2>&1 && touch /tmp/build-gpu/done" &)
     fi
+}
+
+wait_gpu_lib() {
+    local t0=$SECONDS
+    while [ ! -e /tmp/build-gpu/done ] && [ $((SECONDS - t0)) -lt 240 ]; do sleep 1; done
+    tail -3 /tmp/build-gpu.log
+    [ -e /tmp/build-gpu/done ] && export SEPEDGE_LIB=/tmp/build-gpu/libsepedge.so && echo "CUDA library ready"
 }
 
 left() {  # seconds to DEADLINE, at least 5
@@ -67,13 +78,15 @@ for phase in "$@"; do
               timeout $(left) python3 benchmarks/triton_smollm2.py /tmp/smol/smollm2.gguf --json "$OUT/triton_smollm2.json" \
                   2>&1 | tee "$OUT/smol.log" | tail -12 ;;
         tests) timeout $(left) python3 -m pytest -q -p no:cacheprovider -rs ${TEST_K:+-k "$TEST_K"} \
-                   tests/test_triton_backend.py tests/test_triton_kernels.py 2>&1 | tee "$OUT/tests.log" | tail -25 ;;
+                   tests/test_triton_backend.py 2>&1 | tee "$OUT/tests-backend.log" | tail -15 ;;
+        kerneltests) timeout $(left) python3 -m pytest -q -p no:cacheprovider -rs ${TEST_K:+-k "$TEST_K"} \
+                   tests/test_triton_kernels.py 2>&1 | tee "$OUT/tests-kernels.log" | tail -15 ;;
         models-bg) (setsid bash -c "$(declare -f make_models); make_models > $OUT/models.log 2>&1" &) ;;
         models) [ -e /tmp/models-started ] || make_models > "$OUT/models.log" 2>&1
                 while [ ! -e /tmp/models-done ]; do sleep 1; done; ls -la /tmp/models ;;
-        bandwidth) timeout $(left) python3 benchmarks/triton_bench.py --bandwidth --devices "" $MODELS --json "$OUT/triton_bench.json" \
+        bandwidth) wait_gpu_lib; timeout $(left) python3 benchmarks/triton_bench.py --bandwidth --devices "" $MODELS --json "$OUT/triton_bench.json" \
                        --md "$OUT/triton_bench.md" 2>&1 | tail -20 ;;
-        bench) timeout $(left) python3 benchmarks/triton_bench.py --devices ${DEVICES:-triton,cuda} --reps ${REPS:-3} $MODELS \
+        bench) wait_gpu_lib; timeout $(left) python3 benchmarks/triton_bench.py --devices ${DEVICES:-triton,cuda} --reps ${REPS:-3} $MODELS \
                    --json "$OUT/triton_bench.json" --md "$OUT/triton_bench.md" 2>&1 | tail -30 ;;
         use-llama) mkdir -p /tmp/llama-build/bin && cat .gpu/llama-bench.xz.* | xz -dc > /tmp/llama-build/bin/llama-bench &&
                    chmod +x /tmp/llama-build/bin/llama-bench ;;
