@@ -29,7 +29,7 @@ from .errors import (BackendError, CancelledError, InvalidArgumentError, ModelLo
                      UnsupportedError)
 
 KV_DTYPES = ("f32", "f16")
-GRAPHS_ENV = "SEPEDGE_TRITON_GRAPHS"  # "0": decode without CUDA graphs
+GRAPHS_ENV = "SEPEDGE_TRITON_GRAPHS"  # "0": decode without CUDA graphs; "static": their fixed shapes, uncaptured
 
 
 def _imports():
@@ -225,12 +225,12 @@ class _DecodeGraph:
     (n_cells)]; the live count is read by the attention kernel from device memory, so one graph
     serves every step of the cache."""
 
-    def __init__(self, fwd: _Forward, use_deltas: bool):
+    def __init__(self, fwd: _Forward, use_deltas: bool, capture: bool = True):
         torch = fwd.torch
-        self.fwd, self.torch, self.use_deltas = fwd, torch, use_deltas
+        self.fwd, self.torch, self.use_deltas, self.capture = fwd, torch, use_deltas, capture
         n = fwd.n_cells
         dev = fwd.W.device
-        self.host = torch.zeros(4 + 2 * n, dtype=torch.int32, pin_memory=True)
+        self.host = torch.zeros(4 + 2 * n, dtype=torch.int32, pin_memory=dev.type == "cuda")
         self.buf = torch.zeros(4 + 2 * n, dtype=torch.int32, device=dev)
         self.graph = None
         self.logits = None
@@ -247,6 +247,8 @@ class _DecodeGraph:
         h[4:4 + n_live] = live
         h[4 + self.fwd.n_cells:4 + self.fwd.n_cells + n_live] = deltas
         self.buf.copy_(self.host, non_blocking=True)
+        if not self.capture:  # the same fixed-shape step, launched directly (tests it without a GPU)
+            return self._step()
         if self.graph is None:
             # the first step runs eagerly (it compiles the kernels and is the warm-up torch asks for
             # before a capture); the capture records the same step without running it
@@ -293,8 +295,11 @@ class TritonContext:
         # deltas only exist where the policy moves tokens (streaming modes); full and sepllm keep
         # original positions, and their kernels skip the rotation on read
         self._graph = None
-        self._use_graphs = (weights.device.type == "cuda" and os.environ.get(GRAPHS_ENV, "1") != "0"
-                            and hasattr(torch.cuda, "CUDAGraph"))
+        # "static": the graph's fixed-shape step without the capture (any device; for tests)
+        graphs = os.environ.get(GRAPHS_ENV, "1")
+        self._use_graphs = graphs == "static" or (weights.device.type == "cuda" and graphs != "0"
+                                                  and hasattr(torch.cuda, "CUDAGraph"))
+        self._capture = graphs != "static"
         self._graph_deltas = kv_mode in ("streamingllm", "sepllm-stream")
         self._embeddings = False
 
@@ -355,7 +360,7 @@ class TritonContext:
         if (T == 1 and mask is None and not hidden and self._use_graphs
                 and (self._graph_deltas or not use_deltas)):
             if self._graph is None:
-                self._graph = _DecodeGraph(self.fwd, self._graph_deltas)
+                self._graph = _DecodeGraph(self.fwd, self._graph_deltas, self._capture)
             if self.fwd.cancel_event.is_set():
                 raise CancelledError("cancelled")
             return self._graph(int(toks[0]), int(plan.positions[0]), int(plan.cells[0]), plan.live_cells,

@@ -172,6 +172,23 @@ def test_no_gpu_or_no_triton_is_a_backend_error(gguf_path, monkeypatch):
         Engine(path, device="triton")
 
 
+@pytest.mark.parametrize("mode,sizes", [("full", {}), ("streamingllm", dict(n_init=2, n_local=10, n_cache=13))])
+def test_fixed_shape_decode_equals_direct(gguf_path, rng, monkeypatch, mode, sizes):
+    """The step a CUDA graph captures (inputs in one static buffer sized to the cache, the live count
+    read from device memory, every split launched) run without the capture: the direct path's logits."""
+    path = gguf_path("mha-d64", "q8_0")
+    tokens = rng.integers(0, 1013, 30).tolist()
+    kw = dict(kv_mode=mode, kv_type="f32", **sizes) if mode != "full" else dict(n_ctx=40, kv_type="f32")
+    monkeypatch.setenv("SEPEDGE_TRITON_GRAPHS", "0")
+    with Engine(path, device="triton", **kw) as llm:
+        direct = step_by_step(llm, tokens)
+    monkeypatch.setenv("SEPEDGE_TRITON_GRAPHS", "static")
+    with Engine(path, device="triton", **kw) as llm:
+        static = step_by_step(llm, tokens)
+        assert llm._ctx._graph is not None and llm._ctx._graph.graph is None
+    np.testing.assert_allclose(static, direct, rtol=0, atol=1e-6 * np.abs(direct).max())
+
+
 @pytest.mark.parametrize("mode,sizes", [("full", {}), ("sepllm-stream", dict(n_init=4, n_sep=8, n_local=24, n_cache=64))])
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
