@@ -16,7 +16,7 @@
 # use-llama (the llama-bench of .gpu/), llamabench (its rows).
 set -u
 OUT=${OUT:-/tmp/sepedge-out}
-mkdir -p "$OUT" /tmp/models /tmp/smol
+mkdir -p "$OUT" /tmp/models /tmp/smol /tmp/results  # results accumulate across calls in /tmp/results
 export PYTHONUNBUFFERED=1
 ARCH=${CUDA_ARCH:-90}
 export PYTHONPATH=/tmp/site:$PWD
@@ -40,13 +40,14 @@ setup() {
             cmake --build /tmp/build-cpu -j "$(nproc)" >> "$OUT/build-cpu.log" 2>&1 || { tail -30 "$OUT/build-cpu.log"; return 1; }
         echo "CPU library built in $((SECONDS - t0)) s"
         (setsid bash -c "cmake -S /tmp/nsrc -B /tmp/build-gpu -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=$ARCH \
-            > /tmp/build-gpu.log 2>&1 && cmake --build /tmp/build-gpu -j 8 >> /tmp/build-gpu.log 2>&1 && touch /tmp/build-gpu/done" &)
+            > /tmp/build-gpu.log 2>&1 && cmake --build /tmp/build-gpu -j 8 >> /tmp/build-gpu.log 2>&1 && touch /tmp/build-gpu/done \
+            || touch /tmp/build-gpu.failed" &)
     fi
 }
 
 wait_gpu_lib() {
     local t0=$SECONDS
-    while [ ! -e /tmp/build-gpu/done ] && [ $((SECONDS - t0)) -lt 240 ]; do sleep 1; done
+    while [ ! -e /tmp/build-gpu/done ] && [ ! -e /tmp/build-gpu.failed ] && [ $((SECONDS - t0)) -lt 200 ]; do sleep 1; done
     tail -3 /tmp/build-gpu.log
     [ -e /tmp/build-gpu/done ] && export SEPEDGE_LIB=/tmp/build-gpu/libsepedge.so && echo "CUDA library ready"
 }
@@ -84,15 +85,16 @@ for phase in "$@"; do
         models-bg) (setsid bash -c "$(declare -f make_models); make_models > $OUT/models.log 2>&1" &) ;;
         models) [ -e /tmp/models-started ] || make_models > "$OUT/models.log" 2>&1
                 while [ ! -e /tmp/models-done ]; do sleep 1; done; ls -la /tmp/models ;;
-        bandwidth) wait_gpu_lib; timeout $(left) python3 benchmarks/triton_bench.py --bandwidth --devices "" $MODELS --json "$OUT/triton_bench.json" \
-                       --md "$OUT/triton_bench.md" 2>&1 | tail -20 ;;
+        bandwidth) timeout $(left) python3 benchmarks/triton_bench.py --bandwidth --devices "" $MODELS --json /tmp/results/triton_bench.json \
+                       --md /tmp/results/triton_bench.md 2>&1 | tail -20 ;;
         bench) wait_gpu_lib; timeout $(left) python3 benchmarks/triton_bench.py --devices ${DEVICES:-triton,cuda} --reps ${REPS:-3} $MODELS \
-                   --json "$OUT/triton_bench.json" --md "$OUT/triton_bench.md" 2>&1 | tail -30 ;;
+                   --json /tmp/results/triton_bench.json --md /tmp/results/triton_bench.md 2>&1 | tail -30 ;;
         use-llama) mkdir -p /tmp/llama-build/bin && cat .gpu/llama-bench.xz.* | xz -dc > /tmp/llama-build/bin/llama-bench &&
                    chmod +x /tmp/llama-build/bin/llama-bench ;;
         llamabench) timeout $(left) python3 benchmarks/triton_bench.py --devices "" --llama-bench /tmp/llama-build/bin/llama-bench \
-                        --reps ${REPS:-3} $MODELS --json "$OUT/triton_bench.json" --md "$OUT/triton_bench.md" 2>&1 | tail -20 ;;
+                        --reps ${REPS:-3} $MODELS --json /tmp/results/triton_bench.json --md /tmp/results/triton_bench.md 2>&1 | tail -20 ;;
         *) echo "unknown phase $phase"; exit 2 ;;
     esac
 done
+cp /tmp/results/* "$OUT/" 2>/dev/null
 echo "=== done $(date +%T)"
