@@ -356,7 +356,9 @@ class TritonContext:
         elif mask.shape[1] >= T and np.array_equal(mask, np.tri(T, mask.shape[1], mask.shape[1] - T, dtype=bool)) \
                 and np.array_equal(plan.live_cells[-T:], plan.cells):
             mask = None  # causal after the live cells before the chunk: the kernel's own rule, no mask read
-        use_deltas = bool(plan.live_deltas.any())
+        # the streaming modes always take the rotation on read (by 0 until a cell moves), as their
+        # captured decode step does: one set of kernels, the same rounding whichever path runs
+        use_deltas = self._graph_deltas or bool(plan.live_deltas.any())
         if (T == 1 and mask is None and not hidden and self._use_graphs
                 and (self._graph_deltas or not use_deltas)):
             if self._graph is None:
