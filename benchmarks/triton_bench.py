@@ -214,7 +214,8 @@ def main() -> None:
         res.setdefault("bandwidth", {})
         for m in args.models:
             res["bandwidth"][Path(m).name] = product_bandwidth(m)
-            print(Path(m).name, {k: round(v["GBps"]) for k, v in res["bandwidth"][Path(m).name].items()}, flush=True)
+            print(Path(m).name, {k: round(v["GBps"]) for k, v in res["bandwidth"][Path(m).name].items()
+                                 if isinstance(v, dict) and "GBps" in v}, flush=True)
             save()
     for m in args.models:
         for who in [d for d in args.devices.split(",") if d] + (["llama.cpp"] if args.llama_bench else []):

@@ -19,7 +19,7 @@ PROMPTS = ["What is the capital of France? Answer in one sentence.",
            "Write a short poem about the sea, with commas, periods and line breaks.",
            "List three uses of a paperclip."]
 MODES = {"full": dict(n_ctx=1024), "sepllm-stream": dict(kv_mode="sepllm-stream", n_init=4, n_sep=16, n_local=32,
-                                                          n_cache=64)}
+                                                          n_cache=96)}
 
 
 def main() -> int:
