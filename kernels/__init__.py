@@ -12,10 +12,10 @@ from .matmul import matmul, matmul_ref
 from .matvec import matvec, matvec_ref
 from .quants import BLOCKS, NAMES, dequantize, dequantize_ref, get_rows, row_bytes
 from .rms_norm import rms_norm, rms_norm_ref
-from .rope import NEOX, NORM, inv_freq, rope_, rope_ref
+from .rope import NEOX, NORM, inv_freq, rope_, rope_ref, rope_store
 from .swiglu import swiglu, swiglu_ref
 
 __all__ = ["BLOCKS", "NAMES", "NEOX", "NORM", "attention_decode", "attention_decode_ref", "attention_prefill",
            "attention_prefill_ref", "dequantize", "dequantize_ref", "get_rows", "head", "head_ref", "inv_freq",
-           "matmul", "matmul_ref", "matvec", "matvec_ref", "rms_norm", "rms_norm_ref", "rope_", "rope_ref",
+           "matmul", "matmul_ref", "matvec", "matvec_ref", "rms_norm", "rms_norm_ref", "rope_", "rope_ref", "rope_store",
            "row_bytes", "swiglu", "swiglu_ref"]

@@ -14,22 +14,53 @@ import torch
 import triton
 import triton.language as tl
 
+from .rope import NEOX, NORM, rope_ref
+
 LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def load_keys(K, cell, kvh, stride_kc, stride_kh, d, D, rows_ok, dlt, INV_FREQ,
+              HAS_DELTA: tl.constexpr, NEOX: tl.constexpr):
+    """Keys of `cell` (BLOCK_N,) for kv head kvh as float32 (BLOCK_N, BLOCK_D), rotated by a further
+    `dlt` positions each when HAS_DELTA (the cache plan's deltas: a key is stored rotated with its
+    original position, and a rotation by a then by b is one by a + b, GGUF.md §11). The pairs are
+    NORM's (2i, 2i+1) or NEOX's (i, i + D/2), as kernels.rope."""
+    base = K + cell[:, None] * stride_kc + kvh * stride_kh
+    mask = rows_ok[:, None] & (d[None, :] < D)
+    k = tl.load(base + d[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_DELTA:
+        half = D // 2
+        if NEOX:
+            partner = tl.where(d < half, d + half, d - half)
+            fi = tl.where(d < half, d, d - half)
+            sign = tl.where(d < half, -1.0, 1.0)
+        else:
+            partner = d ^ 1
+            fi = d // 2
+            sign = tl.where(d % 2 == 0, -1.0, 1.0)
+        kp = tl.load(base + partner[None, :], mask=mask, other=0.0).to(tl.float32)
+        ang = dlt.to(tl.float32)[:, None] * tl.load(INV_FREQ + fi, mask=d < D, other=0.0)[None, :]
+        k = k * tl.cos(ang) + sign[None, :] * kp * tl.sin(ang)
+    return k
+
+
+@triton.jit
 def attention_split_kernel(
-    O_PART, M_PART, L_PART, Q, K, V, CELLS,  # pointers
-    n_live, cells_per_split, rep,  # rep: query heads per kv head (GQA)
+    O_PART, M_PART, L_PART, Q, K, V, CELLS, DELTAS, INV_FREQ, NLIVE,  # pointers; NLIVE: the live count
+    cells_per_split, rep,  # rep: query heads per kv head (GQA)
     stride_qh, stride_kc, stride_kh, stride_vc, stride_vh,
     qk_scale,  # 1/sqrt(head_dim) * log2(e): the softmax in base 2
     D,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_DELTA: tl.constexpr, NEOX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     h = tl.program_id(0)
     s = tl.program_id(1)
     n_split = tl.num_programs(1)
     kvh = h // rep
+    # the count is read from memory, so that a captured CUDA graph replays with any number of live
+    # cells: splits past it are empty (m = -inf, l = 0) and the merge weighs them 0
+    n_live = tl.load(NLIVE)
     d = tl.arange(0, BLOCK_D)
     q = tl.load(Q + h * stride_qh + d, mask=d < D, other=0.0).to(tl.float32) * qk_scale
     start = s * cells_per_split
@@ -39,15 +70,17 @@ def attention_split_kernel(
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     for j0 in range(start, end, BLOCK_N):
         j = j0 + tl.arange(0, BLOCK_N)
-        cell = tl.load(CELLS + j, mask=j < end, other=0).to(tl.int64)
-        kv_mask = (j[:, None] < end) & (d[None, :] < D)
-        k = tl.load(K + cell[:, None] * stride_kc + kvh * stride_kh + d[None, :], mask=kv_mask, other=0.0)
-        scores = tl.sum(k.to(tl.float32) * q[None, :], axis=1)
-        scores = tl.where(j < end, scores, float("-inf"))
+        ok = j < end
+        cell = tl.load(CELLS + j, mask=ok, other=0).to(tl.int64)
+        dlt = tl.load(DELTAS + j, mask=ok, other=0) if HAS_DELTA else 0
+        k = load_keys(K, cell, kvh, stride_kc, stride_kh, d, D, ok, dlt, INV_FREQ, HAS_DELTA, NEOX)
+        scores = tl.sum(k * q[None, :], axis=1)
+        scores = tl.where(ok, scores, float("-inf"))
         m_new = tl.maximum(m, tl.max(scores, axis=0))
         p = tl.exp2(scores - m_new)
         alpha = tl.exp2(m - m_new)
-        v = tl.load(V + cell[:, None] * stride_vc + kvh * stride_vh + d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + cell[:, None] * stride_vc + kvh * stride_vh + d[None, :],
+                    mask=ok[:, None] & (d[None, :] < D), other=0.0)
         acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
         l = l * alpha + tl.sum(p, axis=0)
         m = m_new
@@ -75,40 +108,59 @@ def attention_merge_kernel(
 
 
 def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cells: torch.Tensor,
-                     cells_per_split: int = 256, block_n: int = 64) -> torch.Tensor:
+                     deltas: torch.Tensor | None = None, freqs: torch.Tensor | None = None, rope_mode: int = NORM,
+                     n_live: torch.Tensor | None = None, cells_per_split: int = 256, block_n: int = 64) -> torch.Tensor:
     """Attention of one token's queries over the live cells.
 
     q: (n_head, head_dim) float (already rotated); k_cache, v_cache: (n_cells, n_head_kv, head_dim)
-    float16/float32 with contiguous heads; cells: (n_live,) int, n_live >= 1 -> (n_head, head_dim) float32."""
+    float16/float32 with contiguous heads; cells: (n_live,) int, n_live >= 1 -> (n_head, head_dim) float32.
+    deltas: (n_live,) int or None, the further rotation of each cell's key (freqs: kernels.inv_freq,
+    rope_mode: NORM or NEOX). n_live: None, or a (1,) int32 device tensor holding how many leading
+    entries of `cells` (and deltas) are live, at least one: the shapes then stay fixed whatever the
+    count (CUDA graphs)."""
     H, D = q.shape
     n_cells, H_kv, Dk = k_cache.shape
     assert Dk == D and v_cache.shape == k_cache.shape, "cache shapes must match the queries"
     assert H % H_kv == 0, "query heads must be a multiple of kv heads"
     assert k_cache.stride(2) == 1 and v_cache.stride(2) == 1, "heads must be contiguous"
-    n_live = cells.shape[0]
-    assert n_live >= 1, "attention needs at least one live cell"
+    max_live = cells.shape[0]
+    assert max_live >= 1, "attention needs at least one live cell"
+    assert cells.dtype == torch.int32 or n_live is None, "fixed-shape calls take int32 cells"
     cells = cells.to(device=q.device, dtype=torch.int32).contiguous()
+    if n_live is None:
+        n_live = torch.full((1,), max_live, dtype=torch.int32, device=q.device)
+    has_delta = deltas is not None
+    if has_delta:
+        assert freqs is not None and freqs.shape == (D // 2,), "deltas need the rotation frequencies"
+        assert deltas.shape == cells.shape, "one delta per live cell"
+        deltas = deltas.to(device=q.device, dtype=torch.int32).contiguous()
+        freqs = freqs.to(device=q.device, dtype=torch.float32).contiguous()
     q = q.contiguous()
-    n_split = triton.cdiv(n_live, cells_per_split)  # every split has at least one cell
+    n_split = triton.cdiv(max_live, cells_per_split)  # with n_live given, later splits may be empty
     BLOCK_D = triton.next_power_of_2(D)
     o_part = torch.empty(H, n_split, BLOCK_D, dtype=torch.float32, device=q.device)
     m_part = torch.empty(H, n_split, dtype=torch.float32, device=q.device)
     l_part = torch.empty_like(m_part)
     out = torch.empty(H, D, dtype=torch.float32, device=q.device)
     attention_split_kernel[(H, n_split)](
-        o_part, m_part, l_part, q, k_cache, v_cache, cells, n_live, cells_per_split, H // H_kv,
+        o_part, m_part, l_part, q, k_cache, v_cache, cells, deltas if has_delta else cells,
+        freqs if has_delta else q, n_live, cells_per_split, H // H_kv,
         q.stride(0), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
-        LOG2E / math.sqrt(D), D, BLOCK_N=block_n, BLOCK_D=BLOCK_D)
+        LOG2E / math.sqrt(D), D, HAS_DELTA=has_delta, NEOX=rope_mode == NEOX, BLOCK_N=block_n, BLOCK_D=BLOCK_D)
     attention_merge_kernel[(H,)](out, o_part, m_part, l_part, n_split, D, out.stride(0),
                                  BLOCK_S=triton.next_power_of_2(n_split), BLOCK_D=BLOCK_D)
     return out
 
 
 def attention_decode_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                         cells: torch.Tensor) -> torch.Tensor:
-    """Softmax attention in q's dtype: q (n_head, d) over k/v_cache[cells]."""
+                         cells: torch.Tensor, deltas: torch.Tensor | None = None, freqs: torch.Tensor | None = None,
+                         rope_mode: int = NORM) -> torch.Tensor:
+    """Softmax attention in q's dtype: q (n_head, d) over k/v_cache[cells], keys rotated by deltas."""
     rep = q.shape[0] // k_cache.shape[1]
-    k = k_cache[cells.long()].to(q.dtype).repeat_interleave(rep, dim=1)  # (n_live, n_head, d)
+    k = k_cache[cells.long()].to(q.dtype)
+    if deltas is not None:
+        k = rope_ref(k, deltas, freqs, rope_mode)
+    k = k.repeat_interleave(rep, dim=1)  # (n_live, n_head, d)
     v = v_cache[cells.long()].to(q.dtype).repeat_interleave(rep, dim=1)
     scores = torch.einsum("hd,shd->hs", q, k) / math.sqrt(q.shape[1])
     return torch.einsum("hs,shd->hd", torch.softmax(scores, dim=-1), v)

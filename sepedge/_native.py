@@ -20,7 +20,8 @@ import numpy as np
 from ._ffi import ffi, lib
 from .errors import InvalidArgumentError, ModelLoadError, SepedgeError, check, check_with_message
 
-DEVICES = {"cpu": lib.SE_DEVICE_CPU, "cuda": lib.SE_DEVICE_CUDA}
+# "none": the file's metadata, vocabulary and separators only, for a backend outside the library (Triton)
+DEVICES = {"cpu": lib.SE_DEVICE_CPU, "cuda": lib.SE_DEVICE_CUDA, "none": lib.SE_DEVICE_NONE}
 KV_TYPES = {"f32": lib.SE_KV_F32, "f16": lib.SE_KV_F16}
 KV_MODES = {"full": lib.SE_KV_MODE_FULL, "streamingllm": lib.SE_KV_MODE_STREAMINGLLM,
             "sepllm": lib.SE_KV_MODE_SEPLLM, "sepllm-stream": lib.SE_KV_MODE_SEPLLM_STREAM}

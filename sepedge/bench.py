@@ -65,7 +65,7 @@ def format_table(llm, rows: list[dict], n_threads: int | None) -> str:
     params = f"{info['n_params'] / 1e6:.2f} M"
     head = ("| model | size | params | backend | kv mode | test | t/s |\n"
             "| --- | ---: | ---: | --- | --- | ---: | ---: |")
-    backend = "CUDA" if llm.device == "cuda" else f"CPU {n_threads or 'all'} threads"
+    backend = {"cuda": "CUDA", "triton": "Triton"}.get(llm.device, f"CPU {n_threads or 'all'} threads")
     lines = [head]
     for r in rows:
         lines.append(f"| {info['arch']} {kind} | {size} | {params} | {backend} | "

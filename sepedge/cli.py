@@ -107,8 +107,8 @@ def cache_options(default_mode: str):
             click.option("--n-sep", type=int, default=None, help="Separators kept, 0 = all [default: sepllm.n_sep]."),
             click.option("--n-local", type=int, default=None, help="Window of recent tokens [default: sepllm.n_local]."),
             click.option("--n-cache", type=int, default=None, help="Cells of a sparse cache [default: sepllm.n_cache]."),
-            click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
-                         help="Where the weights and the KV cache live."),
+            click.option("--device", type=click.Choice(["cpu", "cuda", "triton"]), default="cpu", show_default=True,
+                         help="Where the weights and the KV cache live (triton: torch's GPU, Triton kernels)."),
         ]):
             f = opt(f)
         return f

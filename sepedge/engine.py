@@ -30,6 +30,7 @@ from .tokenizer import Tokenizer
 DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "repeat_penalty": 1.0}
 
 
+ENGINE_DEVICES = ("cpu", "cuda", "triton")
 FED_HISTORY = 65536  # tokens of each Engine's history of fed tokens (cache_snapshot): 256 KiB of int32
 
 
@@ -251,7 +252,8 @@ class Engine:
         n_threads: CPU threads; None = one per core.
         seed: seed of the sampling random stream; None = random.
         kv_type: "f16" (default) or "f32" storage for keys and values.
-        device: "cpu" (or "cuda" where built with CUDA).
+        device: "cpu", "cuda" (where built with CUDA), or "triton" (torch's current GPU through the
+            Triton kernels of sepedge.kernels; needs `pip install sepedge[triton]`).
         kv_mode: which tokens the KV cache keeps: "full" (all, up to n_ctx), "sepllm" (training-free
             SepLLM: initial, separators, last n_local; original positions), "sepllm-stream" (streaming
             SepLLM, n_cache cells, unbounded input), "streamingllm" (initial + last n_local).
@@ -279,7 +281,14 @@ class Engine:
         self.model_path = os.fspath(model_path)
         self.device = device
         self.parse_special_in_content = bool(parse_special_in_content)
-        self._model = Model(self.model_path, device)
+        if device not in ENGINE_DEVICES:
+            raise InvalidArgumentError(f"device must be one of {list(ENGINE_DEVICES)}, got {device!r}")
+        self._weights = None  # the Triton backend's weights on the GPU, shared with spawned engines
+        if device == "triton":
+            from .triton_backend import load_model
+            self._model, self._weights = load_model(self.model_path)
+        else:
+            self._model = Model(self.model_path, device)
         try:
             self.tokenizer = Tokenizer.from_model(self._model)
             if not self._model.separators:  # a GGUF from another converter: derive them as `convert` does
@@ -287,12 +296,20 @@ class Engine:
                 self._model.separators = V.derive_separator_ids(t.tokens, t.token_types, t.model, t.bos_id)
             self._ctx_args = dict(n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads or 0, kv_type=kv_type,
                                   kv_mode=kv_mode, n_init=n_init, n_sep=n_sep, n_local=n_local, n_cache=n_cache)
-            self._ctx = Context(self._model, **self._ctx_args)
+            self._ctx = self._new_context()
         except BaseException:
             self._model.close()
             raise
         self._owns_model = True
         self._init_state(kv_mode, keep_system, seed)
+
+    def _new_context(self):
+        """A KV cache of this Engine's configuration: a native context (cpu, cuda) or, on the Triton
+        backend, one whose cells the native cache policy plans and whose K/V live in torch tensors."""
+        if self._weights is not None:
+            from .triton_backend import TritonContext
+            return TritonContext(self._model, self._weights, **self._ctx_args)
+        return Context(self._model, **self._ctx_args)
 
     def _init_state(self, kv_mode: str, keep_system: bool, seed: int | None) -> None:
         self._lock = _OwnerLock()  # one operation at a time (generations hold it while they run)
@@ -321,8 +338,9 @@ class Engine:
         its cache; closing this Engine closes them all."""
         e = Engine.__new__(Engine)
         e.model_path, e.device, e._model, e.tokenizer = self.model_path, self.device, self._model, self.tokenizer
+        e._weights = self._weights
         e._ctx_args = dict(self._ctx_args)
-        e._ctx = Context(self._model, **e._ctx_args)
+        e._ctx = e._new_context()
         e._owns_model = False
         e.parse_special_in_content = self.parse_special_in_content
         e._init_state(self.kv_mode, self.keep_system, seed)
@@ -332,6 +350,8 @@ class Engine:
         """Free the model and cache. A call running in another thread is cancelled and waited for;
         a generation in progress ends with finish_reason "cancelled"."""
         self.cancel()
+        if getattr(self, "_weights", None) is not None:
+            self._ctx.close()  # a Triton context is not among the native model's contexts
         if getattr(self, "_owns_model", True):
             self._model.close()  # closes the context too (waiting for a running native call)
         else:

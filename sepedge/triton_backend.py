@@ -1,29 +1,41 @@
-"""The forward pass on sepedge.kernels (Triton) for one context, in torch: the GGUF weights go to the
-device once as their raw bytes, the KV cache is a pair of tensors (n_layer, n_cells, n_head_kv,
-head_dim), and every op of the llama/qwen2 block is one kernel launch.
+"""The Triton backend: `Engine(model, device="triton")` runs the whole forward pass on torch's current
+GPU with sepedge.kernels, over the one SepLLM cache policy of the C core.
 
-    fwd = TritonForward("model.gguf", n_cells=512)
-    logits = fwd.decode(tokens)        # (len(tokens), n_vocab), appended to the cache
+    TritonWeights     the GGUF weights on the device once, as their raw bytes (norms and biases as float32)
+    TritonContext     a KV cache: the native policy (sepedge.cache_plan.CachePolicy) says, per forward
+                      pass, which cells the new tokens' keys and values go to, which cells are live
+                      (with the extra rotation of each key) and what each query may see; this class
+                      keeps K and V as torch tensors (n_layer, n_cells, n_head_kv, head_dim) and runs
+                      the kernels. It has the shape of sepedge._native.Context, so Engine, the CLI and
+                      the server use it as they use a native context.
 
-The cache here is the `full` kv_mode: token i lives in cell i, every earlier cell is live. The SepLLM
-modes need the plans of the shared cache policy (which cells are live, which moved and by how much),
-which this module will take from the cache-plan API once it exists; the kernels already take a live
-cell list and per-cell RoPE deltas.
+Decode steps (one token whose query sees every live cell, as every mode's plans do) run through a
+captured CUDA graph where torch supports it: the token, its position and cell, the live-cell list and
+the deltas are written into static buffers sized to the cache, the kernels read the live count from
+device memory, and the graph replays. Under Triton's interpreter (TRITON_INTERPRET=1, CPU tensors:
+how CI exercises this file) everything runs eagerly.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
 
-from .errors import BackendError, InvalidArgumentError, ModelLoadError, UnsupportedError
+from ._native import KV_MODES, Model, _int_arg, token_array
+from .errors import (BackendError, CancelledError, InvalidArgumentError, ModelLoadError, NumericalError, SepedgeError,
+                     UnsupportedError)
+
+KV_DTYPES = ("f32", "f16")
+GRAPHS_ENV = "SEPEDGE_TRITON_GRAPHS"  # "0": decode without CUDA graphs; "static": their fixed shapes, uncaptured
 
 
 def _imports():
     try:
         import torch
+        import triton  # noqa: F401
 
         from . import kernels
     except ImportError as e:
@@ -31,17 +43,35 @@ def _imports():
     return torch, kernels
 
 
-class TritonForward:
-    def __init__(self, path: str | os.PathLike, n_cells: int = 512, device=None, kv_dtype=None):
+def _device(torch, device):
+    """torch's current CUDA device, or the CPU under Triton's interpreter; BackendError otherwise."""
+    interpret = os.environ.get("TRITON_INTERPRET", "") not in ("", "0")
+    if device is None:
+        if torch.cuda.is_available() and not interpret:
+            device = f"cuda:{torch.cuda.current_device()}"
+        elif interpret:
+            device = "cpu"
+        else:
+            raise BackendError("the Triton backend needs a GPU that torch can use (torch.cuda.is_available() is "
+                               "False; or set TRITON_INTERPRET=1 to run the kernels on the CPU, slowly)")
+    dev = torch.device(device)
+    if dev.type == "cpu" and not interpret:
+        raise BackendError("the Triton backend runs on the CPU only under Triton's interpreter (TRITON_INTERPRET=1)")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BackendError(f"device {device!r}: torch sees no CUDA GPU")
+    return dev
+
+
+class TritonWeights:
+    """A model's weights on the device: every matrix as its GGUF bytes (rows, row_bytes) uint8,
+    norms, biases and rope factors as float32. Shared by every context of an Engine."""
+
+    def __init__(self, path: str | os.PathLike, device=None):
         torch, K = _imports()
         import gguf
 
         self.torch, self.K = torch, K
-        if device is None:
-            if not torch.cuda.is_available() and not os.environ.get("TRITON_INTERPRET"):
-                raise BackendError("the Triton backend needs a GPU (or TRITON_INTERPRET=1 for the interpreter)")
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
+        self.device = _device(torch, device)
         try:
             r = gguf.GGUFReader(Path(path))
         except (OSError, ValueError) as e:
@@ -62,7 +92,8 @@ class TritonForward:
         linear = kv("rope.scaling.factor", 1.0) if kv("rope.scaling.type") == "linear" else 1.0
         self.rope_mode = K.NORM if arch == "llama" else K.NEOX  # GGUF.md §6: llama files are permuted for NORM
 
-        self.w: dict[str, tuple] = {}  # name -> (uint8 bytes (rows, row_bytes) on the device, type, n_cols)
+        self.w: dict[str, tuple] = {}  # matrices: name -> (uint8 bytes (rows, row_bytes) on the device, type, n_cols)
+        self.vec: dict[str, object] = {}  # vectors: name -> float32 tensor on the device
         factors = None
         for t in r.tensors:
             qtype = int(t.tensor_type)
@@ -71,75 +102,387 @@ class TritonForward:
                                        "backend does not read")
             n_cols = int(t.shape[0])
             data = np.ascontiguousarray(np.asarray(t.data)).view(np.uint8).reshape(-1, K.row_bytes(qtype, n_cols))
-            if t.name == "rope_freqs.weight":
-                factors = torch.from_numpy(data.view(np.float32).reshape(-1).copy())
+            if len(t.shape) == 1 or t.shape[1] == 1:  # norms, biases, rope factors: float32 once
+                v = K.dequantize_ref(torch.from_numpy(data.copy()), qtype, n_cols)[0]
+                if t.name == "rope_freqs.weight":
+                    factors = v
+                else:
+                    self.vec[t.name] = v.to(self.device)
                 continue
             self.w[t.name] = (torch.from_numpy(data.copy()).to(self.device), qtype, n_cols)
         self.w.setdefault("output.weight", self.w["token_embd.weight"])  # tied embeddings
-        self.n_vocab = self.w["output.weight"][0].shape[0]
+        for i in range(self.n_layer):  # one product (one launch, one pass over x) where the types agree
+            self._fuse(f"blk.{i}", ("attn_q", "attn_k", "attn_v"), "attn_qkv")
+            self._fuse(f"blk.{i}", ("ffn_gate", "ffn_up"), "ffn_gateup")
+        self.n_vocab = self.w["token_embd.weight"][0].shape[0]
+        self.n_out = self.w["output.weight"][0].shape[0]
         self.freqs = K.inv_freq(self.head_dim, kv("rope.freq_base", 10000.0), factors, linear).to(self.device)
+        self.nbytes = sum(w.numel() for w, _, _ in self.w.values())
 
-        kv_dtype = kv_dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
-        shape = (self.n_layer, n_cells, self.n_head_kv, self.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=kv_dtype, device=self.device)
-        self.v_cache = torch.zeros(shape, dtype=kv_dtype, device=self.device)
-        self.n_cells, self.n_past = n_cells, 0
 
-    def _vector(self, name: str):
-        """A float32 vector (norm weight, bias) as float32, or None when the file has none."""
-        if name not in self.w:
-            return None
-        w, qtype, n = self.w[name]
-        return self.K.dequantize(w.reshape(1, -1), qtype, n)[0] if qtype != 0 else w.view(self.torch.float32)[0]
+    def _fuse(self, blk: str, parts: tuple, name: str) -> None:
+        """Stack the rows of matrices that read the same input (Q, K, V; gate, up) into one, when
+        they share a type and a row length (a Q4_K_M file often gives V another type: then not)."""
+        ws = [self.w.get(f"{blk}.{p}.weight") for p in parts]
+        if any(w is None for w in ws) or len({(q, n) for _, q, n in ws}) != 1:
+            return
+        biases = [self.vec.get(f"{blk}.{p}.bias") for p in parts]
+        if any(b is None for b in biases) and any(b is not None for b in biases):
+            return
+        self.w[f"{blk}.{name}.weight"] = (self.torch.cat([w for w, _, _ in ws]), ws[0][1], ws[0][2])
+        for p in parts:
+            del self.w[f"{blk}.{p}.weight"]
+        if biases[0] is not None:
+            self.vec[f"{blk}.{name}.bias"] = self.torch.cat(biases)
 
-    def _project(self, x, name: str):
-        w, qtype, _ = self.w[f"{name}.weight"]
-        bias = self._vector(f"{name}.bias")
+
+class _Forward:
+    """The llama/qwen2 forward pass over a cache plan, one kernel launch per op."""
+
+    def __init__(self, weights: TritonWeights, n_cells: int, kv_dtype):
+        torch = weights.torch
+        self.W, self.K, self.torch = weights, weights.K, torch
+        W = weights
+        shape = (W.n_layer, n_cells, W.n_head_kv, W.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=kv_dtype, device=W.device)
+        self.v_cache = torch.zeros(shape, dtype=kv_dtype, device=W.device)
+        self.n_cells = n_cells
+        self.cancel_event = threading.Event()
+        from .kernels.matvec import WIDE
+        self.wide = WIDE
+
+    def project(self, x, name: str, res=None):
+        """x W^T (+ bias) (+ res: the residual stream, added in the product's epilogue)."""
+        w, qtype, _ = self.W.w[f"{name}.weight"]
+        bias = self.W.vec.get(f"{name}.bias")
         # decode reads each weight byte once per token; prefill tiles on tensor cores
-        return self.K.matvec(w, qtype, x, bias) if x.shape[0] <= 2 else self.K.matmul(w, qtype, x, bias)
+        if x.shape[0] <= 2:
+            return self.K.matvec(w, qtype, x, bias, res=res)
+        return self.K.matmul(w, qtype, x, bias, res=res)
+
+    def run(self, ids, positions, cells, live, deltas, mask, n_live_t, n_out: int, hidden: bool = False,
+            check_cancel: bool = True):
+        """One forward pass. ids, positions, cells (T,) int32: the new tokens, their positions and cells;
+        live (L,) int32 and deltas (L,) int32 or None: the cells attended and their further rotations;
+        mask (T, L) uint8 or None (None: T = 1 sees every live cell, or the chunk is causal after the
+        live cells before it); n_live_t: None or a (1,) int32 device tensor (fixed shapes: the count of
+        leading live entries). Returns the logits of the last n_out tokens (or, hidden, the normalized
+        final hidden states of all tokens)."""
+        K, W = self.K, self.W
+        T = ids.shape[0]
+        H, Hkv, D = W.n_head, W.n_head_kv, W.head_dim
+        emb, qtype, n = W.w["token_embd.weight"]
+        x = K.get_rows(emb, qtype, n, ids)
+        for i in range(W.n_layer):
+            if check_cancel and self.cancel_event.is_set():
+                raise CancelledError("cancelled")
+            blk = f"blk.{i}"
+            h = K.rms_norm(x, W.vec[f"{blk}.attn_norm.weight"], W.eps)
+            if f"{blk}.attn_qkv.weight" in W.w:
+                qkv = self.project(h, f"{blk}.attn_qkv")
+                q = qkv[:, :H * D].view(T, H, D)
+                k = qkv[:, H * D:(H + Hkv) * D].view(T, Hkv, D)
+                v = qkv[:, (H + Hkv) * D:].view(T, Hkv, D)
+            else:
+                q = self.project(h, f"{blk}.attn_q").view(T, H, D)
+                k = self.project(h, f"{blk}.attn_k").view(T, Hkv, D)
+                v = self.project(h, f"{blk}.attn_v").view(T, Hkv, D)
+            K.rope_(q, positions, W.freqs, W.rope_mode)
+            kc, vc = self.k_cache[i], self.v_cache[i]
+            K.rope_store(k, v, positions, cells, kc, vc, W.freqs, W.rope_mode)  # rotated keys, values -> cells
+            if T == 1 and mask is None:
+                att = K.attention_decode(q[0], kc, vc, live, deltas=deltas, freqs=W.freqs, rope_mode=W.rope_mode,
+                                         n_live=n_live_t)
+            else:
+                att = K.attention_prefill(q, kc, vc, live, live.shape[0] - T, mask=mask, deltas=deltas,
+                                          freqs=W.freqs, rope_mode=W.rope_mode)
+            x = self.project(att.reshape(T, H * D), f"{blk}.attn_output", res=x)
+            h = K.rms_norm(x, W.vec[f"{blk}.ffn_norm.weight"], W.eps)
+            if f"{blk}.ffn_gateup.weight" in W.w:
+                gu = self.project(h, f"{blk}.ffn_gateup")
+                n_ff = gu.shape[1] // 2
+                ff = K.swiglu(gu[:, :n_ff], gu[:, n_ff:])
+            else:
+                ff = K.swiglu(self.project(h, f"{blk}.ffn_gate"), self.project(h, f"{blk}.ffn_up"))
+            x = self.project(ff, f"{blk}.ffn_down", res=x)
+        norm = W.vec["output_norm.weight"]
+        if hidden:
+            return K.rms_norm(x, norm, W.eps)
+        x = x[T - n_out:]
+        if n_out == 0:
+            return x.new_empty(0, W.n_out)
+        w, qtype, _ = W.w["output.weight"]
+        if n_out <= 2:
+            if qtype in self.wide:  # the wide-word product after a separate norm (one short launch)
+                return K.matvec(w, qtype, K.rms_norm(x, norm, W.eps))
+            return K.head(w, qtype, x, norm, W.eps)  # the final norm fused into a byte-wise product
+        return K.matmul(w, qtype, K.rms_norm(x, norm, W.eps))
+
+
+class _DecodeGraph:
+    """One decode step captured in a CUDA graph. Inputs go through one pinned int32 buffer copied
+    to the device before each replay: [token, position, cell, n_live, live cells (n_cells), deltas
+    (n_cells)]; the live count is read by the attention kernel from device memory, so one graph
+    serves every step of the cache."""
+
+    def __init__(self, fwd: _Forward, use_deltas: bool, capture: bool = True):
+        torch = fwd.torch
+        self.fwd, self.torch, self.use_deltas, self.capture = fwd, torch, use_deltas, capture
+        n = fwd.n_cells
+        dev = fwd.W.device
+        self.host = torch.zeros(4 + 2 * n, dtype=torch.int32, pin_memory=dev.type == "cuda")
+        self.buf = torch.zeros(4 + 2 * n, dtype=torch.int32, device=dev)
+        self.graph = None
+        self.logits = None
+
+    def _step(self):
+        b, n = self.buf, self.fwd.n_cells
+        return self.fwd.run(b[0:1], b[1:2], b[2:3], b[4:4 + n], b[4 + n:4 + 2 * n] if self.use_deltas else None,
+                            None, b[3:4], 1, check_cancel=False)
+
+    def __call__(self, token: int, position: int, cell: int, live: np.ndarray, deltas: np.ndarray):
+        torch, n_live = self.torch, len(live)
+        h = self.host.numpy()
+        h[0:4] = (token, position, cell, n_live)
+        h[4:4 + n_live] = live
+        h[4 + self.fwd.n_cells:4 + self.fwd.n_cells + n_live] = deltas
+        self.buf.copy_(self.host, non_blocking=True)
+        if not self.capture:  # the same fixed-shape step, launched directly (tests it without a GPU)
+            return self._step()
+        if self.graph is None:
+            # the first step runs eagerly (it compiles the kernels and is the warm-up torch asks for
+            # before a capture); the capture records the same step without running it
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                out = self._step()
+            torch.cuda.current_stream().wait_stream(s)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                self.logits = self._step()
+            self.graph = g
+            return out
+        self.graph.replay()
+        return self.logits
+
+
+class TritonContext:
+    """A KV cache on the Triton backend, with the interface of sepedge._native.Context."""
+
+    _kind = "context"
+
+    def __init__(self, model: Model, weights: TritonWeights, *, n_ctx: int = 0, n_batch: int = 512,
+                 n_threads: int = 0, kv_type: str = "f16", kv_mode: str = "full", n_init: int | None = None,
+                 n_sep: int | None = None, n_local: int | None = None, n_cache: int | None = None):
+        from .cache_plan import CachePolicy
+
+        if kv_type not in KV_DTYPES:
+            raise InvalidArgumentError(f"kv_type must be one of {sorted(KV_DTYPES)}, got {kv_type!r}")
+        if kv_mode not in KV_MODES:
+            raise InvalidArgumentError(f"kv_mode must be one of {list(KV_MODES)}, got {kv_mode!r}")
+        _int_arg("n_threads", n_threads, 0)  # accepted for the Engine's signature; the GPU needs none
+        torch = weights.torch
+        self.model, self.weights, self.torch = model, weights, torch
+        self.kv_mode = kv_mode
+        self.policy = CachePolicy(kv_mode, model=model, n_init=n_init, n_sep=n_sep, n_local=n_local, n_cache=n_cache,
+                                  n_ctx=n_ctx, n_batch=n_batch, mask=True)
+        self.n_cells = self.policy.n_cells
+        dtype = torch.float16 if kv_type == "f16" else torch.float32
+        self.fwd = _Forward(weights, self.n_cells, dtype)
+        self.kv_bytes = 2 * self.fwd.k_cache.numel() * self.fwd.k_cache.element_size()
+        self._lock = threading.Lock()
+        self._closed = False
+        # deltas only exist where the policy moves tokens (streaming modes); full and sepllm keep
+        # original positions, and their kernels skip the rotation on read
+        self._graph = None
+        # "static": the graph's fixed-shape step without the capture (any device; for tests)
+        graphs = os.environ.get(GRAPHS_ENV, "1")
+        self._use_graphs = graphs == "static" or (weights.device.type == "cuda" and graphs != "0"
+                                                  and hasattr(torch.cuda, "CUDAGraph"))
+        self._capture = graphs != "static"
+        self._graph_deltas = kv_mode in ("streamingllm", "sepllm-stream")
+        self._embeddings = False
+
+    # --- lifetime and cancellation (as Context)
+
+    @property
+    def ptr(self):
+        if self._closed:
+            raise SepedgeError("the context is closed")
+        return self
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self.cancel()
+        with self._lock:
+            self._closed = True
+            self._graph = None
+            self.fwd.k_cache = self.fwd.v_cache = None
+            self.policy.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def cancel(self) -> None:
+        self.fwd.cancel_event.set()
+
+    def uncancel(self) -> None:
+        self.fwd.cancel_event.clear()
+
+    @property
+    def cancelled(self) -> bool:
+        return self.fwd.cancel_event.is_set()
+
+    # --- evaluation
+
+    def _tensor(self, a: np.ndarray, dtype=None):
+        t = self.torch.from_numpy(np.ascontiguousarray(a))
+        return t.to(self.weights.device, dtype=dtype, non_blocking=True) if dtype else t.to(self.weights.device)
+
+    def _pass(self, toks: np.ndarray, plan, n_out: int, hidden: bool):
+        torch = self.torch
+        T = plan.n_tokens
+        mask = plan.mask
+        if T == 1 and mask.all():
+            mask = None  # decode: the query sees every live cell
+        elif mask.shape[1] >= T and np.array_equal(mask, np.tri(T, mask.shape[1], mask.shape[1] - T, dtype=bool)) \
+                and np.array_equal(plan.live_cells[-T:], plan.cells):
+            mask = None  # causal after the live cells before the chunk: the kernel's own rule, no mask read
+        # the streaming modes always take the rotation on read (by 0 until a cell moves), as their
+        # captured decode step does: one set of kernels, the same rounding whichever path runs
+        use_deltas = self._graph_deltas or bool(plan.live_deltas.any())
+        if (T == 1 and mask is None and not hidden and self._use_graphs
+                and (self._graph_deltas or not use_deltas)):
+            if self._graph is None:
+                self._graph = _DecodeGraph(self.fwd, self._graph_deltas, self._capture)
+            if self.fwd.cancel_event.is_set():
+                raise CancelledError("cancelled")
+            return self._graph(int(toks[0]), int(plan.positions[0]), int(plan.cells[0]), plan.live_cells,
+                               plan.live_deltas)
+        return self.fwd.run(self._tensor(toks, torch.int32), self._tensor(plan.positions), self._tensor(plan.cells),
+                            self._tensor(plan.live_cells), self._tensor(plan.live_deltas) if use_deltas else None,
+                            None if mask is None else self._tensor(mask.view(np.uint8)), None, n_out, hidden)
+
+    def _forward(self, toks: np.ndarray, n_logits: int, hidden: bool = False) -> list:
+        """Every pass the policy plans for `toks`; the outputs on the host. On failure the policy is
+        put back as se_decode leaves a native cache: as before the call when nothing was evicted
+        during it, else cleared (the message says which)."""
+        before = self.policy.info()
+        outs, s = [], 0
+        try:
+            while s < len(toks):
+                plan = self.policy.step(toks[s:])
+                T = plan.n_tokens
+                # logits wanted from this pass: those of the last n_logits tokens of the call
+                first_wanted = len(toks) - n_logits
+                n_out = max(0, s + T - max(first_wanted, s))
+                s += T
+                if n_out == 0 and not hidden:
+                    self._pass(toks[s - T:s], plan, 0, False)  # only the cache is wanted from this pass
+                    continue
+                out = self._pass(toks[s - T:s], plan, n_out, hidden)
+                out = out.float().cpu().numpy()
+                if not np.isfinite(out).all():
+                    raise NumericalError("a logit or hidden state is not finite (NaN or infinite)")
+                outs.append(out)
+        except BaseException as e:
+            self._restore(before)
+            if isinstance(e, SepedgeError):
+                where = "the cache is as it was" if self.policy.info()["n_seen"] == before["n_seen"] else "the cache was cleared"
+                raise type(e)(f"{e}; {where}") from None
+            raise
+        return outs
+
+    def _restore(self, before: dict) -> None:
+        info = self.policy.info()
+        try:
+            if info["n_evicted"] == before["n_evicted"]:
+                self.policy.truncate(before["n_seen"])  # the cells it held were never overwritten
+                return
+        except SepedgeError:
+            pass
+        self.policy.clear()
+
+    def decode(self, tokens, n_logits: int = 1) -> np.ndarray:
+        """Feed tokens after those in the cache; the logits of the last n_logits, (n_logits, n_vocab)."""
+        toks = token_array(tokens, self.model.n_vocab)
+        n_logits = min(_int_arg("n_logits", n_logits, 0), len(toks))
+        if len(toks) == 0:
+            raise InvalidArgumentError("no tokens to evaluate")
+        with self._lock:
+            self.ptr
+            if self.fwd.cancel_event.is_set():
+                raise CancelledError("cancelled before the call; the cache is as it was")
+            outs = self._forward(toks, n_logits)
+        logits = np.concatenate(outs, axis=0) if outs else np.empty((0, self.weights.n_out), np.float32)
+        return np.ascontiguousarray(logits[len(logits) - n_logits:], dtype=np.float32)
+
+    def embeddings(self, tokens, pooling: str = "mean") -> np.ndarray:
+        """The final hidden states (after the output norm) of `tokens`, pooled: (n_embd,) float32."""
+        if pooling not in ("mean", "last"):
+            raise InvalidArgumentError(f"pooling must be one of ['last', 'mean'], got {pooling!r}")
+        toks = token_array(tokens, self.model.n_vocab)
+        if len(toks) == 0:
+            raise InvalidArgumentError("no tokens to evaluate")
+        with self._lock:
+            self.ptr
+            h = np.concatenate(self._forward(toks, 0, hidden=True), axis=0).astype(np.float64)
+        return (h.mean(0) if pooling == "mean" else h[-1]).astype(np.float32)
+
+    # --- the cache (the policy's view; K and V stay where the plans put them)
 
     def clear(self) -> None:
-        self.n_past = 0
+        with self._lock:
+            self.policy.clear()
 
-    def decode(self, tokens) -> "torch.Tensor":
-        """Feed tokens after those in the cache; returns their logits (len(tokens), n_vocab) float32."""
-        torch, K = self.torch, self.K
-        T = len(tokens)
-        if T == 0:
-            raise InvalidArgumentError("no tokens to evaluate")
-        if self.n_past + T > self.n_cells:
-            raise InvalidArgumentError(f"{self.n_past + T} tokens exceed the cache's {self.n_cells} cells")
-        ids = torch.tensor(list(tokens), dtype=torch.int32, device=self.device)
-        if int(ids.min()) < 0 or int(ids.max()) >= self.w["token_embd.weight"][0].shape[0]:
-            raise InvalidArgumentError("token id out of range")
-        H, Hkv, D = self.n_head, self.n_head_kv, self.head_dim
-        positions = torch.arange(self.n_past, self.n_past + T, dtype=torch.int32, device=self.device)
-        cells = torch.arange(0, self.n_past + T, dtype=torch.int32, device=self.device)  # full: cell i = token i
-        emb, qtype, n = self.w["token_embd.weight"]
-        x = K.get_rows(emb, qtype, n, ids)
-        for i in range(self.n_layer):
-            blk = f"blk.{i}"
-            # attention
-            h = K.rms_norm(x, self._vector(f"{blk}.attn_norm.weight"), self.eps)
-            q = self._project(h, f"{blk}.attn_q").view(T, H, D)
-            k = self._project(h, f"{blk}.attn_k").view(T, Hkv, D)
-            v = self._project(h, f"{blk}.attn_v").view(T, Hkv, D)
-            K.rope_(q, positions, self.freqs, self.rope_mode)
-            K.rope_(k, positions, self.freqs, self.rope_mode)
-            kc, vc = self.k_cache[i], self.v_cache[i]
-            kc[self.n_past:self.n_past + T] = k.to(kc.dtype)
-            vc[self.n_past:self.n_past + T] = v.to(vc.dtype)
-            if T == 1:
-                att = K.attention_decode(q[0], kc, vc, cells)
-            else:
-                att = K.attention_prefill(q, kc, vc, cells, self.n_past)
-            x = x + self._project(att.reshape(T, H * D), f"{blk}.attn_output")
-            # SwiGLU feed-forward
-            h = K.rms_norm(x, self._vector(f"{blk}.ffn_norm.weight"), self.eps)
-            ff = K.swiglu(self._project(h, f"{blk}.ffn_gate"), self._project(h, f"{blk}.ffn_up"))
-            x = x + self._project(ff, f"{blk}.ffn_down")
-        self.n_past += T
-        w, qtype, _ = self.w["output.weight"]
-        if T <= 2:  # decode: the final norm fused into the vocabulary-wide product
-            return K.head(w, qtype, x, self._vector("output_norm.weight"), self.eps)
-        return K.matmul(w, qtype, K.rms_norm(x, self._vector("output_norm.weight"), self.eps))
+    def truncate(self, n_keep: int) -> None:
+        with self._lock:
+            self.policy.truncate(n_keep)
+
+    def keep(self, n_keep: int) -> None:
+        with self._lock:
+            self.policy.keep(n_keep)
+
+    def info(self) -> dict:
+        with self._lock:
+            return self._info()
+
+    def _info(self) -> dict:
+        i = self.policy.info()
+        i["kv_bytes"] = self.kv_bytes
+        return i
+
+    def cells(self) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        with self._lock:
+            return self.policy.cells()
+
+    def snapshot(self):
+        with self._lock:
+            return self._info(), self.policy.cells()
+
+    def state_save(self) -> bytes:
+        raise UnsupportedError("saving the cache state is not supported by the Triton backend")
+
+    def state_load(self, data: bytes) -> None:
+        raise UnsupportedError("loading a cache state is not supported by the Triton backend")
+
+
+def load_model(path: str | os.PathLike) -> tuple[Model, TritonWeights]:
+    """The native model (metadata, vocabulary, separators: no backend of the library) and the weights
+    on the device. BackendError first when torch, triton or a GPU is missing."""
+    _device(_imports()[0], None)
+    model = Model(path, "none")
+    try:
+        weights = TritonWeights(path)
+    except BaseException:
+        model.close()
+        raise
+    return model, weights

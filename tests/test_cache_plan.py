@@ -259,6 +259,20 @@ def test_policy_with_a_model_takes_its_defaults(model):
     assert p.cells()[2] == ["sep", "recent"]
 
 
+
+def test_a_model_without_a_backend_serves_a_policy(model, model_path):
+    """SE_DEVICE_NONE (the Triton backend's load): metadata, separators and policies as a CPU model's,
+    nothing repacked, and no context."""
+    with Model(model_path, "none") as bare:
+        assert bare.info["n_bytes_packed"] == 0
+        assert bare.separators == model.separators and bare.meta_keys() == model.meta_keys()
+        toks = np.random.default_rng(0).integers(0, bare.n_vocab, 300)
+        a = CachePolicy("sepllm-stream", model=bare, n_cache=64, n_local=24, n_sep=8).plan(toks)
+        b = CachePolicy("sepllm-stream", model=model, n_cache=64, n_local=24, n_sep=8).plan(toks)
+        assert [p.live_cells.tolist() for p in a] == [p.live_cells.tolist() for p in b]
+        with pytest.raises(InvalidArgumentError, match="without a backend"):
+            Context(bare)
+
 # ---------------------------------------------------------------------------------------------
 # the torch reference over the native plans
 

@@ -1,9 +1,13 @@
-"""The Triton forward pass (sepedge.triton_backend) end to end on tiny models, `full` kv_mode: logits of
-a chunked prompt and of single-token steps against the CPU engine and the float64 torch reference.
-Without a GPU the kernels run through Triton's interpreter on CPU tensors."""
+"""The Triton backend (Engine(device="triton"), sepedge.triton_backend) end to end on tiny random
+models: logits step by step through streams with compressions and evictions, and chunked prompts
+longer than the cache, against the CPU engine, for every kv_mode and several tensor types; cells and
+cache statistics equal to the CPU's (one native policy plans both); the generation API; the errors.
+Without a GPU the kernels run through Triton's interpreter on CPU tensors (small shapes); with one,
+the tests marked `gpu` add longer streams and the CUDA-graph decode."""
 
 import os
 import secrets
+import sys
 
 import numpy as np
 import pytest
@@ -15,53 +19,189 @@ if not CUDA:
 pytest.importorskip("triton")
 
 import fixtures  # noqa: E402
-from sepedge import Engine  # noqa: E402
+from sepedge import BackendError, CancelledError, Engine  # noqa: E402
 from sepedge.reference import Transformer  # noqa: E402
-from sepedge.triton_backend import TritonForward  # noqa: E402
 
-DEVICE = "cuda" if CUDA else "cpu"
-# max |triton - other| / max |other| over the logits. Against the float64 reference: float32 sums,
-# and half-precision operands in the prefill products of quantized weights. Against the CPU engine:
-# its 8-bit activations for quantized weights dominate (see test_engine_logits).
-MAX_REL_REFERENCE = {"f32": 1e-5, "q8_0": 3e-3, "q4_k_m": 3e-3}     # measured 2e-7, 5e-4, 5e-4
-MAX_REL_CPU = {"f32": 1e-5, "q8_0": 3e-2, "q4_k_m": 3e-2}           # measured 2e-7, 1.0e-2, 1.2e-2
-N_PROMPT, N_STEPS = 19, 4
+# max |triton - other| / max |other| over a sequence's logits. Against the CPU engine with f32 keys and
+# values: float weights differ by summation order only; quantized ones by the CPU's 8-bit activations
+# (see test_engine_logits), which the Triton products do not take. Against the float64 reference:
+# float32 sums, and half-precision operands in the prefill products of quantized weights.
+MAX_REL_CPU = {"f32": 1e-4, "f16": 1e-3, "q8_0": 4e-2, "q4_k_m": 4e-2, "q4_0": 4e-2}
+MAX_REL_REFERENCE = {"f32": 1e-4, "q8_0": 3e-3, "q4_k_m": 3e-3}
+# an f16 cache rounds every key and value (2^-11 relative) where the CPU engine's f32 one does not
+MAX_REL_CPU_F16_CACHE = 3e-3
+SEP_RATE = 0.25
+gpu_only = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")]
+
+# small caches so that a short stream compresses and evicts many times (n_batch 8: chunked prompts)
+MODES = [
+    ("full", {}, "gqa-d128-llama31", "f32"),
+    ("full", {}, "qwen2-untied-odd", "q8_0"),
+    ("sepllm", dict(n_init=2, n_sep=4, n_local=8, n_cache=32), "mha-d64", "q4_k_m"),
+    ("sepllm-stream", dict(n_init=2, n_sep=4, n_local=8, n_cache=20), "mha-d64", "f16"),
+    ("sepllm-stream", dict(n_init=2, n_sep=4, n_local=8, n_cache=20), "qwen2-untied-odd", "q4_0"),
+    ("streamingllm", dict(n_init=2, n_local=10, n_cache=13), "gqa-d128-llama31", "q8_0"),
+]
 
 
 def rel(a, b) -> float:
-    return float(np.abs(a - b).max() / np.abs(b).max())
+    return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
 
 
-@pytest.mark.parametrize("spec,outtype", [("gqa-d128-llama31", "f32"), ("qwen2-untied-odd", "q8_0"),
-                                          ("mha-d64", "q4_k_m")])
-def test_logits_match_cpu_engine(gguf_path, spec, outtype):
+@pytest.fixture
+def rng():
     seed = secrets.randbits(32)
     print(f"random seed {seed}")
-    s = fixtures.SPEC_BY_NAME[spec]
+    return np.random.default_rng(seed)
+
+
+def make_stream(rng, llm, n: int) -> list[int]:
+    """Random ids with a separator in about one token of four (so sepllm keeps and caps them)."""
+    seps = np.array(llm.info["separators"])
+    n_tok = fixtures.SPEC_BY_NAME[os.path.basename(llm.model_path).rsplit("-", 1)[0]].n_tokens or llm.n_vocab
+    seps = seps[seps < n_tok]
+    others = np.setdiff1d(np.arange(n_tok), seps)
+    return np.where(rng.random(n) < SEP_RATE, rng.choice(seps, n), rng.choice(others, n)).tolist()
+
+
+def step_by_step(llm, tokens) -> np.ndarray:
+    llm.reset()
+    return np.stack([llm.eval([t]) for t in tokens])
+
+
+@pytest.mark.parametrize("mode,sizes,spec,outtype", MODES, ids=[f"{m}-{s}-{o}" for m, _, s, o in MODES])
+def test_kv_modes_match_cpu(gguf_path, rng, mode, sizes, spec, outtype):
+    """A stream step by step, then as one prompt in chunks of n_batch (longer than a sparse cache):
+    the CPU engine's logits, cells and statistics."""
     path = gguf_path(spec, outtype)
-    tokens = np.random.default_rng(seed).integers(0, s.n_tokens or s.n_vocab, N_PROMPT + N_STEPS).tolist()
-    with Engine(path, n_ctx=64, kv_type="f32") as llm:
-        cpu = llm.eval_logits(tokens)
+    n = 48 if CUDA is False else 400
+    kw = dict(kv_mode=mode, n_batch=8, kv_type="f32", **sizes) if mode != "full" else dict(n_ctx=n + 8, n_batch=8,
+                                                                                          kv_type="f32")
+    with Engine(path, device="triton", **kw) as tri, Engine(path, **kw) as cpu:
+        tokens = make_stream(rng, cpu, n)
+        steps, cpu_steps = step_by_step(tri, tokens), step_by_step(cpu, tokens)
+        assert [list(a) for a in tri._ctx.cells()] == [list(a) for a in cpu._ctx.cells()]
+        assert tri.kv_stats() == cpu.kv_stats()
+        if mode != "full":
+            assert cpu.kv_stats()["tokens_evicted"] > 0  # the stream did compress or evict
+        prompt, cpu_prompt = tri.eval_logits(tokens), cpu.eval_logits(tokens)
+        print(f"rel to the CPU engine: steps {rel(steps, cpu_steps):.3g}, prompt {rel(prompt, cpu_prompt):.3g}")
+        assert rel(steps, cpu_steps) <= MAX_REL_CPU[outtype]
+        assert rel(prompt, cpu_prompt) <= MAX_REL_CPU[outtype]
+        assert tri.kv_stats() == cpu.kv_stats()
+
+
+@pytest.mark.parametrize("spec,outtype", [("gqa-d128-llama31", "f32"), ("mha-d64", "q4_k_m")])
+def test_full_matches_reference(gguf_path, rng, spec, outtype):
+    """A chunked prompt, then decode steps after it, against the float64 torch reference."""
+    path = gguf_path(spec, outtype)
+    s = fixtures.SPEC_BY_NAME[spec]
+    tokens = rng.integers(0, s.n_tokens or s.n_vocab, 23).tolist()
     ref = Transformer.from_gguf(path, dtype=torch.float64)(torch.tensor(tokens)).numpy()
-    fwd = TritonForward(path, n_cells=64, device=DEVICE, kv_dtype=torch.float32)
-    got = torch.cat([fwd.decode(tokens[:N_PROMPT])] + [fwd.decode([t]) for t in tokens[N_PROMPT:]]).cpu().numpy()
-    print(f"rel to reference {rel(got, ref):.3g}, to the CPU engine {rel(got, cpu):.3g}")
+    with Engine(path, device="triton", n_ctx=64, n_batch=8, kv_type="f32") as llm:
+        got = np.concatenate([llm.eval(tokens[:19], all_logits=True)] + [llm.eval([t])[None] for t in tokens[19:]])
+    print(f"rel to the reference {rel(got, ref):.3g}")
     assert rel(got, ref) <= MAX_REL_REFERENCE[outtype]
-    assert rel(got, cpu) <= MAX_REL_CPU[outtype]
 
 
-def test_bad_input(gguf_path, monkeypatch):
-    from sepedge import BackendError, InvalidArgumentError
+def test_f16_cache_and_generation(gguf_path):
+    """The default f16 cache; greedy generation, stop strings and kv_stats through the Engine API."""
+    path = gguf_path("qwen2-tied", "q8_0")
+    kw = dict(kv_mode="sepllm-stream", n_init=2, n_sep=4, n_local=8, n_cache=20)
+    with Engine(path, device="triton", **kw) as tri, Engine(path, kv_type="f32", **kw) as cpu:
+        tokens = list(range(3, 40))
+        assert rel(tri.eval_logits(tokens), cpu.eval_logits(tokens)) <= MAX_REL_CPU_F16_CACHE + MAX_REL_CPU["q8_0"]
+        tri.reset()
+        cpu.reset()
+        g = tri.generate("Hello", max_tokens=6, temperature=0, stream=True)
+        text = "".join(g)
+        assert g.finish_reason in ("length", "stop") and len(g.tokens) <= 6
+        stats = tri.kv_stats()
+        assert stats["mode"] == "sepllm-stream" and stats["capacity"] == 20 and stats["kv_bytes"] > 0
+        assert stats["tokens_seen"] == len(tri.tokenize("Hello")) + g.n_fed
+        if len(text) > 1:
+            stop = text[len(text) // 2:]
+            stopped = tri.generate("Hello", max_tokens=6, temperature=0, stop=stop)
+            assert stopped == text[:text.find(stop)]
+
+
+def test_cancel_keeps_the_cache(gguf_path):
+    """cancel() stops a forward pass between layers; the cache is as it was and stays usable."""
+    path = gguf_path("mha-d64", "f32")
+    with Engine(path, device="triton", n_ctx=32, kv_type="f32") as tri, Engine(path, n_ctx=32, kv_type="f32") as cpu:
+        tri.eval([1, 2, 3])
+        tri._ctx.cancel()
+        with pytest.raises(CancelledError, match="the cache is as it was"):
+            tri._ctx.decode([4, 5])
+        tri._ctx.uncancel()
+        assert tri.kv_stats()["tokens_seen"] == 3
+        cpu.eval([1, 2, 3])
+        assert rel(tri.eval([4, 5]), cpu.eval([4, 5])) <= MAX_REL_CPU["f32"]
+
+
+def test_spawn_shares_weights(gguf_path):
     path = gguf_path("mha-d64", "f16")
-    fwd = TritonForward(path, n_cells=8, device=DEVICE)
-    with pytest.raises(InvalidArgumentError, match="exceed"):
-        fwd.decode(list(range(9)))
-    with pytest.raises(InvalidArgumentError, match="out of range"):
-        fwd.decode([fixtures.SPEC_BY_NAME["mha-d64"].n_vocab])
-    with pytest.raises(InvalidArgumentError, match="no tokens"):
-        fwd.decode([])
-    assert fwd.n_past == 0  # nothing was fed
-    if not CUDA:
-        monkeypatch.delenv("TRITON_INTERPRET")
-        with pytest.raises(BackendError, match="GPU"):
-            TritonForward(path)
+    with Engine(path, device="triton", n_ctx=16, kv_type="f32") as a:
+        b = a.spawn()
+        assert b._weights is a._weights and b._ctx is not a._ctx
+        x = a.eval([5, 6, 7])
+        np.testing.assert_allclose(b.eval([5, 6, 7]), x, rtol=0, atol=1e-5 * np.abs(x).max())
+        b.close()
+        assert a.eval([8]).shape == (a.n_vocab,)
+
+
+def test_cli_device_triton(gguf_path):
+    from click.testing import CliRunner
+
+    from sepedge.cli import main
+    path = gguf_path("mha-d64", "q8_0")
+    r = CliRunner().invoke(main, ["generate", str(path), "-p", "Hi", "-n", "3", "--temperature", "0", "--device", "triton",
+                                  "--kv-mode", "sepllm-stream", "--n-cache", "20", "--n-local", "8", "--n-sep", "4",
+                                  "--n-init", "2"])
+    assert r.exit_code == 0, r.output
+
+
+def test_no_gpu_or_no_triton_is_a_backend_error(gguf_path, monkeypatch):
+    path = gguf_path("mha-d64", "f16")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(BackendError, match="GPU"):
+        Engine(path, device="triton")
+    monkeypatch.setitem(sys.modules, "triton", None)  # as if triton were not installed
+    with pytest.raises(BackendError, match="triton"):
+        Engine(path, device="triton")
+
+
+@pytest.mark.parametrize("mode,sizes", [("full", {}), ("streamingllm", dict(n_init=2, n_local=10, n_cache=13))])
+def test_fixed_shape_decode_equals_direct(gguf_path, rng, monkeypatch, mode, sizes):
+    """The step a CUDA graph captures (inputs in one static buffer sized to the cache, the live count
+    read from device memory, every split launched) run without the capture: the direct path's logits."""
+    path = gguf_path("mha-d64", "q8_0")
+    tokens = rng.integers(0, 1013, 30).tolist()
+    kw = dict(kv_mode=mode, kv_type="f32", **sizes) if mode != "full" else dict(n_ctx=40, kv_type="f32")
+    monkeypatch.setenv("SEPEDGE_TRITON_GRAPHS", "0")
+    with Engine(path, device="triton", **kw) as llm:
+        direct = step_by_step(llm, tokens)
+    monkeypatch.setenv("SEPEDGE_TRITON_GRAPHS", "static")
+    with Engine(path, device="triton", **kw) as llm:
+        static = step_by_step(llm, tokens)
+        assert llm._ctx._graph is not None and llm._ctx._graph.graph is None
+    np.testing.assert_allclose(static, direct, rtol=0, atol=1e-6 * np.abs(direct).max())
+
+
+@pytest.mark.parametrize("mode,sizes", [("full", {}), ("sepllm-stream", dict(n_init=4, n_sep=8, n_local=24, n_cache=64))])
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_graphs_replay_direct_launches(gguf_path, rng, monkeypatch, mode, sizes):
+    """Decode through the captured CUDA graph equals decode by direct launches, bit for bit."""
+    path = gguf_path("gqa-d128-llama31", "q4_k_m")
+    tokens = rng.integers(0, 777, 300).tolist()
+    kw = dict(kv_mode=mode, **sizes) if mode != "full" else dict(n_ctx=512)
+    with Engine(path, device="triton", **kw) as llm:
+        graphs = step_by_step(llm, tokens)
+        assert llm._ctx._graph is not None and llm._ctx._graph.graph is not None
+    monkeypatch.setenv("SEPEDGE_TRITON_GRAPHS", "0")
+    with Engine(path, device="triton", **kw) as llm:
+        direct = step_by_step(llm, tokens)
+        assert llm._ctx._graph is None
+    np.testing.assert_array_equal(graphs, direct)

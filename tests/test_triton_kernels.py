@@ -20,6 +20,7 @@ if not CUDA:
 pytest.importorskip("triton")
 from sepedge import kernels as K  # noqa: E402
 from sepedge.kernels import quants as Q  # noqa: E402
+from sepedge.kernels.matvec import WIDE  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
 TYPES = [Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K]
@@ -36,6 +37,7 @@ ROPE_ATOL = 1e-4             # float32 angles of positions up to 2000 (ulp 1.2e-
 SWIGLU_RTOL, SWIGLU_ATOL = 1e-5, 1e-6
 ATTN_ATOL = 1e-5             # float32 cache: online softmax in float32
 ATTN_HALF_ATOL = 3e-3        # float16 cache in prefill: queries and probabilities rounded to f16
+ATTN_ROT_ATOL = 2e-4         # keys rotated on read: float32 angles of deltas up to 700 (ulp 6e-5), keys ~N(0, 4)
 
 gpu_only = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")]
 SIZES = ["small", pytest.param("large", marks=gpu_only)]
@@ -195,13 +197,32 @@ def check_product(got: torch.Tensor, w64: np.ndarray, x64: np.ndarray, bias, rel
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("qtype", TYPES, ids=type_id)
 def test_matvec(rng, qtype, size):
+    """The default kernel of each type (wide words where there is one) and the byte-wise one."""
     N, T = (37, 2) if size == "small" else (4099, 3)
     n_cols = n_cols_for(qtype, size)
     w = random_weight(rng, qtype, N, n_cols)
     x = rng.standard_normal((T, n_cols)).astype(np.float32)
     bias = rng.standard_normal(N).astype(np.float32) if qtype == Q.Q8_0 else None  # qwen2's q/k/v biases
-    got = K.matvec(on_device(w), qtype, on_device(x), None if bias is None else on_device(bias))
-    check_product(got, decode(w, qtype, n_cols), x.astype(np.float64), bias, DOT_REL)
+    for wide in ([True, False] if qtype in WIDE else [False]):
+        got = K.matvec(on_device(w), qtype, on_device(x), None if bias is None else on_device(bias), wide=wide)
+        check_product(got, decode(w, qtype, n_cols), x.astype(np.float64), bias, DOT_REL)
+        # the residual stream added in the epilogue (with a bias: folded into it)
+        res = rng.standard_normal((T, N)).astype(np.float32)
+        got = K.matvec(on_device(w), qtype, on_device(x), None if bias is None else on_device(bias), wide=wide,
+                       res=on_device(res))
+        check_product(got - on_device(res), decode(w, qtype, n_cols), x.astype(np.float64), bias, DOT_REL + 1e-6)
+
+
+@pytest.mark.parametrize("qtype", list(WIDE), ids=type_id)
+def test_matvec_wide_tails(rng, qtype):
+    """Wide-word kernels with small tiles: an odd number of blocks (a partial last step), rows that do
+    not fill the last program, large scales and codes of every value."""
+    block = Q.BLOCKS[qtype][0]
+    N, n_cols = 13, block * (3 if block == 256 else 7)
+    w = random_weight(rng, qtype, N, n_cols)
+    x = (rng.standard_normal((1, n_cols)) * 5).astype(np.float32)
+    got = K.matvec(on_device(w), qtype, on_device(x), block_n=4, block_k=2 * block, wide=True)
+    check_product(got, decode(w, qtype, n_cols), x.astype(np.float64), None, DOT_REL)
 
 
 @pytest.mark.parametrize("size", SIZES)
@@ -213,9 +234,25 @@ def test_matmul(rng, qtype, size):
     x = rng.standard_normal((M, n_cols)).astype(np.float32)
     bias = rng.standard_normal(N).astype(np.float32) if qtype == Q.Q4_K else None
     blocks = dict(block_m=16, block_n=16, block_k=32) if size == "small" else {}  # several tiles each way
-    got = K.matmul(on_device(w), qtype, on_device(x), None if bias is None else on_device(bias), **blocks)
+    res = rng.standard_normal((M, N)).astype(np.float32) if qtype in (Q.Q8_0, Q.Q4_K) else None
+    got = K.matmul(on_device(w), qtype, on_device(x), None if bias is None else on_device(bias), **blocks,
+                   res=None if res is None else on_device(res))
+    if res is not None:  # the residual stream added in the epilogue
+        got = got - on_device(res)
     check_product(got, decode(w, qtype, n_cols), x.astype(np.float64), bias,
                   DOT_REL if qtype == Q.F32 else HALF_DOT_REL)
+
+
+@pytest.mark.parametrize("wide", [True, False], ids=["words", "generic"])
+def test_matmul_q4_k_kernels(rng, wide):
+    """Q4_K prefill: the whole-word kernel and the generic one, odd sizes (3 blocks, partial tiles),
+    with a residual."""
+    M, N, n_cols = 21, 45, 3 * 256
+    w = random_weight(rng, Q.Q4_K, N, n_cols)
+    x = rng.standard_normal((M, n_cols)).astype(np.float32)
+    res = rng.standard_normal((M, N)).astype(np.float32)
+    got = K.matmul(on_device(w), Q.Q4_K, on_device(x), block_m=16, block_n=16, res=on_device(res), wide=wide)
+    check_product(got - on_device(res), decode(w, Q.Q4_K, n_cols), x.astype(np.float64), None, HALF_DOT_REL)
 
 
 @pytest.mark.parametrize("size", SIZES)
@@ -277,6 +314,30 @@ def test_rope(rng, mode, head_dim):
     assert np.abs(ref_t - ref).max() <= ROPE_ATOL
 
 
+@pytest.mark.parametrize("mode", [K.NORM, K.NEOX], ids=["norm", "neox"])
+def test_rope_store(rng, mode):
+    """New keys rotated at their positions and values, written to scattered cells of an f16 cache
+    from strided views (the K and V columns of a fused QKV product)."""
+    T, H, D, n_cells = 5, 3, 16, 23
+    qkv = rng.standard_normal((T, (4 + 2) * H * D // 2)).astype(np.float32)  # a wider row: strided views
+    k_np = qkv[:, :H * D].reshape(T, H, D)
+    v_np = qkv[:, H * D:2 * H * D].reshape(T, H, D)
+    positions = rng.integers(0, 3000, T)
+    cells = rng.permutation(n_cells)[:T].astype(np.int32)
+    freqs = K.inv_freq(D, 10000.0)
+    x = on_device(qkv)
+    kc = torch.zeros(n_cells, H, D, dtype=torch.float16, device=DEVICE)
+    vc = torch.zeros_like(kc)
+    K.rope_store(x[:, :H * D].view(T, H, D), x[:, H * D:2 * H * D].view(T, H, D), on_device(positions),
+                 on_device(cells), kc, vc, freqs.to(DEVICE), mode)
+    ref_k = K.rope_ref(torch.from_numpy(k_np).double(), torch.from_numpy(positions), freqs.double(), mode).numpy()
+    got_k, got_v = kc.double().cpu().numpy(), vc.double().cpu().numpy()
+    assert np.abs(got_k[cells] - ref_k).max() <= ROPE_ATOL + 2.0 ** -11 * np.abs(ref_k).max()  # f16 rounding
+    assert np.abs(got_v[cells] - v_np).max() <= 2.0 ** -11 * np.abs(v_np).max()
+    others = np.setdiff1d(np.arange(n_cells), cells)
+    assert not got_k[others].any() and not got_v[others].any()
+
+
 @pytest.mark.parametrize("n", [1, 1000, 3 * 1024 + 7])
 def test_swiglu(rng, n):
     g, u = (rng.standard_normal((2, n)) * 6).astype(np.float32)
@@ -284,6 +345,11 @@ def test_swiglu(rng, n):
     g64 = g.astype(np.float64)
     ref = g64 / (1 + np.exp(-g64)) * u
     np.testing.assert_allclose(got, ref, rtol=SWIGLU_RTOL, atol=SWIGLU_ATOL)
+    # rows of a fused gate/up product: the two halves, strided
+    gu = on_device(np.concatenate([np.stack([g, g[::-1]]), np.stack([u, u[::-1]])], axis=1))
+    got2 = K.swiglu(gu[:, :n], gu[:, n:]).double().cpu().numpy()
+    np.testing.assert_allclose(got2[0], ref, rtol=SWIGLU_RTOL, atol=SWIGLU_ATOL)
+    np.testing.assert_allclose(got2[1], (g64 / (1 + np.exp(-g64)) * u)[::-1], rtol=SWIGLU_RTOL, atol=SWIGLU_ATOL)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,3 +407,77 @@ def test_attention_prefill(rng, dtype, size):
     torch_ref = K.attention_prefill_ref(torch.from_numpy(q).double(), torch.from_numpy(k), torch.from_numpy(v),
                                         torch.from_numpy(cells), n_past).numpy()
     assert np.abs(torch_ref - ref).max() <= ATTN_ATOL
+
+
+def rotate64(k: np.ndarray, deltas: np.ndarray, f64: np.ndarray, mode: int) -> np.ndarray:
+    """Keys (S, H, D) rotated by a further delta each, in float64 (the pairings of GGUF.md §6)."""
+    D = k.shape[-1]
+    angle = deltas[:, None, None] * f64[None, None, :]
+    i0 = np.arange(0, D, 2) if mode == K.NORM else np.arange(D // 2)
+    i1 = i0 + 1 if mode == K.NORM else i0 + D // 2
+    src, out = k.astype(np.float64), k.astype(np.float64)
+    out[..., i0] = src[..., i0] * np.cos(angle) - src[..., i1] * np.sin(angle)
+    out[..., i1] = src[..., i0] * np.sin(angle) + src[..., i1] * np.cos(angle)
+    return out
+
+
+def attention64_masked(q, k, v, visible):
+    """Float64 attention of q (T, H, D) over gathered keys/values (S, H_kv, D), visible (T, S) bool."""
+    T, H, D = q.shape
+    rep = H // k.shape[1]
+    k, v = np.repeat(k.astype(np.float64), rep, axis=1), np.repeat(v.astype(np.float64), rep, axis=1)
+    s = np.einsum("thd,shd->hts", q.astype(np.float64), k) / math.sqrt(D)
+    s = np.where(visible[None], s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return np.einsum("hts,shd->thd", p / p.sum(-1, keepdims=True), v)
+
+
+@pytest.mark.parametrize("mode", [K.NORM, K.NEOX], ids=["norm", "neox"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["f32", "f16"])
+def test_attention_decode_deltas_fixed_shape(rng, mode, dtype):
+    """Keys rotated on read by the cache plan's deltas; the live count read from device memory over
+    fixed-size buffers (what a CUDA graph replays), the entries past it ignored."""
+    n_cells, n_live, H, H_kv, D = 61, 29, 4, 2, 16
+    k, v = random_cache(rng, n_cells, H_kv, D, dtype)
+    cells = rng.permutation(n_cells).astype(np.int32)  # all n_cells entries; only the first n_live count
+    deltas = rng.integers(-700, 0, n_cells).astype(np.int32)
+    freqs = K.inv_freq(D, 10000.0)
+    q = rng.standard_normal((H, D)).astype(np.float32)
+    got = K.attention_decode(on_device(q), on_device(k), on_device(v), on_device(cells), deltas=on_device(deltas),
+                             freqs=freqs, rope_mode=mode, n_live=on_device(np.array([n_live], np.int32)),
+                             cells_per_split=8, block_n=4)
+    f64 = 1.0 / 10000.0 ** (np.arange(0, D, 2) / D)
+    live = cells[:n_live]
+    ref = attention64_masked(q[None], rotate64(k[live], deltas[:n_live], f64, mode), v[live],
+                             np.ones((1, n_live), bool))[0]
+    assert np.abs(got.double().cpu().numpy() - ref).max() <= ATTN_ROT_ATOL
+    torch_ref = K.attention_decode_ref(torch.from_numpy(q).double(), torch.from_numpy(k), torch.from_numpy(v),
+                                       torch.from_numpy(live), torch.from_numpy(deltas[:n_live]), freqs, mode).numpy()
+    assert np.abs(torch_ref - ref).max() <= ATTN_ROT_ATOL
+
+
+@pytest.mark.parametrize("mode", [K.NORM, K.NEOX], ids=["norm", "neox"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["f32", "f16"])
+def test_attention_prefill_mask_deltas(rng, mode, dtype):
+    """A chunk under a cache plan's mask (any pattern; every query sees at least its own cell, some see
+    nothing in a whole key block) with keys rotated by deltas."""
+    n_cells, S, T, H, H_kv, D = 70, 41, 19, 4, 2, 32
+    k, v = random_cache(rng, n_cells, H_kv, D, dtype)
+    cells = rng.permutation(n_cells)[:S].astype(np.int32)
+    deltas = rng.integers(-300, 300, S).astype(np.int32)
+    visible = rng.random((T, S)) < 0.4
+    visible[:, :16] = False  # the first key block hidden from everyone
+    visible[np.arange(T), S - T + np.arange(T)] = True
+    freqs = K.inv_freq(D, 500000.0)
+    q = rng.standard_normal((T, H, D)).astype(np.float32)
+    got = K.attention_prefill(on_device(q), on_device(k), on_device(v), on_device(cells), S - T,
+                              mask=on_device(visible), deltas=on_device(deltas), freqs=freqs, rope_mode=mode,
+                              block_m=16, block_n=16)
+    f64 = 1.0 / 500000.0 ** (np.arange(0, D, 2) / D)
+    ref = attention64_masked(q, rotate64(k[cells], deltas, f64, mode), v[cells], visible)
+    err = np.abs(got.double().cpu().numpy() - ref).max()
+    assert err <= (ATTN_ROT_ATOL if dtype == np.float32 else ATTN_HALF_ATOL), f"max error {err:.3g}"
+    torch_ref = K.attention_prefill_ref(torch.from_numpy(q).double(), torch.from_numpy(k), torch.from_numpy(v),
+                                        torch.from_numpy(cells), S - T, torch.from_numpy(visible),
+                                        torch.from_numpy(deltas), freqs, mode).numpy()
+    assert np.abs(torch_ref - ref).max() <= ATTN_ROT_ATOL

@@ -58,6 +58,9 @@ SE_API const char * se_version(void);
 enum se_device {
     SE_DEVICE_CPU  = 0,
     SE_DEVICE_CUDA = 1,
+    SE_DEVICE_NONE = 2,  // no backend of this library: the file is mapped and checked, its metadata,
+                         // vocabulary and separators read, nothing repacked or uploaded (a backend
+                         // outside the library, e.g. Triton, reads the weights); no contexts
 };
 
 typedef struct se_model se_model;

@@ -25,7 +25,7 @@ int se_model_load(const char * path, const se_model_params * params, se_model **
 #ifndef SE_CUDA
     if (p.device == SE_DEVICE_CUDA) return se_error(SE_ERR_BACKEND, "this build of sepedge has no CUDA backend");
 #endif
-    if (p.device != SE_DEVICE_CPU && p.device != SE_DEVICE_CUDA) return se_error(SE_ERR_INVALID_ARGUMENT, "unknown device %d", p.device);
+    if (p.device != SE_DEVICE_CPU && p.device != SE_DEVICE_CUDA && p.device != SE_DEVICE_NONE) return se_error(SE_ERR_INVALID_ARGUMENT, "unknown device %d", p.device);
     se_quants_init();
     se_model * m = calloc(1, sizeof *m);
     if (!m) return se_error(SE_ERR_OUT_OF_MEMORY, "out of memory");
@@ -175,6 +175,9 @@ int se_context_new(se_model * m, const se_context_params * params, se_context **
     if (!out) return se_error(SE_ERR_INVALID_ARGUMENT, "se_context_new: out is NULL");
     *out = NULL;
     if (!m) return se_error(SE_ERR_INVALID_ARGUMENT, "se_context_new: model is NULL");
+    if (m->device == SE_DEVICE_NONE) {
+        return se_error(SE_ERR_INVALID_ARGUMENT, "se_context_new: the model was loaded without a backend (SE_DEVICE_NONE)");
+    }
     se_context_params p = params ? *params : se_context_default_params();
     if (p.n_ctx < 0) return se_error(SE_ERR_INVALID_ARGUMENT, "n_ctx must be >= 0, got %d", p.n_ctx);
     if (p.n_batch < 1) return se_error(SE_ERR_INVALID_ARGUMENT, "n_batch must be >= 1, got %d", p.n_batch);

@@ -1,0 +1,237 @@
+"""Triton backend speed (issue G): `device="triton"` against sepedge's CUDA path and llama.cpp on the
+same GGUF files, in the same run. Rows per model: pp512 and tg128 (full cache), tg128 of the
+sepllm-stream cache (default sizes, c = 800) after 0 and after DEPTH tokens of history; and the
+achieved weight bandwidth of the decode products (every matrix of layer 0 and the output head,
+GGUF bytes / time, the wide-word kernels and the byte-wise ones) next to the measured copy rate.
+
+    python benchmarks/triton_bench.py MODEL.gguf [...] [--llama-bench BIN] [--devices triton,cuda]
+                                      [--reps 3] [--depth 32768] [--json results.json] [--md results.md]
+
+Each invocation adds its rows to the JSON file (so a session can measure in several calls) and
+rewrites the markdown table from all of them. sepedge rows run in this process through
+sepedge.bench (what `sepedge bench` runs); llama.cpp's through llama-bench (-fa 1, -ngl 99).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def copy_rate() -> float:
+    """Device-to-device copy through torch, bytes read + written per second (the ceiling of a
+    kernel that streams its weights once)."""
+    import torch
+    n = 2 << 30
+    a = torch.empty(n, dtype=torch.uint8, device="cuda").random_(0, 255)
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    ts = []
+    for _ in range(10):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        b.copy_(a)
+        e.record()
+        torch.cuda.synchronize()
+        ts.append(s.elapsed_time(e) / 1e3)
+    del a, b
+    torch.cuda.empty_cache()
+    return 2 * n / sorted(ts)[len(ts) // 2]
+
+
+def product_bandwidth(model: str) -> dict:
+    """GB/s of the decode products over layer 0's matrices and the output head, both kernels."""
+    import torch
+    import triton.testing
+
+    from sepedge import kernels as K
+    from sepedge.kernels.matvec import WIDE
+    from sepedge.triton_backend import TritonWeights
+    W = TritonWeights(model)
+    names = [n for n in W.w if n.startswith("blk.0.")] + ["output.weight"]
+    out = {}
+    for wide in (True, False):
+        total_b = total_t = 0.0
+        per = {}
+        for n in names:
+            w, qtype, k = W.w[n]
+            x = torch.randn(1, k, device="cuda")
+            t = triton.testing.do_bench(lambda: K.matvec(w, qtype, x, wide=wide), warmup=10, rep=40) * 1e-3
+            per[n] = {"type": K.NAMES[qtype], "bytes": w.numel(), "us": t * 1e6, "GBps": w.numel() / t / 1e9,
+                      "wide": wide and qtype in WIDE}
+            total_b += w.numel()
+            total_t += t
+        out["wide" if wide else "bytes"] = {"GBps": total_b / total_t / 1e9, "matrices": per}
+    # prefill products of 512 tokens where there are two kernels (Q4_K: whole words or generic), TFLOP/s
+    out["prefill"] = {}
+    for n in names[:-1]:
+        w, qtype, k = W.w[n]
+        if qtype == 12:
+            x = torch.randn(512, k, device="cuda")
+            for wide in (True, False):
+                t = triton.testing.do_bench(lambda: K.matmul(w, qtype, x, wide=wide), warmup=5, rep=25) * 1e-3
+                out["prefill"][f"{n} {'words' if wide else 'generic'}"] = 2 * 512 * w.shape[0] * k / t / 1e12
+    from sepedge.kernels.matvec import WIDE_FAILED, _tuned  # the tiles triton.autotune chose, per type and shape
+    from sepedge.kernels.matmul import WIDE_FAILED as MM_FAILED
+    out["wide_failed"] = {K.NAMES[q]: why for q, why in WIDE_FAILED.items()}
+    out["wide_failed"].update({f"{K.NAMES[q]} matmul": why for q, why in MM_FAILED.items()})
+    out["tuned"] = {K.NAMES[q]: {str(k): str(c) for k, c in t.cache.items()} for q, t in _tuned.items()}
+    del W
+    torch.cuda.empty_cache()
+    return out
+
+
+def run_sepedge(model: str, device: str, reps: int, depth: int) -> list[dict]:
+    from sepedge import Engine
+    from sepedge.bench import bench
+    rows = []
+    t0 = time.perf_counter()
+    with Engine(model, device=device, n_ctx=1024) as llm:
+        load = time.perf_counter() - t0
+        for r in bench(llm, 512, 128, 0, reps):
+            rows.append({"test": r["test"], "kv_mode": "full", **_tps(r)})
+    with Engine(model, device=device, kv_mode="sepllm-stream") as llm:
+        for d in (0, depth):
+            for r in bench(llm, 0, 128, d, reps if d == 0 else 1):  # each repetition rebuilds the history
+                rows.append({"test": r["test"], "kv_mode": "sepllm-stream", **_tps(r)})
+    for r in rows:
+        r["load_s"] = round(load, 1)
+    return rows
+
+
+def _tps(r: dict) -> dict:
+    return {"tps": r["tokens_per_second"], "sd": r["sd"]}
+
+
+def run_llama(bin_path: str, model: str, reps: int) -> list[dict]:
+    rows = []
+    for name, p, n in (("pp512", 512, 0), ("tg128", 0, 128)):
+        cmd = [bin_path, "-m", model, "-ngl", "99", "-fa", "1", "-r", str(reps), "-o", "json", "-p", str(p), "-n", str(n)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode:
+            rows.append({"test": name, "kv_mode": "full", "error": done.stderr[-1000:]})
+            continue
+        r = json.loads(done.stdout)[-1]
+        rows.append({"test": name, "kv_mode": "full", "tps": r["avg_ts"], "sd": r["stddev_ts"]})
+    return rows
+
+
+def table(res: dict) -> str:
+    def get(model, who, test, mode):
+        for r in res["rows"]:
+            if (r["model"], r["who"], r["test"], r["kv_mode"]) == (model, who, test, mode) and "tps" in r:
+                return r
+        return None
+
+    def fmt(r):
+        return f"{r['tps']:.1f} ± {r['sd']:.1f}" if r else "-"
+
+    def ratio(a, b):
+        return f"{a['tps'] / b['tps']:.2f}" if a and b else "-"
+
+    models = list(dict.fromkeys(r["model"] for r in res["rows"]))
+    depth = res.get("depth", 32768)
+    lines = [f"GPU: {res.get('gpu', '?')}; {res.get('versions', '')}", "",
+             "| model | test | Triton t/s | sepedge CUDA t/s | llama.cpp t/s | Triton / CUDA | Triton / llama.cpp |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for m in models:
+        for test, mode, label in (("pp512", "full", "pp512"), ("tg128", "full", "tg128"),
+                                  ("tg128", "sepllm-stream", "tg128 sepllm-stream"),
+                                  (f"tg128@d{depth}", "sepllm-stream", f"tg128 sepllm-stream after {depth}")):
+            t, c, ll = get(m, "triton", test, mode), get(m, "cuda", test, mode), get(m, "llama.cpp", test, mode)
+            if not (t or c or ll):
+                continue
+            lines.append(f"| {m} | {label} | {fmt(t)} | {fmt(c)} | {fmt(ll)} | {ratio(t, c)} | {ratio(t, ll)} |")
+    lines.append("")
+    for m in models:
+        ratios = []
+        for who in ("triton", "cuda"):
+            a, b = get(m, who, f"tg128@d{depth}", "sepllm-stream"), get(m, who, "tg128", "sepllm-stream")
+            if a and b:
+                ratios.append(f"{'Triton' if who == 'triton' else 'CUDA'} {a['tps'] / b['tps']:.2f}")
+        if ratios:
+            lines.append(f"- {m}: sepllm-stream decode after {depth} tokens / after 0: " + ", ".join(ratios))
+    for r in res["rows"]:
+        if "error" in r:
+            lines.append(f"- {r['model']} {r['who']}: error ({r['error'][-300:].strip()})")
+    bw = res.get("bandwidth", {})
+    if bw:
+        cr = res.get("copy_TBps")
+        lines += ["", f"Decode products (layer 0's matrices + output head, GGUF bytes / time; copy rate "
+                      f"{cr:.2f} TB/s read + written):" if cr else "Decode products:", "",
+                  "| model | wide-word kernels TB/s | byte-wise kernels TB/s | wide / copy rate |", "|---|---:|---:|---:|"]
+        for m, b in bw.items():
+            frac = f"{b['wide']['GBps'] / 1e3 / cr:.0%}" if cr else "-"
+            lines.append(f"| {m} | {b['wide']['GBps'] / 1e3:.2f} | {b['bytes']['GBps'] / 1e3:.2f} | {frac} |")
+        for m, b in bw.items():
+            if b.get("wide_failed"):
+                lines += ["", f"{m}: kernels that fell back: {b['wide_failed']}"]
+            if b.get("prefill"):
+                lines += ["", f"{m}, Q4_K prefill products of 512 tokens (TFLOP/s): "
+                          + ", ".join(f"{n.removeprefix('blk.0.')} {v:.1f}" for n, v in b["prefill"].items())]
+            lines += ["", f"{m}, per matrix (wide / byte-wise GB/s): " + ", ".join(
+                f"{n.removeprefix('blk.0.').removesuffix('.weight')} {v['type']} {v['GBps']:.0f} / "
+                f"{b['bytes']['matrices'][n]['GBps']:.0f}" for n, v in b["wide"]["matrices"].items())]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("models", nargs="*")
+    ap.add_argument("--llama-bench", default=None)
+    ap.add_argument("--devices", default="triton,cuda")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--depth", type=int, default=32768)
+    ap.add_argument("--bandwidth", action="store_true", help="measure the decode products' bandwidth too")
+    ap.add_argument("--json", type=Path, default=RESULTS / "triton_bench.json")
+    ap.add_argument("--md", type=Path, default=RESULTS / "triton_bench.md")
+    args = ap.parse_args()
+    res = json.loads(args.json.read_text()) if args.json.exists() else {"rows": []}
+    res["depth"] = args.depth
+    if args.models:
+        import torch
+        import triton
+        res["gpu"] = torch.cuda.get_device_name()
+        res["versions"] = f"torch {torch.__version__}, triton {triton.__version__}, Python {platform.python_version()}"
+
+    def save():
+        args.json.write_text(json.dumps(res, indent=1))
+        args.md.write_text("# Triton backend speed\n\n`python benchmarks/triton_bench.py` (benchmarks/cuda_session.sh "
+                           "phase `tritonbench`); random-weight files from benchmarks/random_gguf.py.\n\n"
+                           + table(res) + "\n")
+
+    if args.bandwidth and args.models:
+        res["copy_TBps"] = copy_rate() / 1e12
+        res.setdefault("bandwidth", {})
+        for m in args.models:
+            res["bandwidth"][Path(m).name] = product_bandwidth(m)
+            print(Path(m).name, {k: round(v["GBps"]) for k, v in res["bandwidth"][Path(m).name].items()
+                                 if isinstance(v, dict) and "GBps" in v}, flush=True)
+            save()
+    for m in args.models:
+        for who in [d for d in args.devices.split(",") if d] + (["llama.cpp"] if args.llama_bench else []):
+            try:
+                rows = run_llama(args.llama_bench, m, args.reps) if who == "llama.cpp" else \
+                    run_sepedge(m, who, args.reps, args.depth)
+            except Exception as e:  # one failing tool must not lose the others' rows
+                rows = [{"test": "all", "kv_mode": "-", "error": f"{type(e).__name__}: {e}"}]
+            res["rows"] = [r for r in res["rows"] if not (r["model"] == Path(m).name and r["who"] == who)]
+            for r in rows:
+                res["rows"].append({"model": Path(m).name, "who": who, **r})
+                print(json.dumps(res["rows"][-1]), flush=True)
+            save()
+    save()
+    print(table(res))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+#!/bin/bash
+# The Triton backend on a GPU machine (CUDA, cmake, python3 with torch and triton, no network), in
+# short calls to a machine that stays warm between them: everything built or written goes to /tmp
+# and is reused by the next call. Wheels in .whl/, vocabularies (and llama-bench) in .gpu/ as for
+# benchmarks/cuda_session.sh; the real SmolLM2 file arrives in two parts (one call carries at most
+# 64 MiB): part A under .trid-a/smol.part* in one call (phase stash), part B in the next (phase smol).
+# DEADLINE (seconds from the start of the script, default 280) bounds the long phases; TEST_K selects tests.
+#
+#     bash benchmarks/triton_session.sh setup tests stash ...   (phases in order; logs in $OUT)
+#
+# Phases: setup (wheels; the library without CUDA built at once under /tmp, with CUDA in the
+# background), stash (copy .trid*/smol.part* to /tmp), smol (join the parts, greedy text against
+# the CPU engine), tests / kerneltests (pytest of the Triton backend / kernels, compiled on the GPU),
+# models-bg / models (the random-weight 8B files: started in the background / waited for),
+# bandwidth (decode products + copy rate), bench (benchmarks/triton_bench.py, DEVICES=triton,cuda),
+# use-llama (the llama-bench of .gpu/), llamabench (its rows).
+set -u
+OUT=${OUT:-/tmp/sepedge-out}
+mkdir -p "$OUT" /tmp/models /tmp/smol /tmp/results  # results accumulate across calls in /tmp/results
+export PYTHONUNBUFFERED=1
+ARCH=${CUDA_ARCH:-90}
+export PYTHONPATH=/tmp/site:$PWD
+# the CPU-only library (built in seconds) serves tests and the SmolLM2 check; the CUDA one (built in the
+# background by setup) the benchmark's CUDA rows
+if [ -e /tmp/build-gpu/done ]; then export SEPEDGE_LIB=/tmp/build-gpu/libsepedge.so; else export SEPEDGE_LIB=/tmp/build-cpu/libsepedge.so; fi
+export SEPEDGE_SMOLLM2_VOCAB=/tmp/vocab/smollm2-vocab.gguf
+MODELS="/tmp/models/llama3-8b-q4_0.gguf /tmp/models/llama3-8b-q4_k_m.gguf"
+ln -sfn ../convert sepedge/convert   # where the wheel puts them
+ln -sfn ../kernels sepedge/kernels
+
+setup() {
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+    python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+    [ -e /tmp/site/gguf ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || return 1
+    mkdir -p /tmp/vocab && cp -n .gpu/*vocab*.gguf .trid*/*vocab*.gguf /tmp/vocab/ 2>/dev/null; ls /tmp/vocab
+    if [ ! -e /tmp/build-cpu/libsepedge.so ]; then  # the C sources do not change between calls: built once
+        rm -rf /tmp/nsrc && mkdir -p /tmp/nsrc && cp -r CMakeLists.txt native /tmp/nsrc/
+        local t0=$SECONDS
+        cmake -S /tmp/nsrc -B /tmp/build-cpu -DCMAKE_BUILD_TYPE=Release -DSEPEDGE_CUDA=OFF > "$OUT/build-cpu.log" 2>&1 &&
+            cmake --build /tmp/build-cpu -j "$(nproc)" >> "$OUT/build-cpu.log" 2>&1 || { tail -30 "$OUT/build-cpu.log"; return 1; }
+        echo "CPU library built in $((SECONDS - t0)) s"
+        (setsid bash -c "cmake -S /tmp/nsrc -B /tmp/build-gpu -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=$ARCH \
+            > /tmp/build-gpu.log 2>&1 && cmake --build /tmp/build-gpu -j 8 >> /tmp/build-gpu.log 2>&1 && touch /tmp/build-gpu/done \
+            || touch /tmp/build-gpu.failed" &)
+    fi
+}
+
+wait_gpu_lib() {
+    local t0=$SECONDS
+    while [ ! -e /tmp/build-gpu/done ] && [ ! -e /tmp/build-gpu.failed ] && [ $((SECONDS - t0)) -lt 200 ]; do sleep 1; done
+    tail -3 /tmp/build-gpu.log
+    [ -e /tmp/build-gpu/done ] && export SEPEDGE_LIB=/tmp/build-gpu/libsepedge.so && echo "CUDA library ready"
+}
+
+left() {  # seconds to DEADLINE, at least 5
+    local l=$(( ${DEADLINE:-280} - SECONDS ))
+    [ $l -lt 5 ] && l=5
+    echo $l
+}
+
+make_models() {  # the two 8B files, in parallel; /tmp/models-done when both are written
+    touch /tmp/models-started
+    for t in q4_0 q4_k_m; do
+        [ -e /tmp/models/llama3-8b-$t.gguf ] || python3 benchmarks/random_gguf.py llama3-8b $t \
+            --vocab /tmp/vocab/ggml-vocab-llama-bpe.gguf -o /tmp/models/llama3-8b-$t.gguf.tmp &
+    done
+    wait
+    for t in q4_0 q4_k_m; do [ -e /tmp/models/llama3-8b-$t.gguf.tmp ] && mv /tmp/models/llama3-8b-$t.gguf.tmp /tmp/models/llama3-8b-$t.gguf; done
+    touch /tmp/models-done
+}
+
+for phase in "$@"; do
+    echo "=== $phase $(date +%T)"
+    case $phase in
+        setup) setup || exit 1 ;;
+        stash) cp .trid*/smol.part* /tmp/smol/ && ls -la /tmp/smol ;;
+        smol) cp -n .trid*/smol.part* /tmp/smol/ 2>/dev/null
+              cat /tmp/smol/smol.part* > /tmp/smol/smollm2.gguf && sha256sum /tmp/smol/smollm2.gguf | tee "$OUT/smol.sha256"
+              timeout $(left) python3 benchmarks/triton_smollm2.py /tmp/smol/smollm2.gguf --json "$OUT/triton_smollm2.json" \
+                  2>&1 | tee "$OUT/smol.log" | tail -12 ;;
+        tests) timeout $(left) python3 -m pytest -q -p no:cacheprovider -rs ${TEST_K:+-k "$TEST_K"} \
+                   tests/test_triton_backend.py 2>&1 | tee "$OUT/tests-backend.log" | tail -15 ;;
+        kerneltests) timeout $(left) python3 -m pytest -q -p no:cacheprovider -rs ${TEST_K:+-k "$TEST_K"} \
+                   tests/test_triton_kernels.py 2>&1 | tee "$OUT/tests-kernels.log" | tail -15 ;;
+        models-bg) (setsid bash -c "$(declare -f make_models); make_models > $OUT/models.log 2>&1" &) ;;
+        models) [ -e /tmp/models-started ] || make_models > "$OUT/models.log" 2>&1
+                while [ ! -e /tmp/models-done ]; do sleep 1; done; ls -la /tmp/models ;;
+        bandwidth) timeout $(left) python3 benchmarks/triton_bench.py --bandwidth --devices "" $MODELS --json /tmp/results/triton_bench.json \
+                       --md /tmp/results/triton_bench.md 2>&1 | tail -20 ;;
+        bench) wait_gpu_lib; timeout $(left) python3 benchmarks/triton_bench.py --devices ${DEVICES:-triton,cuda} --reps ${REPS:-3} $MODELS \
+                   --json /tmp/results/triton_bench.json --md /tmp/results/triton_bench.md 2>&1 | tail -30 ;;
+        use-llama) mkdir -p /tmp/llama-build/bin && cat .gpu/llama-bench.xz.* | xz -dc > /tmp/llama-build/bin/llama-bench &&
+                   chmod +x /tmp/llama-build/bin/llama-bench ;;
+        llamabench) timeout $(left) python3 benchmarks/triton_bench.py --devices "" --llama-bench /tmp/llama-build/bin/llama-bench \
+                        --reps ${REPS:-3} $MODELS --json /tmp/results/triton_bench.json --md /tmp/results/triton_bench.md 2>&1 | tail -20 ;;
+        *) echo "unknown phase $phase"; exit 2 ;;
+    esac
+done
+cp /tmp/results/* "$OUT/" 2>/dev/null
+echo "=== done $(date +%T)"
