@@ -243,6 +243,15 @@ def why_tables() -> list[str]:
             hot = [str(i) for i, lay in enumerate(r["per_layer"]) if lay["separator"] > 0.10]
             lines.append(f"| {model} | {text} | {r['tokens']} | {m['initial']:.3f} | {m['separator']:.3f} | "
                          f"{m['local']:.3f} | {m['other']:.3f} | {ratio:.2f} | {', '.join(hot) or 'none'} |")
+        if extra := [(model, text, r) for model, text, r in rows if "streaming_extra" in r["mean_over_layers"]]:
+            lines += ["", "What each c=800 cache keeps beyond SepLLM's 257-token window, as attention it received under "
+                      "full attention: StreamingLLM's next 540 positions against SepLLM's newest 64 separators.", "",
+                      "| model | text | StreamingLLM positions 258–797 back: share (cells) | "
+                      "newest 64 separators: share (cells) |", "|---|---|---|---|"]
+            for model, text, r in extra:
+                m, c = r["mean_over_layers"], r["cells_per_query"]
+                lines.append(f"| {model} | {text} | {m['streaming_extra']:.3f} ({c['streaming_extra']:.0f}) | "
+                             f"{m['newest_64_separators']:.3f} ({c['newest_64_separators']:.0f}) |")
     if rows := _why("lifetimes"):
         lines += ["", "Separators evicted from the separator region (native policy over 65,536 tokens): age = tokens "
                   "between the separator and the query when it left; `young` = left before it was older than "
@@ -303,17 +312,27 @@ def plot(rows: list[dict]) -> None:
     import matplotlib.pyplot as plt
 
     panels = sorted({(r["model"], r["text"]) for r in rows}, key=lambda mt: (list(MODELS).index(mt[0]), mt[1]))
-    fig, axes = plt.subplots(len(panels), 1, figsize=(9, 3.2 * len(panels)), squeeze=False)
-    for ax, (model, text) in zip(axes[:, 0], panels):
-        for r in rows:
-            if (r["model"], r["text"]) == (model, text) and r["curve"]:
-                x, y = zip(*r["curve"])
-                ax.plot(x, y, label=r["row"], lw=1.2, ls="-" if "sepllm" in r["row"] else "--")
+    base_row = "streamingllm c=800 w=796"
+    fig, axes = plt.subplots(len(panels), 2, figsize=(15, 3.4 * len(panels)), squeeze=False)
+    for (ax, rax), (model, text) in zip(axes, panels):
+        mine = [r for r in rows if (r["model"], r["text"]) == (model, text) and r["curve"]]
+        base = next((dict(r["curve"]) for r in mine if r["row"] == base_row), None)
+        for r in mine:
+            x, y = zip(*r["curve"])
+            style = dict(label=r["row"], lw=1.2, ls="-" if "sepllm" in r["row"] else "--")
+            ax.plot(x, y, **style)
+            if base:
+                pts = [(k, v / base[k]) for k, v in r["curve"] if k in base]
+                if pts:
+                    rax.plot(*zip(*pts), **style)
         ax.set_title(f"{model} on {text}: running perplexity")
-        ax.set_xscale("log")
-        ax.set_xlabel("tokens scored")
+        rax.set_title(f"{model} on {text}: running perplexity / {base_row}'s")
+        for a in (ax, rax):
+            a.set_xscale("log")
+            a.set_xlabel("tokens scored")
+            a.grid(alpha=0.3)
         ax.set_ylabel("perplexity so far")
-        ax.grid(alpha=0.3)
+        rax.set_ylabel("ratio")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(OUT / "quality_sepllm.png", dpi=110)

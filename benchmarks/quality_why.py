@@ -37,7 +37,7 @@ import quality_sepllm as Q  # noqa: E402
 
 from sepedge import Engine  # noqa: E402
 from sepedge.cache_plan import CachePolicy  # noqa: E402
-from sepedge.perplexity import nll  # noqa: E402
+from sepedge.perplexity import perplexity  # noqa: E402
 from sepedge.vocab import resolve_separators  # noqa: E402
 
 # the shape of the reference's Llama-3 streaming list (SEPLLM.md §2.3): the marks and "\n", their
@@ -112,6 +112,12 @@ def mass(model: str, text: str, n: int, skip: int, threads: int) -> None:
     region["local"] = causal & (j > i - w) & ~region["initial"]
     region["separator"] = causal & is_sep[None, :] & ~region["initial"] & ~region["local"]
     region["other"] = causal & ~region["initial"] & ~region["local"] & ~region["separator"]
+    # what each c=800 cache holds beyond SepLLM's window: StreamingLLM the next 540 positions
+    # (w = 796), SepLLM's separator region the newest 64 separators (s = 64)
+    region["streaming_extra"] = causal & (j > i - 797) & (j <= i - w) & (j >= n_init)
+    count = torch.cumsum(is_sep.long(), 0)  # separators at or before each position
+    edge = (i - w).clamp(min=0)
+    region["newest_64_separators"] = region["separator"] & (count[edge] - count[j] < 64)
     region = {k: v[skip:].float() for k, v in region.items()}
     per_layer, layer = [], [0]
 
@@ -142,8 +148,8 @@ def ppl(model: str, tokens: list[int], row: str, threads: int, kv_type: str = "f
         if separators is not None:  # a context takes the model's set when it is made: spawn one after
             base._model.separators = separators
             llm = base.spawn()
-        out = nll(llm.eval_logits(tokens)[:-1], np.asarray(tokens[1:]))
-    return math.exp(float(out.mean()))
+        return perplexity(llm, tokens, chunk=Q.CHUNK)["perplexity"]  # in chunks: all logits of 8K tokens
+                                                                       # of a 152K vocabulary would be 5 GB
 
 
 def sepset(model: str, text: str, n: int, threads: int) -> None:
