@@ -54,8 +54,12 @@ def prompt(e: Engine, length: int, depth: float, key: int) -> tuple[list[int], i
     return ids, len(filler) - cut + len(question)
 
 
-def answer(llm: Engine, ids: list[int], n: int = 8) -> str:
+def answer(llm: Engine, ids: list[int], n: int = 8, pin: int = 0) -> str:
+    """Greedy continuation of `ids`; pin > 0 makes the first `pin` tokens initial ones (never
+    evicted, as a chat's system prompt with keep_system), in the sparse modes."""
     llm.reset()
+    if pin and llm.kv_mode != "full":
+        llm._ctx.keep(pin)
     logits = llm.eval(ids)
     out = []
     for _ in range(n):
@@ -72,6 +76,8 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=2, help="passkeys per depth")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--modes", default="all")
+    ap.add_argument("--pin-intro", action="store_true",
+                    help="keep the instruction (BOS + intro) as initial tokens: the modes get ' +pinned' names")
     a = ap.parse_args()
     out = Q.ROWS_DIR / f"passkey-{a.model}.json"
     res = json.loads(out.read_text()) if out.is_file() else {}
@@ -81,22 +87,31 @@ def main() -> None:
     keys = [[rng.randrange(10000, 100000) for _ in range(a.trials)] for _ in DEPTHS]
     modes = [m for m in MODES if a.modes == "all" or any(s in m for s in a.modes.split(","))]
     for mode in modes:
-        with Engine(Q.model_path(a.model), n_threads=a.threads, n_batch=Q.CHUNK, **MODES[mode]) as llm:
-            r = res["modes"][mode] = {"by_depth": {}, "engine": MODES[mode]}
+        kw, pin = dict(MODES[mode]), 0
+        if a.pin_intro and mode != "full":
+            with Engine(Q.model_path(a.model), n_ctx=16) as e:
+                pin = len(e.tokenize("", add_bos=True)) + len(e.tokenize(INTRO, add_bos=False))
+            if kw["kv_mode"] != "sepllm-stream":  # the pinned tokens come out of the window: same capacity
+                kw["n_local"] -= pin - kw["n_init"]
+        with Engine(Q.model_path(a.model), n_threads=a.threads, n_batch=Q.CHUNK, **kw) as llm:
+            name = mode + (" +pinned instruction" if pin else "")
+            r = res["modes"][name] = {"by_depth": {}, "engine": kw, "pinned": pin}
             t0 = time.perf_counter()
             for depth, dkeys in zip(DEPTHS, keys):
                 hits, dist, said = 0, 0, []
                 for key in dkeys:
                     ids, dist = prompt(llm, a.length, depth, key)
-                    text = answer(llm, ids)
+                    text = answer(llm, ids, pin=pin)
                     digits = re.search(r"\d+", text)
                     hits += bool(digits and digits.group() == str(key))
                     said.append(text)
                 r["by_depth"][str(depth)] = {"accuracy": hits / len(dkeys), "tokens_after_needle": dist,
                                              "answers": said, "keys": dkeys}
                 r["seconds"] = time.perf_counter() - t0
+                if out.is_file():  # rows written meanwhile by another run of this script
+                    res["modes"] = {**json.loads(out.read_text())["modes"], name: r}
                 out.write_text(json.dumps(res, indent=1))
-                print(f"{a.model} {mode} depth {depth} ({dist} tokens after): {hits}/{len(dkeys)} {said}", flush=True)
+                print(f"{a.model} {name} depth {depth} ({dist} tokens after): {hits}/{len(dkeys)} {said}", flush=True)
 
 
 if __name__ == "__main__":

@@ -196,7 +196,7 @@ def report() -> None:
     order = {name: i for i, name in enumerate(ROWS)}
     for r in sorted(rows, key=lambda r: (list(MODELS).index(r["model"]), r["text"], order.get(r["row"], 99))):
         cp = r["checkpoints"]
-        status = "" if r["done"] else " (running)"
+        status = "" if r["done"] else " (partial)"
         lines.append(f"| {r['model']} | {r['text']} | {r['row']} | {r['engine']['n_cache']} / {r['engine']['n_local']} | "
                      f"{r['scored']}{status} | {fmt(cp.get('5120'))} | {fmt(cp.get('10240'))} | {fmt(cp.get('20480'))} | "
                      f"{fmt(cp.get('65536'))} | {fmt(r['perplexity'])} | {r['avg_attended']:.1f} | "
