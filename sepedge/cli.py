@@ -92,7 +92,7 @@ def sampling_options(f):
     return f
 
 
-KV_MODES = ["full", "sepllm", "sepllm-stream", "streamingllm"]
+KV_MODES = ["full", "sepllm", "sepllm-stream", "streamingllm", "sepllm-slide", "sepllm-runs"]  # sepedge._native.KV_MODES, without loading the library (tests check they agree)
 
 
 def cache_options(default_mode: str):

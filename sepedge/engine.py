@@ -256,7 +256,10 @@ class Engine:
             Triton kernels of sepedge.kernels; needs `pip install sepedge[triton]`).
         kv_mode: which tokens the KV cache keeps: "full" (all, up to n_ctx), "sepllm" (training-free
             SepLLM: initial, separators, last n_local; original positions), "sepllm-stream" (streaming
-            SepLLM, n_cache cells, unbounded input), "streamingllm" (initial + last n_local).
+            SepLLM, n_cache cells, unbounded input), "streamingllm" (initial + last n_local),
+            "sepllm-slide" / "sepllm-runs" (SepLLM with a window that slides every token and a FIFO of
+            the n_sep newest separators that left it, n_init + n_sep + n_local <= n_cache; runs: one
+            separator per run of consecutive ones).
         n_init, n_sep, n_local, n_cache: SepLLM sizes; None = the model's `sepllm.*` defaults.
         keep_system: in chat, the rendered system prompt joins the initial region, so a long chat
             never evicts it.

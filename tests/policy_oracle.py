@@ -41,10 +41,15 @@ class StreamingCache:
     (all recent entries but the newest n_local - 1) keeps only its separators, appended to the
     separator region, which keeps its newest n_sep (0 = all). This is the reference's compression
     after a token at len > cache_size, with cache_size = n_cache - 1 and local_size = n_local - 1.
+
+    mode "sepllm-slide" / "sepllm-runs" (issue J's variants): the window of the last n_local tokens
+    slides every token as StreamingLLM's; a separator leaving it is appended to the separator
+    region, which keeps its newest n_sep. sepllm-runs skips a separator whose next token is a
+    separator too (the run's last one stands for it).
     """
 
     def __init__(self, mode: str, is_sep, n_init: int, n_sep: int, n_local: int, n_cache: int):
-        if mode not in ("streamingllm", "sepllm-stream"):
+        if mode not in ("streamingllm", "sepllm-stream", "sepllm-slide", "sepllm-runs"):
             raise ValueError(f"unknown streaming mode {mode!r}")
         self.mode, self.is_sep = mode, set(int(t) for t in is_sep)
         self.n_init, self.n_sep, self.n_local, self.n_cache = n_init, n_sep, n_local, n_cache
@@ -63,6 +68,19 @@ class StreamingCache:
         idx = {r: [i for i, e in enumerate(self.entries) if e[2] == r] for r in ("init", "sep", "recent")}
         if self.mode == "streamingllm":
             self._keep(idx["init"] + idx["recent"][max(0, len(idx["recent"]) - (self.n_local - 1)):])
+        elif self.mode in ("sepllm-slide", "sepllm-runs"):
+            n_out = max(0, len(idx["recent"]) - (self.n_local - 1))  # they leave the window now
+            out, keep = idx["recent"][:n_out], idx["recent"][n_out:]
+            seps = list(idx["sep"])
+            for i in out:
+                tok, pos, _ = self.entries[i]
+                nxt = [e for e in self.entries if e[1] == pos + 1]
+                runs = self.mode == "sepllm-runs" and nxt and nxt[0][0] in self.is_sep
+                if tok in self.is_sep and not runs:
+                    seps = (seps + [i])[-self.n_sep:]
+            for i in seps:
+                self.entries[i] = (*self.entries[i][:2], "sep")
+            self._keep(idx["init"] + seps + keep)
         elif len(self.entries) >= self.n_cache:
             self.n_compressions += 1
             local = max(0, len(idx["recent"]) - (self.n_local - 1))
@@ -125,6 +143,9 @@ def views(mode: str, tokens: list[int], separators, n_init: int, n_sep: int, n_l
     distance) in cache order [initial | separators | recent]; compressed says whether the cache
     was compressed when the token arrived (sepllm-stream)."""
     seps = set(int(s) for s in separators)
+    if mode in ("sepllm-slide", "sepllm-runs"):
+        yield from _slide_views(mode, tokens, seps, n_init, n_sep, n_local)
+        return
     if mode in ("streamingllm", "sepllm-stream"):
         cache = StreamingCache(mode, seps, n_init, n_sep, n_local, n_cache)
         for t in tokens:
@@ -148,4 +169,25 @@ def views(mode: str, tokens: list[int], separators, n_init: int, n_sep: int, n_l
         init = [j for j in range(min(n_init, i + 1))]
         window = [j for j in range(max(n_init, edge + 1), i + 1)]
         yield ([(tokens[j], j, "init", i - j) for j in init] + [(tokens[j], j, "sep", i - j) for j in kept] +
+               [(tokens[j], j, "recent", i - j) for j in window]), False
+
+
+def _slide_views(mode: str, tokens: list[int], seps: set[int], n_init: int, n_sep: int, n_local: int):
+    """sepllm-slide / sepllm-runs by positions: query i sees the initial tokens, the newest n_sep
+    separators that left its window (for sepllm-runs, those whose next token is no separator, or
+    was not yet seen when they left), and the window (i - n_local, i]. The window keeps original
+    distances; the separators, then the initial tokens, sit in the slots right before it."""
+    left: list[int] = []
+    for i in range(len(tokens)):
+        edge = i - n_local  # leaves the window of query i
+        if edge >= n_init and tokens[edge] in seps:
+            if not (mode == "sepllm-runs" and edge + 1 < i and tokens[edge + 1] in seps):
+                left.append(edge)
+        kept = left[-n_sep:]
+        init = list(range(min(n_init, i + 1)))
+        window = list(range(max(n_init, edge + 1), i + 1))
+        first = window[0] if window else i + 1  # no window: the query is an initial token itself
+        before = [(j, "init") for j in init] + [(j, "sep") for j in kept]
+        slot0 = first - len(before)
+        yield ([(tokens[j], j, region, i - (slot0 + k)) for k, (j, region) in enumerate(before)] +
                [(tokens[j], j, "recent", i - j) for j in window]), False

@@ -37,6 +37,12 @@ CONFIGS = [
     ("sepllm-stream", 0, 5, 2, 9),
     ("sepllm-stream", 4, 0, 9, 900),       # every separator kept (fits this stream)
     ("sepllm-stream", 1, 31, 5, 40),
+    ("sepllm-slide", 3, 7, 13, 23),        # every cell in use: 3 + 7 + 13
+    ("sepllm-slide", 0, 1, 1, 5),          # the window is the current token alone
+    ("sepllm-slide", 4, 64, 200, 300),
+    ("sepllm-runs", 3, 7, 13, 24),
+    ("sepllm-runs", 2, 5, 2, 9),
+    ("sepllm-runs", 0, 3, 1, 4),
 ]
 N_TOKENS = 2700
 
@@ -291,6 +297,8 @@ def rel(a, b) -> float:
     ("streamingllm", 3, 0, 21, 24, 8),
     ("sepllm", 4, 8, 24, 64, 32),
     ("full", 4, 0, 1, 400, 64),
+    ("sepllm-slide", 4, 8, 24, 40, 16),
+    ("sepllm-runs", 3, 6, 20, 30, 8),
 ])
 def test_reference_follows_the_native_plans(model, model_path, reference, rng, mode, n_init, n_sep, n_local, n_cells,
                                               n_batch):
@@ -301,7 +309,7 @@ def test_reference_follows_the_native_plans(model, model_path, reference, rng, m
     policy = CachePolicy(mode, model=model, **sizes)
     got = reference.forward_plan(tokens, policy, CellCache(reference.args, policy.n_cells, torch.float64)).numpy()
     # the oracle's route: physical caches re-rotated at their slots, or full attention under a mask
-    if mode in ("sepllm-stream", "streamingllm"):
+    if mode in ("sepllm-stream", "streamingllm", "sepllm-slide", "sepllm-runs"):
         cache = policy_oracle.StreamingCache(mode, separators, n_init, n_sep, n_local, n_cells)
         expected = policy_oracle.stream(reference, tokens, cache).numpy()
     else:

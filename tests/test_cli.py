@@ -93,6 +93,17 @@ def test_perplexity(model, tmp_path):
     with Engine(model, kv_mode="sepllm-stream", n_cache=96, n_sep=16, n_local=48) as llm:
         direct = perplexity(llm, llm.tokenize(text.read_text()), chunk=37)  # other chunking, same stream
     assert abs(direct["perplexity"] - r["perplexity"]) < 1e-3 * r["perplexity"]
+    # the sliding variants by the same names on the command line; their window slides every token
+    done = sepedge("perplexity", model, str(text), "--kv-mode", "sepllm-slide", "--n-cache", "96", "--n-sep", "16",
+                   "--n-local", "76", "--json")
+    assert done.returncode == 0, done.stderr
+    slide = json.loads(done.stdout)
+    # every cell in use once the cache has filled: more attended on average than sepllm-stream's cache
+    assert slide["kv_mode"] == "sepllm-slide" and slide["capacity"] == 96
+    assert r["avg_attended"] < slide["avg_attended"] <= 96
+    done = sepedge("perplexity", model, str(text), "--kv-mode", "sepllm-runs", "--n-cache", "96", "--n-sep", "16",
+                   "--n-local", "77", "--json")
+    assert done.returncode != 0 and "n_init + n_sep + n_local <= n_cache" in done.stderr
     done = sepedge("perplexity", model, str(text), "-c", "128")
     assert done.returncode != 0 and "exceed the context window of 128" in done.stderr
     done = sepedge("perplexity", model, str(text), "-c", "128", "-n", "100")
@@ -110,3 +121,9 @@ def test_bench(model):
                    "--n-sep", "16", "--n-local", "48", "-d", "300")
     assert done.returncode == 0, done.stderr
     assert "pp16@d300" in done.stdout and "tg4@d300" in done.stdout and "sepllm-stream (96)" in done.stdout
+
+
+def test_kv_modes_are_the_libraries():
+    from sepedge import cli
+    from sepedge._native import KV_MODES
+    assert sorted(cli.KV_MODES) == sorted(KV_MODES)

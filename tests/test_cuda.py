@@ -256,6 +256,8 @@ MODES = [
     ("sepllm-stream", dict(n_init=4, n_sep=8, n_local=24, n_cache=64)),     # a compression every few tokens
     ("sepllm-stream", dict(n_init=4, n_sep=64, n_local=256, n_cache=800)),  # the default sizes: many splits
     ("streamingllm", dict(n_init=4, n_local=28, n_cache=32)),
+    ("sepllm-slide", dict(n_init=4, n_sep=8, n_local=20, n_cache=32)),      # separator deltas change every token
+    ("sepllm-runs", dict(n_init=3, n_sep=6, n_local=23, n_cache=32)),
 ]
 
 

@@ -132,6 +132,14 @@ enum se_kv_mode {
     SE_KV_MODE_STREAMINGLLM  = 1,  // initial + last n_local tokens, positions within the cache
     SE_KV_MODE_SEPLLM        = 2,  // training-free SepLLM: initial + separators + last n_local, original positions
     SE_KV_MODE_SEPLLM_STREAM = 3,  // streaming SepLLM: compresses the past window into its separators
+    // Variants of SepLLM's streaming cache with the same bounded memory (issue J): the window
+    // slides every token, as StreamingLLM's, and each separator that leaves it joins the separator
+    // region (the newest n_sep kept, n_sep >= 1), placed right before the window; n_init + n_sep +
+    // n_local <= n_cache, every cell is used once the stream is long, none is left to refill.
+    SE_KV_MODE_SEPLLM_SLIDE  = 4,
+    // as SEPLLM_SLIDE, but of a run of consecutive separators (". \n", "\n\n  ") only the last one
+    // is kept: the n_sep cells then reach further back in the text
+    SE_KV_MODE_SEPLLM_RUNS   = 5,
 };
 
 typedef struct se_context_params {

@@ -146,7 +146,7 @@ static int default_threads(void) {
 
 // The cache configuration: mode, sizes (the model's defaults where -1), capacity.
 static int kv_config(const se_model * m, const se_context_params * p, se_kv_config * cfg) {
-    if (p->kv_mode < SE_KV_MODE_FULL || p->kv_mode > SE_KV_MODE_SEPLLM_STREAM) {
+    if (p->kv_mode < SE_KV_MODE_FULL || p->kv_mode > SE_KV_MODE_SEPLLM_RUNS) {
         return se_error(SE_ERR_INVALID_ARGUMENT, "unknown kv_mode %d", p->kv_mode);
     }
     const int32_t given[4] = {p->n_init, p->n_sep, p->n_local, p->n_cache};

@@ -25,7 +25,7 @@ se_cache_policy_params se_cache_policy_default_params(void) {
 
 // Mode, sizes (the model's defaults where -1), capacity, vocabulary, as se_context_new resolves them.
 static int policy_config(const se_model * m, const se_cache_policy_params * p, se_kv_config * cfg, int32_t * n_vocab) {
-    if (p->kv_mode < SE_KV_MODE_FULL || p->kv_mode > SE_KV_MODE_SEPLLM_STREAM) {
+    if (p->kv_mode < SE_KV_MODE_FULL || p->kv_mode > SE_KV_MODE_SEPLLM_RUNS) {
         return se_error(SE_ERR_INVALID_ARGUMENT, "unknown kv_mode %d", p->kv_mode);
     }
     static const char * names[4] = {"n_init", "n_sep", "n_local", "n_cache"};

@@ -168,7 +168,7 @@ static int cuda_init(se_context * ctx) {
     DEV_ALLOC(c->rope, hp->head_dim / 2);
     DEV_ALLOC(c->count, hp->n_head);
     SE_CUDA_CHECK(cudaMemset(c->count, 0, (size_t) hp->n_head * sizeof(unsigned)));
-    if (ctx->kv.cfg.mode == SE_KV_MODE_STREAMINGLLM || ctx->kv.cfg.mode == SE_KV_MODE_SEPLLM_STREAM) {
+    if (ctx->kv.cfg.mode != SE_KV_MODE_FULL && ctx->kv.cfg.mode != SE_KV_MODE_SEPLLM) {  // modes with deltas
         DEV_ALLOC(c->dtab, n_cells * (hp->head_dim / 2));
         DEV_ALLOC(c->tab_delta, n_cells);
         SE_CUDA_CHECK(cudaMemset(c->tab_delta, 0, (size_t) n_cells * sizeof(int32_t)));

@@ -11,6 +11,10 @@
 //   sepllm-stream   [initial | separators | past window | local window]; when a token arrives at a
 //                   full cache, the past window keeps only its separators, the separator region its
 //                   newest n_sep, and positions become positions within the cache.
+//   sepllm-slide    [initial | separators | window]: the window slides every token as streamingllm's;
+//                   a separator leaving it joins the separator region (FIFO, newest n_sep kept),
+//                   positions within the cache. Every cell is in use once the stream is long.
+//   sepllm-runs     sepllm-slide keeping only the last separator of a run of consecutive ones.
 //
 // Positions within the cache are realized without touching stored keys: attention depends only on
 // query position minus key position, so recent tokens keep their original positions (the query too)
@@ -96,11 +100,22 @@ static void meta_reset(se_kv_meta * m, int32_t n_cells, int32_t n_init) {
     m->n_init = n_init;
 }
 
+// The sliding SepLLM variants: the window moves every token, separators leave it one by one.
+static bool is_slide(int32_t mode) { return mode == SE_KV_MODE_SEPLLM_SLIDE || mode == SE_KV_MODE_SEPLLM_RUNS; }
+
 int32_t se_kv_capacity_check(int32_t mode, int32_t n_cells, int32_t n_init, int32_t n_sep, int32_t n_local) {
     if (mode == SE_KV_MODE_FULL) return SE_OK;
     if (n_init < 0 || n_sep < 0 || n_local < 1) {
         return se_error(SE_ERR_INVALID_ARGUMENT, "n_init and n_sep must be >= 0 and n_local >= 1 (got %d, %d, %d)",
                         n_init, n_sep, n_local);
+    }
+    if (is_slide(mode)) {
+        if (n_sep < 1 || (int64_t) n_init + n_sep + n_local > n_cells) {
+            return se_error(SE_ERR_INVALID_ARGUMENT, "%s needs n_sep >= 1 and n_init + n_sep + n_local <= n_cache "
+                            "(%d + %d + %d <= %d)", mode == SE_KV_MODE_SEPLLM_SLIDE ? "sepllm-slide" : "sepllm-runs",
+                            n_init, n_sep, n_local, n_cells);
+        }
+        return SE_OK;
     }
     const int64_t need = (int64_t) n_init + (mode == SE_KV_MODE_STREAMINGLLM ? 0 : n_sep) + n_local;
     if (mode == SE_KV_MODE_SEPLLM_STREAM ? need >= n_cells : need > n_cells) {
@@ -188,7 +203,11 @@ static bool evict_window(const se_kv_cache * kv, se_kv_meta * m, int64_t p, bool
     bool changed = false;
     while (m->recent.len > 0 && m->cells[ring_at(&m->recent, 0)].pos <= p - kv->cfg.n_local) {
         const int32_t cell = ring_pop_front(&m->recent);
-        if (keep_seps && m->cells[cell].sep_seq >= 0) {
+        // sepllm-runs: the separator right after this one (still in the window, which holds
+        // consecutive positions) will stand for the run
+        const bool superseded = kv->cfg.mode == SE_KV_MODE_SEPLLM_RUNS && m->recent.len > 0 &&
+                                m->cells[ring_at(&m->recent, 0)].sep_seq >= 0;
+        if (keep_seps && m->cells[cell].sep_seq >= 0 && !superseded) {
             keep_separator(kv, m, cell);
         } else {
             if (m->cells[cell].sep_seq >= 0) m->n_sep_left++;
@@ -239,6 +258,23 @@ static int prepare(const se_kv_cache * kv, se_kv_meta * m, int64_t p) {
             for (int32_t i = 0; i < m->n_init_live; i++) m->cells[m->init[i]].delta = shift > 0 ? (int32_t) shift : 0;
             break;
         }
+        case SE_KV_MODE_SEPLLM_SLIDE:
+        case SE_KV_MODE_SEPLLM_RUNS: {
+            if (evict_window(kv, m, p, true)) m->rewind_floor = p;
+            // slots [initial | separators | window]: the window keeps its original positions (the
+            // query's too), the others sit right before its oldest token
+            const int64_t first = m->recent.len > 0 ? m->cells[ring_at(&m->recent, 0)].pos : p;
+            int64_t slot = first - m->n_init_live - m->sep.len;
+            for (int32_t i = 0; i < m->n_init_live; i++, slot++) {
+                se_kv_cell * c = &m->cells[m->init[i]];
+                c->delta = (int32_t) (slot - c->pos);
+            }
+            for (int32_t i = 0; i < m->sep.len; i++, slot++) {
+                se_kv_cell * c = &m->cells[ring_at(&m->sep, i)];
+                c->delta = (int32_t) (slot - c->pos);
+            }
+            break;
+        }
         case SE_KV_MODE_SEPLLM_STREAM:
             if (m->n_free == 0) {
                 compress(kv, m, p);
@@ -259,6 +295,13 @@ static int prepare(const se_kv_cache * kv, se_kv_meta * m, int64_t p) {
 static int32_t chunk_size(const se_kv_cache * kv, const se_kv_meta * m, int64_t p, int32_t remaining, int32_t n_batch) {
     int64_t t = remaining < n_batch ? remaining : n_batch;
     if (t > m->n_free) t = m->n_free;
+    if (is_slide(kv->cfg.mode)) {
+        // within a pass the window may not slide (the other regions' slots hang on its oldest
+        // token, which is the pass's first one when the window is empty)
+        const int64_t first = m->recent.len > 0 ? m->cells[ring_at(&m->recent, 0)].pos : p > m->n_init ? p : m->n_init;
+        const int64_t slide = first + kv->cfg.n_local - p;
+        if (t > slide) t = slide;
+    }
     if (kv->cfg.mode == SE_KV_MODE_STREAMINGLLM) {
         // within a pass neither the window may slide nor the initial tokens' slots move
         const int64_t still = (int64_t) m->n_init + kv->cfg.n_local - p;
@@ -338,7 +381,7 @@ int32_t se_kv_next_chunk(se_kv_cache * kv, const uint8_t * is_sep, const int32_t
 
 void se_kv_finish(se_kv_cache * kv) {
     // evict as soon as tokens leave the window: the cache then holds what the next token will see
-    if (kv->cfg.mode == SE_KV_MODE_SEPLLM || kv->cfg.mode == SE_KV_MODE_STREAMINGLLM) {
+    if (kv->cfg.mode == SE_KV_MODE_SEPLLM || kv->cfg.mode == SE_KV_MODE_STREAMINGLLM || is_slide(kv->cfg.mode)) {
         prepare(kv, &kv->m, kv->m.n_seen);
         rebuild_live(kv);
     }
