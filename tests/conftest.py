@@ -8,6 +8,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import fixtures  # noqa: E402
 import llama_cpp  # noqa: E402
+from sepedge import Engine  # noqa: E402
 from sepedge.convert import convert  # noqa: E402
 
 
@@ -51,3 +52,11 @@ def llama_cpp_bin():
             pytest.fail("llama.cpp is not built: run `python tests/llama_cpp.py build`")
         pytest.skip("llama.cpp is not built (python tests/llama_cpp.py build)")
     return d
+
+
+@pytest.fixture(scope="module")
+def eog(tiny_model):
+    """logit_bias that keeps the tiny random model (each server test module's `tiny_model`) from ending
+    its replies."""
+    with Engine(tiny_model, n_ctx=8) as e:
+        return {str(t): -100 for t in e.tokenizer.eog_ids}

@@ -62,13 +62,6 @@ def tiny_model(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def eog(tiny_model):
-    """logit_bias that keeps the tiny random model from ending its replies."""
-    with Engine(tiny_model, n_ctx=8) as e:
-        return {str(t): -100 for t in e.tokenizer.eog_ids}
-
-
-@pytest.fixture(scope="module")
 def server(tiny_model):
     s = Served(tiny_model, "--parallel", "1", "-n", "100000", *SMALL_CACHE, api_key=KEY)
     yield s

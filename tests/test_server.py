@@ -24,7 +24,6 @@ import pytest
 from openai import OpenAI
 
 import fixtures
-from sepedge import Engine
 
 KEY = "sk-test-key"
 TIMEOUT = 60  # seconds any one request may take (the machine is small and shared)
@@ -93,13 +92,6 @@ class Served:
 @pytest.fixture(scope="module")
 def tiny_model(gguf_path):
     return gguf_path("mha-d64", "q8_0")
-
-
-@pytest.fixture(scope="module")
-def eog(tiny_model):
-    """logit_bias that keeps the tiny random model from ending its replies."""
-    with Engine(tiny_model, n_ctx=8) as e:
-        return {str(t): -100 for t in e.tokenizer.eog_ids}
 
 
 @pytest.fixture(scope="module")
