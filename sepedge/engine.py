@@ -450,12 +450,14 @@ class Engine:
         separators | recent] as (position, token, region), and the ids of the tokens fed since the last
         reset (at most the last FED_HISTORY) from position `start` on, each with its region: the live
         cell's, or "evicted"."""
-        i, (tokens, positions, regions) = self._ctx.snapshot()
+        # both read under the history's lock: a pass recording (and trimming) between the two reads
+        # would move `start` past the positions the cells were read at
         with self._fed_mu:
+            i, (tokens, positions, regions) = self._ctx.snapshot()
             fed, start = self._fed.tolist(), self._fed_start
         n_seen = i["n_seen"]
-        fed = fed[:max(0, n_seen - start)]  # a pass that ended after the cells were read
-        ids = fed + [-1] * (n_seen - start - len(fed))  # one that ended before its tokens were recorded
+        fed = fed[:max(0, n_seen - start)]  # a cache emptied before its history was restarted
+        ids = fed + [-1] * (n_seen - start - len(fed))  # a pass that ended before its tokens were recorded
         where = ["evicted"] * len(ids)
         for t, p, r in zip(tokens.tolist(), positions.tolist(), regions):
             if start <= p < n_seen:
