@@ -15,7 +15,9 @@
 # building), quick (sepedge bench alone), copybw (device-to-device copy rate through torch: the
 # ceiling of the decode kernels), decode-ab / depth-ab (decode with chained launches and L2 prefetch
 # on and off; at 32K history), bench8b-depth (the 32K row), ttft (4096-token prompts through Engine), profile8b (per-kernel GPU times of decode and of a 512-token
-# prefill, and prompt times, on the 8B files).
+# prefill, and prompt times, on the 8B files), ncu-mmq (hardware counters of one layer's int8 prefill products),
+# models-bg / models-wait (make the models in the background, wait for them), pick-cvt (A/B of the int8
+# prefill's integer-to-float conversion; the faster stays set for the later phases).
 set -u
 OUT=${OUT:-/tmp/sepedge-out}
 mkdir -p "$OUT" /tmp/models
@@ -65,6 +67,17 @@ for phase in "$@"; do
         tests) SEPEDGE_CUDA_REPORT=$OUT/errors.tsv timeout ${TEST_TIMEOUT:-420} python3 -m pytest -q -m gpu tests/test_cuda.py \
                    --maxfail=25 -p no:cacheprovider ${TEST_ARGS:-} 2>&1 | tee "$OUT/tests.log" | tail -40 ;;
         models) models ;;
+        models-bg) (models > $OUT/models.log 2>&1; touch /tmp/models-done) & ;;  # make the models while the tests run
+        models-wait) while [ ! -e /tmp/models-done ]; do sleep 2; done; cat $OUT/models.log ;;
+        pick-cvt) models 8b  # the int8 prefill's integer-to-float conversion (SEPEDGE_CUDA_MMQ_CVT): the faster, for the phases after
+                 total() { for m in /tmp/models/llama3-8b-*.gguf; do python3 benchmarks/cuda_profile.py $m --prompt 512; done |
+                           tee -a $OUT/pick-cvt.log | awk '/prompt 512/ {t += $(NF-3)} END {print t}'; }
+                 t_magic=$(env -u SEPEDGE_CUDA_MMQ_CVT bash -c "$(declare -f total); OUT=$OUT total")
+                 t_i2f=$(SEPEDGE_CUDA_MMQ_CVT=i2f bash -c "$(declare -f total); OUT=$OUT total")
+                 echo "512-token prompts, both 8B files, ms: magic $t_magic, i2f $t_i2f" | tee -a $OUT/pick-cvt.log
+                 if python3 -c "import sys; sys.exit(0 if float('$t_i2f') < float('$t_magic') else 1)"; then
+                     export SEPEDGE_CUDA_MMQ_CVT=i2f; else unset SEPEDGE_CUDA_MMQ_CVT; fi
+                 echo "SEPEDGE_CUDA_MMQ_CVT=${SEPEDGE_CUDA_MMQ_CVT:-magic} from here on" | tee -a $OUT/pick-cvt.log ;;
         save-llama) wait_llama && strip /tmp/llama-build/bin/llama-bench && xz -T0 -c /tmp/llama-build/bin/llama-bench | split -b 15M - "$OUT/llama-bench.xz." &&
                     ls -la "$OUT"/llama-bench.xz.* && ldd /tmp/llama-build/bin/llama-bench | grep -iE "cuda|cublas" ;;
         use-llama) mkdir -p /tmp/llama-build/bin && cat .gpu/llama-bench.xz.* | xz -dc > /tmp/llama-build/bin/llama-bench &&
@@ -135,6 +148,14 @@ PY
                  SEPEDGE_CUDA_GRAPHS=0 timeout 100 ncu --clock-control none -k regex:k_matvec --launch-skip 133 --launch-count 4 \
                      $sections python3 benchmarks/cuda_profile.py $m --steps 4 >> $OUT/ncu.log 2>&1
                  grep -E "k_attn|k_matvec|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Theoretical Occ|Grid Size|Block Limit|Warp Cycles Per Issued|Issued Warp" $OUT/ncu.log ;;
+        ncu-mmq) models 8b  # hardware counters of the int8 prefill products: a layer's launches (QKV, wo, gate/up, down), 8B Q4_0 and Q4_K_M
+                 sections="--section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats --section ComputeWorkloadAnalysis"
+                 for m in /tmp/models/llama3-8b-q4_0.gguf /tmp/models/llama3-8b-q4_k_m.gguf; do
+                     echo "## $m"
+                     timeout ${NCU_TIMEOUT:-100} ncu --clock-control none -k regex:k_mmq --launch-skip 10 --launch-count 5 $sections \
+                         python3 benchmarks/cuda_profile.py $m --prompt 512
+                 done > $OUT/ncu-mmq.log 2>&1
+                 grep -E "^## |k_mmq|Duration|Registers Per|Achieved Occupancy|Theoretical Occ|Issued Warp|Issue Slots Busy|Warp Cycles Per Issued|Compute \(SM\) Throughput|Memory Throughput|Grid Size|Dynamic Shared|Block Limit|stall|Stall" $OUT/ncu-mmq.log | head -150 ;;
         profile8b) models 8b
                  for m in /tmp/models/llama3-8b-*.gguf; do
                      SEPEDGE_CUDA_TIMING=1 python3 benchmarks/cuda_profile.py $m --steps 16

@@ -44,6 +44,10 @@ def gpu(f):
 MAX_MV_REL_ERROR = 1e-5
 MAX_TC_REL_ERROR = 2e-3
 MAX_MMQ_REL_ERROR = 1e-5
+# the int8 kernel's two conversions of its exact integer sums to float (SEPEDGE_CUDA_MMQ_CVT): equal
+# values, so they differ at most by how the compiler contracts the float scaling (float32 roundings,
+# one a block of 32, bounded as the kernel's own error)
+MAX_CVT_REL_DIFF = 1e-5
 # Models, max |a - b| / max |b| over a sequence's logits (f16 keys and values throughout).
 # Prefill against the float64 reference: f16 tensor-core inputs (measured <= 1e-3 on every type);
 # quantized weights with an int8 tensor-core kernel take 8-bit activations, as in decode
@@ -124,6 +128,7 @@ def shapes(qtype):
 
 Q8_TYPES = {QT.Q4_0, QT.Q4_1, QT.Q8_0, QT.Q4_K, QT.Q6_K}  # types with a dp4a decode kernel
 MMQ_TYPES = Q8_TYPES  # types whose prefill products run on int8 tensor cores over 8-bit activations
+MMQ_WIDTHS = ("auto", "32", "64", "128")  # tokens a block of the int8 kernel (SEPEDGE_CUDA_MMQ_BN)
 
 
 def q8_activations(x: np.ndarray) -> np.ndarray:
@@ -137,7 +142,7 @@ def q8_activations(x: np.ndarray) -> np.ndarray:
 
 def prefill_shapes(qtype):
     """The kernel shapes plus one of several tiles in every dimension with tails (rows 128 a tile,
-    tokens 32 or 64, K 256 values, three pipeline stages)."""
+    tokens 32, 64 or 128, K 256 values, three pipeline stages; Q4_0's K ends in a short tile)."""
     block = gguf.GGML_QUANT_SIZES[qtype][0]
     cols = {1: 1001, 32: 9 * 256 + 5 * 32}.get(block, 9 * 256)
     big = (300, cols, 150)
@@ -177,18 +182,33 @@ def test_prefill_kernel(rng, qtype, mmq, monkeypatch):
         pytest.skip("no int8 tensor-core kernel for this type: the f16 one serves it")
     if not mmq:
         monkeypatch.setenv("SEPEDGE_CUDA_MMQ", "0")
+    # int8: the width the launch picks, and every token-tile width forced (the test shapes are too
+    # small for the launch to pick 64 or 128 itself)
     for rows, cols, n in prefill_shapes(qtype):
         data = weights(rng, qtype, rows, cols)
         w = gguf.quants.dequantize(data, qtype).reshape(rows, cols).astype(np.float64)
         x = (rng.standard_normal((n, cols)) * rng.choice([1e-3, 1, 30])).astype(np.float32)
-        got = mul_mat(qtype, data, rows, cols, x, 0)
         xs = q8_activations(x) if mmq else x.astype(np.float64)
         ref = xs @ w.T
         scale = np.abs(xs) @ np.abs(w).T
-        err = float((np.abs(got - ref) / np.maximum(scale, 1e-30)).max())
-        report("prefill", qtype.name, "int8" if mmq else "f16", n, rows, cols, err)
-        assert np.isfinite(got).all(), (rows, cols, n)
-        assert err <= (MAX_MMQ_REL_ERROR if mmq else MAX_TC_REL_ERROR), (rows, cols, n)
+        results = {}
+        for width in MMQ_WIDTHS if mmq else ("auto",):
+            if width == "auto":
+                monkeypatch.delenv("SEPEDGE_CUDA_MMQ_BN", raising=False)
+            else:
+                monkeypatch.setenv("SEPEDGE_CUDA_MMQ_BN", width)
+            got = results[width] = mul_mat(qtype, data, rows, cols, x, 0)
+            err = float((np.abs(got - ref) / np.maximum(scale, 1e-30)).max())
+            report("prefill", qtype.name, f"int8-{width}" if mmq else "f16", n, rows, cols, err)
+            assert np.isfinite(got).all(), (width, rows, cols, n)
+            assert err <= (MAX_MMQ_REL_ERROR if mmq else MAX_TC_REL_ERROR), (width, rows, cols, n)
+        if mmq:  # the integer sums converted by the conversion instruction: the same exact integers
+            monkeypatch.delenv("SEPEDGE_CUDA_MMQ_BN", raising=False)
+            monkeypatch.setenv("SEPEDGE_CUDA_MMQ_CVT", "i2f")
+            other = mul_mat(qtype, data, rows, cols, x, 0)
+            monkeypatch.delenv("SEPEDGE_CUDA_MMQ_CVT")
+            diff = float((np.abs(other.astype(np.float64) - results["auto"]) / np.maximum(scale, 1e-30)).max())
+            assert diff <= MAX_CVT_REL_DIFF, (rows, cols, n)
 
 
 # ---------------------------------------------------------------------------------------------

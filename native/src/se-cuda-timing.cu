@@ -132,7 +132,7 @@ static int mul_mat(const se_type_traits * tt, int32_t type, const void * w, int6
         const se_mm_out o = {dw, b->out, NULL, 0};
         if (se_cuda_mmq_enabled() && se_cuda_has_mmq(type)) {
             r = se_cuda_quantize_q8(b->x, n, cols, b->qx, b->ds, 0);
-            if (r == SE_OK) r = se_cuda_mmq(&o, se_dact{b->x, b->qx, b->ds}, n, 0);
+            if (r == SE_OK) r = se_cuda_mmq(&o, 1, se_dact{b->x, b->qx, b->ds}, n, 0);
         } else {
             r = se_cuda_matmul(&o, b->x, n, 0);
         }

@@ -261,14 +261,25 @@ static bool any_mmq(const cuda_ctx * c, const se_mm_out * outs, int n_outs) {
 }
 
 // n > 1 tokens: the product of x, on the int8 tensor cores when q8 (x's 8-bit form is in qx, ds).
+// (SE_ERR_UNSUPPORTED from the int8 kernel, which launched nothing: its tiles do not fit this GPU's
+// shared memory; the f16 kernel then serves, from the float input that is still there.)
 static int prefill_product(cuda_ctx * c, const se_mm_out * o, const float * x, bool q8, int32_t n) {
-    if (q8 && wants_mmq(c, &o->w)) return se_cuda_mmq(o, se_dact{x, c->qx, c->ds}, n, c->stream);
+    if (q8 && wants_mmq(c, &o->w)) {
+        const int r = se_cuda_mmq(o, 1, se_dact{x, c->qx, c->ds}, n, c->stream);
+        if (r != SE_ERR_UNSUPPORTED) return r;
+    }
     return se_cuda_matmul(o, x, n, c->stream);
 }
 
 // products of n tokens sharing the input xb (q8: its 8-bit form is in qx, ds)
 static int products(cuda_ctx * c, const se_mm_out * outs, int n_outs, int32_t n, bool q8) {
     if (n == 1) return se_cuda_matvec(outs, n_outs, se_dact{c->xb, c->qx, c->ds}, c->path, c->stream);
+    bool all_mmq = q8;
+    for (int k = 0; k < n_outs; k++) all_mmq = all_mmq && wants_mmq(c, &outs[k].w);
+    if (all_mmq) {  // one grid a type
+        const int r = se_cuda_mmq(outs, n_outs, se_dact{c->xb, c->qx, c->ds}, n, c->stream);
+        if (r != SE_ERR_UNSUPPORTED) return r;
+    }
     for (int k = 0; k < n_outs; k++) {
         int r = prefill_product(c, &outs[k], c->xb, q8, n);
         if (r != SE_OK) return r;

@@ -129,12 +129,13 @@ int se_cuda_matvec_norm(const se_mm_out * outs, int n_outs, const float * x, con
 int se_cuda_matmul(const se_mm_out * o, const float * x, int32_t n, cudaStream_t s);
 
 // Prefill on int8 tensor cores (se-cuda-mmq.cu): out (n, rows) from the 8-bit activations of n
-// tokens (act.qx, act.ds as se_cuda_quantize_q8 makes them; cols % 32 == 0). SE_ERR_UNSUPPORTED,
-// having launched nothing, for types without such a kernel. SEPEDGE_CUDA_MMQ=0 turns it off (the
-// f16 tensor-core kernel then serves every type).
+// tokens (act.qx, act.ds as se_cuda_quantize_q8 makes them; cols % 32 == 0), for n_outs outputs
+// of that input (those of the same type and K in one launch). SE_ERR_UNSUPPORTED, having launched
+// nothing, when a type has no such kernel. SEPEDGE_CUDA_MMQ=0 turns it off (the f16 tensor-core
+// kernel then serves every type).
 bool se_cuda_has_mmq(int32_t type);
 bool se_cuda_mmq_enabled();
-int se_cuda_mmq(const se_mm_out * o, se_dact act, int32_t n, cudaStream_t s);
+int se_cuda_mmq(const se_mm_out * outs, int n_outs, se_dact act, int32_t n, cudaStream_t s);
 
 // Element-wise kernels (se-cuda-elementwise.cu).
 // Quantize n rows of cols floats (cols a multiple of 32) for the dp4a and int8 tensor-core kernels.
