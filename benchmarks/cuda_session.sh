@@ -70,14 +70,14 @@ for phase in "$@"; do
         models-bg) (models > $OUT/models.log 2>&1; touch /tmp/models-done) & ;;  # make the models while the tests run
         models-wait) while [ ! -e /tmp/models-done ]; do sleep 2; done; cat $OUT/models.log ;;
         pick-cvt) models 8b  # the int8 prefill's integer-to-float conversion (SEPEDGE_CUDA_MMQ_CVT): the faster, for the phases after
-                 total() { for m in /tmp/models/llama3-8b-*.gguf; do python3 benchmarks/cuda_profile.py $m --prompt 512; done |
+                 total() { for m in /tmp/models/llama3-8b-*.gguf; do python3 benchmarks/cuda_profile.py $m --prompt 512 2>&1; done |
                            tee -a $OUT/pick-cvt.log | awk '/prompt 512/ {t += $(NF-3)} END {print t}'; }
-                 t_magic=$(env -u SEPEDGE_CUDA_MMQ_CVT bash -c "$(declare -f total); OUT=$OUT total")
-                 t_i2f=$(SEPEDGE_CUDA_MMQ_CVT=i2f bash -c "$(declare -f total); OUT=$OUT total")
+                 t_magic=$(SEPEDGE_CUDA_MMQ_CVT=magic bash -c "$(declare -f total); OUT=$OUT total")
+                 t_i2f=$(env -u SEPEDGE_CUDA_MMQ_CVT bash -c "$(declare -f total); OUT=$OUT total")
                  echo "512-token prompts, both 8B files, ms: magic $t_magic, i2f $t_i2f" | tee -a $OUT/pick-cvt.log
-                 if python3 -c "import sys; sys.exit(0 if float('$t_i2f') < float('$t_magic') else 1)"; then
-                     export SEPEDGE_CUDA_MMQ_CVT=i2f; else unset SEPEDGE_CUDA_MMQ_CVT; fi
-                 echo "SEPEDGE_CUDA_MMQ_CVT=${SEPEDGE_CUDA_MMQ_CVT:-magic} from here on" | tee -a $OUT/pick-cvt.log ;;
+                 if python3 -c "import sys; sys.exit(0 if float('$t_magic') < float('$t_i2f') else 1)"; then
+                     export SEPEDGE_CUDA_MMQ_CVT=magic; else unset SEPEDGE_CUDA_MMQ_CVT; fi
+                 echo "SEPEDGE_CUDA_MMQ_CVT=${SEPEDGE_CUDA_MMQ_CVT:-i2f} from here on" | tee -a $OUT/pick-cvt.log ;;
         save-llama) wait_llama && strip /tmp/llama-build/bin/llama-bench && xz -T0 -c /tmp/llama-build/bin/llama-bench | split -b 15M - "$OUT/llama-bench.xz." &&
                     ls -la "$OUT"/llama-bench.xz.* && ldd /tmp/llama-build/bin/llama-bench | grep -iE "cuda|cublas" ;;
         use-llama) mkdir -p /tmp/llama-build/bin && cat .gpu/llama-bench.xz.* | xz -dc > /tmp/llama-build/bin/llama-bench &&

@@ -202,9 +202,9 @@ def test_prefill_kernel(rng, qtype, mmq, monkeypatch):
             report("prefill", qtype.name, f"int8-{width}" if mmq else "f16", n, rows, cols, err)
             assert np.isfinite(got).all(), (width, rows, cols, n)
             assert err <= (MAX_MMQ_REL_ERROR if mmq else MAX_TC_REL_ERROR), (width, rows, cols, n)
-        if mmq:  # the integer sums converted by the conversion instruction: the same exact integers
+        if mmq:  # the integer sums converted through the MMA's start value: the same exact integers
             monkeypatch.delenv("SEPEDGE_CUDA_MMQ_BN", raising=False)
-            monkeypatch.setenv("SEPEDGE_CUDA_MMQ_CVT", "i2f")
+            monkeypatch.setenv("SEPEDGE_CUDA_MMQ_CVT", "magic")
             other = mul_mat(qtype, data, rows, cols, x, 0)
             monkeypatch.delenv("SEPEDGE_CUDA_MMQ_CVT")
             diff = float((np.abs(other.astype(np.float64) - results["auto"]) / np.maximum(scale, 1e-30)).max())
