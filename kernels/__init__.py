@@ -5,17 +5,18 @@ Needs torch and triton (`pip install sepedge[triton]`); runs on NVIDIA GPUs (sm_
 TRITON_INTERPRET=1 set before triton is imported, on CPU tensors through Triton's interpreter.
 """
 
+from .act_q8 import Act, act_q8, act_q8_ref
 from .attention_decode import attention_decode, attention_decode_ref
 from .attention_prefill import attention_prefill, attention_prefill_ref
 from .head import head, head_ref
 from .matmul import matmul, matmul_ref
-from .matvec import matvec, matvec_ref
+from .matvec import FLOAT_TYPES, matvec, matvec_ref, weight_words
 from .quants import BLOCKS, NAMES, dequantize, dequantize_ref, get_rows, row_bytes
 from .rms_norm import rms_norm, rms_norm_ref
 from .rope import NEOX, NORM, inv_freq, rope_, rope_ref, rope_store
 from .swiglu import swiglu, swiglu_ref
 
-__all__ = ["BLOCKS", "NAMES", "NEOX", "NORM", "attention_decode", "attention_decode_ref", "attention_prefill",
+__all__ = ["Act", "FLOAT_TYPES", "act_q8", "act_q8_ref", "weight_words", "BLOCKS", "NAMES", "NEOX", "NORM", "attention_decode", "attention_decode_ref", "attention_prefill",
            "attention_prefill_ref", "dequantize", "dequantize_ref", "get_rows", "head", "head_ref", "inv_freq",
            "matmul", "matmul_ref", "matvec", "matvec_ref", "rms_norm", "rms_norm_ref", "rope_", "rope_ref", "rope_store",
            "row_bytes", "swiglu", "swiglu_ref"]

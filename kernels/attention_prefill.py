@@ -3,8 +3,11 @@
 The chunk's keys and values are written to their cells first; `cells` lists the n_past live cells
 every query of the chunk may read, then the chunk's own T cells in token order, so query t reads
 entries j <= n_past + t of the list (causal inside the chunk). Programs own BLOCK_M queries of one
-head and stream BLOCK_N keys at a time with an online softmax (Dao et al., FlashAttention-2), both
-products on tensor cores.
+head and stream BLOCK_N keys at a time with an online softmax (Dao et al., FlashAttention-2). Both
+products take float32 operands at full precision, half-precision caches included (their values
+widened): the CPU core's attention does so, and queries or probabilities rounded to half precision
+moved the logits by ~1e-3 of their range, enough to part the two engines' greedy text at near-ties.
+Attention is a few percent of a prefill's work next to the weight products.
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ def attention_prefill_kernel(
     T, n_past, rep,  # chunk length, live cells before the chunk, query heads per kv head
     stride_qt, stride_qh, stride_kc, stride_kh, stride_vc, stride_vh, stride_ot, stride_oh, stride_mask,
     qk_scale, D,
-    HALF: tl.constexpr,  # half-precision cache: f16 operands; else float32 operands at full precision
     HAS_MASK: tl.constexpr, HAS_DELTA: tl.constexpr, NEOX: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -54,10 +56,7 @@ def attention_prefill_kernel(
         k = load_keys(K, cell, kvh, stride_kc, stride_kh, d, D, ok, dlt, INV_FREQ, HAS_DELTA, NEOX)
         v = tl.load(V + cell[:, None] * stride_vc + kvh * stride_vh + d[None, :],
                     mask=ok[:, None] & (d[None, :] < D), other=0.0)
-        if HALF:
-            scores = tl.dot(q.to(tl.float16), tl.trans(k.to(tl.float16)))
-        else:
-            scores = tl.dot(q, tl.trans(k), input_precision="ieee")
+        scores = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
         if HAS_MASK:
             visible = tl.load(MASK + t[:, None].to(tl.int64) * stride_mask + j[None, :],
                               mask=(t[:, None] < T) & ok[None, :], other=0) != 0
@@ -68,10 +67,7 @@ def attention_prefill_kernel(
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a query that sees nothing yet: p = alpha = 0
         p = tl.exp2(scores - m_safe[:, None])
         alpha = tl.exp2(m - m_safe)
-        if HALF:
-            acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), v.to(tl.float16))
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
         l = l * alpha + tl.sum(p, axis=1)
         m = m_new
     tl.store(OUT + t[:, None] * stride_ot + h * stride_oh + d[None, :], acc / l[:, None],
@@ -114,7 +110,7 @@ def attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
             out, q, k_cache, v_cache, cells, mask if mask is not None else cells, deltas if has_delta else cells,
             freqs if has_delta else q, T, n_past, H // H_kv,
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
-            out.stride(0), out.stride(1), n_past + T, LOG2E / math.sqrt(D), D, HALF=k_cache.dtype == torch.float16,
+            out.stride(0), out.stride(1), n_past + T, LOG2E / math.sqrt(D), D,
             HAS_MASK=mask is not None, HAS_DELTA=has_delta, NEOX=rope_mode == NEOX,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(D)))
     return out

@@ -1,22 +1,21 @@
-"""Prefill products: Y = X W^T on tensor cores (tl.dot) over weight tiles dequantized in registers.
+"""Prefill products: Y = X W^T on tensor cores (tl.dot) over weight tiles decoded in registers.
 
-Each program owns a BLOCK_M x BLOCK_N output tile; per BLOCK_K step it decodes the (BLOCK_N, BLOCK_K)
-weight tile from the GGUF bytes, rounds both operands to half precision and accumulates in float32,
-as llama.cpp's CUDA path does for batches (dequantize to f16, then a half GEMM). F32 weights keep
-float32 operands.
+Each program owns a BLOCK_M x BLOCK_N output tile. Quantized weights take 8-bit activations
+(act_q8.py): per 32 values an int8 tl.dot of the codes, then the block scales on a float32
+accumulator (llama.cpp's mmq; the CPU core's arithmetic). Float weights: F16/BF16 tiles with half
+operands and float32 sums, F32 with float32 operands.
 """
 
 from __future__ import annotations
 
-import os
-import sys
 
 import torch
 import triton
 import triton.language as tl
 
-from .matvec import _f16_bits, _k_scale_min, _small_int
-from .quants import BF16, BLOCKS, F16, F32, LAYOUT, Q4_K, dequant_tile, dequantize_ref, row_bytes, weight_view
+from .act_q8 import Act, act_q8
+from .quants import (BF16, BLOCKS, F16, F32, LAYOUT, Q4_1, Q4_K, Q5_K, codes_tile, dequant_tile, dequantize_ref, row_bytes,
+                     weight_view)
 
 
 @triton.jit
@@ -56,79 +55,70 @@ def matmul_kernel(
 
 
 @triton.jit
-def matmul_q4_k_kernel(
-    Y, W32, X, BIAS,  # pointers; W32: the Q4_K bytes as 32-bit words (36 a block)
+def matmul_q8_kernel(
+    Y, W, XQ, XD, XS, ADD,  # pointers: XQ/XD/XS the 8-bit activations (act_q8.py)
     M, N, K,
-    stride_xm, stride_ym, stride_b,
-    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    stride_ym, stride_b,
+    QTYPE: tl.constexpr, QK: tl.constexpr, RUN: tl.constexpr, HAS_MIN: tl.constexpr, HAS_ADD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Q4_K prefill from whole words: per block, the 32 code words of each row split into the low
-    nibbles (values 64c + l) and the high ones (64c + 32 + l) as two (BLOCK_N, 128) tiles, each scaled
-    by its runs' 6-bit scale and min (matvec's conversion-free decode); the activations are loaded in
-    the same column order, so two tl.dot of depth 128 cover the block."""
-    pid_n = tl.program_id(0)
+    """Quantized weights times 8-bit activations, as llama.cpp's mmq: per 32 values an integer tl.dot
+    of activation codes and weight codes (int8 tensor cores, exact int32 sums), then the run's weight
+    scale times the activation block's scale (and the min times d_x * sum) on the float32
+    accumulator: the CPU core's per-block arithmetic, and nothing is ever held in half precision."""
+    pid_n = tl.program_id(0)  # neighbouring programs share the activation tile and walk the weight
     pid_m = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    nblk = K // 256
-    nmask = offs_n < N
-    row_w = offs_n.to(tl.int64) * (nblk * 36)
-    c = tl.arange(0, 4)
-    w = tl.arange(0, 8)
-    k = tl.arange(0, 4)
-    i = tl.arange(0, 128)  # column of a half tile: c * 32 + 4w + k
-    xcol = 64 * (i // 32) + i % 32
-    xmask = offs_m[:, None] < M
+    l = tl.arange(0, 32)
+    nq = K // 32
+    mm = offs_m < M
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for b in range(0, nblk):
-        base = row_w + b * 36  # (BN,)
-        b3 = base[:, None, None]
-        m3 = nmask[:, None, None]
-        dd = tl.load(W32 + b3, mask=m3, other=0)
-        d, dmin = _f16_bits(dd), _f16_bits(dd >> 16)  # (BN, 1, 1)
-        w1 = tl.load(W32 + b3 + 1, mask=m3, other=0)
-        w2 = tl.load(W32 + b3 + 2, mask=m3, other=0)
-        w3 = tl.load(W32 + b3 + 3, mask=m3, other=0)
-        sc_lo, mn_lo = _k_scale_min(w1, w2, w3, 2 * c[None, :, None])  # (BN, 4, 1)
-        sc_hi, mn_hi = _k_scale_min(w1, w2, w3, 2 * c[None, :, None] + 1)
-        q = tl.load(W32 + b3 + 4 + 8 * c[None, :, None] + w[None, None, :], mask=m3, other=0)  # (BN, 4, 8)
-        sh = (8 * k)[None, None, None, :]
-        lo = _small_int((q[:, :, :, None] >> sh) & 15, 0)  # (BN, 4, 8, 4)
-        hi = _small_int((q[:, :, :, None] >> (sh + 4)) & 15, 0)
-        wl = (d * sc_lo)[:, :, :, None] * lo - (dmin * mn_lo)[:, :, :, None]
-        wh = (d * sc_hi)[:, :, :, None] * hi - (dmin * mn_hi)[:, :, :, None]
-        wl = tl.reshape(wl, [BLOCK_N, 128]).to(tl.float16)
-        wh = tl.reshape(wh, [BLOCK_N, 128]).to(tl.float16)
-        xp = X + offs_m[:, None].to(tl.int64) * stride_xm + b * 256 + xcol[None, :]
-        xl = tl.load(xp, mask=xmask, other=0.0).to(tl.float16)
-        xh = tl.load(xp + 32, mask=xmask, other=0.0).to(tl.float16)
-        acc += tl.dot(xl, tl.trans(wl))
-        acc += tl.dot(xh, tl.trans(wh))
-    if HAS_BIAS:
-        acc += tl.load(BIAS + offs_m[:, None].to(tl.int64) * stride_b + offs_n[None, :],
+    for c in range(0, nq):
+        xq = tl.load(XQ + offs_m[:, None].to(tl.int64) * K + c * 32 + l[None, :], mask=mm[:, None], other=0)
+        dx = tl.load(XD + offs_m.to(tl.int64) * nq + c, mask=mm, other=0.0)[:, None]
+        blk = c * 32 // QK + tl.zeros([1, 1], dtype=tl.int32)  # a tensor (the interpreter wants tensor masks)
+        if RUN == 32:
+            q, scale, mn = codes_tile(W, offs_n[:, None], blk, (c * 32 % QK) // 32, l[None, :], N, K, QTYPE, QK, RUN)
+            s = tl.dot(xq, tl.trans(q.to(tl.int8)), out_dtype=tl.int32).to(tl.float32)
+            acc += (tl.reshape(scale, [1, BLOCK_N]) * dx) * s
+            if HAS_MIN:
+                sx = tl.load(XS + offs_m.to(tl.int64) * nq + c, mask=mm, other=0.0)[:, None]
+                acc -= tl.reshape(mn, [1, BLOCK_N]) * sx
+        else:  # runs of 16 (Q6_K): two scales per 32 values, one integer product each
+            sub = (c * 32 % QK) // 16 + l[None, :] // 16
+            q, scale, mn = codes_tile(W, offs_n[:, None], blk, sub, l[None, :] % 16, N, K, QTYPE, QK, RUN)
+            first = l[None, :] < 16
+            sa = tl.dot(xq, tl.trans(tl.where(first, q, 0).to(tl.int8)), out_dtype=tl.int32).to(tl.float32)
+            sb = tl.dot(xq, tl.trans(tl.where(first, 0, q).to(tl.int8)), out_dtype=tl.int32).to(tl.float32)
+            scale_a = tl.reshape(tl.sum(tl.where(l[None, :] == 0, scale, 0.0), axis=1), [1, BLOCK_N])
+            scale_b = tl.reshape(tl.sum(tl.where(l[None, :] == 16, scale, 0.0), axis=1), [1, BLOCK_N])
+            acc += (scale_a * dx) * sa
+            acc += (scale_b * dx) * sb
+    if HAS_ADD:
+        acc += tl.load(ADD + offs_m[:, None].to(tl.int64) * stride_b + offs_n[None, :],
                        mask=(offs_m[:, None] < M) & (offs_n[None, :] < N), other=0.0)
     tl.store(Y + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :], acc,
              mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
-WIDE_FAILED: dict = {}  # type -> why its wide-word kernel did not run here (then the generic one does)
+FLOAT_TYPES = (F32, F16, BF16)
 
 
-def matmul(w: torch.Tensor, qtype: int, x: torch.Tensor, bias: torch.Tensor | None = None,
+def matmul(w: torch.Tensor, qtype: int, x, bias: torch.Tensor | None = None,
            block_m: int | None = None, block_n: int | None = None, block_k: int | None = None,
-           res: torch.Tensor | None = None, wide: bool | None = None) -> torch.Tensor:
+           res: torch.Tensor | None = None) -> torch.Tensor:
     """Y = X @ W.T (+ bias) (+ res) for prefill.
 
-    w: (N, row_bytes) uint8 GGUF bytes of a (N, K) weight; x: (M, K) float; bias: (N,) float32 or None;
-    res: (M, N) float32 or None, added in the epilogue -> (M, N) float32. Block sizes are at least 16
-    (tl.dot); block_k is raised to a whole block. wide: Q4_K's whole-word kernel (the default unless
-    $SEPEDGE_TRITON_MATVEC is "bytes"), False: the generic one."""
+    w: (N, row_bytes) uint8 GGUF bytes of a (N, K) weight; x: (M, K) float rows or their act_q8 form
+    (quantized weights take the 8-bit form, made here from float rows; float weights the float rows);
+    bias: (N,) float32 or None; res: (M, N) float32 or None, added in the epilogue -> (M, N) float32.
+    Block sizes are at least 16 (tl.dot); block_k (float weights) is raised to a whole block."""
     M, K = x.shape
     N = w.shape[0]
     assert K % BLOCKS[qtype][0] == 0, "K must be a whole number of blocks"
     assert w.shape[1] == row_bytes(qtype, K), "weight row bytes do not match the type and K"
-    x = x.contiguous()
-    y = torch.empty(M, N, dtype=torch.float32, device=x.device)
+    y = torch.empty(M, N, dtype=torch.float32, device=w.device)
     if bias is not None:
         assert bias.shape == (N,) and bias.dtype == torch.float32
     if res is not None:
@@ -136,27 +126,29 @@ def matmul(w: torch.Tensor, qtype: int, x: torch.Tensor, bias: torch.Tensor | No
         if bias is not None:  # one epilogue term: fold the bias into the residual
             res, bias = res + bias, None
     add, stride_b = (res, res.stride(0)) if res is not None else (bias, 0)
-    if qtype == Q4_K and (wide is True or (wide is None and os.environ.get("SEPEDGE_TRITON_MATVEC", "") != "bytes"
-                                             and qtype not in WIDE_FAILED)):
-        bm = block_m or min(64, max(16, triton.next_power_of_2(M)))
-        bn = block_n or 64
-        grid = (triton.cdiv(N, bn), triton.cdiv(M, bm))
-        args = (y, w.view(torch.int32), x, add if add is not None else y, M, N, K, x.stride(0), y.stride(0), stride_b)
-        if wide is True:
-            matmul_q4_k_kernel[grid](*args, HAS_BIAS=add is not None, BLOCK_M=bm, BLOCK_N=bn)
-            return y
-        try:  # the default: a kernel that does not compile here leaves the generic one, said aloud
-            matmul_q4_k_kernel[grid](*args, HAS_BIAS=add is not None, BLOCK_M=bm, BLOCK_N=bn)
-            return y
-        except (triton.CompilationError, triton.runtime.errors.OutOfResources) as e:
-            WIDE_FAILED[qtype] = f"{type(e).__name__}: {e}"
-            print(f"sepedge.kernels: the whole-word Q4_K matmul failed here, the generic one runs: {e}", file=sys.stderr)
+    if M == 0:
+        return y
     QK, SUBS, RUN = LAYOUT[qtype]
-    # the interpreter runs one program at a time in Python: few, large tiles there
+    if qtype not in FLOAT_TYPES:
+        xa = x if isinstance(x, Act) else act_q8(x)
+        # tiles: the best of a sweep on the H200 (benchmarks/results/triton_sweep.md); the interpreter
+        # runs one program at a time in Python: few, large tiles there
+        block_m = block_m or min(64, max(16, triton.next_power_of_2(M)))  # short chunks: less padding
+        block_n = block_n or (64 if w.is_cuda else 128)
+        assert min(block_m, block_n) >= 16, "tl.dot needs tiles of at least 16"
+        grid = (triton.cdiv(N, block_n), triton.cdiv(M, block_m))
+        matmul_q8_kernel[grid](y, weight_view(w, qtype), xa.q, xa.d, xa.s, add if add is not None else y, M, N, K,
+                               y.stride(0), stride_b, QTYPE=qtype, QK=QK, RUN=RUN,
+                               HAS_MIN=qtype in (Q4_1, Q4_K, Q5_K), HAS_ADD=add is not None,
+                               BLOCK_M=block_m, BLOCK_N=block_n)
+        return y
+    if isinstance(x, Act):
+        assert x.f is not None, "a float weight needs the float activations"
+        x = x.f
+    x = x.contiguous()
     block_k = max(block_k or (64 if x.is_cuda else 256), QK)  # whole blocks per step
-    # defaults: the best of a sweep on the H200; K-quant tiles of 256 values leave room for 64 x 64
-    block_m = block_m or min(128 if QK == 32 else 64, max(16, triton.next_power_of_2(M)))  # short chunks: less padding
-    block_n = block_n or (128 if qtype in (F16, BF16) or not x.is_cuda else 64)
+    block_m = block_m or min(128, max(16, triton.next_power_of_2(M)))
+    block_n = block_n or 128
     assert min(block_m, block_n, block_k) >= 16, "tl.dot needs tiles of at least 16"
     grid = (triton.cdiv(N, block_n), triton.cdiv(M, block_m))
     matmul_kernel[grid](y, weight_view(w, qtype), x, add if add is not None else y, M, N, K, x.stride(0),

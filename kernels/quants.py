@@ -127,6 +127,63 @@ def dequant_tile(W, rows, blocks, sub, l, N, K, QTYPE: tl.constexpr, QK: tl.cons
 
 
 @triton.jit
+def codes_tile(W, rows, blocks, sub, l, N, K, QTYPE: tl.constexpr, QK: tl.constexpr, RUN: tl.constexpr):
+    """The integer codes of W at rows `rows`, columns blocks * QK + sub * RUN + l, and the scale and
+    min of their run, so that value = scale * q - mn: the operands of the 8-bit-activation products
+    (act_q8.py), which sum q times the activation codes in integers and apply scale and min once per
+    run, as the CPU core's vec_dot functions (and llama.cpp's mmvq/mmq) do. Indices broadcast as in
+    `dequant_tile`; codes outside (N, K) are whatever the masked loads give (their activation codes
+    or scales are 0). Signed codes where the type has an offset (Q4_0, Q5_0, Q6_K), so only Q4_1 and
+    the Q4_K/Q5_K mins need `mn` (0.0 for the others); quantized types only."""
+    cols = blocks * QK + sub * RUN + l
+    mask_s = (rows < N) & (blocks * QK < K)
+    mask = mask_s & (cols < K)
+    if QTYPE == 2:  # Q4_0
+        blk = rows.to(tl.int64) * (K // 32 * 18) + blocks * 18
+        q = _byte(W, blk + 2 + l % 16, mask)
+        return tl.where(l < 16, q & 15, q >> 4) - 8, _half(W, blk, mask_s), 0.0
+    elif QTYPE == 3:  # Q4_1: value = d * q + m
+        blk = rows.to(tl.int64) * (K // 32 * 20) + blocks * 20
+        q = _byte(W, blk + 4 + l % 16, mask)
+        return tl.where(l < 16, q & 15, q >> 4), _half(W, blk, mask_s), -_half(W, blk + 2, mask_s)
+    elif QTYPE == 6:  # Q5_0
+        blk = rows.to(tl.int64) * (K // 32 * 22) + blocks * 22
+        q = _byte(W, blk + 6 + l % 16, mask)
+        q = tl.where(l < 16, q & 15, q >> 4)
+        h = (_byte(W, blk + 2 + l // 8, mask) >> (l % 8)) & 1
+        return (q | (h << 4)) - 16, _half(W, blk, mask_s), 0.0
+    elif QTYPE == 8:  # Q8_0
+        blk = rows.to(tl.int64) * (K // 32 * 34) + blocks * 34
+        q = _byte(W, blk + 2 + l, mask)
+        return tl.where(q >= 128, q - 256, q), _half(W, blk, mask_s), 0.0
+    elif QTYPE == 12 or QTYPE == 13:  # Q4_K / Q5_K (see dequant_tile)
+        BS: tl.constexpr = 144 if QTYPE == 12 else 176
+        QS: tl.constexpr = 16 if QTYPE == 12 else 48
+        blk = rows.to(tl.int64) * (K // 256 * BS) + blocks * BS
+        q = _byte(W, blk + QS + 32 * (sub // 2) + l, mask)
+        q = tl.where(sub % 2 == 0, q & 15, q >> 4)
+        if QTYPE == 13:
+            q = q | (((_byte(W, blk + 16 + l, mask) >> sub) & 1) << 4)
+        s1 = _byte(W, blk + 4 + sub, mask_s)
+        s2 = _byte(W, blk + 8 + sub, mask_s)
+        s3 = _byte(W, blk + 4 + tl.where(sub >= 4, sub - 4, sub), mask_s)
+        sc = tl.where(sub < 4, s1 & 63, (s2 & 15) | ((s3 >> 6) << 4))
+        mn = tl.where(sub < 4, s2 & 63, (s2 >> 4) | ((s1 >> 6) << 4))
+        return q, _half(W, blk, mask_s) * sc.to(tl.float32), _half(W, blk + 2, mask_s) * mn.to(tl.float32)
+    else:  # Q6_K (see dequant_tile)
+        tl.static_assert(QTYPE == 14, "codes_tile: quantized types only")
+        blk = rows.to(tl.int64) * (K // 256 * 210) + blocks * 210
+        half = sub // 8
+        quarter = (sub % 8) // 2
+        l32 = (sub % 2) * 16 + l
+        q = _byte(W, blk + 64 * half + 32 * (quarter % 2) + l32, mask)
+        q = tl.where(quarter < 2, q & 15, q >> 4)
+        q = q | (((_byte(W, blk + 128 + 32 * half + l32, mask) >> (2 * quarter)) & 3) << 4)
+        sc = _byte(W, blk + 192 + sub, mask_s)
+        return q - 32, _half(W, blk + 208, mask_s) * tl.where(sc >= 128, sc - 256, sc).to(tl.float32), 0.0
+
+
+@triton.jit
 def get_rows_kernel(
     OUT, W, IDS,  # pointers
     N, K,  # W is (N, K) logical

@@ -109,7 +109,7 @@ class TritonWeights:
                 else:
                     self.vec[t.name] = v.to(self.device)
                 continue
-            self.w[t.name] = (torch.from_numpy(data.copy()).to(self.device), qtype, n_cols)
+            self.w[t.name] = (self._padded(torch.from_numpy(data.copy())), qtype, n_cols)
         self.w.setdefault("output.weight", self.w["token_embd.weight"])  # tied embeddings
         for i in range(self.n_layer):  # one product (one launch, one pass over x) where the types agree
             self._fuse(f"blk.{i}", ("attn_q", "attn_k", "attn_v"), "attn_qkv")
@@ -120,6 +120,13 @@ class TritonWeights:
         self.nbytes = sum(w.numel() for w, _, _ in self.w.values())
 
 
+    def _padded(self, w):
+        """w (rows, row_bytes) on the device in a buffer with 8 bytes to spare, at an aligned start
+        (the word kernels read whole words around 2-byte-aligned blocks: kernels.weight_words)."""
+        buf = self.torch.zeros(w.numel() + 8, dtype=self.torch.uint8, device=self.device)
+        buf[:w.numel()].copy_(w.reshape(-1))
+        return buf[:w.numel()].view(w.shape)
+
     def _fuse(self, blk: str, parts: tuple, name: str) -> None:
         """Stack the rows of matrices that read the same input (Q, K, V; gate, up) into one, when
         they share a type and a row length (a Q4_K_M file often gives V another type: then not)."""
@@ -129,7 +136,7 @@ class TritonWeights:
         biases = [self.vec.get(f"{blk}.{p}.bias") for p in parts]
         if any(b is None for b in biases) and any(b is not None for b in biases):
             return
-        self.w[f"{blk}.{name}.weight"] = (self.torch.cat([w for w, _, _ in ws]), ws[0][1], ws[0][2])
+        self.w[f"{blk}.{name}.weight"] = (self._padded(self.torch.cat([w for w, _, _ in ws])), ws[0][1], ws[0][2])
         for p in parts:
             del self.w[f"{blk}.{p}.weight"]
         if biases[0] is not None:
@@ -148,11 +155,22 @@ class _Forward:
         self.v_cache = torch.zeros(shape, dtype=kv_dtype, device=W.device)
         self.n_cells = n_cells
         self.cancel_event = threading.Event()
-        from .kernels.matvec import WIDE
-        self.wide = WIDE
+
+    def inputs(self, x, names: tuple, norm=None, up=None):
+        """The input of the products `names` from x: rms_norm(x) * norm, silu(x) * up, or x itself; in
+        8 bits (kernels.act_q8, one launch with the norm or SwiGLU) when a weight is quantized, as the
+        CPU core makes it, with the float rows as well when a weight is float."""
+        K, W = self.K, self.W
+        floats = [W.w[f"{n}.weight"][1] in K.FLOAT_TYPES for n in names if f"{n}.weight" in W.w]
+        if not all(floats):
+            return K.act_q8(x, norm, W.eps, up, keep_float=any(floats))
+        if norm is not None:
+            return K.rms_norm(x, norm, W.eps)
+        return x if up is None else K.swiglu(x, up)
 
     def project(self, x, name: str, res=None):
-        """x W^T (+ bias) (+ res: the residual stream, added in the product's epilogue)."""
+        """x W^T (+ bias) (+ res: the residual stream, added in the product's epilogue); x: float rows
+        or their kernels.act_q8 form."""
         w, qtype, _ = self.W.w[f"{name}.weight"]
         bias = self.W.vec.get(f"{name}.bias")
         # decode reads each weight byte once per token; prefill tiles on tensor cores
@@ -177,7 +195,8 @@ class _Forward:
             if check_cancel and self.cancel_event.is_set():
                 raise CancelledError("cancelled")
             blk = f"blk.{i}"
-            h = K.rms_norm(x, W.vec[f"{blk}.attn_norm.weight"], W.eps)
+            h = self.inputs(x, (f"{blk}.attn_qkv", f"{blk}.attn_q", f"{blk}.attn_k", f"{blk}.attn_v"),
+                            norm=W.vec[f"{blk}.attn_norm.weight"])
             if f"{blk}.attn_qkv.weight" in W.w:
                 qkv = self.project(h, f"{blk}.attn_qkv")
                 q = qkv[:, :H * D].view(T, H, D)
@@ -196,15 +215,16 @@ class _Forward:
             else:
                 att = K.attention_prefill(q, kc, vc, live, live.shape[0] - T, mask=mask, deltas=deltas,
                                           freqs=W.freqs, rope_mode=W.rope_mode)
-            x = self.project(att.reshape(T, H * D), f"{blk}.attn_output", res=x)
-            h = K.rms_norm(x, W.vec[f"{blk}.ffn_norm.weight"], W.eps)
+            x = self.project(self.inputs(att.reshape(T, H * D), (f"{blk}.attn_output",)), f"{blk}.attn_output", res=x)
+            h = self.inputs(x, (f"{blk}.ffn_gateup", f"{blk}.ffn_gate", f"{blk}.ffn_up"),
+                            norm=W.vec[f"{blk}.ffn_norm.weight"])
             if f"{blk}.ffn_gateup.weight" in W.w:
                 gu = self.project(h, f"{blk}.ffn_gateup")
                 n_ff = gu.shape[1] // 2
-                ff = K.swiglu(gu[:, :n_ff], gu[:, n_ff:])
+                gate, up = gu[:, :n_ff], gu[:, n_ff:]
             else:
-                ff = K.swiglu(self.project(h, f"{blk}.ffn_gate"), self.project(h, f"{blk}.ffn_up"))
-            x = self.project(ff, f"{blk}.ffn_down", res=x)
+                gate, up = self.project(h, f"{blk}.ffn_gate"), self.project(h, f"{blk}.ffn_up")
+            x = self.project(self.inputs(gate, (f"{blk}.ffn_down",), up=up), f"{blk}.ffn_down", res=x)
         norm = W.vec["output_norm.weight"]
         if hidden:
             return K.rms_norm(x, norm, W.eps)
@@ -212,11 +232,12 @@ class _Forward:
         if n_out == 0:
             return x.new_empty(0, W.n_out)
         w, qtype, _ = W.w["output.weight"]
-        if n_out <= 2:
-            if qtype in self.wide:  # the wide-word product after a separate norm (one short launch)
-                return K.matvec(w, qtype, K.rms_norm(x, norm, W.eps))
-            return K.head(w, qtype, x, norm, W.eps)  # the final norm fused into a byte-wise product
-        return K.matmul(w, qtype, K.rms_norm(x, norm, W.eps))
+        if qtype in K.FLOAT_TYPES:
+            if n_out <= 2:
+                return K.head(w, qtype, x, norm, W.eps)  # the final norm fused into the product
+            return K.matmul(w, qtype, K.rms_norm(x, norm, W.eps))
+        h = K.act_q8(x, norm, W.eps)  # the norm and the 8-bit activations in one launch
+        return K.matvec(w, qtype, h) if n_out <= 2 else K.matmul(w, qtype, h)
 
 
 class _DecodeGraph:

@@ -20,7 +20,7 @@ if not CUDA:
 pytest.importorskip("triton")
 from sepedge import kernels as K  # noqa: E402
 from sepedge.kernels import quants as Q  # noqa: E402
-from sepedge.kernels.matvec import WIDE  # noqa: E402
+from sepedge.kernels.matvec import WORDS  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
 TYPES = [Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K]
@@ -36,7 +36,6 @@ NORM_REL = 1e-5              # RMSNorm: float32 sum of squares and rsqrt
 ROPE_ATOL = 1e-4             # float32 angles of positions up to 2000 (ulp 1.2e-4), values ~N(0, 1)
 SWIGLU_RTOL, SWIGLU_ATOL = 1e-5, 1e-6
 ATTN_ATOL = 1e-5             # float32 cache: online softmax in float32
-ATTN_HALF_ATOL = 3e-3        # float16 cache in prefill: queries and probabilities rounded to f16
 ATTN_ROT_ATOL = 2e-4         # keys rotated on read: float32 angles of deltas up to 700 (ulp 6e-5), keys ~N(0, 4)
 
 gpu_only = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")]
@@ -194,35 +193,100 @@ def check_product(got: torch.Tensor, w64: np.ndarray, x64: np.ndarray, bias, rel
     assert err.max() <= rel, f"max error {err.max():.3g} of sum |w x| (tolerance {rel})"
 
 
+def q8_codes64(x32: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The CPU core's quantize_q8 (se-quants.c) in numpy float32 on float32 rows: codes, scales d and
+    d * sum of codes per block of 32; every step a float32 operation, as the C code's."""
+    b = x32.reshape(x32.shape[0], -1, 32)
+    d = (np.abs(b).max(-1) / np.float32(127)).astype(np.float32)
+    with np.errstate(divide="ignore"):
+        inv = np.where(d != 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
+    q = np.rint((b * inv[..., None]).astype(np.float32))  # numpy's rint: half to even, as nearbyintf
+    return q.astype(np.int8).reshape(x32.shape), d, (d * q.sum(-1).astype(np.float32)).astype(np.float32)
+
+
+def dequant_act64(a) -> np.ndarray:
+    """The value an 8-bit activation row stands for, in float64: code times block scale."""
+    q = a.q.cpu().numpy().astype(np.float64)
+    d = a.d.cpu().numpy().astype(np.float64)
+    return (q.reshape(q.shape[0], -1, 32) * d[..., None]).reshape(q.shape)
+
+
+@pytest.mark.parametrize("mode", ["plain", "norm", "swiglu"])
+@pytest.mark.parametrize("n", [32, 5 * 32, pytest.param(14336, marks=gpu_only)])
+def test_act_q8(rng, mode, n):
+    """Activations to 8 bits: codes, scales and sums exactly the CPU core's for the float rows the kernel
+    quantized; those rows (after the fused norm or SwiGLU) within float32 rounding of float64; rows of
+    zeros, of large and of tiny values; strided rows (the halves of a fused gate/up product)."""
+    T = 4
+    x = (rng.standard_normal((T, 2 * n)) * np.array([[1], [1e-30], [3e4], [0]])).astype(np.float32)[:, :n]
+    x[0, :3] = [0.5, -2.5, 127.0]  # ties of the rounding
+    up = rng.standard_normal((T, 2 * n)).astype(np.float32)
+    norm = rng.uniform(0.5, 1.5, n).astype(np.float32)
+    xd, upd = on_device(np.concatenate([x, x], 1))[:, :n], on_device(up)[:, n:]  # strided views
+    a = K.act_q8(xd, norm=on_device(norm) if mode == "norm" else None, eps=1e-5,
+                 up=upd if mode == "swiglu" else None, keep_float=True)
+    f = a.f.cpu().numpy()
+    x64 = x.astype(np.float64)
+    if mode == "norm":
+        ref = x64 / np.sqrt((x64 ** 2).mean(-1, keepdims=True) + 1e-5) * norm
+        tol = NORM_REL
+    elif mode == "swiglu":
+        ref = x64 / (1 + np.exp(-np.clip(x64, -700, 700))) * up[:, n:]
+        tol = SWIGLU_RTOL
+    else:
+        ref, tol = x64, 0.0
+    assert np.all(np.abs(f - ref) <= tol * np.abs(ref).max(-1, keepdims=True) + 1e-37)
+    q, d, s = q8_codes64(f)
+    np.testing.assert_array_equal(a.q.cpu().numpy(), q)
+    np.testing.assert_array_equal(a.d.cpu().numpy(), d)
+    np.testing.assert_allclose(a.s.cpu().numpy(), s, rtol=2 ** -23, atol=0)
+    if mode == "plain":  # the torch reference agrees
+        r = K.act_q8_ref(xd)
+        assert torch.equal(r.q, a.q) and torch.equal(r.d, a.d)
+
+
+def product_inputs(rng, qtype, T, n_cols, scale=1.0):
+    """x (T, n_cols) float32, and what the product multiplies: the float64 value of its 8-bit form
+    for quantized weights (made by act_q8, tested above), x itself for float weights."""
+    x = (rng.standard_normal((T, n_cols)) * scale).astype(np.float32)
+    if qtype in K.FLOAT_TYPES:
+        return x, x.astype(np.float64)
+    return x, dequant_act64(K.act_q8(on_device(x)))
+
+
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("qtype", TYPES, ids=type_id)
 def test_matvec(rng, qtype, size):
-    """The default kernel of each type (wide words where there is one) and the byte-wise one."""
+    """The default kernel of each type (whole words where there is one) and the byte-wise one, from
+    float rows (quantized here) and from their 8-bit form, with a bias or a residual."""
     N, T = (37, 2) if size == "small" else (4099, 3)
     n_cols = n_cols_for(qtype, size)
     w = random_weight(rng, qtype, N, n_cols)
-    x = rng.standard_normal((T, n_cols)).astype(np.float32)
+    x, x64 = product_inputs(rng, qtype, T, n_cols)
     bias = rng.standard_normal(N).astype(np.float32) if qtype == Q.Q8_0 else None  # qwen2's q/k/v biases
-    for wide in ([True, False] if qtype in WIDE else [False]):
-        got = K.matvec(on_device(w), qtype, on_device(x), None if bias is None else on_device(bias), wide=wide)
-        check_product(got, decode(w, qtype, n_cols), x.astype(np.float64), bias, DOT_REL)
-        # the residual stream added in the epilogue (with a bias: folded into it)
+    for words in ([True, False] if qtype in WORDS else [None]):
+        got = K.matvec(on_device(w), qtype, on_device(x), None if bias is None else on_device(bias), words=words)
+        check_product(got, decode(w, qtype, n_cols), x64, bias, DOT_REL)
+        # the residual stream added in the epilogue (with a bias: folded into it), from the Act
         res = rng.standard_normal((T, N)).astype(np.float32)
-        got = K.matvec(on_device(w), qtype, on_device(x), None if bias is None else on_device(bias), wide=wide,
+        xa = on_device(x) if qtype in K.FLOAT_TYPES else K.act_q8(on_device(x))
+        got = K.matvec(on_device(w), qtype, xa, None if bias is None else on_device(bias), words=words,
                        res=on_device(res))
-        check_product(got - on_device(res), decode(w, qtype, n_cols), x.astype(np.float64), bias, DOT_REL + 1e-6)
+        check_product(got - on_device(res), decode(w, qtype, n_cols), x64, bias, DOT_REL + 1e-6)
 
 
-@pytest.mark.parametrize("qtype", list(WIDE), ids=type_id)
-def test_matvec_wide_tails(rng, qtype):
-    """Wide-word kernels with small tiles: an odd number of blocks (a partial last step), rows that do
-    not fill the last program, large scales and codes of every value."""
+@pytest.mark.parametrize("qtype", list(WORDS), ids=type_id)
+def test_matvec_words_tails(rng, qtype):
+    """Word kernels with small tiles: an odd number of blocks (a partial last step; rows that start
+    2 bytes off a word), rows that do not fill the last program, large activations and codes of every
+    value; the weight at an odd byte offset of its storage (copied to an aligned one)."""
     block = Q.BLOCKS[qtype][0]
     N, n_cols = 13, block * (3 if block == 256 else 7)
     w = random_weight(rng, qtype, N, n_cols)
-    x = (rng.standard_normal((1, n_cols)) * 5).astype(np.float32)
-    got = K.matvec(on_device(w), qtype, on_device(x), block_n=4, block_k=2 * block, wide=True)
-    check_product(got, decode(w, qtype, n_cols), x.astype(np.float64), None, DOT_REL)
+    x, x64 = product_inputs(rng, qtype, 1, n_cols, scale=5.0)
+    wd = on_device(np.concatenate([np.zeros(1, np.uint8), w.reshape(-1)]))[1:].view(w.shape)
+    got = K.matvec(wd, qtype, on_device(x), block_n=4, block_k=2 * block, words=True)
+    check_product(got, decode(w, qtype, n_cols), x64, None, DOT_REL)
 
 
 @pytest.mark.parametrize("size", SIZES)
@@ -231,7 +295,7 @@ def test_matmul(rng, qtype, size):
     M, N = (19, 37) if size == "small" else (301, 1031)
     n_cols = n_cols_for(qtype, size)
     w = random_weight(rng, qtype, N, n_cols)
-    x = rng.standard_normal((M, n_cols)).astype(np.float32)
+    x, x64 = product_inputs(rng, qtype, M, n_cols)
     bias = rng.standard_normal(N).astype(np.float32) if qtype == Q.Q4_K else None
     blocks = dict(block_m=16, block_n=16, block_k=32) if size == "small" else {}  # several tiles each way
     res = rng.standard_normal((M, N)).astype(np.float32) if qtype in (Q.Q8_0, Q.Q4_K) else None
@@ -239,20 +303,21 @@ def test_matmul(rng, qtype, size):
                    res=None if res is None else on_device(res))
     if res is not None:  # the residual stream added in the epilogue
         got = got - on_device(res)
-    check_product(got, decode(w, qtype, n_cols), x.astype(np.float64), bias,
-                  DOT_REL if qtype == Q.F32 else HALF_DOT_REL)
+    check_product(got, decode(w, qtype, n_cols), x64, bias, HALF_DOT_REL if qtype in (Q.F16, Q.BF16) else DOT_REL)
 
 
-@pytest.mark.parametrize("wide", [True, False], ids=["words", "generic"])
-def test_matmul_q4_k_kernels(rng, wide):
-    """Q4_K prefill: the whole-word kernel and the generic one, odd sizes (3 blocks, partial tiles),
-    with a residual."""
-    M, N, n_cols = 21, 45, 3 * 256
-    w = random_weight(rng, Q.Q4_K, N, n_cols)
-    x = rng.standard_normal((M, n_cols)).astype(np.float32)
-    res = rng.standard_normal((M, N)).astype(np.float32)
-    got = K.matmul(on_device(w), Q.Q4_K, on_device(x), block_m=16, block_n=16, res=on_device(res), wide=wide)
-    check_product(got - on_device(res), decode(w, Q.Q4_K, n_cols), x.astype(np.float64), None, HALF_DOT_REL)
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q6_K], ids=type_id)
+def test_products_beyond_half_range(rng, qtype):
+    """Activations far beyond float16's range (65504; random-weight 8B files reach them in their
+    feed-forward rows) stay finite and accurate in the prefill and decode products of quantized weights:
+    their 8-bit form keeps a float32 scale per block. (Half-precision operands made NaN of such rows.)"""
+    M, N, n_cols = 17, 19, 512
+    w = random_weight(rng, qtype, N, n_cols)
+    x, x64 = product_inputs(rng, qtype, M, n_cols, scale=1e6)
+    for got in (K.matmul(on_device(w), qtype, on_device(x), block_m=16, block_n=16),
+                K.matvec(on_device(w), qtype, on_device(x[:2]))):
+        assert torch.isfinite(got).all()
+        check_product(got, decode(w, qtype, n_cols), x64[:len(got)], None, DOT_REL)
 
 
 @pytest.mark.parametrize("size", SIZES)
@@ -403,7 +468,7 @@ def test_attention_prefill(rng, dtype, size):
     got = K.attention_prefill(on_device(q), on_device(k), on_device(v), on_device(cells), n_past, **blocks)
     ref = attention64(q, k, v, cells, n_past)
     err = np.abs(got.double().cpu().numpy() - ref).max()
-    assert err <= (ATTN_ATOL if dtype == np.float32 else ATTN_HALF_ATOL), f"max error {err:.3g}"
+    assert err <= ATTN_ATOL, f"max error {err:.3g}"
     torch_ref = K.attention_prefill_ref(torch.from_numpy(q).double(), torch.from_numpy(k), torch.from_numpy(v),
                                         torch.from_numpy(cells), n_past).numpy()
     assert np.abs(torch_ref - ref).max() <= ATTN_ATOL
@@ -476,7 +541,7 @@ def test_attention_prefill_mask_deltas(rng, mode, dtype):
     f64 = 1.0 / 500000.0 ** (np.arange(0, D, 2) / D)
     ref = attention64_masked(q, rotate64(k[cells], deltas, f64, mode), v[cells], visible)
     err = np.abs(got.double().cpu().numpy() - ref).max()
-    assert err <= (ATTN_ROT_ATOL if dtype == np.float32 else ATTN_HALF_ATOL), f"max error {err:.3g}"
+    assert err <= ATTN_ROT_ATOL, f"max error {err:.3g}"
     torch_ref = K.attention_prefill_ref(torch.from_numpy(q).double(), torch.from_numpy(k), torch.from_numpy(v),
                                         torch.from_numpy(cells), S - T, torch.from_numpy(visible),
                                         torch.from_numpy(deltas), freqs, mode).numpy()

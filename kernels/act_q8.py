@@ -1,0 +1,119 @@
+"""Activations to 8 bits: the rows that feed a quantized weight, in blocks of 32 values with a float32
+scale d = max|x| / 127 and codes q = x / d rounded to nearest even, plus d * sum(q) (the term that
+applies an offset or a min to the whole block with one multiply).
+
+This is the CPU core's `quantize_q8` (native/src/se-quants.c) value for value, and the form in which
+llama.cpp's integer paths (mmvq, mmq) take activations: the products then sum codes in integers and
+apply the block scales once per block, so the Triton backend does the CPU engine's arithmetic (same
+greedy text near ties) and no operand can overflow a half-precision range (a float32 scale per block).
+
+As the CPU core does, the step that makes a product's input is fused here: the block's RMSNorm (the
+residual stream through the norm weight) or SwiGLU (silu(gate) * up) runs in the same launch.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+PLAIN, NORM, SWIGLU = 0, 1, 2  # what the kernel computes before quantizing
+
+
+class Act(NamedTuple):
+    """An activation batch in 8 bits: q (T, K) int8, d (T, K / 32) float32 scales, s (T, K / 32)
+    float32 = d * sum of the block's codes; f (T, K) float32 or None: the float rows (for float
+    weights and for tests)."""
+    q: torch.Tensor
+    d: torch.Tensor
+    s: torch.Tensor
+    f: torch.Tensor | None = None
+
+    @property
+    def shape(self):
+        return self.q.shape
+
+
+@triton.jit
+def _round_even(v, GPU: tl.constexpr):
+    """v rounded to the nearest integer, ties to even (the CPU's nearbyintf / cvtps): the PTX
+    conversion on a GPU; elsewhere 1.5 * 2^23 added and taken away in float32, which rounds there
+    by the IEEE rule (|v| <= 127 here)."""
+    if GPU:
+        # on 32-bit registers (PTX: bit-size operands fit any type of their size)
+        r = tl.inline_asm_elementwise("cvt.rni.f32.f32 $0, $1;", "=r,r", [v.to(tl.int32, bitcast=True)],
+                                      dtype=tl.int32, is_pure=True, pack=1)
+        return r.to(tl.float32, bitcast=True)
+    else:
+        return (v + 12582912.0) - 12582912.0
+
+
+@triton.jit
+def act_q8_kernel(
+    XQ, XD, XS, Y,  # outputs: codes (T, K) int8, scales and scaled sums (T, K / 32), float rows (STORE_Y)
+    X, U, NW,  # inputs: X (PLAIN, NORM: the rows; SWIGLU: gate), U (SWIGLU: up), NW (NORM: its weight)
+    K, stride_x, stride_u, stride_y, eps,
+    MODE: tl.constexpr, STORE_Y: tl.constexpr, GPU: tl.constexpr,
+    NB: tl.constexpr,  # blocks of 32 per program (NORM: the whole row)
+):
+    t = tl.program_id(1).to(tl.int64)
+    blk = tl.program_id(0) * NB + tl.arange(0, NB)
+    nblk = K // 32
+    cols = blk[:, None] * 32 + tl.arange(0, 32)[None, :]  # (NB, 32)
+    m = (blk < nblk)[:, None]
+    x = tl.load(X + t * stride_x + cols, mask=m, other=0.0).to(tl.float32)
+    if MODE == 1:  # RMSNorm over the row (one program has it all)
+        rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(x * x, axis=1), axis=0) / K + eps)
+        x = x * rstd * tl.load(NW + cols, mask=m, other=0.0).to(tl.float32)
+    elif MODE == 2:  # SwiGLU, as the CPU core writes it: g / (1 + e^-g) * u
+        u = tl.load(U + t * stride_u + cols, mask=m, other=0.0).to(tl.float32)
+        x = x / (1.0 + tl.exp(-x)) * u
+    if STORE_Y:
+        tl.store(Y + t * stride_y + cols, x, mask=m)
+    amax = tl.max(tl.abs(x), axis=1)  # (NB,)
+    d = tl.math.div_rn(amax, 127.0)  # correctly rounded, as C's division (a plain '/' may be approximate)
+    inv = tl.math.div_rn(1.0, tl.where(d != 0, d, 1.0))
+    inv = tl.where(d != 0, inv, 0.0)
+    q = _round_even(x * inv[:, None], GPU).to(tl.int32)
+    tl.store(XQ + t * K + cols, q.to(tl.int8), mask=m)
+    tl.store(XD + t * nblk + blk, d, mask=blk < nblk)
+    tl.store(XS + t * nblk + blk, d * tl.sum(q, axis=1).to(tl.float32), mask=blk < nblk)
+
+
+def act_q8(x: torch.Tensor, norm: torch.Tensor | None = None, eps: float = 0.0, up: torch.Tensor | None = None,
+           keep_float: bool = False, block: int = 1024) -> Act:
+    """The 8-bit form of x (T, K) (K a multiple of 32); with `norm` (K,) of rms_norm(x) * norm, with `up`
+    (T, K) of silu(x) * up. Rows may be strided (the halves of a fused gate/up product); keep_float:
+    also return the float rows the codes were made from."""
+    T, K = x.shape
+    assert K % 32 == 0, "rows must be whole blocks of 32"
+    assert x.stride(1) == 1 and (up is None or (up.shape == x.shape and up.stride(1) == 1)), "rows must be contiguous"
+    assert norm is None or up is None, "one of norm and up"
+    dev = x.device
+    q = torch.empty(T, K, dtype=torch.int8, device=dev)
+    d = torch.empty(T, K // 32, dtype=torch.float32, device=dev)
+    s = torch.empty(T, K // 32, dtype=torch.float32, device=dev)
+    y = torch.empty(T, K, dtype=torch.float32, device=dev) if keep_float else None
+    if T:
+        mode = NORM if norm is not None else SWIGLU if up is not None else PLAIN
+        nb = triton.next_power_of_2(K // 32) if mode == NORM else max(1, min(block // 32, triton.next_power_of_2(K // 32)))
+        act_q8_kernel[(triton.cdiv(K // 32, nb), T)](
+            q, d, s, y if y is not None else d, x, up if up is not None else x, norm if norm is not None else x, K,
+            x.stride(0), up.stride(0) if up is not None else 0, K, eps, MODE=mode, STORE_Y=keep_float,
+            GPU=dev.type == "cuda", NB=nb)
+    return Act(q, d, s, y)
+
+
+def act_q8_ref(x: torch.Tensor) -> Act:
+    """The CPU core's quantize_q8 in torch (float32 throughout, round half to even)."""
+    x = x.float()
+    b = x.reshape(x.shape[0], -1, 32)
+    amax = b.abs().amax(-1)
+    # tensor divisors: torch divides by a scalar as a product with its reciprocal on CUDA, which
+    # rounds differently from C's division
+    d = amax / torch.full_like(amax, 127)
+    inv = torch.where(d != 0, torch.ones_like(d) / torch.where(d != 0, d, torch.ones_like(d)), 0)
+    q = torch.round(b * inv[..., None])  # torch.round: half to even
+    return Act(q.to(torch.int8).reshape(x.shape), d, d * q.sum(-1), x)
