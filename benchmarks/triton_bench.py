@@ -2,7 +2,7 @@
 same GGUF files, in the same run. Rows per model: pp512 and tg128 (full cache), tg128 of the
 sepllm-stream cache (default sizes, c = 800) after 0 and after DEPTH tokens of history; and the
 achieved weight bandwidth of the decode products (every matrix of layer 0 and the output head,
-GGUF bytes / time, the wide-word kernels and the byte-wise ones) next to the measured copy rate.
+GGUF bytes / time, the word kernels and the byte-wise ones) next to the measured copy rate.
 
     python benchmarks/triton_bench.py MODEL.gguf [...] [--llama-bench BIN] [--devices triton,cuda]
                                       [--reps 3] [--depth 32768] [--json results.json] [--md results.md]
@@ -49,41 +49,37 @@ def copy_rate() -> float:
 
 
 def product_bandwidth(model: str) -> dict:
-    """GB/s of the decode products over layer 0's matrices and the output head, both kernels."""
+    """GB/s of the decode products over layer 0's matrices and the output head (activations already in
+    their 8-bit form: the product alone), the word kernels and the byte-wise ones; TFLOP/s of the
+    prefill products of 512 tokens."""
     import torch
     import triton.testing
 
     from sepedge import kernels as K
-    from sepedge.kernels.matvec import WIDE
+    from sepedge.kernels.matvec import WORDS
     from sepedge.triton_backend import TritonWeights
     W = TritonWeights(model)
     names = [n for n in W.w if n.startswith("blk.0.")] + ["output.weight"]
     out = {}
-    for wide in (True, False):
+    for words in (True, False):
         total_b = total_t = 0.0
         per = {}
         for n in names:
             w, qtype, k = W.w[n]
-            x = torch.randn(1, k, device="cuda")
-            t = triton.testing.do_bench(lambda: K.matvec(w, qtype, x, wide=wide), warmup=10, rep=40) * 1e-3
+            x = K.act_q8(torch.randn(1, k, device="cuda"), keep_float=True)
+            t = triton.testing.do_bench(lambda: K.matvec(w, qtype, x, words=words), warmup=10, rep=40) * 1e-3
             per[n] = {"type": K.NAMES[qtype], "bytes": w.numel(), "us": t * 1e6, "GBps": w.numel() / t / 1e9,
-                      "wide": wide and qtype in WIDE}
+                      "wide": words and qtype in WORDS}
             total_b += w.numel()
             total_t += t
-        out["wide" if wide else "bytes"] = {"GBps": total_b / total_t / 1e9, "matrices": per}
-    # prefill products of 512 tokens where there are two kernels (Q4_K: whole words or generic), TFLOP/s
+        out["wide" if words else "bytes"] = {"GBps": total_b / total_t / 1e9, "matrices": per}
     out["prefill"] = {}
     for n in names[:-1]:
         w, qtype, k = W.w[n]
-        if qtype == 12:
-            x = torch.randn(512, k, device="cuda")
-            for wide in (True, False):
-                t = triton.testing.do_bench(lambda: K.matmul(w, qtype, x, wide=wide), warmup=5, rep=25) * 1e-3
-                out["prefill"][f"{n} {'words' if wide else 'generic'}"] = 2 * 512 * w.shape[0] * k / t / 1e12
-    from sepedge.kernels.matvec import WIDE_FAILED, _tuned  # the tiles triton.autotune chose, per type and shape
-    from sepedge.kernels.matmul import WIDE_FAILED as MM_FAILED
-    out["wide_failed"] = {K.NAMES[q]: why for q, why in WIDE_FAILED.items()}
-    out["wide_failed"].update({f"{K.NAMES[q]} matmul": why for q, why in MM_FAILED.items()})
+        x = K.act_q8(torch.randn(512, k, device="cuda"))
+        t = triton.testing.do_bench(lambda: K.matmul(w, qtype, x), warmup=5, rep=25) * 1e-3
+        out["prefill"][f"{n} {K.NAMES[qtype]}"] = 2 * 512 * w.shape[0] * k / t / 1e12
+    from sepedge.kernels.matvec import _tuned  # the tiles triton.autotune chose, per type and shape
     out["tuned"] = {K.NAMES[q]: {str(k): str(c) for k, c in t.cache.items()} for q, t in _tuned.items()}
     del W
     torch.cuda.empty_cache()
@@ -168,19 +164,19 @@ def table(res: dict) -> str:
         cr = res.get("copy_TBps")
         lines += ["", f"Decode products (layer 0's matrices + output head, GGUF bytes / time; copy rate "
                       f"{cr:.2f} TB/s read + written):" if cr else "Decode products:", "",
-                  "| model | wide-word kernels TB/s | byte-wise kernels TB/s | wide / copy rate |", "|---|---:|---:|---:|"]
+                  "| model | word kernels TB/s | byte-wise kernels TB/s | words / copy rate |", "|---|---:|---:|---:|"]
         for m, b in bw.items():
             frac = f"{b['wide']['GBps'] / 1e3 / cr:.0%}" if cr else "-"
             lines.append(f"| {m} | {b['wide']['GBps'] / 1e3:.2f} | {b['bytes']['GBps'] / 1e3:.2f} | {frac} |")
         for m, b in bw.items():
-            if b.get("wide_failed"):
-                lines += ["", f"{m}: kernels that fell back: {b['wide_failed']}"]
             if b.get("prefill"):
-                lines += ["", f"{m}, Q4_K prefill products of 512 tokens (TFLOP/s): "
+                lines += ["", f"{m}, prefill products of 512 tokens (8-bit activations, TFLOP/s): "
                           + ", ".join(f"{n.removeprefix('blk.0.')} {v:.1f}" for n, v in b["prefill"].items())]
-            lines += ["", f"{m}, per matrix (wide / byte-wise GB/s): " + ", ".join(
-                f"{n.removeprefix('blk.0.').removesuffix('.weight')} {v['type']} {v['GBps']:.0f} / "
-                f"{b['bytes']['matrices'][n]['GBps']:.0f}" for n, v in b["wide"]["matrices"].items())]
+            lines += ["", f"{m}, per matrix (word / byte-wise kernels GB/s, words as a share of the copy rate): "
+                      + ", ".join(f"{n.removeprefix('blk.0.').removesuffix('.weight')} {v['type']} {v['GBps']:.0f} / "
+                                  f"{b['bytes']['matrices'][n]['GBps']:.0f}"
+                                  + (f" ({v['GBps'] / 1e3 / cr:.0%})" if cr else "")
+                                  for n, v in b["wide"]["matrices"].items())]
     return "\n".join(lines)
 
 
