@@ -64,12 +64,18 @@ def act_q8_kernel(
     cols = blk[:, None] * 32 + tl.arange(0, 32)[None, :]  # (NB, 32)
     m = (blk < nblk)[:, None]
     x = tl.load(X + t * stride_x + cols, mask=m, other=0.0).to(tl.float32)
-    if MODE == 1:  # RMSNorm over the row (one program has it all)
-        rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(x * x, axis=1), axis=0) / K + eps)
+    if MODE == 1:  # RMSNorm over the row (one program has it all), as the CPU core's rmsnorm: the
+        # sum of squares in float64 (exact products, an order-independent sum to ~2^-53), then
+        # correctly rounded float32 operations: the rows agree with the CPU's to the last bit far more
+        # often than float32 sums would, so fewer codes land on the other side of a rounding tie
+        # (a quantized embedding row through a norm weight of 1 gives exact ties)
+        x64 = x.to(tl.float64)
+        mean = tl.sum(tl.sum(x64 * x64, axis=1), axis=0) / K + eps
+        rstd = tl.math.div_rn(1.0, tl.sqrt_rn(mean.to(tl.float32)))
         x = x * rstd * tl.load(NW + cols, mask=m, other=0.0).to(tl.float32)
-    elif MODE == 2:  # SwiGLU, as the CPU core writes it: g / (1 + e^-g) * u
+    elif MODE == 2:  # SwiGLU, as the CPU core writes it: g / (1 + e^-g) * u (a correctly rounded division)
         u = tl.load(U + t * stride_u + cols, mask=m, other=0.0).to(tl.float32)
-        x = x / (1.0 + tl.exp(-x)) * u
+        x = tl.math.div_rn(x, 1.0 + tl.exp(-x)) * u
     if STORE_Y:
         tl.store(Y + t * stride_y + cols, x, mask=m)
     amax = tl.max(tl.abs(x), axis=1)  # (NB,)

@@ -23,11 +23,15 @@ from sepedge import BackendError, CancelledError, Engine  # noqa: E402
 from sepedge.reference import Transformer  # noqa: E402
 
 # max |triton - other| / max |other| over a sequence's logits. Against the CPU engine with f32 keys and
-# values: float weights differ by summation order only; quantized ones by the CPU's 8-bit activations
-# (see test_engine_logits), which the Triton products do not take. Against the float64 reference:
-# float32 sums, and half-precision operands in the prefill products of quantized weights.
-MAX_REL_CPU = {"f32": 1e-4, "f16": 1e-3, "q8_0": 4e-2, "q4_k_m": 4e-2, "q4_0": 4e-2}
-MAX_REL_REFERENCE = {"f32": 1e-4, "q8_0": 3e-3, "q4_k_m": 3e-3}
+# values: float weights differ by summation order only. Quantized weights take 8-bit activations in
+# both engines (kernels/act_q8.py: the CPU core's quantize_q8 and per-block integer sums;
+# test_triton_kernels.test_products_match_the_cpu_core holds single products to 1e-6), but a row
+# that differs in its last bit (summation order) can put a value on the other side of a rounding tie,
+# and one code moved in these tiny random models moves logits by up to ~1e-2 (measured: 2e-7 on
+# streams without such a flip, 4e-3..1.3e-2 with one). Against the float64 reference: float32 sums,
+# and for quantized weights the 8-bit activations (the CPU engine's tolerance in test_engine_logits).
+MAX_REL_CPU = {"f32": 1e-4, "f16": 1e-3, "q8_0": 3e-2, "q4_k_m": 3e-2, "q4_0": 3e-2}
+MAX_REL_REFERENCE = {"f32": 1e-4, "q8_0": 3e-2, "q4_k_m": 3e-2}
 # an f16 cache rounds every key and value (2^-11 relative) where the CPU engine's f32 one does not
 MAX_REL_CPU_F16_CACHE = 3e-3
 SEP_RATE = 0.25

@@ -31,6 +31,7 @@ SCALE_FIELDS = {Q.Q8_0: [0], Q.Q4_0: [0], Q.Q4_1: [0, 2], Q.Q5_0: [0], Q.Q4_K: [
 # tolerances
 DEQUANT_REL = 2.0 ** -23     # float32 decoding: one rounding of d * sc * q - dmin * m
 DOT_REL = 2e-5               # float32 sums: |error| / sum |w_j x_j| of a row
+CPU_PRODUCT_REL = 1e-6       # against the CPU core's product of the same rows: float32 summation order only
 HALF_DOT_REL = 2e-3          # half-precision operands (2^-11 each) on tensor cores, float32 sums
 NORM_REL = 1e-5              # RMSNorm: float32 sum of squares and rsqrt
 ROPE_ATOL = 1e-4             # float32 angles of positions up to 2000 (ulp 1.2e-4), values ~N(0, 1)
@@ -304,6 +305,23 @@ def test_matmul(rng, qtype, size):
     if res is not None:  # the residual stream added in the epilogue
         got = got - on_device(res)
     check_product(got, decode(w, qtype, n_cols), x64, bias, HALF_DOT_REL if qtype in (Q.F16, Q.BF16) else DOT_REL)
+
+
+@pytest.mark.parametrize("T", [1, 5])
+@pytest.mark.parametrize("qtype", [t for t in TYPES if t not in K.FLOAT_TYPES], ids=type_id)
+def test_products_match_the_cpu_core(rng, qtype, T):
+    """The same float rows through the CPU core's product (se_matmul: its quantize_q8, integer sums per
+    block) and through the kernels (decode for T = 1, prefill for T = 5) agree to float32 summation
+    order: the same 8-bit codes, the same per-block arithmetic."""
+    from sepedge._ffi import ffi, lib
+    N, n_cols = 37, 2 * 256 if Q.BLOCKS[qtype][0] == 256 else 7 * 32
+    w = random_weight(rng, qtype, N, n_cols)
+    x = (rng.standard_normal((T, n_cols)) * 3).astype(np.float32)
+    cpu = np.zeros((T, N), np.float32)
+    assert lib.se_matmul(int(qtype), ffi.from_buffer(np.ascontiguousarray(w)), N, n_cols,
+                         ffi.from_buffer("float[]", x), T, ffi.from_buffer("float[]", cpu), 0) == 0
+    got = (K.matvec if T == 1 else K.matmul)(on_device(w), qtype, on_device(x)).cpu().numpy()
+    assert np.abs(got - cpu).max() <= CPU_PRODUCT_REL * np.abs(cpu).max()
 
 
 @pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q6_K], ids=type_id)
