@@ -112,9 +112,12 @@ def run_row(model: str, text: str, row: str, tokens: list[int], threads: int, kv
     _, kw = ROWS[row]
     out = row_file(model, text, row)
     res = {"model": model, "text": text, "row": row, "engine": kw, "kv_type": kv_type, "target": len(tokens) - 1,
+           "slide_in_pass": True,
            "scored": 0, "nll_sum": 0.0, "curve": [], "checkpoints": {}, "done": False, "threads": threads,
            "machine": machine(), "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
-    with Engine(model_path(model), n_threads=threads, kv_type=kv_type, n_batch=CHUNK, **kw) as llm:
+    # slide_in_pass: the window slides inside a pass (up to 64 tokens) instead of one token per pass;
+    # every token attends to the same cells at the same distances (tests/test_cache_plan.py)
+    with Engine(model_path(model), n_threads=threads, kv_type=kv_type, n_batch=CHUNK, slide_in_pass=True, **kw) as llm:
         t0, last = time.perf_counter(), None
         for start in range(0, len(tokens), CHUNK):
             piece = tokens[start:start + CHUNK]
@@ -155,15 +158,15 @@ def check_reference(model: str, text: str, row: str, tokens: list[int], threads:
     path = model_path(model)
     # f32 storage as the reference's cells: what remains is the native 8-bit activations of the
     # quantized matrix products (about 0.45% on SmolLM2 Q4_1 under full attention, measured)
-    with Engine(path, n_threads=threads, kv_type="f32", n_batch=CHUNK, **kw) as llm:
+    with Engine(path, n_threads=threads, kv_type="f32", n_batch=CHUNK, slide_in_pass=True, **kw) as llm:
         t0 = time.perf_counter()
         native = nll(llm.eval_logits(tokens)[:-1], np.asarray(tokens[1:]))
         native_s = time.perf_counter() - t0
-        policy = CachePolicy(kw["kv_mode"], model=llm._model, n_batch=CHUNK,
+        policy = CachePolicy(kw["kv_mode"], model=llm._model, n_batch=CHUNK, slide_in_pass=True,
                              **{k: v for k, v in kw.items() if k != "kv_mode"})
     ref = Transformer.from_gguf(path, dtype=torch.float32)
     t0 = time.perf_counter()
-    logits = ref.forward_plan(tokens, policy, CellCache(ref.args, policy.n_cells, torch.float32)).numpy()
+    logits = ref.forward_plan(tokens, policy, CellCache(ref.args, policy.n_cells + policy.n_spare, torch.float32)).numpy()
     want = nll(logits[:-1], np.asarray(tokens[1:]))
     res = {"model": model, "text": text, "row": row, "tokens": len(tokens) - 1,
            "native_ppl": math.exp(native.mean()), "reference_ppl": math.exp(want.mean()),

@@ -229,7 +229,7 @@ class Context(_Handle):
 
     def __init__(self, model: Model, *, n_ctx: int = 0, n_batch: int = 512, n_threads: int = 0, kv_type: str = "f16",
                  kv_mode: str = "full", n_init: int | None = None, n_sep: int | None = None,
-                 n_local: int | None = None, n_cache: int | None = None):
+                 n_local: int | None = None, n_cache: int | None = None, slide_in_pass: bool = False):
         if kv_type not in KV_TYPES:
             raise InvalidArgumentError(f"kv_type must be one of {sorted(KV_TYPES)}, got {kv_type!r}")
         if kv_mode not in KV_MODES:
@@ -242,6 +242,7 @@ class Context(_Handle):
         params.kv_mode = KV_MODES[kv_mode]
         for name, value in (("n_init", n_init), ("n_sep", n_sep), ("n_local", n_local), ("n_cache", n_cache)):
             setattr(params, name, -1 if value is None else _int_arg(name, value, 0))
+        params.slide_in_pass = bool(slide_in_pass)
         out = ffi.new("se_context **")
         check(lib.se_context_new(model.ptr, params, out))
         self._lock = threading.Lock()   # held for every native call on the context
@@ -374,7 +375,7 @@ class Context(_Handle):
     def _info_dict(out) -> dict:
         info = {k: getattr(out, k) for k in ("n_cells", "n_init", "n_sep", "n_local", "n_live", "n_live_init",
                                              "n_live_sep", "n_live_recent", "n_seen", "n_evicted", "sum_visible",
-                                             "kv_bytes")}
+                                             "kv_bytes", "n_spare")}
         info["kv_mode"] = next(k for k, v in KV_MODES.items() if v == out.kv_mode)
         return info
 

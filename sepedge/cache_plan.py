@@ -9,6 +9,7 @@ the tokens a context was fed holds the same cells.
     for plan in policy.plan(tokens):      # one forward pass per plan
         ...  # write K/V of the new tokens to plan.cells, rotated at plan.positions; query t
              # attends plan.live_cells[plan.mask[t]], keys rotated further by plan.live_deltas
+             # (+ t * plan.live_steps with slide_in_pass=True: passes that slide the window)
 
 Sizes: sepedge's n_cache and n_local count the cell of the token being evaluated, so a streaming
 run of the reference code (Streaming-SepLLM, StreamingLLM) with cache_size c and local_size w is
@@ -38,6 +39,7 @@ class Plan:
     live_positions: np.ndarray  # (n_live,) their original positions
     live_deltas: np.ndarray     # (n_live,) extra rotation when read: the key acts at position + delta
     live_regions: np.ndarray    # (n_live,) lib.SE_REGION_INIT / _SEP / _RECENT
+    live_steps: np.ndarray      # (n_live,) 0 or 1: new token t reads the key at position + delta + t * step
     mask: np.ndarray | None     # (n_tokens, n_live) bool: new token t attends live cell i
     n_visible: int              # sum over the new tokens of the cells each one attends to
     n_compressions: int         # sepllm-stream compressions in this step
@@ -67,7 +69,7 @@ class CachePolicy(_Handle):
     def __init__(self, kv_mode: str = "sepllm-stream", *, model: Model | None = None, separators=None,
                  n_init: int | None = None, n_sep: int | None = None, n_local: int | None = None,
                  n_cache: int | None = None, n_ctx: int = 0, n_batch: int = 512, n_vocab: int | None = None,
-                 mask: bool = True):
+                 mask: bool = True, slide_in_pass: bool = False):
         if kv_mode not in KV_MODES:
             raise InvalidArgumentError(f"kv_mode must be one of {list(KV_MODES)}, got {kv_mode!r}")
         if model is not None and not isinstance(model, Model):
@@ -82,6 +84,7 @@ class CachePolicy(_Handle):
         params.n_ctx = _int_arg("n_ctx", n_ctx, 0)
         params.n_batch = _int_arg("n_batch", n_batch, 1)
         params.n_vocab = 0 if n_vocab is None else _int_arg("n_vocab", n_vocab, 1)
+        params.slide_in_pass = bool(slide_in_pass)
         if separators is None:
             ids, n_ids = ffi.NULL, -1  # the model's set (the C core says so when there is no model)
         else:
@@ -93,17 +96,20 @@ class CachePolicy(_Handle):
         self.model = model  # a policy made from a model keeps it alive
         info = self.info()
         self.kv_mode = kv_mode
-        self.n_cells = info["n_cells"]
+        self.n_cells = info["n_cells"]  # the budget; a pass that slides the window may use n_spare more
+        self.n_spare = info["n_spare"]
         self.n_batch = min(params.n_batch, self.n_cells)
         self._mask = bool(mask)
+        n_all = self.n_cells + self.n_spare
         self._tokens_buf = {k: np.empty(self.n_batch, np.int32) for k in ("cells", "positions")}
-        self._live_buf = {k: np.empty(self.n_cells, np.int32) for k in ("cells", "positions", "deltas", "regions")}
-        self._mask_buf = np.empty(self.n_batch * self.n_cells, np.uint8) if self._mask else None
+        self._live_buf = {k: np.empty(n_all, np.int32) for k in ("cells", "positions", "deltas", "regions", "steps")}
+        self._mask_buf = np.empty(self.n_batch * n_all, np.uint8) if self._mask else None
         self._plan = ffi.new("se_cache_plan *")
         p, b, lb = self._plan, self._tokens_buf, self._live_buf
         p.cells, p.positions, p.max_tokens = _ptr(b["cells"]), _ptr(b["positions"]), self.n_batch
         p.live_cells, p.live_positions = _ptr(lb["cells"]), _ptr(lb["positions"])
-        p.live_deltas, p.live_regions, p.max_live = _ptr(lb["deltas"]), _ptr(lb["regions"]), self.n_cells
+        p.live_deltas, p.live_regions, p.max_live = _ptr(lb["deltas"]), _ptr(lb["regions"]), n_all
+        p.live_steps = _ptr(lb["steps"])
         if self._mask:
             p.mask, p.mask_size = ffi.from_buffer("uint8_t[]", self._mask_buf), len(self._mask_buf)
         else:
@@ -125,7 +131,8 @@ class CachePolicy(_Handle):
         mask = self._mask_buf[:n * n_live].reshape(n, n_live).astype(bool) if self._mask else None
         return Plan(cells=b["cells"][:n].copy(), positions=b["positions"][:n].copy(),
                     live_cells=lb["cells"][:n_live].copy(), live_positions=lb["positions"][:n_live].copy(),
-                    live_deltas=lb["deltas"][:n_live].copy(), live_regions=lb["regions"][:n_live].copy(), mask=mask,
+                    live_deltas=lb["deltas"][:n_live].copy(), live_regions=lb["regions"][:n_live].copy(),
+                    live_steps=lb["steps"][:n_live].copy(), mask=mask,
                     n_visible=int(p.n_visible), n_compressions=int(p.n_compressions),
                     evicted_cells=ev["cells"][:n_ev], evicted_tokens=ev["tokens"][:n_ev],
                     evicted_positions=ev["positions"][:n_ev], evicted_regions=ev["regions"][:n_ev])
@@ -145,7 +152,7 @@ class CachePolicy(_Handle):
         check(lib.se_cache_policy_get_info(self.ptr, out))
         info = {k: getattr(out, k) for k in ("n_cells", "n_init", "n_sep", "n_local", "n_live", "n_live_init",
                                              "n_live_sep", "n_live_recent", "n_seen", "n_evicted", "sum_visible",
-                                             "kv_bytes")}
+                                             "kv_bytes", "n_spare")}
         info["kv_mode"] = next(k for k, v in KV_MODES.items() if v == out.kv_mode)
         return info
 

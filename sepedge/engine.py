@@ -277,7 +277,7 @@ class Engine:
                  n_threads: int | None = None, seed: int | None = None, kv_type: str = "f16", device: str = "cpu",
                  kv_mode: str = "full", n_init: int | None = None, n_sep: int | None = None,
                  n_local: int | None = None, n_cache: int | None = None, keep_system: bool = True,
-                 parse_special_in_content: bool = False):
+                 parse_special_in_content: bool = False, slide_in_pass: bool = False):
         if model_path is None:
             from .default_model import default_model
             model_path = default_model()
@@ -299,6 +299,10 @@ class Engine:
                 self._model.separators = V.derive_separator_ids(t.tokens, t.token_types, t.model, t.bos_id)
             self._ctx_args = dict(n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads or 0, kv_type=kv_type,
                                   kv_mode=kv_mode, n_init=n_init, n_sep=n_sep, n_local=n_local, n_cache=n_cache)
+            if slide_in_pass:  # native contexts only (the CUDA backend ignores it)
+                if device == "triton":
+                    raise InvalidArgumentError("slide_in_pass is not available on the triton backend")
+                self._ctx_args["slide_in_pass"] = True
             self._ctx = self._new_context()
         except BaseException:
             self._model.close()
@@ -439,7 +443,8 @@ class Engine:
 
     @staticmethod
     def _kv_stats(i: dict) -> dict:
-        return {"mode": i["kv_mode"], "capacity": i["n_cells"], "n_init": i["n_init"], "n_sep": i["n_sep"],
+        return {"mode": i["kv_mode"], "capacity": i["n_cells"], "spare_cells": i.get("n_spare", 0),
+                "n_init": i["n_init"], "n_sep": i["n_sep"],
                 "n_local": i["n_local"], "live": i["n_live"], "live_init": i["n_live_init"], "live_sep": i["n_live_sep"],
                 "live_recent": i["n_live_recent"], "tokens_seen": i["n_seen"], "tokens_evicted": i["n_evicted"],
                 "kv_bytes": i["kv_bytes"], "avg_attended": i["sum_visible"] / i["n_seen"] if i["n_seen"] else 0.0}

@@ -72,13 +72,14 @@ class Transformer(nn.Module):
         return torch.cat((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1)
 
     def attention(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-        """q: (T, n_head, d), k/v: (S, n_head_kv, d), mask: (T, S) bool, True = may attend.
+        """q: (T, n_head, d), k/v: (S, n_head_kv, d), mask: (T, S) bool, True = may attend; k may
+        also be (T, S, n_head_kv, d): keys as each query reads them.
 
         The only place where queries meet keys: SepLLM policies are masks over this step.
         """
         rep = self.args.n_head // self.args.n_head_kv
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # GQA: head h reads kv head h // rep
-        scores = torch.einsum("thd,shd->hts", q, k) / math.sqrt(self.args.head_dim)
+        k, v = k.repeat_interleave(rep, dim=-2), v.repeat_interleave(rep, dim=1)  # GQA: head h reads kv head h // rep
+        scores = torch.einsum("thd,shd->hts" if k.dim() == 3 else "thd,tshd->hts", q, k) / math.sqrt(self.args.head_dim)
         scores = scores.masked_fill(~mask[None], float("-inf"))
         return torch.einsum("hts,shd->thd", F.softmax(scores, dim=-1), v)
 
@@ -121,7 +122,8 @@ class Transformer(nn.Module):
         """Tokens after those `policy` has seen, one forward pass per plan of the native cache policy
         (sepedge.cache_plan.CachePolicy, the C core's one implementation): new keys are rotated at
         their original positions and written to their cells, every live key is read with its cell's
-        extra rotation (delta), and each query attends the cells its row of the plan's mask allows.
+        extra rotation (delta; for new token t of a pass that slides the window, delta + t * step),
+        and each query attends the cells its row of the plan's mask allows.
         Returns the logits of every token, (len(tokens), n_vocab)."""
         a, out, s = self.args, [], 0
         while s < len(tokens):
@@ -133,6 +135,8 @@ class Transformer(nn.Module):
             cells = torch.from_numpy(plan.cells.astype(np.int64))
             live = torch.from_numpy(plan.live_cells.astype(np.int64))
             deltas = torch.from_numpy(plan.live_deltas.astype(np.int64))
+            if plan.live_steps.any():  # per query: (n, n_live)
+                deltas = deltas[None, :] + torch.arange(n)[:, None] * torch.from_numpy(plan.live_steps.astype(np.int64))
             mask = torch.from_numpy(plan.mask)
             x = self.w["token_embd.weight"][torch.tensor(tokens[s - n:s])]
             for i in range(a.n_layer):
@@ -142,7 +146,9 @@ class Transformer(nn.Module):
                 k = self.rope(self.project(h, f"{blk}.attn_k").view(n, a.n_head_kv, a.head_dim), positions)
                 v = self.project(h, f"{blk}.attn_v").view(n, a.n_head_kv, a.head_dim)
                 cache.k[i][cells], cache.v[i][cells] = k, v
-                keys = self.rope(cache.k[i][live], deltas)  # rotated once more on read, never written back
+                # rotated once more on read, never written back
+                keys = (self.rope(cache.k[i][live], deltas) if deltas.dim() == 1 else
+                        torch.stack([self.rope(cache.k[i][live], d) for d in deltas]))
                 att = self.attention(q, keys, cache.v[i][live], mask).reshape(n, a.n_head * a.head_dim)
                 x = x + self.project(att, f"{blk}.attn_output")
                 h = self.rms_norm(x, self.w[f"{blk}.ffn_norm.weight"])

@@ -45,6 +45,7 @@ CONFIGS = [
     ("sepllm-runs", 0, 3, 1, 4),
 ]
 N_TOKENS = 2700
+SLIDING = ("streamingllm", "sepllm-slide", "sepllm-runs")  # modes whose window may slide inside a pass
 
 
 @pytest.fixture
@@ -77,17 +78,19 @@ def chunks(rng, n: int, most: int) -> list[int]:
 
 def attended(plan, t: int, tokens) -> list[tuple]:
     """What new token t of the plan attends to: (token, position, region, distance) in cache order,
-    distance as RoPE sees it (the query at its position, the key at position + delta)."""
+    distance as RoPE sees it (the query at its position, the key at position + delta + t * step)."""
     q = int(plan.positions[t])
-    return [(tokens[p], int(p), REGION_NAMES[int(r)], q - int(p) - int(d))
-            for p, d, r, m in zip(plan.live_positions, plan.live_deltas, plan.live_regions, plan.mask[t]) if m]
+    return [(tokens[p], int(p), REGION_NAMES[int(r)], q - int(p) - int(d) - t * int(k))
+            for p, d, k, r, m in zip(plan.live_positions, plan.live_deltas, plan.live_steps, plan.live_regions,
+                                     plan.mask[t]) if m]
 
 
 def run_and_check(policy: CachePolicy, tokens, calls, mode, separators, n_init, oracle):
-    """Feed `tokens` in calls of the given lengths and check every plan against the oracle's views."""
+    """Feed `tokens` in calls of the given lengths and check every plan against the oracle's views.
+    Returns the tokens evicted, the compressions and the passes."""
     seps = set(separators)
     where: dict[int, int] = {}  # position -> cell, as the plans said
-    n_evicted = n_visible = n_compressions = seen = 0
+    n_evicted = n_visible = n_compressions = seen = n_passes = 0
     for n_call in calls:
         call = tokens[seen:seen + n_call]
         done = 0
@@ -100,7 +103,9 @@ def run_and_check(policy: CachePolicy, tokens, calls, mode, separators, n_init, 
             # new tokens take cells nothing live holds, and are live themselves
             still = {int(c) for c, p in zip(plan.live_cells, plan.live_positions) if p < first}
             assert len(set(plan.cells.tolist())) == n and not still & set(plan.cells.tolist())
-            assert all(0 <= c < policy.n_cells for c in plan.live_cells)
+            assert all(0 <= c < policy.n_cells + policy.n_spare for c in plan.live_cells)
+            assert plan.n_live <= policy.n_cells + n - 1  # spare cells: only while a pass slides the window
+            assert not plan.live_steps.any() or n > 1 and mode in SLIDING
             for c, p in zip(plan.live_cells, plan.live_positions):
                 assert where.get(int(p), int(c)) == c  # a live token stays in its cell
             where.update(zip(plan.positions.tolist(), plan.cells.tolist()))
@@ -131,28 +136,34 @@ def run_and_check(policy: CachePolicy, tokens, calls, mode, separators, n_init, 
             n_evicted += len(ev)
             n_visible += plan.n_visible
             n_compressions += plan.n_compressions
+            n_passes += 1
             done += n
         seen += n_call
         info = policy.info()
         assert info["n_seen"] == seen and info["n_evicted"] == n_evicted and info["sum_visible"] == n_visible
         assert info["n_live"] == info["n_live_init"] + info["n_live_sep"] + info["n_live_recent"] <= policy.n_cells
-    return n_evicted, n_compressions
+    return n_evicted, n_compressions, n_passes
 
 
 @pytest.mark.parametrize("mode,n_init,n_sep,n_local,n_cells", CONFIGS)
-@pytest.mark.parametrize("chunked", [False, True], ids=["token-by-token", "chunked"])
+@pytest.mark.parametrize("chunked", [False, True, "slide"], ids=["token-by-token", "chunked", "slide-in-pass"])
 def test_plans_equal_the_oracle(rng, mode, n_init, n_sep, n_local, n_cells, chunked):
     separators = rng.choice(N_VOCAB, 23, replace=False).tolist()
     tokens = make_stream(rng, N_TOKENS, separators)
-    n_batch = int(rng.choice([1, 2, 7, 64])) if chunked else 1
-    policy = policy_for(mode, n_init, n_sep, n_local, n_cells, separators, n_batch=n_batch)
+    n_batch = int(rng.choice([2, 7, 64] if chunked == "slide" else [1, 2, 7, 64])) if chunked else 1
+    policy = policy_for(mode, n_init, n_sep, n_local, n_cells, separators, n_batch=n_batch,
+                        slide_in_pass=chunked == "slide")
+    assert policy.n_spare == (min(n_batch, n_cells, 64) - 1 if chunked == "slide" and mode in SLIDING else 0)
     calls = chunks(rng, len(tokens), 97) if chunked else [1] * len(tokens)
     oracle = policy_oracle.views(mode, tokens, separators, n_init, n_sep, n_local, n_cells)
-    n_evicted, n_compressions = run_and_check(policy, tokens, calls, mode, separators, n_init, oracle)
+    n_evicted, n_compressions, n_passes = run_and_check(policy, tokens, calls, mode, separators, n_init, oracle)
     if mode != "full" and n_cells < N_TOKENS // 2:
         assert n_evicted > N_TOKENS // 2  # the stream went far past the cache
     if mode == "sepllm-stream" and n_cells < 100:
         assert n_compressions > 20
+    if chunked == "slide" and mode == "streamingllm" and n_local > 2:
+        # the window slides inside passes: calls cut them, nothing else does once the window is full
+        assert n_passes < 2 * len(calls) + N_TOKENS / min(n_batch, n_local - 1) + n_init + n_local
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,11 +225,12 @@ def model(model_path):
 
 
 @pytest.mark.parametrize("mode,n_init,n_sep,n_local,n_cells", [c for c in CONFIGS if c[4] < 1500])
-def test_context_and_policy_agree(model, rng, mode, n_init, n_sep, n_local, n_cells):
+@pytest.mark.parametrize("slide_in_pass", [False, True], ids=["", "slide-in-pass"])
+def test_context_and_policy_agree(model, rng, mode, n_init, n_sep, n_local, n_cells, slide_in_pass):
     separators = model.separators
     tokens = make_stream(rng, 1200, [t for t in separators if t < model.n_vocab], model.n_vocab)
     n_batch = int(rng.choice([3, 16, 50]))
-    sizes = dict(kv_mode=mode, n_init=n_init, n_sep=n_sep, n_local=n_local, n_batch=n_batch)
+    sizes = dict(kv_mode=mode, n_init=n_init, n_sep=n_sep, n_local=n_local, n_batch=n_batch, slide_in_pass=slide_in_pass)
     sizes.update(n_ctx=n_cells) if mode == "full" else sizes.update(n_cache=n_cells)
     with Context(model, n_threads=2, kv_type="f32", **sizes) as ctx:
         policy = CachePolicy(model=model, mask=False, **sizes)  # the model's separators and vocabulary
@@ -299,15 +311,28 @@ def rel(a, b) -> float:
     ("full", 4, 0, 1, 400, 64),
     ("sepllm-slide", 4, 8, 24, 40, 16),
     ("sepllm-runs", 3, 6, 20, 30, 8),
+    # passes that slide the window (slide_in_pass): odd sizes, batches longer and shorter than the window
+    ("streamingllm", 3, 0, 21, 24, "slide 16"),
+    ("streamingllm", 0, 0, 37, 41, "slide 64"),
+    ("sepllm-slide", 4, 8, 24, 40, "slide 16"),
+    ("sepllm-slide", 1, 3, 9, 13, "slide 7"),
+    ("sepllm-runs", 3, 6, 20, 30, "slide 64"),
+    ("sepllm-runs", 2, 5, 31, 41, "slide 5"),
 ])
 def test_reference_follows_the_native_plans(model, model_path, reference, rng, mode, n_init, n_sep, n_local, n_cells,
                                               n_batch):
     separators = model.separators
-    tokens = make_stream(rng, 150, [t for t in separators if t < model.n_vocab], model.n_vocab)
-    sizes = dict(n_init=n_init, n_sep=n_sep, n_local=n_local, n_batch=n_batch)
+    slide = isinstance(n_batch, str)
+    n_batch = int(n_batch.split()[1]) if slide else n_batch
+    tokens = make_stream(rng, 300 if slide else 150, [t for t in separators if t < model.n_vocab], model.n_vocab)
+    sizes = dict(n_init=n_init, n_sep=n_sep, n_local=n_local, n_batch=n_batch, slide_in_pass=slide)
     sizes.update(n_ctx=n_cells) if mode == "full" else sizes.update(n_cache=n_cells)
     policy = CachePolicy(mode, model=model, **sizes)
-    got = reference.forward_plan(tokens, policy, CellCache(reference.args, policy.n_cells, torch.float64)).numpy()
+    plans = CachePolicy(mode, model=model, **sizes).plan(tokens)
+    if slide:  # the window did slide inside passes: the last query no longer sees what the first saw
+        assert sum(bool((p.mask[0] & ~p.mask[-1]).any()) for p in plans) >= 5
+    got = reference.forward_plan(tokens, policy, CellCache(reference.args, policy.n_cells + policy.n_spare,
+                                                           torch.float64)).numpy()
     # the oracle's route: physical caches re-rotated at their slots, or full attention under a mask
     if mode in ("sepllm-stream", "streamingllm", "sepllm-slide", "sepllm-runs"):
         cache = policy_oracle.StreamingCache(mode, separators, n_init, n_sep, n_local, n_cells)
@@ -318,7 +343,13 @@ def test_reference_follows_the_native_plans(model, model_path, reference, rng, m
         expected = reference(torch.tensor(tokens), mask=mask).numpy()
     assert rel(got, expected) <= MAX_REL_DIFF_REFERENCE
     with Engine(model_path, kv_type="f32", n_threads=2, kv_mode=mode, **sizes) as llm:
-        assert rel(llm.eval_logits(tokens), got) <= MAX_REL_DIFF
+        batched = llm.eval_logits(tokens)
+        assert rel(batched, got) <= MAX_REL_DIFF
+        if slide:  # and the native engine one token per pass, the same logits
+            assert llm.kv_stats()["spare_cells"] == min(n_batch, n_cells, 64) - 1
+            llm.reset()
+            one = np.stack([llm.eval([t]) for t in tokens])
+            assert rel(batched, one) <= MAX_REL_DIFF
 
 
 # ---------------------------------------------------------------------------------------------

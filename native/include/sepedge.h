@@ -153,6 +153,12 @@ typedef struct se_context_params {
     int32_t n_sep;        // separators kept, newest first; 0 = all
     int32_t n_local;      // the window of recent tokens, the current one included
     int32_t n_cache;      // cells in the KV cache of the sparse modes
+    // 1: a pass may slide the window (streamingllm, sepllm-slide, sepllm-runs), so a long prompt
+    // takes up to 64 tokens per forward pass instead of one once the window is full; the cache then
+    // allocates min(n_batch, 64) - 1 spare cells beyond n_cache (se_cache_info.n_spare), which hold
+    // the keys the later tokens of a pass have left behind while the earlier ones still see them.
+    // What each token attends to is unchanged. CPU backend only (the CUDA backend ignores it).
+    int32_t slide_in_pass;
 } se_context_params;
 
 typedef struct se_context se_context;
@@ -184,7 +190,7 @@ SE_API int se_cache_keep(se_context * ctx, int32_t n_keep);
 
 typedef struct se_cache_info {
     int32_t kv_mode;      // se_kv_mode
-    int32_t n_cells;      // capacity
+    int32_t n_cells;      // capacity: n_cache (n_ctx in the full mode), the cells a token may attend to
     int32_t n_init;       // sizes in effect (n_init includes a pinned prefix)
     int32_t n_sep;
     int32_t n_local;
@@ -195,7 +201,8 @@ typedef struct se_cache_info {
     int64_t n_seen;       // tokens processed since the cache was cleared
     int64_t n_evicted;    // tokens whose cells were given up
     int64_t sum_visible;  // sum over those tokens of the cells each one attended to
-    int64_t kv_bytes;     // bytes allocated for K and V
+    int64_t kv_bytes;     // bytes allocated for K and V (spare cells included)
+    int32_t n_spare;      // cells beyond n_cells, used only inside a pass that slides the window (slide_in_pass)
 } se_cache_info;
 
 SE_API int se_cache_get_info(const se_context * ctx, se_cache_info * out);
@@ -218,6 +225,8 @@ SE_API int se_cache_get_cells(const se_context * ctx, int32_t * tokens, int32_t 
 //         // rotate the new keys with plan.positions and write K/V to plan.cells, then for every
 //         // new token t attend to plan.live_cells[i] where mask[t * n_live + i], the key of that
 //         // cell rotated by a further plan.live_deltas[i]; the query's position is positions[t]
+//         // (with slide_in_pass: plan.live_deltas[i] + t * plan.live_steps[i], the same as reading
+//         // those keys without the steps against query t rotated at positions[0] instead)
 //     }
 // Cells given up in a step keep their K/V until a later step hands them out again.
 //
@@ -254,6 +263,7 @@ typedef struct se_cache_policy_params {
     int32_t n_ctx;        // full mode: cells; 0 = the model's training context (needs a model)
     int32_t n_batch;      // most tokens per forward pass, so per step
     int32_t n_vocab;      // token ids are accepted in [0, n_vocab); 0 = the model's vocabulary (needs a model)
+    int32_t slide_in_pass;  // as in se_context_params, default 0; a backend that sets it follows live_steps
 } se_cache_policy_params;
 
 // kv_mode full, sizes -1, n_ctx 0, n_batch 512, n_vocab 0: the defaults of a context.
@@ -272,9 +282,11 @@ typedef struct se_cache_plan {
     int32_t * live_positions; // (max_live) their original positions
     int32_t * live_deltas;    // (max_live) extra rotation when read: the key acts as if at position + delta
     int32_t * live_regions;   // (max_live) se_cache_region
-    int32_t   max_live;       // >= the number of cells (se_cache_info.n_cells)
+    int32_t * live_steps;     // (max_live) slide_in_pass only (else may be NULL): new token t reads the key of
+                              // live cell i at position + live_deltas[i] + t * live_steps[i] (steps are 0 or 1)
+    int32_t   max_live;       // >= the number of cells (se_cache_info.n_cells + n_spare)
     uint8_t * mask;           // NULL, or (mask_size): mask[t * n_live + i] = 1 when new token t attends live cell i
-    int64_t   mask_size;      // >= min(n_tokens, n_batch) * n_cells
+    int64_t   mask_size;      // >= min(n_tokens, n_batch) * (n_cells + n_spare)
     // Results.
     int32_t n_tokens;         // tokens planned for this pass: the first n_tokens of those given
     int32_t n_live;           // live cells, the new tokens' included

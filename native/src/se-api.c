@@ -191,6 +191,12 @@ int se_context_new(se_model * m, const se_context_params * params, se_context **
     int r = kv_config(m, &p, &cfg);
     if (r != SE_OK) return r;
     if (p.n_batch > cfg.n_cells) p.n_batch = cfg.n_cells;
+    // spare cells for passes that slide the window: the CPU backend reads keys with per-query steps
+    const bool cuda = m->device != SE_DEVICE_CPU;
+    if (p.slide_in_pass && !cuda) {
+        cfg.n_spare = se_kv_spare(cfg.mode, p.n_batch);
+        cfg.n_cells += cfg.n_spare;
+    }
     if (p.n_threads == 0) p.n_threads = default_threads();
     se_context * ctx = calloc(1, sizeof *ctx);
     if (!ctx) return se_error(SE_ERR_OUT_OF_MEMORY, "out of memory");
@@ -368,7 +374,7 @@ int se_cache_get_info(const se_context * ctx, se_cache_info * out) {
     const se_kv_cache * kv = &ctx->kv;
     const se_kv_meta * m = &kv->m;
     *out = (se_cache_info) {
-        .kv_mode = kv->cfg.mode, .n_cells = kv->cfg.n_cells, .n_init = m->n_init, .n_sep = kv->cfg.n_sep,
+        .kv_mode = kv->cfg.mode, .n_cells = kv->cfg.n_cells - kv->cfg.n_spare, .n_spare = kv->cfg.n_spare, .n_init = m->n_init, .n_sep = kv->cfg.n_sep,
         .n_local = kv->cfg.n_local, .n_live = kv->n_live, .n_live_init = m->n_init_live, .n_live_sep = m->sep.len,
         .n_live_recent = m->recent.len, .n_seen = m->n_seen, .n_evicted = m->n_evicted, .sum_visible = kv->sum_visible,
         .kv_bytes = se_kv_bytes(kv, ctx->model->hp.n_layer),
@@ -540,7 +546,7 @@ static int state_check(const se_context * ctx, const se_state_header * h, const 
         return se_error(SE_ERR_INVALID_ARGUMENT, "cache state: bad counters");
     }
     if (kv->cfg.mode != SE_KV_MODE_FULL &&
-        se_kv_capacity_check(kv->cfg.mode, kv->cfg.n_cells, (int32_t) h->n_init, kv->cfg.n_sep, kv->cfg.n_local) != SE_OK) {
+        se_kv_capacity_check(kv->cfg.mode, kv->cfg.n_cells - kv->cfg.n_spare, (int32_t) h->n_init, kv->cfg.n_sep, kv->cfg.n_local) != SE_OK) {
         return se_error(SE_ERR_INVALID_ARGUMENT, "cache state: initial region of %lld does not fit", (long long) h->n_init);
     }
     for (int64_t i = 0; i < n_live; i++) {

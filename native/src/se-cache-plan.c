@@ -79,6 +79,10 @@ int se_cache_policy_new(const se_model * m, const se_cache_policy_params * param
     se_cache_policy * pol = calloc(1, sizeof *pol);
     if (!pol) return se_error(SE_ERR_OUT_OF_MEMORY, "out of memory");
     const int32_t n_batch = p.n_batch < cfg.n_cells ? p.n_batch : cfg.n_cells;  // as se_context_new
+    if (p.slide_in_pass) {  // as se_context_new on the CPU backend
+        cfg.n_spare = se_kv_spare(cfg.mode, n_batch);
+        cfg.n_cells += cfg.n_spare;
+    }
     pol->n_batch = n_batch;
     pol->n_vocab = n_vocab;
     pol->is_sep = calloc((size_t) n_vocab, 1);
@@ -119,9 +123,10 @@ static int check_plan(const se_cache_policy * pol, const int32_t * tokens, int32
         return se_error(SE_ERR_INVALID_ARGUMENT, "se_cache_policy_step: cells and positions need room for %d tokens (max_tokens %d)",
                         most, plan->max_tokens);
     }
-    if (!plan->live_cells || !plan->live_positions || !plan->live_deltas || !plan->live_regions || plan->max_live < n_cells) {
-        return se_error(SE_ERR_INVALID_ARGUMENT, "se_cache_policy_step: the live arrays need room for %d cells (max_live %d)",
-                        n_cells, plan->max_live);
+    if (!plan->live_cells || !plan->live_positions || !plan->live_deltas || !plan->live_regions || plan->max_live < n_cells ||
+        (pol->kv.cfg.n_spare > 0 && !plan->live_steps)) {
+        return se_error(SE_ERR_INVALID_ARGUMENT, "se_cache_policy_step: the live arrays need room for %d cells (max_live %d)%s",
+                        n_cells, plan->max_live, pol->kv.cfg.n_spare > 0 ? ", live_steps included (slide_in_pass)" : "");
     }
     if (plan->mask && plan->mask_size < (int64_t) most * n_cells) {
         return se_error(SE_ERR_INVALID_ARGUMENT, "se_cache_policy_step: the mask needs %lld bytes (mask_size %lld)",
@@ -155,6 +160,7 @@ int se_cache_policy_step(se_cache_policy * pol, const int32_t * tokens, int32_t 
         plan->live_positions[i] = c->pos;
         plan->live_deltas[i] = c->delta;
         plan->live_regions[i] = c->region;
+        if (plan->live_steps) plan->live_steps[i] = se_kv_step(kv, c);
     }
     // which cells each query sees: se_kv_visible, the test both CPU and CUDA backends apply
     for (int32_t t = 0; t < t_n; t++) {
@@ -195,7 +201,8 @@ int se_cache_policy_get_info(const se_cache_policy * pol, se_cache_info * out) {
     const se_kv_cache * kv = &pol->kv;
     const se_kv_meta * m = &kv->m;
     *out = (se_cache_info) {
-        .kv_mode = kv->cfg.mode, .n_cells = kv->cfg.n_cells, .n_init = m->n_init, .n_sep = kv->cfg.n_sep,
+        .kv_mode = kv->cfg.mode, .n_cells = kv->cfg.n_cells - kv->cfg.n_spare, .n_spare = kv->cfg.n_spare,
+        .n_init = m->n_init, .n_sep = kv->cfg.n_sep,
         .n_local = kv->cfg.n_local, .n_live = kv->n_live, .n_live_init = m->n_init_live, .n_live_sep = m->sep.len,
         .n_live_recent = m->recent.len, .n_seen = m->n_seen, .n_evicted = m->n_evicted, .sum_visible = kv->sum_visible,
         .kv_bytes = 0,

@@ -177,6 +177,26 @@ static void rope_tables(se_context * ctx, int32_t n) {
         }
     }
     for (int32_t j = 0; j < ctx->kv.n_live; j++) b->delta_done[ctx->kv.live[j]] = ctx->kv.m.cells[ctx->kv.live[j]].delta;
+    if (ctx->kv.sliding) {
+        // a pass that slides the window: query t reads these cells at delta + t, with the angles a
+        // pass of that token alone would use for them
+        int32_t k = 0;
+        for (int32_t j = 0; j < ctx->kv.n_live; j++) {
+            const int32_t c = ctx->kv.live[j];
+            const se_kv_cell * cell = &ctx->kv.m.cells[c];
+            if (!se_kv_step(&ctx->kv, cell)) continue;
+            b->step_row[c] = k;
+            for (int32_t t = 0; t < n; t++) {
+                float * cs = b->step_cos + ((int64_t) k * b->step_tokens + t) * half, * sn = b->step_sin + ((int64_t) k * b->step_tokens + t) * half;
+                for (int32_t i = 0; i < half; i++) {
+                    const double theta = (double) (cell->delta + t) * rope_freq(m, i);
+                    cs[i] = (float) cos(theta);
+                    sn[i] = (float) sin(theta);
+                }
+            }
+            k++;
+        }
+    }
     // attention walks the live cells in memory order (their rows in the cache), not in cache order
     memcpy(b->order, ctx->kv.live, (size_t) ctx->kv.n_live * sizeof(int32_t));
     qsort(b->order, (size_t) ctx->kv.n_live, sizeof(int32_t), cmp_cell);
@@ -247,7 +267,8 @@ static void attend(se_context * ctx, int32_t il, int32_t t0, int32_t nt, int32_t
     float * scores = scratch;                   // (n_live, nq) cell-major
     float * qt = scores + (int64_t) n * nq;     // (nq, d) the queries, scaled
     float * ot = qt + (int64_t) nq * d;         // (nq, d) the outputs
-    float * rot = ot + (int64_t) nq * d;        // (d) a key rotated by its cell's delta
+    float * raw = ot + (int64_t) nq * d;        // (d) a key as stored
+    float * rot = raw + d;                      // (d) a key rotated by its cell's delta
     float * w = rot + d;                        // (nq) one cell's weights
     float * part = w + nq;                      // (n_live, nq) scores of the cells in `list`
     int32_t * list = (int32_t *) (part + (int64_t) n * nq);  // (n_live) cells for one batched kernel call
@@ -279,7 +300,16 @@ static void attend(se_context * ctx, int32_t il, int32_t t0, int32_t nt, int32_t
         vmask[i] = vis;
         if (!vis) continue;
         const void * key = (const char *) se_kv_k(kv, il, cell) + off * esize;
-        if (c->delta != 0) {
+        if (se_kv_step(kv, c)) {  // a pass that slides the window: query tt reads the key at delta + t0 + tt
+            if (f16) se_kern.f16_to_f32(key, raw, d);
+            else memcpy(raw, key, (size_t) d * sizeof(float));
+            for (int32_t tt = 0; tt < nt; tt++) {
+                const int64_t row = ((int64_t) b->step_row[cell] * b->step_tokens + t0 + tt) * half;
+                memcpy(rot, raw, (size_t) d * sizeof(float));
+                if (c->delta + t0 + tt != 0) rotate(rot, b->step_cos + row, b->step_sin + row, d, hp->rope_type);
+                se_kern.dot_f32_n(rot, qt + (int64_t) tt * nh * d, d, nh, d, s + tt * nh);
+            }
+        } else if (c->delta != 0) {
             if (f16) se_kern.f16_to_f32(key, rot, d);
             else memcpy(rot, key, (size_t) d * sizeof(float));
             rotate(rot, b->delta_cos + (int64_t) cell * half, b->delta_sin + (int64_t) cell * half, d, hp->rope_type);
@@ -494,7 +524,7 @@ static int cpu_init(se_context * ctx) {
     // attention: scores, queries and outputs of up to ATT_TOKENS x 8 query rows, a rotated key, weights
     const int64_t group = hp->n_head / hp->n_head_kv > 8 ? 1 : hp->n_head / hp->n_head_kv, nq = ATT_TOKENS * group;
     // (+ the batched kernels' scores, cell lists and visibility bytes)
-    int64_t stride = 2 * nq * ctx->kv.cfg.n_cells + 2 * nq * hp->head_dim + hp->head_dim + nq + 3 * (int64_t) ctx->kv.cfg.n_cells;
+    int64_t stride = 2 * nq * ctx->kv.cfg.n_cells + 2 * nq * hp->head_dim + 2 * hp->head_dim + nq + 3 * (int64_t) ctx->kv.cfg.n_cells;
     if (stride < hp->n_embd) stride = hp->n_embd;
     if (stride < hp->n_ff) stride = hp->n_ff;
     if (stride < q_dim) stride = q_dim;
@@ -510,6 +540,14 @@ static int cpu_init(se_context * ctx) {
     b->hb2 = calloc((size_t) (nb * hp->n_ff), sizeof(float));
     b->rope_cos = calloc((size_t) (nb * hp->head_dim / 2), sizeof(float));
     b->rope_sin = calloc((size_t) (nb * hp->head_dim / 2), sizeof(float));
+    // passes that slide the window: the cells read with a per-query rotation are the initial and
+    // separator ones, at most n_cache - n_local + 1 (se_kv_capacity_check), for n_spare + 1 queries
+    const se_kv_config * kc = &ctx->kv.cfg;
+    const int64_t n_step = kc->n_spare > 0 ? kc->n_cells - kc->n_spare - kc->n_local + 1 : 0;
+    b->step_tokens = kc->n_spare + 1;
+    b->step_row = calloc((size_t) kc->n_cells, sizeof(int32_t));
+    b->step_cos = calloc((size_t) (n_step * b->step_tokens * hp->head_dim / 2 + 1), sizeof(float));
+    b->step_sin = calloc((size_t) (n_step * b->step_tokens * hp->head_dim / 2 + 1), sizeof(float));
     b->scratch = calloc((size_t) (se_pool_size(ctx->pool) * stride), sizeof(float));
     int64_t widest = hp->n_ff > q_dim ? hp->n_ff : q_dim;  // the longest input row of a matrix product
     if (widest < hp->n_embd) widest = hp->n_embd;
@@ -525,7 +563,7 @@ static int cpu_init(se_context * ctx) {
     // split decode steps: a part per (query head, split) at most, each with its query rows
     b->att_part = calloc((size_t) hp->n_head * SE_ATT_MAX_SPLITS, (size_t) part_size(1, hp->head_dim) * sizeof(float));
     if (!b->att_part || !b->delta_done || !b->order || !b->x || !b->xb || !b->xb2 || !b->q || !b->k || !b->v || !b->att || !b->hb || !b->hb2 || !b->rope_cos ||
-        !b->rope_sin || !b->scratch || !b->xq || !b->cells || !b->positions || !b->sep_floor || !b->visible || !b->delta_cos ||
+        !b->rope_sin || !b->step_row || !b->step_cos || !b->step_sin || !b->scratch || !b->xq || !b->cells || !b->positions || !b->sep_floor || !b->visible || !b->delta_cos ||
         !b->delta_sin) {
         return se_error(SE_ERR_OUT_OF_MEMORY, "out of memory for activation buffers (n_batch %lld)", (long long) nb);
     }
@@ -535,7 +573,7 @@ static int cpu_init(se_context * ctx) {
 static void cpu_free(se_context * ctx) {
     se_buffers * b = &ctx->buf;
     free(b->x); free(b->xb); free(b->xb2); free(b->q); free(b->k); free(b->v); free(b->att);
-    free(b->hb); free(b->hb2); free(b->rope_cos); free(b->rope_sin); free(b->scratch); free(b->xq);
+    free(b->hb); free(b->hb2); free(b->rope_cos); free(b->rope_sin); free(b->step_row); free(b->step_cos); free(b->step_sin); free(b->scratch); free(b->xq);
     free(b->cells); free(b->positions); free(b->sep_floor); free(b->visible); free(b->delta_cos); free(b->delta_sin);
     free(b->delta_done); free(b->order); free(b->att_part);
     memset(b, 0, sizeof *b);

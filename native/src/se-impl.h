@@ -297,7 +297,8 @@ typedef struct se_kv_meta {   // the cache's bookkeeping; copyable, for dry runs
 
 typedef struct se_kv_config {
     int32_t mode;             // se_kv_mode
-    int32_t n_cells;          // capacity
+    int32_t n_cells;          // cells allocated: the policy's budget (n_cache, n_ctx) + n_spare
+    int32_t n_spare;          // cells only a pass that slides the window uses (se_kv_spare; 0: passes never slide)
     int32_t n_init, n_sep, n_local;
     int32_t kv_type;          // se_kv_type
 } se_kv_config;
@@ -321,12 +322,16 @@ typedef struct se_kv_cache {
     int32_t * live;           // (n_cells) live cells in cache order [init | sep | recent]
     int32_t n_live;
     int64_t sum_visible;      // sum over processed tokens of the cells each one attended to
+    bool sliding;             // the pass being run slides the window: se_kv_step
     se_kv_log * log;          // NULL, or where evictions and compressions of the live state are recorded
     void * k;                 // (n_layer, n_cells, row), keys rotated with the cell's pos
     void * v;                 // (n_layer, n_cells, row)
 } se_kv_cache;
 
 int32_t se_kv_capacity_check(int32_t mode, int32_t n_cells, int32_t n_init, int32_t n_sep, int32_t n_local);
+// Spare cells for passes that slide the window (slide_in_pass) of n_batch tokens: 0 in the modes
+// whose window never slides inside a pass.
+int32_t se_kv_spare(int32_t mode, int32_t n_batch);
 int  se_kv_init(se_kv_cache * kv, const se_hparams * hp, const se_kv_config * cfg);
 int  se_kv_alloc_host(se_kv_cache * kv, int32_t n_layer);  // K/V storage in host memory
 void se_kv_free(se_kv_cache * kv);
@@ -345,6 +350,9 @@ int  se_kv_keep(se_kv_cache * kv, int32_t n_keep);
 int64_t se_kv_bytes(const se_kv_cache * kv, int32_t n_layer);
 // Whether the query at position p (lowest visible sep_seq: sep_floor) attends to the cell.
 bool se_kv_visible(const se_kv_cache * kv, const se_kv_cell * c, int64_t p, int64_t sep_floor);
+// In a pass that slides the window, the rotation of the cell grows by this much per query (0 or 1):
+// query t of the pass reads the key at pos + delta + t * step (sepedge.h: se_cache_plan.live_steps).
+int32_t se_kv_step(const se_kv_cache * kv, const se_kv_cell * c);
 // A cell's key / value row in layer l.
 void * se_kv_k(const se_kv_cache * kv, int32_t l, int32_t cell);
 void * se_kv_v(const se_kv_cache * kv, int32_t l, int32_t cell);
@@ -371,6 +379,10 @@ typedef struct se_buffers {   // activations for up to n_batch tokens
     int32_t * positions;      // (n_batch)
     int64_t * sep_floor;      // (n_batch) training-free sepllm: lowest separator sep_seq each query sees
     int32_t * visible;        // (n_batch) cells each query attended to (first layer, first head)
+    int32_t * step_row;       // (n_cells) in a pass that slides the window, the se_kv_step cells' rows of:
+    float * step_cos;         // (rows, step_tokens, head_dim / 2) rotation by delta + t for query t
+    float * step_sin;
+    int32_t step_tokens;      // n_spare + 1: the longest such pass
     float * delta_cos;        // (n_cells, head_dim / 2) rotation of cells with a delta
     float * delta_sin;        // (n_cells, head_dim / 2)
     int32_t * delta_done;     // (n_cells) the delta delta_cos/sin hold for each cell (0: none)

@@ -21,6 +21,16 @@
 // and only initial and separator cells get a `delta` that places them where their cache slot says.
 // Stored keys are never rewritten, so nothing is rotated twice and nothing drifts.
 //
+// Passes that slide the window (n_spare > 0: streamingllm, sepllm-slide, sepllm-runs). Once the
+// window is full it slides every token, which would make every pass one token long. But the same
+// argument holds across a pass: a window cell keeps its original position, so query p sees it at
+// its true distance and only needs the mask pos > p - n_local; an initial or separator cell sits a
+// fixed number of slots before the query as long as the regions do not change, so its delta grows
+// by one per query (se_kv_step). The keys the later queries of a pass no longer see stay in their
+// cells until the pass ends, as the earlier queries still need them: a pass of T tokens uses T - 1
+// cells beyond the budget, the n_spare cells allocated for it. A separator joining the separator
+// region changes its slots, so in the SepLLM variants a pass ends before one does.
+//
 // This is the one implementation of the policy: contexts (CPU and CUDA backends, through se_decode)
 // and the public se_cache_policy (se-cache-plan.c: plans for backends that keep K/V themselves)
 // both run it.
@@ -128,6 +138,15 @@ int32_t se_kv_capacity_check(int32_t mode, int32_t n_cells, int32_t n_init, int3
     return SE_OK;
 }
 
+// At most this many tokens share a pass that slides the window: T - 1 spare cells per context
+// (63 of 864 for StreamingLLM c=800) for up to 64x fewer forward passes.
+#define SE_KV_MAX_SLIDE 64
+
+int32_t se_kv_spare(int32_t mode, int32_t n_batch) {
+    if (mode != SE_KV_MODE_STREAMINGLLM && !is_slide(mode)) return 0;
+    return (n_batch < SE_KV_MAX_SLIDE ? n_batch : SE_KV_MAX_SLIDE) - 1;
+}
+
 int se_kv_init(se_kv_cache * kv, const se_hparams * hp, const se_kv_config * cfg) {
     memset(kv, 0, sizeof *kv);
     kv->cfg = *cfg;
@@ -171,6 +190,7 @@ void se_kv_clear(se_kv_cache * kv) {
     meta_reset(&kv->m, kv->cfg.n_cells, kv->cfg.n_init);
     kv->n_live = 0;
     kv->sum_visible = 0;
+    kv->sliding = false;
 }
 
 // --- the policies
@@ -276,7 +296,7 @@ static int prepare(const se_kv_cache * kv, se_kv_meta * m, int64_t p) {
             break;
         }
         case SE_KV_MODE_SEPLLM_STREAM:
-            if (m->n_free == 0) {
+            if (m->n_free == kv->cfg.n_spare) {
                 compress(kv, m, p);
                 m->rewind_floor = p;
             }
@@ -284,17 +304,42 @@ static int prepare(const se_kv_cache * kv, se_kv_meta * m, int64_t p) {
         default:
             break;
     }
-    if (m->n_free == 0) {
-        return se_error(SE_ERR_CONTEXT_FULL, "the KV cache is full: %d cells (%lld tokens seen%s)", kv->cfg.n_cells,
+    if (m->n_free <= kv->cfg.n_spare) {  // spare cells are for passes that slide the window only
+        return se_error(SE_ERR_CONTEXT_FULL, "the KV cache is full: %d cells (%lld tokens seen%s)", kv->cfg.n_cells - kv->cfg.n_spare,
                         (long long) m->n_seen, kv->cfg.mode == SE_KV_MODE_FULL ? "" : "; separators fill it: set n_sep");
     }
     return SE_OK;
 }
 
-// How many tokens, starting at position p, can share one forward pass.
-static int32_t chunk_size(const se_kv_cache * kv, const se_kv_meta * m, int64_t p, int32_t remaining, int32_t n_batch) {
-    int64_t t = remaining < n_batch ? remaining : n_batch;
+// How many tokens, starting at p, a pass that slides the window may take (0: it may not slide).
+static int32_t slide_limit(const se_kv_cache * kv, const se_kv_meta * m) {
+    // the window must be full (it holds p - n_local + 1 .. p - 1), so that it moves by one slot per
+    // query from the first; query p + j + 1 sees the window's j-th oldest cell leave
+    if (kv->cfg.n_spare == 0 || m->recent.len != kv->cfg.n_local - 1) return 0;
+    int32_t t = kv->cfg.n_spare + 1;
+    if (t > kv->cfg.n_local - 1) t = kv->cfg.n_local - 1;  // the cells leaving are all old ones, the next one known
     if (t > m->n_free) t = m->n_free;
+    if (is_slide(kv->cfg.mode)) {
+        // the pass ends before the query that would see a separator join the separator region
+        // (evict_window's rule; the cell after it is in the window, so known)
+        for (int32_t j = 0; j + 1 < t; j++) {
+            const se_kv_cell * c = &m->cells[ring_at(&m->recent, j)];
+            const bool superseded = kv->cfg.mode == SE_KV_MODE_SEPLLM_RUNS && m->cells[ring_at(&m->recent, j + 1)].sep_seq >= 0;
+            if (c->sep_seq >= 0 && !superseded) t = j + 1;
+        }
+    }
+    return t;
+}
+
+// How many tokens, starting at position p, can share one forward pass; *sliding: whether the
+// window slides within it.
+static int32_t chunk_size(const se_kv_cache * kv, const se_kv_meta * m, int64_t p, int32_t remaining, int32_t n_batch,
+                          bool * sliding) {
+    int64_t t = remaining < n_batch ? remaining : n_batch;
+    const int32_t slide = slide_limit(kv, m);
+    *sliding = slide > 1 && t > 1;
+    if (slide > 0) return (int32_t) (t < slide ? t : slide);
+    if (t > m->n_free - kv->cfg.n_spare) t = m->n_free - kv->cfg.n_spare;
     if (is_slide(kv->cfg.mode)) {
         // within a pass the window may not slide (the other regions' slots hang on its oldest
         // token, which is the pass's first one when the window is empty)
@@ -340,7 +385,8 @@ static int dry_run(se_kv_cache * kv, const uint8_t * is_sep, const int32_t * tok
     for (int32_t s = 0; s < n;) {
         int r = prepare(kv, m, m->n_seen);
         if (r != SE_OK) return r;
-        const int32_t t = chunk_size(kv, m, m->n_seen, n - s, n_batch);
+        bool sliding;
+        const int32_t t = chunk_size(kv, m, m->n_seen, n - s, n_batch, &sliding);
         admit(kv, m, is_sep, tokens + s, t, NULL, NULL);
         s += t;
     }
@@ -373,7 +419,7 @@ int32_t se_kv_next_chunk(se_kv_cache * kv, const uint8_t * is_sep, const int32_t
                          int32_t n_batch, int32_t * cells, int32_t * positions) {
     se_kv_meta * m = &kv->m;
     if (prepare(kv, m, m->n_seen) != SE_OK) return 0;  // excluded by se_kv_check_fits
-    const int32_t t = chunk_size(kv, m, m->n_seen, remaining, n_batch);
+    const int32_t t = chunk_size(kv, m, m->n_seen, remaining, n_batch, &kv->sliding);
     admit(kv, m, is_sep, tokens, t, cells, positions);
     rebuild_live(kv);
     return t;
@@ -441,7 +487,7 @@ int se_kv_keep(se_kv_cache * kv, int32_t n_keep) {
         return se_error(SE_ERR_INVALID_ARGUMENT, "the initial region can only be set before other tokens are cached "
                         "(%lld tokens in the cache)", (long long) m->n_seen);
     }
-    int r = se_kv_capacity_check(kv->cfg.mode, kv->cfg.n_cells, n_init, kv->cfg.n_sep, kv->cfg.n_local);
+    int r = se_kv_capacity_check(kv->cfg.mode, kv->cfg.n_cells - kv->cfg.n_spare, n_init, kv->cfg.n_sep, kv->cfg.n_local);
     if (r != SE_OK) return r;
     m->n_init = n_init;
     return SE_OK;
@@ -449,9 +495,18 @@ int se_kv_keep(se_kv_cache * kv, int32_t n_keep) {
 
 bool se_kv_visible(const se_kv_cache * kv, const se_kv_cell * c, int64_t p, int64_t sep_floor) {
     if ((int64_t) c->pos + c->delta > p) return false;  // causal, in the positions the cell acts at
+    if (kv->cfg.mode == SE_KV_MODE_STREAMINGLLM || is_slide(kv->cfg.mode)) {
+        // the window, as the query sees it: in a pass that slides it, the cells the later queries
+        // have left behind are still there for the earlier ones
+        return c->region != SE_REGION_RECENT || c->pos > p - kv->cfg.n_local;
+    }
     if (kv->cfg.mode != SE_KV_MODE_SEPLLM) return true;  // the other modes keep only what is seen
     // training-free SepLLM within a chunk: tokens the window left are masked until evicted
     return c->region == SE_REGION_INIT || c->pos > p - kv->cfg.n_local || (c->sep_seq >= 0 && c->sep_seq >= sep_floor);
+}
+
+int32_t se_kv_step(const se_kv_cache * kv, const se_kv_cell * c) {
+    return kv->sliding && c->region != SE_REGION_RECENT ? 1 : 0;
 }
 
 void * se_kv_k(const se_kv_cache * kv, int32_t l, int32_t cell) {
