@@ -93,7 +93,9 @@ def main() -> None:
                 pin = len(e.tokenize("", add_bos=True)) + len(e.tokenize(INTRO, add_bos=False))
             if kw["kv_mode"] != "sepllm-stream":  # the pinned tokens come out of the window: same capacity
                 kw["n_local"] -= pin - kw["n_init"]
-        with Engine(Q.model_path(a.model), n_threads=a.threads, n_batch=Q.CHUNK, **kw) as llm:
+        # slide_in_pass: the sliding modes take up to 64 prompt tokens per pass (the same cells and
+        # distances per token as one at a time; README), not one
+        with Engine(Q.model_path(a.model), n_threads=a.threads, n_batch=Q.CHUNK, slide_in_pass=True, **kw) as llm:
             name = mode + (" +pinned instruction" if pin else "")
             r = res["modes"][name] = {"by_depth": {}, "engine": kw, "pinned": pin}
             t0 = time.perf_counter()
