@@ -95,23 +95,9 @@ def dequant_tile(W, rows, blocks, sub, l, N, K, QTYPE: tl.constexpr, QK: tl.cons
         q = _byte(W, blk + 2 + l, mask)
         q = tl.where(q >= 128, q - 256, q)
         return q.to(tl.float32) * _half(W, blk, mask_s)
-    elif QTYPE == 12 or QTYPE == 13:  # Q4_K / Q5_K: d, dmin, scales[12], (Q5_K: qh[32]), qs[128]; runs of 32
-        BS: tl.constexpr = 144 if QTYPE == 12 else 176
-        QS: tl.constexpr = 16 if QTYPE == 12 else 48
-        blk = rows.to(tl.int64) * (K // 256 * BS) + blocks * BS
-        q = _byte(W, blk + QS + 32 * (sub // 2) + l, mask)  # 32 bytes per 64 values: low, then high nibbles
-        q = tl.where(sub % 2 == 0, q & 15, q >> 4)
-        if QTYPE == 13:  # fifth bit of value 64c + 32h + l: bit 2c + h (= sub) of qh[l]
-            q = q | (((_byte(W, blk + 16 + l, mask) >> sub) & 1) << 4)
-        # 6-bit scale and min of run `sub` (GGUF.md §7.2): sub < 4 from bytes sub, sub + 4;
-        # sub >= 4 from the nibbles of byte sub + 4 and the top bits of bytes sub - 4 (scale), sub (min)
-        s1 = _byte(W, blk + 4 + sub, mask_s)
-        s2 = _byte(W, blk + 8 + sub, mask_s)
-        s3 = _byte(W, blk + 4 + tl.where(sub >= 4, sub - 4, sub), mask_s)
-        sc = tl.where(sub < 4, s1 & 63, (s2 & 15) | ((s3 >> 6) << 4))
-        mn = tl.where(sub < 4, s2 & 63, (s2 >> 4) | ((s1 >> 6) << 4))
-        scale = _half(W, blk, mask_s) * sc.to(tl.float32)
-        return scale * q.to(tl.float32) - _half(W, blk + 2, mask_s) * mn.to(tl.float32)
+    elif QTYPE == 12 or QTYPE == 13:  # Q4_K / Q5_K: codes, scales and mins decoded in codes_tile
+        q, scale, mn = codes_tile(W, rows, blocks, sub, l, N, K, QTYPE, QK, RUN)
+        return scale * q.to(tl.float32) - mn
     else:  # Q6_K: ql[128], qh[64], scales[16] int8, d; runs of 16; halves of 128 values, quarters of 32
         tl.static_assert(QTYPE == 14, "unsupported tensor type")
         blk = rows.to(tl.int64) * (K // 256 * 210) + blocks * 210
@@ -156,14 +142,16 @@ def codes_tile(W, rows, blocks, sub, l, N, K, QTYPE: tl.constexpr, QK: tl.conste
         blk = rows.to(tl.int64) * (K // 32 * 34) + blocks * 34
         q = _byte(W, blk + 2 + l, mask)
         return tl.where(q >= 128, q - 256, q), _half(W, blk, mask_s), 0.0
-    elif QTYPE == 12 or QTYPE == 13:  # Q4_K / Q5_K (see dequant_tile)
+    elif QTYPE == 12 or QTYPE == 13:  # Q4_K / Q5_K: d, dmin, scales[12], (Q5_K: qh[32]), qs[128]; runs of 32
         BS: tl.constexpr = 144 if QTYPE == 12 else 176
         QS: tl.constexpr = 16 if QTYPE == 12 else 48
         blk = rows.to(tl.int64) * (K // 256 * BS) + blocks * BS
-        q = _byte(W, blk + QS + 32 * (sub // 2) + l, mask)
+        q = _byte(W, blk + QS + 32 * (sub // 2) + l, mask)  # 32 bytes per 64 values: low, then high nibbles
         q = tl.where(sub % 2 == 0, q & 15, q >> 4)
-        if QTYPE == 13:
+        if QTYPE == 13:  # fifth bit of value 64c + 32h + l: bit 2c + h (= sub) of qh[l]
             q = q | (((_byte(W, blk + 16 + l, mask) >> sub) & 1) << 4)
+        # 6-bit scale and min of run `sub` (GGUF.md §7.2): sub < 4 from bytes sub, sub + 4;
+        # sub >= 4 from the nibbles of byte sub + 4 and the top bits of bytes sub - 4 (scale), sub (min)
         s1 = _byte(W, blk + 4 + sub, mask_s)
         s2 = _byte(W, blk + 8 + sub, mask_s)
         s3 = _byte(W, blk + 4 + tl.where(sub >= 4, sub - 4, sub), mask_s)
