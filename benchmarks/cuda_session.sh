@@ -17,7 +17,8 @@
 # on and off; at 32K history), bench8b-depth (the 32K row), ttft (4096-token prompts through Engine), profile8b (per-kernel GPU times of decode and of a 512-token
 # prefill, and prompt times, on the 8B files), ncu-mmq (hardware counters of one layer's int8 prefill products),
 # models-bg / models-wait (make the models in the background, wait for them), pick-cvt (A/B of the int8
-# prefill's integer-to-float conversion; the faster stays set for the later phases).
+# prefill's integer-to-float conversion; the faster stays set for the later phases), mv-ab (decode with the row-team
+# products against the warp-per-row ones, SEPEDGE_CUDA_MV).
 set -u
 OUT=${OUT:-/tmp/sepedge-out}
 mkdir -p "$OUT" /tmp/models
@@ -126,6 +127,18 @@ PY
                              sed "s/^/pdl=$pdl prefetch=$pf /"
                      done
                  done 2>&1 | tee $OUT/decode-ab.log ;;
+        mv-ab) models  # decode ms/token: the row-team decode products where they measured faster (auto), everywhere
+                 # (teams; teams-l4: Q4_0 with 4 loads a thread) and nowhere (rows: the warp-per-row kernel); kernel times
+                 mv_env() { case $1 in rows) echo SEPEDGE_CUDA_MV=rows ;; teams) echo SEPEDGE_CUDA_MV=teams ;;
+                                      teams-l4) echo SEPEDGE_CUDA_MV=teams SEPEDGE_CUDA_MVT_LOADS=4 ;; *) echo SEPEDGE_CUDA_MV=auto ;; esac; }
+                 for m in /tmp/models/*.gguf; do
+                     for k in ${MV_VARIANTS:-rows auto teams teams-l4}; do
+                         env $(mv_env $k) python3 benchmarks/cuda_profile.py $m --steps 64 2>&1 | sed "s/^/mv=$k /"
+                     done
+                     for k in ${MV_TIMED:-auto}; do
+                         env $(mv_env $k) SEPEDGE_CUDA_TIMING=1 python3 benchmarks/cuda_profile.py $m --steps 16 2>&1 | grep -v "^ *embeddings\|rope_tables" | sed "s/^/mv=$k /"
+                     done
+                 done 2>&1 | tee $OUT/mv-ab.log ;;
         depth-ab) models 8b  # full cache after 32K tokens, 8B Q4_0: prefetch levels, split counts, then kernel times
                  m=/tmp/models/llama3-8b-q4_0.gguf
                  for v in "0 0" "1 0" "2 0" "1 128" "1 24"; do

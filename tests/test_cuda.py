@@ -171,6 +171,68 @@ def test_decode_kernels(rng, qtype):
             assert err <= MAX_MV_REL_ERROR, (rows, cols, path)
 
 
+# the row-team kernels (Q4_0, Q4_K, Q6_K) in their variants, and the warp-per-row one
+MV_KERNELS = {
+    "teams": {"SEPEDGE_CUDA_MV": "teams"},
+    "teams128": {"SEPEDGE_CUDA_MV": "teams", "SEPEDGE_CUDA_MVT_TEAM": "128"},  # 4-warp teams from 65 units
+    "loads4": {"SEPEDGE_CUDA_MV": "teams", "SEPEDGE_CUDA_MVT_LOADS": "4"},     # Q4_0: 4 loads a thread
+    "rows": {"SEPEDGE_CUDA_MV": "rows"},
+}
+# Fused RMSNorm: the kernel normalizes in float32 (rsqrtf) where the reference does it in float64,
+# so an activation landing within rounding of an 8-bit step can take the other code: allow this
+# many whole steps per output (each |w_j| * d_j), on top of MAX_MV_REL_ERROR.
+MAX_Q8_FLIPS = 2
+NORM_EPS = 1e-5
+
+
+def team_shapes(qtype):
+    """Rows that are not multiples of a group and of 32 (swiglu chunks), and K for every team
+    width: one warp (<= 32 and <= 64 units of 32) and 4 warps with 1, 2 and 4 units a thread."""
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    units = [8, 40, 120, 200, 448] if block == 256 else [3, 33, 65, 129, 300]
+    return [(rows, 32 * u) for rows, u in zip([7, 70, 33, 130, 64], units)]
+
+
+@gpu
+@pytest.mark.parametrize("kernel", MV_KERNELS)
+@pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q4_K, QT.Q6_K], ids=lambda t: t.name)
+def test_decode_team_kernels(rng, qtype, kernel, monkeypatch):
+    """The decode products of 8-bit activations for every team shape, plain and with the fused
+    RMSNorm (and SwiGLU), against float64 references; both kernels."""
+    for name, value in MV_KERNELS[kernel].items():
+        monkeypatch.setenv(name, value)
+    for rows, cols in team_shapes(qtype):
+        data = weights(rng, qtype, 2 * rows, cols)
+        w = gguf.quants.dequantize(data, qtype).reshape(2 * rows, cols).astype(np.float64)
+        x = (rng.standard_normal((2, cols)) * rng.choice([1e-3, 1, 30])).astype(np.float32)
+        # plain: the first rows rows against q8(x[0])
+        got = mul_mat(qtype, data[: data.size // 2], rows, cols, x[:1], 0)[0]
+        a = q8_reference(x[0])
+        xq = (a["d"][:, None].astype(np.float64) * a["qs"]).reshape(-1)
+        ref, scale = w[:rows] @ xq, np.abs(w[:rows]) @ np.abs(xq)
+        err = float((np.abs(got - ref) / np.maximum(scale, 1e-30)).max())
+        report("decode-team", kernel, qtype.name, rows, cols, err)
+        assert err <= MAX_MV_REL_ERROR, (rows, cols)
+        # fused norm: x[1] as the norm's weights; all 2 rows rows, then as gate (first half) and up
+        xn = x[0].astype(np.float64) / np.sqrt(np.mean(x[0].astype(np.float64) ** 2) + NORM_EPS) * x[1]
+        a = q8_reference(xn.astype(np.float32))
+        xq = (a["d"][:, None].astype(np.float64) * a["qs"]).reshape(-1)
+        step = np.repeat(a["d"].astype(np.float64), 32)  # one 8-bit step of each activation
+        ref, scale = w @ xq, np.abs(w) @ np.abs(xq)
+        bound = MAX_MV_REL_ERROR * scale + MAX_Q8_FLIPS * (np.abs(w) * step).max(axis=1)
+        got = mul_mat(qtype, data, 2 * rows, cols, x, 2)[0]
+        assert np.all(np.isfinite(got)) and np.all(np.abs(got - ref) <= bound), (rows, cols, float(np.abs(got - ref).max()))
+        report("decode-norm", kernel, qtype.name, rows, cols, float((np.abs(got - ref) / bound).max()))
+        g, u, eg, eu = ref[:rows], ref[rows:], bound[:rows], bound[rows:]
+        silu = g / (1 + np.exp(-np.clip(g, -700, 700)))
+        h = silu * u
+        # |d silu / dg| <= 1.1; float32 silu and product: 1e-6 relative
+        h_bound = 1.1 * eg * (np.abs(u) + eu) + (np.abs(silu) + 1.1 * eg) * eu + 1e-6 * np.abs(h)
+        got = mul_mat(qtype, data, 2 * rows, cols, x, 3)[0][:rows]
+        assert np.all(np.isfinite(got)) and np.all(np.abs(got - h) <= h_bound), (rows, cols, float(np.abs(got - h).max()))
+        report("decode-swiglu", kernel, qtype.name, rows, cols, float((np.abs(got - h) / h_bound).max()))
+
+
 @gpu
 @pytest.mark.parametrize("mmq", [True, False], ids=["int8", "f16"])
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)

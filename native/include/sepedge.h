@@ -410,7 +410,11 @@ SE_API int se_cuda_device_count(int32_t * count);
 // The CUDA kernels of the matrix products, for tests and tools: out (n, rows) = x (n, cols) . W^T
 // with W as GGUF bytes of `type`. path 0: what the forward pass runs (n == 1: the decode kernels,
 // with 8-bit activations and dp4a where the type has them; n > 1: the tensor-core kernel);
-// path 1: the decode kernel that dequantizes in registers against float activations, per token.
+// path 1: the decode kernel that dequantizes in registers against float activations, per token;
+// paths 2 and 3 (n == 2, cols % 32 == 0): one token through the decode kernels' fused RMSNorm
+// (eps 1e-5), x row 0 the input and row 1 the norm's weights, the result in out row 0; path 3 with
+// SwiGLU: the first rows / 2 rows of W are gate's, the rest up's, out row 0 starts with the rows / 2
+// values silu(gate) * up.
 SE_API int se_cuda_mul_mat(int32_t type, const void * w, int64_t rows, int64_t cols, const float * x, int32_t n,
                            float * out, int32_t path);
 

@@ -302,7 +302,27 @@ static int launch(mv_args & a, int64_t rows, size_t smem, cudaStream_t s) {
     return SE_OK;
 }
 
+// Whether the row-team kernels (se-cuda-matvec.cu) take every output, as they do Q4_0, Q4_K, Q6_K.
+static bool all_mvt(const se_mm_out * outs, int n_outs, int path) {
+    const int mode = path == SE_MV_AUTO ? se_cuda_mvt_mode() : SE_MVT_OFF;
+    if (mode == SE_MVT_OFF) return false;
+    for (int k = 0; k < n_outs; k++) {
+        if (!se_cuda_mvt_takes(&outs[k].w) || outs[k].w.cols != outs[0].w.cols) return false;
+        // where the choice depends on the shape, one type: the first launch never precedes a refusal
+        if (mode == SE_MVT_AUTO && outs[k].w.type != outs[0].w.type) return false;
+    }
+    return true;
+}
+
 int se_cuda_matvec(const se_mm_out * outs, int n_outs, se_dact act, int path, cudaStream_t s) {
+    if (all_mvt(outs, n_outs, path)) {  // a launch per run of one type
+        int r = SE_OK;
+        for (int k0 = 0, k1; k0 < n_outs && r == SE_OK; k0 = k1) {
+            for (k1 = k0 + 1; k1 < n_outs && outs[k1].w.type == outs[k0].w.type;) k1++;
+            r = se_cuda_mvt(outs + k0, k1 - k0, act.qx, act.ds, NULL, NULL, 0.0f, false, NULL, NULL, s);
+        }
+        if (r != SE_ERR_UNSUPPORTED) return r;  // unsupported: decided before the first launch
+    }
     mv_args a = {};
     int64_t rows = 0;
     for (int k = 0; k < n_outs; k++) {
@@ -319,6 +339,14 @@ int se_cuda_matvec(const se_mm_out * outs, int n_outs, se_dact act, int path, cu
 
 int se_cuda_matvec_norm(const se_mm_out * outs, int n_outs, const float * x, const float * norm, float eps, int path,
                         bool swiglu, int8_t * hq, float2 * hds, cudaStream_t s) {
+    if (all_mvt(outs, n_outs, path) && (!swiglu || outs[1].w.type == outs[0].w.type)) {
+        int r = SE_OK;
+        for (int k0 = 0, k1; k0 < n_outs && r == SE_OK; k0 = k1) {  // a launch per run of one type
+            for (k1 = k0 + 1; k1 < n_outs && outs[k1].w.type == outs[k0].w.type;) k1++;
+            r = se_cuda_mvt(outs + k0, k1 - k0, NULL, NULL, x, norm, eps, swiglu, hq, hds, s);
+        }
+        if (r != SE_ERR_UNSUPPORTED) return r;
+    }
     mv_args a = {};
     int64_t rows = swiglu ? outs[0].w.rows : 0;
     for (int k = 0; k < n_outs; k++) {

@@ -108,8 +108,9 @@ static int mul_mat(const se_type_traits * tt, int32_t type, const void * w, int6
     SE_CUDA_CHECK(cudaMalloc((void **) &b->w, se_align256(q_bytes) + (size_t) (rows * s_row) + 16));
     SE_CUDA_CHECK(cudaMalloc((void **) &b->x, (size_t) (n * cols) * sizeof(float)));
     SE_CUDA_CHECK(cudaMalloc((void **) &b->out, (size_t) (n * rows) * sizeof(float)));
-    SE_CUDA_CHECK(cudaMalloc((void **) &b->qx, (size_t) (n * cols) + 32));
-    SE_CUDA_CHECK(cudaMalloc((void **) &b->ds, (size_t) (n * cols / 32 + 1) * sizeof(float2)));
+    const int64_t q8_values = (n * cols > rows ? n * cols : rows) + 32;  // path 3 writes h's 8-bit form there
+    SE_CUDA_CHECK(cudaMalloc((void **) &b->qx, (size_t) q8_values));
+    SE_CUDA_CHECK(cudaMalloc((void **) &b->ds, (size_t) (q8_values / 32 + 1) * sizeof(float2)));
     se_dweight dw = {type, sb ? SE_DL_PLANES : SE_DL_RAW, rows, cols, b->w, sb ? b->w + se_align256(q_bytes) : NULL, nb * qb, s_row};
     if (sb) {
         uint8_t * host = (uint8_t *) malloc(q_bytes + s_bytes + 1);
@@ -128,7 +129,20 @@ static int mul_mat(const se_type_traits * tt, int32_t type, const void * w, int6
     // poison the output: every element must be written
     SE_CUDA_CHECK(cudaMemset(b->out, 0xff, (size_t) (n * rows) * sizeof(float)));
     int r = SE_OK;
-    if (path == SE_MV_AUTO && n > 1) {  // as the forward pass: int8 tensor cores where the type has them
+    if (path == 2 || path == 3) {  // one token through the fused norm (x row 1: the norm's weights)
+        const float eps = 1e-5f;
+        if (path == 2) {
+            const se_mm_out o = {dw, b->out, NULL, 0};
+            r = se_cuda_matvec_norm(&o, 1, b->x, b->x + cols, eps, SE_MV_AUTO, false, NULL, NULL, 0);
+        } else {  // gate: the first rows / 2 rows, up: the rest; h into out[0 .. rows / 2)
+            se_dweight gw = dw, uw = dw;
+            gw.rows = uw.rows = rows / 2;
+            uw.q += (rows / 2) * dw.q_row;
+            if (uw.s) uw.s += (rows / 2) * dw.s_row;
+            const se_mm_out o[2] = {{gw, b->out, NULL, 0}, {uw, b->out + rows / 2, NULL, 0}};
+            r = se_cuda_matvec_norm(o, 2, b->x, b->x + cols, eps, SE_MV_AUTO, true, b->qx, b->ds, 0);
+        }
+    } else if (path == SE_MV_AUTO && n > 1) {  // as the forward pass: int8 tensor cores where the type has them
         const se_mm_out o = {dw, b->out, NULL, 0};
         if (se_cuda_mmq_enabled() && se_cuda_has_mmq(type)) {
             r = se_cuda_quantize_q8(b->x, n, cols, b->qx, b->ds, 0);
@@ -154,7 +168,9 @@ extern "C" int se_cuda_mul_mat(int32_t type, const void * w, int64_t rows, int64
                                float * out, int32_t path) {
     const se_type_traits * tt = se_type_get(type);
     if (!tt || !tt->dot) return se_error(SE_ERR_UNSUPPORTED, "se_cuda_mul_mat: type %d is not supported", type);
-    if (!w || !x || !out || rows < 1 || n < 1 || cols < 1 || cols % tt->block || (path != SE_MV_AUTO && path != SE_MV_FLOAT)) {
+    const bool fused = path == 2 || path == 3;
+    if (!w || !x || !out || rows < 1 || n < 1 || cols < 1 || cols % tt->block || path < SE_MV_AUTO || path > 3 ||
+        (fused && (n != 2 || cols % 32)) || (path == 3 && rows % 2)) {
         return se_error(SE_ERR_INVALID_ARGUMENT, "se_cuda_mul_mat: bad arguments");
     }
     if (tt->block > 1 && cols % 32) return se_error(SE_ERR_INVALID_ARGUMENT, "se_cuda_mul_mat: cols must be a multiple of 32");

@@ -6,6 +6,7 @@
 //   se-cuda-rope.cu/.cuh   rotary position embedding: the tables, the prefill rotation, the helpers
 //                          the attention kernels rotate with (the one place RoPE is written)
 //   se-cuda-matmul.cu      matrix-vector products (decode) and f16 tensor-core products (prefill)
+//   se-cuda-matvec.cu      decode products by row teams (Q4_0, Q4_K, Q6_K)
 //   se-cuda-mmq.cu         prefill products on int8 tensor cores over 8-bit activations
 //   se-cuda-attention.cu   attention over the live cells: split-K for one token, tiled for many
 //   se-cuda-timing.cu      SEPEDGE_CUDA_TIMING per-kernel times, and the entry points for tests
@@ -125,6 +126,16 @@ int se_cuda_matvec(const se_mm_out * outs, int n_outs, se_dact act, int path, cu
 // Returns SE_ERR_UNSUPPORTED, having launched nothing, where the input does not fit shared memory.
 int se_cuda_matvec_norm(const se_mm_out * outs, int n_outs, const float * x, const float * norm, float eps, int path,
                         bool swiglu, int8_t * hq, float2 * hds, cudaStream_t s);
+// Decode by row teams (se-cuda-matvec.cu) for Q4_0, Q4_K, Q6_K with cols / 32 <= 512: n_outs (<= 3)
+// products of one type and K in one launch, from the 8-bit input (qx, ds) or, with norm_x, from
+// rmsnorm(norm_x) * norm_w made in the kernel; swiglu as se_cuda_matvec_norm. SE_ERR_UNSUPPORTED,
+// having launched nothing, for what they do not take (SE_MVT_AUTO: the shapes where they measured
+// faster; SEPEDGE_CUDA_MV=rows: none, =teams: every shape they can).
+enum { SE_MVT_OFF = 0, SE_MVT_AUTO = 1, SE_MVT_ALL = 2 };
+int se_cuda_mvt_mode();
+bool se_cuda_mvt_takes(const se_dweight * w);
+int se_cuda_mvt(const se_mm_out * outs, int n_outs, const int8_t * qx, const float2 * ds, const float * norm_x,
+                const float * norm_w, float eps, bool swiglu, int8_t * hq, float2 * hds, cudaStream_t s);
 // Prefill: out (n, rows) for n tokens through the tensor cores (f16 inputs, f32 accumulation).
 int se_cuda_matmul(const se_mm_out * o, const float * x, int32_t n, cudaStream_t s);
 
