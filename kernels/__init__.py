@@ -1,5 +1,6 @@
 """Triton kernels of sepedge (shipped as sepedge.kernels): one file per op, each with its kernel, its
-launcher and a small torch reference. Weights are the raw GGUF bytes as uint8 tensors on the device.
+launcher and a small torch reference. Weights are the GGUF bytes as uint8 tensors on the device, the common
+quantized types repacked once into aligned code and scale arrays (packed.py).
 
 Needs torch and triton (`pip install sepedge[triton]`); runs on NVIDIA GPUs (sm_80, sm_90) and, with
 TRITON_INTERPRET=1 set before triton is imported, on CPU tensors through Triton's interpreter.
@@ -10,13 +11,15 @@ from .attention_decode import attention_decode, attention_decode_ref
 from .attention_prefill import attention_prefill, attention_prefill_ref
 from .head import head, head_ref
 from .matmul import matmul, matmul_ref
-from .matvec import FLOAT_TYPES, matvec, matvec_ref, weight_words
+from .matvec import FLOAT_TYPES, matvec, matvec_ref
+from .packed import PACKED_TYPES, Packed, dequantize_packed_ref, pack
 from .quants import BLOCKS, NAMES, dequantize, dequantize_ref, get_rows, row_bytes
 from .rms_norm import rms_norm, rms_norm_ref
 from .rope import NEOX, NORM, inv_freq, rope_, rope_ref, rope_store
 from .swiglu import swiglu, swiglu_ref
 
-__all__ = ["Act", "FLOAT_TYPES", "act_q8", "act_q8_ref", "weight_words", "BLOCKS", "NAMES", "NEOX", "NORM", "attention_decode", "attention_decode_ref", "attention_prefill",
-           "attention_prefill_ref", "dequantize", "dequantize_ref", "get_rows", "head", "head_ref", "inv_freq",
-           "matmul", "matmul_ref", "matvec", "matvec_ref", "rms_norm", "rms_norm_ref", "rope_", "rope_ref", "rope_store",
-           "row_bytes", "swiglu", "swiglu_ref"]
+__all__ = ["Act", "BLOCKS", "FLOAT_TYPES", "NAMES", "NEOX", "NORM", "PACKED_TYPES", "Packed", "act_q8", "act_q8_ref",
+           "attention_decode", "attention_decode_ref", "attention_prefill", "attention_prefill_ref", "dequantize",
+           "dequantize_packed_ref", "dequantize_ref", "get_rows", "head", "head_ref", "inv_freq", "matmul", "matmul_ref",
+           "matvec", "matvec_ref", "pack", "rms_norm", "rms_norm_ref", "rope_", "rope_ref", "rope_store", "row_bytes",
+           "swiglu", "swiglu_ref"]

@@ -1,9 +1,12 @@
 """Decode attention over a list of live cells: one query token, the keys and values of the cells the
 cache plan says are live (SepLLM keeps initial, separator and recent cells, in any physical order).
 
-Split over cells (flash-decoding): each program takes one head and a contiguous run of the live list
-and keeps an online softmax (running max m, sum l, unnormalized output); a second kernel merges the
-runs of a head. The splits give long caches enough programs to fill the GPU with one query.
+Split over cells (flash-decoding): each program takes one kv head with all the query heads that read
+it (GQA) and a contiguous run of the live list, and keeps an online softmax per query head (running
+max m, sum l, unnormalized output); a second kernel merges the runs of a head. Keys and values are
+gathered once per group, and the streaming modes' rotation of each key by its cell's delta is done
+once per group too (rotating the queries instead would cost one rotation per query head and cell,
+since every cell has its own delta). The splits give long caches enough programs to fill the GPU.
 """
 
 from __future__ import annotations
@@ -53,41 +56,48 @@ def attention_split_kernel(
     qk_scale,  # 1/sqrt(head_dim) * log2(e): the softmax in base 2
     D,
     HAS_DELTA: tl.constexpr, NEOX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr,  # rep rounded up to a power of two
 ):
-    h = tl.program_id(0)
+    # one program per kv head and run of cells, for all `rep` query heads that read that kv head: each
+    # key and value is gathered (and, in the streaming modes, rotated by its cell's delta) once for
+    # the whole group instead of once per query head
+    kvh = tl.program_id(0)
     s = tl.program_id(1)
     n_split = tl.num_programs(1)
-    kvh = h // rep
     # the count is read from memory, so that a captured CUDA graph replays with any number of live
     # cells: splits past it are empty (m = -inf, l = 0) and the merge weighs them 0
     n_live = tl.load(NLIVE)
     d = tl.arange(0, BLOCK_D)
-    q = tl.load(Q + h * stride_qh + d, mask=d < D, other=0.0).to(tl.float32) * qk_scale
+    r = tl.arange(0, BLOCK_R)
+    heads = kvh * rep + r
+    hm = r < rep
+    q = tl.load(Q + heads[:, None] * stride_qh + d[None, :], mask=hm[:, None] & (d[None, :] < D),
+                other=0.0).to(tl.float32) * qk_scale  # (R, D)
     start = s * cells_per_split
     end = tl.minimum(start + cells_per_split, n_live)
-    m = tl.full([], float("-inf"), tl.float32)
-    l = tl.full([], 0.0, tl.float32)
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    m = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_R], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
     for j0 in range(start, end, BLOCK_N):
         j = j0 + tl.arange(0, BLOCK_N)
         ok = j < end
         cell = tl.load(CELLS + j, mask=ok, other=0).to(tl.int64)
         dlt = tl.load(DELTAS + j, mask=ok, other=0) if HAS_DELTA else 0
         k = load_keys(K, cell, kvh, stride_kc, stride_kh, d, D, ok, dlt, INV_FREQ, HAS_DELTA, NEOX)
-        scores = tl.sum(k * q[None, :], axis=1)
-        scores = tl.where(ok, scores, float("-inf"))
-        m_new = tl.maximum(m, tl.max(scores, axis=0))
-        p = tl.exp2(scores - m_new)
+        scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # (R, BLOCK_N)
+        scores = tl.where(ok[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, axis=1))
+        p = tl.exp2(scores - m_new[:, None])
         alpha = tl.exp2(m - m_new)
         v = tl.load(V + cell[:, None] * stride_vc + kvh * stride_vh + d[None, :],
-                    mask=ok[:, None] & (d[None, :] < D), other=0.0)
-        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
-        l = l * alpha + tl.sum(p, axis=0)
+                    mask=ok[:, None] & (d[None, :] < D), other=0.0).to(tl.float32)
+        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+        l = l * alpha + tl.sum(p, axis=1)
         m = m_new
-    part = h * n_split + s
-    tl.store(O_PART + part * BLOCK_D + d, acc)
-    tl.store(M_PART + part, m)
-    tl.store(L_PART + part, l)
+    part = heads * n_split + s
+    tl.store(O_PART + part[:, None] * BLOCK_D + d[None, :], acc, mask=hm[:, None])
+    tl.store(M_PART + part, m, mask=hm)
+    tl.store(L_PART + part, l, mask=hm)
 
 
 @triton.jit
@@ -109,7 +119,8 @@ def attention_merge_kernel(
 
 def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cells: torch.Tensor,
                      deltas: torch.Tensor | None = None, freqs: torch.Tensor | None = None, rope_mode: int = NORM,
-                     n_live: torch.Tensor | None = None, cells_per_split: int = 256, block_n: int = 64) -> torch.Tensor:
+                     n_live: torch.Tensor | None = None, cells_per_split: int | None = None,
+                     block_n: int | None = None) -> torch.Tensor:
     """Attention of one token's queries over the live cells.
 
     q: (n_head, head_dim) float (already rotated); k_cache, v_cache: (n_cells, n_head_kv, head_dim)
@@ -136,17 +147,25 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         deltas = deltas.to(device=q.device, dtype=torch.int32).contiguous()
         freqs = freqs.to(device=q.device, dtype=torch.float32).contiguous()
     q = q.contiguous()
+    # runs of at least 64 cells, at most 256 runs (the merge holds them all in one program)
+    cells_per_split = cells_per_split or max(64, triton.cdiv(max_live, 256))
     n_split = triton.cdiv(max_live, cells_per_split)  # with n_live given, later splits may be empty
     BLOCK_D = triton.next_power_of_2(D)
     o_part = torch.empty(H, n_split, BLOCK_D, dtype=torch.float32, device=q.device)
     m_part = torch.empty(H, n_split, dtype=torch.float32, device=q.device)
     l_part = torch.empty_like(m_part)
     out = torch.empty(H, D, dtype=torch.float32, device=q.device)
-    attention_split_kernel[(H, n_split)](
+    rep = H // H_kv
+    BLOCK_R = triton.next_power_of_2(rep)
+    # the (query heads x cells x head_dim) products live in registers (8192 values: 64 a thread of 4
+    # warps): fewer cells per step for larger groups and heads
+    block_n = block_n or max(8, min(64, 8192 // (BLOCK_R * BLOCK_D)))
+    attention_split_kernel[(H_kv, n_split)](
         o_part, m_part, l_part, q, k_cache, v_cache, cells, deltas if has_delta else cells,
         freqs if has_delta else q, n_live, cells_per_split, H // H_kv,
         q.stride(0), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
-        LOG2E / math.sqrt(D), D, HAS_DELTA=has_delta, NEOX=rope_mode == NEOX, BLOCK_N=block_n, BLOCK_D=BLOCK_D)
+        LOG2E / math.sqrt(D), D, HAS_DELTA=has_delta, NEOX=rope_mode == NEOX, BLOCK_N=block_n, BLOCK_D=BLOCK_D,
+        BLOCK_R=BLOCK_R)
     attention_merge_kernel[(H,)](out, o_part, m_part, l_part, n_split, D, out.stride(0),
                                  BLOCK_S=triton.next_power_of_2(n_split), BLOCK_D=BLOCK_D)
     return out

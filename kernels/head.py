@@ -60,7 +60,7 @@ def head(w: torch.Tensor, qtype: int, x: torch.Tensor, norm: torch.Tensor, eps: 
     y = torch.empty(T, N, dtype=torch.float32, device=x.device)
     if T:
         QK, SUBS, RUN = LAYOUT[qtype]
-        block_n = block_n or (8 if x.is_cuda else min(256, triton.next_power_of_2(N)))  # interpreter: see matvec
+        block_n = block_n or (8 if x.is_cuda else min(512, triton.next_power_of_2(N)))  # interpreter: see matvec
         head_kernel[(triton.cdiv(N, block_n), T)](y, weight_view(w, qtype), x, norm.contiguous(), N, K, x.stride(0),
                                                   y.stride(0), eps, QTYPE=qtype, QK=QK, SUBS=SUBS, RUN=RUN,
                                                   BLOCK_N=block_n, BLOCK_K=block_k, NB=max(1, min(block_k, triton.next_power_of_2(K)) // QK))

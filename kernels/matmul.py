@@ -2,18 +2,20 @@
 
 Each program owns a BLOCK_M x BLOCK_N output tile. Quantized weights take 8-bit activations
 (act_q8.py): per 32 values an int8 tl.dot of the codes, then the block scales on a float32
-accumulator (llama.cpp's mmq; the CPU core's arithmetic). Float weights: F16/BF16 tiles with half
+accumulator (llama.cpp's mmq; the CPU core's arithmetic). The common types read their codes from the
+repacked weight (packed.py) as whole vectors, several blocks of 32 per loop step; the others byte by
+byte from the file's blocks. Float weights: F16/BF16 tiles with half
 operands and float32 sums, F32 with float32 operands.
 """
 
 from __future__ import annotations
-
 
 import torch
 import triton
 import triton.language as tl
 
 from .act_q8 import Act, act_q8
+from .packed import PACKED_TYPES, Packed, dequantize_packed_ref, pack
 from .quants import (BF16, BLOCKS, F16, F32, LAYOUT, Q4_1, Q4_K, Q5_K, codes_tile, dequant_tile, dequantize_ref, row_bytes,
                      weight_view)
 
@@ -102,23 +104,178 @@ def matmul_q8_kernel(
              mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
+@triton.jit
+def _f16_bits(v):
+    """The IEEE half in the low 16 bits of an int32, as float32."""
+    return (v & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _codes32(QS, QH, rows, rm, c, stride_qs, stride_qh, QTYPE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Codes of the 8-bit block c (values 32c..32c+31) of a repacked weight's rows (BLOCK_N,) as an
+    int8 (BLOCK_N, 32) tile read as whole 16/32-byte vectors (QS, QH: the code arrays as bytes), in
+    the order its activation tile must take: Q4_0 keeps the file's order of a block's bytes, so its
+    tile interleaves values i and i + 16 (see _acts32); the others are in value order. Q4_K: codes
+    0..15 (its min applies per run); Q6_K: signed codes (runs of 16 share a scale)."""
+    r = rows.to(tl.int64)[:, None]
+    ok = rm[:, None]
+    if QTYPE == 2:  # Q4_0: 16 bytes a block, value i low, i + 16 high
+        b = tl.load(QS + r * stride_qs + c * 16 + tl.arange(0, 16)[None, :], mask=ok, other=0).to(tl.int32)
+        lo, hi = (b & 15) - 8, (b >> 4) - 8
+        return tl.reshape(tl.join(lo, hi), [BLOCK_N, 32]).to(tl.int8)
+    elif QTYPE == 8:  # Q8_0: 32 int8 a block
+        return tl.load(QS + r * stride_qs + c * 32 + tl.arange(0, 32)[None, :], mask=ok, other=0).to(tl.int8)
+    elif QTYPE == 12:  # Q4_K: run j = c % 8 of block c // 8: bytes 32 (j // 2) + i, low nibble for even j
+        j = c % 8
+        b = tl.load(QS + r * stride_qs + (c // 8) * 128 + 32 * (j // 2) + tl.arange(0, 32)[None, :], mask=ok,
+                    other=0).to(tl.int32)
+        return ((b >> (4 * (j % 2))) & 15).to(tl.int8)
+    else:  # Q6_K: values 32jj + l of block c // 8, jj = c % 8 = 4h + r: ql[64h + 32(r % 2) + l], qh[32h + l]
+        tl.static_assert(QTYPE == 14, "repacked types only")
+        jj = c % 8
+        h = jj // 4
+        rr = jj % 4
+        lo = tl.load(QS + r * stride_qs + (c // 8) * 128 + 64 * h + 32 * (rr % 2) + tl.arange(0, 32)[None, :],
+                     mask=ok, other=0).to(tl.int32)
+        hb = tl.load(QH + r * stride_qh + (c // 8) * 64 + 32 * h + tl.arange(0, 32)[None, :], mask=ok,
+                     other=0).to(tl.int32)
+        q = ((lo >> (4 * (rr // 2))) & 15) | (((hb >> (2 * rr)) & 3) << 4)
+        return (q - 32).to(tl.int8)
+
+
+@triton.jit
+def _acts32(XQ, offs_m, mm, c, K, QTYPE: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The activation codes of 8-bit block c (BLOCK_M, 32) int8, in the order of _codes32's tile."""
+    base = XQ + offs_m.to(tl.int64)[:, None] * K + c * 32
+    if QTYPE == 2:
+        lo = tl.load(base + tl.arange(0, 16)[None, :], mask=mm[:, None], other=0)
+        hi = tl.load(base + 16 + tl.arange(0, 16)[None, :], mask=mm[:, None], other=0)
+        return tl.reshape(tl.join(lo, hi), [BLOCK_M, 32])
+    else:
+        return tl.load(base + tl.arange(0, 32)[None, :], mask=mm[:, None], other=0)
+
+
+@triton.jit
+def matmul_packed_kernel(
+    Y, QS, QH, SC, D, XQ, XD, XS, ADD,  # QS, QH: code arrays as bytes; SC, D as packed.py keeps them
+    M, N, K,
+    stride_qs, stride_qh, stride_sc, stride_d, stride_ym, stride_b,
+    M_KEY,  # unused: a power of two of M, the autotuning key
+    QTYPE: tl.constexpr, HAS_ADD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KSUB: tl.constexpr,  # KSUB 8-bit blocks per loop step
+):
+    """Repacked weights (packed.py) times 8-bit activations, as matmul_q8_kernel (llama.cpp's mmq: an
+    int8 tl.dot per 32 values, the scales on a float32 accumulator) with the codes read as whole
+    vectors and KSUB blocks of 32 per step (their loads issued together)."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mm = offs_m < M
+    nm = offs_n < N
+    rn = offs_n.to(tl.int64)
+    nq = K // 32
+    l = tl.arange(0, 32)[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for c0 in range(0, nq, KSUB):
+        for u in tl.static_range(KSUB):
+            c = c0 + u
+            cm = (c + tl.zeros([1], dtype=tl.int32)) < nq  # a tensor (the interpreter wants tensor masks)
+            w = _codes32(QS, QH, offs_n, nm & cm, c, stride_qs, stride_qh, QTYPE, BLOCK_N)
+            xq = _acts32(XQ, offs_m, mm & cm, c, K, QTYPE, BLOCK_M)
+            dx = tl.load(XD + offs_m.to(tl.int64) * nq + c, mask=mm & cm, other=0.0)[:, None]
+            if QTYPE == 14:  # Q6_K: runs of 16, two scales per 32 values: one integer product each
+                first = l < 16
+                sa = tl.dot(xq, tl.trans(tl.where(first, w, 0).to(tl.int8)), out_dtype=tl.int32).to(tl.float32)
+                sb = tl.dot(xq, tl.trans(tl.where(first, 0, w).to(tl.int8)), out_dtype=tl.int32).to(tl.float32)
+                sidx = (c // 8) * 16 + 2 * (c % 8)  # sc[8h + 2r + g] with 4h + r = c % 8
+                d = tl.load(D + rn * stride_d + c // 8, mask=nm & cm, other=0.0).to(tl.float32)
+                sc_a = tl.load(SC + rn * stride_sc + sidx, mask=nm & cm, other=0).to(tl.float32)
+                sc_b = tl.load(SC + rn * stride_sc + sidx + 1, mask=nm & cm, other=0).to(tl.float32)
+                acc += ((d * sc_a)[None, :] * dx) * sa
+                acc += ((d * sc_b)[None, :] * dx) * sb
+            else:
+                s = tl.dot(xq, tl.trans(w), out_dtype=tl.int32).to(tl.float32)
+                if QTYPE == 12:  # Q4_K: d * scale, dmin * min of run c % 8
+                    dd = tl.load(D + rn * stride_d + c // 8, mask=nm & cm, other=0)
+                    sm = tl.load(SC + rn * stride_sc + c // 2, mask=nm & cm, other=0)
+                    sh = 16 * (c % 2)
+                    scale = _f16_bits(dd) * ((sm >> sh) & 255).to(tl.float32)
+                    mn = _f16_bits(dd >> 16) * ((sm >> (sh + 8)) & 255).to(tl.float32)
+                    sx = tl.load(XS + offs_m.to(tl.int64) * nq + c, mask=mm & cm, other=0.0)[:, None]
+                    acc += (scale[None, :] * dx) * s - mn[None, :] * sx
+                else:
+                    d = tl.load(D + rn * stride_d + c, mask=nm & cm, other=0.0).to(tl.float32)
+                    acc += (d[None, :] * dx) * s
+    if HAS_ADD:
+        acc += tl.load(ADD + offs_m[:, None].to(tl.int64) * stride_b + offs_n[None, :],
+                       mask=mm[:, None] & nm[None, :], other=0.0)
+    tl.store(Y + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :], acc, mask=mm[:, None] & nm[None, :])
+
+
+
 FLOAT_TYPES = (F32, F16, BF16)
+# (block_m, block_n, KSUB, warps) tried on a GPU for the repacked types (triton.autotune, once per
+# shape and power of two of M, per process)
+TUNE_CONFIGS = [(128, 128, 2, 8), (64, 128, 4, 4), (128, 64, 4, 4), (64, 64, 4, 4)]
+_tuned: dict = {}
 
 
-def matmul(w: torch.Tensor, qtype: int, x, bias: torch.Tensor | None = None,
+def _autotuned():
+    if "k" not in _tuned:
+        configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "KSUB": ks}, num_warps=w)
+                   for bm, bn, ks, w in TUNE_CONFIGS]
+        key = ["N", "K", "M_KEY", "QTYPE", "HAS_ADD"]
+        _tuned["k"] = triton.autotune(configs=configs, key=key)(matmul_packed_kernel)
+    return _tuned["k"]
+
+
+def matmul_packed(p: Packed, xa: Act, add, stride_b: int, block_m: int | None = None,
+                  block_n: int | None = None, ksub: int | None = None) -> torch.Tensor:
+    """Y = X W^T (+ add) for a repacked weight and 8-bit activations: (M, N) float32."""
+    M, K = xa.q.shape
+    N = p.shape[0]
+    dev = p.qs.device
+    y = torch.empty(M, N, dtype=torch.float32, device=dev)
+    if M == 0:
+        return y
+    qs = p.qs.view(torch.uint8)
+    qh = p.qh.view(torch.uint8) if p.qh is not None else qs
+    sc = p.sc if p.sc is not None else p.d
+    args = (y, qs, qh, sc, p.d, xa.q, xa.d, xa.s, add if add is not None else y, M, N, K,
+            qs.stride(0), qh.stride(0), sc.stride(0), p.d.stride(0), y.stride(0), stride_b)
+    if dev.type == "cuda" and block_m is None and block_n is None and ksub is None:
+        m_key = min(triton.next_power_of_2(M), 1024)
+        _autotuned()[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, meta["BLOCK_M"]))](
+            *args, m_key, QTYPE=p.qtype, HAS_ADD=add is not None)
+        return y
+    # the interpreter runs one program at a time in Python: few, large tiles there
+    bm = block_m or min(64, max(16, triton.next_power_of_2(M)))
+    bn = block_n or (64 if dev.type == "cuda" else min(256, max(16, triton.next_power_of_2(N))))
+    ks = ksub or (2 if dev.type == "cuda" else 8)
+    assert min(bm, bn) >= 16, "tl.dot needs tiles of at least 16"
+    matmul_packed_kernel[(triton.cdiv(N, bn), triton.cdiv(M, bm))](*args, 0, QTYPE=p.qtype, HAS_ADD=add is not None,
+                                                                   BLOCK_M=bm, BLOCK_N=bn, KSUB=ks)
+    return y
+
+
+def matmul(w, qtype: int, x, bias: torch.Tensor | None = None,
            block_m: int | None = None, block_n: int | None = None, block_k: int | None = None,
-           res: torch.Tensor | None = None) -> torch.Tensor:
+           res: torch.Tensor | None = None, packed: bool | None = None) -> torch.Tensor:
     """Y = X @ W.T (+ bias) (+ res) for prefill.
 
-    w: (N, row_bytes) uint8 GGUF bytes of a (N, K) weight; x: (M, K) float rows or their act_q8 form
-    (quantized weights take the 8-bit form, made here from float rows; float weights the float rows);
-    bias: (N,) float32 or None; res: (M, N) float32 or None, added in the epilogue -> (M, N) float32.
-    Block sizes are at least 16 (tl.dot); block_k (float weights) is raised to a whole block."""
+    w: (N, row_bytes) uint8 GGUF bytes of a (N, K) weight, or its packed.Packed form; x: (M, K) float
+    rows or their act_q8 form (quantized weights take the 8-bit form, made here from float rows; float
+    weights the float rows); bias: (N,) float32 or None; res: (M, N) float32 or None, added in the
+    epilogue -> (M, N) float32. Block sizes are at least 16 (tl.dot); block_k (float weights) is
+    raised to a whole block, (repacked weights) is the values per loop step. packed: the repacked
+    weight's kernel (the default for the types packed.py repacks, file bytes repacked here; False:
+    the byte-wise kernel on the file's bytes)."""
     M, K = x.shape
     N = w.shape[0]
     assert K % BLOCKS[qtype][0] == 0, "K must be a whole number of blocks"
-    assert w.shape[1] == row_bytes(qtype, K), "weight row bytes do not match the type and K"
-    y = torch.empty(M, N, dtype=torch.float32, device=w.device)
+    assert isinstance(w, Packed) or w.shape[1] == row_bytes(qtype, K), "weight row bytes do not match the type and K"
+    dev = w.qs.device if isinstance(w, Packed) else w.device
     if bias is not None:
         assert bias.shape == (N,) and bias.dtype == torch.float32
     if res is not None:
@@ -126,15 +283,23 @@ def matmul(w: torch.Tensor, qtype: int, x, bias: torch.Tensor | None = None,
         if bias is not None:  # one epilogue term: fold the bias into the residual
             res, bias = res + bias, None
     add, stride_b = (res, res.stride(0)) if res is not None else (bias, 0)
+    if packed is None:
+        packed = isinstance(w, Packed) or qtype in PACKED_TYPES
+    if packed:
+        xa = x if isinstance(x, Act) else act_q8(x)
+        p = w if isinstance(w, Packed) else pack(w, qtype, K)
+        assert p.qtype == qtype and p.K == K, "the packed weight does not match the type and K"
+        return matmul_packed(p, xa, add, stride_b, block_m, block_n, None if block_k is None else max(1, block_k // 32))
+    assert not isinstance(w, Packed), "the byte-wise kernels read the file's bytes"
+    y = torch.empty(M, N, dtype=torch.float32, device=dev)
     if M == 0:
         return y
     QK, SUBS, RUN = LAYOUT[qtype]
     if qtype not in FLOAT_TYPES:
         xa = x if isinstance(x, Act) else act_q8(x)
-        # tiles: the best of a sweep on the H200 (benchmarks/results/triton_sweep.md); the interpreter
-        # runs one program at a time in Python: few, large tiles there
+        # the interpreter runs one program at a time in Python: few, large tiles there
         block_m = block_m or min(64, max(16, triton.next_power_of_2(M)))  # short chunks: less padding
-        block_n = block_n or (64 if w.is_cuda else 128)
+        block_n = block_n or (64 if w.is_cuda else min(256, max(16, triton.next_power_of_2(N))))
         assert min(block_m, block_n) >= 16, "tl.dot needs tiles of at least 16"
         grid = (triton.cdiv(N, block_n), triton.cdiv(M, block_m))
         matmul_q8_kernel[grid](y, weight_view(w, qtype), xa.q, xa.d, xa.s, add if add is not None else y, M, N, K,
@@ -159,8 +324,9 @@ def matmul(w: torch.Tensor, qtype: int, x, bias: torch.Tensor | None = None,
 
 def matmul_ref(w: torch.Tensor, qtype: int, x: torch.Tensor, bias: torch.Tensor | None = None,
                upcast: bool = True, res: torch.Tensor | None = None) -> torch.Tensor:
-    """The product in float32 (upcast) or with the kernel's half-precision operands."""
-    wf = dequantize_ref(w, qtype, x.shape[1])
+    """The product in float32 (upcast) or with the kernel's half-precision operands; w: file bytes or
+    Packed."""
+    wf = dequantize_packed_ref(w) if isinstance(w, Packed) else dequantize_ref(w, qtype, x.shape[1])
     if not upcast and qtype != F32:
         x, wf = x.half().float(), wf.half().float()
     y = x.float() @ wf.T

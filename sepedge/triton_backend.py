@@ -1,7 +1,8 @@
 """The Triton backend: `Engine(model, device="triton")` runs the whole forward pass on torch's current
 GPU with sepedge.kernels, over the one SepLLM cache policy of the C core.
 
-    TritonWeights     the GGUF weights on the device once, as their raw bytes (norms and biases as float32)
+    TritonWeights     the GGUF weights on the device once, as their quantized bytes (Q4_0, Q8_0, Q4_K, Q6_K
+                      repacked into aligned code and scale arrays: kernels.pack; norms and biases as float32)
     TritonContext     a KV cache: the native policy (sepedge.cache_plan.CachePolicy) says, per forward
                       pass, which cells the new tokens' keys and values go to, which cells are live
                       (with the extra rotation of each key) and what each query may see; this class
@@ -30,6 +31,7 @@ from .errors import (BackendError, CancelledError, InvalidArgumentError, ModelLo
 
 KV_DTYPES = ("f32", "f16")
 GRAPHS_ENV = "SEPEDGE_TRITON_GRAPHS"  # "0": decode without CUDA graphs; "static": their fixed shapes, uncaptured
+PACK_ENV = "SEPEDGE_TRITON_PACK"  # "0": keep the file's bytes, products through the byte-wise kernels
 
 
 def _imports():
@@ -63,8 +65,11 @@ def _device(torch, device):
 
 
 class TritonWeights:
-    """A model's weights on the device: every matrix as its GGUF bytes (rows, row_bytes) uint8,
-    norms, biases and rope factors as float32. Shared by every context of an Engine."""
+    """A model's weights on the device: every matrix as its GGUF bytes (rows, row_bytes) uint8, those
+    of the types kernels.PACKED_TYPES repacked once (kernels.Packed: the same bytes in aligned code
+    and scale arrays, which the products read 16 bytes at a time), except the token embedding, which
+    the row gather reads as the file's bytes (a tied output head gets a repacked copy); norms, biases
+    and rope factors as float32. Shared by every context of an Engine."""
 
     def __init__(self, path: str | os.PathLike, device=None):
         torch, K = _imports()
@@ -109,23 +114,18 @@ class TritonWeights:
                 else:
                     self.vec[t.name] = v.to(self.device)
                 continue
-            self.w[t.name] = (self._padded(torch.from_numpy(data.copy())), qtype, n_cols)
+            self.w[t.name] = (torch.from_numpy(data.copy()).to(self.device), qtype, n_cols)
         self.w.setdefault("output.weight", self.w["token_embd.weight"])  # tied embeddings
         for i in range(self.n_layer):  # one product (one launch, one pass over x) where the types agree
             self._fuse(f"blk.{i}", ("attn_q", "attn_k", "attn_v"), "attn_qkv")
             self._fuse(f"blk.{i}", ("ffn_gate", "ffn_up"), "ffn_gateup")
+        for name, (w, qtype, n_cols) in self.w.items():
+            if qtype in K.PACKED_TYPES and name != "token_embd.weight" and os.environ.get(PACK_ENV) != "0":
+                self.w[name] = (K.pack(w, qtype, n_cols), qtype, n_cols)
         self.n_vocab = self.w["token_embd.weight"][0].shape[0]
         self.n_out = self.w["output.weight"][0].shape[0]
         self.freqs = K.inv_freq(self.head_dim, kv("rope.freq_base", 10000.0), factors, linear).to(self.device)
-        self.nbytes = sum(w.numel() for w, _, _ in self.w.values())
-
-
-    def _padded(self, w):
-        """w (rows, row_bytes) on the device in a buffer with 8 bytes to spare, at an aligned start
-        (the word kernels read whole words around 2-byte-aligned blocks: kernels.weight_words)."""
-        buf = self.torch.zeros(w.numel() + 8, dtype=self.torch.uint8, device=self.device)
-        buf[:w.numel()].copy_(w.reshape(-1))
-        return buf[:w.numel()].view(w.shape)
+        self.nbytes = sum(w.nbytes if isinstance(w, K.Packed) else w.numel() for w, _, _ in self.w.values())
 
     def _fuse(self, blk: str, parts: tuple, name: str) -> None:
         """Stack the rows of matrices that read the same input (Q, K, V; gate, up) into one, when
@@ -136,7 +136,7 @@ class TritonWeights:
         biases = [self.vec.get(f"{blk}.{p}.bias") for p in parts]
         if any(b is None for b in biases) and any(b is not None for b in biases):
             return
-        self.w[f"{blk}.{name}.weight"] = (self._padded(self.torch.cat([w for w, _, _ in ws])), ws[0][1], ws[0][2])
+        self.w[f"{blk}.{name}.weight"] = (self.torch.cat([w for w, _, _ in ws]), ws[0][1], ws[0][2])
         for p in parts:
             del self.w[f"{blk}.{p}.weight"]
         if biases[0] is not None:
@@ -174,9 +174,10 @@ class _Forward:
         w, qtype, _ = self.W.w[f"{name}.weight"]
         bias = self.W.vec.get(f"{name}.bias")
         # decode reads each weight byte once per token; prefill tiles on tensor cores
+        packed = isinstance(w, self.K.Packed)  # else the file's bytes, read by the byte-wise kernels
         if x.shape[0] <= 2:
-            return self.K.matvec(w, qtype, x, bias, res=res)
-        return self.K.matmul(w, qtype, x, bias, res=res)
+            return self.K.matvec(w, qtype, x, bias, res=res, packed=packed)
+        return self.K.matmul(w, qtype, x, bias, res=res, packed=packed)
 
     def run(self, ids, positions, cells, live, deltas, mask, n_live_t, n_out: int, hidden: bool = False,
             check_cancel: bool = True):
@@ -237,7 +238,8 @@ class _Forward:
                 return K.head(w, qtype, x, norm, W.eps)  # the final norm fused into the product
             return K.matmul(w, qtype, K.rms_norm(x, norm, W.eps))
         h = K.act_q8(x, norm, W.eps)  # the norm and the 8-bit activations in one launch
-        return K.matvec(w, qtype, h) if n_out <= 2 else K.matmul(w, qtype, h)
+        packed = isinstance(w, K.Packed)
+        return K.matvec(w, qtype, h, packed=packed) if n_out <= 2 else K.matmul(w, qtype, h, packed=packed)
 
 
 class _DecodeGraph:

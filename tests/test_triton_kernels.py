@@ -20,7 +20,7 @@ if not CUDA:
 pytest.importorskip("triton")
 from sepedge import kernels as K  # noqa: E402
 from sepedge.kernels import quants as Q  # noqa: E402
-from sepedge.kernels.matvec import WORDS  # noqa: E402
+from sepedge.kernels.matvec import PACKED  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
 TYPES = [Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K]
@@ -258,53 +258,61 @@ def product_inputs(rng, qtype, T, n_cols, scale=1.0):
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("qtype", TYPES, ids=type_id)
 def test_matvec(rng, qtype, size):
-    """The default kernel of each type (whole words where there is one) and the byte-wise one, from
-    float rows (quantized here) and from their 8-bit form, with a bias or a residual."""
+    """The default kernel of each type (the repacked weight's where there is one) and the byte-wise one,
+    from float rows (quantized here) and from their 8-bit form, with a bias or a residual."""
     N, T = (37, 2) if size == "small" else (4099, 3)
     n_cols = n_cols_for(qtype, size)
     w = random_weight(rng, qtype, N, n_cols)
     x, x64 = product_inputs(rng, qtype, T, n_cols)
     bias = rng.standard_normal(N).astype(np.float32) if qtype == Q.Q8_0 else None  # qwen2's q/k/v biases
-    for words in ([True, False] if qtype in WORDS else [None]):
-        got = K.matvec(on_device(w), qtype, on_device(x), None if bias is None else on_device(bias), words=words)
+    for packed in ([True, False] if qtype in PACKED else [None]):
+        got = K.matvec(on_device(w), qtype, on_device(x), None if bias is None else on_device(bias), packed=packed)
         check_product(got, decode(w, qtype, n_cols), x64, bias, DOT_REL)
         # the residual stream added in the epilogue (with a bias: folded into it), from the Act
         res = rng.standard_normal((T, N)).astype(np.float32)
         xa = on_device(x) if qtype in K.FLOAT_TYPES else K.act_q8(on_device(x))
-        got = K.matvec(on_device(w), qtype, xa, None if bias is None else on_device(bias), words=words,
+        got = K.matvec(on_device(w), qtype, xa, None if bias is None else on_device(bias), packed=packed,
                        res=on_device(res))
         check_product(got - on_device(res), decode(w, qtype, n_cols), x64, bias, DOT_REL + 1e-6)
 
 
-@pytest.mark.parametrize("qtype", list(WORDS), ids=type_id)
-def test_matvec_words_tails(rng, qtype):
-    """Word kernels with small tiles: an odd number of blocks (a partial last step; rows that start
-    2 bytes off a word), rows that do not fill the last program, large activations and codes of every
-    value; the weight at an odd byte offset of its storage (copied to an aligned one)."""
+@pytest.mark.parametrize("qtype", list(PACKED), ids=type_id)
+def test_packed_tails(rng, qtype):
+    """Repacked weights: their values exactly the file's (float64 decoding of the bytes); the decode
+    kernels with small tiles over an odd number of blocks (a partial last step), rows that do not fill
+    the last program, large activations and codes of every value; the bytes at an odd offset of their
+    storage."""
     block = Q.BLOCKS[qtype][0]
     N, n_cols = 13, block * (3 if block == 256 else 7)
     w = random_weight(rng, qtype, N, n_cols)
-    x, x64 = product_inputs(rng, qtype, 1, n_cols, scale=5.0)
     wd = on_device(np.concatenate([np.zeros(1, np.uint8), w.reshape(-1)]))[1:].view(w.shape)
-    got = K.matvec(wd, qtype, on_device(x), block_n=4, block_k=2 * block, words=True)
-    check_product(got, decode(w, qtype, n_cols), x64, None, DOT_REL)
+    p = K.pack(wd, qtype, n_cols)
+    ref = decode(w, qtype, n_cols)
+    np.testing.assert_array_equal(K.dequantize_packed_ref(p).double().cpu().numpy(), ref.astype(np.float32))
+    x, x64 = product_inputs(rng, qtype, 1, n_cols, scale=5.0)
+    got = K.matvec(p, qtype, on_device(x), block_n=4, block_k=2 * block)
+    check_product(got, ref, x64, None, DOT_REL)
 
 
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("qtype", TYPES, ids=type_id)
 def test_matmul(rng, qtype, size):
+    """The default kernel of each type (repacked weights: several blocks of 32 per step, a partial
+    last one) and, for the repacked types, the byte-wise one; a bias or a residual."""
     M, N = (19, 37) if size == "small" else (301, 1031)
     n_cols = n_cols_for(qtype, size)
     w = random_weight(rng, qtype, N, n_cols)
     x, x64 = product_inputs(rng, qtype, M, n_cols)
     bias = rng.standard_normal(N).astype(np.float32) if qtype == Q.Q4_K else None
-    blocks = dict(block_m=16, block_n=16, block_k=32) if size == "small" else {}  # several tiles each way
     res = rng.standard_normal((M, N)).astype(np.float32) if qtype in (Q.Q8_0, Q.Q4_K) else None
-    got = K.matmul(on_device(w), qtype, on_device(x), None if bias is None else on_device(bias), **blocks,
-                   res=None if res is None else on_device(res))
-    if res is not None:  # the residual stream added in the epilogue
-        got = got - on_device(res)
-    check_product(got, decode(w, qtype, n_cols), x64, bias, HALF_DOT_REL if qtype in (Q.F16, Q.BF16) else DOT_REL)
+    for packed in ([True, False] if qtype in PACKED else [None]):
+        # several tiles each way; 3 blocks of 32 per step of the repacked kernels: 5 or 16 blocks a row
+        blocks = dict(block_m=16, block_n=16, block_k=96 if packed else 32) if size == "small" else {}
+        got = K.matmul(on_device(w), qtype, on_device(x), None if bias is None else on_device(bias), **blocks,
+                       res=None if res is None else on_device(res), packed=packed)
+        if res is not None:  # the residual stream added in the epilogue
+            got = got - on_device(res)
+        check_product(got, decode(w, qtype, n_cols), x64, bias, HALF_DOT_REL if qtype in (Q.F16, Q.BF16) else DOT_REL)
 
 
 @pytest.mark.parametrize("T", [1, 5])
