@@ -2,7 +2,8 @@
 same GGUF files, in the same run. Rows per model: pp512 and tg128 (full cache), tg128 of the
 sepllm-stream cache (default sizes, c = 800) after 0 and after DEPTH tokens of history; and the
 achieved weight bandwidth of the decode products (every matrix of layer 0 and the output head,
-GGUF bytes / time, the word kernels and the byte-wise ones) next to the measured copy rate.
+bytes / time) and of whole decode steps (the file's matrix bytes x tokens/s) next to the measured
+copy rate.
 
     python benchmarks/triton_bench.py MODEL.gguf [...] [--llama-bench BIN] [--devices triton,cuda]
                                       [--reps 3] [--depth 32768] [--json results.json] [--md results.md]
@@ -50,40 +51,55 @@ def copy_rate() -> float:
 
 def product_bandwidth(model: str) -> dict:
     """GB/s of the decode products over layer 0's matrices and the output head (activations already in
-    their 8-bit form: the product alone), the word kernels and the byte-wise ones; TFLOP/s of the
-    prefill products of 512 tokens."""
+    their 8-bit form: the product alone, each launch replayed from a CUDA graph so that Python's
+    launch cost stays out), weight bytes as the backend holds them (repacked where it repacks);
+    TFLOP/s of the prefill products of 512 tokens."""
     import torch
     import triton.testing
 
     from sepedge import kernels as K
-    from sepedge.kernels.matvec import WORDS
     from sepedge.triton_backend import TritonWeights
     W = TritonWeights(model)
     names = [n for n in W.w if n.startswith("blk.0.")] + ["output.weight"]
     out = {}
-    for words in (True, False):
-        total_b = total_t = 0.0
-        per = {}
-        for n in names:
-            w, qtype, k = W.w[n]
-            x = K.act_q8(torch.randn(1, k, device="cuda"), keep_float=True)
-            t = triton.testing.do_bench(lambda: K.matvec(w, qtype, x, words=words), warmup=10, rep=40) * 1e-3
-            per[n] = {"type": K.NAMES[qtype], "bytes": w.numel(), "us": t * 1e6, "GBps": w.numel() / t / 1e9,
-                      "wide": words and qtype in WORDS}
-            total_b += w.numel()
-            total_t += t
-        out["wide" if words else "bytes"] = {"GBps": total_b / total_t / 1e9, "matrices": per}
+    total_b = total_t = 0.0
+    per = {}
+    for n in names:
+        w, qtype, k = W.w[n]
+        nbytes = w.nbytes if isinstance(w, K.Packed) else w.numel()
+        x = K.act_q8(torch.randn(1, k, device="cuda"), keep_float=True)
+        fn = lambda: K.matvec(w, qtype, x)  # noqa: E731
+        fn()  # compiles and autotunes outside the graph
+        torch.cuda.synchronize()
+        t = triton.testing.do_bench_cudagraph(fn, rep=50) * 1e-3
+        per[n] = {"type": K.NAMES[qtype], "bytes": nbytes, "us": t * 1e6, "GBps": nbytes / t / 1e9,
+                  "packed": isinstance(w, K.Packed)}
+        total_b += nbytes
+        total_t += t
+    out["wide"] = {"GBps": total_b / total_t / 1e9, "matrices": per}
     out["prefill"] = {}
     for n in names[:-1]:
         w, qtype, k = W.w[n]
         x = K.act_q8(torch.randn(512, k, device="cuda"))
         t = triton.testing.do_bench(lambda: K.matmul(w, qtype, x), warmup=5, rep=25) * 1e-3
         out["prefill"][f"{n} {K.NAMES[qtype]}"] = 2 * 512 * w.shape[0] * k / t / 1e12
+    from sepedge.kernels.matmul import _tuned as mm_tuned
     from sepedge.kernels.matvec import _tuned  # the tiles triton.autotune chose, per type and shape
     out["tuned"] = {K.NAMES[q]: {str(k): str(c) for k, c in t.cache.items()} for q, t in _tuned.items()}
+    out["tuned_prefill"] = {str(k): str(c) for t in mm_tuned.values() for k, c in t.cache.items()}
     del W
     torch.cuda.empty_cache()
     return out
+
+
+def decode_bytes(model: str) -> int:
+    """Bytes of the matrices one decode step reads (every 2-D weight but the token embedding, which
+    only gathers a row; the embedding too when it is the tied output head), as in the file."""
+    import gguf
+    r = gguf.GGUFReader(model)
+    names = {t.name for t in r.tensors}
+    return sum(int(t.n_bytes) for t in r.tensors if len(t.shape) > 1 and t.shape[1] > 1
+               and (t.name != "token_embd.weight" or "output.weight" not in names))
 
 
 def run_sepedge(model: str, device: str, reps: int, depth: int) -> list[dict]:
@@ -93,6 +109,9 @@ def run_sepedge(model: str, device: str, reps: int, depth: int) -> list[dict]:
     t0 = time.perf_counter()
     with Engine(model, device=device, n_ctx=1024) as llm:
         load = time.perf_counter() - t0
+        if device == "triton":  # a whole prompt first: bench's 16-token warm-up compiles other tiles than 512's
+            llm.eval(list(range(1, 513)))
+            llm.reset()
         for r in bench(llm, 512, 128, 0, reps):
             rows.append({"test": r["test"], "kv_mode": "full", **_tps(r)})
     with Engine(model, device=device, kv_mode="sepllm-stream") as llm:
@@ -159,22 +178,32 @@ def table(res: dict) -> str:
     for r in res["rows"]:
         if "error" in r:
             lines.append(f"- {r['model']} {r['who']}: error ({r['error'][-300:].strip()})")
+    cr = res.get("copy_TBps")
+    if cr and res.get("decode_bytes"):
+        lines += ["", f"Whole decode steps (tg128, full cache): matrix bytes read per token (the file's) x t/s, "
+                      f"as a share of the copy rate {cr:.2f} TB/s (read + written):", "",
+                  "| model | who | tg128 t/s | weight TB/s | share of copy |", "|---|---|---:|---:|---:|"]
+        for m in models:
+            nb = res["decode_bytes"].get(m)
+            for who in ("triton", "cuda", "llama.cpp"):
+                r = get(m, who, "tg128", "full")
+                if nb and r:
+                    lines.append(f"| {m} | {who} | {r['tps']:.1f} | {nb * r['tps'] / 1e12:.2f} | "
+                                 f"{nb * r['tps'] / 1e12 / cr:.0%} |")
     bw = res.get("bandwidth", {})
     if bw:
-        cr = res.get("copy_TBps")
-        lines += ["", f"Decode products (layer 0's matrices + output head, GGUF bytes / time; copy rate "
-                      f"{cr:.2f} TB/s read + written):" if cr else "Decode products:", "",
-                  "| model | word kernels TB/s | byte-wise kernels TB/s | words / copy rate |", "|---|---:|---:|---:|"]
+        lines += ["", f"Decode products alone (layer 0's matrices + output head, each replayed from a CUDA graph; "
+                      f"bytes as held on the device / time; copy rate {cr:.2f} TB/s):" if cr else "Decode products:", "",
+                  "| model | all TB/s | share of copy |", "|---|---:|---:|"]
         for m, b in bw.items():
             frac = f"{b['wide']['GBps'] / 1e3 / cr:.0%}" if cr else "-"
-            lines.append(f"| {m} | {b['wide']['GBps'] / 1e3:.2f} | {b['bytes']['GBps'] / 1e3:.2f} | {frac} |")
+            lines.append(f"| {m} | {b['wide']['GBps'] / 1e3:.2f} | {frac} |")
         for m, b in bw.items():
             if b.get("prefill"):
                 lines += ["", f"{m}, prefill products of 512 tokens (8-bit activations, TFLOP/s): "
                           + ", ".join(f"{n.removeprefix('blk.0.')} {v:.1f}" for n, v in b["prefill"].items())]
-            lines += ["", f"{m}, per matrix (word / byte-wise kernels GB/s, words as a share of the copy rate): "
-                      + ", ".join(f"{n.removeprefix('blk.0.').removesuffix('.weight')} {v['type']} {v['GBps']:.0f} / "
-                                  f"{b['bytes']['matrices'][n]['GBps']:.0f}"
+            lines += ["", f"{m}, per matrix (GB/s, share of the copy rate): "
+                      + ", ".join(f"{n.removeprefix('blk.0.').removesuffix('.weight')} {v['type']} {v['GBps']:.0f}"
                                   + (f" ({v['GBps'] / 1e3 / cr:.0%})" if cr else "")
                                   for n, v in b["wide"]["matrices"].items())]
     return "\n".join(lines)
@@ -205,6 +234,10 @@ def main() -> None:
                            "phase `tritonbench`); random-weight files from benchmarks/random_gguf.py.\n\n"
                            + table(res) + "\n")
 
+    if args.models:
+        res.setdefault("decode_bytes", {})
+        for m in args.models:
+            res["decode_bytes"][Path(m).name] = decode_bytes(m)
     if args.bandwidth and args.models:
         res["copy_TBps"] = copy_rate() / 1e12
         res.setdefault("bandwidth", {})

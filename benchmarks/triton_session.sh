@@ -11,6 +11,8 @@
 # Phases: setup (wheels; the library without CUDA built at once under /tmp, with CUDA in the
 # background), stash (copy .trid*/smol.part* to /tmp), smol (join the parts, greedy text against
 # the CPU engine), tests / kerneltests (pytest of the Triton backend / kernels, compiled on the GPU),
+# gputests (both files in one pytest over XDIST processes: pytest-xdist from .whl; compiling is
+# what takes the time, and it runs on the CPU cores),
 # models-bg / models (the random-weight 8B files: started in the background / waited for),
 # bandwidth (decode products + copy rate), bench (benchmarks/triton_bench.py, DEVICES=triton,cuda),
 # use-llama (the llama-bench of .gpu/), llamabench (its rows).
@@ -82,6 +84,9 @@ for phase in "$@"; do
                    tests/test_triton_backend.py 2>&1 | tee "$OUT/tests-backend.log" | tail -15 ;;
         kerneltests) timeout $(left) python3 -m pytest -q -p no:cacheprovider -rs ${TEST_K:+-k "$TEST_K"} \
                    tests/test_triton_kernels.py 2>&1 | tee "$OUT/tests-kernels.log" | tail -15 ;;
+        gputests) timeout ${TEST_S:-$(left)} python3 -m pytest -q -p no:cacheprovider -rs -n ${XDIST:-12} --durations=10 \
+                      ${TEST_K:+-k "$TEST_K"} tests/test_triton_kernels.py tests/test_triton_backend.py 2>&1 \
+                      | tee "$OUT/tests-gpu.log" | tail -25 ;;
         models-bg) (setsid bash -c "$(declare -f make_models); make_models > $OUT/models.log 2>&1" &) ;;
         models) [ -e /tmp/models-started ] || make_models > "$OUT/models.log" 2>&1
                 while [ ! -e /tmp/models-done ]; do sleep 1; done; ls -la /tmp/models ;;
