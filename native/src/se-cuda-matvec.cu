@@ -1,10 +1,10 @@
-// Decode products by row teams: the kernels the one-token pass runs for Q4_0, Q4_K and Q6_K weights.
+// Decode products by row teams, for Q4_0, Q4_K and Q6_K weights.
 //
 // A decode product reads each weight once, so its time is bytes / bandwidth only when enough bytes
 // are in flight: at the H200's ~1.5 us loaded memory latency and ~4.1 TB/s, ~6 MB on the chip, ~45
 // KB a multiprocessor (benchmarks/results/cuda_kernels_log.md, session 4). The warp-per-row-pair
 // kernel of se-cuda-matmul.cu keeps ~30 KB in flight and loads the activations again for every row
-// pair. Here a team of threads (a warp, or 4 warps for rows of more than 64 blocks of 32) shares
+// pair. Here a team of threads (a warp, or 4 warps for rows of more than 128 blocks of 32) shares
 // one row: thread t takes the units t, t + TEAM, ... (a unit = 32 weights: a Q4_0 block, or an
 // eighth of a K-quant superblock, as llama.cpp's mmvq splits them), so
 //   - its activations (8-bit codes, scales, for K-quants their sums) are loaded once into registers
@@ -16,8 +16,13 @@
 //     the previous kernel's tail and this kernel's RMSNorm prologue.
 // With norm, the block normalizes the input and quantizes it to 8 bits into shared memory (a
 // thread a block of 32: its maximum needs no shuffles), as the CPU engine does it. With swiglu
-// (gate, up), a team takes chunks of 32 rows of both and writes h = silu(gate) * up and its 8-bit
+// (gate, up), a block takes chunks of 32 rows of both and writes h = silu(gate) * up and its 8-bit
 // blocks for the down product.
+//
+// Measured on the H200 (session 4), this is faster than the warp-per-row kernel only where a team
+// makes one round of loads (Q4_0's wo), streams many (output heads) or the rows are short (small
+// models, through the chained launches); the 8B shapes' Q + K + V, gate + up and down were slower
+// (each extra round ~4-5 us). By default (auto_takes) it serves those shapes alone.
 #include "se-cuda-quants.cuh"
 
 #include <stdlib.h>
