@@ -157,9 +157,10 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     out = torch.empty(H, D, dtype=torch.float32, device=q.device)
     rep = H // H_kv
     BLOCK_R = triton.next_power_of_2(rep)
-    # the (query heads x cells x head_dim) products live in registers (8192 values: 64 a thread of 4
-    # warps): fewer cells per step for larger groups and heads
-    block_n = block_n or max(8, min(64, 8192 // (BLOCK_R * BLOCK_D)))
+    # the (query heads x cells x head_dim) products live in registers (4096 values, 32 a thread of 4
+    # warps: 96-120 registers and no stack for 4 heads of 128 on sm_90; 8192 spilled): fewer cells per
+    # step for larger groups and heads
+    block_n = block_n or max(4, min(64, 4096 // (BLOCK_R * BLOCK_D)))
     attention_split_kernel[(H_kv, n_split)](
         o_part, m_part, l_part, q, k_cache, v_cache, cells, deltas if has_delta else cells,
         freqs if has_delta else q, n_live, cells_per_split, H // H_kv,

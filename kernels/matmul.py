@@ -216,8 +216,10 @@ def matmul_packed_kernel(
 
 FLOAT_TYPES = (F32, F16, BF16)
 # (block_m, block_n, KSUB, warps) tried on a GPU for the repacked types (triton.autotune, once per
-# shape and power of two of M, per process)
-TUNE_CONFIGS = [(128, 128, 2, 8), (64, 128, 4, 4), (128, 64, 4, 4), (64, 64, 4, 4)]
+# shape and power of two of M, per process). Compiled for sm_90 (ptxas report): 128 x 128 tiles and
+# KSUB 2 spill (255 registers and a stack) for the K-quants; the code and activation loads are
+# software-pipelined (cp.async) by Triton anyway
+TUNE_CONFIGS = [(64, 64, 1, 4), (128, 64, 1, 8), (64, 128, 1, 8)]
 _tuned: dict = {}
 
 
@@ -252,7 +254,7 @@ def matmul_packed(p: Packed, xa: Act, add, stride_b: int, block_m: int | None = 
     # the interpreter runs one program at a time in Python: few, large tiles there
     bm = block_m or min(64, max(16, triton.next_power_of_2(M)))
     bn = block_n or (64 if dev.type == "cuda" else min(256, max(16, triton.next_power_of_2(N))))
-    ks = ksub or (2 if dev.type == "cuda" else 8)
+    ks = ksub or (1 if dev.type == "cuda" else 8)
     assert min(bm, bn) >= 16, "tl.dot needs tiles of at least 16"
     matmul_packed_kernel[(triton.cdiv(N, bn), triton.cdiv(M, bm))](*args, 0, QTYPE=p.qtype, HAS_ADD=add is not None,
                                                                    BLOCK_M=bm, BLOCK_N=bn, KSUB=ks)

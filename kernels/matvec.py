@@ -276,16 +276,18 @@ def matvec_q6_k_kernel(Y, QS, QH, SC, D, X32, XD, XS, ADD, N, nblk, stride_qs, s
 
 FLOAT_TYPES = (F32, F16, BF16)
 # type -> (kernel, (block_n, blocks per step) on a GPU, under the interpreter)
-# (the interpreter runs one program at a time in Python, at a cost per program: as few as it can)
+# (the interpreter runs one program at a time in Python, at a cost per program: as few as it can).
+# A tile needs 4 words of codes a thread for 16-byte loads (sm_90 SASS: LDG.E.128 only then)
 PACKED = {Q4_0: (matvec_q4_0_kernel, (8, 16), (512, 32)), Q8_0: (matvec_q8_0_kernel, (8, 8), (512, 32)),
-          Q4_K: (matvec_q4_k_kernel, (4, 2), (512, 8)), Q6_K: (matvec_q6_k_kernel, (4, 2), (512, 8))}
+          Q4_K: (matvec_q4_k_kernel, (4, 4), (512, 8)), Q6_K: (matvec_q6_k_kernel, (4, 8), (512, 8))}
 TUNE_ENV = "SEPEDGE_TRITON_TUNE"    # "0": the fixed tiles of PACKED on the GPU too
 # (block_n, blocks per step, warps) tried for model-sized weights on a GPU, per block length: rows
 # and blocks per step set the bytes in flight; the best depends on the GPU and the shape
-# (triton.autotune, once per weight shape and process)
-TUNE_CONFIGS = {32: [(4, 16, 4), (8, 16, 4), (8, 32, 4), (16, 16, 8), (2, 32, 4), (16, 8, 4), (4, 32, 4),
+# (triton.autotune, once per weight shape and process). Words of codes per (row, block): Q4_0 4,
+# Q8_0 8, Q4_K 32, Q6_K 16 (+ 8 of qh), so every tile gives each thread at least 4
+TUNE_CONFIGS = {32: [(4, 32, 4), (8, 16, 4), (8, 32, 4), (16, 16, 8), (2, 64, 4), (16, 8, 4), (4, 16, 2),
                      (32, 8, 8)],
-                256: [(4, 2, 4), (8, 2, 4), (4, 4, 4), (8, 4, 8), (2, 4, 4), (16, 2, 8), (2, 8, 4), (16, 1, 4)]}
+                256: [(4, 4, 2), (8, 2, 2), (2, 8, 2), (4, 8, 4), (8, 4, 4), (16, 2, 4), (8, 8, 8), (16, 4, 8)]}
 TUNE_MIN_SIZE = 1 << 22  # values of a weight worth tuning for
 _tuned: dict = {}
 
