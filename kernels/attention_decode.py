@@ -106,15 +106,26 @@ def attention_merge_kernel(
     n_split, D, stride_oh,
     BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    # runs of BLOCK_S splits at a time (a whole long cache's splits in one tile would not fit in
+    # registers): the largest max first, then the weighted sums
     h = tl.program_id(0)
-    s = tl.arange(0, BLOCK_S)
     d = tl.arange(0, BLOCK_D)
-    m = tl.load(M_PART + h * n_split + s, mask=s < n_split, other=float("-inf"))
-    l = tl.load(L_PART + h * n_split + s, mask=s < n_split, other=0.0)
-    w = tl.exp2(m - tl.max(m, axis=0))  # padded splits: exp2(-inf) = 0
-    o = tl.load(O_PART + (h * n_split + s[:, None]) * BLOCK_D + d[None, :], mask=s[:, None] < n_split, other=0.0)
-    out = tl.sum(w[:, None] * o, axis=0) / tl.sum(w * l, axis=0)
-    tl.store(OUT + h * stride_oh + d, out, mask=d < D)
+    mx = tl.full([BLOCK_S], float("-inf"), tl.float32)
+    for s0 in range(0, n_split, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        mx = tl.maximum(mx, tl.load(M_PART + h * n_split + s, mask=s < n_split, other=float("-inf")))
+    m_all = tl.max(mx, axis=0)
+    num = tl.zeros([BLOCK_D], dtype=tl.float32)
+    den = tl.zeros([BLOCK_S], dtype=tl.float32)
+    for s0 in range(0, n_split, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        m = tl.load(M_PART + h * n_split + s, mask=s < n_split, other=float("-inf"))
+        l = tl.load(L_PART + h * n_split + s, mask=s < n_split, other=0.0)
+        w = tl.exp2(m - m_all)  # empty and padded splits: exp2(-inf) = 0
+        o = tl.load(O_PART + (h * n_split + s[:, None]) * BLOCK_D + d[None, :], mask=s[:, None] < n_split, other=0.0)
+        num += tl.sum(w[:, None] * o, axis=0)
+        den += w * l
+    tl.store(OUT + h * stride_oh + d, num / tl.sum(den, axis=0), mask=d < D)
 
 
 def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cells: torch.Tensor,
@@ -147,9 +158,13 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         deltas = deltas.to(device=q.device, dtype=torch.int32).contiguous()
         freqs = freqs.to(device=q.device, dtype=torch.float32).contiguous()
     q = q.contiguous()
-    # runs of at least 64 cells, at most 256 runs (the merge holds them all in one program)
-    cells_per_split = cells_per_split or max(64, triton.cdiv(max_live, 256))
-    n_split = triton.cdiv(max_live, cells_per_split)  # with n_live given, later splits may be empty
+    # runs of at least 64 cells, at most 256 runs (the merge holds them all in one program), counted
+    # over the whole cache: every call on a cache then has the same runs and the same merge (the
+    # direct launches of a step and its CUDA-graph replay agree bit for bit); runs past the live
+    # cells are empty
+    n_max = max(max_live, n_cells)
+    cells_per_split = cells_per_split or max(64, triton.cdiv(n_max, 256))
+    n_split = triton.cdiv(n_max, cells_per_split)
     BLOCK_D = triton.next_power_of_2(D)
     o_part = torch.empty(H, n_split, BLOCK_D, dtype=torch.float32, device=q.device)
     m_part = torch.empty(H, n_split, dtype=torch.float32, device=q.device)
@@ -168,7 +183,7 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         LOG2E / math.sqrt(D), D, HAS_DELTA=has_delta, NEOX=rope_mode == NEOX, BLOCK_N=block_n, BLOCK_D=BLOCK_D,
         BLOCK_R=BLOCK_R)
     attention_merge_kernel[(H,)](out, o_part, m_part, l_part, n_split, D, out.stride(0),
-                                 BLOCK_S=triton.next_power_of_2(n_split), BLOCK_D=BLOCK_D)
+                                 BLOCK_S=min(32, triton.next_power_of_2(n_split)), BLOCK_D=BLOCK_D)
     return out
 
 

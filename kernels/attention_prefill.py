@@ -32,6 +32,7 @@ def attention_prefill_kernel(
     qk_scale, D,
     HAS_MASK: tl.constexpr, HAS_DELTA: tl.constexpr, NEOX: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PREC: tl.constexpr,  # the dots' input_precision: "tf32x3" (tensor cores, float32 accuracy) or "ieee"
 ):
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
@@ -56,7 +57,7 @@ def attention_prefill_kernel(
         k = load_keys(K, cell, kvh, stride_kc, stride_kh, d, D, ok, dlt, INV_FREQ, HAS_DELTA, NEOX)
         v = tl.load(V + cell[:, None] * stride_vc + kvh * stride_vh + d[None, :],
                     mask=ok[:, None] & (d[None, :] < D), other=0.0)
-        scores = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
+        scores = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision=PREC)
         if HAS_MASK:
             visible = tl.load(MASK + t[:, None].to(tl.int64) * stride_mask + j[None, :],
                               mask=(t[:, None] < T) & ok[None, :], other=0) != 0
@@ -67,7 +68,7 @@ def attention_prefill_kernel(
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a query that sees nothing yet: p = alpha = 0
         p = tl.exp2(scores - m_safe[:, None])
         alpha = tl.exp2(m - m_safe)
-        acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision=PREC)
         l = l * alpha + tl.sum(p, axis=1)
         m = m_new
     tl.store(OUT + t[:, None] * stride_ot + h * stride_oh + d[None, :], acc / l[:, None],
@@ -77,14 +78,16 @@ def attention_prefill_kernel(
 def attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cells: torch.Tensor,
                       n_past: int, mask: torch.Tensor | None = None, deltas: torch.Tensor | None = None,
                       freqs: torch.Tensor | None = None, rope_mode: int = NORM,
-                      block_m: int = 64, block_n: int = 64) -> torch.Tensor:
+                      block_m: int = 64, block_n: int = 64, precision: str | None = None) -> torch.Tensor:
     """Attention of a chunk of T tokens.
 
     q: (T, n_head, head_dim) float (rotated); k_cache, v_cache: (n_cells, n_head_kv, head_dim) float16
     or float32 holding the chunk's keys already; cells: (n_past + T,) int, the live cells then the
     chunk's cells -> (T, n_head, head_dim) float32. With mask ((T, len(cells)) bool or uint8), query t
     attends entry j where mask[t, j] instead (cells in any order, n_past = len(cells) - T);
-    deltas (len(cells),) int rotate each key further (freqs: kernels.inv_freq; rope_mode NORM or NEOX)."""
+    deltas (len(cells),) int rotate each key further (freqs: kernels.inv_freq; rope_mode NORM or NEOX).
+    precision: the dots' input_precision, "tf32x3" by default on a GPU (three tf32 products on tensor
+    cores: float32 accuracy), "ieee" (float32 fused multiply-adds) under the interpreter."""
     T, H, D = q.shape
     _, H_kv, Dk = k_cache.shape
     assert Dk == D and v_cache.shape == k_cache.shape, "cache shapes must match the queries"
@@ -112,7 +115,8 @@ def attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
             out.stride(0), out.stride(1), n_past + T, LOG2E / math.sqrt(D), D,
             HAS_MASK=mask is not None, HAS_DELTA=has_delta, NEOX=rope_mode == NEOX,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(D)))
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(D)),
+            PREC=precision or ("tf32x3" if q.is_cuda else "ieee"))
     return out
 
 

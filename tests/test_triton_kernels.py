@@ -468,13 +468,15 @@ def random_cache(rng, n_cells, H_kv, D, dtype):
 @pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["f32", "f16"])
 @pytest.mark.parametrize("size", SIZES)
 def test_attention_decode(rng, dtype, size):
-    """Live cells in scattered order (SepLLM keeps initial, separator and recent cells), several splits."""
-    n_cells, n_live, H, H_kv, D, per_split = (97, 45, 6, 2, 20, 16) if size == "small" else (40000, 32001, 32, 8, 128, 256)
+    """Live cells in scattered order (SepLLM keeps initial, separator and recent cells), several splits
+    (small: one cell each, 97 over the cache: the live ones span more than the 32 the merge takes at a
+    time, the rest are empty)."""
+    n_cells, n_live, H, H_kv, D, per_split = (97, 45, 6, 2, 20, 1) if size == "small" else (40000, 32001, 32, 8, 128, 256)
     k, v = random_cache(rng, n_cells, H_kv, D, dtype)
     cells = rng.permutation(n_cells)[:n_live]
     q = rng.standard_normal((H, D)).astype(np.float32)
     got = K.attention_decode(on_device(q), on_device(k), on_device(v), on_device(cells), cells_per_split=per_split,
-                             block_n=8 if size == "small" else 64)
+                             block_n=1 if size == "small" else 64)
     ref = attention64(q[None], k, v, cells, n_live)[0]
     assert np.abs(got.double().cpu().numpy() - ref).max() <= ATTN_ATOL
     torch_ref = K.attention_decode_ref(torch.from_numpy(q).double(), torch.from_numpy(k), torch.from_numpy(v),
