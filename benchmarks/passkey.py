@@ -76,6 +76,7 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=2, help="passkeys per depth")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--modes", default="all")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda | triton")
     ap.add_argument("--pin-intro", action="store_true",
                     help="keep the instruction (BOS + intro) as initial tokens: the modes get ' +pinned' names")
     a = ap.parse_args()
@@ -94,8 +95,9 @@ def main() -> None:
             if kw["kv_mode"] != "sepllm-stream":  # the pinned tokens come out of the window: same capacity
                 kw["n_local"] -= pin - kw["n_init"]
         # slide_in_pass: the sliding modes take up to 64 prompt tokens per pass (the same cells and
-        # distances per token as one at a time; README), not one
-        with Engine(Q.model_path(a.model), n_threads=a.threads, n_batch=Q.CHUNK, slide_in_pass=True, **kw) as llm:
+        # distances per token as one at a time; README), not one (CPU; CUDA one at a time; Triton refuses it)
+        with Engine(Q.model_path(a.model), n_threads=a.threads, n_batch=Q.CHUNK, device=a.device,
+                    slide_in_pass=a.device != "triton", **kw) as llm:
             name = mode + (" +pinned instruction" if pin else "")
             r = res["modes"][name] = {"by_depth": {}, "engine": kw, "pinned": pin}
             t0 = time.perf_counter()

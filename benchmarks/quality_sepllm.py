@@ -108,16 +108,19 @@ def row_file(model: str, text: str, row: str) -> Path:
     return ROWS_DIR / f"{model}-{text}-{slug(row)}.json"
 
 
-def run_row(model: str, text: str, row: str, tokens: list[int], threads: int, kv_type: str = "f16") -> dict:
+def run_row(model: str, text: str, row: str, tokens: list[int], threads: int, kv_type: str = "f16",
+            device: str = "cpu") -> dict:
     _, kw = ROWS[row]
     out = row_file(model, text, row)
     res = {"model": model, "text": text, "row": row, "engine": kw, "kv_type": kv_type, "target": len(tokens) - 1,
-           "slide_in_pass": True,
+           "slide_in_pass": device != "triton", "device": device,
            "scored": 0, "nll_sum": 0.0, "curve": [], "checkpoints": {}, "done": False, "threads": threads,
            "machine": machine(), "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
     # slide_in_pass: the window slides inside a pass (up to 64 tokens) instead of one token per pass;
-    # every token attends to the same cells at the same distances (tests/test_cache_plan.py)
-    with Engine(model_path(model), n_threads=threads, kv_type=kv_type, n_batch=CHUNK, slide_in_pass=True, **kw) as llm:
+    # every token attends to the same cells at the same distances (tests/test_cache_plan.py); the CPU
+    # backend implements it, CUDA takes one sliding token per pass instead, Triton refuses the option
+    with Engine(model_path(model), n_threads=threads, kv_type=kv_type, n_batch=CHUNK, device=device,
+                slide_in_pass=device != "triton", **kw) as llm:
         t0, last = time.perf_counter(), None
         for start in range(0, len(tokens), CHUNK):
             piece = tokens[start:start + CHUNK]
@@ -349,6 +352,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=65537, help="tokens fed (one more than scored)")
     ap.add_argument("--rows", default="all", help="comma-separated, run in this order: c324 | c800 | v324 | v800 | all | a row name's substring")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="cpu | cuda | triton: the backend of the streamed rows")
     ap.add_argument("--report", action="store_true", help="only merge the row files into table, json and plot")
     ap.add_argument("--check", type=int, default=0, metavar="N",
                     help="instead of streaming: native vs torch reference perplexity over the first N tokens")
@@ -374,7 +378,7 @@ def main() -> None:
                     print(f"{model} {text} {row}: native {c['native_ppl']:.4f} reference {c['reference_ppl']:.4f} "
                           f"(rel {c['rel_diff']:.2e}) over {c['tokens']} tokens", flush=True)
                     continue
-                r = run_row(model, text, row, tokens[:args.tokens], args.threads)
+                r = run_row(model, text, row, tokens[:args.tokens], args.threads, device=args.device)
                 print(f"{model} {text} {row}: ppl {r['perplexity']:.3f} over {r['scored']} tokens, "
                       f"checkpoints {r['checkpoints']}, avg KV {r['avg_attended']:.1f}, "
                       f"{r['tokens_per_second']:.1f} tok/s", flush=True)
