@@ -184,16 +184,7 @@ __device__ void norm_prologue(const mv_args & a, int64_t dim, float * xs, int8_t
         int packed[4];
         int sum = 0;
 #pragma unroll
-        for (int j = 0; j < 4; j++) {
-            int word = 0;
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int q = __float2int_rn(v[4 * j + e] * inv);
-                sum += q;
-                word |= (q & 0xff) << (8 * e);
-            }
-            packed[j] = word;
-        }
+        for (int j = 0; j < 4; j++) packed[j] = q8_word(v + 4 * j, inv, sum);
         sum += __shfl_xor_sync(0xffffffffu, sum, 1);
         if (ok) {
             ((int4 *) qs)[h] = make_int4(packed[0], packed[1], packed[2], packed[3]);

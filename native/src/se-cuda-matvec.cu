@@ -111,17 +111,7 @@ template <> struct mvq<SE_TYPE_Q4_K> {
         const int chunk = (int) (u % 8) / 2;
         const int q[4] = {w.q.x, w.q.y, w.q.z, w.q.w}, xl[4] = {a.xl.x, a.xl.y, a.xl.z, a.xl.w},
                   xh[4] = {a.xh.x, a.xh.y, a.xh.z, a.xh.w};
-        int dl = 0, dh = 0;
-#pragma unroll
-        for (int i = 0; i < 4; i++) {
-            dl = __dp4a(q[i] & 0x0f0f0f0f, xl[i], dl);
-            dh = __dp4a((q[i] >> 4) & 0x0f0f0f0f, xh[i], dh);
-        }
-        int scl, ml, sch, mh;
-        k_scale_min_words(w.hd, 2 * chunk, scl, ml);
-        k_scale_min_words(w.hd, 2 * chunk + 1, sch, mh);
-        const float2 dm = __half22float2(*(const __half2 *) &w.hd.x);  // d, dmin
-        return dm.x * (scl * a.al * dl + sch * a.ah * dh) - dm.y * (ml * a.al * a.sl + mh * a.ah * a.sh);
+        return q4_K_dot16(q, w.hd, chunk, xl, xh, a.al, a.ah, a.sl, a.sh);
     }
 };
 
@@ -265,16 +255,7 @@ __device__ void norm_q8(const mvt_args & a, int64_t dim, int8_t * qs, float2 * d
         const float d = amax / 127.0f, inv = d == 0.0f ? 0.0f : 1.0f / d;
         int packed[8], sum = 0;
 #pragma unroll
-        for (int j = 0; j < 8; j++) {
-            int word = 0;
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int q = __float2int_rn(v[4 * j + e] * inv);
-                sum += q;
-                word |= (q & 0xff) << (8 * e);
-            }
-            packed[j] = word;
-        }
+        for (int j = 0; j < 8; j++) packed[j] = q8_word(v + 4 * j, inv, sum);
         ((int4 *) qs)[2 * c] = make_int4(packed[0], packed[1], packed[2], packed[3]);
         ((int4 *) qs)[2 * c + 1] = make_int4(packed[4], packed[5], packed[6], packed[7]);
         ds[c] = make_float2(d, d * (float) sum);

@@ -88,6 +88,19 @@ __device__ __forceinline__ int q8_lane(float v, float & d) {
     return __float2int_rn(v * inv);
 }
 
+// Four values of a block quantized with inv = 1 / d as q8_lane does, as one word of int8 codes (lowest
+// byte first: dp4a's operand); sum gathers the codes (the block's d * sum term).
+__device__ __forceinline__ int q8_word(const float * v, float inv, int & sum) {
+    int word = 0;
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+        const int q = __float2int_rn(v[e] * inv);
+        sum += q;
+        word |= (q & 0xff) << (8 * e);
+    }
+    return word;
+}
+
 // 1 / rms(x) + eps over dim values, for a block of 256 threads (every thread gets it).
 __device__ inline float block_rms_scale(const float * x, int64_t dim, float eps) {
     __shared__ float partial[8];
@@ -343,6 +356,24 @@ __device__ __forceinline__ void k_scale_min_words(const int4 & h, int j, int & s
     }
 }
 
+// Q4_K, 16 code bytes of chunk `chunk` (their low nibbles: 16 weights of sub-block 2 chunk, the high
+// ones: of the next) against 8-bit activations xl / xh (block scales al / ah, code sums sl / sh, for
+// the mins); hd = the superblock's head (d, dmin, scales).
+__device__ __forceinline__ float q4_K_dot16(const int q[4], const int4 & hd, int chunk, const int xl[4], const int xh[4],
+                                            float al, float ah, int sl, int sh) {
+    int dl = 0, dh = 0;
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        dl = __dp4a(q[i] & 0x0f0f0f0f, xl[i], dl);
+        dh = __dp4a((q[i] >> 4) & 0x0f0f0f0f, xh[i], dh);
+    }
+    int scl, ml, sch, mh;
+    k_scale_min_words(hd, 2 * chunk, scl, ml);
+    k_scale_min_words(hd, 2 * chunk + 1, sch, mh);
+    const float2 dm = __half22float2(*(const __half2 *) &hd.x);  // d, dmin
+    return dm.x * (scl * al * dl + sch * ah * dh) - dm.y * (ml * al * sl + mh * ah * sh);
+}
+
 // Q4_K: eight lanes a superblock; lane t takes 16 code bytes of chunk t / 2 (64 weights), the low
 // nibbles being weights [16 (t % 2), +16) of sub-block 2 (t / 2), the high ones of the next. The
 // superblock's head (d, dmin, scales) comes in one 16-byte load.
@@ -380,17 +411,7 @@ __device__ inline void dot_q4_K(const qrows<NR> & w, int64_t nsb, const int8_t *
 #pragma unroll
             for (int n = 0; n < NR; n++) {
                 const int qs[4] = {qv[u][n].x, qv[u][n].y, qv[u][n].z, qv[u][n].w};
-                int dl = 0, dh = 0;
-#pragma unroll
-                for (int i = 0; i < 4; i++) {
-                    dl = __dp4a(qs[i] & 0x0f0f0f0f, xl[i], dl);
-                    dh = __dp4a((qs[i] >> 4) & 0x0f0f0f0f, xh[i], dh);
-                }
-                int scl, ml, sch, mh;
-                k_scale_min_words(hd[u][n], 2 * chunk, scl, ml);
-                k_scale_min_words(hd[u][n], 2 * chunk + 1, sch, mh);
-                const float2 dm = __half22float2(*(const __half2 *) &hd[u][n].x);  // d, dmin
-                acc[n] += dm.x * (scl * axl[u] * dl + sch * axh[u] * dh) - dm.y * (ml * axl[u] * sl + mh * axh[u] * sh);
+                acc[n] += q4_K_dot16(qs, hd[u][n], chunk, xl, xh, axl[u], axh[u], sl, sh);
             }
         }
     }
