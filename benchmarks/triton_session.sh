@@ -78,7 +78,7 @@ for phase in "$@"; do
         stash) cp .trid*/smol.part* /tmp/smol/ && ls -la /tmp/smol ;;
         smol) cp -n .trid*/smol.part* /tmp/smol/ 2>/dev/null
               cat /tmp/smol/smol.part* > /tmp/smol/smollm2.gguf && sha256sum /tmp/smol/smollm2.gguf | tee "$OUT/smol.sha256"
-              timeout $(left) python3 benchmarks/triton_smollm2.py /tmp/smol/smollm2.gguf --json "$OUT/triton_smollm2.json" \
+              timeout $(left) python3 benchmarks/triton_smollm2.py /tmp/smol/smollm2.gguf ${SMOL_ARGS:---f32} --json "$OUT/triton_smollm2.json" \
                   2>&1 | tee "$OUT/smol.log" | tail -12 ;;
         tests) timeout $(left) python3 -m pytest -q -p no:cacheprovider -rs ${TEST_K:+-k "$TEST_K"} \
                    tests/test_triton_backend.py 2>&1 | tee "$OUT/tests-backend.log" | tail -15 ;;
