@@ -4,8 +4,10 @@ Each program owns a BLOCK_M x BLOCK_N output tile. Quantized weights take 8-bit 
 (act_q8.py): per 32 values an int8 tl.dot of the codes, then the block scales on a float32
 accumulator (llama.cpp's mmq; the CPU core's arithmetic). The common types read their codes from the
 repacked weight (packed.py) as whole vectors, several blocks of 32 per loop step; the others byte by
-byte from the file's blocks. Float weights: F16/BF16 tiles with half
-operands and float32 sums, F32 with float32 operands.
+byte from the file's blocks. Long prefill chunks of the repacked types take half-precision rows
+instead (act_f16.py) and a float16 tl.dot over weight tiles decoded in registers, 64-128 values per
+step (matmul_f16_kernel: the tensor cores' own pace, no per-32 rescale). Float weights: F16/BF16
+tiles with half operands and float32 sums, F32 with float32 operands.
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ import torch
 import triton
 import triton.language as tl
 
+from .act_f16 import ActF16
 from .act_q8 import Act, act_q8
 from .packed import PACKED_TYPES, Packed, dequantize_packed_ref, pack
-from .quants import (BF16, BLOCKS, F16, F32, LAYOUT, Q4_1, Q4_K, Q5_K, codes_tile, dequant_tile, dequantize_ref, row_bytes,
-                     weight_view)
+from .quants import (BF16, BLOCKS, F16, F32, LAYOUT, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, Q8_0, codes_tile, dequant_tile,
+                     dequantize_ref, row_bytes, weight_view)
 
 
 @triton.jit
@@ -214,6 +217,105 @@ def matmul_packed_kernel(
 
 
 
+@triton.jit
+def _dequant_f16(QS, QH, SC, D, offs_n, nm, k0, K, stride_qs, stride_qh, stride_sc, stride_d,
+                 QTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Values k0..k0 + BLOCK_K - 1 of a repacked weight's rows offs_n as a float16 (BLOCK_N, BLOCK_K)
+    tile, scales (and Q4_K's mins) applied: each code vector is loaded once as whole 16/32-byte runs
+    and its nibbles picked by a broadcast shift (a (rows, blocks, halves, bytes) tile flattened in value
+    order). Q4_0 and Q8_0 multiply in float16 (code x scale: one rounding, as in float32); Q4_K and
+    Q6_K form d * sc * q - dmin * m in float32 and round once."""
+    r = offs_n.to(tl.int64)[:, None, None, None]
+    ok = nm[:, None, None, None]
+    if QTYPE == 2:  # Q4_0: block b's 16 bytes, value 32b + i low, 32b + 16 + i high
+        NB: tl.constexpr = BLOCK_K // 32
+        blk = k0 // 32 + tl.arange(0, NB)[None, :, None, None]
+        hi = tl.arange(0, 2)[None, None, :, None]
+        i = tl.arange(0, 16)[None, None, None, :]
+        ok = ok & (blk < K // 32)
+        b = tl.load(QS + r * stride_qs + blk * 16 + i, mask=ok, other=0).to(tl.int32)
+        q = ((b >> (4 * hi)) & 15) - 8
+        d = tl.load(D + r * stride_d + blk, mask=ok, other=0.0)
+        w = q.to(tl.float16) * d
+    elif QTYPE == 8:  # Q8_0: 32 int8 a block
+        NB: tl.constexpr = BLOCK_K // 32
+        blk = k0 // 32 + tl.arange(0, NB)[None, :, None, None]
+        i = tl.arange(0, 32)[None, None, None, :]
+        ok = ok & (blk < K // 32)
+        b = tl.load(QS + r * stride_qs + blk * 32 + i, mask=ok, other=0).to(tl.int8)
+        d = tl.load(D + r * stride_d + blk, mask=ok, other=0.0)
+        w = b.to(tl.float16) * d
+    elif QTYPE == 12:  # Q4_K: chunk c's 32 bytes, value 64c + i low (run 2c), 64c + 32 + i high (run 2c + 1)
+        NC: tl.constexpr = BLOCK_K // 64
+        c = k0 // 64 + tl.arange(0, NC)[None, :, None, None]
+        hi = tl.arange(0, 2)[None, None, :, None]
+        i = tl.arange(0, 32)[None, None, None, :]
+        ok = ok & (c < K // 64)
+        b = tl.load(QS + r * stride_qs + c * 32 + i, mask=ok, other=0).to(tl.int32)
+        q = (b >> (4 * hi)) & 15
+        sc = tl.load(SC + r * stride_sc + c * 4 + 2 * hi, mask=ok, other=0).to(tl.float32)  # bytes of packed.py
+        mn = tl.load(SC + r * stride_sc + c * 4 + 2 * hi + 1, mask=ok, other=0).to(tl.float32)
+        dd = tl.load(D + r * stride_d + c // 4, mask=ok, other=0)
+        w = (q.to(tl.float32) * (_f16_bits(dd) * sc) - _f16_bits(dd >> 16) * mn).to(tl.float16)
+    else:  # Q6_K: 32-value run jj = 4h + rr of block sb: ql[64h + 32(rr % 2) + l], qh[32h + l]; scale per 16
+        tl.static_assert(QTYPE == 14, "repacked types only")
+        NB: tl.constexpr = BLOCK_K // 32
+        c = k0 // 32 + tl.arange(0, NB)[None, :, None, None]
+        g = tl.arange(0, 2)[None, None, :, None]
+        i = tl.arange(0, 16)[None, None, None, :]
+        ok = ok & (c < K // 32)
+        sb = c // 8
+        jj = c % 8
+        hh = jj // 4
+        rr = jj % 4
+        lo = tl.load(QS + r * stride_qs + sb * 128 + 64 * hh + 32 * (rr % 2) + 16 * g + i, mask=ok,
+                     other=0).to(tl.int32)
+        hb = tl.load(QH + r * stride_qh + sb * 64 + 32 * hh + 16 * g + i, mask=ok, other=0).to(tl.int32)
+        q = (((lo >> (4 * (rr // 2))) & 15) | (((hb >> (2 * rr)) & 3) << 4)) - 32
+        sc = tl.load(SC + r * stride_sc + sb * 16 + 2 * jj + g, mask=ok, other=0).to(tl.float32)
+        d = tl.load(D + r * stride_d + sb, mask=ok, other=0.0).to(tl.float32)
+        w = (q.to(tl.float32) * (d * sc)).to(tl.float16)
+    return tl.reshape(w, [BLOCK_N, BLOCK_K])
+
+
+@triton.jit
+def matmul_f16_kernel(
+    Y, QS, QH, SC, D, XH, XS, ADD,  # QS, QH: code arrays as bytes; SC (Q4_K: as bytes), D as packed.py keeps them
+    M, N, K,
+    stride_qs, stride_qh, stride_sc, stride_d, stride_xh, stride_ym, stride_b,
+    M_KEY,  # unused: a power of two of M, the autotuning key
+    QTYPE: tl.constexpr, HAS_ADD: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Repacked weights times half-precision rows (act_f16.py: rows s * h): per K tile the weight tile
+    decoded to float16 in registers (scales folded in) and one float16 tl.dot of BLOCK_K values into a
+    float32 accumulator, the row scales s applied once in the epilogue. The weight tile is the dot's
+    first operand, so it goes from registers to the tensor cores (sm_90: wgmma with A in registers)
+    while the activation tile streams through shared memory, software-pipelined over num_stages. The
+    tile is (N, M): programs with neighbouring ids share a weight tile (each weight byte leaves
+    memory about once)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mm = offs_m < M
+    nm = offs_n < N
+    kk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        w = _dequant_f16(QS, QH, SC, D, offs_n, nm, k0, K, stride_qs, stride_qh, stride_sc, stride_d, QTYPE,
+                         BLOCK_N, BLOCK_K)
+        x = tl.load(XH + offs_m[None, :].to(tl.int64) * stride_xh + (k0 + kk)[:, None],
+                    mask=mm[None, :] & ((k0 + kk)[:, None] < K), other=0.0)
+        acc = tl.dot(w, x, acc)
+    acc = acc * tl.load(XS + offs_m, mask=mm, other=0.0)[None, :]
+    om = offs_m[None, :].to(tl.int64)
+    on = offs_n[:, None]
+    if HAS_ADD:
+        acc += tl.load(ADD + om * stride_b + on, mask=mm[None, :] & nm[:, None], other=0.0)
+    tl.store(Y + om * stride_ym + on, acc, mask=mm[None, :] & nm[:, None])
+
+
 FLOAT_TYPES = (F32, F16, BF16)
 # (block_m, block_n, KSUB, warps) tried on a GPU for the repacked types (triton.autotune, once per
 # shape and power of two of M, per process). Compiled for sm_90 (ptxas report): 128 x 128 tiles and
@@ -261,6 +363,61 @@ def matmul_packed(p: Packed, xa: Act, add, stride_b: int, block_m: int | None = 
     return y
 
 
+# (block_n, block_m, block_k, warps, stages) tried on a GPU for the float16 kernel (triton.autotune, once per
+# shape, type and power of two of M, per process): 128-256 x 128 output tiles, K tiles of 64-128, 3-4 stages
+F16_TUNE_CONFIGS = [(128, 128, 64, 8, 3), (128, 128, 128, 8, 3), (128, 64, 128, 4, 4), (64, 128, 128, 4, 4),
+                    (256, 128, 64, 8, 3), (128, 256, 64, 8, 3)]
+# types whose long prefill chunks take the float16 kernel (measured faster than the 8-bit one on the
+# H200 at 512 rows: benchmarks/triton_prefill_sweep.py, triton_kernels.md), and from how many rows
+F16_TYPES = (Q4_0, Q8_0, Q4_K, Q6_K)
+F16_MIN_ROWS = 64
+
+
+def _autotuned_f16():
+    if "f16" not in _tuned:
+        configs = [triton.Config({"BLOCK_N": bn, "BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+                   for bn, bm, bk, w, st in F16_TUNE_CONFIGS]
+        key = ["N", "K", "M_KEY", "QTYPE", "HAS_ADD"]
+        _tuned["f16"] = triton.autotune(configs=configs, key=key)(matmul_f16_kernel)
+    return _tuned["f16"]
+
+
+def matmul_f16(p: Packed, xh: ActF16, add, stride_b: int, block_n: int | None = None, block_m: int | None = None,
+               block_k: int | None = None, num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
+    """Y = X W^T (+ add) for a repacked weight and half-precision rows: (M, N) float32."""
+    M, K = xh.h.shape
+    N = p.shape[0]
+    dev = p.qs.device
+    y = torch.empty(M, N, dtype=torch.float32, device=dev)
+    if M == 0:
+        return y
+    assert xh.h.stride(1) == 1 and xh.h.dtype == torch.float16
+    qs = p.qs.view(torch.uint8)
+    qh = p.qh.view(torch.uint8) if p.qh is not None else qs
+    sc = p.sc if p.sc is not None else p.d
+    if p.qtype == Q4_K:
+        sc = sc.view(torch.uint8)  # its scale and min bytes, one load each
+    args = (y, qs, qh, sc, p.d, xh.h, xh.s, add if add is not None else y, M, N, K,
+            qs.stride(0), qh.stride(0), sc.stride(0), p.d.stride(0), xh.h.stride(0), y.stride(0), stride_b)
+    if dev.type == "cuda" and block_n is None and block_m is None and block_k is None:
+        m_key = min(triton.next_power_of_2(M), 1024)
+        _autotuned_f16()[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))](
+            *args, m_key, QTYPE=p.qtype, HAS_ADD=add is not None)
+        return y
+    # the interpreter runs one program at a time in Python: few, large tiles there
+    bm = block_m or (128 if dev.type == "cuda" else min(64, max(16, triton.next_power_of_2(M))))
+    bn = block_n or (128 if dev.type == "cuda" else min(256, max(16, triton.next_power_of_2(N))))
+    bk = block_k or (64 if dev.type == "cuda" else 256)
+    bk = max(bk, 64 if p.qtype == Q4_K else 32)
+    if p.qtype in (Q4_K, Q6_K):
+        bk = min(bk, 256)  # a divisor of the 256-value block
+    assert min(bm, bn, bk) >= 16, "tl.dot needs tiles of at least 16"
+    extra = {k: v for k, v in (("num_warps", num_warps), ("num_stages", num_stages)) if v is not None}
+    matmul_f16_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](*args, 0, QTYPE=p.qtype, HAS_ADD=add is not None,
+                                                               BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, **extra)
+    return y
+
+
 def matmul(w, qtype: int, x, bias: torch.Tensor | None = None,
            block_m: int | None = None, block_n: int | None = None, block_k: int | None = None,
            res: torch.Tensor | None = None, packed: bool | None = None) -> torch.Tensor:
@@ -268,9 +425,10 @@ def matmul(w, qtype: int, x, bias: torch.Tensor | None = None,
 
     w: (N, row_bytes) uint8 GGUF bytes of a (N, K) weight, or its packed.Packed form; x: (M, K) float
     rows or their act_q8 form (quantized weights take the 8-bit form, made here from float rows; float
-    weights the float rows); bias: (N,) float32 or None; res: (M, N) float32 or None, added in the
-    epilogue -> (M, N) float32. Block sizes are at least 16 (tl.dot); block_k (float weights) is
-    raised to a whole block, (repacked weights) is the values per loop step. packed: the repacked
+    weights the float rows), or their act_f16 form (repacked types: the float16 kernel); bias: (N,)
+    float32 or None; res: (M, N) float32 or None, added in the epilogue -> (M, N) float32. Block
+    sizes are at least 16 (tl.dot); block_k (float weights) is raised to a whole block, (repacked
+    weights: 8-bit rows) is the values per loop step, (half-precision rows) the K tile. packed: the repacked
     weight's kernel (the default for the types packed.py repacks, file bytes repacked here; False:
     the byte-wise kernel on the file's bytes)."""
     M, K = x.shape
@@ -287,6 +445,11 @@ def matmul(w, qtype: int, x, bias: torch.Tensor | None = None,
     add, stride_b = (res, res.stride(0)) if res is not None else (bias, 0)
     if packed is None:
         packed = isinstance(w, Packed) or qtype in PACKED_TYPES
+    if isinstance(x, ActF16):  # half-precision rows: the float16 kernel of repacked weights
+        assert qtype in PACKED_TYPES and packed is not False, "half-precision rows need a repacked type"
+        p = w if isinstance(w, Packed) else pack(w, qtype, K)
+        assert p.qtype == qtype and p.K == K, "the packed weight does not match the type and K"
+        return matmul_f16(p, x, add, stride_b, block_n, block_m, block_k)
     if packed:
         xa = x if isinstance(x, Act) else act_q8(x)
         p = w if isinstance(w, Packed) else pack(w, qtype, K)

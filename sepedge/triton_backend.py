@@ -32,6 +32,7 @@ from .errors import (BackendError, CancelledError, InvalidArgumentError, ModelLo
 KV_DTYPES = ("f32", "f16")
 GRAPHS_ENV = "SEPEDGE_TRITON_GRAPHS"  # "0": decode without CUDA graphs; "static": their fixed shapes, uncaptured
 PACK_ENV = "SEPEDGE_TRITON_PACK"  # "0": keep the file's bytes, products through the byte-wise kernels
+PREFILL_ENV = "SEPEDGE_TRITON_PREFILL"  # "q8": long prefill chunks through the 8-bit products too (A/B)
 
 
 def _imports():
@@ -159,9 +160,17 @@ class _Forward:
     def inputs(self, x, names: tuple, norm=None, up=None):
         """The input of the products `names` from x: rms_norm(x) * norm, silu(x) * up, or x itself; in
         8 bits (kernels.act_q8, one launch with the norm or SwiGLU) when a weight is quantized, as the
-        CPU core makes it, with the float rows as well when a weight is float."""
+        CPU core makes it, with the float rows as well when a weight is float; for chunks of
+        F16_MIN_ROWS rows or more into repacked weights, in half precision with a scale per row
+        (kernels.act_f16: the float16 products, bound by the tensor cores rather than by the 8-bit
+        path's rescale per 32 values; as llama.cpp takes large batches to a float16 GEMM)."""
         K, W = self.K, self.W
-        floats = [W.w[f"{n}.weight"][1] in K.FLOAT_TYPES for n in names if f"{n}.weight" in W.w]
+        ws = [W.w[f"{n}.weight"] for n in names if f"{n}.weight" in W.w]
+        if (x.shape[0] >= K.matmul_mod.F16_MIN_ROWS and os.environ.get(PREFILL_ENV, "") != "q8"
+                and all(isinstance(w, K.Packed) and q in K.matmul_mod.F16_TYPES for w, q, _ in ws)):
+            # a long chunk: half-precision rows into the float16 product (kernels/act_f16.py)
+            return K.act_f16(x, norm, W.eps, up)
+        floats = [q in K.FLOAT_TYPES for _, q, _ in ws]
         if not all(floats):
             return K.act_q8(x, norm, W.eps, up, keep_float=any(floats))
         if norm is not None:

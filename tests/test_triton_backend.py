@@ -112,6 +112,36 @@ def test_full_matches_reference(gguf_path, rng, spec, outtype):
     assert rel(got, ref) <= MAX_REL_REFERENCE[outtype]
 
 
+@pytest.mark.parametrize("spec,outtype", [("mha-d64", "q4_k_m"),
+                                          pytest.param("qwen2-untied-odd", "q4_0", marks=gpu_only)])
+def test_long_chunks_half_precision_products(gguf_path, rng, monkeypatch, spec, outtype):
+    """Chunks of kernels.matmul_mod.F16_MIN_ROWS tokens or more take half-precision rows into the float16
+    products (decode and short chunks keep the 8-bit ones): the prompt's logits against the float64
+    reference, the CPU engine (8-bit activations) and the 8-bit products of the same backend."""
+    from sepedge.kernels import matmul_mod
+    if not CUDA:  # the interpreter: a shorter chunk does (the threshold is read at each pass)
+        monkeypatch.setattr(matmul_mod, "F16_MIN_ROWS", 16)
+    path = gguf_path(spec, outtype)
+    s = fixtures.SPEC_BY_NAME[spec]
+    n = matmul_mod.F16_MIN_ROWS + 5  # one chunk of F16_MIN_ROWS, one of 5 (the 8-bit path)
+    tokens = rng.integers(0, s.n_tokens or s.n_vocab, n).tolist()
+    ref = Transformer.from_gguf(path, dtype=torch.float64)(torch.tensor(tokens)).numpy()
+    kw = dict(n_ctx=n + 8, n_batch=matmul_mod.F16_MIN_ROWS, kv_type="f32")
+    with Engine(path, device="triton", **kw) as tri, Engine(path, **kw) as cpu:
+        got = tri.eval(tokens, all_logits=True)
+        cpu_logits = cpu.eval(tokens, all_logits=True)
+        if CUDA:  # the 8-bit products of the same backend on the same chunks (the CPU engine's arithmetic)
+            monkeypatch.setenv("SEPEDGE_TRITON_PREFILL", "q8")
+            tri.reset()
+            q8 = tri.eval(tokens, all_logits=True)
+            assert rel(q8, cpu_logits) <= MAX_REL_CPU[outtype]
+            print(f"rel of the 8-bit products: reference {rel(q8, ref):.3g}, CPU {rel(q8, cpu_logits):.3g}")
+    print(f"rel: reference {rel(got, ref):.3g}, CPU {rel(got, cpu_logits):.3g}")
+    assert rel(got, ref) <= MAX_REL_REFERENCE.get(outtype, MAX_REL_CPU[outtype])
+    assert rel(got, cpu_logits) <= MAX_REL_CPU[outtype]
+    assert rel(got[:matmul_mod.F16_MIN_ROWS], cpu_logits[:matmul_mod.F16_MIN_ROWS]) > 0  # other arithmetic ran
+
+
 def test_f16_cache_and_generation(gguf_path):
     """The default f16 cache; greedy generation, stop strings and kv_stats through the Engine API."""
     path = gguf_path("qwen2-tied", "q8_0")

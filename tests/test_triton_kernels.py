@@ -33,6 +33,7 @@ DEQUANT_REL = 2.0 ** -23     # float32 decoding: one rounding of d * sc * q - dm
 DOT_REL = 2e-5               # float32 sums: |error| / sum |w_j x_j| of a row
 CPU_PRODUCT_REL = 1e-6       # against the CPU core's product of the same rows: float32 summation order only
 HALF_DOT_REL = 2e-3          # half-precision operands (2^-11 each) on tensor cores, float32 sums
+HALF_ROUND = 2.0 ** -11      # one rounding to float16 (relative)
 NORM_REL = 1e-5              # RMSNorm: float32 sum of squares and rsqrt
 ROPE_ATOL = 1e-4             # float32 angles of positions up to 2000 (ulp 1.2e-4), values ~N(0, 1)
 SWIGLU_RTOL, SWIGLU_ATOL = 1e-5, 1e-6
@@ -344,6 +345,64 @@ def test_products_beyond_half_range(rng, qtype):
                 K.matvec(on_device(w), qtype, on_device(x[:2]))):
         assert torch.isfinite(got).all()
         check_product(got, decode(w, qtype, n_cols), x64[:len(got)], None, DOT_REL)
+
+
+@pytest.mark.parametrize("mode", ["plain", "norm", "swiglu"])
+@pytest.mark.parametrize("n", [5 * 32, pytest.param(14336, marks=gpu_only)])
+def test_act_f16(rng, mode, n):
+    """Rows to half precision with a power-of-two scale per row: s * h within one float16 rounding of
+    the float64 row (after the fused norm or SwiGLU); the row's largest |h| in [2^13, 2^14) (far from
+    float16's 65504); rows of tiny, huge (beyond float16) and zero values; strided rows; the torch
+    reference agrees."""
+    T = 4
+    x = (rng.standard_normal((T, 2 * n)) * np.array([[1], [1e-30], [1e6], [0]])).astype(np.float32)[:, :n]
+    up = rng.standard_normal((T, 2 * n)).astype(np.float32)
+    norm = rng.uniform(0.5, 1.5, n).astype(np.float32)
+    xd, upd = on_device(np.concatenate([x, x], 1))[:, :n], on_device(up)[:, n:]  # strided views
+    kw = dict(norm=on_device(norm) if mode == "norm" else None, eps=1e-5, up=upd if mode == "swiglu" else None)
+    a = K.act_f16(xd, **kw)
+    h, s = a.h.double().cpu().numpy(), a.s.double().cpu().numpy()
+    x64 = x.astype(np.float64)
+    if mode == "norm":
+        ref = x64 / np.sqrt((x64 ** 2).mean(-1, keepdims=True) + 1e-5) * norm
+        tol = NORM_REL
+    elif mode == "swiglu":
+        ref = x64 / (1 + np.exp(-np.clip(x64, -700, 700))) * up[:, n:]
+        tol = SWIGLU_RTOL
+    else:
+        ref, tol = x64, 0.0
+    top = np.abs(ref).max(-1, keepdims=True)
+    assert np.all(np.abs(h * s[:, None] - ref) <= HALF_ROUND * np.abs(ref) + tol * top + 2.0 ** -24 * s[:, None])
+    assert np.all(np.log2(s) == np.round(np.log2(s)))  # powers of two: exact scaling
+    big = np.abs(h).max(-1)[top[:, 0] > 0]
+    assert np.all((big >= 2 ** 13 * (1 - 2 * tol)) & (big <= 2 ** 14))
+    r = K.act_f16_ref(xd, **kw)
+    assert np.all(np.abs(r.h.double().cpu().numpy() * r.s.double().cpu().numpy()[:, None] - ref)
+                  <= HALF_ROUND * np.abs(ref) + tol * top + 2.0 ** -24 * s[:, None])
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("qtype", list(PACKED), ids=type_id)
+def test_matmul_f16(rng, qtype, size):
+    """The float16 prefill product of repacked weights (weight tiles decoded to float16 in registers,
+    half-precision rows with a scale per row): within half-precision rounding of the float64 product of
+    the file's values and the rows; rows far beyond float16's range; a partial last K tile (Q4_0/Q8_0:
+    5 blocks of 32 in tiles of 64), several tiles each way, a residual or a bias in the epilogue; the
+    GPU size autotuned."""
+    M, N = (19, 37) if size == "small" else (301, 1031)
+    n_cols = n_cols_for(qtype, size)
+    w = random_weight(rng, qtype, N, n_cols)
+    x = (rng.standard_normal((M, n_cols)) * np.where(rng.random((M, 1)) < 0.3, 1e6, 1.0)).astype(np.float32)
+    bias = rng.standard_normal(N).astype(np.float32) if qtype == Q.Q8_0 else None
+    res = rng.standard_normal((M, N)).astype(np.float32) if qtype in (Q.Q4_K, Q.Q8_0) else None
+    blocks = dict(block_m=16, block_n=16, block_k=64) if size == "small" else {}
+    p = K.pack(on_device(w), qtype, n_cols)
+    got = K.matmul(p, qtype, K.act_f16(on_device(x)), None if bias is None else on_device(bias), **blocks,
+                   res=None if res is None else on_device(res))
+    assert torch.isfinite(got).all()
+    if res is not None:
+        got = got - on_device(res)
+    check_product(got, decode(w, qtype, n_cols), x.astype(np.float64), bias, HALF_DOT_REL)
 
 
 @pytest.mark.parametrize("size", SIZES)
