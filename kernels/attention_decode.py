@@ -158,12 +158,14 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         deltas = deltas.to(device=q.device, dtype=torch.int32).contiguous()
         freqs = freqs.to(device=q.device, dtype=torch.float32).contiguous()
     q = q.contiguous()
-    # runs of at least 64 cells, at most 256 runs (the merge holds them all in one program), counted
-    # over the whole cache: every call on a cache then has the same runs and the same merge (the
-    # direct launches of a step and its CUDA-graph replay agree bit for bit); runs past the live
-    # cells are empty
+    # runs of at least 16 cells, at most 1024 runs (the merge reads 32 at a time), counted over the
+    # whole cache: every call on a cache then has the same runs and the same merge (the direct
+    # launches of a step and its CUDA-graph replay agree bit for bit); runs past the live cells are
+    # empty. Short runs because a run's steps are a chain of dependent gathers (cell index, then its
+    # key and value: ~1 µs each on the H200): runs of 64 cells in steps of 8 took 22 µs a layer for
+    # a cache of 1024 cells holding under 150 (a quarter of a decode step of the 8B model)
     n_max = max(max_live, n_cells)
-    cells_per_split = cells_per_split or max(64, triton.cdiv(n_max, 256))
+    cells_per_split = cells_per_split or max(16, triton.cdiv(n_max, 1024))
     n_split = triton.cdiv(n_max, cells_per_split)
     BLOCK_D = triton.next_power_of_2(D)
     o_part = torch.empty(H, n_split, BLOCK_D, dtype=torch.float32, device=q.device)
@@ -175,7 +177,7 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     # the (query heads x cells x head_dim) products live in registers (4096 values, 32 a thread of 4
     # warps: 96-120 registers and no stack for 4 heads of 128 on sm_90; 8192 spilled): fewer cells per
     # step for larger groups and heads
-    block_n = block_n or max(4, min(64, 4096 // (BLOCK_R * BLOCK_D)))
+    block_n = block_n or min(triton.next_power_of_2(cells_per_split), max(4, min(64, 4096 // (BLOCK_R * BLOCK_D))))
     attention_split_kernel[(H_kv, n_split)](
         o_part, m_part, l_part, q, k_cache, v_cache, cells, deltas if has_delta else cells,
         freqs if has_delta else q, n_live, cells_per_split, H // H_kv,

@@ -216,9 +216,9 @@ class _Forward:
                 q = self.project(h, f"{blk}.attn_q").view(T, H, D)
                 k = self.project(h, f"{blk}.attn_k").view(T, Hkv, D)
                 v = self.project(h, f"{blk}.attn_v").view(T, Hkv, D)
-            K.rope_(q, positions, W.freqs, W.rope_mode)
             kc, vc = self.k_cache[i], self.v_cache[i]
-            K.rope_store(k, v, positions, cells, kc, vc, W.freqs, W.rope_mode)  # rotated keys, values -> cells
+            # rotated keys and values -> their cells, the queries rotated in place: one launch
+            K.rope_store(k, v, positions, cells, kc, vc, W.freqs, W.rope_mode, q=q)
             if T == 1 and mask is None:
                 att = K.attention_decode(q[0], kc, vc, live, deltas=deltas, freqs=W.freqs, rope_mode=W.rope_mode,
                                          n_live=n_live_t)

@@ -467,9 +467,10 @@ def test_rope(rng, mode, head_dim):
 @pytest.mark.parametrize("mode", [K.NORM, K.NEOX], ids=["norm", "neox"])
 def test_rope_store(rng, mode):
     """New keys rotated at their positions and values, written to scattered cells of an f16 cache
-    from strided views (the K and V columns of a fused QKV product)."""
+    from strided views (the K and V columns of a fused QKV product); the queries rotated in place in
+    the same launch."""
     T, H, D, n_cells = 5, 3, 16, 23
-    qkv = rng.standard_normal((T, (4 + 2) * H * D // 2)).astype(np.float32)  # a wider row: strided views
+    qkv = rng.standard_normal((T, 6 * H * D)).astype(np.float32)  # k, v, q and more: strided views
     k_np = qkv[:, :H * D].reshape(T, H, D)
     v_np = qkv[:, H * D:2 * H * D].reshape(T, H, D)
     positions = rng.integers(0, 3000, T)
@@ -478,14 +479,20 @@ def test_rope_store(rng, mode):
     x = on_device(qkv)
     kc = torch.zeros(n_cells, H, D, dtype=torch.float16, device=DEVICE)
     vc = torch.zeros_like(kc)
+    # the queries (3H = 9 heads: GQA, more than one block of 8) rotated in place in the same launch
+    q_np = qkv[:, 2 * H * D:5 * H * D].reshape(T, 3 * H, D)
+    q = x[:, 2 * H * D:5 * H * D].view(T, 3 * H, D)
     K.rope_store(x[:, :H * D].view(T, H, D), x[:, H * D:2 * H * D].view(T, H, D), on_device(positions),
-                 on_device(cells), kc, vc, freqs.to(DEVICE), mode)
+                 on_device(cells), kc, vc, freqs.to(DEVICE), mode, q=q)
     ref_k = K.rope_ref(torch.from_numpy(k_np).double(), torch.from_numpy(positions), freqs.double(), mode).numpy()
     got_k, got_v = kc.double().cpu().numpy(), vc.double().cpu().numpy()
     assert np.abs(got_k[cells] - ref_k).max() <= ROPE_ATOL + 2.0 ** -11 * np.abs(ref_k).max()  # f16 rounding
     assert np.abs(got_v[cells] - v_np).max() <= 2.0 ** -11 * np.abs(v_np).max()
     others = np.setdiff1d(np.arange(n_cells), cells)
     assert not got_k[others].any() and not got_v[others].any()
+    ref_q = K.rope_ref(torch.from_numpy(q_np).double(), torch.from_numpy(positions), freqs.double(), mode).numpy()
+    assert np.abs(q.double().cpu().numpy() - ref_q).max() <= ROPE_ATOL
+    np.testing.assert_array_equal(x[:, :2 * H * D].cpu().numpy(), qkv[:, :2 * H * D])  # k, v left as they were
 
 
 @pytest.mark.parametrize("n", [1, 1000, 3 * 1024 + 7])
