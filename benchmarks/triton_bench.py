@@ -102,7 +102,7 @@ def decode_bytes(model: str) -> int:
                and (t.name != "token_embd.weight" or "output.weight" not in names))
 
 
-def run_sepedge(model: str, device: str, reps: int, depth: int) -> list[dict]:
+def run_sepedge(model: str, device: str, reps: int, depth: int, stream: bool = True) -> list[dict]:
     from sepedge import Engine
     from sepedge.bench import bench
     rows = []
@@ -114,6 +114,8 @@ def run_sepedge(model: str, device: str, reps: int, depth: int) -> list[dict]:
             llm.reset()
         for r in bench(llm, 512, 128, 0, reps):
             rows.append({"test": r["test"], "kv_mode": "full", **_tps(r)})
+    if not stream:
+        return [{**r, "load_s": round(load, 1)} for r in rows]
     with Engine(model, device=device, kv_mode="sepllm-stream") as llm:
         for d in (0, depth):
             for r in bench(llm, 0, 128, d, reps if d == 0 else 1):  # each repetition rebuilds the history
@@ -216,6 +218,7 @@ def main() -> None:
     ap.add_argument("--devices", default="triton,cuda")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--depth", type=int, default=32768)
+    ap.add_argument("--no-stream", action="store_true", help="pp512 and tg128 of the full cache only")
     ap.add_argument("--bandwidth", action="store_true", help="measure the decode products' bandwidth too")
     ap.add_argument("--json", type=Path, default=RESULTS / "triton_bench.json")
     ap.add_argument("--md", type=Path, default=RESULTS / "triton_bench.md")
@@ -250,10 +253,11 @@ def main() -> None:
         for who in [d for d in args.devices.split(",") if d] + (["llama.cpp"] if args.llama_bench else []):
             try:
                 rows = run_llama(args.llama_bench, m, args.reps) if who == "llama.cpp" else \
-                    run_sepedge(m, who, args.reps, args.depth)
+                    run_sepedge(m, who, args.reps, args.depth, not args.no_stream)
             except Exception as e:  # one failing tool must not lose the others' rows
                 rows = [{"test": "all", "kv_mode": "-", "error": f"{type(e).__name__}: {e}"}]
-            res["rows"] = [r for r in res["rows"] if not (r["model"] == Path(m).name and r["who"] == who)]
+            res["rows"] = [r for r in res["rows"] if not (r["model"] == Path(m).name and r["who"] == who
+                                                          and (r["kv_mode"] in ("full", "-") or not args.no_stream))]
             for r in rows:
                 res["rows"].append({"model": Path(m).name, "who": who, **r})
                 print(json.dumps(res["rows"][-1]), flush=True)

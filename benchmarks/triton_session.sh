@@ -15,6 +15,7 @@
 # what takes the time, and it runs on the CPU cores),
 # models-bg / models (the random-weight 8B files: started in the background / waited for),
 # bandwidth (decode products + copy rate), bench (benchmarks/triton_bench.py, DEVICES=triton,cuda),
+# sweep (benchmarks/triton_prefill_sweep.py, SWEEP_ARGS), profile (benchmarks/triton_profile.py per model),
 # use-llama (the llama-bench of .gpu/), llamabench (its rows).
 set -u
 OUT=${OUT:-/tmp/sepedge-out}
@@ -35,7 +36,15 @@ setup() {
     python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
     [ -e /tmp/site/gguf ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || return 1
     mkdir -p /tmp/vocab && cp -n .gpu/*vocab*.gguf .trid*/*vocab*.gguf /tmp/vocab/ 2>/dev/null; ls /tmp/vocab
-    if [ ! -e /tmp/build-cpu/libsepedge.so ]; then  # the C sources do not change between calls: built once
+    # the C/CUDA sources may change between calls of one warm machine (another session edits native/):
+    # rebuild both libraries when the hash of the sources differs from the one stored with the build
+    local h; h=$(find CMakeLists.txt native -type f | sort | xargs sha256sum | sha256sum | cut -c1-16)
+    if [ "$(cat /tmp/build-src.hash 2>/dev/null)" != "$h" ]; then
+        echo "native sources $h (built: $(cat /tmp/build-src.hash 2>/dev/null || echo none)): rebuilding"
+        rm -rf /tmp/build-cpu /tmp/build-gpu /tmp/build-gpu.failed
+        echo "$h" > /tmp/build-src.hash
+    fi
+    if [ ! -e /tmp/build-cpu/libsepedge.so ]; then
         rm -rf /tmp/nsrc && mkdir -p /tmp/nsrc && cp -r CMakeLists.txt native /tmp/nsrc/
         local t0=$SECONDS
         cmake -S /tmp/nsrc -B /tmp/build-cpu -DCMAKE_BUILD_TYPE=Release -DSEPEDGE_CUDA=OFF > "$OUT/build-cpu.log" 2>&1 &&
@@ -92,8 +101,12 @@ for phase in "$@"; do
                 while [ ! -e /tmp/models-done ]; do sleep 1; done; ls -la /tmp/models ;;
         bandwidth) timeout $(left) python3 benchmarks/triton_bench.py --bandwidth --devices "" $MODELS --json /tmp/results/triton_bench.json \
                        --md /tmp/results/triton_bench.md 2>&1 | tail -20 ;;
-        bench) wait_gpu_lib; timeout $(left) python3 benchmarks/triton_bench.py --devices ${DEVICES:-triton,cuda} --reps ${REPS:-3} $MODELS \
+        bench) wait_gpu_lib; timeout $(left) python3 benchmarks/triton_bench.py --devices ${DEVICES:-triton,cuda} --reps ${REPS:-3} ${BENCH_ARGS:-} $MODELS \
                    --json /tmp/results/triton_bench.json --md /tmp/results/triton_bench.md 2>&1 | tail -30 ;;
+        sweep) timeout $(left) python3 benchmarks/triton_prefill_sweep.py ${SWEEP_ARGS:-} --json "$OUT/triton_prefill_sweep.json" 2>&1 | tail -12 ;;
+        profile) for m in ${PROFILE_MODELS:-$MODELS}; do
+                     timeout $(left) python3 benchmarks/triton_profile.py "$m" --md "$OUT/profile-$(basename "$m" .gguf).md" 2>&1 | tail -70
+                 done ;;
         use-llama) mkdir -p /tmp/llama-build/bin && cat .gpu/llama-bench.xz.* | xz -dc > /tmp/llama-build/bin/llama-bench &&
                    chmod +x /tmp/llama-build/bin/llama-bench ;;
         llamabench) timeout $(left) python3 benchmarks/triton_bench.py --devices "" --llama-bench /tmp/llama-build/bin/llama-bench \

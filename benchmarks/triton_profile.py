@@ -1,0 +1,92 @@
+"""Where the Triton backend's time goes on a GPU: pp512 with the 8-bit and the float16 prefill products
+(SEPEDGE_TRITON_PREFILL=q8 / default), tg timed as sepedge.bench times it, and torch.profiler's kernel
+table of one 512-token prompt and of decode steps (CUDA-graph replays: the profiler lists the graph's
+kernels), each kernel's total time and share, per prompt and per decode step.
+
+    python benchmarks/triton_profile.py MODEL.gguf [--md out.md] [--reps 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+
+def kernel_table(prof, per: int) -> list[tuple[str, float, int]]:
+    """(kernel name, µs per unit, launches per unit) from a profile of `per` units, longest first."""
+    tot, cnt = defaultdict(float), defaultdict(int)
+    for e in prof.events():
+        if str(getattr(e, "device_type", "")).endswith("CUDA"):  # a kernel (or memcpy) on the GPU's timeline
+            tot[e.name] += e.time_range.elapsed_us()
+            cnt[e.name] += 1
+    return sorted(((n, t / per, cnt[n] // per) for n, t in tot.items()), key=lambda r: -r[1])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model")
+    ap.add_argument("--md", type=Path, default=None)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=16)
+    args = ap.parse_args()
+    import numpy as np
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from sepedge import Engine
+    rng = np.random.default_rng(0)
+    out = [f"# Triton profile: {Path(args.model).name} on {torch.cuda.get_device_name()}", ""]
+    with Engine(args.model, device="triton", n_ctx=1024) as llm:
+        toks = rng.integers(0, llm.n_vocab, 512).tolist()
+        for mode in ("q8", "f16"):
+            os.environ["SEPEDGE_TRITON_PREFILL"] = mode
+            llm.reset()
+            llm.eval(toks)  # compiles and autotunes
+            runs = []
+            for _ in range(args.reps):
+                llm.reset()
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                llm.eval(toks)
+                runs.append(512 / (time.perf_counter() - t0))
+            out.append(f"- pp512 with the {mode} prefill products: {statistics.fmean(runs):.1f} t/s "
+                       f"({', '.join(f'{r:.0f}' for r in runs)})")
+            print(out[-1], flush=True)
+        llm.reset()
+        llm.eval(toks[:16])
+        for t in toks[:4]:
+            llm.eval([t])  # the graph's capture
+        t0 = time.perf_counter()
+        for t in toks[:64]:
+            llm.eval([t])
+        out.append(f"- tg (64 steps after 20 tokens): {64 / (time.perf_counter() - t0):.1f} t/s")
+        print(out[-1], flush=True)
+        llm.reset()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+            llm.eval(toks)
+            torch.cuda.synchronize()
+        pre = kernel_table(prof, 1)
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+            for t in toks[:args.steps]:
+                llm.eval([t])
+            torch.cuda.synchronize()
+        dec = kernel_table(prof, args.steps)
+    for title, rows in (("one 512-token prompt (float16 prefill products)", pre), ("one decode step", dec)):
+        total = sum(t for _, t, _ in rows)
+        out += ["", f"{title}: kernels {total:.0f} µs", "", "| kernel | µs | launches | share |", "|---|---:|---:|---:|"]
+        out += [f"| {n[:70]} | {t:.1f} | {c} | {t / total:.1%} |" for n, t, c in rows[:25]]
+    text = "\n".join(out) + "\n"
+    print(text)
+    if args.md:
+        args.md.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
