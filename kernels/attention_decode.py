@@ -163,7 +163,7 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     # launches of a step and its CUDA-graph replay agree bit for bit); runs past the live cells are
     # empty. Short runs because a run's steps are a chain of dependent gathers (cell index, then its
     # key and value: ~1 µs each on the H200): runs of 64 cells in steps of 8 took 22 µs a layer for
-    # a cache of 1024 cells holding under 150 (a quarter of a decode step of the 8B model)
+    # a cache of 1024 cells holding ~520 (a quarter of a decode step of the 8B model)
     n_max = max(max_live, n_cells)
     cells_per_split = cells_per_split or max(16, triton.cdiv(n_max, 1024))
     n_split = triton.cdiv(n_max, cells_per_split)
