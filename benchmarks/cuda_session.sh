@@ -18,7 +18,10 @@
 # prefill, and prompt times, on the 8B files), ncu-mmq (hardware counters of one layer's int8 prefill products),
 # models-bg / models-wait (make the models in the background, wait for them), pick-cvt (A/B of the int8
 # prefill's integer-to-float conversion; the faster stays set for the later phases), mv-ab (decode with the row-team
-# products against the warp-per-row ones, SEPEDGE_CUDA_MV).
+# products against the warp-per-row ones, SEPEDGE_CUDA_MV), next-ab (decode with the attention's idle blocks asking L2
+# for the next products' weights: SEPEDGE_CUDA_NEXT_L2 MB), ring-ab (decode attention at 32K history, full and
+# sepllm-stream: the cache cell- or head-major, keys and values through registers or the cp.async ring,
+# SEPEDGE_CUDA_KV_LAYOUT / _ATTN_RING / _ATTN_STAGES / _ATTN_SPLITS).
 set -u
 OUT=${OUT:-/tmp/sepedge-out}
 mkdir -p "$OUT" /tmp/models
@@ -174,6 +177,34 @@ PY
                      SEPEDGE_CUDA_TIMING=1 python3 benchmarks/cuda_profile.py $m --steps 16
                      SEPEDGE_CUDA_TIMING=prefill python3 benchmarks/cuda_profile.py $m --prompt 512
                  done 2>&1 | tee $OUT/profile.log ;;
+        next-ab) models  # decode ms/token with the next products' weights asked of L2 by the attention's idle blocks (SEPEDGE_CUDA_NEXT_L2 MB)
+                 for m in /tmp/models/*.gguf; do
+                     [ -n "${ONLY_MODELS:-}" ] && [[ " $ONLY_MODELS " != *" $(basename $m .gguf) "* ]] && continue
+                     for mb in ${NEXT_MB:-0 24 40 0 24}; do
+                         SEPEDGE_CUDA_NEXT_L2=$mb python3 benchmarks/cuda_profile.py $m --steps 64 2>&1 | sed "s/^/next_l2=$mb /"
+                     done
+                 done 2>&1 | tee $OUT/next-ab.log ;;
+        ring-ab) models 8b  # decode attention after 32K tokens, 8B Q4_0: the cache cell- or head-major (SEPEDGE_CUDA_KV_LAYOUT),
+                 # keys and values through registers (ring 0) or the cp.async ring (SEPEDGE_CUDA_ATTN_RING, _STAGES), full cache
+                 # and sepllm-stream; the combination with the least time (full + stream) stays set for the later phases; its kernel times
+                 m=/tmp/models/llama3-8b-q4_0.gguf
+                 for v in ${RING_COMBOS:-"cells 0" "heads 0" "heads 1"}; do
+                     read lay ring <<< "$v"
+                     for mode in full sepllm-stream; do
+                         SEPEDGE_CUDA_KV_LAYOUT=$lay SEPEDGE_CUDA_ATTN_RING=$ring python3 benchmarks/cuda_profile.py $m --depth 32768 \
+                             --kv-mode $mode --steps 48 2>&1 | sed "s/^/layout=$lay ring=$ring /"
+                     done
+                 done 2>&1 | tee $OUT/ring-ab.log
+                 best=$(awk '/ms\/token/ {for (i = 1; i <= NF; i++) if ($i == "ms/token,") t[$1 " " $2] += $(i - 1)}
+                             END {for (k in t) print t[k], k}' $OUT/ring-ab.log | sort -n | head -1)
+                 echo "least full + stream ms/token: $best" | tee -a $OUT/ring-ab.log
+                 read _ lay ring <<< "$best"
+                 export SEPEDGE_CUDA_KV_LAYOUT=${lay#layout=} SEPEDGE_CUDA_ATTN_RING=${ring#ring=}
+                 echo "SEPEDGE_CUDA_KV_LAYOUT=$SEPEDGE_CUDA_KV_LAYOUT SEPEDGE_CUDA_ATTN_RING=$SEPEDGE_CUDA_ATTN_RING from here on" | tee -a $OUT/ring-ab.log
+                 { python3 benchmarks/cuda_profile.py $m --kv-mode sepllm-stream --steps 64
+                   SEPEDGE_CUDA_TIMING=1 python3 benchmarks/cuda_profile.py $m --depth 32768 --steps 8
+                   SEPEDGE_CUDA_TIMING=1 python3 benchmarks/cuda_profile.py $m --depth 32768 --kv-mode sepllm-stream --steps 16; } 2>&1 |
+                     grep -v "^ *embeddings" | tee -a $OUT/ring-ab.log ;;
         profile-stream) models 8b  # kernel times of sepllm-stream decode after 32K tokens, and its wall time
                  { SEPEDGE_CUDA_TIMING=1 python3 benchmarks/cuda_profile.py /tmp/models/llama3-8b-q4_0.gguf --depth 32768 --kv-mode sepllm-stream --steps 16
                    python3 benchmarks/cuda_profile.py /tmp/models/llama3-8b-q4_0.gguf --depth 32768 --kv-mode sepllm-stream --steps 64

@@ -367,6 +367,28 @@ def test_kv_modes_match_cpu(gguf_path, stream, spec, mode, sizes):
         assert gpu_llm.kv_stats() == cpu_llm.kv_stats()
 
 
+DELTA_MODES = [(m, s) for m, s in MODES if m in ("sepllm-stream", "streamingllm", "sepllm-slide", "sepllm-runs")]
+
+
+@gpu
+@pytest.mark.parametrize("mode,sizes", DELTA_MODES, ids=[f"{m}-{s['n_cache']}" for m, s in DELTA_MODES])
+@pytest.mark.parametrize("spec", ["qwen2-tied", "qwen2-untied-odd"])  # SE_ROPE_NEOX, head_dim 64 and 32
+@pytest.mark.parametrize("ring", ["0", "1"])  # the decode attention's keys through registers / the cp.async ring
+def test_kv_modes_neox_match_cpu(gguf_path, stream, spec, mode, sizes, ring, monkeypatch):
+    """The modes whose cells carry deltas with the other rotary pairing (dimensions i, i + d / 2):
+    each key turned by its delta as the decode kernel reads it (its partner dimensions from the cache
+    row, or from another lane's piece of the ring); step by step, the CPU engine's logits and cells."""
+    monkeypatch.setenv("SEPEDGE_CUDA_ATTN_RING", ring)
+    path = gguf_path(spec, "f16")
+    tokens = stream(700)
+    with cuda_engine(path, n_batch=64, kv_mode=mode, **sizes) as gpu_llm, cpu_engine(path, n_batch=64, kv_mode=mode, **sizes) as cpu_llm:
+        steps, cpu_steps = step_by_step(gpu_llm, tokens), step_by_step(cpu_llm, tokens)
+        assert [list(a) for a in gpu_llm._ctx.cells()] == [list(a) for a in cpu_llm._ctx.cells()]
+        err = rel(steps, cpu_steps)
+        report("mode-neox", spec, mode, sizes, err)
+        assert err <= MAX_REL_VS_CPU_DECODE["f16"]
+
+
 @gpu
 def test_graphs_and_decode_paths(gguf_path, rng, monkeypatch):
     """CUDA graphs replay exactly the kernels of a direct launch, with or without chained launches
@@ -389,6 +411,19 @@ def test_graphs_and_decode_paths(gguf_path, rng, monkeypatch):
         few_splits = step_by_step(llm, tokens)
     monkeypatch.delenv("SEPEDGE_CUDA_ATTN_SPLITS")
     monkeypatch.delenv("SEPEDGE_CUDA_PREFETCH")
+    # the decode attention's loop with keys and values through registers, and the shared-memory ring
+    # at every depth: the same arithmetic in the same order; the next products' weights asked of L2
+    # (none, a little, all of them) change nothing either, nor the cache's layout (cell- or head-major)
+    for env in ({"SEPEDGE_CUDA_ATTN_RING": "1", "SEPEDGE_CUDA_NEXT_L2": "24"},
+                {"SEPEDGE_CUDA_ATTN_RING": "1", "SEPEDGE_CUDA_ATTN_STAGES": "2", "SEPEDGE_CUDA_NEXT_L2": "1"},
+                {"SEPEDGE_CUDA_ATTN_RING": "1", "SEPEDGE_CUDA_ATTN_STAGES": "4", "SEPEDGE_CUDA_NEXT_L2": "1000"},
+                {"SEPEDGE_CUDA_KV_LAYOUT": "cells"}, {"SEPEDGE_CUDA_KV_LAYOUT": "cells", "SEPEDGE_CUDA_ATTN_RING": "1"}):
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        with cuda_engine(path, n_ctx=512) as llm:
+            np.testing.assert_array_equal(step_by_step(llm, tokens), graphs, err_msg=str(env))
+        for k in env:
+            monkeypatch.delenv(k)
     monkeypatch.setenv("SEPEDGE_CUDA_GRAPHS", "0")
     with cuda_engine(path, n_ctx=512) as llm:
         direct = step_by_step(llm, tokens)

@@ -7,7 +7,10 @@
 // (online softmax), merged at the end of the block. The last block of a column to finish merges the
 // splits. The token's own rotation and its store into the cache happen in the same kernel. The grid
 // covers the most splits there can be and blocks past the live cells return at once, so the launch
-// does not depend on the step (CUDA graphs).
+// does not depend on the step (CUDA graphs). Two measured-no-faster variants stay behind switches
+// (cuda_kernels_log.md, session 5): keys and values through a cp.async ring in shared memory
+// (SEPEDGE_CUDA_ATTN_RING=1), and the idle blocks asking L2 for the next products' weights
+// (SEPEDGE_CUDA_NEXT_L2=MB).
 //
 // Many tokens (prefill), head_dim 64 or 128: a block takes 64 query rows (token, head) of one KV head,
 // a warp 16 of them, and streams the live cells through shared memory 64 at a time; Q K^T, the
@@ -36,12 +39,13 @@ __device__ __forceinline__ bool visible(const se_dcell & c, int p, int floor, in
 #define DEC_WARPS 4
 #define DEC_MAX_G 8    // query heads a block
 #define DEC_STAGE 256  // cells staged in shared memory at once
-#define DEC_U 4        // cells a lane group has in flight
+#define DEC_U 4        // cells a lane group takes a step
 // Blocks a multiprocessor must hold (a register cap): the kernel is bound by latency, so more warps
 // in flight; four query heads a block fit 128 registers a thread without spills.
 #define DEC_MIN_BLOCKS(GB) ((GB) <= 4 ? 4 : 2)
 #define DEC_PREFETCH 64 // cells of its split a block asks L2 for before it waits for its inputs
 #define DEC_AHEAD 2     // main-loop steps ahead that a lane group asks L2 for its cells
+#define DEC_MAX_SLOTS 4 // ring slots at most (SEPEDGE_CUDA_ATTN_STAGES)
 
 // Ask L2 for the lines of one cache row [p, p + bytes), one thread.
 __device__ __forceinline__ void prefetch_row_l2(const __half * p, int bytes) {
@@ -54,35 +58,98 @@ __device__ __forceinline__ int n_splits_of(int n_live, int max_splits) {
     return n < max_splits ? n : max_splits;
 }
 
+// 16 bytes global -> shared, not through L1 (cache rows are read once a layer).
+__device__ __forceinline__ void cp_async16(void * dst, const void * src) {
+    const unsigned s = (unsigned) __cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+// Until at most n - 1 of this thread's groups are in flight (n = the ring's slots).
+__device__ __forceinline__ void cp_async_wait_slots(int n) {
+    if (n >= 4) asm volatile("cp.async.wait_group 3;" ::: "memory");
+    else if (n == 3) asm volatile("cp.async.wait_group 2;" ::: "memory");
+    else asm volatile("cp.async.wait_group 1;" ::: "memory");
+}
+
+// The blocks of the grid past the live cells, while the few others work: ask L2 for the next
+// products' weights (se_dattn.next: wo, then the rows of gate and up read first), so that those
+// kernels start from L2 instead of device memory. Skipped when the cache rows this layer reads are
+// many (next_max_cache): they need the bandwidth and the L2 themselves.
+__device__ __forceinline__ void prefetch_next(const se_dattn & a, int n_splits) {
+    if (a.n_next == 0 || (int64_t) a.step->n_live * a.cache_row_bytes > a.next_max_cache) return;
+    const int64_t idle = (int64_t) (gridDim.y - n_splits) * gridDim.x;
+    const int64_t me = ((int64_t) (blockIdx.y - n_splits) * gridDim.x + blockIdx.x) * blockDim.x + threadIdx.x;
+    const int64_t stride = idle * blockDim.x;
+    int64_t first = 0;  // lines of the spans before this one
+    for (int s = 0; s < a.n_next; s++) {
+        const se_l2_span sp = a.next[s];
+        const int64_t lines_a_chunk = sp.chunk / 128 + 2;  // the chunk's lines, wherever it starts
+        const int64_t lines = lines_a_chunk * sp.n;
+        int64_t i = me - first;
+        if (i < 0) i += ((-i + stride - 1) / stride) * stride;  // this thread's first line of the span
+        for (; i < lines; i += stride) {
+            const int64_t c = i / lines_a_chunk, l = i % lines_a_chunk;
+            const uintptr_t base = (uintptr_t) (sp.p + c * sp.stride);
+            const uintptr_t x = min((uintptr_t) ((base & ~(uintptr_t) 127) + 128 * l), base + sp.chunk - 1);
+            asm volatile("prefetch.global.L2::evict_last [%0];" ::"l"(x));
+        }
+        first += lines;
+    }
+}
+
+// Shared memory of the decode kernel beyond its fixed arrays (dynamic): the ring (RING), whose
+// slots hold a step's cells for each thread: its 16-byte pieces of DEC_U keys and values, and with
+// deltas the cells' (cos, sin) rows; after the loop, the lane groups' partial sums (acc) in the same bytes.
+template <int DP, int GB>
+struct dec_smem {
+    static constexpr int C = 32 / (DP / 8);
+    static constexpr size_t kv = (size_t) DEC_U * 2 * DEC_WARPS * 32 * 16;
+    static constexpr size_t tab = (size_t) DEC_WARPS * DEC_U * C * (DP / 2) * sizeof(float2);
+    static constexpr size_t acc = (size_t) DEC_WARPS * C * GB * DP * sizeof(float);
+    static size_t bytes(bool ring, bool rot, int slots) {
+        const size_t r = ring ? (size_t) slots * (kv + (rot ? tab : 0)) : 0;
+        return r > acc ? r : acc;
+    }
+};
+
 // grid (n_head / gb, max_splits); block DEC_WARPS warps; head_dim d <= DP, d % 16 == 0; gb <= GB
 // query heads (registers scale with GB: fewer for smaller groups, more blocks a multiprocessor).
-template <int DP, int GB>
-__global__ void __launch_bounds__(DEC_WARPS * 32, DEC_MIN_BLOCKS(GB)) k_attn_decode(const se_dattn a, int gb, int8_t * qx, float2 * ds) {
+// RING: the cells' keys, values (and delta rows) come through shared memory with cp.async, `slots`
+// steps in flight while a step is computed; else a lane group loads a step's keys and values into
+// registers, then computes (the default: faster on the H200).
+template <int DP, int GB, bool RING>
+__global__ void __launch_bounds__(DEC_WARPS * 32, DEC_MIN_BLOCKS(GB))
+    k_attn_decode(const se_dattn a, int gb, int8_t * qx, float2 * ds, int slots) {
     constexpr int L = DP / 8, C = 32 / L;  // lanes a cell, cells a warp at once
+    using SM = dec_smem<DP, GB>;
+    extern __shared__ __align__(16) uint8_t dsm[];
     __shared__ __align__(16) float s_q[GB][DP];  // queries; at the end, the outputs
     __shared__ __align__(16) __half s_k[DP], s_v[DP];   // the token's own key and value
     __shared__ float s_m[DEC_WARPS][C][GB], s_l[DEC_WARPS][C][GB];
-    __shared__ float s_acc[DEC_WARPS][C][GB][DP];
     __shared__ se_dcell s_cells[DEC_STAGE];                // the stage's cells; cell -1: not visible
     __shared__ int s_last;
+    float * s_acc = (float *) dsm;  // [DEC_WARPS][C][GB][DP], after the loop
+    auto acc_at = [&](int w, int u, int g, int j) -> float & { return s_acc[((w * C + u) * GB + g) * DP + j]; };
 
     const int n_live = a.step->n_live, n_splits = n_splits_of(n_live, a.max_splits), split = blockIdx.y;
     const int len = (n_live + n_splits - 1) / n_splits, c0 = split * len, c1 = min(c0 + len, n_live);
     const int d = a.head_dim, half = d / 2, group = a.n_head / a.n_head_kv;
     const int h0 = blockIdx.x * gb, hk = h0 / group;
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, G = lane / L, j0 = 8 * (lane % L);
-    const int64_t row = (int64_t) a.n_head_kv * d;
     // The cells' keys and values of earlier steps depend on nothing the kernels before this one
     // write (the step's upload precedes the pass): ask L2 for the split's first ones, let the next
     // kernel start, then wait for the token's query, key and value.
     for (int t = tid; t < min(c1 - c0, a.prefetch >= 1 ? DEC_PREFETCH : 0); t += blockDim.x) {
         const int cell = a.live[c0 + t].cell;
-        prefetch_row_l2(a.k + (int64_t) cell * row + (int64_t) hk * d, d * (int) sizeof(__half));
-        prefetch_row_l2(a.v + (int64_t) cell * row + (int64_t) hk * d, d * (int) sizeof(__half));
+        prefetch_row_l2(a.k + se_kv_at(a, cell, hk), d * (int) sizeof(__half));
+        prefetch_row_l2(a.v + se_kv_at(a, cell, hk), d * (int) sizeof(__half));
     }
     pdl_trigger();
     pdl_wait();
-    if (split >= n_splits) return;
+    if (split >= n_splits) {
+        prefetch_next(a, n_splits);
+        return;
+    }
     const int p = a.pos[0], floor = a.floor[0], mode = a.step->mode, n_local = a.step->n_local, own = a.cells[0];
 
     // the token's queries (scaled) and key rotated by its position; key and value rounded to f16
@@ -109,8 +176,8 @@ __global__ void __launch_bounds__(DEC_WARPS * 32, DEC_MIN_BLOCKS(GB)) k_attn_dec
     __syncthreads();
     if (split == 0 && h0 % group == 0) {  // one block a KV head stores the token
         for (int j = tid; j < d; j += blockDim.x) {
-            a.k[(int64_t) own * row + (int64_t) hk * d + j] = s_k[j];
-            a.v[(int64_t) own * row + (int64_t) hk * d + j] = s_v[j];
+            a.k[se_kv_at(a, own, hk) + j] = s_k[j];
+            a.v[se_kv_at(a, own, hk) + j] = s_v[j];
         }
     }
 
@@ -122,9 +189,66 @@ __global__ void __launch_bounds__(DEC_WARPS * 32, DEC_MIN_BLOCKS(GB)) k_attn_dec
 #pragma unroll
         for (int e = 0; e < 8; e++) acc[g][e] = 0;
     }
-    const bool dims = j0 < d;
+    const bool dims = j0 < d, rot = a.dtab != nullptr;
+    // One step of a lane group: DEC_U cells' scores for every head from their keys (k8 gives the
+    // lane's 8 dimensions of cell u's key, rotated by its delta), one online-softmax step for all of
+    // them (one rescale of the running sums per DEC_U cells, not per cell), then their values (v8).
+    auto step = [&](const int (&cu)[DEC_U], auto && k8, auto && v8) {
+        float sc[DEC_U][GB];
+#pragma unroll
+        for (int u = 0; u < DEC_U; u++) {
+            const bool vis = cu[u] >= 0;
+            float k[8];
+            k8(u, k);
+#pragma unroll
+            for (int g = 0; g < GB; g++) {
+                float t = 0;
+                if (g < gb) {
+                    const float4 qa = *(const float4 *) &s_q[g][j0], qb = *(const float4 *) &s_q[g][j0 + 4];
+                    t = qa.x * k[0] + qa.y * k[1] + qa.z * k[2] + qa.w * k[3] + qb.x * k[4] + qb.y * k[5] + qb.z * k[6] +
+                        qb.w * k[7];
+#pragma unroll
+                    for (int off = L / 2; off > 0; off >>= 1) t += __shfl_xor_sync(0xffffffffu, t, off);
+                }
+                sc[u][g] = vis ? t : -INFINITY;
+            }
+        }
+        // per head: the new max, the old sums rescaled once, the cells' weights (into sc)
+#pragma unroll
+        for (int g = 0; g < GB; g++) {
+            float mx = m[g];
+#pragma unroll
+            for (int u = 0; u < DEC_U; u++) mx = fmaxf(mx, sc[u][g]);
+            if (g >= gb || mx == -INFINITY) {  // nothing visible yet
+#pragma unroll
+                for (int u = 0; u < DEC_U; u++) sc[u][g] = 0;
+                continue;
+            }
+            const float alpha = __expf(m[g] - mx);
+            float wsum = 0;
+#pragma unroll
+            for (int u = 0; u < DEC_U; u++) {
+                sc[u][g] = __expf(sc[u][g] - mx);
+                wsum += sc[u][g];
+            }
+            m[g] = mx;
+            l[g] = l[g] * alpha + wsum;
+#pragma unroll
+            for (int e = 0; e < 8; e++) acc[g][e] *= alpha;
+        }
+#pragma unroll
+        for (int u = 0; u < DEC_U; u++) {
+            float v[8];
+            v8(u, v);
+#pragma unroll
+            for (int g = 0; g < GB; g++)
+#pragma unroll
+                for (int e = 0; e < 8; e++) acc[g][e] += sc[u][g] * v[e];
+        }
+    };
+    const int first = warp * C * DEC_U, stride = DEC_WARPS * C * DEC_U;
     // the split's cells, a stage at a time: staged in shared memory with their visibility, then each
-    // lane group takes DEC_U of them at once (all their loads in flight before any arithmetic)
+    // lane group takes DEC_U of them a step
     for (int sb = c0; sb < c1; sb += DEC_STAGE) {
         const int sn = min(DEC_STAGE, c1 - sb);
         __syncthreads();  // the previous stage is done
@@ -134,113 +258,132 @@ __global__ void __launch_bounds__(DEC_WARPS * 32, DEC_MIN_BLOCKS(GB)) k_attn_dec
             s_cells[t] = c;
         }
         __syncthreads();
-        for (int base = warp * C * DEC_U; base < sn; base += DEC_WARPS * C * DEC_U) {
-            int4 kraw[DEC_U], vraw[DEC_U];
-            int cu[DEC_U], du[DEC_U];  // the cells and their deltas
-            if (a.prefetch >= 2 && j0 == 0 && base + DEC_AHEAD * DEC_WARPS * C * DEC_U >= DEC_PREFETCH) {  // beyond the first ones
+        // ask L2 for the cells of the step `DEC_AHEAD` steps after the one at `base` (prefetch 2)
+        auto prefetch_ahead = [&](int base) {
+            if (a.prefetch < 2 || j0 != 0 || base + DEC_AHEAD * stride < DEC_PREFETCH) return;
 #pragma unroll
-                for (int u = 0; u < DEC_U; u++) {
-                    const int i = base + DEC_AHEAD * DEC_WARPS * C * DEC_U + u * C + G;
-                    const int cell = i < sn ? s_cells[i].cell : -1;
-                    if (cell >= 0) {
-                        prefetch_row_l2(a.k + (int64_t) cell * row + (int64_t) hk * d, d * (int) sizeof(__half));
-                        prefetch_row_l2(a.v + (int64_t) cell * row + (int64_t) hk * d, d * (int) sizeof(__half));
-                    }
+            for (int u = 0; u < DEC_U; u++) {
+                const int i = base + DEC_AHEAD * stride + u * C + G;
+                const int cell = i < sn ? s_cells[i].cell : -1;
+                if (cell >= 0) {
+                    prefetch_row_l2(a.k + se_kv_at(a, cell, hk), d * (int) sizeof(__half));
+                    prefetch_row_l2(a.v + se_kv_at(a, cell, hk), d * (int) sizeof(__half));
                 }
             }
+        };
+        if (!RING) {
+            for (int base = first; base < sn; base += stride) {
+                int4 kraw[DEC_U], vraw[DEC_U];
+                int cu[DEC_U], du[DEC_U];  // the cells and their deltas
+                prefetch_ahead(base);
+#pragma unroll
+                for (int u = 0; u < DEC_U; u++) {  // every load in flight before any arithmetic
+                    const int i = base + u * C + G;
+                    cu[u] = i < sn ? s_cells[i].cell : -1;
+                    du[u] = i < sn ? s_cells[i].delta : 0;
+                    if (cu[u] >= 0 && dims) {
+                        const bool mine = cu[u] == own;
+                        const __half * kr = mine ? s_k : a.k + se_kv_at(a, cu[u], hk);
+                        const __half * vr = mine ? s_v : a.v + se_kv_at(a, cu[u], hk);
+                        kraw[u] = *(const int4 *) (kr + j0);
+                        vraw[u] = *(const int4 *) (vr + j0);
+                    } else {
+                        kraw[u] = vraw[u] = make_int4(0, 0, 0, 0);
+                    }
+                }
+                step(cu, [&](int u, float (&k)[8]) {
+                    unpack8(kraw[u], k);
+                    if (cu[u] >= 0 && dims && du[u] != 0) {  // the table row: a second round trip
+                        const __half * kr = cu[u] == own ? s_k : a.k + se_kv_at(a, cu[u], hk);
+                        rope_rotate8(k, kr, j0, d, a.dtab + (int64_t) cu[u] * half, a.rope_type);
+                    }
+                }, [&](int u, float (&v)[8]) { unpack8(vraw[u], v); });
+            }
+            continue;
+        }
+        // the ring: slot s of a thread's pieces; a cell's (cos, sin) row is shared by its lane group
+        const size_t slot_bytes = SM::kv + (rot ? SM::tab : 0);
+        auto piece = [&](int s, int u, int which, int thread) -> int4 * {
+            return (int4 *) (dsm + s * slot_bytes) + (u * 2 + which) * (DEC_WARPS * 32) + thread;
+        };
+        auto tab_row = [&](int s, int u) -> float2 * {
+            return (float2 *) (dsm + s * slot_bytes + SM::kv) + ((warp * DEC_U + u) * C + G) * (DP / 2);
+        };
+        const int n_steps = sn > first ? (sn - first + stride - 1) / stride : 0;
+        auto issue = [&](int it) {
+            const int base = first + it * stride, s = it % slots;
+            prefetch_ahead(base);
+#pragma unroll
+            for (int u = 0; u < DEC_U; u++) {
+                const int i = base + u * C + G;
+                if (i >= sn) continue;
+                const se_dcell c = s_cells[i];
+                if (c.cell < 0) continue;
+                if (dims && c.cell == own) {  // the token itself: from shared memory (its store may not be seen yet)
+                    *piece(s, u, 0, tid) = *(const int4 *) (s_k + j0);
+                    *piece(s, u, 1, tid) = *(const int4 *) (s_v + j0);
+                } else if (dims) {
+                    cp_async16(piece(s, u, 0, tid), a.k + se_kv_at(a, c.cell, hk) + j0);
+                    cp_async16(piece(s, u, 1, tid), a.v + se_kv_at(a, c.cell, hk) + j0);
+                }
+                if (rot && c.delta != 0) {  // the delta's row (d / 4 pieces) in the same round as the key
+                    const uint8_t * t = (const uint8_t *) (a.dtab + (int64_t) c.cell * half);
+                    uint8_t * st = (uint8_t *) tab_row(s, u);
+                    for (int q = lane % L; q < d / 4; q += L) cp_async16(st + 16 * q, t + 16 * q);
+                }
+            }
+        };
+        for (int it = 0; it < slots - 1; it++) {
+            if (it < n_steps) issue(it);
+            cp_async_commit();
+        }
+        for (int it = 0; it < n_steps; it++) {
+            __syncwarp();  // every lane is done with the slot refilled now
+            if (it + slots - 1 < n_steps) issue(it + slots - 1);
+            cp_async_commit();
+            cp_async_wait_slots(slots);
+            __syncwarp();  // the step's pieces of the other lanes (delta rows, partner dimensions) are in
+            const int base = first + it * stride, s = it % slots;
+            int cu[DEC_U];
 #pragma unroll
             for (int u = 0; u < DEC_U; u++) {
                 const int i = base + u * C + G;
                 cu[u] = i < sn ? s_cells[i].cell : -1;
-                du[u] = i < sn ? s_cells[i].delta : 0;
-                if (cu[u] >= 0 && dims) {
-                    const bool mine = cu[u] == own;
-                    const __half * kr = mine ? s_k : a.k + (int64_t) cu[u] * row + (int64_t) hk * d;
-                    const __half * vr = mine ? s_v : a.v + (int64_t) cu[u] * row + (int64_t) hk * d;
-                    kraw[u] = *(const int4 *) (kr + j0);
-                    vraw[u] = *(const int4 *) (vr + j0);
-                } else {
-                    kraw[u] = vraw[u] = make_int4(0, 0, 0, 0);
-                }
             }
-            // scores of the DEC_U cells for every head, then one online-softmax step for all of
-            // them (one rescale of the running sums per DEC_U cells, not per cell); the values are
-            // converted from f16 as they are used (registers: four blocks a multiprocessor)
-            float sc[DEC_U][GB];
+            step(cu, [&](int u, float (&k)[8]) {
+                const int i = base + u * C + G;
+                if (cu[u] < 0 || !dims) {
 #pragma unroll
-            for (int u = 0; u < DEC_U; u++) {
-                const int cell = cu[u];
-                const bool vis = cell >= 0;
-                float k[8];
-                const __half2 * kh = (const __half2 *) &kraw[u];
-#pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    const float2 kf = __half22float2(kh[e]);
-                    k[2 * e] = kf.x, k[2 * e + 1] = kf.y;
+                    for (int e = 0; e < 8; e++) k[e] = 0;
+                    return;
                 }
-                if (vis && dims && du[u] != 0) {
-                    const __half * kr = cell == own ? s_k : a.k + (int64_t) cell * row + (int64_t) hk * d;
-                    rope_rotate8(k, kr, j0, d, a.dtab + (int64_t) cell * half, a.rope_type);
-                }
-#pragma unroll
-                for (int g = 0; g < GB; g++) {
-                    float t = 0;
-                    if (g < gb) {
-                        const float4 qa = *(const float4 *) &s_q[g][j0], qb = *(const float4 *) &s_q[g][j0 + 4];
-                        t = qa.x * k[0] + qa.y * k[1] + qa.z * k[2] + qa.w * k[3] + qb.x * k[4] + qb.y * k[5] + qb.z * k[6] +
-                            qb.w * k[7];
-#pragma unroll
-                        for (int off = L / 2; off > 0; off >>= 1) t += __shfl_xor_sync(0xffffffffu, t, off);
+                unpack8(*piece(s, u, 0, tid), k);
+                if (rot && s_cells[i].delta != 0) {
+                    // SE_ROPE_NEOX's partner dimensions j0 +- d / 2: one other lane's piece (d / 2 % 8 == 0)
+                    float pk[8];
+                    if (a.rope_type != SE_ROPE_NORM) {
+                        unpack8(*piece(s, u, 0, warp * 32 + G * L + (j0 < half ? j0 + half : j0 - half) / 8), pk);
                     }
-                    sc[u][g] = vis ? t : -INFINITY;
+                    rope_rotate8_row(k, pk, tab_row(s, u), j0, d, a.rope_type);
                 }
-            }
-            // per head: the new max, the old sums rescaled once, the cells' weights (into sc)
+            }, [&](int u, float (&v)[8]) {
+                if (cu[u] < 0 || !dims) {
 #pragma unroll
-            for (int g = 0; g < GB; g++) {
-                float mx = m[g];
-#pragma unroll
-                for (int u = 0; u < DEC_U; u++) mx = fmaxf(mx, sc[u][g]);
-                if (g >= gb || mx == -INFINITY) {  // nothing visible yet
-#pragma unroll
-                    for (int u = 0; u < DEC_U; u++) sc[u][g] = 0;
-                    continue;
+                    for (int e = 0; e < 8; e++) v[e] = 0;
+                    return;
                 }
-                const float alpha = __expf(m[g] - mx);
-                float wsum = 0;
-#pragma unroll
-                for (int u = 0; u < DEC_U; u++) {
-                    sc[u][g] = __expf(sc[u][g] - mx);
-                    wsum += sc[u][g];
-                }
-                m[g] = mx;
-                l[g] = l[g] * alpha + wsum;
-#pragma unroll
-                for (int e = 0; e < 8; e++) acc[g][e] *= alpha;
-            }
-#pragma unroll
-            for (int u = 0; u < DEC_U; u++) {
-                float v[8];
-                const __half2 * vh = (const __half2 *) &vraw[u];
-#pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    const float2 vv = __half22float2(vh[e]);
-                    v[2 * e] = vv.x, v[2 * e + 1] = vv.y;
-                }
-#pragma unroll
-                for (int g = 0; g < GB; g++)
-#pragma unroll
-                    for (int e = 0; e < 8; e++) acc[g][e] += sc[u][g] * v[e];
-            }
+                unpack8(*piece(s, u, 1, tid), v);
+            });
         }
     }
+    if (RING) __syncthreads();  // the partial sums below take the ring's bytes
     // merge the lane groups and warps: this split's (weighted values, max, sum) per head
 #pragma unroll
     for (int g = 0; g < GB; g++) {
         if (g >= gb) break;
         if (lane % L == 0) s_m[warp][G][g] = m[g], s_l[warp][G][g] = l[g];
 #pragma unroll
-        for (int e = 0; e < 8; e++) s_acc[warp][G][g][j0 + e] = acc[g][e];
+        for (int e = 0; e < 8; e++) acc_at(warp, G, g, j0 + e) = acc[g][e];
     }
     __syncthreads();
     for (int idx = tid; idx < gb * d; idx += blockDim.x) {
@@ -254,7 +397,7 @@ __global__ void __launch_bounds__(DEC_WARPS * 32, DEC_MIN_BLOCKS(GB)) k_attn_dec
                 for (int u = 0; u < C; u++) {
                     const float f = __expf(s_m[w][u][g] - mx);
                     sum += s_l[w][u][g] * f;
-                    val += s_acc[w][u][g][j] * f;
+                    val += acc_at(w, u, g, j) * f;
                 }
         }
         if (n_splits == 1) {
@@ -273,7 +416,7 @@ __global__ void __launch_bounds__(DEC_WARPS * 32, DEC_MIN_BLOCKS(GB)) k_attn_dec
         if (!s_last) return;
         __threadfence();
         // each split's weight exp(m - max) per head (in s_acc, free now), then the weighted sums
-        float * s_pw = &s_acc[0][0][0][0], * s_pl = s_pw + GB * SE_ATTN_MAX_SPLITS, * s_hm = s_pl + GB * SE_ATTN_MAX_SPLITS;
+        float * s_pw = s_acc, * s_pl = s_pw + GB * SE_ATTN_MAX_SPLITS, * s_hm = s_pl + GB * SE_ATTN_MAX_SPLITS;
         for (int idx = tid; idx < gb * n_splits; idx += blockDim.x) {
             const int g = idx / n_splits, sp = idx % n_splits;
             const float * part = a.part + ((int64_t) (h0 + g) * a.max_splits + sp) * (d + 2);
@@ -337,7 +480,6 @@ __global__ void __launch_bounds__(DEC_WARPS * 32) k_attn_split(const se_dattn a,
     const int h0 = blockIdx.x * gb, hk = h0 / group;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int p = a.pos[0], floor = a.floor[0], mode = a.step->mode, n_local = a.step->n_local;
-    const int64_t row = (int64_t) a.n_head_kv * d;
 
     float q[DEC_MAX_G][ROW_MAX_E], acc[DEC_MAX_G][ROW_MAX_E], m[DEC_MAX_G], l[DEC_MAX_G];
 #pragma unroll
@@ -354,8 +496,8 @@ __global__ void __launch_bounds__(DEC_WARPS * 32) k_attn_split(const se_dattn a,
     for (int i = c0 + warp; i < c1; i += DEC_WARPS) {
         const se_dcell c = a.live[i];
         if (!visible(c, p, floor, mode, n_local)) continue;
-        const __half * kr = a.k + (int64_t) c.cell * row + (int64_t) hk * d;
-        const __half * vr = a.v + (int64_t) c.cell * row + (int64_t) hk * d;
+        const __half * kr = a.k + se_kv_at(a, c.cell, hk);
+        const __half * vr = a.v + se_kv_at(a, c.cell, hk);
         const float2 * t = a.dtab + (int64_t) c.cell * (d / 2);
         float k[ROW_MAX_E], v[ROW_MAX_E];
 #pragma unroll
@@ -440,21 +582,41 @@ static int heads_per_block(int group) {
 // One wave: the splits of a column are capped so that every block of the grid is resident at once
 // (blocks past the live cells return at once, but a second wave of them still costs its start, and
 // a split left for a second wave doubles the kernel's time). SEPEDGE_CUDA_ATTN_SPLITS sets the cap (measurements).
-template <int DP, int GB>
-static cudaError_t launch_decode_gb(se_dattn a, int gb, int8_t * qx, float2 * ds, cudaStream_t s) {
-    static int per_sm = 0;
-    if (!per_sm && cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k_attn_decode<DP, GB>, DEC_WARPS * 32, 0) != cudaSuccess) {
+// SEPEDGE_CUDA_ATTN_RING=1: keys and values through the cp.async ring (measured on the H200 after 32K
+// tokens: 5.81 ms a token against 5.35 through registers, equal with sepllm-stream's deltas:
+// cuda_kernels_log.md, session 5), else through registers; SEPEDGE_CUDA_ATTN_STAGES: ring slots (2..4;
+// default 3, 2 with deltas, whose slots also hold the delta rows).
+static int env_int(const char * name, int fallback) {
+    const char * env = getenv(name);
+    return env && *env ? atoi(env) : fallback;
+}
+
+template <int DP, int GB, bool RING>
+static cudaError_t launch_decode_ring(se_dattn a, int gb, int8_t * qx, float2 * ds, cudaStream_t s) {
+    const bool rot = a.dtab != nullptr;
+    int slots = env_int("SEPEDGE_CUDA_ATTN_STAGES", rot ? 2 : 3);
+    slots = slots < 2 ? 2 : slots > DEC_MAX_SLOTS ? DEC_MAX_SLOTS : slots;
+    const size_t smem = dec_smem<DP, GB>::bytes(RING, rot, slots);
+    static int per_sm[2][DEC_MAX_SLOTS + 1];
+    int & n = per_sm[rot][slots];
+    if (!n && cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, k_attn_decode<DP, GB, RING>, DEC_WARPS * 32, smem) != cudaSuccess) {
         cudaGetLastError();
-        per_sm = 1;
+        n = 1;
     }
     const int columns = a.n_head / gb;
-    int wave = per_sm * se_cuda_n_sms() / columns;
-    const char * env = getenv("SEPEDGE_CUDA_ATTN_SPLITS");  // measurements
-    if (env && atoi(env) > 0) wave = atoi(env);
+    int wave = (n > 0 ? n : 1) * se_cuda_n_sms() / columns;
+    const int cap = env_int("SEPEDGE_CUDA_ATTN_SPLITS", 0);  // measurements
+    if (cap > 0) wave = cap;
     a.prefetch = se_cuda_opts.prefetch;
     if (wave >= 1 && wave < a.max_splits) a.max_splits = wave;  // part's stride: the same in every block
-    return se_launch(k_attn_decode<DP, GB>, dim3((unsigned) columns, (unsigned) a.max_splits), dim3(DEC_WARPS * 32), 0, s,
-              se_cuda_opts.pdl, a, gb, qx, ds);
+    return se_launch(k_attn_decode<DP, GB, RING>, dim3((unsigned) columns, (unsigned) a.max_splits), dim3(DEC_WARPS * 32), smem, s,
+                     se_cuda_opts.pdl, a, gb, qx, ds, slots);
+}
+
+template <int DP, int GB>
+static cudaError_t launch_decode_gb(const se_dattn & a, int gb, int8_t * qx, float2 * ds, cudaStream_t s) {
+    const bool ring = env_int("SEPEDGE_CUDA_ATTN_RING", 0) != 0;
+    return ring ? launch_decode_ring<DP, GB, true>(a, gb, qx, ds, s) : launch_decode_ring<DP, GB, false>(a, gb, qx, ds, s);
 }
 
 template <int DP>
@@ -508,7 +670,6 @@ __global__ void __launch_bounds__(128) k_attn_prefill(const se_dattn a, int32_t 
     const int tid = threadIdx.x, warp = tid / 32;
     const int n_rows = n * group, r0 = blockIdx.x * PF_ROWS;
     const int n_live = a.step->n_live, mode = a.step->mode, n_local = a.step->n_local;
-    const int64_t row = (int64_t) a.n_head_kv * D;
 
     for (int idx = tid; idx < PF_ROWS * D; idx += blockDim.x) {  // queries, scaled
         const int r = idx / D, j = idx % D, R = r0 + r;
@@ -543,7 +704,7 @@ __global__ void __launch_bounds__(128) k_attn_prefill(const se_dattn a, int32_t 
         for (int idx = tid; idx < PF_CELLS * D; idx += blockDim.x) {
             const int ci = idx / D, j = idx % D;
             const se_dcell c = cells[ci];
-            const __half * kr = a.k + (int64_t) c.cell * row + (int64_t) hk * D;
+            const __half * kr = a.k + se_kv_at(a, c.cell, hk);
             kv[ci * LDH + j] = c.cell < 0 ? __float2half(0.0f) : c.delta == 0 ? kr[j]
                              : __float2half(rope_rotated(kr, j, D, a.dtab + (int64_t) c.cell * (D / 2), a.rope_type));
         }
@@ -592,7 +753,7 @@ __global__ void __launch_bounds__(128) k_attn_prefill(const se_dattn a, int32_t 
         for (int idx = tid; idx < PF_CELLS * D; idx += blockDim.x) {  // values replace the keys
             const int ci = idx / D, j = idx % D;
             const se_dcell c = cells[ci];
-            kv[ci * LDH + j] = c.cell >= 0 ? a.v[(int64_t) c.cell * row + (int64_t) hk * D + j] : __float2half(0.0f);
+            kv[ci * LDH + j] = c.cell >= 0 ? a.v[se_kv_at(a, c.cell, hk) + j] : __float2half(0.0f);
         }
         __syncthreads();
         for (int nb = warp; nb < D / 16; nb += 4) {  // P V: warp takes output columns [16 nb, +16)
@@ -626,7 +787,6 @@ __global__ void k_attn_rows(const se_dattn a, int32_t n) {
     if (R >= n * a.n_head) return;
     const int t = R / a.n_head, h = R % a.n_head, hk = h / (a.n_head / a.n_head_kv), d = a.head_dim;
     const int p = a.pos[t], floor = a.floor[t], mode = a.step->mode, n_local = a.step->n_local;
-    const int64_t row = (int64_t) a.n_head_kv * d;
     float q[ROW_MAX_E], acc[ROW_MAX_E], m = -INFINITY, l = 0;
     for (int e = 0; e < ROW_MAX_E; e++) {
         const int j = lane + 32 * e;
@@ -636,7 +796,7 @@ __global__ void k_attn_rows(const se_dattn a, int32_t n) {
     for (int i = 0; i < a.step->n_live; i++) {
         const se_dcell c = a.live[i];
         if (!visible(c, p, floor, mode, n_local)) continue;
-        const __half * kr = a.k + (int64_t) c.cell * row + (int64_t) hk * d;
+        const __half * kr = a.k + se_kv_at(a, c.cell, hk);
         float k[ROW_MAX_E];
         for (int e = 0; e < ROW_MAX_E; e++) {
             const int j = lane + 32 * e;
@@ -650,7 +810,7 @@ __global__ void k_attn_rows(const se_dattn a, int32_t n) {
         l = l * alpha + w;
         for (int e = 0; e < ROW_MAX_E; e++) {
             const int j = lane + 32 * e;
-            const float v = j < d ? __half2float(a.v[(int64_t) c.cell * row + (int64_t) hk * d + j]) : 0.0f;
+            const float v = j < d ? __half2float(a.v[se_kv_at(a, c.cell, hk) + j]) : 0.0f;
             acc[e] = acc[e] * alpha + w * v;
         }
     }
@@ -705,7 +865,6 @@ __global__ void __launch_bounds__(FA_WARPS * 32) k_attn_prefill_mma(const se_dat
     const int group = a.n_head / a.n_head_kv, hk = blockIdx.y;
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, tig = lane % 4;
     const int n_rows = n * group, n_live = a.step->n_live, mode = a.step->mode, n_local = a.step->n_local;
-    const int64_t row = (int64_t) a.n_head_kv * D;
 
     // this thread's two query rows (g and g + 8 of its warp's 16): position, sepllm floor, output row
     int rp[2], rf[2];
@@ -761,9 +920,9 @@ __global__ void __launch_bounds__(FA_WARPS * 32) k_attn_prefill_mma(const se_dat
             const se_dcell c = cells[ci];
             int4 kq = make_int4(0, 0, 0, 0), vq = kq;
             if (c.cell >= 0) {
-                const __half * kr = a.k + (int64_t) c.cell * row + (int64_t) hk * D;
+                const __half * kr = a.k + se_kv_at(a, c.cell, hk);
                 kq = *(const int4 *) (kr + jd);
-                vq = *(const int4 *) (a.v + (int64_t) c.cell * row + (int64_t) hk * D + jd);
+                vq = *(const int4 *) (a.v + se_kv_at(a, c.cell, hk) + jd);
                 if (c.delta != 0) {  // rotated by the cell's delta as it is read
                     float k8[8];
                     load8(kr + jd, k8);
@@ -885,9 +1044,14 @@ int se_cuda_attention_prefill(const se_dattn * a, int32_t n, cudaStream_t s) {
     return SE_OK;
 }
 
+// The most shared memory a decode launch takes beyond its fixed arrays: 4 slots with delta rows.
 template <int DP, int GB>
 static void carveout_decode() {
-    cudaFuncSetAttribute(k_attn_decode<DP, GB>, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
+    const int most = (int) dec_smem<DP, GB>::bytes(true, true, DEC_MAX_SLOTS);
+    for (const void * k : {(const void *) k_attn_decode<DP, GB, true>, (const void *) k_attn_decode<DP, GB, false>}) {
+        cudaFuncSetAttribute(k, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
+        cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, most);
+    }
 }
 
 // One shared-memory carveout for every kernel: a change between two kernels drains the multiprocessor.

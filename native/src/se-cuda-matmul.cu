@@ -363,6 +363,14 @@ int se_cuda_matvec_norm(const se_mm_out * outs, int n_outs, const float * x, con
     return launch(a, rows, smem, s);
 }
 
+// The rows a block of the one-token product of outs reads in turn from its first (gate and up with
+// swiglu, from the normalized input): 0 where the row-team kernel serves, whose first round of
+// groups is the first rows of the weights (an earlier kernel's L2 prefetch follows this order).
+int64_t se_cuda_matvec_period(const se_mm_out * outs, int n_outs, bool swiglu, int path) {
+    if (all_mvt(outs, n_outs, path) && se_cuda_mvt_serves(&outs[0].w, outs[0].w.rows, true, swiglu)) return 0;
+    return rows_per_block(swiglu ? outs[0].w.rows : outs[0].w.rows * n_outs, swiglu);
+}
+
 // ---------------------------------------------------------------------------------------------
 // prefill: out (n, rows) = x (n, cols) W^T, a block per 64 rows x 64 tokens, K in steps of 32
 

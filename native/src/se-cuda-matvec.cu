@@ -464,6 +464,11 @@ static bool auto_takes(int32_t type, int64_t n_u, int64_t rows, bool norm, bool 
     return type == SE_TYPE_Q4_0 && n_u <= 128;
 }
 
+bool se_cuda_mvt_serves(const se_dweight * w, int64_t rows, bool norm, bool swiglu) {
+    const int mode = se_cuda_mvt_mode();
+    return se_cuda_mvt_takes(w) && mode != SE_MVT_OFF && (mode == SE_MVT_ALL || auto_takes(w->type, w->cols / 32, rows, norm, swiglu));
+}
+
 bool se_cuda_mvt_takes(const se_dweight * w) {
     return (w->type == SE_TYPE_Q4_0 || w->type == SE_TYPE_Q4_K || w->type == SE_TYPE_Q6_K) && w->cols % 32 == 0 &&
            w->cols / 32 <= 512;

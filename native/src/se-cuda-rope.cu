@@ -60,13 +60,15 @@ __global__ void k_rope_store(const se_dattn a, float * q, const double * freq) {
             x[ib] = r.y;
         } else {
             const float * x = a.k_new + (int64_t) t * row + (int64_t) (h - n_head) * d;
-            __half * dst = a.k + cell * row + (int64_t) (h - n_head) * d;
+            __half * dst = a.k + se_kv_at(a, cell, h - n_head);
             const float2 r = rope_turn(x[ia], x[ib], c);
             dst[ia] = __float2half(r.x);
             dst[ib] = __float2half(r.y);
         }
     }
-    for (int64_t j = threadIdx.x; j < row; j += blockDim.x) a.v[cell * row + j] = __float2half(a.v_new[(int64_t) t * row + j]);
+    for (int64_t j = threadIdx.x; j < row; j += blockDim.x) {
+        a.v[se_kv_at(a, cell, j / d) + j % d] = __float2half(a.v_new[(int64_t) t * row + j]);
+    }
 }
 
 int se_cuda_rope_store(const se_dattn * a, float * q, const double * freq, int32_t n, cudaStream_t s) {

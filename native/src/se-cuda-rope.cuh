@@ -38,6 +38,38 @@ __device__ __forceinline__ void load8(const __half * p, float x[8]) {
     }
 }
 
+// Eight f16 values held in 16 bytes.
+__device__ __forceinline__ void unpack8(const int4 raw, float x[8]) {
+    const __half2 * h = (const __half2 *) &raw;
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+        const float2 f = __half22float2(h[e]);
+        x[2 * e] = f.x;
+        x[2 * e + 1] = f.y;
+    }
+}
+
+// Dimensions [j0, j0 + 8) of a key (in k) turned by the cell's delta, its (cos, sin) row t already
+// at hand (shared memory); SE_ROPE_NEOX: pk holds the partner dimensions j0 +- d / 2 (d / 2 % 8 == 0).
+__device__ __forceinline__ void rope_rotate8_row(float k[8], const float pk[8], const float2 * t, int j0, int d, int rope_type) {
+    if (rope_type == SE_ROPE_NORM) {
+#pragma unroll
+        for (int e = 0; e < 8; e += 2) {
+            const float2 r = rope_turn(k[e], k[e + 1], t[(j0 + e) / 2]);
+            k[e] = r.x;
+            k[e + 1] = r.y;
+        }
+        return;
+    }
+    const int half = d / 2;
+    const bool low = j0 < half;
+#pragma unroll
+    for (int e = 0; e < 8; e++) {
+        const float2 cs = t[(j0 + e) % half];
+        k[e] = low ? k[e] * cs.x - pk[e] * cs.y : pk[e] * cs.y + k[e] * cs.x;
+    }
+}
+
 // Dimensions [j0, j0 + 8) of key row kr (already in k) rotated by the cell's delta (table row t).
 __device__ __forceinline__ void rope_rotate8(float k[8], const __half * kr, int j0, int d, const float2 * t, int rope_type) {
     if (rope_type == SE_ROPE_NORM) {  // pairs (2i, 2i + 1) lie within the lane's eight

@@ -77,6 +77,8 @@ typedef struct cuda_ctx {
     bool mmq;             // prefill products on int8 tensor cores where the type has them
     bool use_graphs;
     se_cuda_launch_opts opts;  // programmatic dependent launch, L2 prefetch (se-cuda.h)
+    int next_l2_mb;            // decode: MB of the next products' weights the attention asks L2 for
+    bool kv_heads_major;       // the cache's layout (se_kv_at): a KV head's cells side by side
     cudaGraphExec_t graph[2];  // one-token pass without / with logits
     se_cuda_timing timing;     // SEPEDGE_CUDA_TIMING
 } cuda_ctx;
@@ -144,6 +146,10 @@ static int cuda_init(se_context * ctx) {
     c->opts.pdl = major >= 9 && !c->timing.on && !(env && !strcmp(env, "0"));
     env = getenv("SEPEDGE_CUDA_PREFETCH");
     c->opts.prefetch = env && *env ? atoi(env) : 1;
+    env = getenv("SEPEDGE_CUDA_NEXT_L2");
+    c->next_l2_mb = env && *env ? atoi(env) : 0;
+    env = getenv("SEPEDGE_CUDA_KV_LAYOUT");
+    c->kv_heads_major = !(env && !strcmp(env, "cells"));
     const int64_t dim = hp->n_embd, q_dim = (int64_t) hp->n_head * hp->head_dim, kv_dim = ctx->kv.row;
     int64_t widest = hp->n_ff > q_dim ? hp->n_ff : q_dim;
     if (widest < dim) widest = dim;
@@ -248,7 +254,46 @@ static se_dattn attn_args(se_context * ctx, int32_t il) {
     a.max_splits = c->max_splits;
     a.prefetch = c->opts.prefetch;
     a.scale = 1.0f / sqrtf((float) hp->head_dim);
+    a.n_next = 0;
+    a.cache_row_bytes = 2 * ctx->kv.row * (int64_t) sizeof(__half);
+    a.next_max_cache = 16 << 20;
+    a.kv_cell = c->kv_heads_major ? hp->head_dim : ctx->kv.row;
+    a.kv_head = c->kv_heads_major ? ctx->kv.cfg.n_cells * hp->head_dim : hp->head_dim;
     return a;
+}
+
+// Spans of w's rows for an L2 prefetch: the first `take` rows of every `period` (codes, scales).
+static void add_spans(se_dattn * a, const se_dweight & w, int64_t period, int64_t take) {
+    if (take <= 0 || period <= 0) return;
+    const int64_t n = w.rows / period > 0 ? w.rows / period : 1;
+    if (take > w.rows) take = w.rows;
+    const uint8_t * planes[2] = {w.q, w.s};
+    const int64_t row_bytes[2] = {w.q_row, w.s_row};
+    for (int i = 0; i < 2 && a->n_next < SE_L2_SPANS; i++) {
+        if (!planes[i]) continue;
+        a->next[a->n_next++] = se_l2_span{planes[i], period * row_bytes[i], take * row_bytes[i], n};
+    }
+}
+
+static int64_t weight_bytes(const se_dweight & w) { return w.rows * (w.q_row + (w.s ? w.s_row : 0)); }
+
+// What the decode attention of layer l asks L2 for ahead (SEPEDGE_CUDA_NEXT_L2: MB at most, 0 none):
+// all of wo, then of gate and up the rows their kernel reads first, as many as the rest allows.
+static void next_weights(const cuda_ctx * c, const se_cuda_layer * l, se_dattn * a) {
+    const int64_t budget = (int64_t) c->next_l2_mb << 20;
+    if (budget <= 0 || !c->opts.prefetch) return;
+    int64_t left = budget;
+    if (weight_bytes(l->wo) <= left) {
+        add_spans(a, l->wo, l->wo.rows, l->wo.rows);
+        left -= weight_bytes(l->wo);
+    }
+    const se_mm_out gate_up[2] = {{l->w_gate, c->hb, NULL, 0}, {l->w_up, c->hb2, NULL, 0}};
+    int64_t period = se_cuda_matvec_period(gate_up, 2, true, c->path);
+    if (period <= 0 || period > l->w_gate.rows) period = l->w_gate.rows;
+    const int64_t both = weight_bytes(l->w_gate) + weight_bytes(l->w_up);
+    const int64_t take = both > 0 ? (int64_t) ((double) left / (double) both * (double) period) : 0;
+    add_spans(a, l->w_gate, period, take < period ? take : period);
+    add_spans(a, l->w_up, period, take < period ? take : period);
 }
 
 // Whether the prefill product of w runs on the int8 tensor cores (its input then wanted in 8 bits).
@@ -321,7 +366,8 @@ static int layer_decode(se_context * ctx, int32_t il) {
     int r = norm_products(ctx, qkv, 3, c->x, l->attn_norm, false, NULL);
     if (r != SE_OK) return r;
     mark(c, "norm+qkv");
-    const se_dattn a = attn_args(ctx, il);
+    se_dattn a = attn_args(ctx, il);
+    next_weights(c, l, &a);
     if (!se_cuda_decode_fused(hp->head_dim)) {
         if ((r = se_cuda_rope_store(&a, c->q, c->freq, 1, st)) != SE_OK) return r;
         mark(c, "rope_store");

@@ -134,6 +134,10 @@ int se_cuda_matvec_norm(const se_mm_out * outs, int n_outs, const float * x, con
 enum { SE_MVT_OFF = 0, SE_MVT_AUTO = 1, SE_MVT_ALL = 2 };
 int se_cuda_mvt_mode();
 bool se_cuda_mvt_takes(const se_dweight * w);
+// Whether the row-team kernel serves a product of w's type and shape (rows: of all its outputs).
+bool se_cuda_mvt_serves(const se_dweight * w, int64_t rows, bool norm, bool swiglu);
+// The rows a block of the one-token product reads in turn from its first (0: the rows in order).
+int64_t se_cuda_matvec_period(const se_mm_out * outs, int n_outs, bool swiglu, int path);
 int se_cuda_mvt(const se_mm_out * outs, int n_outs, const int8_t * qx, const float2 * ds, const float * norm_x,
                 const float * norm_w, float eps, bool swiglu, int8_t * hq, float2 * hds, cudaStream_t s);
 // Prefill: out (n, rows) for n tokens through the tensor cores (f16 inputs, f32 accumulation).
@@ -173,6 +177,15 @@ struct se_dstep {            // header of the upload
     int32_t n_local;
 };
 
+// Bytes a kernel asks L2 for on behalf of a later kernel: n chunks of `chunk` bytes, `stride` apart.
+struct se_l2_span {
+    const uint8_t * p;
+    int64_t stride;
+    int64_t chunk;
+    int64_t n;
+};
+#define SE_L2_SPANS 6
+
 struct se_dattn {
     const se_dstep * step;
     const int32_t * pos;     // (n) query positions
@@ -193,7 +206,22 @@ struct se_dattn {
     int32_t max_splits;
     int32_t prefetch;        // se_cuda_opts.prefetch, for the one-token kernel
     float scale;
+    // one token: the next products' weights (wo, the first rows of gate and up), asked of L2 by the
+    // blocks with no cells while the others work, unless n_live * cache_row_bytes > next_max_cache
+    se_l2_span next[SE_L2_SPANS];
+    int32_t n_next;
+    int64_t cache_row_bytes; // a layer's key and value bytes of one cell
+    int64_t next_max_cache;
+    // a layer's keys (values alike): KV head hk of cell c at c * kv_cell + hk * kv_head (se_kv_at)
+    int64_t kv_cell, kv_head;
 };
+
+// Where KV head hk of a cell's key (or value) starts in a layer's cache. Two layouts
+// (SEPEDGE_CUDA_KV_LAYOUT): cells (cell-major: a cell's heads side by side, kv_cell = n_head_kv *
+// head_dim, kv_head = head_dim) and heads (head-major: a head's cells side by side, kv_cell =
+// head_dim, kv_head = n_cells * head_dim), which makes the rows one block of the decode attention
+// reads, consecutive cells of one head, consecutive in memory.
+__host__ __device__ inline int64_t se_kv_at(const se_dattn & a, int64_t cell, int64_t hk) { return cell * a.kv_cell + hk * a.kv_head; }
 
 // Cells per split of the one-token kernel, at least; at most SE_ATTN_MAX_SPLITS splits.
 #define SE_ATTN_SPLIT 32
