@@ -21,7 +21,8 @@
 # products against the warp-per-row ones, SEPEDGE_CUDA_MV), next-ab (decode with the attention's idle blocks asking L2
 # for the next products' weights: SEPEDGE_CUDA_NEXT_L2 MB), ring-ab (decode attention at 32K history, full and
 # sepllm-stream: the cache cell- or head-major, keys and values through registers or the cp.async ring,
-# SEPEDGE_CUDA_KV_LAYOUT / _ATTN_RING / _ATTN_STAGES / _ATTN_SPLITS).
+# SEPEDGE_CUDA_KV_LAYOUT / _ATTN_RING / _ATTN_STAGES), stream-ab (sepllm-stream after 32K: split counts, ncu of one
+# attention launch).
 set -u
 OUT=${OUT:-/tmp/sepedge-out}
 mkdir -p "$OUT" /tmp/models
@@ -205,6 +206,17 @@ PY
                    SEPEDGE_CUDA_TIMING=1 python3 benchmarks/cuda_profile.py $m --depth 32768 --steps 8
                    SEPEDGE_CUDA_TIMING=1 python3 benchmarks/cuda_profile.py $m --depth 32768 --kv-mode sepllm-stream --steps 16; } 2>&1 |
                      grep -v "^ *embeddings" | tee -a $OUT/ring-ab.log ;;
+        stream-ab) models 8b  # sepllm-stream after 32K tokens, 8B Q4_0: split counts (SEPEDGE_CUDA_ATTN_SPLITS caps them, 0: one
+                 # wave; ~800 cells make 25 splits of 32), then the counters of one decode attention launch (stall reasons)
+                 m=/tmp/models/llama3-8b-q4_0.gguf
+                 for sp in ${STREAM_SPLITS:-0 16 8 4}; do
+                     SEPEDGE_CUDA_ATTN_SPLITS=$sp python3 benchmarks/cuda_profile.py $m --depth 32768 --kv-mode sepllm-stream --steps 64 2>&1 |
+                         sed "s/^/splits=$sp /"
+                 done 2>&1 | tee $OUT/stream-ab.log
+                 SEPEDGE_CUDA_GRAPHS=0 timeout ${NCU_TIMEOUT:-150} ncu --clock-control none -k regex:k_attn_decode --launch-skip 40 --launch-count 1 \
+                     --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats \
+                     python3 benchmarks/cuda_profile.py $m --depth 32768 --kv-mode sepllm-stream --steps 4 > $OUT/ncu-stream.log 2>&1
+                 grep -E "k_attn|Duration|DRAM Throughput|Achieved Occupancy|Registers Per|Warp Cycles Per Issued|Issued Warp|Stall|stall" $OUT/ncu-stream.log | head -60 ;;
         profile-stream) models 8b  # kernel times of sepllm-stream decode after 32K tokens, and its wall time
                  { SEPEDGE_CUDA_TIMING=1 python3 benchmarks/cuda_profile.py /tmp/models/llama3-8b-q4_0.gguf --depth 32768 --kv-mode sepllm-stream --steps 16
                    python3 benchmarks/cuda_profile.py /tmp/models/llama3-8b-q4_0.gguf --depth 32768 --kv-mode sepllm-stream --steps 64
