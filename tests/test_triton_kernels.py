@@ -213,6 +213,17 @@ def dequant_act64(a) -> np.ndarray:
     return (q.reshape(q.shape[0], -1, 32) * d[..., None]).reshape(q.shape)
 
 
+def act_row_ref(x, mode, norm, up):
+    """The float row an activation kernel quantizes, in float64 (x itself, its RMSNorm with weight norm,
+    or SwiGLU with up), and the relative tolerance of the kernel's float32 row against it."""
+    x64 = x.astype(np.float64)
+    if mode == "norm":
+        return x64 / np.sqrt((x64 ** 2).mean(-1, keepdims=True) + 1e-5) * norm, NORM_REL
+    if mode == "swiglu":
+        return x64 / (1 + np.exp(-np.clip(x64, -700, 700))) * up, SWIGLU_RTOL
+    return x64, 0.0
+
+
 @pytest.mark.parametrize("mode", ["plain", "norm", "swiglu"])
 @pytest.mark.parametrize("n", [32, 5 * 32, pytest.param(14336, marks=gpu_only)])
 def test_act_q8(rng, mode, n):
@@ -228,15 +239,7 @@ def test_act_q8(rng, mode, n):
     a = K.act_q8(xd, norm=on_device(norm) if mode == "norm" else None, eps=1e-5,
                  up=upd if mode == "swiglu" else None, keep_float=True)
     f = a.f.cpu().numpy()
-    x64 = x.astype(np.float64)
-    if mode == "norm":
-        ref = x64 / np.sqrt((x64 ** 2).mean(-1, keepdims=True) + 1e-5) * norm
-        tol = NORM_REL
-    elif mode == "swiglu":
-        ref = x64 / (1 + np.exp(-np.clip(x64, -700, 700))) * up[:, n:]
-        tol = SWIGLU_RTOL
-    else:
-        ref, tol = x64, 0.0
+    ref, tol = act_row_ref(x, mode, norm, up[:, n:])
     assert np.all(np.abs(f - ref) <= tol * np.abs(ref).max(-1, keepdims=True) + 1e-37)
     q, d, s = q8_codes64(f)
     np.testing.assert_array_equal(a.q.cpu().numpy(), q)
@@ -362,15 +365,7 @@ def test_act_f16(rng, mode, n):
     kw = dict(norm=on_device(norm) if mode == "norm" else None, eps=1e-5, up=upd if mode == "swiglu" else None)
     a = K.act_f16(xd, **kw)
     h, s = a.h.double().cpu().numpy(), a.s.double().cpu().numpy()
-    x64 = x.astype(np.float64)
-    if mode == "norm":
-        ref = x64 / np.sqrt((x64 ** 2).mean(-1, keepdims=True) + 1e-5) * norm
-        tol = NORM_REL
-    elif mode == "swiglu":
-        ref = x64 / (1 + np.exp(-np.clip(x64, -700, 700))) * up[:, n:]
-        tol = SWIGLU_RTOL
-    else:
-        ref, tol = x64, 0.0
+    ref, tol = act_row_ref(x, mode, norm, up[:, n:])
     top = np.abs(ref).max(-1, keepdims=True)
     assert np.all(np.abs(h * s[:, None] - ref) <= HALF_ROUND * np.abs(ref) + tol * top + 2.0 ** -24 * s[:, None])
     assert np.all(np.log2(s) == np.round(np.log2(s)))  # powers of two: exact scaling

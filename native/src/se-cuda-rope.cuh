@@ -70,26 +70,13 @@ __device__ __forceinline__ void rope_rotate8_row(float k[8], const float pk[8], 
     }
 }
 
-// Dimensions [j0, j0 + 8) of key row kr (already in k) rotated by the cell's delta (table row t).
+// Dimensions [j0, j0 + 8) of key row kr (already in k) rotated by the cell's delta (table row t);
+// SE_ROPE_NEOX pairs (i, i + d / 2), so the partners are eight other dimensions of the row.
 __device__ __forceinline__ void rope_rotate8(float k[8], const __half * kr, int j0, int d, const float2 * t, int rope_type) {
-    if (rope_type == SE_ROPE_NORM) {  // pairs (2i, 2i + 1) lie within the lane's eight
-#pragma unroll
-        for (int e = 0; e < 8; e += 2) {
-            const float2 r = rope_turn(k[e], k[e + 1], t[(j0 + e) / 2]);
-            k[e] = r.x;
-            k[e + 1] = r.y;
-        }
-        return;
-    }
-    const int half = d / 2;  // pairs (i, i + half): the partners are eight other dimensions
-    const bool low = j0 < half;
+    if (rope_type == SE_ROPE_NORM) return rope_rotate8_row(k, k, t, j0, d, rope_type);  // pairs within the eight
     float pk[8];
-    load8(kr + (low ? j0 + half : j0 - half), pk);
-#pragma unroll
-    for (int e = 0; e < 8; e++) {
-        const float2 cs = t[(j0 + e) % half];
-        k[e] = low ? k[e] * cs.x - pk[e] * cs.y : pk[e] * cs.y + k[e] * cs.x;
-    }
+    load8(kr + (j0 < d / 2 ? j0 + d / 2 : j0 - d / 2), pk);
+    rope_rotate8_row(k, pk, t, j0, d, rope_type);
 }
 
 #endif  // SE_CUDA_ROPE_CUH
