@@ -26,18 +26,6 @@ __device__ inline float rope_rotated(const __half * k, int j, int d, const float
     return j == ia ? r.x : r.y;
 }
 
-// Eight f16 values from a 16-byte load.
-__device__ __forceinline__ void load8(const __half * p, float x[8]) {
-    const int4 raw = *(const int4 *) p;
-    const __half2 * h = (const __half2 *) &raw;
-#pragma unroll
-    for (int e = 0; e < 4; e++) {
-        const float2 f = __half22float2(h[e]);
-        x[2 * e] = f.x;
-        x[2 * e + 1] = f.y;
-    }
-}
-
 // Eight f16 values held in 16 bytes.
 __device__ __forceinline__ void unpack8(const int4 raw, float x[8]) {
     const __half2 * h = (const __half2 *) &raw;
@@ -48,6 +36,9 @@ __device__ __forceinline__ void unpack8(const int4 raw, float x[8]) {
         x[2 * e + 1] = f.y;
     }
 }
+
+// Eight f16 values from a 16-byte load.
+__device__ __forceinline__ void load8(const __half * p, float x[8]) { unpack8(*(const int4 *) p, x); }
 
 // Dimensions [j0, j0 + 8) of a key (in k) turned by the cell's delta, its (cos, sin) row t already
 // at hand (shared memory); SE_ROPE_NEOX: pk holds the partner dimensions j0 +- d / 2 (d / 2 % 8 == 0).
