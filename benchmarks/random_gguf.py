@@ -62,7 +62,8 @@ def random_bytes(qtype, shape, rng):
     step = max(1, CHUNK // size)
     for b0 in range(0, n_blocks, step):
         n = min(step, n_blocks - b0)
-        b = np.frombuffer(bytearray(rng.bytes(n * size)), dtype=np.uint8).reshape(n, size)
+        # the bit generator's raw words: ~5x the rate of Generator.bytes, and already a writable array
+        b = rng.bit_generator.random_raw((n * size + 7) // 8).view(np.uint8)[:n * size].reshape(n, size)
         for off in SCALE_FIELDS[qtype]:
             b[:, off:off + 2] = (0.002 * rng.standard_normal(n)).astype(np.float16).view(np.uint8).reshape(-1, 2)
         yield b.reshape(-1)
