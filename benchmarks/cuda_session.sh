@@ -34,9 +34,18 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=c
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD
 ln -sfn ../convert sepedge/convert  # where the wheel puts it
-cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=$ARCH > "$OUT/build.log" 2>&1 &&
-    cmake --build build-gpu -j "$JOBS" >> "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
-export SEPEDGE_LIB=$PWD/build-gpu/libsepedge.so
+# A library built here beforehand for this architecture (benchmarks/prebuild_cuda.sh, carried as
+# build/cuda$ARCH/libsepedge.so and its .src-hash) saves the minute or more of device time a build takes;
+# it serves only if it was built from these very sources.
+PRE=build/cuda$ARCH/libsepedge.so
+if [ -e "$PRE" ] && [ "$(cat "$PRE.src-hash" 2>/dev/null)" = "$(bash benchmarks/prebuild_cuda.sh --hash)" ]; then
+    echo "using the prebuilt $PRE" | tee "$OUT/build.log"
+    export SEPEDGE_LIB=$PWD/$PRE
+else
+    cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=$ARCH > "$OUT/build.log" 2>&1 &&
+        cmake --build build-gpu -j "$JOBS" >> "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+    export SEPEDGE_LIB=$PWD/build-gpu/libsepedge.so
+fi
 export SEPEDGE_SMOLLM2_VOCAB=$PWD/.gpu/smollm2-vocab.gguf
 
 llama_build() {
