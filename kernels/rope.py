@@ -16,6 +16,16 @@ NORM, NEOX = 0, 2  # ggml's rope modes
 
 
 @triton.jit
+def _rotate(src, dst, i0, i1, cos, sin, mask):
+    """Pairs (i0, i1) of the rows at src rotated by (cos, sin) and stored at dst (src itself: in place),
+    rounded to dst's type."""
+    x0 = tl.load(src + i0[None, :], mask=mask, other=0.0).to(tl.float32)
+    x1 = tl.load(src + i1[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(dst + i0[None, :], (x0 * cos - x1 * sin).to(dst.dtype.element_ty), mask=mask)
+    tl.store(dst + i1[None, :], (x0 * sin + x1 * cos).to(dst.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def rope_kernel(
     X, POS, INV_FREQ,  # pointers; X is rotated in place
     n_heads, half,  # heads per row, rotated pairs per head (head_dim / 2)
@@ -33,10 +43,7 @@ def rope_kernel(
         i0, i1 = i, i + half
     base = X + t.to(tl.int64) * stride_t + heads[:, None] * stride_h
     mask = (heads[:, None] < n_heads) & (i[None, :] < half)
-    x0 = tl.load(base + i0[None, :], mask=mask, other=0.0).to(tl.float32)
-    x1 = tl.load(base + i1[None, :], mask=mask, other=0.0).to(tl.float32)
-    tl.store(base + i0[None, :], (x0 * cos - x1 * sin).to(X.dtype.element_ty), mask=mask)
-    tl.store(base + i1[None, :], (x0 * sin + x1 * cos).to(X.dtype.element_ty), mask=mask)
+    _rotate(base, base, i0, i1, cos, sin, mask)
 
 
 @triton.jit
@@ -62,20 +69,14 @@ def rope_store_kernel(
         heads = (pid_h - n_kv_blocks) * BLOCK_H + tl.arange(0, BLOCK_H)
         mask = (heads[:, None] < n_q_heads) & (i[None, :] < half)
         base = Q + t.to(tl.int64) * stride_qt + heads[:, None] * stride_qh
-        x0 = tl.load(base + i0[None, :], mask=mask, other=0.0).to(tl.float32)
-        x1 = tl.load(base + i1[None, :], mask=mask, other=0.0).to(tl.float32)
-        tl.store(base + i0[None, :], (x0 * cos - x1 * sin).to(Q.dtype.element_ty), mask=mask)
-        tl.store(base + i1[None, :], (x0 * sin + x1 * cos).to(Q.dtype.element_ty), mask=mask)
+        _rotate(base, base, i0, i1, cos, sin, mask)
     else:
         heads = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
         cell = tl.load(CELLS + t).to(tl.int64)
         mask = (heads[:, None] < n_heads) & (i[None, :] < half)
         src = K + t.to(tl.int64) * stride_kt + heads[:, None] * stride_kh
         dst = KC + cell * stride_cc + heads[:, None] * stride_ch
-        x0 = tl.load(src + i0[None, :], mask=mask, other=0.0).to(tl.float32)
-        x1 = tl.load(src + i1[None, :], mask=mask, other=0.0).to(tl.float32)
-        tl.store(dst + i0[None, :], (x0 * cos - x1 * sin).to(KC.dtype.element_ty), mask=mask)
-        tl.store(dst + i1[None, :], (x0 * sin + x1 * cos).to(KC.dtype.element_ty), mask=mask)
+        _rotate(src, dst, i0, i1, cos, sin, mask)
         d = tl.arange(0, BLOCK_DV)
         vmask = (heads[:, None] < n_heads) & (d[None, :] < D)
         v = tl.load(V + t.to(tl.int64) * stride_vt + heads[:, None] * stride_vh + d[None, :], mask=vmask, other=0.0)
