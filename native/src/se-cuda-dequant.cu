@@ -2,8 +2,8 @@
 // matrix's rows, a slice at a time, dequantized into a scratch buffer of row-major f16 values that
 // cublasGemmEx then reads, as llama.cpp does for its large batches of types without an int8 kernel.
 //
-// The values come from dequant32 (se-cuda-quants.cuh), the one device reading of every type's blocks
-// in the layouts of se-cuda.h, so this file knows no block layout of its own. The kernel is bound by
+// The values come from dequant32_wide / dequant32 (se-cuda-quants.cuh), the device's readings of every
+// type's blocks in the layouts of se-cuda.h, so this file knows no block layout of its own. The kernel is bound by
 // its writes (2 bytes a weight against 0.56 read for Q4_0): a thread makes 32 values of one row and
 // stores them as four 16-byte pieces, neighbouring threads the neighbouring pieces of the row.
 #include "se-cuda-quants.cuh"
@@ -15,7 +15,7 @@ __global__ void __launch_bounds__(256) k_dequant_f16(const se_dweight w, int64_t
     if (i >= rows * chunks) return;
     const int64_t r = i / chunks, c = i % chunks;
     float v[32];
-    dequant32(w, r0 + r, c, v);
+    dequant32_wide(w, r0 + r, c, v);
     __half * o = out + r * w.cols + 32 * c;
     if (w.cols % 8 == 0 && 32 * c + 32 <= w.cols) {  // 16-byte aligned pieces
         __align__(16) __half2 h[16];
@@ -43,7 +43,7 @@ __global__ void __launch_bounds__(256) k_weight_max(const se_dweight w, unsigned
     unsigned m = 0;
     for (int64_t i = (int64_t) blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (int64_t) gridDim.x * blockDim.x) {
         float v[32];
-        dequant32(w, i / chunks, i % chunks, v);
+        dequant32_wide(w, i / chunks, i % chunks, v);
 #pragma unroll
         for (int j = 0; j < 32; j++) m = max(m, __float_as_uint(v[j]) & 0x7fffffffu);
     }
