@@ -446,8 +446,9 @@ static int layer_decode(se_context * ctx, int32_t il) {
     return SE_OK;
 }
 
-// One layer for n > 1 tokens: tensor-core products (int8 over 8-bit activations for the quantized
-// types that have such a kernel, else f16) and tiled attention.
+// One layer for n > 1 tokens: tensor-core products (cuBLAS on f16 weights for chunks of at least
+// f16_min tokens where the route is on; else int8 over 8-bit activations for the quantized types
+// that have such a kernel, else f16) and tiled attention.
 static int layer_prefill(se_context * ctx, int32_t il, int32_t n) {
     const se_hparams * hp = &ctx->model->hp;
     const se_cuda_layer * l = &((const se_cuda_model *) ctx->model->dev)->layers[il];
