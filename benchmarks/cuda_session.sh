@@ -22,7 +22,8 @@
 # for the next products' weights: SEPEDGE_CUDA_NEXT_L2 MB), ring-ab (decode attention at 32K history, full and
 # sepllm-stream: the cache cell- or head-major, keys and values through registers or the cp.async ring,
 # SEPEDGE_CUDA_KV_LAYOUT / _ATTN_RING / _ATTN_STAGES), stream-ab (sepllm-stream after 32K: split counts, ncu of one
-# attention launch).
+# attention launch), cublas (the cuBLAS prefill route: where cuBLAS comes from, its tests, then benchmarks/cublas_ab.py
+# on both 8B files, route on / off interleaved, 64..4096-token prompts, and the route's per-kernel prefill times).
 set -u
 OUT=${OUT:-/tmp/sepedge-out}
 mkdir -p "$OUT" /tmp/models
@@ -81,6 +82,16 @@ for phase in "$@"; do
         tests) SEPEDGE_CUDA_REPORT=$OUT/errors.tsv timeout ${TEST_TIMEOUT:-420} python3 -m pytest -q -m gpu tests/test_cuda.py \
                    --maxfail=25 -p no:cacheprovider ${TEST_ARGS:-} 2>&1 | tee "$OUT/tests.log" | tail -40 ;;
         models) models ;;
+        cublas) python3 -c "import os; from sepedge._ffi import ffi, lib; r = lib.se_cuda_cublas_load(); print('SEPEDGE_CUBLAS:',
+                    os.environ.get('SEPEDGE_CUBLAS'), '| load:', ffi.string(lib.se_last_error()).decode() if r else 'ok')" 2>&1 | tee $OUT/cublas.log
+                SEPEDGE_CUDA_REPORT=$OUT/errors-cublas.tsv timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -m gpu tests/test_cuda.py \
+                    -k "cublas or dequantize_f16" --maxfail=10 -p no:cacheprovider 2>&1 | tee -a $OUT/cublas.log | tail -15
+                models 8b
+                python3 benchmarks/cublas_ab.py /tmp/models/llama3-8b-q4_0.gguf /tmp/models/llama3-8b-q4_k_m.gguf \
+                    --out $OUT/cublas_ab.json 2>&1 | tee -a $OUT/cublas.log
+                for m in /tmp/models/llama3-8b-*.gguf; do
+                    SEPEDGE_CUDA_TIMING=prefill python3 benchmarks/cuda_profile.py $m --prompt 512 2>&1 | sed "s/^/cublas=1 /"
+                done 2>&1 | tee -a $OUT/cublas.log ;;
         models-bg) (models > $OUT/models.log 2>&1; touch /tmp/models-done) & ;;  # make the models while the tests run
         models-wait) while [ ! -e /tmp/models-done ]; do sleep 2; done; cat $OUT/models.log ;;
         pick-cvt) models 8b  # the int8 prefill's integer-to-float conversion (SEPEDGE_CUDA_MMQ_CVT): the faster, for the phases after

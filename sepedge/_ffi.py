@@ -54,6 +54,30 @@ def header_path() -> Path:
     raise ImportError("sepedge.h is missing next to the native library")
 
 
+# cuBLAS for the CUDA backend's long prefill chunks, as the NVIDIA wheels install it (nvidia-cublas for
+# CUDA 13, nvidia-cublas-cu12 for 12), newest first; the library opens it itself (dlopen) when a CUDA
+# context starts, from $SEPEDGE_CUBLAS or the system's libcublas.so.13 / .12.
+CUBLAS_WHEEL_FILES = ("cu13/lib/libcublas.so.13", "cublas/lib/libcublas.so.13", "cublas/lib/libcublas.so.12")
+
+
+def cublas_from_wheels() -> str | None:
+    """The path of libcublas in an installed nvidia-cublas* wheel, found without importing torch or
+    the nvidia namespace package itself (only where it lies on the path)."""
+    import importlib.util
+    try:
+        spec = importlib.util.find_spec("nvidia")
+    except (ImportError, ValueError):
+        return None
+    for d in (spec.submodule_search_locations or []) if spec else []:
+        for rel in CUBLAS_WHEEL_FILES:
+            if (Path(d) / rel).is_file():
+                return str(Path(d) / rel)
+    return None
+
+
+if "SEPEDGE_CUBLAS" not in os.environ and (_cublas := cublas_from_wheels()):
+    os.environ["SEPEDGE_CUBLAS"] = _cublas
+
 ffi = FFI()
 ffi.cdef(cdef_from_header(header_path().read_text()))
 lib = ffi.dlopen(str(library_path()))

@@ -9,6 +9,9 @@ path against the default."""
 
 import os
 import secrets
+import subprocess
+import sys
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -18,6 +21,7 @@ from gguf import GGMLQuantizationType as QT
 
 import fixtures
 from sepedge import BackendError, Engine, InvalidArgumentError
+from sepedge import _ffi
 from sepedge._ffi import ffi, lib
 from sepedge.convert import OUTTYPES, convert, quants
 from sepedge.errors import check
@@ -38,11 +42,33 @@ _skip = pytest.mark.skipif(N_GPUS == 0, reason=f"no CUDA GPU ({WHY_NOT or 'none 
 def gpu(f):
     return pytest.mark.gpu(_skip(f))
 
+
+def cublas_status() -> tuple[bool, str]:
+    """Whether the library loads cuBLAS for the prefill route (only asked where there is a GPU)."""
+    if N_GPUS == 0:
+        return False, "no CUDA GPU"
+    ok = lib.se_cuda_cublas_load() == 0
+    return ok, "" if ok else ffi.string(lib.se_last_error()).decode()
+
+
+HAS_CUBLAS, WHY_NO_CUBLAS = cublas_status()
+_skip_cublas = pytest.mark.skipif(not HAS_CUBLAS, reason=f"no cuBLAS ({WHY_NO_CUBLAS})")
+
+
+def gpu_cublas(f):
+    """A test of the cuBLAS route: needs a GPU and cuBLAS."""
+    return pytest.mark.gpu(_skip(_skip_cublas(f)))
+
 # Kernels, relative to sum_j |w_j x_j| of each output: float32 accumulation; the f16 tensor-core
 # prefill path rounds weights and activations to f16 (2^-11 relative each); the int8 tensor-core
 # path (MMQ_TYPES) sums each block's integer products exactly and scales them in float32.
 MAX_MV_REL_ERROR = 1e-5
 MAX_TC_REL_ERROR = 2e-3
+# The cuBLAS route rounds weights and activations (divided by their row's power of two) to f16, as
+# the f16 tensor-core kernel does, and accumulates in float32: the same bound.
+MAX_F16_ROUTE_REL_ERROR = MAX_TC_REL_ERROR
+# Its residual add (path 5): the float32 sum of the old value and the product, one rounding more.
+MAX_F16_ROUTE_ADD_REL = 1e-6
 MAX_MMQ_REL_ERROR = 1e-5
 # the int8 kernel's two conversions of its exact integer sums to float (SEPEDGE_CUDA_MMQ_CVT): equal
 # values, so they differ at most by how the compiler contracts the float scaling (float32 roundings,
@@ -99,6 +125,27 @@ def test_no_gpu_is_a_clear_error(tiny_dirs, tmp_path):
     with pytest.raises(BackendError, match="CUDA"):
         check(lib.se_cuda_mul_mat(int(QT.Q8_0), ffi.from_buffer(w), 1, 32, ffi.from_buffer("float[]", x), 1,
                                   ffi.from_buffer("float[]", out), 0))
+    with pytest.raises(BackendError, match="CUDA"):
+        check(lib.se_cuda_cublas_load())
+    with pytest.raises(BackendError, match="CUDA"):
+        check(lib.se_cuda_dequantize_f16(int(QT.Q8_0), ffi.from_buffer(w), 1, 32, ffi.new("uint16_t[]", 32)))
+
+
+@pytest.mark.parametrize("rel", _ffi.CUBLAS_WHEEL_FILES)
+def test_cublas_found_in_wheels(tmp_path, monkeypatch, rel):
+    """The Python layer finds libcublas where the nvidia-cublas wheels put it, on the import path,
+    without importing the package; nothing where no wheel lies on the path."""
+    import importlib
+    fake = tmp_path / "nvidia" / rel
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    found = _ffi.cublas_from_wheels()
+    assert found is None or Path(found).is_file()
+    assert found is None or "libcublas.so" in found
+    fake.parent.mkdir(parents=True)
+    fake.write_bytes(b"")
+    importlib.invalidate_caches()
+    assert _ffi.cublas_from_wheels() == str(fake)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,6 +320,60 @@ def test_prefill_kernel(rng, qtype, mmq, monkeypatch):
             assert diff <= MAX_CVT_REL_DIFF, (rows, cols, n)
 
 
+# the cuBLAS route: weights to f16 (every type), then cublasGemmEx
+
+
+@gpu_cublas
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_dequantize_f16_matches_cpu(rng, qtype):
+    """The route's weights: exactly the CPU's dequantization (float32) rounded to f16, every type,
+    odd row counts; float32 weights too (round to nearest even on both sides)."""
+    for rows, cols, _ in prefill_shapes(qtype):
+        data = weights(rng, qtype, rows, cols)
+        ref = gguf.quants.dequantize(data, qtype).reshape(rows, cols).astype(np.float32).astype(np.float16)
+        got = np.empty(rows * cols, dtype=np.uint16)
+        check(lib.se_cuda_dequantize_f16(int(qtype), ffi.from_buffer(np.ascontiguousarray(data)), rows, cols,
+                                         ffi.from_buffer("uint16_t[]", got)))
+        got = got.view(np.float16).reshape(rows, cols)
+        bad = ~((got == ref) | (np.isnan(got) & np.isnan(ref)))
+        assert not bad.any(), (rows, cols, np.argwhere(bad)[:4].tolist())
+
+
+def route_inputs(rng, n, cols) -> np.ndarray:
+    """Activation rows of mixed magnitudes: beyond f16's range (1e6: the hidden states of random-weight
+    8B files), ordinary, and small."""
+    x = rng.standard_normal((n, cols))
+    x *= rng.choice([1e6, 7e4, 1, 1e-3], size=(n, 1))
+    return x.astype(np.float32)
+
+
+@gpu_cublas
+@pytest.mark.parametrize("scratch_mb", ["64", "1"])  # 1 MB: the big shape's weight in 128-row slices
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_cublas_route_product(rng, qtype, scratch_mb, monkeypatch):
+    """The route's product against the float64 product of the dequantized weights and the
+    activations as given (rows beyond 65504 included), plain and adding to what the output holds."""
+    monkeypatch.setenv("SEPEDGE_CUDA_CUBLAS_SCRATCH_MB", scratch_mb)
+    for rows, cols, n in prefill_shapes(qtype):
+        data = weights(rng, qtype, rows, cols)
+        w = gguf.quants.dequantize(data, qtype).reshape(rows, cols).astype(np.float64)
+        x = route_inputs(rng, n, cols)
+        ref = x.astype(np.float64) @ w.T
+        scale = np.abs(x.astype(np.float64)) @ np.abs(w).T
+        got = mul_mat(qtype, data, rows, cols, x, 4)
+        err = float((np.abs(got - ref) / np.maximum(scale, 1e-30)).max())
+        report("cublas", qtype.name, scratch_mb, n, rows, cols, err)
+        assert np.isfinite(got).all() and err <= MAX_F16_ROUTE_REL_ERROR, (rows, cols, n, err)
+        # path 5: the residual add, the residual rows as large as the activations' largest
+        base = (rng.standard_normal((n, rows)) * np.abs(x).max(axis=1, keepdims=True)).astype(np.float32)
+        out = base.copy()
+        check(lib.se_cuda_mul_mat(int(qtype), ffi.from_buffer(np.ascontiguousarray(data)), rows, cols,
+                                  ffi.from_buffer("float[]", x), n, ffi.from_buffer("float[]", out), 5))
+        want = base.astype(np.float64) + ref
+        bound = MAX_F16_ROUTE_REL_ERROR * scale + MAX_F16_ROUTE_ADD_REL * (np.abs(want) + np.abs(base))
+        assert np.isfinite(out).all() and np.all(np.abs(out - want) <= bound), (rows, cols, n)
+
+
 # ---------------------------------------------------------------------------------------------
 # models
 
@@ -312,6 +413,59 @@ def test_logits_match_reference_and_cpu(gguf_path, rng, spec, outtype):
         gpu_llm.reset()
         gpu_llm.eval_logits(tokens[:40])
         assert gpu_llm.kv_stats() == cpu_llm.kv_stats()
+
+
+@gpu_cublas
+@pytest.mark.parametrize("outtype", list(OUTTYPES))
+@pytest.mark.parametrize("spec", fixtures.SPECS, ids=lambda s: s.name)
+def test_cublas_route_prefill_matches_cpu(gguf_path, rng, spec, outtype, monkeypatch):
+    """Prefill with the cuBLAS route forced on (chunks of 2 tokens and more): logits against the
+    float64 reference within the f16 kernels' bound (the 8-bit activations of the int8 kernels would
+    not meet it), against the CPU engine as the int8 path, and the cache as the CPU engine's."""
+    monkeypatch.setenv("SEPEDGE_CUDA_CUBLAS_MIN", "2")
+    path = gguf_path(spec.name, outtype)
+    tokens = rng.integers(0, spec.n_tokens or spec.n_vocab, 40).tolist()
+    ref = Transformer.from_gguf(path, dtype=torch.float64)(torch.tensor(tokens)).numpy()
+    with cuda_engine(path, n_ctx=512, n_batch=16) as gpu_llm, cpu_engine(path, n_ctx=512, n_batch=16) as cpu_llm:
+        prompt, cpu_prompt = gpu_llm.eval_logits(tokens), cpu_llm.eval_logits(tokens)
+        errs = (rel(prompt, ref), rel(prompt, cpu_prompt))
+        report("model-cublas", spec.name, outtype, *errs)
+        assert errs[0] <= MAX_PREFILL_REL
+        assert errs[1] <= MAX_REL_VS_CPU_PREFILL
+        assert gpu_llm.kv_stats() == cpu_llm.kv_stats()
+
+
+FALLBACK_SCRIPT = """
+import sys, numpy as np
+from sepedge import Engine
+from sepedge._ffi import lib
+assert lib.se_cuda_cublas_load() != 0, "cuBLAS loaded from a path that does not exist"
+with Engine(sys.argv[1], device="cuda", kv_type="f16", n_ctx=512, n_batch=64) as llm:
+    np.save(sys.argv[2], llm.eval_logits([int(t) for t in sys.argv[3].split(",")]))
+"""
+
+
+@gpu
+def test_cublas_route_fallback(gguf_path, rng, monkeypatch, tmp_path):
+    """Without cuBLAS (SEPEDGE_CUBLAS naming a file that does not exist, in a fresh process: the
+    library loads cuBLAS once a process) and with the route switched off, prefill runs on the int8
+    kernels: the same logits bit for bit."""
+    path = gguf_path("gqa-d128-llama31", "q4_k_m")
+    tokens = rng.integers(0, 777, 200).tolist()
+    monkeypatch.setenv("SEPEDGE_CUDA_CUBLAS", "0")
+    with cuda_engine(path, n_ctx=512, n_batch=64) as llm:
+        off = llm.eval_logits(tokens)
+    monkeypatch.delenv("SEPEDGE_CUDA_CUBLAS")
+    env = dict(os.environ, SEPEDGE_CUBLAS=str(tmp_path / "missing" / "libcublas.so.13"), SEPEDGE_CUDA_CUBLAS_MIN="2")
+    out = tmp_path / "logits.npy"
+    subprocess.run([sys.executable, "-c", FALLBACK_SCRIPT, str(path), str(out), ",".join(map(str, tokens))],
+                   env=env, check=True)
+    np.testing.assert_array_equal(np.load(out), off)
+    if HAS_CUBLAS:  # the route itself on the same prompt: as close to the int8 path as the CPU engine is
+        monkeypatch.setenv("SEPEDGE_CUDA_CUBLAS_MIN", "2")
+        with cuda_engine(path, n_ctx=512, n_batch=64) as llm:
+            on = llm.eval_logits(tokens)
+        assert rel(on, off) <= MAX_REL_VS_CPU_PREFILL
 
 
 @pytest.fixture(scope="module")

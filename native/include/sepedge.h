@@ -409,14 +409,26 @@ SE_API int se_set_isa(const char * name);
 SE_API int se_cuda_device_count(int32_t * count);
 // The CUDA kernels of the matrix products, for tests and tools: out (n, rows) = x (n, cols) . W^T
 // with W as GGUF bytes of `type`. path 0: what the forward pass runs (n == 1: the decode kernels,
-// with 8-bit activations and dp4a where the type has them; n > 1: the tensor-core kernel);
+// with 8-bit activations and dp4a where the type has them; n > 1: the int8 or f16 tensor-core kernel);
 // path 1: the decode kernel that dequantizes in registers against float activations, per token;
 // paths 2 and 3 (n == 2, cols % 32 == 0): one token through the decode kernels' fused RMSNorm
 // (eps 1e-5), x row 0 the input and row 1 the norm's weights, the result in out row 0; path 3 with
 // SwiGLU: the first rows / 2 rows of W are gate's, the rest up's, out row 0 starts with the rows / 2
-// values silu(gate) * up.
+// values silu(gate) * up. path 4: the cuBLAS route of long prefill chunks (weights dequantized to
+// f16, activations to f16 with a power-of-two scale a row, f32 accumulation; SE_ERR_BACKEND where
+// cuBLAS does not load); path 5: the same adding the product to the values out holds on entry (the
+// route's residual add).
 SE_API int se_cuda_mul_mat(int32_t type, const void * w, int64_t rows, int64_t cols, const float * x, int32_t n,
                            float * out, int32_t path);
+// The weights of the cuBLAS route, for tests: W (GGUF bytes of `type`, rows x cols) as the f16 values
+// the route's GEMM reads, row-major, into out (rows * cols f16 bit patterns).
+SE_API int se_cuda_dequantize_f16(int32_t type, const void * w, int64_t rows, int64_t cols, uint16_t * out);
+// Load cuBLAS for the prefill route ($SEPEDGE_CUBLAS alone where set, else libcublas.so.13, else
+// .12; once a process): SE_OK, or
+// SE_ERR_BACKEND with the reason (then long prefill chunks stay on the int8 / f16 kernels).
+// SEPEDGE_CUDA_CUBLAS=0 keeps the route off; SEPEDGE_CUDA_CUBLAS_MIN (default 128) is the fewest
+// tokens of a chunk that takes it.
+SE_API int se_cuda_cublas_load(void);
 
 #ifdef __cplusplus
 }

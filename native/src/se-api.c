@@ -615,6 +615,12 @@ int se_cuda_mul_mat(int32_t type, const void * w, int64_t rows, int64_t cols, co
                     int32_t path) {
     return se_error(SE_ERR_BACKEND, "this build of sepedge has no CUDA backend");
 }
+
+int se_cuda_dequantize_f16(int32_t type, const void * w, int64_t rows, int64_t cols, uint16_t * out) {
+    return se_error(SE_ERR_BACKEND, "this build of sepedge has no CUDA backend");
+}
+
+int se_cuda_cublas_load(void) { return se_error(SE_ERR_BACKEND, "this build of sepedge has no CUDA backend"); }
 #endif
 
 // The calls above under the one-caller rule.

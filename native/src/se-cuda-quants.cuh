@@ -474,6 +474,39 @@ __device__ inline void dot_q6_K(const qrows<NR> & w, int64_t nsb, const int8_t *
     }
 }
 
+// dequant32 with 16-byte loads where the layout of se-cuda.h makes them aligned: Q4_0's code plane
+// (16 bytes a block) and Q4_K's raw superblocks (144 bytes, head and code chunks at multiples of 16);
+// the same values through the same float operations. The other types through dequant32.
+__device__ inline void dequant32_wide(const se_dweight & w, int64_t row, int64_t c, float v[32]) {
+    if (w.type == SE_TYPE_Q4_0) {
+        const int4 q4 = *(const int4 *) (w.q + row * w.q_row + Q4_0_QB * c);
+        const float d = h2f(w.s + row * w.s_row + Q4_0_SB * c);
+        const int qs[4] = {q4.x, q4.y, q4.z, q4.w};
+#pragma unroll
+        for (int j = 0; j < 16; j++) {
+            const int byte = (qs[j / 4] >> (8 * (j % 4))) & 0xff;
+            v[j] = d * ((byte & 0xf) - 8);
+            v[j + 16] = d * ((byte >> 4) - 8);
+        }
+        return;
+    }
+    if (w.type == SE_TYPE_Q4_K) {
+        static_assert(Q4_K_SC == 4 && Q4_K_QS == 16 && sizeof(block_q4_K) % 16 == 0, "Q4_K: 16-byte head and chunks");
+        const uint8_t * b = w.q + row * w.q_row + sizeof(block_q4_K) * (c / 8);
+        const int sub = (int) (c % 8), chunk = sub / 2, shift = 4 * (sub % 2);
+        const int4 hd = *(const int4 *) b;
+        const int4 q0 = *(const int4 *) (b + Q4_K_QS + 32 * chunk), q1 = *(const int4 *) (b + Q4_K_QS + 32 * chunk + 16);
+        int sc, m;
+        k_scale_min_words(hd, sub, sc, m);
+        const float d = h2f(b) * sc, mn = h2f(b + offsetof(block_q4_K, dmin)) * m;
+        const int qs[8] = {q0.x, q0.y, q0.z, q0.w, q1.x, q1.y, q1.z, q1.w};
+#pragma unroll
+        for (int l = 0; l < 32; l++) v[l] = d * ((qs[l / 4] >> (8 * (l % 4) + shift)) & 0xf) - mn;
+        return;
+    }
+    dequant32(w, row, c, v);
+}
+
 // Whether a type has a dp4a kernel (else the float path serves it).
 __host__ __device__ inline bool has_q8_kernel(int32_t type) {
     return type == SE_TYPE_Q4_0 || type == SE_TYPE_Q4_1 || type == SE_TYPE_Q8_0 || type == SE_TYPE_Q4_K ||

@@ -4,7 +4,8 @@
 // when the context is freed. A spin kernel first holds the stream while the pass's launches queue
 // behind it, so that the kernels run back to back and the events time the kernels, not the host.
 //
-// Also the entry points for tests and tools of sepedge.h: se_cuda_device_count, se_cuda_mul_mat.
+// Also the entry points for tests and tools of sepedge.h: se_cuda_device_count, se_cuda_mul_mat,
+// se_cuda_dequantize_f16, se_cuda_cublas_load.
 #include "se-cuda-quants.cuh"
 
 #include <stdio.h>
@@ -98,38 +99,66 @@ typedef struct mm_test {  // device buffers of se_cuda_mul_mat
     float2 * ds;
 } mm_test;
 
-static int mul_mat(const se_type_traits * tt, int32_t type, const void * w, int64_t rows, int64_t cols, const float * x,
-                   int32_t n, float * out, int32_t path, mm_test * b) {
+// GGUF rows of `type` into device memory (*wp, freed by the caller) in the layout the forward pass uploads.
+static int upload_weight(const se_type_traits * tt, int32_t type, const void * w, int64_t rows, int64_t cols, uint8_t ** wp,
+                         se_dweight * out) {
     int32_t qb, sb;
     se_cuda_block_layout(type, &qb, &sb);
     const int64_t nb = cols / tt->block;
     const int64_t s_row = se_align16(nb * sb);
     const size_t q_bytes = (size_t) (rows * nb * qb), s_bytes = (size_t) (rows * nb * sb);
-    SE_CUDA_CHECK(cudaMalloc((void **) &b->w, se_align256(q_bytes) + (size_t) (rows * s_row) + 16));
-    SE_CUDA_CHECK(cudaMalloc((void **) &b->x, (size_t) (n * cols) * sizeof(float)));
-    SE_CUDA_CHECK(cudaMalloc((void **) &b->out, (size_t) (n * rows) * sizeof(float)));
-    const int64_t q8_values = (n * cols > rows ? n * cols : rows) + 32;  // path 3 writes h's 8-bit form there
-    SE_CUDA_CHECK(cudaMalloc((void **) &b->qx, (size_t) q8_values));
-    SE_CUDA_CHECK(cudaMalloc((void **) &b->ds, (size_t) (q8_values / 32 + 1) * sizeof(float2)));
-    se_dweight dw = {type, sb ? SE_DL_PLANES : SE_DL_RAW, rows, cols, b->w, sb ? b->w + se_align256(q_bytes) : NULL, nb * qb, s_row};
+    SE_CUDA_CHECK(cudaMalloc((void **) wp, se_align256(q_bytes) + (size_t) (rows * s_row) + 16));
+    uint8_t * dev = *wp;
+    *out = se_dweight{type, sb ? SE_DL_PLANES : SE_DL_RAW, rows, cols, dev, sb ? dev + se_align256(q_bytes) : NULL, nb * qb, s_row};
     if (sb) {
         uint8_t * host = (uint8_t *) malloc(q_bytes + s_bytes + 1);
         if (!host) return se_error(SE_ERR_OUT_OF_MEMORY, "out of memory");
         se_cuda_split_blocks(type, (const uint8_t *) w, rows * nb, host, host + q_bytes);
-        cudaError_t e1 = cudaMemcpy(b->w, host, q_bytes, cudaMemcpyHostToDevice);
-        cudaError_t e2 = cudaMemcpy2D(b->w + se_align256(q_bytes), (size_t) s_row, host + q_bytes, (size_t) (nb * sb),
+        cudaError_t e1 = cudaMemcpy(dev, host, q_bytes, cudaMemcpyHostToDevice);
+        cudaError_t e2 = cudaMemcpy2D(dev + se_align256(q_bytes), (size_t) s_row, host + q_bytes, (size_t) (nb * sb),
                                       (size_t) (nb * sb), (size_t) rows, cudaMemcpyHostToDevice);
         free(host);
         SE_CUDA_CHECK(e1);
         SE_CUDA_CHECK(e2);
     } else {
-        SE_CUDA_CHECK(cudaMemcpy(b->w, w, q_bytes, cudaMemcpyHostToDevice));
+        SE_CUDA_CHECK(cudaMemcpy(dev, w, q_bytes, cudaMemcpyHostToDevice));
     }
+    return SE_OK;
+}
+
+// The cuBLAS route (path 4; path 5 adding to what out holds) on its own buffers and handle.
+static int f16_route_product(const se_mm_out * o, const float * x, int32_t n) {
+    se_f16_route route;
+    int r = se_cuda_f16_init(&route, n, o->w.cols, 0);
+    if (r == SE_OK) r = se_cuda_f16_products(&route, o, 1, x, n, 0);
+    if (r == SE_OK) {
+        const cudaError_t e = cudaDeviceSynchronize();
+        if (e != cudaSuccess) r = se_cuda_error(e, "cudaDeviceSynchronize");
+    }
+    se_cuda_f16_free(&route);
+    return r;
+}
+
+static int mul_mat(const se_type_traits * tt, int32_t type, const void * w, int64_t rows, int64_t cols, const float * x,
+                   int32_t n, float * out, int32_t path, mm_test * b) {
+    se_dweight dw;
+    int r = upload_weight(tt, type, w, rows, cols, &b->w, &dw);
+    if (r != SE_OK) return r;
+    SE_CUDA_CHECK(cudaMalloc((void **) &b->x, (size_t) (n * cols) * sizeof(float)));
+    SE_CUDA_CHECK(cudaMalloc((void **) &b->out, (size_t) (n * rows) * sizeof(float)));
+    const int64_t q8_values = (n * cols > rows ? n * cols : rows) + 32;  // path 3 writes h's 8-bit form there
+    SE_CUDA_CHECK(cudaMalloc((void **) &b->qx, (size_t) q8_values));
+    SE_CUDA_CHECK(cudaMalloc((void **) &b->ds, (size_t) (q8_values / 32 + 1) * sizeof(float2)));
     SE_CUDA_CHECK(cudaMemcpy(b->x, x, (size_t) (n * cols) * sizeof(float), cudaMemcpyHostToDevice));
-    // poison the output: every element must be written
-    SE_CUDA_CHECK(cudaMemset(b->out, 0xff, (size_t) (n * rows) * sizeof(float)));
-    int r = SE_OK;
-    if (path == 2 || path == 3) {  // one token through the fused norm (x row 1: the norm's weights)
+    if (path == 5) {  // the route adds to out's values
+        SE_CUDA_CHECK(cudaMemcpy(b->out, out, (size_t) (n * rows) * sizeof(float), cudaMemcpyHostToDevice));
+    } else {          // poison the output: every element must be written
+        SE_CUDA_CHECK(cudaMemset(b->out, 0xff, (size_t) (n * rows) * sizeof(float)));
+    }
+    if (path == 4 || path == 5) {
+        const se_mm_out o = {dw, b->out, NULL, path == 5};
+        r = f16_route_product(&o, b->x, n);
+    } else if (path == 2 || path == 3) {  // one token through the fused norm (x row 1: the norm's weights)
         const float eps = 1e-5f;
         if (path == 2) {
             const se_mm_out o = {dw, b->out, NULL, 0};
@@ -169,7 +198,7 @@ extern "C" int se_cuda_mul_mat(int32_t type, const void * w, int64_t rows, int64
     const se_type_traits * tt = se_type_get(type);
     if (!tt || !tt->dot) return se_error(SE_ERR_UNSUPPORTED, "se_cuda_mul_mat: type %d is not supported", type);
     const bool fused = path == 2 || path == 3;
-    if (!w || !x || !out || rows < 1 || n < 1 || cols < 1 || cols % tt->block || path < SE_MV_AUTO || path > 3 ||
+    if (!w || !x || !out || rows < 1 || n < 1 || cols < 1 || cols % tt->block || path < SE_MV_AUTO || path > 5 ||
         (fused && (n != 2 || cols % 32)) || (path == 3 && rows % 2)) {
         return se_error(SE_ERR_INVALID_ARGUMENT, "se_cuda_mul_mat: bad arguments");
     }
@@ -186,5 +215,39 @@ extern "C" int se_cuda_mul_mat(int32_t type, const void * w, int64_t rows, int64
     cudaFree(b.out);
     cudaFree(b.qx);
     cudaFree(b.ds);
+    return r;
+}
+
+extern "C" int se_cuda_cublas_load(void) {
+    int count;
+    const int r = se_cuda_check_device(&count);
+    return r != SE_OK ? r : se_cublas_load(true);
+}
+
+extern "C" int se_cuda_dequantize_f16(int32_t type, const void * w, int64_t rows, int64_t cols, uint16_t * out) {
+    const se_type_traits * tt = se_type_get(type);
+    if (!tt || !tt->dot) return se_error(SE_ERR_UNSUPPORTED, "se_cuda_dequantize_f16: type %d is not supported", type);
+    if (!w || !out || rows < 1 || cols < 1 || cols % tt->block) return se_error(SE_ERR_INVALID_ARGUMENT, "se_cuda_dequantize_f16: bad arguments");
+    int count;
+    int r = se_cuda_check_device(&count);
+    if (r != SE_OK) return r;
+    se_quants_init();
+    SE_CUDA_CHECK(cudaSetDevice(0));
+    uint8_t * dev = NULL;
+    __half * o = NULL;
+    se_dweight dw;
+    r = upload_weight(tt, type, w, rows, cols, &dev, &dw);
+    if (r == SE_OK && !se_cuda_f16_takes(&dw)) r = se_error(SE_ERR_UNSUPPORTED, "se_cuda_dequantize_f16: type %d is not supported", type);
+    if (r == SE_OK) {
+        const cudaError_t e = cudaMalloc((void **) &o, (size_t) (rows * cols) * sizeof(__half));
+        r = e == cudaSuccess ? SE_OK : se_cuda_error(e, "cudaMalloc");
+    }
+    if (r == SE_OK) r = se_cuda_dequant_f16(&dw, 0, rows, o, 0);
+    if (r == SE_OK) {
+        const cudaError_t e = cudaMemcpy(out, o, (size_t) (rows * cols) * sizeof(__half), cudaMemcpyDeviceToHost);
+        r = e == cudaSuccess ? SE_OK : se_cuda_error(e, "cudaMemcpy");
+    }
+    cudaFree(dev);
+    cudaFree(o);
     return r;
 }

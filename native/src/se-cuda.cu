@@ -75,6 +75,9 @@ typedef struct cuda_ctx {
     int32_t max_splits;
     int path;             // se_mv_path
     bool mmq;             // prefill products on int8 tensor cores where the type has them
+    bool f16_on;          // prefill products of chunks of >= f16_min tokens through cuBLAS (se-cuda-cublas.cu)
+    int32_t f16_min;
+    se_f16_route f16;
     bool use_graphs;
     se_cuda_launch_opts opts;  // programmatic dependent launch, L2 prefetch (se-cuda.h)
     int next_l2_mb;            // decode: MB of the next products' weights the attention asks L2 for
@@ -105,6 +108,40 @@ static void kernels_init() {
     se_cuda_matmul_init();
     se_cuda_elementwise_init();
     se_cuda_rope_init();
+}
+
+// Chunks of at least this many tokens take the cuBLAS route by default (SEPEDGE_CUDA_CUBLAS_MIN).
+// Estimate (cuda_kernels_log.md, session 5b): the route pays the weights' dequantization (2 bytes
+// written a weight, ~4.5 ms a 512-token pass of 8B at the copy rate) per chunk however few its
+// tokens, and gains over the int8 kernels ~(1 - 170 / 700) of their time, which at 8B is ~68 us a
+// token: even at 128 tokens (~8.7 ms of int8 products a pass) the gain covers the dequantization.
+#define F16_MIN_TOKENS 128
+
+// The cuBLAS route (SEPEDGE_CUDA_CUBLAS=0: off): on where cuBLAS loads and every weight fits f16;
+// otherwise the int8 and f16 kernels serve every chunk, as before.
+static int f16_route_init(se_context * ctx, int64_t widest) {
+    cuda_ctx * c = cctx(ctx);
+    const se_cuda_model * cm = (const se_cuda_model *) ctx->model->dev;
+    const char * env = getenv("SEPEDGE_CUDA_CUBLAS_MIN");
+    c->f16_min = env && atoi(env) > 1 ? atoi(env) : F16_MIN_TOKENS;
+    env = getenv("SEPEDGE_CUDA_CUBLAS");
+    if ((env && !strcmp(env, "0")) || ctx->params.n_batch < c->f16_min || se_cublas_load(false) != SE_OK) return SE_OK;
+    int r = se_cuda_f16_init(&c->f16, ctx->params.n_batch, widest, c->stream);
+    if (r == SE_ERR_OUT_OF_MEMORY) return SE_OK;  // no room for its buffers: the int8 kernels serve
+    if (r != SE_OK) return r;
+    const int32_t n_layer = ctx->model->hp.n_layer;
+    bool fit = true;
+    for (int32_t il = 0; il < n_layer && fit && r == SE_OK; il++) {
+        const se_cuda_layer * l = &cm->layers[il];
+        const se_dweight * ws[7] = {&l->wq, &l->wk, &l->wv, &l->wo, &l->w_gate, &l->w_up, &l->w_down};
+        r = se_cuda_f16_weights_fit(ws, 7, &fit, c->stream);
+    }
+    const se_dweight * out = &cm->output;
+    if (r == SE_OK && fit) r = se_cuda_f16_weights_fit(&out, 1, &fit, c->stream);
+    if (r != SE_OK) return r;
+    c->f16_on = fit;
+    if (!fit) se_cuda_f16_free(&c->f16);  // weights beyond f16's range: the route stays off
+    return SE_OK;
 }
 
 static int cuda_init(se_context * ctx) {
@@ -198,7 +235,7 @@ static int cuda_init(se_context * ctx) {
     // start keeps a stray read finite
     SE_CUDA_CHECK(cudaMemset(c->kc, 0, (size_t) hp->n_layer * n_cells * kv_dim * sizeof(__half)));
     SE_CUDA_CHECK(cudaMemset(c->vc, 0, (size_t) hp->n_layer * n_cells * kv_dim * sizeof(__half)));
-    return SE_OK;
+    return f16_route_init(ctx, widest);
 }
 
 static void cuda_free(se_context * ctx) {
@@ -214,6 +251,7 @@ static void cuda_free(se_context * ctx) {
     for (int i = 0; i < 2; i++)
         if (c->graph[i]) cudaGraphExecDestroy(c->graph[i]);
     se_cuda_timing_free(&c->timing);
+    se_cuda_f16_free(&c->f16);
     void * dev[] = {c->x, c->xb, c->q, c->k, c->v, c->att, c->hb, c->hb2, c->logits, c->part, c->qx, c->ds, c->kc, c->vc,
                     c->freq, c->rope, c->dtab, c->tab_delta, c->count, c->d_step};
     for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++) cudaFree(dev[i]);
@@ -296,20 +334,36 @@ static void next_weights(const cuda_ctx * c, const se_cuda_layer * l, se_dattn *
     add_spans(a, l->w_up, period, take < period ? take : period);
 }
 
-// Whether the prefill product of w runs on the int8 tensor cores (its input then wanted in 8 bits).
-static bool wants_mmq(const cuda_ctx * c, const se_dweight * w) { return c->mmq && se_cuda_has_mmq(w->type) && w->cols % 32 == 0; }
+// Whether the prefill product of w over n tokens goes through cuBLAS (its input then made f16 there).
+static bool wants_f16(const cuda_ctx * c, const se_dweight * w, int32_t n) {
+    return c->f16_on && n >= c->f16_min && se_cuda_f16_takes(w);
+}
 
-static bool any_mmq(const cuda_ctx * c, const se_mm_out * outs, int n_outs) {
+static bool all_f16(const cuda_ctx * c, const se_mm_out * outs, int n_outs, int32_t n) {
     for (int k = 0; k < n_outs; k++)
-        if (wants_mmq(c, &outs[k].w)) return true;
+        if (!wants_f16(c, &outs[k].w, n)) return false;
+    return true;
+}
+
+// Whether the prefill product of w over n tokens runs on the int8 tensor cores (its input then
+// wanted in 8 bits).
+static bool wants_mmq(const cuda_ctx * c, const se_dweight * w, int32_t n) {
+    return c->mmq && se_cuda_has_mmq(w->type) && w->cols % 32 == 0 && !wants_f16(c, w, n);
+}
+
+static bool any_mmq(const cuda_ctx * c, const se_mm_out * outs, int n_outs, int32_t n) {
+    for (int k = 0; k < n_outs; k++)
+        if (wants_mmq(c, &outs[k].w, n)) return true;
     return false;
 }
 
-// n > 1 tokens: the product of x, on the int8 tensor cores when q8 (x's 8-bit form is in qx, ds).
-// (SE_ERR_UNSUPPORTED from the int8 kernel, which launched nothing: its tiles do not fit this GPU's
-// shared memory; the f16 kernel then serves, from the float input that is still there.)
+// n > 1 tokens: the product of x through cuBLAS where the route takes it, else on the int8 tensor
+// cores when q8 (x's 8-bit form is in qx, ds). (SE_ERR_UNSUPPORTED from the int8 kernel, which
+// launched nothing: its tiles do not fit this GPU's shared memory; the f16 kernel then serves, from
+// the float input that is still there.)
 static int prefill_product(cuda_ctx * c, const se_mm_out * o, const float * x, bool q8, int32_t n) {
-    if (q8 && wants_mmq(c, &o->w)) {
+    if (wants_f16(c, &o->w, n)) return se_cuda_f16_products(&c->f16, o, 1, x, n, c->stream);
+    if (q8 && wants_mmq(c, &o->w, n)) {
         const int r = se_cuda_mmq(o, 1, se_dact{x, c->qx, c->ds}, n, c->stream);
         if (r != SE_ERR_UNSUPPORTED) return r;
     }
@@ -319,8 +373,9 @@ static int prefill_product(cuda_ctx * c, const se_mm_out * o, const float * x, b
 // products of n tokens sharing the input xb (q8: its 8-bit form is in qx, ds)
 static int products(cuda_ctx * c, const se_mm_out * outs, int n_outs, int32_t n, bool q8) {
     if (n == 1) return se_cuda_matvec(outs, n_outs, se_dact{c->xb, c->qx, c->ds}, c->path, c->stream);
+    if (all_f16(c, outs, n_outs, n)) return se_cuda_f16_products(&c->f16, outs, n_outs, c->xb, n, c->stream);
     bool all_mmq = q8;
-    for (int k = 0; k < n_outs; k++) all_mmq = all_mmq && wants_mmq(c, &outs[k].w);
+    for (int k = 0; k < n_outs; k++) all_mmq = all_mmq && wants_mmq(c, &outs[k].w, n);
     if (all_mmq) {  // one grid a type
         const int r = se_cuda_mmq(outs, n_outs, se_dact{c->xb, c->qx, c->ds}, n, c->stream);
         if (r != SE_ERR_UNSUPPORTED) return r;
@@ -391,8 +446,9 @@ static int layer_decode(se_context * ctx, int32_t il) {
     return SE_OK;
 }
 
-// One layer for n > 1 tokens: tensor-core products (int8 over 8-bit activations for the quantized
-// types that have such a kernel, else f16) and tiled attention.
+// One layer for n > 1 tokens: tensor-core products (cuBLAS on f16 weights for chunks of at least
+// f16_min tokens where the route is on; else int8 over 8-bit activations for the quantized types
+// that have such a kernel, else f16) and tiled attention.
 static int layer_prefill(se_context * ctx, int32_t il, int32_t n) {
     const se_hparams * hp = &ctx->model->hp;
     const se_cuda_layer * l = &((const se_cuda_model *) ctx->model->dev)->layers[il];
@@ -400,7 +456,7 @@ static int layer_prefill(se_context * ctx, int32_t il, int32_t n) {
     cudaStream_t st = c->stream;
     const int64_t dim = hp->n_embd;
     const se_mm_out qkv[3] = {{l->wq, c->q, l->bq, 0}, {l->wk, c->k, l->bk, 0}, {l->wv, c->v, l->bv, 0}};
-    bool q8 = any_mmq(c, qkv, 3);
+    bool q8 = any_mmq(c, qkv, 3, n);
     int r = se_cuda_rmsnorm(c->x, l->attn_norm, n, dim, hp->rms_eps, c->xb, q8 ? c->qx : NULL, c->ds, st);
     mark(c, "rmsnorm");
     if (r != SE_OK || (r = products(c, qkv, 3, n, q8)) != SE_OK) return r;
@@ -411,18 +467,18 @@ static int layer_prefill(se_context * ctx, int32_t il, int32_t n) {
     if ((r = se_cuda_attention_prefill(&a, n, st)) != SE_OK) return r;
     mark(c, "attention");
     const se_mm_out wo = {l->wo, c->x, NULL, 1};
-    q8 = wants_mmq(c, &l->wo);
+    q8 = wants_mmq(c, &l->wo, n);
     if (q8 && (r = se_cuda_quantize_q8(c->att, n, l->wo.cols, c->qx, c->ds, st)) != SE_OK) return r;
     mark(c, "quantize");
     if ((r = prefill_product(c, &wo, c->att, q8, n)) != SE_OK) return r;
     mark(c, "wo");
     const se_mm_out gate_up[2] = {{l->w_gate, c->hb, NULL, 0}, {l->w_up, c->hb2, NULL, 0}};
-    q8 = any_mmq(c, gate_up, 2);
+    q8 = any_mmq(c, gate_up, 2, n);
     if ((r = se_cuda_rmsnorm(c->x, l->ffn_norm, n, dim, hp->rms_eps, c->xb, q8 ? c->qx : NULL, c->ds, st)) != SE_OK) return r;
     mark(c, "rmsnorm");
     if ((r = products(c, gate_up, 2, n, q8)) != SE_OK) return r;
     mark(c, "gate_up");
-    q8 = wants_mmq(c, &l->w_down);
+    q8 = wants_mmq(c, &l->w_down, n);
     if ((r = se_cuda_swiglu(c->hb, c->hb2, (int64_t) n * hp->n_ff, q8 ? c->qx : NULL, c->ds, st)) != SE_OK) return r;
     mark(c, "swiglu");
     const se_mm_out down = {l->w_down, c->x, NULL, 1};
@@ -459,7 +515,7 @@ static int run_output(se_context * ctx, int32_t first, int32_t count) {
         mark(c, "norm+output");
         return r;
     }
-    const bool q8 = wants_mmq(c, &cm->output);
+    const bool q8 = wants_mmq(c, &cm->output, count);
     const int r = se_cuda_rmsnorm(x, cm->output_norm, count, hp->n_embd, hp->rms_eps, c->xb, q8 ? c->qx : NULL, c->ds, c->stream);
     return r != SE_OK ? r : products(c, &o, 1, count, q8);
 }

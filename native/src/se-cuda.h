@@ -8,6 +8,8 @@
 //   se-cuda-matmul.cu      matrix-vector products (decode) and f16 tensor-core products (prefill)
 //   se-cuda-matvec.cu      decode products by row teams (Q4_0, Q4_K, Q6_K)
 //   se-cuda-mmq.cu         prefill products on int8 tensor cores over 8-bit activations
+//   se-cuda-cublas.cu      prefill products through cuBLAS (loaded at run time) on f16 weights
+//   se-cuda-dequant.cu     weights to f16 for that route
 //   se-cuda-attention.cu   attention over the live cells: split-K for one token, tiled for many
 //   se-cuda-timing.cu      SEPEDGE_CUDA_TIMING per-kernel times, and the entry points for tests
 //   se-cuda-quants.cuh     the tensor types on the device: dot products and dequantization
@@ -151,6 +153,36 @@ int se_cuda_matmul(const se_mm_out * o, const float * x, int32_t n, cudaStream_t
 bool se_cuda_has_mmq(int32_t type);
 bool se_cuda_mmq_enabled();
 int se_cuda_mmq(const se_mm_out * outs, int n_outs, se_dact act, int32_t n, cudaStream_t s);
+
+// The cuBLAS route of the prefill products (se-cuda-cublas.cu): weights dequantized to f16 a slice
+// of rows at a time (se-cuda-dequant.cu), activations to f16 with a power-of-two scale a row, and
+// cublasGemmEx with f32 accumulation. cuBLAS is loaded at run time (SEPEDGE_CUBLAS, else
+// libcublas.so.13, else .12); se_cublas_load: SE_OK, or SE_ERR_BACKEND (with the reason as the
+// message where report).
+struct se_f16_route {
+    void * handle;           // cublasHandle_t, on the context's stream
+    __half * w16;            // scratch: a slice of a weight's rows in f16
+    int64_t w16_elems;
+    __half * x16;            // (n, cols) the activations in f16, each row divided by its scale
+    int64_t x16_elems;
+    float * xscale;          // (n_batch) the rows' power-of-two scales
+    int64_t n_batch;
+};
+int se_cublas_load(bool report);
+int se_cuda_f16_init(se_f16_route * r, int64_t n_batch, int64_t widest, cudaStream_t s);
+void se_cuda_f16_free(se_f16_route * r);
+// Whether the route takes weights of w's type and shape.
+bool se_cuda_f16_takes(const se_dweight * w);
+// Whether every value of the n weights (NULL entries skipped) fits f16 (|v| <= 65504); synchronizes s.
+int se_cuda_f16_weights_fit(const se_dweight * const * ws, int n, bool * fit, cudaStream_t s);
+// x (n, cols) into the route's f16 activations and row scales (every product of this input then reads them).
+int se_cuda_f16_act(se_f16_route * r, const float * x, int32_t n, int64_t cols, cudaStream_t s);
+// out (n, rows) = x W^T (+ bias) (+ out, when accumulate) for n_outs products of the input x (same K).
+int se_cuda_f16_products(se_f16_route * r, const se_mm_out * outs, int n_outs, const float * x, int32_t n, cudaStream_t s);
+// Rows [r0, r0 + rows) of w as f16 values into out (rows, w.cols), row-major.
+int se_cuda_dequant_f16(const se_dweight * w, int64_t r0, int64_t rows, __half * out, cudaStream_t s);
+// The largest |value| of w, as float bits, into *max_bits (atomicMax: set it to 0 first).
+int se_cuda_weight_max(const se_dweight * w, unsigned * max_bits, cudaStream_t s);
 
 // Element-wise kernels (se-cuda-elementwise.cu).
 // Quantize n rows of cols floats (cols a multiple of 32) for the dp4a and int8 tensor-core kernels.
