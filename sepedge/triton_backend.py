@@ -37,8 +37,9 @@ PREFILL_ENV = "SEPEDGE_TRITON_PREFILL"  # "q8": long prefill chunks through the 
 # default): the attention merge quantizes its output for the output projection; "1": also the fused
 # gate/up product quantizes silu(gate) * up for the down product in its epilogue (kernels.matvec_glu:
 # 8x fewer, wider programs) and the products into the residual stream (wo, down) make the next
-# RMSNorm's 8-bit row from their last program (kernels.matvec_norm: a ticket per program); no act_q8
-# launch is left in a step; measured against "attn" before it becomes the default; "0": neither
+# RMSNorm's 8-bit row from their last program (kernels.matvec_norm: a ticket per program); one act_q8
+# launch is left in a step (the first layer's norm of the embedding row); measured against "attn"
+# before it becomes the default; "0": neither
 FUSE_ENV = "SEPEDGE_TRITON_FUSE"
 FUSE_MODES = ("0", "attn", "1")
 
