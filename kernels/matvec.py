@@ -346,7 +346,11 @@ TUNE_ENV = "SEPEDGE_TRITON_TUNE"    # "0": the fixed tiles of PACKED on the GPU 
 # Q8_0 8, Q4_K 32, Q6_K 16 (+ 8 of qh), so every tile gives each thread at least 4
 TUNE_CONFIGS = {32: [(4, 32, 4), (8, 16, 4), (8, 32, 4), (16, 16, 8), (2, 64, 4), (16, 8, 4), (4, 16, 2),
                      (32, 8, 8)],
-                256: [(4, 4, 2), (8, 2, 2), (2, 8, 2), (4, 8, 4), (8, 4, 4), (16, 2, 4), (8, 8, 8), (16, 4, 8)]}
+                256: [(4, 4, 2), (8, 2, 2), (2, 8, 2), (4, 8, 4), (8, 4, 4), (16, 2, 4), (8, 8, 8), (16, 4, 8),
+                      # more rows a program: the activation words, scales and sums of a block of 256 (288
+                      # bytes, the same for every row) are half of 4 rows' weight bytes (4 x 144), an eighth of
+                      # 32 rows' (triton_kernels.md: Q4_K 1.69 TB/s against Q4_0's 2.39 in the 8B profiles)
+                      (32, 1, 4), (32, 2, 8)]}
 TUNE_MIN_SIZE = 1 << 22  # values of a weight worth tuning for
 # the fused gate/up product (matvec_glu): tiles of 2 x 32k rows. A program's rows are whole 8-bit
 # blocks of 32 gate rows and their up rows, so there are 8x fewer programs than at the product's
