@@ -76,6 +76,14 @@ def product_bandwidth(model: str) -> dict:
                   "packed": isinstance(w, K.Packed)}
         total_b += nbytes
         total_t += t
+        if n.endswith("ffn_gateup.weight") and isinstance(w, K.Packed) and w.shape[0] % 64 == 0:
+            # the same bytes through the fused gate/up product (SEPEDGE_TRITON_FUSE=1), 8-bit h out
+            fn = lambda: K.matvec_glu(w, qtype, x)  # noqa: E731
+            fn()
+            torch.cuda.synchronize()
+            t = triton.testing.do_bench_cudagraph(fn, rep=50) * 1e-3
+            per[n + " glu"] = {"type": K.NAMES[qtype], "bytes": nbytes, "us": t * 1e6, "GBps": nbytes / t / 1e9,
+                               "packed": True}
     out["wide"] = {"GBps": total_b / total_t / 1e9, "matrices": per}
     out["prefill"] = {}
     for n in names[:-1]:
@@ -85,7 +93,9 @@ def product_bandwidth(model: str) -> dict:
         out["prefill"][f"{n} {K.NAMES[qtype]}"] = 2 * 512 * w.shape[0] * k / t / 1e12
     from sepedge.kernels.matmul import _tuned as mm_tuned
     from sepedge.kernels.matvec import _tuned  # the tiles triton.autotune chose, per type and shape
-    out["tuned"] = {K.NAMES[q]: {str(k): str(c) for k, c in t.cache.items()} for q, t in _tuned.items()}
+    # keyed by (type, glu): the fused gate/up product (kernels.matvec_glu) has its own tiles
+    out["tuned"] = {K.NAMES[q] + (" glu" if glu else ""): {str(k): str(c) for k, c in t.cache.items()}
+                    for (q, glu), t in _tuned.items()}
     out["tuned_prefill"] = {str(k): str(c) for t in mm_tuned.values() for k, c in t.cache.items()}
     del W
     torch.cuda.empty_cache()

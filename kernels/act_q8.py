@@ -8,7 +8,10 @@ apply the block scales once per block, so the Triton backend does the CPU engine
 greedy text near ties) and no operand can overflow a half-precision range (a float32 scale per block).
 
 As the CPU core does, the step that makes a product's input is fused here: the block's RMSNorm (the
-residual stream through the norm weight) or SwiGLU (silu(gate) * up) runs in the same launch.
+residual stream through the norm weight) or SwiGLU (silu(gate) * up) runs in the same launch. In
+decode the kernel before a product can make its input instead, with the same arithmetic
+(quantize_blocks, norm_q8_row): the attention merge, the fused gate/up product (matvec_glu) and the
+products into the residual stream (matvec_norm).
 """
 
 from __future__ import annotations
@@ -51,41 +54,88 @@ def _round_even(v, GPU: tl.constexpr):
 
 
 @triton.jit
-def act_q8_kernel(
-    XQ, XD, XS, Y,  # outputs: codes (T, K) int8, scales and scaled sums (T, K / 32), float rows (STORE_Y)
-    X, U, NW,  # inputs: X (PLAIN, NORM: the rows; SWIGLU: gate), U (SWIGLU: up), NW (NORM: its weight)
-    K, stride_x, stride_u, stride_y, eps,
-    MODE: tl.constexpr, STORE_Y: tl.constexpr, GPU: tl.constexpr,
-    NB: tl.constexpr,  # blocks of 32 per program (NORM: the whole row)
-):
-    t = tl.program_id(1).to(tl.int64)
-    blk = tl.program_id(0) * NB + tl.arange(0, NB)
-    nblk = K // 32
-    cols = blk[:, None] * 32 + tl.arange(0, 32)[None, :]  # (NB, 32)
-    m = (blk < nblk)[:, None]
-    x = tl.load(X + t * stride_x + cols, mask=m, other=0.0).to(tl.float32)
-    if MODE == 1:  # RMSNorm over the row (one program has it all), as the CPU core's rmsnorm: the
-        # sum of squares in float64 (exact products, an order-independent sum to ~2^-53), then
-        # correctly rounded float32 operations: the rows agree with the CPU's to the last bit far more
-        # often than float32 sums would, so fewer codes land on the other side of a rounding tie
-        # (a quantized embedding row through a norm weight of 1 gives exact ties)
-        x64 = x.to(tl.float64)
-        mean = tl.sum(tl.sum(x64 * x64, axis=1), axis=0) / K + eps
-        rstd = tl.math.div_rn(1.0, tl.sqrt_rn(mean.to(tl.float32)))
-        x = x * rstd * tl.load(NW + cols, mask=m, other=0.0).to(tl.float32)
-    elif MODE == 2:  # SwiGLU, as the CPU core writes it: g / (1 + e^-g) * u (a correctly rounded division)
-        u = tl.load(U + t * stride_u + cols, mask=m, other=0.0).to(tl.float32)
-        x = tl.math.div_rn(x, 1.0 + tl.exp(-x)) * u
-    if STORE_Y:
-        tl.store(Y + t * stride_y + cols, x, mask=m)
+def quantize_blocks(x, GPU: tl.constexpr):
+    """x (NB, 32) float32, one 8-bit block a row -> codes (NB, 32) int32, scales d (NB,) and d * the
+    sum of the codes (NB,). The one copy of the arithmetic: act_q8_kernel and the kernels that make
+    their consumer's 8-bit blocks in their own epilogue (the attention merge, the fused gate/up
+    product) call it, so every path gives the same codes for the same floats."""
     amax = tl.max(tl.abs(x), axis=1)  # (NB,)
     d = tl.math.div_rn(amax, 127.0)  # correctly rounded, as C's division (a plain '/' may be approximate)
     inv = tl.math.div_rn(1.0, tl.where(d != 0, d, 1.0))
     inv = tl.where(d != 0, inv, 0.0)
     q = _round_even(x * inv[:, None], GPU).to(tl.int32)
-    tl.store(XQ + t * K + cols, q.to(tl.int8), mask=m)
-    tl.store(XD + t * nblk + blk, d, mask=blk < nblk)
-    tl.store(XS + t * nblk + blk, d * tl.sum(q, axis=1).to(tl.float32), mask=blk < nblk)
+    return q, d, d * tl.sum(q, axis=1).to(tl.float32)
+
+
+@triton.jit
+def silu_mul(g, u):
+    """SwiGLU as the CPU core writes it: g / (1 + e^-g) * u (a correctly rounded division)."""
+    return tl.math.div_rn(g, 1.0 + tl.exp(-g)) * u
+
+
+@triton.jit
+def norm_q8_row(X, NW, XQ, XD, XS, Y, K, eps, STORE_Y: tl.constexpr, GPU: tl.constexpr, NB: tl.constexpr):
+    """rms_norm(x) * NW of the row X (K,) in 8 bits: codes XQ (K,), XD, XS (K / 32,), the float row to Y
+    (STORE_Y); in runs of NB blocks (registers for NB * 32 values, whatever K). As the CPU core's
+    rmsnorm: the sum of squares in float64 (exact products, an order-independent sum to ~2^-53), then
+    correctly rounded float32 operations: the rows agree with the CPU's to the last bit far more often
+    than float32 sums would, so fewer codes land on the other side of a rounding tie (a quantized
+    embedding row through a norm weight of 1 gives exact ties). act_q8 and the products that make
+    their consumer's input in their epilogue (matvec's NORM) both call this: the same codes.
+    Loads bypass L1 (.cg): in an epilogue the row was just written by other programs."""
+    nblk = K // 32
+    ss = tl.zeros([NB, 32], dtype=tl.float64)
+    for b0 in range(0, nblk, NB):
+        blk = b0 + tl.arange(0, NB)
+        cols = blk[:, None] * 32 + tl.arange(0, 32)[None, :]
+        x64 = tl.load(X + cols, mask=(blk < nblk)[:, None], other=0.0, cache_modifier=".cg").to(tl.float64)
+        ss += x64 * x64
+    mean = tl.sum(tl.sum(ss, axis=1), axis=0) / K + eps
+    rstd = tl.math.div_rn(1.0, tl.sqrt_rn(mean.to(tl.float32)))
+    for b0 in range(0, nblk, NB):
+        blk = b0 + tl.arange(0, NB)
+        cols = blk[:, None] * 32 + tl.arange(0, 32)[None, :]
+        m = (blk < nblk)[:, None]
+        x = tl.load(X + cols, mask=m, other=0.0, cache_modifier=".cg").to(tl.float32)
+        x = x * rstd * tl.load(NW + cols, mask=m, other=0.0).to(tl.float32)
+        if STORE_Y:
+            tl.store(Y + cols, x, mask=m)
+        q, d, s = quantize_blocks(x, GPU)
+        tl.store(XQ + cols, q.to(tl.int8), mask=m)
+        tl.store(XD + blk, d, mask=blk < nblk)
+        tl.store(XS + blk, s, mask=blk < nblk)
+
+
+@triton.jit
+def act_q8_kernel(
+    XQ, XD, XS, Y,  # outputs: codes (T, K) int8, scales and scaled sums (T, K / 32), float rows (STORE_Y)
+    X, U, NW,  # inputs: X (PLAIN, NORM: the rows; SWIGLU: gate), U (SWIGLU: up), NW (NORM: its weight)
+    K, stride_x, stride_u, stride_y, eps,
+    MODE: tl.constexpr, STORE_Y: tl.constexpr, GPU: tl.constexpr,
+    NB: tl.constexpr,  # blocks of 32 per program (NORM: per step of the one program of a row)
+):
+    t = tl.program_id(1).to(tl.int64)
+    nblk = K // 32
+    if MODE == 1:  # RMSNorm over the row: one program has it all
+        norm_q8_row(X + t * stride_x, NW, XQ + t * K, XD + t * nblk, XS + t * nblk, Y + t * stride_y, K, eps,
+                    STORE_Y, GPU, NB)
+    else:
+        blk = tl.program_id(0) * NB + tl.arange(0, NB)
+        cols = blk[:, None] * 32 + tl.arange(0, 32)[None, :]  # (NB, 32)
+        m = (blk < nblk)[:, None]
+        x = tl.load(X + t * stride_x + cols, mask=m, other=0.0).to(tl.float32)
+        if MODE == 2:  # SwiGLU
+            u = tl.load(U + t * stride_u + cols, mask=m, other=0.0).to(tl.float32)
+            x = silu_mul(x, u)
+        if STORE_Y:
+            tl.store(Y + t * stride_y + cols, x, mask=m)
+        q, d, s = quantize_blocks(x, GPU)
+        tl.store(XQ + t * K + cols, q.to(tl.int8), mask=m)
+        tl.store(XD + t * nblk + blk, d, mask=blk < nblk)
+        tl.store(XS + t * nblk + blk, s, mask=blk < nblk)
+
+
+NORM_NB = 32  # blocks of 32 per step of a row's RMSNorm (1024 values: 8 a thread of 4 warps)
 
 
 def act_q8(x: torch.Tensor, norm: torch.Tensor | None = None, eps: float = 0.0, up: torch.Tensor | None = None,
@@ -104,8 +154,8 @@ def act_q8(x: torch.Tensor, norm: torch.Tensor | None = None, eps: float = 0.0, 
     y = torch.empty(T, K, dtype=torch.float32, device=dev) if keep_float else None
     if T:
         mode = NORM if norm is not None else SWIGLU if up is not None else PLAIN
-        nb = triton.next_power_of_2(K // 32) if mode == NORM else max(1, min(block // 32, triton.next_power_of_2(K // 32)))
-        act_q8_kernel[(triton.cdiv(K // 32, nb), T)](
+        nb = max(1, min(NORM_NB if mode == NORM else block // 32, triton.next_power_of_2(K // 32)))
+        act_q8_kernel[(1 if mode == NORM else triton.cdiv(K // 32, nb), T)](
             q, d, s, y if y is not None else d, x, up if up is not None else x, norm if norm is not None else x, K,
             x.stride(0), up.stride(0) if up is not None else 0, K, eps, MODE=mode, STORE_Y=keep_float,
             GPU=dev.type == "cuda", NB=nb)

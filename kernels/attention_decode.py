@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .act_q8 import Act, quantize_blocks
 from .rope import NEOX, NORM, rope_ref
 
 LOG2E = 1.4426950408889634
@@ -103,8 +104,9 @@ def attention_split_kernel(
 @triton.jit
 def attention_merge_kernel(
     OUT, O_PART, M_PART, L_PART,  # pointers
+    XQ, XD, XS,  # QUANT: the output's 8-bit blocks (act_q8's q, d, s of the (1, n_head * D) row)
     n_split, D, stride_oh,
-    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, QUANT: tl.constexpr, GPU: tl.constexpr,
 ):
     # runs of BLOCK_S splits at a time (a whole long cache's splits in one tile would not fit in
     # registers): the largest max first, then the weighted sums
@@ -125,13 +127,21 @@ def attention_merge_kernel(
         o = tl.load(O_PART + (h * n_split + s[:, None]) * BLOCK_D + d[None, :], mask=s[:, None] < n_split, other=0.0)
         num += tl.sum(w[:, None] * o, axis=0)
         den += w * l
-    tl.store(OUT + h * stride_oh + d, num / tl.sum(den, axis=0), mask=d < D)
+    out = num / tl.sum(den, axis=0)
+    tl.store(OUT + h * stride_oh + d, out, mask=d < D)
+    if QUANT:  # a head is whole 8-bit blocks (D = BLOCK_D, a multiple of 32): the output projection's
+        # input made here, from the values just stored, instead of by a launch of act_q8 that reads them back
+        q, dq, sq = quantize_blocks(tl.reshape(out, (BLOCK_D // 32, 32)), GPU)
+        tl.store(XQ + h * BLOCK_D + d, tl.reshape(q, (BLOCK_D,)).to(tl.int8))
+        j = h * (BLOCK_D // 32) + tl.arange(0, BLOCK_D // 32)
+        tl.store(XD + j, dq)
+        tl.store(XS + j, sq)
 
 
 def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cells: torch.Tensor,
                      deltas: torch.Tensor | None = None, freqs: torch.Tensor | None = None, rope_mode: int = NORM,
                      n_live: torch.Tensor | None = None, cells_per_split: int | None = None,
-                     block_n: int | None = None) -> torch.Tensor:
+                     block_n: int | None = None, quant: bool = False):
     """Attention of one token's queries over the live cells.
 
     q: (n_head, head_dim) float (already rotated); k_cache, v_cache: (n_cells, n_head_kv, head_dim)
@@ -139,7 +149,8 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     deltas: (n_live,) int or None, the further rotation of each cell's key (freqs: kernels.inv_freq,
     rope_mode: NORM or NEOX). n_live: None, or a (1,) int32 device tensor holding how many leading
     entries of `cells` (and deltas) are live, at least one: the shapes then stay fixed whatever the
-    count (CUDA graphs)."""
+    count (CUDA graphs). quant: also the output's 8-bit form (act_q8 of the (1, n_head * head_dim) row,
+    made by the merge; head_dim a power of two, a multiple of 32): returns kernels.Act, f the float rows."""
     H, D = q.shape
     n_cells, H_kv, Dk = k_cache.shape
     assert Dk == D and v_cache.shape == k_cache.shape, "cache shapes must match the queries"
@@ -184,9 +195,17 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         q.stride(0), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         LOG2E / math.sqrt(D), D, HAS_DELTA=has_delta, NEOX=rope_mode == NEOX, BLOCK_N=block_n, BLOCK_D=BLOCK_D,
         BLOCK_R=BLOCK_R)
-    attention_merge_kernel[(H,)](out, o_part, m_part, l_part, n_split, D, out.stride(0),
-                                 BLOCK_S=min(32, triton.next_power_of_2(n_split)), BLOCK_D=BLOCK_D)
-    return out
+    if quant:
+        assert D == BLOCK_D and D % 32 == 0, "the merge quantizes heads of whole 8-bit blocks"
+        xq = torch.empty(1, H * D, dtype=torch.int8, device=q.device)
+        xd = torch.empty(1, H * D // 32, dtype=torch.float32, device=q.device)
+        xs = torch.empty_like(xd)
+    else:
+        xq = xd = xs = out
+    attention_merge_kernel[(H,)](out, o_part, m_part, l_part, xq, xd, xs, n_split, D, out.stride(0),
+                                 BLOCK_S=min(32, triton.next_power_of_2(n_split)), BLOCK_D=BLOCK_D, QUANT=quant,
+                                 GPU=q.device.type == "cuda")
+    return Act(xq, xd, xs, out.view(1, H * D)) if quant else out
 
 
 def attention_decode_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

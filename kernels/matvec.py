@@ -6,7 +6,10 @@ Quantized weights take 8-bit activations (act_q8.py) and sum codes in integers p
 core and llama.cpp's mmvq do (the same arithmetic, so the same greedy text as the CPU engine); the
 common types (Q4_0, Q8_0, Q4_K, Q6_K) are repacked once (packed.py: codes in aligned words, scales
 apart), read 16 bytes per load and take four products per dp4a; the others go through a byte-wise
-kernel on the file's bytes that every type has. Float weights take float activations.
+kernel on the file's bytes that every type has. Float weights take float activations. The repacked
+kernels can also make the next product's 8-bit input in their epilogue (matvec_glu: silu(gate) * up of
+the gate/up product; matvec_norm: the RMSNorm of the residual row they write), so that a decode step
+needs no act_q8 launch.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .act_q8 import Act, act_q8
+from .act_q8 import NORM_NB, Act, act_q8, norm_q8_row, quantize_blocks, silu_mul
 from .packed import Packed, dequantize_packed_ref, pack
 from .quants import (BF16, BLOCKS, F16, F32, LAYOUT, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, Q8_0, codes_tile, dequant_tile,
                      dequantize_ref, row_bytes, weight_view)
@@ -124,11 +127,67 @@ def matvec_q8_kernel(
 # Activation words: X32 (T, K/4) int32 of act_q8's codes, value 4i..4i+3 in word i.
 
 
+# ---------------------------------------------------------------------------------------------
+# the fused gate/up product (GLU): a program owns `half` = BLOCK_N / 2 consecutive gate rows (whole
+# 8-bit blocks of the feed-forward's hidden row) and the same rows of up, N / 2 further down the
+# stacked weight, and writes silu(gate) * up in act_q8's 8-bit form (the down product's input) from
+# its registers: no float gate/up rows, no act_q8 launch between the two products.
+
+
+@triton.jit
+def _rows(N, BLOCK_N: tl.constexpr, GLU: tl.constexpr):
+    """The weight rows of this program: BLOCK_N consecutive ones, or (GLU) gate rows and their up rows."""
+    i = tl.arange(0, BLOCK_N)
+    if GLU:
+        half: tl.constexpr = BLOCK_N // 2
+        g = tl.program_id(0) * half + i % half
+        return tl.where(i < half, g, g + N // 2)  # gate indices past N / 2 read up rows, never stored
+    else:
+        return tl.program_id(0) * BLOCK_N + i
+
+
+@triton.jit
+def _epilogue(Y, ADD, HQ, HD, HS, CNT, NW, eps, y, rows, t, N, stride_y, stride_b, HAS_ADD: tl.constexpr,
+              GLU: tl.constexpr, NORM: tl.constexpr, STORE_Y: tl.constexpr, GPU: tl.constexpr, BLOCK_N: tl.constexpr):
+    """y (BLOCK_N,) of `rows` (+ the bias or residual) to Y (STORE_Y); with GLU the 8-bit blocks of
+    silu(gate) * up to HQ (T, N / 2) int8, HD, HS (T, N / 64) float32; with NORM the 8-bit blocks of
+    rms_norm(y row) * NW to HQ (T, N), HD, HS (T, N / 32), made by the last program of the row."""
+    if HAS_ADD:
+        y += tl.load(ADD + t * stride_b + rows, mask=rows < N, other=0.0)
+    if STORE_Y:
+        tl.store(Y + t * stride_y + rows, y, mask=rows < N)
+    if NORM:
+        # the next RMSNorm needs the whole row: every program takes a ticket once its rows are stored
+        # (the barrier: all its threads' stores before the one thread's release), and the last one
+        # normalizes and quantizes the row (a launch of act_q8 less, the same single program's work),
+        # then puts the counter back to 0 for the next launch (a CUDA graph replays the same buffer)
+        tl.debug_barrier()
+        ticket = tl.atomic_add(CNT + t, 1, sem="acq_rel", scope="gpu")
+        if ticket == tl.num_programs(0) - 1:
+            norm_q8_row(Y + t * stride_y, NW, HQ + t * N, HD + t * (N // 32), HS + t * (N // 32), Y, N, eps,
+                        False, GPU, NORM_NB)
+            tl.atomic_xchg(CNT + t, 0, sem="relaxed", scope="gpu")
+    if GLU:
+        half: tl.constexpr = BLOCK_N // 2
+        n_ff = N // 2
+        y2 = tl.reshape(y, (2, half))  # row 0: gate, row 1: up (the order of _rows)
+        which = tl.arange(0, 2)[:, None]
+        g = tl.sum(tl.where(which == 0, y2, 0.0), axis=0)  # a sum with zeros: the value itself
+        u = tl.sum(tl.where(which == 1, y2, 0.0), axis=0)
+        q, d, s = quantize_blocks(tl.reshape(silu_mul(g, u), (half // 32, 32)), GPU)
+        gi = tl.program_id(0) * half + tl.arange(0, half)
+        tl.store(HQ + t * n_ff + gi, tl.reshape(q, (half,)).to(tl.int8), mask=gi < n_ff)
+        j = tl.program_id(0) * (half // 32) + tl.arange(0, half // 32)
+        tl.store(HD + t * (n_ff // 32) + j, d, mask=j < n_ff // 32)
+        tl.store(HS + t * (n_ff // 32) + j, s, mask=j < n_ff // 32)
+
+
 @triton.jit
 def matvec_q4_0_kernel(Y, QS, D, X32, XD, XS, ADD, N, nblk, stride_qs, stride_d, stride_x, stride_y, stride_b,
-                       HAS_ADD: tl.constexpr, GPU: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr):
+                       HQ, HD, HS, CNT, NW, eps, HAS_ADD: tl.constexpr, GLU: tl.constexpr, NORM: tl.constexpr,
+                       STORE_Y: tl.constexpr, GPU: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr):
     # block b: code words 4b..4b+3; word j: values 4j.. in the low nibbles, 16 + 4j.. in the high ones
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = _rows(N, BLOCK_N, GLU)
     t = tl.program_id(1).to(tl.int64)
     r3 = rows.to(tl.int64)[:, None, None]
     rm = (rows < N)[:, None, None]
@@ -150,16 +209,16 @@ def matvec_q4_0_kernel(Y, QS, D, X32, XD, XS, ADD, N, nblk, stride_qs, stride_d,
         sx = tl.load(XS + t * nblk + blk, mask=xm, other=0.0)
         acc += tl.sum(d, axis=2) * (tl.sum(dx, axis=2) * s - 8 * tl.sum(sx, axis=2))  # the codes are q + 8
     y = tl.sum(acc, axis=1)
-    if HAS_ADD:
-        y += tl.load(ADD + t * stride_b + rows, mask=rows < N, other=0.0)
-    tl.store(Y + t * stride_y + rows, y, mask=rows < N)
+    _epilogue(Y, ADD, HQ, HD, HS, CNT, NW, eps, y, rows, t, N, stride_y, stride_b, HAS_ADD, GLU, NORM, STORE_Y, GPU,
+              BLOCK_N)
 
 
 @triton.jit
 def matvec_q8_0_kernel(Y, QS, D, X32, XD, XS, ADD, N, nblk, stride_qs, stride_d, stride_x, stride_y, stride_b,
-                       HAS_ADD: tl.constexpr, GPU: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr):
+                       HQ, HD, HS, CNT, NW, eps, HAS_ADD: tl.constexpr, GLU: tl.constexpr, NORM: tl.constexpr,
+                       STORE_Y: tl.constexpr, GPU: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr):
     # block b: code words 8b..8b+7, word j: values 4j..4j+3
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = _rows(N, BLOCK_N, GLU)
     t = tl.program_id(1).to(tl.int64)
     r3 = rows.to(tl.int64)[:, None, None]
     rm = (rows < N)[:, None, None]
@@ -177,17 +236,18 @@ def matvec_q8_0_kernel(Y, QS, D, X32, XD, XS, ADD, N, nblk, stride_qs, stride_d,
         dx = tl.load(XD + t * nblk + blk, mask=xm, other=0.0)
         acc += tl.sum(d * dx, axis=2) * s
     y = tl.sum(acc, axis=1)
-    if HAS_ADD:
-        y += tl.load(ADD + t * stride_b + rows, mask=rows < N, other=0.0)
-    tl.store(Y + t * stride_y + rows, y, mask=rows < N)
+    _epilogue(Y, ADD, HQ, HD, HS, CNT, NW, eps, y, rows, t, N, stride_y, stride_b, HAS_ADD, GLU, NORM, STORE_Y, GPU,
+              BLOCK_N)
 
 
 @triton.jit
 def matvec_q4_k_kernel(Y, QS, D, SC, X32, XD, XS, ADD, N, nblk, stride_qs, stride_d, stride_sc, stride_x, stride_y,
-                       stride_b, HAS_ADD: tl.constexpr, GPU: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr):
+                       stride_b, HQ, HD, HS, CNT, NW, eps, HAS_ADD: tl.constexpr, GLU: tl.constexpr,
+                       NORM: tl.constexpr, STORE_Y: tl.constexpr, GPU: tl.constexpr, BLOCK_N: tl.constexpr,
+                       NB: tl.constexpr):
     # block b: code words 32b + 8c + w (chunk c, word w: values 64c + 4w.. low (run 2c), 64c + 32 + 4w..
     # high (run 2c + 1)); SC word 4b + c: scale, min of run 2c, scale, min of run 2c + 1; D word b: d | dmin << 16
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = _rows(N, BLOCK_N, GLU)
     t = tl.program_id(1).to(tl.int64)
     nq = nblk * 8
     r3 = rows.to(tl.int64)[:, None, None]
@@ -219,19 +279,19 @@ def matvec_q4_k_kernel(Y, QS, D, SC, X32, XD, XS, ADD, N, nblk, stride_qs, strid
         acc += (d * sc_lo) * dx_lo * s_lo - (dmin * mn_lo) * sx_lo
         acc += (d * sc_hi) * dx_hi * s_hi - (dmin * mn_hi) * sx_hi
     y = tl.sum(tl.sum(acc, axis=2), axis=1)
-    if HAS_ADD:
-        y += tl.load(ADD + t * stride_b + rows, mask=rows < N, other=0.0)
-    tl.store(Y + t * stride_y + rows, y, mask=rows < N)
+    _epilogue(Y, ADD, HQ, HD, HS, CNT, NW, eps, y, rows, t, N, stride_y, stride_b, HAS_ADD, GLU, NORM, STORE_Y, GPU,
+              BLOCK_N)
 
 
 @triton.jit
 def matvec_q6_k_kernel(Y, QS, QH, SC, D, X32, XD, XS, ADD, N, nblk, stride_qs, stride_qh, stride_sc, stride_d,
                        stride_x, stride_y, stride_b,
-                       HAS_ADD: tl.constexpr, GPU: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr):
+                       HQ, HD, HS, CNT, NW, eps, HAS_ADD: tl.constexpr, GLU: tl.constexpr, NORM: tl.constexpr,
+                       STORE_Y: tl.constexpr, GPU: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr):
     # value 128h + 32r + l of a block: low 4 bits from ql[64h + 32(r % 2) + l] (low nibble for r < 2),
     # high 2 bits from bits 2r of qh[32h + l], scale sc[8h + 2r + l // 16]. Tiles (rows, blocks, h,
     # g = l // 16, words of 4 values): ql word 32b + 16h + 4g + w (+ 8 for r odd), qh word 16b + 8h + 4g + w.
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = _rows(N, BLOCK_N, GLU)
     t = tl.program_id(1).to(tl.int64)
     nq = nblk * 8
     r4 = rows.to(tl.int64)[:, None, None, None]
@@ -269,9 +329,8 @@ def matvec_q6_k_kernel(Y, QS, QH, SC, D, X32, XD, XS, ADD, N, nblk, stride_qs, s
             dx = tl.load(XD + t * nq + blk * 8 + 4 * h + r, mask=xm, other=0.0)
             acc += (d * sc) * dx * s
     y = tl.sum(tl.sum(tl.sum(acc, axis=3), axis=2), axis=1)
-    if HAS_ADD:
-        y += tl.load(ADD + t * stride_b + rows, mask=rows < N, other=0.0)
-    tl.store(Y + t * stride_y + rows, y, mask=rows < N)
+    _epilogue(Y, ADD, HQ, HD, HS, CNT, NW, eps, y, rows, t, N, stride_y, stride_b, HAS_ADD, GLU, NORM, STORE_Y, GPU,
+              BLOCK_N)
 
 
 FLOAT_TYPES = (F32, F16, BF16)
@@ -287,17 +346,84 @@ TUNE_ENV = "SEPEDGE_TRITON_TUNE"    # "0": the fixed tiles of PACKED on the GPU 
 # Q8_0 8, Q4_K 32, Q6_K 16 (+ 8 of qh), so every tile gives each thread at least 4
 TUNE_CONFIGS = {32: [(4, 32, 4), (8, 16, 4), (8, 32, 4), (16, 16, 8), (2, 64, 4), (16, 8, 4), (4, 16, 2),
                      (32, 8, 8)],
-                256: [(4, 4, 2), (8, 2, 2), (2, 8, 2), (4, 8, 4), (8, 4, 4), (16, 2, 4), (8, 8, 8), (16, 4, 8)]}
+                256: [(4, 4, 2), (8, 2, 2), (2, 8, 2), (4, 8, 4), (8, 4, 4), (16, 2, 4), (8, 8, 8), (16, 4, 8),
+                      # more rows a program: the activation words, scales and sums of a block of 256 (288
+                      # bytes, the same for every row) are half of 4 rows' weight bytes (4 x 144), an eighth of
+                      # 32 rows' (triton_kernels.md: Q4_K 1.69 TB/s against Q4_0's 2.39 in the 8B profiles)
+                      (32, 1, 4), (32, 2, 8)]}
 TUNE_MIN_SIZE = 1 << 22  # values of a weight worth tuning for
+# the fused gate/up product (matvec_glu): tiles of 2 x 32k rows. A program's rows are whole 8-bit
+# blocks of 32 gate rows and their up rows, so there are 8x fewer programs than at the product's
+# best plain tiles (8 rows): the tiles here are as wide per program (blocks per step, warps) as the
+# plain ones are in total over the programs an SM holds, to keep the same bytes in flight
+GLU_TUNE_CONFIGS = {32: [(64, 8, 8), (64, 4, 4), (64, 16, 8), (128, 4, 8), (64, 2, 4), (128, 8, 8)],
+                    256: [(64, 1, 4), (64, 2, 8), (64, 1, 8), (128, 1, 8), (64, 2, 4)]}
+GLU_TILES = {Q4_0: (64, 8, 8), Q8_0: (64, 4, 8), Q4_K: (64, 1, 4), Q6_K: (64, 1, 4)}  # GPU, untuned
 _tuned: dict = {}
 
 
-def _autotuned(qtype: int):
-    if qtype not in _tuned:
+def _autotuned(qtype: int, glu: bool):
+    if (qtype, glu) not in _tuned:
+        table = GLU_TUNE_CONFIGS if glu else TUNE_CONFIGS
         configs = [triton.Config({"BLOCK_N": bn, "NB": nb}, num_warps=warps)
-                   for bn, nb, warps in TUNE_CONFIGS[BLOCKS[qtype][0]]]
-        _tuned[qtype] = triton.autotune(configs=configs, key=["N", "nblk", "HAS_ADD"])(PACKED[qtype][0])
-    return _tuned[qtype]
+                   for bn, nb, warps in table[BLOCKS[qtype][0]]]
+        key = ["N", "nblk", "HAS_ADD", "GLU", "NORM"]
+        _tuned[qtype, glu] = triton.autotune(configs=configs, key=key)(PACKED[qtype][0])
+    return _tuned[qtype, glu]
+
+
+def _packed_launch(w, qtype: int, x: Act, y, add, stride_b: int, block_n, nb, glu: bool = False, h: Act | None = None,
+                   store_y: bool = True, norm=None, eps: float = 0.0, tickets=None) -> None:
+    """The repacked type's kernel: y = x @ W.T (+ add); with glu also h = the 8-bit form of
+    silu(gate) * up (y's two halves), y then written only where store_y; with norm (N,) also h = the
+    8-bit form of rms_norm(y) * norm (tickets: (T,) int32 zeros, left zero)."""
+    T, K = x.q.shape
+    N = w.shape[0]
+    dev = y.device
+    p = w if isinstance(w, Packed) else pack(w, qtype, K)
+    assert p.qtype == qtype and p.K == K, "the packed weight does not match the type and K"
+    kernel, on_gpu, interp = PACKED[qtype]
+    assert x.q.is_contiguous()
+    x32 = x.q.view(torch.int32)
+    nblk = K // BLOCKS[qtype][0]
+    if qtype in (Q4_0, Q8_0):
+        arrays = (p.qs, p.d)
+    elif qtype == Q4_K:
+        arrays = (p.qs, p.d, p.sc)
+    else:
+        arrays = (p.qs, p.qh, p.sc, p.d)
+    has_add = add is not None
+    hq, hd, hs = (h.q, h.d, h.s) if h is not None else (y, y, y)
+    use_norm = norm is not None
+    if use_norm:
+        assert not glu and N % 32 == 0 and tickets is not None and tickets.shape[0] >= T
+    args = (y, *arrays, x32, x.d, x.s, add if has_add else y, N, nblk, *(t.stride(0) for t in arrays), x32.stride(0),
+            y.stride(0), stride_b, hq, hd, hs, tickets if use_norm else y, norm if use_norm else y, eps)
+    flags = dict(HAS_ADD=has_add, GLU=glu, NORM=use_norm, STORE_Y=store_y or not glu, GPU=dev.type == "cuda")
+    gpu = dev.type == "cuda"
+    table = GLU_TUNE_CONFIGS if glu else TUNE_CONFIGS
+    if (gpu and block_n is None and nb is None and N * K >= TUNE_MIN_SIZE and os.environ.get(TUNE_ENV) != "0"
+            and nblk >= max(c[1] for c in table[BLOCKS[qtype][0]])):
+        per = 2 if glu else 1  # GLU: a program's BLOCK_N rows are BLOCK_N / 2 of the gate's N / 2
+        _autotuned(qtype, glu)[lambda meta: (triton.cdiv(N // per, meta["BLOCK_N"] // per), T)](*args, **flags)
+        return
+    warps = 4
+    if glu:
+        n_ff = N // 2
+        if gpu:
+            bn, nbk, warps = GLU_TILES[qtype]
+        else:  # the interpreter: as few programs as it can
+            bn, nbk = 2 * max(32, min(256, triton.next_power_of_2(n_ff))), interp[1]
+        bn = block_n or bn
+        nbk = nb or nbk
+        assert bn % 64 == 0, "a GLU program owns whole 8-bit blocks of gate and up rows"
+        grid = triton.cdiv(n_ff, bn // 2)
+    else:
+        bn, nbk = block_n or (on_gpu if gpu else interp)[0], nb or (on_gpu if gpu else interp)[1]
+        bn = min(bn, max(1, triton.next_power_of_2(N)))
+        grid = triton.cdiv(N, bn)
+    nbk = min(nbk, triton.next_power_of_2(nblk))
+    kernel[(grid, T)](*args, **flags, BLOCK_N=bn, NB=nbk, num_warps=warps)
 
 
 def matvec_q8(w, qtype: int, x: Act, add: torch.Tensor | None = None, stride_b: int = 0,
@@ -329,28 +455,51 @@ def matvec_q8(w, qtype: int, x: Act, add: torch.Tensor | None = None, stride_b: 
                                                    HAS_MIN=qtype in (Q4_1, Q4_K, Q5_K), HAS_ADD=has_add,
                                                    BLOCK_N=bn, NB=nbk)
         return y
-    p = w if isinstance(w, Packed) else pack(w, qtype, K)
-    assert p.qtype == qtype and p.K == K, "the packed weight does not match the type and K"
-    kernel, on_gpu, interp = PACKED[qtype]
-    assert x.q.is_contiguous()
-    x32 = x.q.view(torch.int32)
-    nblk = K // BLOCKS[qtype][0]
-    if qtype in (Q4_0, Q8_0):
-        arrays = (p.qs, p.d)
-    elif qtype == Q4_K:
-        arrays = (p.qs, p.d, p.sc)
-    else:
-        arrays = (p.qs, p.qh, p.sc, p.d)
-    args = (y, *arrays, x32, x.d, x.s, a, N, nblk, *(t.stride(0) for t in arrays), x32.stride(0), y.stride(0), stride_b)
-    if (gpu and block_n is None and nb is None and N * K >= TUNE_MIN_SIZE and os.environ.get(TUNE_ENV) != "0"
-            and nblk >= max(c[1] for c in TUNE_CONFIGS[BLOCKS[qtype][0]])):
-        _autotuned(qtype)[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), T)](*args, HAS_ADD=has_add, GPU=gpu)
-        return y
-    bn, nbk = block_n or (on_gpu if gpu else interp)[0], nb or (on_gpu if gpu else interp)[1]
-    bn = min(bn, max(1, triton.next_power_of_2(N)))
-    nbk = min(nbk, triton.next_power_of_2(nblk))
-    kernel[(triton.cdiv(N, bn), T)](*args, HAS_ADD=has_add, GPU=gpu, BLOCK_N=bn, NB=nbk)
+    _packed_launch(w, qtype, x, y, add, stride_b, block_n, nb)
     return y
+
+
+def matvec_glu(w, qtype: int, x: Act, bias: torch.Tensor | None = None, keep_gate_up: bool = False,
+               block_n: int | None = None, nb: int | None = None) -> tuple[Act, torch.Tensor | None]:
+    """The fused gate/up product of decode: w the stacked (2 n_ff, K) weight [gate; up] of a type in
+    PACKED (packed.Packed, or file bytes repacked here), x its 8-bit input (T, K); bias (2 n_ff,) or
+    None. Returns the 8-bit form (act_q8) of silu(gate) * up (T, n_ff), made in the product's epilogue
+    with act_q8's arithmetic, and (keep_gate_up) the float [gate | up] rows (T, 2 n_ff), else None.
+    block_n (a multiple of 64: gate and up rows), nb: tiles instead of the defaults/autotuning."""
+    T, K = x.q.shape
+    N = w.shape[0]
+    assert qtype in PACKED and N % 64 == 0, "the fused gate/up product takes a repacked type, n_ff whole blocks"
+    dev = w.qs.device if isinstance(w, Packed) else w.device
+    n_ff = N // 2
+    h = Act(torch.empty(T, n_ff, dtype=torch.int8, device=dev),
+            torch.empty(T, n_ff // 32, dtype=torch.float32, device=dev),
+            torch.empty(T, n_ff // 32, dtype=torch.float32, device=dev))
+    y = torch.empty(T, N, dtype=torch.float32, device=dev) if keep_gate_up else h.d
+    if T:
+        if bias is not None:
+            assert bias.shape == (N,) and bias.dtype == torch.float32
+        _packed_launch(w, qtype, x, y, bias, 0, block_n, nb, glu=True, h=h, store_y=keep_gate_up)
+    return h, (y if keep_gate_up else None)
+
+
+def matvec_norm(w, qtype: int, x: Act, res: torch.Tensor, norm: torch.Tensor, eps: float, tickets: torch.Tensor,
+                block_n: int | None = None, nb: int | None = None) -> tuple[torch.Tensor, Act]:
+    """A product that writes the residual stream, and the next RMSNorm's 8-bit output from its last
+    program (decode: no act_q8 launch between it and the products that read the normalized row):
+    y = x @ W.T + res (T, N) float32 and the 8-bit form (act_q8) of rms_norm(y) * norm (N,).
+    w: a type in PACKED (packed.Packed, or file bytes repacked here); tickets: (T,) int32 zeros on the
+    device (each row's count of finished programs, put back to zero by the last)."""
+    T, K = x.q.shape
+    N = w.shape[0]
+    assert qtype in PACKED and N % 32 == 0, "the norm epilogue takes a repacked type, rows of whole blocks"
+    assert res.shape == (T, N) and res.dtype == torch.float32 and res.stride(1) == 1 and norm.shape == (N,)
+    dev = res.device
+    y = torch.empty(T, N, dtype=torch.float32, device=dev)
+    h = Act(torch.empty(T, N, dtype=torch.int8, device=dev), torch.empty(T, N // 32, dtype=torch.float32, device=dev),
+            torch.empty(T, N // 32, dtype=torch.float32, device=dev))
+    if T:
+        _packed_launch(w, qtype, x, y, res, res.stride(0), block_n, nb, h=h, norm=norm, eps=eps, tickets=tickets)
+    return y, h
 
 
 def matvec(w, qtype: int, x, bias: torch.Tensor | None = None, res: torch.Tensor | None = None,

@@ -33,6 +33,15 @@ KV_DTYPES = ("f32", "f16")
 GRAPHS_ENV = "SEPEDGE_TRITON_GRAPHS"  # "0": decode without CUDA graphs; "static": their fixed shapes, uncaptured
 PACK_ENV = "SEPEDGE_TRITON_PACK"  # "0": keep the file's bytes, products through the byte-wise kernels
 PREFILL_ENV = "SEPEDGE_TRITON_PREFILL"  # "q8": long prefill chunks through the 8-bit products too (A/B)
+# decode's 8-bit inputs made by the kernel before instead of by a launch of act_q8: "attn" (the
+# default): the attention merge quantizes its output for the output projection; "1": also the fused
+# gate/up product quantizes silu(gate) * up for the down product in its epilogue (kernels.matvec_glu:
+# 8x fewer, wider programs) and the products into the residual stream (wo, down) make the next
+# RMSNorm's 8-bit row from their last program (kernels.matvec_norm: a ticket per program); one act_q8
+# launch is left in a step (the first layer's norm of the embedding row); measured against "attn"
+# before it becomes the default; "0": neither
+FUSE_ENV = "SEPEDGE_TRITON_FUSE"
+FUSE_MODES = ("0", "attn", "1")
 
 
 def _imports():
@@ -119,6 +128,9 @@ class TritonWeights:
         self.w.setdefault("output.weight", self.w["token_embd.weight"])  # tied embeddings
         for i in range(self.n_layer):  # one product (one launch, one pass over x) where the types agree
             self._fuse(f"blk.{i}", ("attn_q", "attn_k", "attn_v"), "attn_qkv")
+            # a Q4_K_M file gives V Q6_K in some layers: Q and K still share one launch (the K product
+            # alone is 1024 rows of the 8B model, too few programs to reach the bandwidth)
+            self._fuse(f"blk.{i}", ("attn_q", "attn_k"), "attn_qk")
             self._fuse(f"blk.{i}", ("ffn_gate", "ffn_up"), "ffn_gateup")
         for name, (w, qtype, n_cols) in self.w.items():
             if qtype in K.PACKED_TYPES and name != "token_embd.weight" and os.environ.get(PACK_ENV) != "0":
@@ -156,6 +168,14 @@ class _Forward:
         self.v_cache = torch.zeros(shape, dtype=kv_dtype, device=W.device)
         self.n_cells = n_cells
         self.cancel_event = threading.Event()
+        fuse = os.environ.get(FUSE_ENV, "attn")
+        if fuse not in FUSE_MODES:
+            raise InvalidArgumentError(f"{FUSE_ENV} must be one of {list(FUSE_MODES)}, got {fuse!r}")
+        self.fuse_attn, self.fuse_glu = fuse != "0", fuse == "1"
+        self.tickets = torch.zeros(2, dtype=torch.int32, device=W.device)  # kernels.matvec_norm's counters
+
+    def _quantized(self, name: str) -> bool:
+        return name in self.W.w and self.W.w[name][1] not in self.K.FLOAT_TYPES
 
     def inputs(self, x, names: tuple, norm=None, up=None):
         """The input of the products `names` from x: rms_norm(x) * norm, silu(x) * up, or x itself; in
@@ -176,6 +196,21 @@ class _Forward:
         if norm is not None:
             return K.rms_norm(x, norm, W.eps)
         return x if up is None else K.swiglu(x, up)
+
+    def _attn_inputs(self, i: int) -> tuple:
+        return tuple(f"blk.{i}.{p}" for p in ("attn_qkv", "attn_qk", "attn_q", "attn_k", "attn_v"))
+
+    def _residual(self, h, name: str, x, norm, consumers: tuple):
+        """x + h W^T, the residual stream after the product `name`, and (FUSE 1, decode) the 8-bit
+        rms_norm(x + h W^T) * norm that the products `consumers` read, made by the product's last program
+        (kernels.matvec_norm); else None and the consumers' input is made by act_q8 as before."""
+        w, qtype, _ = self.W.w[f"{name}.weight"]
+        ws = [self.W.w[f"{n}.weight"] for n in consumers if f"{n}.weight" in self.W.w]
+        if (self.fuse_glu and x.shape[0] <= 2 and isinstance(h, self.K.Act) and isinstance(w, self.K.Packed)
+                and w.shape[0] % 32 == 0 and f"{name}.bias" not in self.W.vec and ws
+                and all(q not in self.K.FLOAT_TYPES for _, q, _ in ws)):
+            return self.K.matvec_norm(w, qtype, h, x, norm, self.W.eps, self.tickets)
+        return self.project(h, name, res=x), None
 
     def project(self, x, name: str, res=None):
         """x W^T (+ bias) (+ res: the residual stream, added in the product's epilogue); x: float rows
@@ -201,17 +236,22 @@ class _Forward:
         H, Hkv, D = W.n_head, W.n_head_kv, W.head_dim
         emb, qtype, n = W.w["token_embd.weight"]
         x = K.get_rows(emb, qtype, n, ids)
+        pre = None  # the next products' 8-bit input, made by the product before them (FUSE 1), or None
         for i in range(W.n_layer):
             if check_cancel and self.cancel_event.is_set():
                 raise CancelledError("cancelled")
             blk = f"blk.{i}"
-            h = self.inputs(x, (f"{blk}.attn_qkv", f"{blk}.attn_q", f"{blk}.attn_k", f"{blk}.attn_v"),
-                            norm=W.vec[f"{blk}.attn_norm.weight"])
+            h = pre if pre is not None else self.inputs(x, self._attn_inputs(i), norm=W.vec[f"{blk}.attn_norm.weight"])
             if f"{blk}.attn_qkv.weight" in W.w:
                 qkv = self.project(h, f"{blk}.attn_qkv")
                 q = qkv[:, :H * D].view(T, H, D)
                 k = qkv[:, H * D:(H + Hkv) * D].view(T, Hkv, D)
                 v = qkv[:, (H + Hkv) * D:].view(T, Hkv, D)
+            elif f"{blk}.attn_qk.weight" in W.w:
+                qk = self.project(h, f"{blk}.attn_qk")
+                q = qk[:, :H * D].view(T, H, D)
+                k = qk[:, H * D:].view(T, Hkv, D)
+                v = self.project(h, f"{blk}.attn_v").view(T, Hkv, D)
             else:
                 q = self.project(h, f"{blk}.attn_q").view(T, H, D)
                 k = self.project(h, f"{blk}.attn_k").view(T, Hkv, D)
@@ -220,21 +260,37 @@ class _Forward:
             # rotated keys and values -> their cells, the queries rotated in place: one launch
             K.rope_store(k, v, positions, cells, kc, vc, W.freqs, W.rope_mode, q=q)
             if T == 1 and mask is None:
+                # the output projection's 8-bit input made by the merge (no act_q8 launch)
+                quant = (self.fuse_attn and self._quantized(f"{blk}.attn_output.weight")
+                         and D % 32 == 0 and D & (D - 1) == 0)
                 att = K.attention_decode(q[0], kc, vc, live, deltas=deltas, freqs=W.freqs, rope_mode=W.rope_mode,
-                                         n_live=n_live_t)
+                                         n_live=n_live_t, quant=quant)
+                h = att if quant else self.inputs(att.reshape(T, H * D), (f"{blk}.attn_output",))
             else:
                 att = K.attention_prefill(q, kc, vc, live, live.shape[0] - T, mask=mask, deltas=deltas,
                                           freqs=W.freqs, rope_mode=W.rope_mode)
-            x = self.project(self.inputs(att.reshape(T, H * D), (f"{blk}.attn_output",)), f"{blk}.attn_output", res=x)
-            h = self.inputs(x, (f"{blk}.ffn_gateup", f"{blk}.ffn_gate", f"{blk}.ffn_up"),
-                            norm=W.vec[f"{blk}.ffn_norm.weight"])
+                h = self.inputs(att.reshape(T, H * D), (f"{blk}.attn_output",))
+            ffn = (f"{blk}.ffn_gateup", f"{blk}.ffn_gate", f"{blk}.ffn_up")
+            x, pre = self._residual(h, f"{blk}.attn_output", x, W.vec[f"{blk}.ffn_norm.weight"], ffn)
+            h = pre if pre is not None else self.inputs(x, ffn, norm=W.vec[f"{blk}.ffn_norm.weight"])
+            # the consumers of the down product's residual: the next layer's Q, K, V, or the head
+            last = i == W.n_layer - 1
+            nxt = ((("output",) if n_out == T and not hidden else ()) if last else self._attn_inputs(i + 1))
+            nxt_norm = W.vec["output_norm.weight" if last else f"blk.{i + 1}.attn_norm.weight"]
+            gu_w = W.w.get(f"{blk}.ffn_gateup.weight")
+            if (self.fuse_glu and T <= 2 and isinstance(h, K.Act) and gu_w is not None and isinstance(gu_w[0], K.Packed)
+                    and gu_w[0].shape[0] % 64 == 0 and self._quantized(f"{blk}.ffn_down.weight")):
+                # decode: the down product's 8-bit input made in the gate/up product's epilogue
+                hq, _ = K.matvec_glu(gu_w[0], gu_w[1], h, W.vec.get(f"{blk}.ffn_gateup.bias"))
+                x, pre = self._residual(hq, f"{blk}.ffn_down", x, nxt_norm, nxt)
+                continue
             if f"{blk}.ffn_gateup.weight" in W.w:
                 gu = self.project(h, f"{blk}.ffn_gateup")
                 n_ff = gu.shape[1] // 2
                 gate, up = gu[:, :n_ff], gu[:, n_ff:]
             else:
                 gate, up = self.project(h, f"{blk}.ffn_gate"), self.project(h, f"{blk}.ffn_up")
-            x = self.project(self.inputs(gate, (f"{blk}.ffn_down",), up=up), f"{blk}.ffn_down", res=x)
+            x, pre = self._residual(self.inputs(gate, (f"{blk}.ffn_down",), up=up), f"{blk}.ffn_down", x, nxt_norm, nxt)
         norm = W.vec["output_norm.weight"]
         if hidden:
             return K.rms_norm(x, norm, W.eps)
@@ -246,7 +302,8 @@ class _Forward:
             if n_out <= 2:
                 return K.head(w, qtype, x, norm, W.eps)  # the final norm fused into the product
             return K.matmul(w, qtype, K.rms_norm(x, norm, W.eps))
-        h = K.act_q8(x, norm, W.eps)  # the norm and the 8-bit activations in one launch
+        # the norm and the 8-bit activations in one launch, or made by the last down product (FUSE 1)
+        h = pre if pre is not None else K.act_q8(x, norm, W.eps)
         packed = isinstance(w, K.Packed)
         return K.matvec(w, qtype, h, packed=packed) if n_out <= 2 else K.matmul(w, qtype, h, packed=packed)
 

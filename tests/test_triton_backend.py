@@ -19,7 +19,7 @@ if not CUDA:
 pytest.importorskip("triton")
 
 import fixtures  # noqa: E402
-from sepedge import BackendError, CancelledError, Engine  # noqa: E402
+from sepedge import BackendError, CancelledError, Engine, InvalidArgumentError  # noqa: E402
 from sepedge.reference import Transformer  # noqa: E402
 
 # max |triton - other| / max |other| over a sequence's logits. Against the CPU engine with f32 keys and
@@ -78,9 +78,12 @@ def step_by_step(llm, tokens) -> np.ndarray:
 
 
 @pytest.mark.parametrize("mode,sizes,spec,outtype", MODES, ids=[f"{m}-{s}-{o}" for m, _, s, o in MODES])
-def test_kv_modes_match_cpu(gguf_path, rng, mode, sizes, spec, outtype):
+def test_kv_modes_match_cpu(gguf_path, rng, monkeypatch, mode, sizes, spec, outtype):
     """A stream step by step, then as one prompt in chunks of n_batch (longer than a sparse cache):
-    the CPU engine's logits, cells and statistics."""
+    the CPU engine's logits, cells and statistics. Decode with every fusion on (SEPEDGE_TRITON_FUSE=1:
+    the 8-bit inputs of the output and down products made by the attention merge and the gate/up
+    product); test_fuse_modes_match_cpu covers the others."""
+    monkeypatch.setenv("SEPEDGE_TRITON_FUSE", "1")
     path = gguf_path(spec, outtype)
     n = N_STREAM if mode != "full" or CUDA else 12
     kw = dict(kv_mode=mode, n_batch=8, kv_type="f32", **sizes) if mode != "full" else dict(n_ctx=n + 8, n_batch=8,
@@ -97,6 +100,33 @@ def test_kv_modes_match_cpu(gguf_path, rng, mode, sizes, spec, outtype):
         assert rel(steps, cpu_steps) <= MAX_REL_CPU[outtype]
         assert rel(prompt, cpu_prompt) <= MAX_REL_CPU[outtype]
         assert tri.kv_stats() == cpu.kv_stats()
+
+
+@pytest.mark.parametrize("fuse,mode,sizes,spec,outtype", [("0", *MODES[2]), ("attn", *MODES[1])],
+                         ids=["0-sepllm-stream-q4_0", "attn-sepllm-q4_k_m"])
+def test_fuse_modes_match_cpu(gguf_path, rng, monkeypatch, fuse, mode, sizes, spec, outtype):
+    """Decode with act_q8 launches between the products (SEPEDGE_TRITON_FUSE=0) and with the merge's
+    8-bit output only (attn, the default): the CPU engine's logits, and the fully fused path's
+    (1) within the same tolerance."""
+    path = gguf_path(spec, outtype)
+    kw = dict(kv_mode=mode, n_batch=8, kv_type="f32", **sizes)
+    with Engine(path, **kw) as cpu:
+        tokens = make_stream(rng, cpu, 12)
+        cpu_steps = step_by_step(cpu, tokens)
+    steps = {}
+    for f in (fuse, "1"):
+        monkeypatch.setenv("SEPEDGE_TRITON_FUSE", f)
+        with Engine(path, device="triton", **kw) as tri:
+            steps[f] = step_by_step(tri, tokens)
+        print(f"fuse {f}: rel to the CPU engine {rel(steps[f], cpu_steps):.3g}")
+        assert rel(steps[f], cpu_steps) <= MAX_REL_CPU[outtype]
+    assert rel(steps[fuse], steps["1"]) <= MAX_REL_CPU[outtype]
+
+
+def test_fuse_mode_is_checked(gguf_path, monkeypatch):
+    monkeypatch.setenv("SEPEDGE_TRITON_FUSE", "yes")
+    with pytest.raises(InvalidArgumentError, match="SEPEDGE_TRITON_FUSE"):
+        Engine(gguf_path("mha-d64", "q8_0"), device="triton")
 
 
 @pytest.mark.parametrize("spec,outtype", [("gqa-d128-llama31", "f32"), ("mha-d64", "q4_k_m")])

@@ -280,6 +280,60 @@ def test_matvec(rng, qtype, size):
         check_product(got - on_device(res), decode(w, qtype, n_cols), x64, bias, DOT_REL + 1e-6)
 
 
+def assert_same_act(a, b):
+    """Two 8-bit activation batches are the same codes, scales and sums, bit for bit."""
+    for name in ("q", "d", "s"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), f"8-bit {name} differ"
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("qtype", list(PACKED), ids=type_id)
+def test_matvec_glu(rng, qtype, size):
+    """The fused gate/up product (matvec_glu): its float gate and up rows within DOT_REL of float64,
+    and the 8-bit blocks of silu(gate) * up it makes in its epilogue exactly act_q8's of those rows
+    (the kernel tested above against the CPU core's arithmetic); n_ff an odd number of 8-bit blocks
+    (the last program half full) at the default tiles and at the smallest (several programs), a bias."""
+    n_ff, T = (5 * 32, 2) if size == "small" else (4096 + 3 * 32, 2)
+    n_cols = n_cols_for(qtype, size)
+    w = random_weight(rng, qtype, 2 * n_ff, n_cols)
+    x, x64 = product_inputs(rng, qtype, T, n_cols)
+    bias = rng.standard_normal(2 * n_ff).astype(np.float32) if qtype == Q.Q8_0 else None
+    p = K.pack(on_device(w), qtype, n_cols)
+    xa = K.act_q8(on_device(x))
+    tiles = [dict(), dict(block_n=64, nb=1)] if size == "small" else [dict(), dict(block_n=128, nb=2)]
+    for tile in tiles:
+        h, gu = K.matvec_glu(p, qtype, xa, None if bias is None else on_device(bias), keep_gate_up=True, **tile)
+        check_product(gu, decode(w, qtype, n_cols), x64, bias, DOT_REL)
+        assert_same_act(h, K.act_q8(gu[:, :n_ff], up=gu[:, n_ff:]))
+        h2, none = K.matvec_glu(p, qtype, xa, None if bias is None else on_device(bias), **tile)
+        assert none is None
+        assert_same_act(h2, h)  # without the float rows: the same blocks
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("qtype", list(PACKED), ids=type_id)
+def test_matvec_norm(rng, qtype, size):
+    """A product into the residual stream that also makes the next RMSNorm's 8-bit row from its last
+    program (matvec_norm): y within DOT_REL of float64, the 8-bit blocks exactly act_q8's of y through
+    the norm (the same norm_q8_row), the tickets back at zero; two rows, several programs a row at the
+    smallest tiles, rows of odd block counts, and a second call on the same tickets."""
+    N, T = (7 * 32, 2) if size == "small" else (4096 + 5 * 32, 2)
+    n_cols = n_cols_for(qtype, size)
+    w = random_weight(rng, qtype, N, n_cols)
+    x, x64 = product_inputs(rng, qtype, T, n_cols)
+    res = rng.standard_normal((T, N)).astype(np.float32)
+    norm = rng.uniform(0.5, 1.5, N).astype(np.float32)
+    p, xa, nd = K.pack(on_device(w), qtype, n_cols), K.act_q8(on_device(x)), on_device(norm)
+    tickets = torch.zeros(T, dtype=torch.int32, device=DEVICE)
+    small = dict(block_n=64, nb=2) if size == "small" else dict(block_n=8, nb=2)
+    for i, tile in enumerate([small, dict(), small]):
+        r = on_device(res * (i + 1))  # another row each call: a stale one in reused memory would show
+        y, h = K.matvec_norm(p, qtype, xa, r, nd, 1e-5, tickets, **tile)
+        check_product(y - r, decode(w, qtype, n_cols), x64, None, DOT_REL + 1e-6)
+        assert_same_act(h, K.act_q8(y, norm=nd, eps=1e-5))
+        assert not tickets.any()
+
+
 @pytest.mark.parametrize("qtype", list(PACKED), ids=type_id)
 def test_packed_tails(rng, qtype):
     """Repacked weights: their values exactly the file's (float64 decoding of the bytes); the decode
@@ -543,6 +597,22 @@ def test_attention_decode(rng, dtype, size):
     torch_ref = K.attention_decode_ref(torch.from_numpy(q).double(), torch.from_numpy(k), torch.from_numpy(v),
                                        torch.from_numpy(cells)).numpy()
     assert np.abs(torch_ref - ref).max() <= ATTN_ATOL
+
+
+@pytest.mark.parametrize("D", [32, 64])
+def test_attention_decode_quant(rng, D):
+    """The merge's 8-bit output (the output projection's input): the float output as the plain call's,
+    bit for bit, and within ATTN_ATOL of float64; its blocks exactly act_q8's of that output."""
+    n_cells, n_live, H, H_kv = 53, 37, 6, 2
+    k, v = random_cache(rng, n_cells, H_kv, D, np.float32)
+    cells = rng.permutation(n_cells)[:n_live]
+    q = rng.standard_normal((H, D)).astype(np.float32)
+    args = (on_device(q), on_device(k), on_device(v), on_device(cells))
+    a = K.attention_decode(*args, cells_per_split=4, block_n=2, quant=True)
+    plain = K.attention_decode(*args, cells_per_split=4, block_n=2)
+    assert torch.equal(a.f, plain.reshape(1, H * D))
+    assert np.abs(plain.double().cpu().numpy() - attention64(q[None], k, v, cells, n_live)[0]).max() <= ATTN_ATOL
+    assert_same_act(a, K.act_q8(plain.reshape(1, H * D)))
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["f32", "f16"])

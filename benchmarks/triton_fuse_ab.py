@@ -1,0 +1,105 @@
+"""A/B of decode's fused 8-bit inputs on the Triton backend (SEPEDGE_TRITON_FUSE): tg128 as
+sepedge.bench times it (CUDA-graph decode, random tokens after an empty cache), each mode in its
+own context over the same loaded weights, the modes interleaved round by round so that clock and
+thermal drift fall on all of them; then torch.profiler's decode step per mode (kernel time and
+launches a step, the act_q8 launches left).
+
+    python benchmarks/triton_fuse_ab.py MODEL.gguf [--md out.md] [--reps 5] [--modes 0,attn,1]
+
+Modes: 0 (an act_q8 launch before every quantized product), attn (the attention merge makes the
+output projection's input), 1 (and the gate/up product makes the down product's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from triton_profile import kernel_table  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model")
+    ap.add_argument("--md", type=Path, default=None)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--n-gen", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=16, help="decode steps profiled per mode")
+    ap.add_argument("--modes", default="0,attn,1")
+    args = ap.parse_args()
+    import numpy as np
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from sepedge import Engine
+    from sepedge.triton_backend import FUSE_ENV
+
+    modes = args.modes.split(",")
+    rng = np.random.default_rng(0)
+    runs: dict[str, list[float]] = {m: [] for m in modes}
+    tables = {}
+    out = [f"# SEPEDGE_TRITON_FUSE A/B: {Path(args.model).name} on {torch.cuda.get_device_name()}", ""]
+    with Engine(args.model, device="triton", n_ctx=1024) as base:
+        engines = {}
+        for m in modes:  # the mode is read when a context is made
+            os.environ[FUSE_ENV] = m
+            engines[m] = base.spawn()
+        os.environ.pop(FUSE_ENV, None)
+
+        def tg(llm) -> float:
+            llm.reset()
+            toks = rng.integers(0, llm.n_vocab, args.n_gen).tolist()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for t in toks:
+                llm.eval([t])
+            return args.n_gen / (time.perf_counter() - t0)
+
+        for m in modes:
+            tg(engines[m])  # compiles, autotunes, captures the graph
+        for _ in range(args.reps):
+            for m in modes:
+                runs[m].append(tg(engines[m]))
+        for m in modes:
+            llm = engines[m]
+            llm.reset()
+            llm.eval(rng.integers(0, llm.n_vocab, 20).tolist())
+            for t in rng.integers(0, llm.n_vocab, 4).tolist():
+                llm.eval([t])
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+                for t in rng.integers(0, llm.n_vocab, args.steps).tolist():
+                    llm.eval([t])
+                torch.cuda.synchronize()
+            tables[m] = kernel_table(prof, args.steps)
+        for e in engines.values():
+            e.close()
+    ref = statistics.fmean(runs[modes[0]])
+    out += [f"tg{args.n_gen}, {args.reps} interleaved rounds", "",
+            f"| mode | t/s | sd | vs {modes[0]} | kernel µs a step | launches a step | act_q8 µs | act_q8 launches |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for m in modes:
+        rows = tables[m]
+        act = [r for r in rows if "act_q8" in r[0]]
+        mean = statistics.fmean(runs[m])
+        sd = statistics.stdev(runs[m]) if len(runs[m]) > 1 else 0.0
+        out.append(f"| {m} | {mean:.1f} | {sd:.1f} | "
+                   f"{mean / ref:.3f} | {sum(t for _, t, _ in rows):.0f} | {sum(c for _, _, c in rows)} | "
+                   f"{sum(t for _, t, _ in act):.0f} | {sum(c for _, _, c in act)} |")
+    for m in modes:
+        out += ["", f"decode step, SEPEDGE_TRITON_FUSE={m}", "", "| kernel | µs | launches |", "|---|---:|---:|"]
+        out += [f"| {n[:70]} | {t:.1f} | {c} |" for n, t, c in tables[m][:12]]
+    text = "\n".join(out) + "\n"
+    print(text)
+    if args.md:
+        args.md.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
