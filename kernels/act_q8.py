@@ -135,7 +135,9 @@ def act_q8_kernel(
         tl.store(XS + t * nblk + blk, s, mask=blk < nblk)
 
 
-NORM_NB = 32  # blocks of 32 per step of a row's RMSNorm (1024 values: 8 a thread of 4 warps)
+# blocks of 32 per step of a row's RMSNorm (1024 values: 8 a thread of 4 warps); a constexpr because
+# compiled kernels (matvec's epilogue) may read only constexpr globals
+NORM_NB = tl.constexpr(32)
 
 
 def act_q8(x: torch.Tensor, norm: torch.Tensor | None = None, eps: float = 0.0, up: torch.Tensor | None = None,
@@ -154,7 +156,7 @@ def act_q8(x: torch.Tensor, norm: torch.Tensor | None = None, eps: float = 0.0, 
     y = torch.empty(T, K, dtype=torch.float32, device=dev) if keep_float else None
     if T:
         mode = NORM if norm is not None else SWIGLU if up is not None else PLAIN
-        nb = max(1, min(NORM_NB if mode == NORM else block // 32, triton.next_power_of_2(K // 32)))
+        nb = max(1, min(NORM_NB.value if mode == NORM else block // 32, triton.next_power_of_2(K // 32)))
         act_q8_kernel[(1 if mode == NORM else triton.cdiv(K // 32, nb), T)](
             q, d, s, y if y is not None else d, x, up if up is not None else x, norm if norm is not None else x, K,
             x.stride(0), up.stride(0) if up is not None else 0, K, eps, MODE=mode, STORE_Y=keep_float,
