@@ -17,7 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-thread_local se_cuda_launch_opts se_cuda_opts = {false, 1};
+thread_local se_cuda_launch_opts se_cuda_opts = {false, 1, false};
 
 int se_cuda_error(cudaError_t e, const char * what) {
     return se_error(SE_ERR_BACKEND, "CUDA error: %s (%s)", cudaGetErrorString(e), what);
@@ -76,7 +76,7 @@ typedef struct cuda_ctx {
     int path;             // se_mv_path
     bool mmq;             // prefill products on int8 tensor cores where the type has them
     bool f16_on;          // prefill products of chunks of >= f16_min tokens through cuBLAS (se-cuda-cublas.cu)
-    int32_t f16_min;
+    int32_t f16_min;      // SEPEDGE_CUDA_CUBLAS_MIN, or 0: by weight type (f16_min_of)
     se_f16_route f16;
     bool use_graphs;
     se_cuda_launch_opts opts;  // programmatic dependent launch, L2 prefetch (se-cuda.h)
@@ -110,12 +110,24 @@ static void kernels_init() {
     se_cuda_rope_init();
 }
 
-// Chunks of at least this many tokens take the cuBLAS route by default (SEPEDGE_CUDA_CUBLAS_MIN).
-// Estimate (cuda_kernels_log.md, session 5b): the route pays the weights' dequantization (2 bytes
-// written a weight, ~4.5 ms a 512-token pass of 8B at the copy rate) per chunk however few its
-// tokens, and gains over the int8 kernels ~(1 - 170 / 700) of their time, which at 8B is ~68 us a
-// token: even at 128 tokens (~8.7 ms of int8 products a pass) the gain covers the dequantization.
+// Chunks of at least this many tokens take the cuBLAS route by default (SEPEDGE_CUDA_CUBLAS_MIN sets
+// one threshold for every type). The route pays the weights' dequantization (2 bytes written a
+// weight) per chunk however few its tokens, so it wins from the size where that is covered by what it
+// gains over the int8 kernels. Measured on the H200, 8B files, route on / off (cuda_kernels_log.md,
+// session 6): Q4_0 0.60x at 64 tokens, 0.74x at 128, 1.08x at 256, 1.38x at 512; Q4_K_M 1.01x at 64,
+// 1.19x at 128, 2.07x at 512. The simple block types have the faster int8 kernels: 256 for them,
+// 128 for the K-quants and the rest.
 #define F16_MIN_TOKENS 128
+#define F16_MIN_TOKENS_BLOCKS 256
+
+static int32_t f16_min_of(const cuda_ctx * c, int32_t type) {
+    if (c->f16_min > 0) return c->f16_min;
+    switch (type) {
+        case SE_TYPE_Q4_0: case SE_TYPE_Q4_1: case SE_TYPE_Q5_0: case SE_TYPE_Q8_0:
+            return F16_MIN_TOKENS_BLOCKS;
+        default: return F16_MIN_TOKENS;
+    }
+}
 
 // The cuBLAS route (SEPEDGE_CUDA_CUBLAS=0: off): on where cuBLAS loads and every weight fits f16;
 // otherwise the int8 and f16 kernels serve every chunk, as before.
@@ -123,9 +135,10 @@ static int f16_route_init(se_context * ctx, int64_t widest) {
     cuda_ctx * c = cctx(ctx);
     const se_cuda_model * cm = (const se_cuda_model *) ctx->model->dev;
     const char * env = getenv("SEPEDGE_CUDA_CUBLAS_MIN");
-    c->f16_min = env && atoi(env) > 1 ? atoi(env) : F16_MIN_TOKENS;
+    c->f16_min = env && atoi(env) > 1 ? atoi(env) : 0;  // 0: by type (f16_min_of)
     env = getenv("SEPEDGE_CUDA_CUBLAS");
-    if ((env && !strcmp(env, "0")) || ctx->params.n_batch < c->f16_min || se_cublas_load(false) != SE_OK) return SE_OK;
+    const int32_t least = c->f16_min > 0 ? c->f16_min : F16_MIN_TOKENS;
+    if ((env && !strcmp(env, "0")) || ctx->params.n_batch < least || se_cublas_load(false) != SE_OK) return SE_OK;
     int r = se_cuda_f16_init(&c->f16, ctx->params.n_batch, widest, c->stream);
     if (r == SE_ERR_OUT_OF_MEMORY) return SE_OK;  // no room for its buffers: the int8 kernels serve
     if (r != SE_OK) return r;
@@ -183,6 +196,8 @@ static int cuda_init(se_context * ctx) {
     c->opts.pdl = major >= 9 && !c->timing.on && !(env && !strcmp(env, "0"));
     env = getenv("SEPEDGE_CUDA_PREFETCH");
     c->opts.prefetch = env && *env ? atoi(env) : 1;
+    env = getenv("SEPEDGE_CUDA_ATTN_TC");
+    c->opts.attn_tc = env && *env && strcmp(env, "0");
     env = getenv("SEPEDGE_CUDA_NEXT_L2");
     c->next_l2_mb = env && *env ? atoi(env) : 0;
     env = getenv("SEPEDGE_CUDA_KV_LAYOUT");
@@ -336,7 +351,7 @@ static void next_weights(const cuda_ctx * c, const se_cuda_layer * l, se_dattn *
 
 // Whether the prefill product of w over n tokens goes through cuBLAS (its input then made f16 there).
 static bool wants_f16(const cuda_ctx * c, const se_dweight * w, int32_t n) {
-    return c->f16_on && n >= c->f16_min && se_cuda_f16_takes(w);
+    return c->f16_on && n >= f16_min_of(c, w->type) && se_cuda_f16_takes(w);
 }
 
 static bool all_f16(const cuda_ctx * c, const se_mm_out * outs, int n_outs, int32_t n) {
