@@ -16,7 +16,8 @@
 # models-bg / models (the random-weight 8B files: started in the background / waited for),
 # bandwidth (decode products + copy rate), bench (benchmarks/triton_bench.py, DEVICES=triton,cuda),
 # sweep (benchmarks/triton_prefill_sweep.py, SWEEP_ARGS), profile (benchmarks/triton_profile.py per model),
-# fuse-ab (benchmarks/triton_fuse_ab.py per model: tg128 with SEPEDGE_TRITON_FUSE=0 / attn / 1 interleaved),
+# ab (benchmarks/triton_ab.py per model: tg128 with AB_ENV (default SEPEDGE_TRITON_FUSE) set to each of AB_MODES
+# (default 0,attn,1), interleaved),
 # use-llama (the llama-bench of .gpu/), llamabench (its rows).
 set -u
 OUT=${OUT:-/tmp/sepedge-out}
@@ -111,10 +112,10 @@ for phase in "$@"; do
         bench) wait_gpu_lib; timeout $(left) python3 benchmarks/triton_bench.py --devices ${DEVICES:-triton,cuda} --reps ${REPS:-3} ${BENCH_ARGS:-} $MODELS \
                    --json /tmp/results/triton_bench.json --md /tmp/results/triton_bench.md 2>&1 | tail -30 ;;
         sweep) timeout $(left) python3 benchmarks/triton_prefill_sweep.py ${SWEEP_ARGS:-} --json "$OUT/triton_prefill_sweep.json" 2>&1 | tail -12 ;;
-        fuse-ab) for m in ${PROFILE_MODELS:-$MODELS}; do
-                     timeout $(left) python3 benchmarks/triton_fuse_ab.py "$m" --reps ${REPS:-5} \
-                         --md "$OUT/fuse-ab-$(basename "$m" .gguf).md" 2>&1 | tail -40
-                 done ;;
+        ab) for m in ${PROFILE_MODELS:-$MODELS}; do
+                timeout $(left) python3 benchmarks/triton_ab.py "$m" --env ${AB_ENV:-SEPEDGE_TRITON_FUSE} \
+                    --modes ${AB_MODES:-0,attn,1} --reps ${REPS:-5} --md "$OUT/ab-${AB_ENV:-fuse}-$(basename "$m" .gguf).md" 2>&1 | tail -40
+            done ;;
         profile) for m in ${PROFILE_MODELS:-$MODELS}; do
                      timeout $(left) python3 benchmarks/triton_profile.py "$m" --md "$OUT/profile-$(basename "$m" .gguf).md" 2>&1 | tail -70
                  done ;;

@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import pdl_launch, pdl_wait
+
 PLAIN, NORM, SWIGLU = 0, 1, 2  # what the kernel computes before quantizing
 
 
@@ -113,7 +115,9 @@ def act_q8_kernel(
     K, stride_x, stride_u, stride_y, eps,
     MODE: tl.constexpr, STORE_Y: tl.constexpr, GPU: tl.constexpr,
     NB: tl.constexpr,  # blocks of 32 per program (NORM: per step of the one program of a row)
+    PDL: tl.constexpr = 0,  # launched early (pdl.py): wait for the kernel before
 ):
+    pdl_wait(PDL)
     t = tl.program_id(1).to(tl.int64)
     nblk = K // 32
     if MODE == 1:  # RMSNorm over the row: one program has it all
@@ -160,7 +164,7 @@ def act_q8(x: torch.Tensor, norm: torch.Tensor | None = None, eps: float = 0.0, 
         act_q8_kernel[(1 if mode == NORM else triton.cdiv(K // 32, nb), T)](
             q, d, s, y if y is not None else d, x, up if up is not None else x, norm if norm is not None else x, K,
             x.stride(0), up.stride(0) if up is not None else 0, K, eps, MODE=mode, STORE_Y=keep_float,
-            GPU=dev.type == "cuda", NB=nb)
+            GPU=dev.type == "cuda", NB=nb, **pdl_launch(dev))
     return Act(q, d, s, y)
 
 

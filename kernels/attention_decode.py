@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from .act_q8 import Act, quantize_blocks
+from .pdl import pdl_launch, pdl_wait
 from .rope import NEOX, NORM, rope_ref
 
 LOG2E = 1.4426950408889634
@@ -58,7 +59,9 @@ def attention_split_kernel(
     D,
     HAS_DELTA: tl.constexpr, NEOX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_R: tl.constexpr,  # rep rounded up to a power of two
+    PDL: tl.constexpr = 0,  # launched early (pdl.py)
 ):
+    pdl_wait(PDL)
     # one program per kv head and run of cells, for all `rep` query heads that read that kv head: each
     # key and value is gathered (and, in the streaming modes, rotated by its cell's delta) once for
     # the whole group instead of once per query head
@@ -107,7 +110,9 @@ def attention_merge_kernel(
     XQ, XD, XS,  # QUANT: the output's 8-bit blocks (act_q8's q, d, s of the (1, n_head * D) row)
     n_split, D, stride_oh,
     BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, QUANT: tl.constexpr, GPU: tl.constexpr,
+    PDL: tl.constexpr = 0,  # launched early (pdl.py)
 ):
+    pdl_wait(PDL)
     # runs of BLOCK_S splits at a time (a whole long cache's splits in one tile would not fit in
     # registers): the largest max first, then the weighted sums
     h = tl.program_id(0)
@@ -194,7 +199,7 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         freqs if has_delta else q, n_live, cells_per_split, H // H_kv,
         q.stride(0), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         LOG2E / math.sqrt(D), D, HAS_DELTA=has_delta, NEOX=rope_mode == NEOX, BLOCK_N=block_n, BLOCK_D=BLOCK_D,
-        BLOCK_R=BLOCK_R)
+        BLOCK_R=BLOCK_R, **pdl_launch(q.device))
     if quant:
         assert D == BLOCK_D and D % 32 == 0, "the merge quantizes heads of whole 8-bit blocks"
         xq = torch.empty(1, H * D, dtype=torch.int8, device=q.device)
@@ -204,7 +209,7 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         xq = xd = xs = out
     attention_merge_kernel[(H,)](out, o_part, m_part, l_part, xq, xd, xs, n_split, D, out.stride(0),
                                  BLOCK_S=min(32, triton.next_power_of_2(n_split)), BLOCK_D=BLOCK_D, QUANT=quant,
-                                 GPU=q.device.type == "cuda")
+                                 GPU=q.device.type == "cuda", **pdl_launch(q.device))
     return Act(xq, xd, xs, out.view(1, H * D)) if quant else out
 
 

@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import pdl_launch, pdl_wait
 from .quants import BLOCKS, LAYOUT, dequant_tile, dequantize_ref, row_bytes, weight_view
 
 
@@ -22,7 +23,9 @@ def head_kernel(
     eps,
     QTYPE: tl.constexpr, QK: tl.constexpr, SUBS: tl.constexpr, RUN: tl.constexpr,  # quants.LAYOUT
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NB: tl.constexpr,
+    PDL: tl.constexpr = 0,  # launched early (pdl.py)
 ):
+    pdl_wait(PDL)
     pid_n = tl.program_id(0)
     t = tl.program_id(1)
     ss = tl.zeros([BLOCK_K], dtype=tl.float32)
@@ -63,7 +66,9 @@ def head(w: torch.Tensor, qtype: int, x: torch.Tensor, norm: torch.Tensor, eps: 
         block_n = block_n or (8 if x.is_cuda else min(512, triton.next_power_of_2(N)))  # interpreter: see matvec
         head_kernel[(triton.cdiv(N, block_n), T)](y, weight_view(w, qtype), x, norm.contiguous(), N, K, x.stride(0),
                                                   y.stride(0), eps, QTYPE=qtype, QK=QK, SUBS=SUBS, RUN=RUN,
-                                                  BLOCK_N=block_n, BLOCK_K=block_k, NB=max(1, min(block_k, triton.next_power_of_2(K)) // QK))
+                                                  BLOCK_N=block_n, BLOCK_K=block_k,
+                                                  NB=max(1, min(block_k, triton.next_power_of_2(K)) // QK),
+                                                  **pdl_launch(x.device))
     return y
 
 

@@ -22,6 +22,7 @@ import triton.language as tl
 
 from .act_q8 import NORM_NB, Act, act_q8, norm_q8_row, quantize_blocks, silu_mul
 from .packed import Packed, dequantize_packed_ref, pack
+from .pdl import pdl_launch, pdl_wait, prefetch_l2
 from .quants import (BF16, BLOCKS, F16, F32, LAYOUT, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, Q8_0, codes_tile, dequant_tile,
                      dequantize_ref, row_bytes, weight_view)
 
@@ -33,7 +34,9 @@ def matvec_kernel(
     stride_x, stride_y, stride_b,  # stride_b: 0 for a bias, a row's for a residual
     QTYPE: tl.constexpr, QK: tl.constexpr, SUBS: tl.constexpr, RUN: tl.constexpr,  # quants.LAYOUT
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr,  # NB blocks of QK values per step
+    PDL: tl.constexpr = 0,  # launched early (pdl.py)
 ):
+    pdl_wait(PDL)
     pid_n = tl.program_id(0)
     t = tl.program_id(1)  # activation row
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -90,11 +93,12 @@ def matvec_q8_kernel(
     Y, W, XQ, XD, XS, ADD,  # ADD: bias or residual
     N, K, stride_y, stride_b,
     QTYPE: tl.constexpr, QK: tl.constexpr, SUBS: tl.constexpr, RUN: tl.constexpr, HAS_MIN: tl.constexpr,
-    HAS_ADD: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr,
+    HAS_ADD: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr, PDL: tl.constexpr = 0,
 ):
     """Every quantized type, codes read byte by byte from the file's blocks (quants.codes_tile): tiles
     (rows, blocks, runs, values); per run the integer sum of codes times activation codes, then
     scale * d_x (and the min times d_x * sum)."""
+    pdl_wait(PDL)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     t = tl.program_id(1).to(tl.int64)
     r4 = rows[:, None, None, None]
@@ -185,7 +189,8 @@ def _epilogue(Y, ADD, HQ, HD, HS, CNT, NW, eps, y, rows, t, N, stride_y, stride_
 @triton.jit
 def matvec_q4_0_kernel(Y, QS, D, X32, XD, XS, ADD, N, nblk, stride_qs, stride_d, stride_x, stride_y, stride_b,
                        HQ, HD, HS, CNT, NW, eps, HAS_ADD: tl.constexpr, GLU: tl.constexpr, NORM: tl.constexpr,
-                       STORE_Y: tl.constexpr, GPU: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr):
+                       STORE_Y: tl.constexpr, GPU: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr,
+                       PDL: tl.constexpr = 0):
     # block b: code words 4b..4b+3; word j: values 4j.. in the low nibbles, 16 + 4j.. in the high ones
     rows = _rows(N, BLOCK_N, GLU)
     t = tl.program_id(1).to(tl.int64)
@@ -193,6 +198,10 @@ def matvec_q4_0_kernel(Y, QS, D, X32, XD, XS, ADD, N, nblk, stride_qs, stride_d,
     rm = (rows < N)[:, None, None]
     b = tl.arange(0, NB)[None, :, None]
     j = tl.arange(0, 4)[None, None, :]
+    if PDL == 2:  # the first tile's weights on the chip when the wait ends (nothing writes weights)
+        prefetch_l2(QS + r3 * stride_qs + b * 4, rm & (b < nblk))
+        prefetch_l2(D + r3 * stride_d + b, rm & (b < nblk))
+    pdl_wait(PDL)  # launched early: wait for the kernel before (pdl.py)
     acc = tl.zeros([BLOCK_N, NB], dtype=tl.float32)
     for b0 in range(0, nblk, NB):
         blk = b0 + b  # (1, NB, 1)
@@ -216,7 +225,8 @@ def matvec_q4_0_kernel(Y, QS, D, X32, XD, XS, ADD, N, nblk, stride_qs, stride_d,
 @triton.jit
 def matvec_q8_0_kernel(Y, QS, D, X32, XD, XS, ADD, N, nblk, stride_qs, stride_d, stride_x, stride_y, stride_b,
                        HQ, HD, HS, CNT, NW, eps, HAS_ADD: tl.constexpr, GLU: tl.constexpr, NORM: tl.constexpr,
-                       STORE_Y: tl.constexpr, GPU: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr):
+                       STORE_Y: tl.constexpr, GPU: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr,
+                       PDL: tl.constexpr = 0):
     # block b: code words 8b..8b+7, word j: values 4j..4j+3
     rows = _rows(N, BLOCK_N, GLU)
     t = tl.program_id(1).to(tl.int64)
@@ -224,6 +234,10 @@ def matvec_q8_0_kernel(Y, QS, D, X32, XD, XS, ADD, N, nblk, stride_qs, stride_d,
     rm = (rows < N)[:, None, None]
     b = tl.arange(0, NB)[None, :, None]
     j = tl.arange(0, 8)[None, None, :]
+    if PDL == 2:  # the first tile's weights on the chip when the wait ends (nothing writes weights)
+        prefetch_l2(QS + r3 * stride_qs + b * 8, rm & (b < nblk))
+        prefetch_l2(D + r3 * stride_d + b, rm & (b < nblk))
+    pdl_wait(PDL)  # launched early: wait for the kernel before (pdl.py)
     acc = tl.zeros([BLOCK_N, NB], dtype=tl.float32)
     for b0 in range(0, nblk, NB):
         blk = b0 + b
@@ -244,7 +258,8 @@ def matvec_q8_0_kernel(Y, QS, D, X32, XD, XS, ADD, N, nblk, stride_qs, stride_d,
 def matvec_q4_k_kernel(Y, QS, D, SC, X32, XD, XS, ADD, N, nblk, stride_qs, stride_d, stride_sc, stride_x, stride_y,
                        stride_b, HQ, HD, HS, CNT, NW, eps, HAS_ADD: tl.constexpr, GLU: tl.constexpr,
                        NORM: tl.constexpr, STORE_Y: tl.constexpr, GPU: tl.constexpr, BLOCK_N: tl.constexpr,
-                       NB: tl.constexpr):
+                       NB: tl.constexpr,
+                       PDL: tl.constexpr = 0):
     # block b: code words 32b + 8c + w (chunk c, word w: values 64c + 4w.. low (run 2c), 64c + 32 + 4w..
     # high (run 2c + 1)); SC word 4b + c: scale, min of run 2c, scale, min of run 2c + 1; D word b: d | dmin << 16
     rows = _rows(N, BLOCK_N, GLU)
@@ -255,6 +270,12 @@ def matvec_q4_k_kernel(Y, QS, D, SC, X32, XD, XS, ADD, N, nblk, stride_qs, strid
     b = tl.arange(0, NB)[None, :, None]
     c = tl.arange(0, 4)[None, None, :]
     w = tl.arange(0, 8)[None, None, None, :]
+    if PDL == 2:  # the first tile's weights on the chip when the wait ends (nothing writes weights)
+        ok0 = rm & (b < nblk)
+        prefetch_l2(QS + r3 * stride_qs + b * 32 + 8 * c, ok0)
+        prefetch_l2(SC + r3 * stride_sc + b * 4, ok0)
+        prefetch_l2(D + r3 * stride_d + b, ok0)
+    pdl_wait(PDL)  # launched early: wait for the kernel before (pdl.py)
     acc = tl.zeros([BLOCK_N, NB, 4], dtype=tl.float32)
     for b0 in range(0, nblk, NB):
         blk = b0 + b  # (1, NB, 1)
@@ -287,7 +308,8 @@ def matvec_q4_k_kernel(Y, QS, D, SC, X32, XD, XS, ADD, N, nblk, stride_qs, strid
 def matvec_q6_k_kernel(Y, QS, QH, SC, D, X32, XD, XS, ADD, N, nblk, stride_qs, stride_qh, stride_sc, stride_d,
                        stride_x, stride_y, stride_b,
                        HQ, HD, HS, CNT, NW, eps, HAS_ADD: tl.constexpr, GLU: tl.constexpr, NORM: tl.constexpr,
-                       STORE_Y: tl.constexpr, GPU: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr):
+                       STORE_Y: tl.constexpr, GPU: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr,
+                       PDL: tl.constexpr = 0):
     # value 128h + 32r + l of a block: low 4 bits from ql[64h + 32(r % 2) + l] (low nibble for r < 2),
     # high 2 bits from bits 2r of qh[32h + l], scale sc[8h + 2r + l // 16]. Tiles (rows, blocks, h,
     # g = l // 16, words of 4 values): ql word 32b + 16h + 4g + w (+ 8 for r odd), qh word 16b + 8h + 4g + w.
@@ -300,6 +322,13 @@ def matvec_q6_k_kernel(Y, QS, QH, SC, D, X32, XD, XS, ADD, N, nblk, stride_qs, s
     h = tl.arange(0, 2)[None, None, :, None]
     g = tl.arange(0, 2)[None, None, None, :]
     w = tl.arange(0, 4)[None, None, None, None, :]
+    if PDL == 2:  # the first tile's weights on the chip when the wait ends (nothing writes weights)
+        ok0 = rm & (b < nblk)
+        prefetch_l2(QS + r4 * stride_qs + b * 32 + 16 * h, ok0)
+        prefetch_l2(QH + r4 * stride_qh + b * 16, ok0)
+        prefetch_l2(SC + r4 * stride_sc + b * 16, ok0)
+        prefetch_l2(D + r4 * stride_d + b, ok0)
+    pdl_wait(PDL)  # launched early: wait for the kernel before (pdl.py)
     acc = tl.zeros([BLOCK_N, NB, 2, 2], dtype=tl.float32)
     for b0 in range(0, nblk, NB):
         blk = b0 + b  # (1, NB, 1, 1)
@@ -399,7 +428,8 @@ def _packed_launch(w, qtype: int, x: Act, y, add, stride_b: int, block_n, nb, gl
         assert not glu and N % 32 == 0 and tickets is not None and tickets.shape[0] >= T
     args = (y, *arrays, x32, x.d, x.s, add if has_add else y, N, nblk, *(t.stride(0) for t in arrays), x32.stride(0),
             y.stride(0), stride_b, hq, hd, hs, tickets if use_norm else y, norm if use_norm else y, eps)
-    flags = dict(HAS_ADD=has_add, GLU=glu, NORM=use_norm, STORE_Y=store_y or not glu, GPU=dev.type == "cuda")
+    flags = dict(HAS_ADD=has_add, GLU=glu, NORM=use_norm, STORE_Y=store_y or not glu, GPU=dev.type == "cuda",
+                 **pdl_launch(dev))
     gpu = dev.type == "cuda"
     table = GLU_TUNE_CONFIGS if glu else TUNE_CONFIGS
     if (gpu and block_n is None and nb is None and N * K >= TUNE_MIN_SIZE and os.environ.get(TUNE_ENV) != "0"
@@ -453,7 +483,7 @@ def matvec_q8(w, qtype: int, x: Act, add: torch.Tensor | None = None, stride_b: 
         matvec_q8_kernel[(triton.cdiv(N, bn), T)](y, weight_view(w, qtype), x.q, x.d, x.s, a, N, K, y.stride(0),
                                                    stride_b, QTYPE=qtype, QK=QK, SUBS=SUBS, RUN=RUN,
                                                    HAS_MIN=qtype in (Q4_1, Q4_K, Q5_K), HAS_ADD=has_add,
-                                                   BLOCK_N=bn, NB=nbk)
+                                                   BLOCK_N=bn, NB=nbk, **pdl_launch(dev))
         return y
     _packed_launch(w, qtype, x, y, add, stride_b, block_n, nb)
     return y
@@ -540,7 +570,7 @@ def matvec(w, qtype: int, x, bias: torch.Tensor | None = None, res: torch.Tensor
         matvec_kernel[(triton.cdiv(N, block_n), T)](
             y, weight_view(w, qtype), x, add if add is not None else y, N, K, x.stride(0), y.stride(0), stride_b,
             QTYPE=qtype, QK=QK, SUBS=SUBS, RUN=RUN, HAS_BIAS=add is not None, BLOCK_N=block_n,
-            NB=max(1, min(block_k, triton.next_power_of_2(K)) // QK))  # short rows: no padding
+            NB=max(1, min(block_k, triton.next_power_of_2(K)) // QK), **pdl_launch(x.device))  # short rows: no padding
     return y
 
 

@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import pdl_launch, pdl_wait
+
 # ggml type ids (the GGUF spec's tensor types; gguf.GGMLQuantizationType)
 F32, F16, Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K, BF16 = 0, 1, 2, 3, 6, 8, 12, 13, 14, 30
 # type id -> (values per block, bytes per block)
@@ -177,7 +179,9 @@ def get_rows_kernel(
     N, K,  # W is (N, K) logical
     stride_out,
     QTYPE: tl.constexpr, QK: tl.constexpr, SUBS: tl.constexpr, RUN: tl.constexpr, NB: tl.constexpr,
+    PDL: tl.constexpr = 0,  # launched early (pdl.py)
 ):
+    pdl_wait(PDL)
     i = tl.program_id(0)
     rows = tl.load(IDS + i + tl.zeros([1, 1, 1], dtype=tl.int32))
     blocks = tl.arange(0, NB)[:, None, None]
@@ -201,7 +205,7 @@ def get_rows(w: torch.Tensor, qtype: int, n_cols: int, ids: torch.Tensor) -> tor
         QK, SUBS, RUN = LAYOUT[qtype]
         nb = max(1, min(1024, triton.next_power_of_2(n_cols)) // QK)
         get_rows_kernel[(ids.shape[0],)](out, weight_view(w, qtype), ids, w.shape[0], n_cols, out.stride(0),
-                                         QTYPE=qtype, QK=QK, SUBS=SUBS, RUN=RUN, NB=nb)
+                                         QTYPE=qtype, QK=QK, SUBS=SUBS, RUN=RUN, NB=nb, **pdl_launch(w.device))
     return out
 
 

@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import pdl_launch, pdl_wait
+
 NORM, NEOX = 0, 2  # ggml's rope modes
 
 
@@ -52,8 +54,9 @@ def rope_store_kernel(
     n_heads, half, D, n_q_heads,            # Q: the queries, rotated in place by the programs after the keys'
     stride_kt, stride_kh, stride_vt, stride_vh, stride_cc, stride_ch, stride_qt, stride_qh,
     MODE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    HAS_Q: tl.constexpr,
+    HAS_Q: tl.constexpr, PDL: tl.constexpr = 0,  # PDL: launched early (pdl.py)
 ):
+    pdl_wait(PDL)
     t = tl.program_id(0)
     pid_h = tl.program_id(1)
     n_kv_blocks = tl.cdiv(n_heads, BLOCK_H)
@@ -139,7 +142,7 @@ def rope_store(k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cells:
                                 k.stride(1), v.stride(0), v.stride(1), k_cache.stride(0), k_cache.stride(1),
                                 qq.stride(0), qq.stride(1), MODE=mode, BLOCK_H=block_h,
                                 BLOCK_D=triton.next_power_of_2(D // 2), BLOCK_DV=triton.next_power_of_2(D),
-                                HAS_Q=q is not None)
+                                HAS_Q=q is not None, **pdl_launch(k.device))
 
 
 def rope_ref(x: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor, mode: int = NORM) -> torch.Tensor:

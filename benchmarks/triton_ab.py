@@ -1,13 +1,14 @@
-"""A/B of decode's fused 8-bit inputs on the Triton backend (SEPEDGE_TRITON_FUSE): tg128 as
-sepedge.bench times it (CUDA-graph decode, random tokens after an empty cache), each mode in its
-own context over the same loaded weights, the modes interleaved round by round so that clock and
-thermal drift fall on all of them; then torch.profiler's decode step per mode (kernel time and
-launches a step, the act_q8 launches left).
+"""A/B of a Triton-backend switch (an environment variable) on decode: tg128 as sepedge.bench times
+it (CUDA-graph decode, random tokens after an empty cache), each value in its own context over the
+same loaded weights, the variable set while that context is made and its decode graph captured,
+the values interleaved round by round so that clock and thermal drift fall on all of them; then
+torch.profiler's decode step per value (kernel time and launches a step, the act_q8 launches left).
 
-    python benchmarks/triton_fuse_ab.py MODEL.gguf [--md out.md] [--reps 5] [--modes 0,attn,1]
+    python benchmarks/triton_ab.py MODEL.gguf [--env SEPEDGE_TRITON_FUSE] [--modes 0,attn,1] [--md out.md] [--reps 5]
 
-Modes: 0 (an act_q8 launch before every quantized product), attn (the attention merge makes the
-output projection's input), 1 (and the gate/up product makes the down product's).
+SEPEDGE_TRITON_FUSE: 0 (an act_q8 launch before every quantized product), attn (the attention merge
+makes the output projection's input), 1 (and the gate/up product makes the down product's).
+SEPEDGE_TRITON_PDL: 1 (decode kernels launched early, kernels/pdl.py), 0 (one after the other).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--n-gen", type=int, default=128)
     ap.add_argument("--steps", type=int, default=16, help="decode steps profiled per mode")
+    ap.add_argument("--env", default="SEPEDGE_TRITON_FUSE")
     ap.add_argument("--modes", default="0,attn,1")
     args = ap.parse_args()
     import numpy as np
@@ -37,19 +39,14 @@ def main() -> int:
     from torch.profiler import ProfilerActivity, profile
 
     from sepedge import Engine
-    from sepedge.triton_backend import FUSE_ENV
 
     modes = args.modes.split(",")
     rng = np.random.default_rng(0)
     runs: dict[str, list[float]] = {m: [] for m in modes}
     tables = {}
-    out = [f"# SEPEDGE_TRITON_FUSE A/B: {Path(args.model).name} on {torch.cuda.get_device_name()}", ""]
+    out = [f"# {args.env} A/B: {Path(args.model).name} on {torch.cuda.get_device_name()}", ""]
     with Engine(args.model, device="triton", n_ctx=1024) as base:
         engines = {}
-        for m in modes:  # the mode is read when a context is made
-            os.environ[FUSE_ENV] = m
-            engines[m] = base.spawn()
-        os.environ.pop(FUSE_ENV, None)
 
         def tg(llm) -> float:
             llm.reset()
@@ -60,8 +57,15 @@ def main() -> int:
                 llm.eval([t])
             return args.n_gen / (time.perf_counter() - t0)
 
-        for m in modes:
+        before = os.environ.get(args.env)
+        for m in modes:  # read when a context is made (FUSE) or when its graph is captured (PDL)
+            os.environ[args.env] = m
+            engines[m] = base.spawn()
             tg(engines[m])  # compiles, autotunes, captures the graph
+        if before is None:
+            os.environ.pop(args.env, None)
+        else:
+            os.environ[args.env] = before
         for _ in range(args.reps):
             for m in modes:
                 runs[m].append(tg(engines[m]))
@@ -92,7 +96,7 @@ def main() -> int:
                    f"{mean / ref:.3f} | {sum(t for _, t, _ in rows):.0f} | {sum(c for _, _, c in rows)} | "
                    f"{sum(t for _, t, _ in act):.0f} | {sum(c for _, _, c in act)} |")
     for m in modes:
-        out += ["", f"decode step, SEPEDGE_TRITON_FUSE={m}", "", "| kernel | µs | launches |", "|---|---:|---:|"]
+        out += ["", f"decode step, {args.env}={m}", "", "| kernel | µs | launches |", "|---|---:|---:|"]
         out += [f"| {n[:70]} | {t:.1f} | {c} |" for n, t, c in tables[m][:12]]
     text = "\n".join(out) + "\n"
     print(text)
