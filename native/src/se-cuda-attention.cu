@@ -10,7 +10,9 @@
 // does not depend on the step (CUDA graphs). Two measured-no-faster variants stay behind switches
 // (cuda_kernels_log.md, session 5): keys and values through a cp.async ring in shared memory
 // (SEPEDGE_CUDA_ATTN_RING=1), and the idle blocks asking L2 for the next products' weights
-// (SEPEDGE_CUDA_NEXT_L2=MB).
+// (SEPEDGE_CUDA_NEXT_L2=MB). SEPEDGE_CUDA_ATTN_TC=1 (or 2) puts the same scheme on the tensor cores
+// (k_attn_decode_tc: mma.sync with the cells as rows and the query heads as columns) where no cell
+// carries a delta and head_dim is 64 or 128 (decode_tc_applies).
 //
 // Many tokens (prefill), head_dim 64 or 128: a block takes 64 query rows (token, head) of one KV head,
 // a warp 16 of them, and streams the live cells through shared memory 64 at a time; Q K^T, the
@@ -31,6 +33,25 @@ __device__ __forceinline__ bool visible(const se_dcell & c, int p, int floor, in
     if (c.pos + c.delta > p) return false;
     if (mode != SE_KV_MODE_SEPLLM) return true;
     return c.sep == INT32_MAX || c.pos > p - n_local || (c.sep >= 0 && c.sep >= floor);
+}
+
+// Tensor-core operands: two f16 in a register, the m16n8k16 product (f16 in, f32 accumulation).
+__device__ __forceinline__ uint32_t pack_half2(float a, float b) {
+    const __half2 h = __floats2half2_rn(a, b);
+    return *(const uint32_t *) &h;
+}
+
+__device__ __forceinline__ void mma_f16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void * p) {
+    const unsigned s = (unsigned) __cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(s));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -112,47 +133,33 @@ struct dec_smem {
     }
 };
 
-// grid (n_head / gb, max_splits); block DEC_WARPS warps; head_dim d <= DP, d % 16 == 0; gb <= GB
-// query heads (registers scale with GB: fewer for smaller groups, more blocks a multiprocessor).
-// RING: the cells' keys, values (and delta rows) come through shared memory with cp.async, `slots`
-// steps in flight while a step is computed; else a lane group loads a step's keys and values into
-// registers, then computes (the default: faster on the H200).
-template <int DP, int GB, bool RING>
-__global__ void __launch_bounds__(DEC_WARPS * 32, DEC_MIN_BLOCKS(GB))
-    k_attn_decode(const se_dattn a, int gb, int8_t * qx, float2 * ds, int slots) {
-    constexpr int L = DP / 8, C = 32 / L;  // lanes a cell, cells a warp at once
-    using SM = dec_smem<DP, GB>;
-    extern __shared__ __align__(16) uint8_t dsm[];
-    __shared__ __align__(16) float s_q[GB][DP];  // queries; at the end, the outputs
-    __shared__ __align__(16) __half s_k[DP], s_v[DP];   // the token's own key and value
-    __shared__ float s_m[DEC_WARPS][C][GB], s_l[DEC_WARPS][C][GB];
-    __shared__ se_dcell s_cells[DEC_STAGE];                // the stage's cells; cell -1: not visible
-    __shared__ int s_last;
-    float * s_acc = (float *) dsm;  // [DEC_WARPS][C][GB][DP], after the loop
-    auto acc_at = [&](int w, int u, int g, int j) -> float & { return s_acc[((w * C + u) * GB + g) * DP + j]; };
-
-    const int n_live = a.step->n_live, n_splits = n_splits_of(n_live, a.max_splits), split = blockIdx.y;
-    const int len = (n_live + n_splits - 1) / n_splits, c0 = split * len, c1 = min(c0 + len, n_live);
-    const int d = a.head_dim, half = d / 2, group = a.n_head / a.n_head_kv;
-    const int h0 = blockIdx.x * gb, hk = h0 / group;
-    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, G = lane / L, j0 = 8 * (lane % L);
-    // The cells' keys and values of earlier steps depend on nothing the kernels before this one
-    // write (the step's upload precedes the pass): ask L2 for the split's first ones, let the next
-    // kernel start, then wait for the token's query, key and value.
-    for (int t = tid; t < min(c1 - c0, a.prefetch >= 1 ? DEC_PREFETCH : 0); t += blockDim.x) {
+// The start of a decode block. The cells' keys and values of earlier steps depend on nothing the
+// kernels before this one write (the step's upload precedes the pass): ask L2 for the split's first
+// ones, let the next kernel start, then wait for the token's query, key and value. False for the
+// blocks past the live cells, which ask L2 for the next products' weights instead and return.
+__device__ __forceinline__ bool dec_enter(const se_dattn & a, int c0, int c1, int hk, int n_splits) {
+    const int d = a.head_dim;
+    for (int t = threadIdx.x; t < min(c1 - c0, a.prefetch >= 1 ? DEC_PREFETCH : 0); t += blockDim.x) {
         const int cell = a.live[c0 + t].cell;
         prefetch_row_l2(a.k + se_kv_at(a, cell, hk), d * (int) sizeof(__half));
         prefetch_row_l2(a.v + se_kv_at(a, cell, hk), d * (int) sizeof(__half));
     }
     pdl_trigger();
     pdl_wait();
-    if (split >= n_splits) {
+    if ((int) blockIdx.y >= n_splits) {
         prefetch_next(a, n_splits);
-        return;
+        return false;
     }
-    const int p = a.pos[0], floor = a.floor[0], mode = a.step->mode, n_local = a.step->n_local, own = a.cells[0];
+    return true;
+}
 
-    // the token's queries (scaled) and key rotated by its position; key and value rounded to f16
+// The token itself: its gb queries (scaled) into s_q and its key rotated by its position into s_k,
+// its value into s_v (key and value rounded to f16; dimensions d..DP zero, rows gb..GB not written);
+// one block a KV head stores key and value in the token's cell. Ends past a barrier.
+template <int DP, int GB>
+__device__ __forceinline__ void dec_token(const se_dattn & a, int gb, int h0, int hk, int split, float (*s_q)[DP],
+                                          __half * s_k, __half * s_v) {
+    const int d = a.head_dim, half = d / 2, tid = threadIdx.x, own = a.cells[0];
     for (int idx = tid; idx < (gb + 1) * half; idx += blockDim.x) {
         const int g = idx / half, i = idx % half;
         int ia, ib;
@@ -174,12 +181,128 @@ __global__ void __launch_bounds__(DEC_WARPS * 32, DEC_MIN_BLOCKS(GB))
     }
     for (int j = tid; j < DP; j += blockDim.x) s_v[j] = __float2half(j < d ? a.v_new[(int64_t) hk * d + j] : 0.0f);
     __syncthreads();
-    if (split == 0 && h0 % group == 0) {  // one block a KV head stores the token
+    if (split == 0 && h0 % (a.n_head / a.n_head_kv) == 0) {  // one block a KV head stores the token
         for (int j = tid; j < d; j += blockDim.x) {
             a.k[se_kv_at(a, own, hk) + j] = s_k[j];
             a.v[se_kv_at(a, own, hk) + j] = s_v[j];
         }
     }
+}
+
+// The end of a decode block, after its `ng` groups (lane groups, warps) wrote their running max
+// s_m[i * GB + g], sum s_l[i * GB + g] and weighted values s_acc[(i * GB + g) * DP + j] per head g:
+// this split's (values, max, sum) per head into a.part; the column's last block to finish merges
+// every split (s_acc, of at least 2 GB SE_ATTN_MAX_SPLITS + GB floats, is its scratch then); the
+// output to a.out, with qx also in 8-bit blocks (head_dim % 32 == 0: a warp's 32 values, one head).
+template <int DP, int GB>
+__device__ __forceinline__ void dec_finish(const se_dattn & a, int gb, int h0, int split, int n_splits, int ng, const float * s_m,
+                                           const float * s_l, float * s_acc, float (*s_q)[DP], int8_t * qx, float2 * ds) {
+    __shared__ int s_last;
+    const int d = a.head_dim, tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    __syncthreads();
+    for (int idx = tid; idx < gb * d; idx += blockDim.x) {
+        const int g = idx / d, j = idx % d;
+        float mx = -INFINITY;
+        for (int i = 0; i < ng; i++) mx = fmaxf(mx, s_m[i * GB + g]);
+        float sum = 0, val = 0;
+        if (mx != -INFINITY) {
+            for (int i = 0; i < ng; i++) {
+                const float f = __expf(s_m[i * GB + g] - mx);
+                sum += s_l[i * GB + g] * f;
+                val += s_acc[(i * GB + g) * DP + j] * f;
+            }
+        }
+        if (n_splits == 1) {
+            s_q[g][j] = sum > 0 ? val / sum : 0.0f;
+            continue;
+        }
+        float * part = a.part + ((int64_t) (h0 + g) * a.max_splits + split) * (d + 2);
+        part[j] = val;
+        if (j == 0) part[d] = mx, part[d + 1] = sum;
+    }
+    if (n_splits > 1) {  // the column's last block to finish merges every split
+        __threadfence();
+        __syncthreads();
+        if (tid == 0) s_last = atomicAdd(&a.count[blockIdx.x], 1u) == (unsigned) n_splits - 1;
+        __syncthreads();
+        if (!s_last) return;
+        __threadfence();
+        // each split's weight exp(m - max) per head (in s_acc, free now), then the weighted sums
+        float * s_pw = s_acc, * s_pl = s_pw + GB * SE_ATTN_MAX_SPLITS, * s_hm = s_pl + GB * SE_ATTN_MAX_SPLITS;
+        for (int idx = tid; idx < gb * n_splits; idx += blockDim.x) {
+            const int g = idx / n_splits, sp = idx % n_splits;
+            const float * part = a.part + ((int64_t) (h0 + g) * a.max_splits + sp) * (d + 2);
+            s_pw[g * SE_ATTN_MAX_SPLITS + sp] = __ldcg(part + d);
+            s_pl[g * SE_ATTN_MAX_SPLITS + sp] = __ldcg(part + d + 1);
+        }
+        __syncthreads();
+        for (int g = warp; g < gb; g += DEC_WARPS) {
+            float mx = -INFINITY;
+            for (int sp = lane; sp < n_splits; sp += 32) mx = fmaxf(mx, s_pw[g * SE_ATTN_MAX_SPLITS + sp]);
+            mx = warp_max(mx);
+            float sum = 0;
+            for (int sp = lane; sp < n_splits; sp += 32) {
+                const float ms = s_pw[g * SE_ATTN_MAX_SPLITS + sp];
+                const float f = ms == -INFINITY ? 0.0f : __expf(ms - mx);
+                s_pw[g * SE_ATTN_MAX_SPLITS + sp] = f;
+                sum += s_pl[g * SE_ATTN_MAX_SPLITS + sp] * f;
+            }
+            sum = warp_sum(sum);
+            if (lane == 0) s_hm[g] = sum;
+        }
+        __syncthreads();
+        for (int idx = tid; idx < gb * d; idx += blockDim.x) {
+            const int g = idx / d, j = idx % d;
+            const float * part = a.part + (int64_t) (h0 + g) * a.max_splits * (d + 2) + j;
+            const float * w = s_pw + g * SE_ATTN_MAX_SPLITS;
+            float val = 0;
+#pragma unroll 32
+            for (int sp = 0; sp < n_splits; sp++) val += __ldcg(part + sp * (d + 2)) * w[sp];
+            s_q[g][j] = s_hm[g] > 0 ? val / s_hm[g] : 0.0f;
+        }
+        if (tid == 0) a.count[blockIdx.x] = 0;
+    }
+    __syncthreads();
+    for (int b0 = 32 * warp; b0 < gb * d; b0 += 32 * DEC_WARPS) {
+        const int idx = b0 + lane, g = idx / d, j = idx % d;
+        const float out = idx < gb * d ? s_q[g][j] : 0.0f;
+        if (idx < gb * d) a.out[(int64_t) (h0 + g) * d + j] = out;
+        if (qx) {
+            float dq;
+            const int qv = q8_lane(out, dq);
+            const float qsum = warp_sum((float) qv);
+            qx[(int64_t) h0 * d + idx] = (int8_t) qv;
+            if (lane == 0) ds[((int64_t) h0 * d + idx) / 32] = make_float2(dq, dq * qsum);
+        }
+    }
+}
+
+// grid (n_head / gb, max_splits); block DEC_WARPS warps; head_dim d <= DP, d % 16 == 0; gb <= GB
+// query heads (registers scale with GB: fewer for smaller groups, more blocks a multiprocessor).
+// RING: the cells' keys, values (and delta rows) come through shared memory with cp.async, `slots`
+// steps in flight while a step is computed; else a lane group loads a step's keys and values into
+// registers, then computes (the default: faster on the H200).
+template <int DP, int GB, bool RING>
+__global__ void __launch_bounds__(DEC_WARPS * 32, DEC_MIN_BLOCKS(GB))
+    k_attn_decode(const se_dattn a, int gb, int8_t * qx, float2 * ds, int slots) {
+    constexpr int L = DP / 8, C = 32 / L;  // lanes a cell, cells a warp at once
+    using SM = dec_smem<DP, GB>;
+    extern __shared__ __align__(16) uint8_t dsm[];
+    __shared__ __align__(16) float s_q[GB][DP];  // queries; at the end, the outputs
+    __shared__ __align__(16) __half s_k[DP], s_v[DP];   // the token's own key and value
+    __shared__ float s_m[DEC_WARPS][C][GB], s_l[DEC_WARPS][C][GB];
+    __shared__ se_dcell s_cells[DEC_STAGE];                // the stage's cells; cell -1: not visible
+    float * s_acc = (float *) dsm;  // [DEC_WARPS][C][GB][DP], after the loop
+    auto acc_at = [&](int w, int u, int g, int j) -> float & { return s_acc[((w * C + u) * GB + g) * DP + j]; };
+
+    const int n_live = a.step->n_live, n_splits = n_splits_of(n_live, a.max_splits), split = blockIdx.y;
+    const int len = (n_live + n_splits - 1) / n_splits, c0 = split * len, c1 = min(c0 + len, n_live);
+    const int d = a.head_dim, half = d / 2, group = a.n_head / a.n_head_kv;
+    const int h0 = blockIdx.x * gb, hk = h0 / group;
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, G = lane / L, j0 = 8 * (lane % L);
+    if (!dec_enter(a, c0, c1, hk, n_splits)) return;
+    const int p = a.pos[0], floor = a.floor[0], mode = a.step->mode, n_local = a.step->n_local, own = a.cells[0];
+    dec_token<DP, GB>(a, gb, h0, hk, split, s_q, s_k, s_v);
 
     float acc[GB][8], m[GB], l[GB];  // the queries stay in shared memory (registers)
 #pragma unroll
@@ -377,7 +500,7 @@ __global__ void __launch_bounds__(DEC_WARPS * 32, DEC_MIN_BLOCKS(GB))
         }
     }
     if (RING) __syncthreads();  // the partial sums below take the ring's bytes
-    // merge the lane groups and warps: this split's (weighted values, max, sum) per head
+    // this block's lane groups' (weighted values, max, sum) per head, for dec_finish
 #pragma unroll
     for (int g = 0; g < GB; g++) {
         if (g >= gb) break;
@@ -385,85 +508,189 @@ __global__ void __launch_bounds__(DEC_WARPS * 32, DEC_MIN_BLOCKS(GB))
 #pragma unroll
         for (int e = 0; e < 8; e++) acc_at(warp, G, g, j0 + e) = acc[g][e];
     }
-    __syncthreads();
-    for (int idx = tid; idx < gb * d; idx += blockDim.x) {
-        const int g = idx / d, j = idx % d;
-        float mx = -INFINITY;
-        for (int w = 0; w < DEC_WARPS; w++)
-            for (int u = 0; u < C; u++) mx = fmaxf(mx, s_m[w][u][g]);
-        float sum = 0, val = 0;
-        if (mx != -INFINITY) {
-            for (int w = 0; w < DEC_WARPS; w++)
-                for (int u = 0; u < C; u++) {
-                    const float f = __expf(s_m[w][u][g] - mx);
-                    sum += s_l[w][u][g] * f;
-                    val += acc_at(w, u, g, j) * f;
-                }
-        }
-        if (n_splits == 1) {
-            s_q[g][j] = sum > 0 ? val / sum : 0.0f;
-            continue;
-        }
-        float * part = a.part + ((int64_t) (h0 + g) * a.max_splits + split) * (d + 2);
-        part[j] = val;
-        if (j == 0) part[d] = mx, part[d + 1] = sum;
+    dec_finish<DP, GB>(a, gb, h0, split, n_splits, DEC_WARPS * C, &s_m[0][0][0], &s_l[0][0][0], s_acc, s_q, qx, ds);
+}
+
+// ---------------------------------------------------------------------------------------------
+// one token on the tensor cores (SEPEDGE_CUDA_ATTN_TC=1 or 2, where decode_tc_applies: no deltas,
+// head_dim 64 or 128)
+//
+// The split-K scheme, the token's rotation and store and the ending of k_attn_decode (dec_enter,
+// dec_token, dec_finish), but a warp takes TC_CELLS = 16 cells a step through mma.sync m16n8k16
+// with the cells as the rows and the block's query heads (up to 8) as the columns:
+//     S^T (16 cells x 8 heads) = K (16 cells x d) Q^T (d x 8 heads)          d / 16 products
+//     O^T (d x 8 heads)       += V^T (d x 16 cells) P^T (16 cells x 8 heads)  d / 16 products
+// (columns past the block's heads are zero). Fragments, lane = 4 r + c (PTX ISA, mma m16n8k16):
+// - K as A: the products sum over the dimensions in any order, so the order is chosen to make a
+//   lane's fragments its own 16-byte loads: lane (r, c) loads chunks 4 h + c (8 dimensions each,
+//   h < d / 32) of cells r and r + 8; k-step 2 h + t takes words 2 t, 2 t + 1 of chunk h. The
+//   queries' B fragments (built once, f16) take their dimensions in the same order.
+// - The scores' accumulator holds cells r, r + 8 x heads 2 c, 2 c + 1; each head's running max is
+//   the same in the 8 lanes of its column (3 shuffles a step), the sums stay per lane until the end.
+//   P (f16) packed per cell row is moved into P^T's B fragment (heads x cell pairs) by
+//   movmatrix.trans, one instruction per 8 x 8 half.
+// - V^T as A needs two cells' values of one dimension in a register: lane (r, c) loads dimensions
+//   [r d / 8, (r + 1) d / 8) of cells 2 c, 2 c + 1, 2 c + 8, 2 c + 9 and pairs them with byte
+//   permutes; output row i of m-tile mt is dimension r d / 8 + mt (i = r) or + d / 16 + mt (i = r + 8).
+// Each head's queries are scaled by a power of two into f16's range before the rounding (the
+// scores scaled back exactly in f32): the f16 cache bounds keys, nothing bounds queries.
+// Rounding: queries and P to f16 (2^-11 relative each), everything summed in f32.
+
+#define TC_CELLS 16
+#define TC_Q_EXP 8       // a head's largest query magnitude scaled into [2^(TC_Q_EXP - 1), 2^TC_Q_EXP)
+
+// The 8 x 8 matrix of b16 whose row i / 4, columns 2 (i % 4), +1 lane i holds, transposed.
+__device__ __forceinline__ uint32_t movmatrix_trans(uint32_t x) {
+    uint32_t y;
+    asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(y) : "r"(x));
+    return y;
+}
+
+// The halves i of two rows of f16 (words w0, w1) as one register: row 0's in the low half.
+__device__ __forceinline__ uint32_t pair_halves(uint32_t w0, uint32_t w1, int i) {
+    return __byte_perm(w0, w1, i % 2 ? 0x7632 : 0x5410);
+}
+
+// MINB blocks a multiprocessor at least (a register cap), at head_dim 128: 3 (SEPEDGE_CUDA_ATTN_TC=1,
+// 162 registers) issues a step's 16 key and value loads before its first product; 4 (=2, 128
+// registers: 16 warps) leaves no room for that, the compiler issues the values' 8 loads after the
+// keys' products, so each step waits for two memory round trips.
+template <int D, int MINB>
+__global__ void __launch_bounds__(DEC_WARPS * 32, MINB)
+    k_attn_decode_tc(const se_dattn a, int gb, int8_t * qx, float2 * ds) {
+    constexpr int GB = DEC_MAX_G;  // columns of the products
+    constexpr int KS = D / 16;     // k-steps of Q K^T, m-tiles of P V
+    constexpr int CH = D / 32;     // a lane's 16-byte chunks of a key row
+    constexpr int W = D / 8;       // a lane's dimensions of a value row
+    constexpr int VQ = W / 8;      // ... in 16-byte loads
+    constexpr int ACC = DEC_WARPS * GB * D > 2 * GB * SE_ATTN_MAX_SPLITS + GB ? DEC_WARPS * GB * D : 2 * GB * SE_ATTN_MAX_SPLITS + GB;
+    __shared__ __align__(16) float s_q[GB][D];  // queries; at the end, the outputs
+    __shared__ __align__(16) __half s_k[D], s_v[D];
+    __shared__ float s_m[DEC_WARPS][GB], s_l[DEC_WARPS][GB], s_qs[GB];
+    __shared__ int64_t s_off[DEC_STAGE];  // the stage's rows (se_kv_at); -1 not visible, -2 the token's own
+    __shared__ __align__(16) float s_acc[ACC];
+
+    const int n_live = a.step->n_live, n_splits = n_splits_of(n_live, a.max_splits), split = blockIdx.y;
+    const int len = (n_live + n_splits - 1) / n_splits, c0 = split * len, c1 = min(c0 + len, n_live);
+    const int h0 = blockIdx.x * gb, hk = h0 / (a.n_head / a.n_head_kv);
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, r = lane / 4, c = lane % 4;
+    if (!dec_enter(a, c0, c1, hk, n_splits)) return;
+    const int p = a.pos[0], floor = a.floor[0], mode = a.step->mode, n_local = a.step->n_local, own = a.cells[0];
+    dec_token<D, GB>(a, gb, h0, hk, split, s_q, s_k, s_v);
+
+    for (int g = warp; g < GB; g += DEC_WARPS) {  // each head's power of two
+        float mx = 0;
+        if (g < gb)
+            for (int j = lane; j < D; j += 32) mx = fmaxf(mx, fabsf(s_q[g][j]));
+        mx = warp_max(mx);
+        int e = 0;
+        frexpf(mx, &e);
+        if (lane == 0) s_qs[g] = mx > 0 ? ldexpf(1.0f, min(max(TC_Q_EXP - e, -126), 126)) : 1.0f;
     }
-    if (n_splits > 1) {  // the column's last block to finish merges every split
-        __threadfence();
-        __syncthreads();
-        if (tid == 0) s_last = atomicAdd(&a.count[blockIdx.x], 1u) == (unsigned) n_splits - 1;
-        __syncthreads();
-        if (!s_last) return;
-        __threadfence();
-        // each split's weight exp(m - max) per head (in s_acc, free now), then the weighted sums
-        float * s_pw = s_acc, * s_pl = s_pw + GB * SE_ATTN_MAX_SPLITS, * s_hm = s_pl + GB * SE_ATTN_MAX_SPLITS;
-        for (int idx = tid; idx < gb * n_splits; idx += blockDim.x) {
-            const int g = idx / n_splits, sp = idx % n_splits;
-            const float * part = a.part + ((int64_t) (h0 + g) * a.max_splits + sp) * (d + 2);
-            s_pw[g * SE_ATTN_MAX_SPLITS + sp] = __ldcg(part + d);
-            s_pl[g * SE_ATTN_MAX_SPLITS + sp] = __ldcg(part + d + 1);
-        }
-        __syncthreads();
-        for (int g = warp; g < gb; g += DEC_WARPS) {
-            float mx = -INFINITY;
-            for (int sp = lane; sp < n_splits; sp += 32) mx = fmaxf(mx, s_pw[g * SE_ATTN_MAX_SPLITS + sp]);
-            mx = warp_max(mx);
-            float sum = 0;
-            for (int sp = lane; sp < n_splits; sp += 32) {
-                const float ms = s_pw[g * SE_ATTN_MAX_SPLITS + sp];
-                const float f = ms == -INFINITY ? 0.0f : __expf(ms - mx);
-                s_pw[g * SE_ATTN_MAX_SPLITS + sp] = f;
-                sum += s_pl[g * SE_ATTN_MAX_SPLITS + sp] * f;
+    __syncthreads();
+    uint32_t qf[KS][2];  // B fragments of Q^T: head r, the dimensions of k-step kk as the keys' A fragments take them
+#pragma unroll
+    for (int kk = 0; kk < KS; kk++) {
+        const int j = 8 * (4 * (kk / 2) + c) + 4 * (kk % 2);
+        const float s = s_qs[r];
+        qf[kk][0] = r < gb ? pack_half2(s_q[r][j] * s, s_q[r][j + 1] * s) : 0u;
+        qf[kk][1] = r < gb ? pack_half2(s_q[r][j + 2] * s, s_q[r][j + 3] * s) : 0u;
+    }
+    const float iq0 = 1.0f / s_qs[2 * c], iq1 = 1.0f / s_qs[2 * c + 1];  // powers of two: exact
+
+    float o[KS][4], m0 = -INFINITY, m1 = -INFINITY, l0 = 0, l1 = 0;  // heads 2 c, 2 c + 1
+#pragma unroll
+    for (int mt = 0; mt < KS; mt++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) o[mt][e] = 0;
+    const int4 zero = make_int4(0, 0, 0, 0);
+    for (int sb = c0; sb < c1; sb += DEC_STAGE) {
+        const int sn = min(DEC_STAGE, c1 - sb);
+        __syncthreads();  // the previous stage is done
+        for (int t = tid; t < DEC_STAGE; t += blockDim.x) {  // the whole stage: rows past sn are not visible
+            int64_t off = -1;
+            if (t < sn) {
+                const se_dcell cl = a.live[sb + t];
+                if (visible(cl, p, floor, mode, n_local)) off = cl.cell == own ? -2 : se_kv_at(a, cl.cell, hk);
             }
-            sum = warp_sum(sum);
-            if (lane == 0) s_hm[g] = sum;
+            s_off[t] = off;
         }
         __syncthreads();
-        for (int idx = tid; idx < gb * d; idx += blockDim.x) {
-            const int g = idx / d, j = idx % d;
-            const float * part = a.part + (int64_t) (h0 + g) * a.max_splits * (d + 2) + j;
-            const float * w = s_pw + g * SE_ATTN_MAX_SPLITS;
-            float val = 0;
-#pragma unroll 32
-            for (int sp = 0; sp < n_splits; sp++) val += __ldcg(part + sp * (d + 2)) * w[sp];
-            s_q[g][j] = s_hm[g] > 0 ? val / s_hm[g] : 0.0f;
+        for (int base = warp * TC_CELLS; base < sn; base += DEC_WARPS * TC_CELLS) {
+            int4 kr[2][CH], vr[4][VQ];  // every load of the step in flight before any arithmetic
+            bool vis[2];
+#pragma unroll
+            for (int u = 0; u < 2; u++) {  // keys of cells r, r + 8
+                const int64_t off = s_off[base + r + 8 * u];
+                const __half * row = off == -2 ? s_k : a.k + off;  // the token's own: its store may not be seen yet
+                vis[u] = off != -1;
+#pragma unroll
+                for (int h = 0; h < CH; h++) kr[u][h] = vis[u] ? *(const int4 *) (row + 8 * (4 * h + c)) : zero;
+            }
+#pragma unroll
+            for (int u = 0; u < 4; u++) {  // values of cells 2 c, 2 c + 1, 2 c + 8, 2 c + 9
+                const int64_t off = s_off[base + 2 * c + (u & 1) + 8 * (u >> 1)];
+                const __half * row = off == -2 ? s_v : a.v + off;
+#pragma unroll
+                for (int q = 0; q < VQ; q++) vr[u][q] = off != -1 ? *(const int4 *) (row + W * r + 8 * q) : zero;
+            }
+            float sa[4] = {0, 0, 0, 0}, sb2[4] = {0, 0, 0, 0};  // even and odd k-steps: two shorter chains
+#pragma unroll
+            for (int kk = 0; kk < KS; kk++) {
+                const uint32_t * k0 = (const uint32_t *) &kr[0][kk / 2], * k1 = (const uint32_t *) &kr[1][kk / 2];
+                const int t = 2 * (kk % 2);
+                const uint32_t af[4] = {k0[t], k1[t], k0[t + 1], k1[t + 1]};
+                mma_f16(kk % 2 ? sb2 : sa, af, qf[kk][0], qf[kk][1]);
+            }
+            // scores of cells r (x0: head 2 c, x1: 2 c + 1) and r + 8 (x2, x3); the step's max per head
+            const float x0 = vis[0] ? (sa[0] + sb2[0]) * iq0 : -INFINITY, x1 = vis[0] ? (sa[1] + sb2[1]) * iq1 : -INFINITY;
+            const float x2 = vis[1] ? (sa[2] + sb2[2]) * iq0 : -INFINITY, x3 = vis[1] ? (sa[3] + sb2[3]) * iq1 : -INFINITY;
+            float mx0 = fmaxf(x0, x2), mx1 = fmaxf(x1, x3);
+#pragma unroll
+            for (int off = 4; off < 32; off *= 2) {
+                mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
+                mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
+            }
+            mx0 = fmaxf(m0, mx0);
+            mx1 = fmaxf(m1, mx1);
+            // nothing visible yet for a head: its max stays -inf, its weights 0, its sums unscaled
+            const float al0 = mx0 == -INFINITY ? 1.0f : __expf(m0 - mx0), al1 = mx1 == -INFINITY ? 1.0f : __expf(m1 - mx1);
+            const float p0 = mx0 == -INFINITY ? 0.0f : __expf(x0 - mx0), p2 = mx0 == -INFINITY ? 0.0f : __expf(x2 - mx0);
+            const float p1 = mx1 == -INFINITY ? 0.0f : __expf(x1 - mx1), p3 = mx1 == -INFINITY ? 0.0f : __expf(x3 - mx1);
+            m0 = mx0;
+            m1 = mx1;
+            l0 = l0 * al0 + (p0 + p2);
+            l1 = l1 * al1 + (p1 + p3);
+            const uint32_t pb0 = movmatrix_trans(pack_half2(p0, p1)), pb1 = movmatrix_trans(pack_half2(p2, p3));
+#pragma unroll
+            for (int mt = 0; mt < KS; mt++) {
+                o[mt][0] *= al0, o[mt][1] *= al1, o[mt][2] *= al0, o[mt][3] *= al1;
+                const int i0 = mt, i1 = KS + mt;  // the lane's halves of rows r, r + 8
+                auto w = [&](int u, int i) { return ((const uint32_t *) &vr[u][i / 8])[(i % 8) / 2]; };
+                const uint32_t af[4] = {pair_halves(w(0, i0), w(1, i0), i0), pair_halves(w(0, i1), w(1, i1), i1),
+                                        pair_halves(w(2, i0), w(3, i0), i0), pair_halves(w(2, i1), w(3, i1), i1)};
+                mma_f16(o[mt], af, pb0, pb1);
+            }
         }
-        if (tid == 0) a.count[blockIdx.x] = 0;
     }
-    __syncthreads();
-    // the output; with qx also in 8-bit blocks (head_dim % 32 == 0: a warp's 32 values, one head)
-    for (int b0 = 32 * warp; b0 < gb * d; b0 += 32 * DEC_WARPS) {
-        const int idx = b0 + lane, g = idx / d, j = idx % d;
-        const float out = idx < gb * d ? s_q[g][j] : 0.0f;
-        if (idx < gb * d) a.out[(int64_t) (h0 + g) * d + j] = out;
-        if (qx) {
-            float dq;
-            const int qv = q8_lane(out, dq);
-            const float qsum = warp_sum((float) qv);
-            qx[(int64_t) h0 * d + idx] = (int8_t) qv;
-            if (lane == 0) ds[((int64_t) h0 * d + idx) / 32] = make_float2(dq, dq * qsum);
+    // the warp's sums per head (the 8 lanes of a column), then its partials for dec_finish
+#pragma unroll
+    for (int off = 4; off < 32; off *= 2) {
+        l0 += __shfl_xor_sync(0xffffffffu, l0, off);
+        l1 += __shfl_xor_sync(0xffffffffu, l1, off);
+    }
+    if (r == 0) {
+        if (2 * c < gb) s_m[warp][2 * c] = m0, s_l[warp][2 * c] = l0;
+        if (2 * c + 1 < gb) s_m[warp][2 * c + 1] = m1, s_l[warp][2 * c + 1] = l1;
+    }
+#pragma unroll
+    for (int mt = 0; mt < KS; mt++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const int g = 2 * c + (e & 1), j = W * r + mt + KS * (e >> 1);
+            if (g < gb) s_acc[(warp * GB + g) * D + j] = o[mt][e];
         }
-    }
+    dec_finish<D, GB>(a, gb, h0, split, n_splits, DEC_WARPS, &s_m[0][0], &s_l[0][0], s_acc, s_q, qx, ds);
 }
 
 // Other head sizes (tests' tiny models): the token is rotated and stored first (k_rope_store); a
@@ -591,6 +818,16 @@ static int env_int(const char * name, int fallback) {
     return env && *env ? atoi(env) : fallback;
 }
 
+// The splits of a column capped at one wave of blocks (per_sm of them resident a multiprocessor), or
+// at SEPEDGE_CUDA_ATTN_SPLITS (measurements); a.prefetch for the one-token kernels.
+static void one_wave(se_dattn & a, int columns, int per_sm) {
+    int wave = (per_sm > 0 ? per_sm : 1) * se_cuda_n_sms() / columns;
+    const int cap = env_int("SEPEDGE_CUDA_ATTN_SPLITS", 0);
+    if (cap > 0) wave = cap;
+    a.prefetch = se_cuda_opts.prefetch;
+    if (wave >= 1 && wave < a.max_splits) a.max_splits = wave;  // part's stride: the same in every block
+}
+
 template <int DP, int GB, bool RING>
 static cudaError_t launch_decode_ring(se_dattn a, int gb, int8_t * qx, float2 * ds, cudaStream_t s) {
     const bool rot = a.dtab != nullptr;
@@ -604,11 +841,7 @@ static cudaError_t launch_decode_ring(se_dattn a, int gb, int8_t * qx, float2 * 
         n = 1;
     }
     const int columns = a.n_head / gb;
-    int wave = (n > 0 ? n : 1) * se_cuda_n_sms() / columns;
-    const int cap = env_int("SEPEDGE_CUDA_ATTN_SPLITS", 0);  // measurements
-    if (cap > 0) wave = cap;
-    a.prefetch = se_cuda_opts.prefetch;
-    if (wave >= 1 && wave < a.max_splits) a.max_splits = wave;  // part's stride: the same in every block
+    one_wave(a, columns, n);
     return se_launch(k_attn_decode<DP, GB, RING>, dim3((unsigned) columns, (unsigned) a.max_splits), dim3(DEC_WARPS * 32), smem, s,
                      se_cuda_opts.pdl, a, gb, qx, ds, slots);
 }
@@ -627,11 +860,42 @@ static cudaError_t launch_decode(const se_dattn * a, int gb, int8_t * qx, float2
     return launch_decode_gb<DP, 8>(*a, gb, qx, ds, s);
 }
 
+// The one place that picks the tensor-core decode kernel (k_attn_decode_tc): SEPEDGE_CUDA_ATTN_TC=1
+// or 2 (se_cuda_opts.attn_tc, read when the context is made: 3 or 4 blocks a multiprocessor),
+// head_dim 64 or 128, and a context without deltas (full cache, sepllm: dtab NULL). The modes whose
+// cells' keys turn by a delta as they are read (sepllm-stream, streamingllm, sepllm-slide,
+// sepllm-runs) keep k_attn_decode, which rotates them.
+static bool decode_tc_applies(const se_dattn & a) {
+    return se_cuda_opts.attn_tc != 0 && a.dtab == nullptr && (a.head_dim == 64 || a.head_dim == 128);
+}
+
+template <int D, int MINB>
+static cudaError_t launch_decode_tc(se_dattn a, int gb, int8_t * qx, float2 * ds, cudaStream_t s) {
+    static int per_sm;
+    if (!per_sm && cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k_attn_decode_tc<D, MINB>, DEC_WARPS * 32, 0) != cudaSuccess) {
+        cudaGetLastError();
+        per_sm = 1;
+    }
+    const int columns = a.n_head / gb;
+    one_wave(a, columns, per_sm);
+    return se_launch(k_attn_decode_tc<D, MINB>, dim3((unsigned) columns, (unsigned) a.max_splits), dim3(DEC_WARPS * 32), 0, s,
+                     se_cuda_opts.pdl, a, gb, qx, ds);
+}
+
+static cudaError_t launch_decode_tc(const se_dattn & a, int gb, int8_t * qx, float2 * ds, cudaStream_t s) {
+    if (se_cuda_opts.attn_tc == 2) return a.head_dim == 64 ? launch_decode_tc<64, 4>(a, gb, qx, ds, s) : launch_decode_tc<128, 4>(a, gb, qx, ds, s);
+    return a.head_dim == 64 ? launch_decode_tc<64, 3>(a, gb, qx, ds, s) : launch_decode_tc<128, 3>(a, gb, qx, ds, s);
+}
+
 bool se_cuda_decode_fused(int32_t head_dim) { return head_dim % 16 == 0 && head_dim <= 128; }
 
 int se_cuda_attention_decode(const se_dattn * a, int8_t * qx, float2 * ds, cudaStream_t s) {
     const int gb = heads_per_block(a->n_head / a->n_head_kv);
     const dim3 grid((unsigned) (a->n_head / gb), (unsigned) a->max_splits);
+    if (decode_tc_applies(*a)) {
+        SE_CUDA_CHECK(launch_decode_tc(*a, gb, qx, ds, s));
+        return SE_OK;
+    }
     if (se_cuda_decode_fused(a->head_dim)) {
         SE_CUDA_CHECK(a->head_dim <= 32 ? launch_decode<32>(a, gb, qx, ds, s)
                       : a->head_dim <= 64 ? launch_decode<64>(a, gb, qx, ds, s)
@@ -832,24 +1096,6 @@ __global__ void k_attn_rows(const se_dattn a, int32_t n) {
 #define FA_WARPS 4
 #define FA_ROWS (16 * FA_WARPS)
 #define FA_CELLS 64
-
-__device__ __forceinline__ uint32_t pack_half2(float a, float b) {
-    const __half2 h = __floats2half2_rn(a, b);
-    return *(const uint32_t *) &h;
-}
-
-__device__ __forceinline__ void mma_f16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void * p) {
-    const unsigned s = (unsigned) __cvta_generic_to_shared(p);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(s));
-}
 
 template <int D>
 __global__ void __launch_bounds__(FA_WARPS * 32) k_attn_prefill_mma(const se_dattn a, int32_t n) {
@@ -1060,6 +1306,8 @@ void se_cuda_attention_init() {
     carveout_decode<64, 1>(), carveout_decode<64, 2>(), carveout_decode<64, 4>(), carveout_decode<64, 8>();
     carveout_decode<128, 1>(), carveout_decode<128, 2>(), carveout_decode<128, 4>(), carveout_decode<128, 8>();
     const void * kernels[] = {(const void *) k_attn_split, (const void *) k_attn_merge,
+                              (const void *) k_attn_decode_tc<64, 3>, (const void *) k_attn_decode_tc<128, 3>,
+                              (const void *) k_attn_decode_tc<64, 4>, (const void *) k_attn_decode_tc<128, 4>,
                               (const void *) k_attn_prefill<64>, (const void *) k_attn_prefill<128>,
                               (const void *) k_attn_prefill_mma<64>, (const void *) k_attn_prefill_mma<128>, (const void *) k_attn_rows};
     for (const void * k : kernels) cudaFuncSetAttribute(k, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);

@@ -113,9 +113,12 @@ enum se_mv_path {
 // prefetch: L2 prefetch of the decode kernels' weight rows and cache rows: 1 the first ones, asked
 // for before the kernel waits for its inputs; 2 also those of a warp's next task inside the loop;
 // 0 none (SEPEDGE_CUDA_PREFETCH=0/1/2; SEPEDGE_CUDA_PDL=0 turns the chaining off).
+// attn_tc: the one-token attention on the tensor cores where it applies (se-cuda-attention.cu,
+// decode_tc_applies): 0 off, 1 three blocks a multiprocessor, 2 four (SEPEDGE_CUDA_ATTN_TC).
 struct se_cuda_launch_opts {
     bool pdl;
     int prefetch;
+    int attn_tc;
 };
 extern thread_local se_cuda_launch_opts se_cuda_opts;
 
