@@ -88,6 +88,11 @@ MAX_DECODE_REL = {"f32": 1e-3, "f16": 1e-3, "bf16": 1e-3, "q8_0": 4e-2, "q4_0": 
 MAX_REL_VS_CPU_DECODE = {"f32": 1e-3, "f16": 1e-3, "bf16": 1e-3, "q8_0": 4e-2, "q4_0": 4e-2, "q4_1": 4e-2, "q4_k_m": 4e-2}
 # Prefill against the CPU engine, whose products take 8-bit activations for quantized weights.
 MAX_REL_VS_CPU_PREFILL = 4e-2
+# Decode with the attention on the tensor cores (SEPEDGE_CUDA_ATTN_TC=1), float weights, against the
+# float64 reference, the CPU engine and the float attention kernel: the queries and the softmax
+# weights P are rounded to f16 (2^-11 relative each) before their products, as in the prefill
+# tensor-core kernel, the rest summed in f32: the prefill bound.
+MAX_DECODE_TC_REL = MAX_PREFILL_REL
 SEP_RATE = 0.2
 N_STEPS = 200
 REPORT = os.environ.get("SEPEDGE_CUDA_REPORT")  # a file to append measured errors to (tuning the bounds)
@@ -590,6 +595,107 @@ def test_graphs_and_decode_paths(gguf_path, rng, monkeypatch):
     assert rel(floats, ref) <= MAX_DECODE_REL["f16"]
     assert rel(graphs, ref) <= MAX_DECODE_REL["q4_k_m"]
     assert rel(few_splits, ref) <= MAX_DECODE_REL["q4_k_m"]
+
+
+# Shapes for the tensor-core decode attention: query heads a KV head (the rows of its products'
+# columns) 1, 4 and 8, head_dim 128 and 64; with mha-d64 (1, 64) and gqa-d128-llama31 (2, 128).
+TC_SPECS = [
+    fixtures.TinySpec("tc-g1-d128", n_embd=256, n_layer=2, n_head=2, n_head_kv=2, n_ff=512, n_vocab=640, head_dim=128,
+                      pre="llama-bpe"),
+    fixtures.TinySpec("tc-g4-d128", n_embd=256, n_layer=2, n_head=8, n_head_kv=2, n_ff=512, n_vocab=640, head_dim=128,
+                      pre="llama-bpe", rope_theta=500000.0),
+    fixtures.TinySpec("tc-g8-d64", n_embd=256, n_layer=2, n_head=8, n_head_kv=1, n_ff=512, n_vocab=640, head_dim=64,
+                      pre="llama-bpe"),
+]
+
+
+@pytest.fixture(scope="module")
+def tc_gguf(gguf_path, tmp_path_factory):
+    """Factory: a TC_SPECS spec (or one of fixtures.SPECS) as an f16 GGUF, once per module."""
+    out, done = tmp_path_factory.mktemp("tc-gguf"), {}
+    specs = {s.name: s for s in TC_SPECS}
+
+    def get(name: str) -> Path:
+        if name in fixtures.SPEC_BY_NAME:
+            return gguf_path(name, "f16")
+        if name not in done:
+            d = fixtures.make_tiny_checkpoint(specs[name], out / name)
+            done[name] = convert(d, out / f"{name}-f16.gguf", outtype="f16", progress=False)
+        return done[name]
+
+    return get
+
+
+def tc_steps(path, tokens, monkeypatch, tc: str, **env) -> np.ndarray:
+    """Step-by-step logits of a fresh CUDA engine (full cache) with SEPEDGE_CUDA_ATTN_TC=tc and env."""
+    monkeypatch.setenv("SEPEDGE_CUDA_ATTN_TC", tc)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with cuda_engine(path, n_ctx=2048) as llm:
+        out = step_by_step(llm, tokens)
+    for k in env:
+        monkeypatch.delenv(k)
+    monkeypatch.delenv("SEPEDGE_CUDA_ATTN_TC")
+    return out
+
+
+@gpu
+@pytest.mark.parametrize("spec", ["tc-g1-d128", "tc-g4-d128", "tc-g8-d64", "mha-d64", "gqa-d128-llama31"])
+def test_decode_attention_tc(tc_gguf, rng, spec, monkeypatch):
+    """The tensor-core decode attention, step by step over 1,100 tokens (every cache length from 1:
+    odd ones, one split and many, stages of 256 cells): the float64 reference's logits, the CPU
+    engine's and the float kernel's within MAX_DECODE_TC_REL, as one split a column (a block walks
+    every cell) and the 4-blocks variant (=2); direct launches without chaining: the same bits."""
+    path = tc_gguf(spec)
+    tokens = rng.integers(0, 640, 1100).tolist()
+    ref = Transformer.from_gguf(path, dtype=torch.float64)(torch.tensor(tokens)).numpy()
+    with cpu_engine(path, n_ctx=2048) as cpu_llm:
+        cpu = step_by_step(cpu_llm, tokens)
+    fl = tc_steps(path, tokens, monkeypatch, "0")
+    tc = tc_steps(path, tokens, monkeypatch, "1")
+    errs = (rel(tc, ref), rel(tc, cpu), rel(tc, fl), rel(fl, ref))
+    report("attn-tc", spec, *errs)
+    assert errs[0] <= MAX_DECODE_TC_REL and errs[1] <= MAX_DECODE_TC_REL and errs[2] <= MAX_DECODE_TC_REL, errs
+    assert not np.array_equal(tc, fl)  # the switch took the other kernel (f16 queries round differently)
+    one_split = tc_steps(path, tokens, monkeypatch, "1", SEPEDGE_CUDA_ATTN_SPLITS="1")
+    assert rel(one_split, ref) <= MAX_DECODE_TC_REL
+    four_blocks = tc_steps(path, tokens, monkeypatch, "2")  # the same kernel at 128 registers (another split count)
+    assert rel(four_blocks, ref) <= MAX_DECODE_TC_REL
+    direct = tc_steps(path, tokens, monkeypatch, "1", SEPEDGE_CUDA_GRAPHS="0", SEPEDGE_CUDA_PDL="0", SEPEDGE_CUDA_PREFETCH="0")
+    np.testing.assert_array_equal(direct, tc)  # graphs, chaining and prefetch change when work runs, never what
+
+
+TC_MODE_SPECS = ["gqa-d128-llama31", "qwen2-tied"]  # head_dim 128, 64 (SE_ROPE_NEOX's pairs)
+
+
+@gpu
+@pytest.mark.parametrize("mode,sizes", MODES, ids=[f"{m}-{s.get('n_cache', 'ctx')}-{s.get('n_sep', '')}" for m, s in MODES])
+@pytest.mark.parametrize("spec", TC_MODE_SPECS)
+def test_kv_modes_tc(gguf_path, stream, spec, mode, sizes, monkeypatch):
+    """Every cache mode with SEPEDGE_CUDA_ATTN_TC=1: the modes without deltas (full, sepllm) take the
+    tensor-core kernel and meet the CPU engine within MAX_DECODE_TC_REL; those with deltas keep the
+    float kernel (decode_tc_applies): the same logits bit for bit as with the switch off. With the
+    switch off, the CPU engine's logits and cells in every mode."""
+    path = gguf_path(spec, "f16")
+    tokens = stream(1000 if mode != "full" else 600)
+    kw = dict(kv_mode=mode, **sizes) if mode != "full" else dict(n_ctx=1024)
+    got = {}
+    for tc in ("0", "1"):
+        monkeypatch.setenv("SEPEDGE_CUDA_ATTN_TC", tc)
+        with cuda_engine(path, n_batch=64, **kw) as llm:
+            got[tc] = step_by_step(llm, tokens)
+            cells = [list(a) for a in llm._ctx.cells()]
+    with cpu_engine(path, n_batch=64, **kw) as cpu_llm:
+        cpu = step_by_step(cpu_llm, tokens)
+        assert cells == [list(a) for a in cpu_llm._ctx.cells()]
+    err = rel(got["1"], cpu)
+    report("mode-tc", spec, mode, sizes, err, rel(got["0"], cpu))
+    assert rel(got["0"], cpu) <= MAX_REL_VS_CPU_DECODE["f16"]
+    if mode in ("full", "sepllm"):
+        assert err <= MAX_DECODE_TC_REL
+        assert not np.array_equal(got["1"], got["0"])
+    else:
+        np.testing.assert_array_equal(got["1"], got["0"])
 
 
 @gpu
