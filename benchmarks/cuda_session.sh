@@ -23,7 +23,10 @@
 # sepllm-stream: the cache cell- or head-major, keys and values through registers or the cp.async ring,
 # SEPEDGE_CUDA_KV_LAYOUT / _ATTN_RING / _ATTN_STAGES), stream-ab (sepllm-stream after 32K: split counts, ncu of one
 # attention launch), cublas (the cuBLAS prefill route: where cuBLAS comes from, its tests, then benchmarks/cublas_ab.py
-# on both 8B files, route on / off interleaved, 64..4096-token prompts, and the route's per-kernel prefill times).
+# on both 8B files, route on / off interleaved, 64..4096-token prompts, and the route's per-kernel prefill times),
+# tc-ab (the decode attention on the tensor cores, SEPEDGE_CUDA_ATTN_TC: its tests with the graphs / kv-mode ones,
+# then 8B Q4_0 decode at 32K history, full cache (0 / 1 / 2 / 0) and sepllm-stream (deltas: the float kernel
+# either way), and at 0 history, and the kernels' times at 32K; ~250 s with the prebuilt library and the models made).
 set -u
 OUT=${OUT:-/tmp/sepedge-out}
 mkdir -p "$OUT" /tmp/models
@@ -226,6 +229,23 @@ PY
                    SEPEDGE_CUDA_TIMING=1 python3 benchmarks/cuda_profile.py $m --depth 32768 --steps 8
                    SEPEDGE_CUDA_TIMING=1 python3 benchmarks/cuda_profile.py $m --depth 32768 --kv-mode sepllm-stream --steps 16; } 2>&1 |
                      grep -v "^ *embeddings" | tee -a $OUT/ring-ab.log ;;
+        tc-ab) models 8b  # SEPEDGE_CUDA_ATTN_TC: 0 the float decode attention, 1 / 2 the tensor-core one (3 / 4 blocks a multiprocessor)
+                 SEPEDGE_CUDA_REPORT=$OUT/errors-tc.tsv timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -m gpu tests/test_cuda.py \
+                     -k "${TC_TESTS:-attention_tc or kv_modes_tc or graphs_and_decode}" --maxfail=10 -p no:cacheprovider 2>&1 |
+                     tee $OUT/tc-ab.log | tail -15
+                 m=/tmp/models/llama3-8b-q4_0.gguf
+                 { for tc in ${TC_ORDER:-0 1 2 0}; do
+                       SEPEDGE_CUDA_ATTN_TC=$tc python3 benchmarks/cuda_profile.py $m --depth 32768 --steps 48 2>&1 | sed "s/^/tc=$tc /"
+                   done
+                   for tc in 0 1; do
+                       SEPEDGE_CUDA_ATTN_TC=$tc python3 benchmarks/cuda_profile.py $m --depth 32768 --kv-mode sepllm-stream --steps 48 2>&1 |
+                           sed "s/^/tc=$tc /"
+                       SEPEDGE_CUDA_ATTN_TC=$tc python3 benchmarks/cuda_profile.py $m --steps 64 2>&1 | sed "s/^/tc=$tc /"
+                   done
+                   for tc in ${TC_TIMED:-0 1}; do
+                       SEPEDGE_CUDA_ATTN_TC=$tc SEPEDGE_CUDA_TIMING=1 python3 benchmarks/cuda_profile.py $m --depth 32768 --steps 8 2>&1 |
+                           grep -E "attention|ms/token|GPU time per pass" | sed "s/^/tc=$tc /"
+                   done; } 2>&1 | tee -a $OUT/tc-ab.log ;;
         stream-ab) models 8b  # sepllm-stream after 32K tokens, 8B Q4_0: split counts (SEPEDGE_CUDA_ATTN_SPLITS caps them, 0: one
                  # wave; ~800 cells make 25 splits of 32), then the counters of one decode attention launch (stall reasons)
                  m=/tmp/models/llama3-8b-q4_0.gguf
