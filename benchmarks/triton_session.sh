@@ -53,6 +53,7 @@ setup() {
             cmake --build /tmp/build-cpu -j "$(nproc)" >> "$OUT/build-cpu.log" 2>&1 || { tail -30 "$OUT/build-cpu.log"; return 1; }
         echo "CPU library built in $((SECONDS - t0)) s"
         local pre=build/cuda$ARCH/libsepedge.so  # benchmarks/prebuild_cuda.sh, carried: no build on the device
+        bash benchmarks/prebuild_cuda.sh --unpack $ARCH
         if [ -e "$pre" ] && [ "$(cat "$pre.src-hash" 2>/dev/null)" = "$h" ]; then
             mkdir -p /tmp/build-gpu && cp "$pre" /tmp/build-gpu/ && echo "prebuilt $pre" > /tmp/build-gpu.log &&
                 touch /tmp/build-gpu/done
