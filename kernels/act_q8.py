@@ -76,6 +76,18 @@ def silu_mul(g, u):
 
 
 @triton.jit
+def _norm_q8_store(x, rstd, blk, cols, m, NW, XQ, XD, XS, Y, nblk, STORE_Y: tl.constexpr, GPU: tl.constexpr):
+    """Blocks blk (NB,) of a row, x (NB, 32) float32 at cols: x * rstd * NW in 8 bits to XQ, XD, XS."""
+    x = x * rstd * tl.load(NW + cols, mask=m, other=0.0).to(tl.float32)
+    if STORE_Y:
+        tl.store(Y + cols, x, mask=m)
+    q, d, s = quantize_blocks(x, GPU)
+    tl.store(XQ + cols, q.to(tl.int8), mask=m)
+    tl.store(XD + blk, d, mask=blk < nblk)
+    tl.store(XS + blk, s, mask=blk < nblk)
+
+
+@triton.jit
 def norm_q8_row(X, NW, XQ, XD, XS, Y, K, eps, STORE_Y: tl.constexpr, GPU: tl.constexpr, NB: tl.constexpr):
     """rms_norm(x) * NW of the row X (K,) in 8 bits: codes XQ (K,), XD, XS (K / 32,), the float row to Y
     (STORE_Y); in runs of NB blocks (registers for NB * 32 values, whatever K). As the CPU core's
@@ -84,28 +96,34 @@ def norm_q8_row(X, NW, XQ, XD, XS, Y, K, eps, STORE_Y: tl.constexpr, GPU: tl.con
     than float32 sums would, so fewer codes land on the other side of a rounding tie (a quantized
     embedding row through a norm weight of 1 gives exact ties). act_q8 and the products that make
     their consumer's input in their epilogue (matvec's NORM) both call this: the same codes.
-    Loads bypass L1 (.cg): in an epilogue the row was just written by other programs."""
+    A row of at most NB blocks is loaded once (one round trip to memory instead of two: in decode
+    this kernel is a link of the step's chain). Loads bypass L1 (.cg): in an epilogue the row was
+    just written by other programs."""
     nblk = K // 32
-    ss = tl.zeros([NB, 32], dtype=tl.float64)
-    for b0 in range(0, nblk, NB):
-        blk = b0 + tl.arange(0, NB)
-        cols = blk[:, None] * 32 + tl.arange(0, 32)[None, :]
-        x64 = tl.load(X + cols, mask=(blk < nblk)[:, None], other=0.0, cache_modifier=".cg").to(tl.float64)
-        ss += x64 * x64
-    mean = tl.sum(tl.sum(ss, axis=1), axis=0) / K + eps
-    rstd = tl.math.div_rn(1.0, tl.sqrt_rn(mean.to(tl.float32)))
-    for b0 in range(0, nblk, NB):
-        blk = b0 + tl.arange(0, NB)
+    if nblk <= NB:
+        blk = tl.arange(0, NB)
         cols = blk[:, None] * 32 + tl.arange(0, 32)[None, :]
         m = (blk < nblk)[:, None]
         x = tl.load(X + cols, mask=m, other=0.0, cache_modifier=".cg").to(tl.float32)
-        x = x * rstd * tl.load(NW + cols, mask=m, other=0.0).to(tl.float32)
-        if STORE_Y:
-            tl.store(Y + cols, x, mask=m)
-        q, d, s = quantize_blocks(x, GPU)
-        tl.store(XQ + cols, q.to(tl.int8), mask=m)
-        tl.store(XD + blk, d, mask=blk < nblk)
-        tl.store(XS + blk, s, mask=blk < nblk)
+        x64 = x.to(tl.float64)
+        mean = tl.sum(tl.sum(x64 * x64, axis=1), axis=0) / K + eps
+        rstd = tl.math.div_rn(1.0, tl.sqrt_rn(mean.to(tl.float32)))
+        _norm_q8_store(x, rstd, blk, cols, m, NW, XQ, XD, XS, Y, nblk, STORE_Y, GPU)
+    else:
+        ss = tl.zeros([NB, 32], dtype=tl.float64)
+        for b0 in range(0, nblk, NB):
+            blk = b0 + tl.arange(0, NB)
+            cols = blk[:, None] * 32 + tl.arange(0, 32)[None, :]
+            x64 = tl.load(X + cols, mask=(blk < nblk)[:, None], other=0.0, cache_modifier=".cg").to(tl.float64)
+            ss += x64 * x64
+        mean = tl.sum(tl.sum(ss, axis=1), axis=0) / K + eps
+        rstd = tl.math.div_rn(1.0, tl.sqrt_rn(mean.to(tl.float32)))
+        for b0 in range(0, nblk, NB):
+            blk = b0 + tl.arange(0, NB)
+            cols = blk[:, None] * 32 + tl.arange(0, 32)[None, :]
+            m = (blk < nblk)[:, None]
+            x = tl.load(X + cols, mask=m, other=0.0, cache_modifier=".cg").to(tl.float32)
+            _norm_q8_store(x, rstd, blk, cols, m, NW, XQ, XD, XS, Y, nblk, STORE_Y, GPU)
 
 
 @triton.jit
@@ -139,9 +157,11 @@ def act_q8_kernel(
         tl.store(XS + t * nblk + blk, s, mask=blk < nblk)
 
 
-# blocks of 32 per step of a row's RMSNorm (1024 values: 8 a thread of 4 warps); a constexpr because
-# compiled kernels (matvec's epilogue) may read only constexpr globals
+# blocks of 32 per step of a row's RMSNorm in matvec's epilogue (1024 values: 8 a thread of 4 warps);
+# a constexpr because compiled kernels may read only constexpr globals
 NORM_NB = tl.constexpr(32)
+# the act_q8 launch's: rows of up to 4096 values in one tile of 8 warps (16 a thread), loaded once
+NORM_ROW_NB, NORM_ROW_WARPS = 128, 8
 
 
 def act_q8(x: torch.Tensor, norm: torch.Tensor | None = None, eps: float = 0.0, up: torch.Tensor | None = None,
@@ -160,11 +180,12 @@ def act_q8(x: torch.Tensor, norm: torch.Tensor | None = None, eps: float = 0.0, 
     y = torch.empty(T, K, dtype=torch.float32, device=dev) if keep_float else None
     if T:
         mode = NORM if norm is not None else SWIGLU if up is not None else PLAIN
-        nb = max(1, min(NORM_NB.value if mode == NORM else block // 32, triton.next_power_of_2(K // 32)))
+        nb = max(1, min(NORM_ROW_NB if mode == NORM else block // 32, triton.next_power_of_2(K // 32)))
+        warps = NORM_ROW_WARPS if mode == NORM and nb >= 64 else 4
         act_q8_kernel[(1 if mode == NORM else triton.cdiv(K // 32, nb), T)](
             q, d, s, y if y is not None else d, x, up if up is not None else x, norm if norm is not None else x, K,
             x.stride(0), up.stride(0) if up is not None else 0, K, eps, MODE=mode, STORE_Y=keep_float,
-            GPU=dev.type == "cuda", NB=nb, **pdl_launch(dev))
+            GPU=dev.type == "cuda", NB=nb, num_warps=warps, **pdl_launch(dev))
     return Act(q, d, s, y)
 
 

@@ -22,7 +22,7 @@ import triton.language as tl
 
 from .act_q8 import NORM_NB, Act, act_q8, norm_q8_row, quantize_blocks, silu_mul
 from .packed import Packed, dequantize_packed_ref, pack
-from .pdl import pdl_launch, pdl_wait, prefetch_l2
+from .pdl import pdl_launch, pdl_wait
 from .quants import (BF16, BLOCKS, F16, F32, LAYOUT, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, Q8_0, codes_tile, dequant_tile,
                      dequantize_ref, row_bytes, weight_view)
 
@@ -198,9 +198,6 @@ def matvec_q4_0_kernel(Y, QS, D, X32, XD, XS, ADD, N, nblk, stride_qs, stride_d,
     rm = (rows < N)[:, None, None]
     b = tl.arange(0, NB)[None, :, None]
     j = tl.arange(0, 4)[None, None, :]
-    if PDL == 2:  # the first tile's weights on the chip when the wait ends (nothing writes weights)
-        prefetch_l2(QS + r3 * stride_qs + b * 4, rm & (b < nblk))
-        prefetch_l2(D + r3 * stride_d + b, rm & (b < nblk))
     pdl_wait(PDL)  # launched early: wait for the kernel before (pdl.py)
     acc = tl.zeros([BLOCK_N, NB], dtype=tl.float32)
     for b0 in range(0, nblk, NB):
@@ -234,9 +231,6 @@ def matvec_q8_0_kernel(Y, QS, D, X32, XD, XS, ADD, N, nblk, stride_qs, stride_d,
     rm = (rows < N)[:, None, None]
     b = tl.arange(0, NB)[None, :, None]
     j = tl.arange(0, 8)[None, None, :]
-    if PDL == 2:  # the first tile's weights on the chip when the wait ends (nothing writes weights)
-        prefetch_l2(QS + r3 * stride_qs + b * 8, rm & (b < nblk))
-        prefetch_l2(D + r3 * stride_d + b, rm & (b < nblk))
     pdl_wait(PDL)  # launched early: wait for the kernel before (pdl.py)
     acc = tl.zeros([BLOCK_N, NB], dtype=tl.float32)
     for b0 in range(0, nblk, NB):
@@ -270,11 +264,6 @@ def matvec_q4_k_kernel(Y, QS, D, SC, X32, XD, XS, ADD, N, nblk, stride_qs, strid
     b = tl.arange(0, NB)[None, :, None]
     c = tl.arange(0, 4)[None, None, :]
     w = tl.arange(0, 8)[None, None, None, :]
-    if PDL == 2:  # the first tile's weights on the chip when the wait ends (nothing writes weights)
-        ok0 = rm & (b < nblk)
-        prefetch_l2(QS + r3 * stride_qs + b * 32 + 8 * c, ok0)
-        prefetch_l2(SC + r3 * stride_sc + b * 4, ok0)
-        prefetch_l2(D + r3 * stride_d + b, ok0)
     pdl_wait(PDL)  # launched early: wait for the kernel before (pdl.py)
     acc = tl.zeros([BLOCK_N, NB, 4], dtype=tl.float32)
     for b0 in range(0, nblk, NB):
@@ -322,12 +311,6 @@ def matvec_q6_k_kernel(Y, QS, QH, SC, D, X32, XD, XS, ADD, N, nblk, stride_qs, s
     h = tl.arange(0, 2)[None, None, :, None]
     g = tl.arange(0, 2)[None, None, None, :]
     w = tl.arange(0, 4)[None, None, None, None, :]
-    if PDL == 2:  # the first tile's weights on the chip when the wait ends (nothing writes weights)
-        ok0 = rm & (b < nblk)
-        prefetch_l2(QS + r4 * stride_qs + b * 32 + 16 * h, ok0)
-        prefetch_l2(QH + r4 * stride_qh + b * 16, ok0)
-        prefetch_l2(SC + r4 * stride_sc + b * 16, ok0)
-        prefetch_l2(D + r4 * stride_d + b, ok0)
     pdl_wait(PDL)  # launched early: wait for the kernel before (pdl.py)
     acc = tl.zeros([BLOCK_N, NB, 2, 2], dtype=tl.float32)
     for b0 in range(0, nblk, NB):

@@ -279,17 +279,16 @@ def test_graphs_replay_direct_launches(gguf_path, rng, monkeypatch, mode, sizes)
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 def test_early_launches_change_nothing(gguf_path, rng, monkeypatch, outtype):
-    """Decode kernels launched early (SEPEDGE_TRITON_PDL=1, the default on sm_90+; 2 with the first
-    weight tile asked of L2 before the wait) or one after the other (0), through the CUDA graph and
-    a compressing cache: the same logits bit for bit (every kernel waits before it reads or writes)."""
+    """Decode kernels launched early (SEPEDGE_TRITON_PDL=1, the default on sm_90+) or one after the
+    other (0), through the CUDA graph and a compressing cache: the same logits bit for bit (every
+    kernel waits before it reads or writes)."""
     path = gguf_path("gqa-d128-llama31", outtype)
     tokens = rng.integers(0, 777, 200).tolist()
     kw = dict(kv_mode="sepllm-stream", n_init=4, n_sep=8, n_local=24, n_cache=64)
     steps = {}
-    for pdl in ("0", "1", "2"):
+    for pdl in ("0", "1"):
         monkeypatch.setenv("SEPEDGE_TRITON_PDL", pdl)
         with Engine(path, device="triton", **kw) as llm:
             steps[pdl] = step_by_step(llm, tokens)
             assert llm._ctx._graph is not None and llm._ctx._graph.graph is not None
     np.testing.assert_array_equal(steps["1"], steps["0"])
-    np.testing.assert_array_equal(steps["2"], steps["0"])

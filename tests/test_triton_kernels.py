@@ -225,7 +225,8 @@ def act_row_ref(x, mode, norm, up):
 
 
 @pytest.mark.parametrize("mode", ["plain", "norm", "swiglu"])
-@pytest.mark.parametrize("n", [32, 5 * 32, pytest.param(14336, marks=gpu_only)])
+# 129 blocks: one past the RMSNorm's single tile (act_q8.NORM_ROW_NB), its two-pass loop
+@pytest.mark.parametrize("n", [32, 5 * 32, 129 * 32, pytest.param(14336, marks=gpu_only)])
 def test_act_q8(rng, mode, n):
     """Activations to 8 bits: codes, scales and sums exactly the CPU core's for the float rows the kernel
     quantized; those rows (after the fused norm or SwiGLU) within float32 rounding of float64; rows of
