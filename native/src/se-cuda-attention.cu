@@ -537,6 +537,7 @@ __global__ void __launch_bounds__(DEC_WARPS * 32, DEC_MIN_BLOCKS(GB))
 // Rounding: queries and P to f16 (2^-11 relative each), everything summed in f32.
 
 #define TC_CELLS 16
+#define TC_STAGE 512  // cells staged at once (their rows' offsets), read with every load in flight
 #define TC_Q_EXP 8       // a head's largest query magnitude scaled into [2^(TC_Q_EXP - 1), 2^TC_Q_EXP)
 
 // The 8 x 8 matrix of b16 whose row i / 4, columns 2 (i % 4), +1 lane i holds, transposed.
@@ -552,7 +553,7 @@ __device__ __forceinline__ uint32_t pair_halves(uint32_t w0, uint32_t w1, int i)
 }
 
 // MINB blocks a multiprocessor at least (a register cap), at head_dim 128: 3 (SEPEDGE_CUDA_ATTN_TC=1,
-// 162 registers) issues a step's 16 key and value loads before its first product; 4 (=2, 128
+// 166 registers) issues a step's 16 key and value loads before its first product; 4 (=2, 128
 // registers: 16 warps) leaves no room for that, the compiler issues the values' 8 loads after the
 // keys' products, so each step waits for two memory round trips.
 template <int D, int MINB>
@@ -567,7 +568,7 @@ __global__ void __launch_bounds__(DEC_WARPS * 32, MINB)
     __shared__ __align__(16) float s_q[GB][D];  // queries; at the end, the outputs
     __shared__ __align__(16) __half s_k[D], s_v[D];
     __shared__ float s_m[DEC_WARPS][GB], s_l[DEC_WARPS][GB], s_qs[GB];
-    __shared__ int64_t s_off[DEC_STAGE];  // the stage's rows (se_kv_at); -1 not visible, -2 the token's own
+    __shared__ int64_t s_off[TC_STAGE];  // the stage's rows (se_kv_at); -1 not visible, -2 the token's own
     __shared__ __align__(16) float s_acc[ACC];
 
     const int n_live = a.step->n_live, n_splits = n_splits_of(n_live, a.max_splits), split = blockIdx.y;
@@ -604,16 +605,19 @@ __global__ void __launch_bounds__(DEC_WARPS * 32, MINB)
 #pragma unroll
         for (int e = 0; e < 4; e++) o[mt][e] = 0;
     const int4 zero = make_int4(0, 0, 0, 0);
-    for (int sb = c0; sb < c1; sb += DEC_STAGE) {
-        const int sn = min(DEC_STAGE, c1 - sb);
+    for (int sb = c0; sb < c1; sb += TC_STAGE) {
+        const int sn = min(TC_STAGE, c1 - sb);
         __syncthreads();  // the previous stage is done
-        for (int t = tid; t < DEC_STAGE; t += blockDim.x) {  // the whole stage: rows past sn are not visible
-            int64_t off = -1;
-            if (t < sn) {
-                const se_dcell cl = a.live[sb + t];
-                if (visible(cl, p, floor, mode, n_local)) off = cl.cell == own ? -2 : se_kv_at(a, cl.cell, hk);
-            }
-            s_off[t] = off;
+        se_dcell cl[TC_STAGE / (DEC_WARPS * 32)];
+#pragma unroll
+        for (int i = 0; i < TC_STAGE / (DEC_WARPS * 32); i++) {  // the whole stage (rows past sn: not visible)
+            const int t = tid + i * DEC_WARPS * 32;
+            cl[i] = t < sn ? a.live[sb + t] : se_dcell{-1, 0, 0, -1};
+        }
+#pragma unroll
+        for (int i = 0; i < TC_STAGE / (DEC_WARPS * 32); i++) {
+            const bool vis = cl[i].cell >= 0 && visible(cl[i], p, floor, mode, n_local);
+            s_off[tid + i * DEC_WARPS * 32] = !vis ? -1 : cl[i].cell == own ? -2 : se_kv_at(a, cl[i].cell, hk);
         }
         __syncthreads();
         for (int base = warp * TC_CELLS; base < sn; base += DEC_WARPS * TC_CELLS) {
