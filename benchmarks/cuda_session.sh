@@ -42,6 +42,7 @@ ln -sfn ../convert sepedge/convert  # where the wheel puts it
 # build/cuda$ARCH/libsepedge.so and its .src-hash) saves the minute or more of device time a build takes;
 # it serves only if it was built from these very sources.
 PRE=build/cuda$ARCH/libsepedge.so
+bash benchmarks/prebuild_cuda.sh --unpack $ARCH  # carried compressed
 if [ -e "$PRE" ] && [ "$(cat "$PRE.src-hash" 2>/dev/null)" = "$(bash benchmarks/prebuild_cuda.sh --hash)" ]; then
     echo "using the prebuilt $PRE" | tee "$OUT/build.log"
     export SEPEDGE_LIB=$PWD/$PRE
