@@ -555,6 +555,9 @@ def test_graphs_and_decode_paths(gguf_path, rng, monkeypatch):
     dequantized in registers) agrees with the dp4a one up to the 8-bit activations."""
     path = gguf_path("gqa-d128-llama31", "q4_k_m")
     tokens = rng.integers(0, 777, 300).tolist()
+    # the float decode attention, whose variants (ring, layout, next-L2) this compares; at head_dim 128
+    # the tensor-core one is the default (test_decode_attention_tc checks its graphs and direct launches)
+    monkeypatch.setenv("SEPEDGE_CUDA_ATTN_TC", "0")
     with cuda_engine(path, n_ctx=512) as llm:
         graphs = step_by_step(llm, tokens)
     # chained launches (programmatic dependent launch) and L2 prefetch change when work runs, never what

@@ -10,9 +10,9 @@
 // does not depend on the step (CUDA graphs). Two measured-no-faster variants stay behind switches
 // (cuda_kernels_log.md, session 5): keys and values through a cp.async ring in shared memory
 // (SEPEDGE_CUDA_ATTN_RING=1), and the idle blocks asking L2 for the next products' weights
-// (SEPEDGE_CUDA_NEXT_L2=MB). SEPEDGE_CUDA_ATTN_TC=1 (or 2) puts the same scheme on the tensor cores
-// (k_attn_decode_tc: mma.sync with the cells as rows and the query heads as columns) where no cell
-// carries a delta and head_dim is 64 or 128 (decode_tc_applies).
+// (SEPEDGE_CUDA_NEXT_L2=MB). The same scheme on the tensor cores (k_attn_decode_tc: mma.sync with the
+// cells as rows and the query heads as columns) serves where no cell carries a delta, at head_dim 128
+// by default and at 64 with SEPEDGE_CUDA_ATTN_TC=1 or 2 (decode_tc_applies).
 //
 // Many tokens (prefill), head_dim 64 or 128: a block takes 64 query rows (token, head) of one KV head,
 // a warp 16 of them, and streams the live cells through shared memory 64 at a time; Q K^T, the
@@ -865,13 +865,18 @@ static cudaError_t launch_decode(const se_dattn * a, int gb, int8_t * qx, float2
 }
 
 // The one place that picks the tensor-core decode kernel (k_attn_decode_tc): SEPEDGE_CUDA_ATTN_TC=1
-// or 2 (se_cuda_opts.attn_tc, read when the context is made: 3 or 4 blocks a multiprocessor),
+// or 2 (se_cuda_opts.attn_tc, read when the context is made: 3 or 4 blocks a multiprocessor; unset:
+// 2 at head_dim 128, SE_ATTN_TC_AUTO),
 // head_dim 64 or 128, and a context without deltas (full cache, sepllm: dtab NULL). The modes whose
 // cells' keys turn by a delta as they are read (sepllm-stream, streamingllm, sepllm-slide,
 // sepllm-runs) keep k_attn_decode, which rotates them.
-static bool decode_tc_applies(const se_dattn & a) {
-    return se_cuda_opts.attn_tc != 0 && a.dtab == nullptr && (a.head_dim == 64 || a.head_dim == 128);
+static int decode_tc_variant(const se_dattn & a) {
+    if (a.dtab != nullptr || (a.head_dim != 64 && a.head_dim != 128)) return 0;
+    if (se_cuda_opts.attn_tc == SE_ATTN_TC_AUTO) return a.head_dim == 128 ? 2 : 0;
+    return se_cuda_opts.attn_tc;
 }
+
+static bool decode_tc_applies(const se_dattn & a) { return decode_tc_variant(a) != 0; }
 
 template <int D, int MINB>
 static cudaError_t launch_decode_tc(se_dattn a, int gb, int8_t * qx, float2 * ds, cudaStream_t s) {
@@ -887,7 +892,7 @@ static cudaError_t launch_decode_tc(se_dattn a, int gb, int8_t * qx, float2 * ds
 }
 
 static cudaError_t launch_decode_tc(const se_dattn & a, int gb, int8_t * qx, float2 * ds, cudaStream_t s) {
-    if (se_cuda_opts.attn_tc == 2) return a.head_dim == 64 ? launch_decode_tc<64, 4>(a, gb, qx, ds, s) : launch_decode_tc<128, 4>(a, gb, qx, ds, s);
+    if (decode_tc_variant(a) == 2) return a.head_dim == 64 ? launch_decode_tc<64, 4>(a, gb, qx, ds, s) : launch_decode_tc<128, 4>(a, gb, qx, ds, s);
     return a.head_dim == 64 ? launch_decode_tc<64, 3>(a, gb, qx, ds, s) : launch_decode_tc<128, 3>(a, gb, qx, ds, s);
 }
 

@@ -114,7 +114,10 @@ enum se_mv_path {
 // for before the kernel waits for its inputs; 2 also those of a warp's next task inside the loop;
 // 0 none (SEPEDGE_CUDA_PREFETCH=0/1/2; SEPEDGE_CUDA_PDL=0 turns the chaining off).
 // attn_tc: the one-token attention on the tensor cores where it applies (se-cuda-attention.cu,
-// decode_tc_applies): 0 off, 1 three blocks a multiprocessor, 2 four (SEPEDGE_CUDA_ATTN_TC).
+// decode_tc_applies): 0 off, 1 three blocks a multiprocessor, 2 four (SEPEDGE_CUDA_ATTN_TC); unset,
+// SE_ATTN_TC_AUTO: 2 at head_dim 128, where it measured faster on the H200 at 0 and at 32K tokens of
+// history (cuda_kernels_log.md, session 7), off at 64 (not measured apart there).
+#define SE_ATTN_TC_AUTO (-1)
 struct se_cuda_launch_opts {
     bool pdl;
     int prefetch;
