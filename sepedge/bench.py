@@ -2,7 +2,7 @@
 
 pp N: N random tokens evaluated at once (in n_batch chunks), tokens/s = N / time.
 tg N: N single-token decode steps with random tokens, tokens/s = N / time.
-Each test runs once to warm up, then `repetitions` times from a cleared cache (after `depth`
+Each test runs once to warm up (the whole prompt, as llama-bench does; 16 decode steps), then `repetitions` times from a cleared cache (after `depth`
 tokens of untimed history, if any, processed anew each time); the result is mean and standard deviation of the runs' tokens/s.
 """
 
@@ -45,7 +45,9 @@ def bench(llm, n_prompt: int = 512, n_gen: int = 128, depth: int = 0, repetition
     for kind, n, run in (("pp", n_prompt, _pp), ("tg", n_gen, _tg)):
         if n <= 0:
             continue
-        run(llm, rng, min(n, 16), 0)  # warm up (first-call costs: pages, graphs), without the history
+        # warm up, without the history (first-call costs: pages, graphs, the GPU libraries' first
+        # products of each shape): the whole prompt, as llama-bench's warm-up runs it; 16 steps of decode
+        run(llm, rng, n if kind == "pp" else min(n, 16), 0)
         runs = [run(llm, rng, n, depth) for _ in range(repetitions)]
         rows.append({"test": f"{kind}{n}" + (f"@d{depth}" if depth else ""), "n": n, "depth": depth,
                      "tokens_per_second": statistics.fmean(runs),
