@@ -2,8 +2,9 @@
 
 pp N: N random tokens evaluated at once (in n_batch chunks), tokens/s = N / time.
 tg N: N single-token decode steps with random tokens, tokens/s = N / time.
-Each test runs once to warm up (the whole prompt, as llama-bench does; 16 decode steps), then `repetitions` times from a cleared cache (after `depth`
-tokens of untimed history, if any, processed anew each time); the result is mean and standard deviation of the runs' tokens/s.
+Each test runs once to warm up (the whole prompt, as llama-bench does; 16 decode steps), then
+`repetitions` times from a cleared cache (after `depth` tokens of untimed history, if any, processed
+anew each time); the result is mean and standard deviation of the runs' tokens/s.
 """
 
 from __future__ import annotations
