@@ -88,6 +88,14 @@ def _norm_q8_store(x, rstd, blk, cols, m, NW, XQ, XD, XS, Y, nblk, STORE_Y: tl.c
 
 
 @triton.jit
+def _rstd(sq, K, eps):
+    """1 / sqrt(mean + eps) of a row from its squares sq (float64 tile): the float64 sum, then correctly
+    rounded float32."""
+    mean = tl.sum(tl.sum(sq, axis=1), axis=0) / K + eps
+    return tl.math.div_rn(1.0, tl.sqrt_rn(mean.to(tl.float32)))
+
+
+@triton.jit
 def norm_q8_row(X, NW, XQ, XD, XS, Y, K, eps, STORE_Y: tl.constexpr, GPU: tl.constexpr, NB: tl.constexpr):
     """rms_norm(x) * NW of the row X (K,) in 8 bits: codes XQ (K,), XD, XS (K / 32,), the float row to Y
     (STORE_Y); in runs of NB blocks (registers for NB * 32 values, whatever K). As the CPU core's
@@ -106,8 +114,7 @@ def norm_q8_row(X, NW, XQ, XD, XS, Y, K, eps, STORE_Y: tl.constexpr, GPU: tl.con
         m = (blk < nblk)[:, None]
         x = tl.load(X + cols, mask=m, other=0.0, cache_modifier=".cg").to(tl.float32)
         x64 = x.to(tl.float64)
-        mean = tl.sum(tl.sum(x64 * x64, axis=1), axis=0) / K + eps
-        rstd = tl.math.div_rn(1.0, tl.sqrt_rn(mean.to(tl.float32)))
+        rstd = _rstd(x64 * x64, K, eps)
         _norm_q8_store(x, rstd, blk, cols, m, NW, XQ, XD, XS, Y, nblk, STORE_Y, GPU)
     else:
         ss = tl.zeros([NB, 32], dtype=tl.float64)
@@ -116,8 +123,7 @@ def norm_q8_row(X, NW, XQ, XD, XS, Y, K, eps, STORE_Y: tl.constexpr, GPU: tl.con
             cols = blk[:, None] * 32 + tl.arange(0, 32)[None, :]
             x64 = tl.load(X + cols, mask=(blk < nblk)[:, None], other=0.0, cache_modifier=".cg").to(tl.float64)
             ss += x64 * x64
-        mean = tl.sum(tl.sum(ss, axis=1), axis=0) / K + eps
-        rstd = tl.math.div_rn(1.0, tl.sqrt_rn(mean.to(tl.float32)))
+        rstd = _rstd(ss, K, eps)
         for b0 in range(0, nblk, NB):
             blk = b0 + tl.arange(0, NB)
             cols = blk[:, None] * 32 + tl.arange(0, 32)[None, :]
