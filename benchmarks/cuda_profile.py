@@ -2,7 +2,7 @@
 library also prints each kernel's GPU time per token (launches queued back to back, timed with
 events); or sum an Nsight Compute run per kernel.
 
-    python benchmarks/cuda_profile.py MODEL.gguf [--depth N [--sep-rate R]] [--kv-mode M] [--steps 64]
+    python benchmarks/cuda_profile.py MODEL.gguf [--depth N] [--kv-mode M] [--steps 64]
     SEPEDGE_CUDA_TIMING=1 python benchmarks/cuda_profile.py MODEL.gguf --steps 16
     SEPEDGE_CUDA_TIMING=prefill python benchmarks/cuda_profile.py MODEL.gguf --prompt 512   (prefill kernels)
     python benchmarks/cuda_profile.py MODEL.gguf --prompt 4096 --kv-mode sepllm-stream   (time to first token)
@@ -46,9 +46,6 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", nargs="?")
     ap.add_argument("--depth", type=int, default=0)
-    ap.add_argument("--sep-rate", type=float, default=0.0,
-                    help="this share of the history drawn from the model's separators (else uniform random ids: a "
-                         "few separators in 32K, so the sepllm modes' separator region stays almost empty)")
     ap.add_argument("--kv-mode", default="full")
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--prompt", type=int, default=0, help="time prompts of this many tokens instead of decode steps")
@@ -76,11 +73,7 @@ def main() -> None:
         return
     with Engine(args.model, device="cuda", kv_type="f16", **kw) as llm:
         if args.depth:
-            history = rng.integers(0, llm.n_vocab, args.depth)
-            if args.sep_rate > 0:  # drawn only then: otherwise the same history and steps as without the option
-                pick = rng.random(args.depth) < args.sep_rate
-                history[pick] = rng.choice(np.array(llm.info["separators"], dtype=np.int64), int(pick.sum()))
-            llm.eval(history.tolist())
+            llm.eval(rng.integers(0, llm.n_vocab, args.depth).tolist())
         tokens = rng.integers(0, llm.n_vocab, args.steps).tolist()
         llm.eval([tokens[0]])  # capture the graph outside the timing
         t0 = time.perf_counter()

@@ -29,10 +29,10 @@
 # either way), and at 0 history, and the kernels' times at 32K; ~250 s with the prebuilt library and the models made),
 # tcd-ab (the tensor-core decode attention in the modes whose cells carry deltas: its tests with the kv-mode ones, then
 # 8B Q4_0 sepllm-stream decode with SEPEDGE_CUDA_ATTN_TC=0 (the float kernel) against unset (auto: the tensor-core
-# kernel turning keys by their deltas), interleaved: after 32K tokens of uniform random history (a few separators:
-# ~8 cells with deltas) and of 10% separators (the separator region full: 68), at 0 history, auto with 8 splits
-# (TCD_SPLITS; the default one wave makes 25 of 32 cells), and the attention's kernel times in timing mode at 32K
-# and at 0; ~300 s with the prebuilt library and the models made).
+# kernel turning keys by their deltas), interleaved, after 32K tokens of random history (439 of the 128K ids are
+# separators: the separator region is full, 68 cells with deltas of ~800) and at 0 history; auto with 13 and 6
+# splits (TCD_SPLITS; the default one wave makes 25 of 32 cells); the attention's kernel times in timing mode at
+# 32K and at 0; ~250 s with the prebuilt library and the models made).
 set -u
 OUT=${OUT:-/tmp/sepedge-out}
 mkdir -p "$OUT" /tmp/models
@@ -264,11 +264,9 @@ PY
                            sed "s/^/tc=$tc /"
                    done
                    for tc in 0 auto; do
-                       env $(tc_env $tc) python3 benchmarks/cuda_profile.py $m --depth 32768 --sep-rate 0.1 --kv-mode sepllm-stream \
-                           --steps 48 2>&1 | sed "s/^/tc=$tc seps=0.1 /"
                        env $(tc_env $tc) python3 benchmarks/cuda_profile.py $m --kv-mode sepllm-stream --steps 64 2>&1 | sed "s/^/tc=$tc /"
                    done
-                   for sp in ${TCD_SPLITS-8}; do  # fewer splits of the ~800 cells: what the merge of 25 costs
+                   for sp in ${TCD_SPLITS-13 6}; do  # fewer splits of the ~800 cells (13: a block's 4 warps x 16 cells): what 25 merges cost
                        env -u SEPEDGE_CUDA_ATTN_TC SEPEDGE_CUDA_ATTN_SPLITS=$sp python3 benchmarks/cuda_profile.py $m --depth 32768 \
                            --kv-mode sepllm-stream --steps 48 2>&1 |
                            sed "s/^/tc=auto splits=$sp /"
