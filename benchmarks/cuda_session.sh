@@ -26,7 +26,13 @@
 # on both 8B files, route on / off interleaved, 64..4096-token prompts, and the route's per-kernel prefill times),
 # tc-ab (the decode attention on the tensor cores, SEPEDGE_CUDA_ATTN_TC: its tests with the graphs / kv-mode ones,
 # then 8B Q4_0 decode at 32K history, full cache (0 / 1 / 2 / 0) and sepllm-stream (deltas: the float kernel
-# either way), and at 0 history, and the kernels' times at 32K; ~250 s with the prebuilt library and the models made).
+# either way), and at 0 history, and the kernels' times at 32K; ~250 s with the prebuilt library and the models made),
+# tcd-ab (the tensor-core decode attention in the modes whose cells carry deltas: its tests with the kv-mode ones, then
+# 8B Q4_0 sepllm-stream decode with SEPEDGE_CUDA_ATTN_TC=0 (the float kernel) against unset (auto: the tensor-core
+# kernel turning keys by their deltas), interleaved, after 32K tokens of random history (439 of the 128K ids are
+# separators: the separator region is full, 68 cells with deltas of ~800) and at 0 history; auto with 13 and 6
+# splits (TCD_SPLITS; the default one wave makes 25 of 32 cells); the attention's kernel times in timing mode at
+# 32K and at 0; ~250 s with the prebuilt library and the models made).
 set -u
 OUT=${OUT:-/tmp/sepedge-out}
 mkdir -p "$OUT" /tmp/models
@@ -247,6 +253,30 @@ PY
                        SEPEDGE_CUDA_ATTN_TC=$tc SEPEDGE_CUDA_TIMING=1 python3 benchmarks/cuda_profile.py $m --depth 32768 --steps 8 2>&1 |
                            grep -E "attention|ms/token|GPU time per pass" | sed "s/^/tc=$tc /"
                    done; } 2>&1 | tee -a $OUT/tc-ab.log ;;
+        tcd-ab) models 8b  # SEPEDGE_CUDA_ATTN_TC=0 (the float decode attention) against unset (auto: the tensor-core one) in sepllm-stream
+                 SEPEDGE_CUDA_REPORT=$OUT/errors-tcd.tsv timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -m gpu tests/test_cuda.py \
+                     -k "${TCD_TESTS:-(kv_modes_match_cpu and d128) or kv_modes_tc or stream_long_tc}" --maxfail=10 \
+                     -p no:cacheprovider 2>&1 | tee $OUT/tcd-ab.log | tail -15
+                 m=/tmp/models/llama3-8b-q4_0.gguf
+                 tc_env() { if [ "$1" = auto ]; then echo "-u SEPEDGE_CUDA_ATTN_TC"; else echo "SEPEDGE_CUDA_ATTN_TC=$1"; fi; }
+                 { for tc in ${TCD_ORDER:-0 auto 0 auto}; do
+                       env $(tc_env $tc) python3 benchmarks/cuda_profile.py $m --depth 32768 --kv-mode sepllm-stream --steps 48 2>&1 |
+                           sed "s/^/tc=$tc /"
+                   done
+                   for tc in 0 auto; do
+                       env $(tc_env $tc) python3 benchmarks/cuda_profile.py $m --kv-mode sepllm-stream --steps 64 2>&1 | sed "s/^/tc=$tc /"
+                   done
+                   for sp in ${TCD_SPLITS-13 6}; do  # fewer splits of the ~800 cells (13: a block's 4 warps x 16 cells): what 25 merges cost
+                       env -u SEPEDGE_CUDA_ATTN_TC SEPEDGE_CUDA_ATTN_SPLITS=$sp python3 benchmarks/cuda_profile.py $m --depth 32768 \
+                           --kv-mode sepllm-stream --steps 48 2>&1 |
+                           sed "s/^/tc=auto splits=$sp /"
+                   done
+                   for tc in 0 auto; do
+                       for d in 32768 0; do
+                           env $(tc_env $tc) SEPEDGE_CUDA_TIMING=1 python3 benchmarks/cuda_profile.py $m --depth $d --kv-mode sepllm-stream \
+                               --steps 16 2>&1 | grep -E "attention|ms/token|GPU time per pass" | sed "s/^/tc=$tc depth=$d /"
+                       done
+                   done; } 2>&1 | tee -a $OUT/tcd-ab.log ;;
         stream-ab) models 8b  # sepllm-stream after 32K tokens, 8B Q4_0: split counts (SEPEDGE_CUDA_ATTN_SPLITS caps them, 0: one
                  # wave; ~800 cells make 25 splits of 32), then the counters of one decode attention launch (stall reasons)
                  m=/tmp/models/llama3-8b-q4_0.gguf

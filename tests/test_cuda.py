@@ -90,8 +90,8 @@ MAX_REL_VS_CPU_DECODE = {"f32": 1e-3, "f16": 1e-3, "bf16": 1e-3, "q8_0": 4e-2, "
 MAX_REL_VS_CPU_PREFILL = 4e-2
 # Decode with the attention on the tensor cores (SEPEDGE_CUDA_ATTN_TC=1), float weights, against the
 # float64 reference, the CPU engine and the float attention kernel: the queries and the softmax
-# weights P are rounded to f16 (2^-11 relative each) before their products, as in the prefill
-# tensor-core kernel, the rest summed in f32: the prefill bound.
+# weights P (and in the modes with deltas the turned keys) are rounded to f16 (2^-11 relative each)
+# before their products, as in the prefill tensor-core kernel, the rest summed in f32: the prefill bound.
 MAX_DECODE_TC_REL = MAX_PREFILL_REL
 SEP_RATE = 0.2
 N_STEPS = 200
@@ -535,8 +535,10 @@ DELTA_MODES = [(m, s) for m, s in MODES if m in ("sepllm-stream", "streamingllm"
 @pytest.mark.parametrize("ring", ["0", "1"])  # the decode attention's keys through registers / the cp.async ring
 def test_kv_modes_neox_match_cpu(gguf_path, stream, spec, mode, sizes, ring, monkeypatch):
     """The modes whose cells carry deltas with the other rotary pairing (dimensions i, i + d / 2):
-    each key turned by its delta as the decode kernel reads it (its partner dimensions from the cache
-    row, or from another lane's piece of the ring); step by step, the CPU engine's logits and cells."""
+    each key turned by its delta as the float decode kernel reads it (its partner dimensions from the
+    cache row, or from another lane's piece of the ring; test_kv_modes_tc covers the tensor-core one);
+    step by step, the CPU engine's logits and cells."""
+    monkeypatch.setenv("SEPEDGE_CUDA_ATTN_TC", "0")
     monkeypatch.setenv("SEPEDGE_CUDA_ATTN_RING", ring)
     path = gguf_path(spec, "f16")
     tokens = stream(700)
@@ -668,22 +670,22 @@ def test_decode_attention_tc(tc_gguf, rng, spec, monkeypatch):
     np.testing.assert_array_equal(direct, tc)  # graphs, chaining and prefetch change when work runs, never what
 
 
-TC_MODE_SPECS = ["gqa-d128-llama31", "qwen2-tied"]  # head_dim 128, 64 (SE_ROPE_NEOX's pairs)
+TC_MODE_SPECS = ["gqa-d128-llama31", "qwen2-tied"]  # head_dim 128 (SE_ROPE_NORM's pairs), 64 (SE_ROPE_NEOX's)
 
 
 @gpu
 @pytest.mark.parametrize("mode,sizes", MODES, ids=[f"{m}-{s.get('n_cache', 'ctx')}-{s.get('n_sep', '')}" for m, s in MODES])
 @pytest.mark.parametrize("spec", TC_MODE_SPECS)
 def test_kv_modes_tc(gguf_path, stream, spec, mode, sizes, monkeypatch):
-    """Every cache mode with SEPEDGE_CUDA_ATTN_TC=1: the modes without deltas (full, sepllm) take the
-    tensor-core kernel and meet the CPU engine within MAX_DECODE_TC_REL; those with deltas keep the
-    float kernel (decode_tc_applies): the same logits bit for bit as with the switch off. With the
-    switch off, the CPU engine's logits and cells in every mode."""
+    """Every cache mode with SEPEDGE_CUDA_ATTN_TC=1 and 2 takes the tensor-core kernel (the modes with
+    deltas its variant that turns each key by its cell's delta in registers, both rotary pairings):
+    the CPU engine's logits within MAX_DECODE_TC_REL, and not the float kernel's bits. With the
+    switch off (the float kernel), the CPU engine's logits and cells in every mode."""
     path = gguf_path(spec, "f16")
     tokens = stream(1000 if mode != "full" else 600)
     kw = dict(kv_mode=mode, **sizes) if mode != "full" else dict(n_ctx=1024)
     got = {}
-    for tc in ("0", "1"):
+    for tc in ("0", "1", "2"):
         monkeypatch.setenv("SEPEDGE_CUDA_ATTN_TC", tc)
         with cuda_engine(path, n_batch=64, **kw) as llm:
             got[tc] = step_by_step(llm, tokens)
@@ -691,14 +693,36 @@ def test_kv_modes_tc(gguf_path, stream, spec, mode, sizes, monkeypatch):
     with cpu_engine(path, n_batch=64, **kw) as cpu_llm:
         cpu = step_by_step(cpu_llm, tokens)
         assert cells == [list(a) for a in cpu_llm._ctx.cells()]
-    err = rel(got["1"], cpu)
-    report("mode-tc", spec, mode, sizes, err, rel(got["0"], cpu))
+    errs = (rel(got["1"], cpu), rel(got["2"], cpu))
+    report("mode-tc", spec, mode, sizes, *errs, rel(got["0"], cpu))
     assert rel(got["0"], cpu) <= MAX_REL_VS_CPU_DECODE["f16"]
-    if mode in ("full", "sepllm"):
-        assert err <= MAX_DECODE_TC_REL
-        assert not np.array_equal(got["1"], got["0"])
-    else:
-        np.testing.assert_array_equal(got["1"], got["0"])
+    assert errs[0] <= MAX_DECODE_TC_REL and errs[1] <= MAX_DECODE_TC_REL, errs
+    assert not np.array_equal(got["1"], got["0"])  # the switch took the other kernel (f16 queries round differently)
+
+
+@gpu
+@pytest.mark.parametrize("spec", TC_MODE_SPECS)
+def test_stream_long_tc(gguf_path, stream, spec, monkeypatch):
+    """sepllm-stream at the paper's sizes over 3,000 tokens (a compression every ~500: a full separator
+    region whose cells' deltas move at each, an initial region, a recent window without deltas) with
+    the tensor-core kernel (its rotating variant at both register caps): the CPU engine's logits
+    within MAX_DECODE_TC_REL and its cells."""
+    path = gguf_path(spec, "f16")
+    tokens = stream(3000)
+    kw = dict(kv_mode="sepllm-stream", n_init=4, n_sep=64, n_local=256, n_cache=800)
+    with cpu_engine(path, n_batch=64, **kw) as cpu_llm:
+        cpu = step_by_step(cpu_llm, tokens)
+        cpu_cells = [list(a) for a in cpu_llm._ctx.cells()]
+        stats = cpu_llm.kv_stats()
+    assert stats["live_sep"] == 64 and stats["tokens_evicted"] > 2000, stats  # the regions the test is about
+    for tc in ("1", "2"):
+        monkeypatch.setenv("SEPEDGE_CUDA_ATTN_TC", tc)
+        with cuda_engine(path, n_batch=64, **kw) as llm:
+            got = step_by_step(llm, tokens)
+            assert [list(a) for a in llm._ctx.cells()] == cpu_cells
+        err = rel(got, cpu)
+        report("stream-long-tc", spec, tc, err)
+        assert err <= MAX_DECODE_TC_REL, (tc, err)
 
 
 @gpu

@@ -11,8 +11,8 @@
 // (cuda_kernels_log.md, session 5): keys and values through a cp.async ring in shared memory
 // (SEPEDGE_CUDA_ATTN_RING=1), and the idle blocks asking L2 for the next products' weights
 // (SEPEDGE_CUDA_NEXT_L2=MB). The same scheme on the tensor cores (k_attn_decode_tc: mma.sync with the
-// cells as rows and the query heads as columns) serves where no cell carries a delta, at head_dim 128
-// by default and at 64 with SEPEDGE_CUDA_ATTN_TC=1 or 2 (decode_tc_applies).
+// cells as rows and the query heads as columns, keys turned by their cells' deltas in registers) at
+// head_dim 128 by default and at 64 with SEPEDGE_CUDA_ATTN_TC=1 or 2 (decode_tc_applies).
 //
 // Many tokens (prefill), head_dim 64 or 128: a block takes 64 query rows (token, head) of one KV head,
 // a warp 16 of them, and streams the live cells through shared memory 64 at a time; Q K^T, the
@@ -512,8 +512,8 @@ __global__ void __launch_bounds__(DEC_WARPS * 32, DEC_MIN_BLOCKS(GB))
 }
 
 // ---------------------------------------------------------------------------------------------
-// one token on the tensor cores (SEPEDGE_CUDA_ATTN_TC=1 or 2, where decode_tc_applies: no deltas,
-// head_dim 64 or 128)
+// one token on the tensor cores (SEPEDGE_CUDA_ATTN_TC=1 or 2, where decode_tc_applies: head_dim 64
+// or 128)
 //
 // The split-K scheme, the token's rotation and store and the ending of k_attn_decode (dec_enter,
 // dec_token, dec_finish), but a warp takes TC_CELLS = 16 cells a step through mma.sync m16n8k16
@@ -532,9 +532,19 @@ __global__ void __launch_bounds__(DEC_WARPS * 32, DEC_MIN_BLOCKS(GB))
 // - V^T as A needs two cells' values of one dimension in a register: lane (r, c) loads dimensions
 //   [r d / 8, (r + 1) d / 8) of cells 2 c, 2 c + 1, 2 c + 8, 2 c + 9 and pairs them with byte
 //   permutes; output row i of m-tile mt is dimension r d / 8 + mt (i = r) or + d / 16 + mt (i = r + 8).
+// - Deltas (ROT: the modes whose cells' keys turn by a delta as they are read): a lane's chunks of a
+//   key hold whole rotary pairs. SE_ROPE_NORM's (2 i, 2 i + 1) lie inside a chunk; SE_ROPE_NEOX's
+//   (i, i + d / 2) lie in chunks 4 h + c and 4 h + c + d / 16 = 4 (h + d / 64) + c: the same lane's
+//   chunk h + CH / 2 (CH = d / 32 chunks a cell). So each lane turns its own registers after the
+//   load, before they become A fragments, with a quarter of the cell's (cos, sin) row: d / 16
+//   16-byte pieces a cell (NORM: pairs 4 (4 h + c) .. + 3 of chunk h; NEOX: pairs 8 (4 h + c) .. + 7
+//   of chunks h, h + CH / 2), rounded back to f16 as the prefill kernel's rotated keys are. Only a
+//   step whose 16 cells hold one with a delta loads rows (initial and separator cells: the first
+//   n_init + n_sep of the cache order, a few steps); a cell without one turns by (1, 0), exactly.
 // Each head's queries are scaled by a power of two into f16's range before the rounding (the
 // scores scaled back exactly in f32): the f16 cache bounds keys, nothing bounds queries.
-// Rounding: queries and P to f16 (2^-11 relative each), everything summed in f32.
+// Rounding: queries and P to f16 (2^-11 relative each), everything summed in f32; with deltas the
+// turned keys to f16 too.
 
 #define TC_CELLS 16
 #define TC_STAGE 512  // cells staged at once (their rows' offsets), read with every load in flight
@@ -552,11 +562,58 @@ __device__ __forceinline__ uint32_t pair_halves(uint32_t w0, uint32_t w1, int i)
     return __byte_perm(w0, w1, i % 2 ? 0x7632 : 0x5410);
 }
 
+// Chunks h of a cell's key (8 f16 dimensions each, chunks 4 h + c of the row, lane column c) turned by
+// the cell's delta: piece q of the lane's quarter of the cell's (cos, sin) row at t[32 q] (shared
+// memory, tc_delta_rows).
+template <int D>
+__device__ __forceinline__ void tc_rotate(int4 (&k)[D / 32], const int4 * t, int rope_type) {
+    constexpr int CH = D / 32;
+    if (rope_type == SE_ROPE_NORM) {  // word w of chunk h: pair 4 (4 h + c) + w, in piece 2 h + w / 2
+#pragma unroll
+        for (int h = 0; h < CH; h++)
+#pragma unroll
+            for (int w = 0; w < 4; w++) {
+                uint32_t & kw = ((uint32_t *) &k[h])[w];
+                const float2 x = __half22float2(*(const __half2 *) &kw);
+                const int4 piece = t[32 * (2 * h + w / 2)];
+                const float2 r = rope_turn(x.x, x.y, ((const float2 *) &piece)[w % 2]);
+                kw = pack_half2(r.x, r.y);
+            }
+        return;
+    }
+#pragma unroll
+    for (int h = 0; h < CH / 2; h++)  // word w of chunks h, h + CH / 2: pairs 8 (4 h + c) + 2 w, + 1, piece 4 h + w
+#pragma unroll
+        for (int w = 0; w < 4; w++) {
+            uint32_t & lo = ((uint32_t *) &k[h])[w], & hi = ((uint32_t *) &k[h + CH / 2])[w];
+            const float2 xl = __half22float2(*(const __half2 *) &lo), xh = __half22float2(*(const __half2 *) &hi);
+            const int4 piece = t[32 * (4 * h + w)];
+            const float2 * cs = (const float2 *) &piece;
+            const float2 r0 = rope_turn(xl.x, xh.x, cs[0]), r1 = rope_turn(xl.y, xh.y, cs[1]);
+            lo = pack_half2(r0.x, r1.x);
+            hi = pack_half2(r0.y, r1.y);
+        }
+}
+
+// The lane's d / 16 pieces of a cell's (cos, sin) row (row: its d / 2 pairs; NULL: no delta, (1, 0)
+// exactly) into t[32 q], q < d / 16, by cp.async (complete after cp.async.wait_all): NORM piece q
+// pairs 4 (4 (q / 2) + c) + 2 (q % 2), + 1; NEOX piece q pairs 8 (4 (q / 4) + c) + 2 (q % 4), + 1.
+template <int D>
+__device__ __forceinline__ void tc_delta_rows(int4 * t, const float2 * row, int c, int rope_type) {
+#pragma unroll
+    for (int q = 0; q < D / 16; q++) {
+        const int i = rope_type == SE_ROPE_NORM ? 4 * (4 * (q / 2) + c) + 2 * (q % 2) : 8 * (4 * (q / 4) + c) + 2 * (q % 4);
+        if (row) cp_async16(t + 32 * q, row + i);
+        else t[32 * q] = make_int4(__float_as_int(1.0f), 0, __float_as_int(1.0f), 0);
+    }
+}
+
 // MINB blocks a multiprocessor at least (a register cap), at head_dim 128: 3 (SEPEDGE_CUDA_ATTN_TC=1,
 // 166 registers) issues a step's 16 key and value loads before its first product; 4 (=2, 128
 // registers: 16 warps) leaves no room for that, the compiler issues the values' 8 loads after the
-// keys' products, so each step waits for two memory round trips.
-template <int D, int MINB>
+// keys' products, so each step waits for two memory round trips. ROT: the context's cells carry
+// deltas (a.dtab); without, the kernel has no trace of them.
+template <int D, int MINB, bool ROT>
 __global__ void __launch_bounds__(DEC_WARPS * 32, MINB)
     k_attn_decode_tc(const se_dattn a, int gb, int8_t * qx, float2 * ds) {
     constexpr int GB = DEC_MAX_G;  // columns of the products
@@ -564,12 +621,15 @@ __global__ void __launch_bounds__(DEC_WARPS * 32, MINB)
     constexpr int CH = D / 32;     // a lane's 16-byte chunks of a key row
     constexpr int W = D / 8;       // a lane's dimensions of a value row
     constexpr int VQ = W / 8;      // ... in 16-byte loads
-    constexpr int ACC = DEC_WARPS * GB * D > 2 * GB * SE_ATTN_MAX_SPLITS + GB ? DEC_WARPS * GB * D : 2 * GB * SE_ATTN_MAX_SPLITS + GB;
+    constexpr int ACC0 = DEC_WARPS * GB * D > 2 * GB * SE_ATTN_MAX_SPLITS + GB ? DEC_WARPS * GB * D : 2 * GB * SE_ATTN_MAX_SPLITS + GB;
+    constexpr int TAB = DEC_WARPS * 2 * (D / 16) * 32 * 4;  // ROT: a warp's pieces of 2 cells' (cos, sin) rows a lane (floats)
+    constexpr int ACC = ROT && TAB > ACC0 ? TAB : ACC0;
     __shared__ __align__(16) float s_q[GB][D];  // queries; at the end, the outputs
     __shared__ __align__(16) __half s_k[D], s_v[D];
     __shared__ float s_m[DEC_WARPS][GB], s_l[DEC_WARPS][GB], s_qs[GB];
     __shared__ int64_t s_off[TC_STAGE];  // the stage's rows (se_kv_at); -1 not visible, -2 the token's own
-    __shared__ __align__(16) float s_acc[ACC];
+    __shared__ int s_dc[ROT ? TC_STAGE : 1];  // ROT: the stage's cells that turn (a.dtab's row), else -1
+    __shared__ __align__(16) float s_acc[ACC];  // in the loop (ROT): the (cos, sin) pieces, after it the partials
 
     const int n_live = a.step->n_live, n_splits = n_splits_of(n_live, a.max_splits), split = blockIdx.y;
     const int len = (n_live + n_splits - 1) / n_splits, c0 = split * len, c1 = min(c0 + len, n_live);
@@ -618,6 +678,7 @@ __global__ void __launch_bounds__(DEC_WARPS * 32, MINB)
         for (int i = 0; i < TC_STAGE / (DEC_WARPS * 32); i++) {
             const bool vis = cl[i].cell >= 0 && visible(cl[i], p, floor, mode, n_local);
             s_off[tid + i * DEC_WARPS * 32] = !vis ? -1 : cl[i].cell == own ? -2 : se_kv_at(a, cl[i].cell, hk);
+            if (ROT) s_dc[tid + i * DEC_WARPS * 32] = vis && cl[i].delta != 0 ? cl[i].cell : -1;
         }
         __syncthreads();
         for (int base = warp * TC_CELLS; base < sn; base += DEC_WARPS * TC_CELLS) {
@@ -630,6 +691,22 @@ __global__ void __launch_bounds__(DEC_WARPS * 32, MINB)
                 vis[u] = off != -1;
 #pragma unroll
                 for (int h = 0; h < CH; h++) kr[u][h] = vis[u] ? *(const int4 *) (row + 8 * (4 * h + c)) : zero;
+            }
+            if (ROT) {  // the keys of cells r, r + 8 turned by their deltas, where the step has any
+                const int dc0 = s_dc[base + r], dc1 = s_dc[base + r + 8];
+                if (__any_sync(0xffffffffu, dc0 >= 0 || dc1 >= 0)) {
+                    // the rows' pieces in the keys' round trip, through shared memory (no registers held)
+                    int4 * tab = (int4 *) s_acc + warp * (2 * (D / 16) * 32) + lane;
+#pragma unroll
+                    for (int u = 0; u < 2; u++) {
+                        const int dc = u ? dc1 : dc0;
+                        const float2 * row = dc >= 0 ? a.dtab + (int64_t) dc * (D / 2) : nullptr;
+                        tc_delta_rows<D>(tab + u * (D / 16) * 32, row, c, a.rope_type);
+                    }
+                    asm volatile("cp.async.wait_all;" ::: "memory");
+#pragma unroll
+                    for (int u = 0; u < 2; u++) tc_rotate<D>(kr[u], tab + u * (D / 16) * 32, a.rope_type);
+                }
             }
 #pragma unroll
             for (int u = 0; u < 4; u++) {  // values of cells 2 c, 2 c + 1, 2 c + 8, 2 c + 9
@@ -677,6 +754,7 @@ __global__ void __launch_bounds__(DEC_WARPS * 32, MINB)
             }
         }
     }
+    if (ROT) __syncthreads();  // every warp is done with its pieces in s_acc
     // the warp's sums per head (the 8 lanes of a column), then its partials for dec_finish
 #pragma unroll
     for (int off = 4; off < 32; off *= 2) {
@@ -866,34 +944,38 @@ static cudaError_t launch_decode(const se_dattn * a, int gb, int8_t * qx, float2
 
 // The one place that picks the tensor-core decode kernel (k_attn_decode_tc): SEPEDGE_CUDA_ATTN_TC=1
 // or 2 (se_cuda_opts.attn_tc, read when the context is made: 3 or 4 blocks a multiprocessor; unset:
-// 2 at head_dim 128, SE_ATTN_TC_AUTO),
-// head_dim 64 or 128, and a context without deltas (full cache, sepllm: dtab NULL). The modes whose
+// 2 at head_dim 128, SE_ATTN_TC_AUTO) and head_dim 64 or 128, in every cache mode: the modes whose
 // cells' keys turn by a delta as they are read (sepllm-stream, streamingllm, sepllm-slide,
-// sepllm-runs) keep k_attn_decode, which rotates them.
+// sepllm-runs: a.dtab set) take the variant that turns them (ROT).
 static int decode_tc_variant(const se_dattn & a) {
-    if (a.dtab != nullptr || (a.head_dim != 64 && a.head_dim != 128)) return 0;
+    if (a.head_dim != 64 && a.head_dim != 128) return 0;
     if (se_cuda_opts.attn_tc == SE_ATTN_TC_AUTO) return a.head_dim == 128 ? 2 : 0;
     return se_cuda_opts.attn_tc;
 }
 
 static bool decode_tc_applies(const se_dattn & a) { return decode_tc_variant(a) != 0; }
 
-template <int D, int MINB>
+template <int D, int MINB, bool ROT>
 static cudaError_t launch_decode_tc(se_dattn a, int gb, int8_t * qx, float2 * ds, cudaStream_t s) {
     static int per_sm;
-    if (!per_sm && cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k_attn_decode_tc<D, MINB>, DEC_WARPS * 32, 0) != cudaSuccess) {
+    if (!per_sm && cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k_attn_decode_tc<D, MINB, ROT>, DEC_WARPS * 32, 0) != cudaSuccess) {
         cudaGetLastError();
         per_sm = 1;
     }
     const int columns = a.n_head / gb;
     one_wave(a, columns, per_sm);
-    return se_launch(k_attn_decode_tc<D, MINB>, dim3((unsigned) columns, (unsigned) a.max_splits), dim3(DEC_WARPS * 32), 0, s,
+    return se_launch(k_attn_decode_tc<D, MINB, ROT>, dim3((unsigned) columns, (unsigned) a.max_splits), dim3(DEC_WARPS * 32), 0, s,
                      se_cuda_opts.pdl, a, gb, qx, ds);
 }
 
+template <int D, bool ROT>
 static cudaError_t launch_decode_tc(const se_dattn & a, int gb, int8_t * qx, float2 * ds, cudaStream_t s) {
-    if (decode_tc_variant(a) == 2) return a.head_dim == 64 ? launch_decode_tc<64, 4>(a, gb, qx, ds, s) : launch_decode_tc<128, 4>(a, gb, qx, ds, s);
-    return a.head_dim == 64 ? launch_decode_tc<64, 3>(a, gb, qx, ds, s) : launch_decode_tc<128, 3>(a, gb, qx, ds, s);
+    return decode_tc_variant(a) == 2 ? launch_decode_tc<D, 4, ROT>(a, gb, qx, ds, s) : launch_decode_tc<D, 3, ROT>(a, gb, qx, ds, s);
+}
+
+static cudaError_t launch_decode_tc(const se_dattn & a, int gb, int8_t * qx, float2 * ds, cudaStream_t s) {
+    if (a.dtab != nullptr) return a.head_dim == 64 ? launch_decode_tc<64, true>(a, gb, qx, ds, s) : launch_decode_tc<128, true>(a, gb, qx, ds, s);
+    return a.head_dim == 64 ? launch_decode_tc<64, false>(a, gb, qx, ds, s) : launch_decode_tc<128, false>(a, gb, qx, ds, s);
 }
 
 bool se_cuda_decode_fused(int32_t head_dim) { return head_dim % 16 == 0 && head_dim <= 128; }
@@ -1315,8 +1397,10 @@ void se_cuda_attention_init() {
     carveout_decode<64, 1>(), carveout_decode<64, 2>(), carveout_decode<64, 4>(), carveout_decode<64, 8>();
     carveout_decode<128, 1>(), carveout_decode<128, 2>(), carveout_decode<128, 4>(), carveout_decode<128, 8>();
     const void * kernels[] = {(const void *) k_attn_split, (const void *) k_attn_merge,
-                              (const void *) k_attn_decode_tc<64, 3>, (const void *) k_attn_decode_tc<128, 3>,
-                              (const void *) k_attn_decode_tc<64, 4>, (const void *) k_attn_decode_tc<128, 4>,
+                              (const void *) k_attn_decode_tc<64, 3, false>, (const void *) k_attn_decode_tc<128, 3, false>,
+                              (const void *) k_attn_decode_tc<64, 4, false>, (const void *) k_attn_decode_tc<128, 4, false>,
+                              (const void *) k_attn_decode_tc<64, 3, true>, (const void *) k_attn_decode_tc<128, 3, true>,
+                              (const void *) k_attn_decode_tc<64, 4, true>, (const void *) k_attn_decode_tc<128, 4, true>,
                               (const void *) k_attn_prefill<64>, (const void *) k_attn_prefill<128>,
                               (const void *) k_attn_prefill_mma<64>, (const void *) k_attn_prefill_mma<128>, (const void *) k_attn_rows};
     for (const void * k : kernels) cudaFuncSetAttribute(k, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);

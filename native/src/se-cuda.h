@@ -116,7 +116,8 @@ enum se_mv_path {
 // attn_tc: the one-token attention on the tensor cores where it applies (se-cuda-attention.cu,
 // decode_tc_applies): 0 off, 1 three blocks a multiprocessor, 2 four (SEPEDGE_CUDA_ATTN_TC); unset,
 // SE_ATTN_TC_AUTO: 2 at head_dim 128, where it measured faster on the H200 at 0 and at 32K tokens of
-// history (cuda_kernels_log.md, session 7), off at 64 (not measured apart there).
+// history with a full cache (cuda_kernels_log.md, session 7), in every cache mode (the modes with
+// deltas: session 8, not yet measured), off at 64 (not measured apart there).
 #define SE_ATTN_TC_AUTO (-1)
 struct se_cuda_launch_opts {
     bool pdl;
