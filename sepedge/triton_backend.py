@@ -10,6 +10,12 @@ GPU with sepedge.kernels, over the one SepLLM cache policy of the C core.
                       the kernels. It has the shape of sepedge._native.Context, so Engine, the CLI and
                       the server use it as they use a native context.
 
+Prompt chunks into repacked weights take half-precision rows and float16 products from 64 rows
+(kernels.matmul_mod.F16_MIN_ROWS); from 256 rows (DQ_MIN_ROWS) each weight is first decoded once to a
+float16 scratch owned by the context (the largest weight, at most DQ_SCRATCH_BYTES) and multiplied as a
+plain float16 matrix. SEPEDGE_TRITON_PREFILL picks the route of long chunks: "dq" (the default), "f16"
+(weight tiles decoded in the GEMM's registers), "q8" (the 8-bit products, as decode).
+
 Decode steps (one token whose query sees every live cell, as every mode's plans do) run through a
 captured CUDA graph where torch supports it: the token, its position and cell, the live-cell list and
 the deltas are written into static buffers sized to the cache, the kernels read the live count from
