@@ -401,10 +401,12 @@ F16_TYPES = (Q4_0, Q8_0, Q4_K, Q6_K)
 F16_MIN_ROWS = 64
 
 
-# (block_n, block_m, block_k, warps, stages) tried for the plain float16 weight of matmul_dq: no decoding in
-# the loop, so larger tiles and deeper pipelines than the in-register decoders can hold
-DQ_TUNE_CONFIGS = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
-                   (128, 128, 128, 8, 3), (128, 64, 64, 4, 4)]
+# (block_n, block_m, block_k, warps, stages) tried for the plain float16 weight of matmul_dq: both operands
+# through shared memory (pipelined wgmma). Compiled for sm_90 (ptxas, 16-divisible strides as the JIT
+# specializes them): 128 x 128 tiles with 8 warps take 185-194 registers and no spill; 256 x 128 and
+# 128 x 256 spill (~460 bytes: the epilogue's pointers and residual)
+DQ_TUNE_CONFIGS = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 128, 8, 3), (128, 64, 64, 4, 4),
+                   (64, 128, 64, 4, 4), (128, 128, 64, 8, 5)]
 # chunks of this many rows or more into the F16_TYPES decode each weight once per product to float16
 # (matmul_dq, a scratch of at most DQ_SCRATCH_BYTES) and multiply plain float16: the decoding leaves the
 # GEMM's inner loop, where it is repeated for every M tile (SEPEDGE_TRITON_PREFILL=f16 keeps that route)
