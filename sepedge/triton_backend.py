@@ -186,6 +186,7 @@ class _Forward:
         self.fuse_attn, self.fuse_glu = fuse != "0", fuse == "1"
         self.tickets = torch.zeros(2, dtype=torch.int32, device=W.device)  # kernels.matvec_norm's counters
         self.dq_scratch = None  # the float16 weight of the dequantize-once products, made at the first long chunk
+        self._prefill_mode()  # a wrong value fails here, not at the first long prompt (it is read again per pass)
 
     def _prefill_mode(self) -> str:
         mode = os.environ.get(PREFILL_ENV, "") or "dq"

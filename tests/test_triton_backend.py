@@ -129,6 +129,12 @@ def test_fuse_mode_is_checked(gguf_path, monkeypatch):
         Engine(gguf_path("mha-d64", "q8_0"), device="triton")
 
 
+def test_prefill_mode_is_checked(gguf_path, monkeypatch):
+    monkeypatch.setenv("SEPEDGE_TRITON_PREFILL", "dequantize")
+    with pytest.raises(InvalidArgumentError, match="SEPEDGE_TRITON_PREFILL"):
+        Engine(gguf_path("mha-d64", "q8_0"), device="triton")
+
+
 @pytest.mark.parametrize("spec,outtype", [("gqa-d128-llama31", "f32"), ("mha-d64", "q4_k_m")])
 def test_full_matches_reference(gguf_path, rng, spec, outtype):
     """A chunked prompt, then decode steps after it, against the float64 torch reference."""
