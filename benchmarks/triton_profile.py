@@ -1,7 +1,8 @@
 """Where the Triton backend's time goes on a GPU: pp512 (and --pp lengths) with each route of the prefill
-products (SEPEDGE_TRITON_PREFILL=q8 / f16 / dq, the default: an A/B of the routes), tg timed as sepedge.bench times it, and torch.profiler's kernel
-table of one 512-token prompt and of decode steps (CUDA-graph replays: the profiler lists the graph's
-kernels), each kernel's total time and share, per prompt and per decode step.
+products (SEPEDGE_TRITON_PREFILL=q8 / f16 / dq, the default: an A/B of the routes), tg timed as
+sepedge.bench times it, and torch.profiler's kernel table of one 512-token prompt and of decode steps
+(CUDA-graph replays: the profiler lists the graph's kernels), each kernel's total time and share, per
+prompt and per decode step.
 
     python benchmarks/triton_profile.py MODEL.gguf [--md out.md] [--reps 3] [--pp 512,4096]
 """

@@ -59,7 +59,8 @@ def main() -> int:
     from triton.backends.nvidia.compiler import get_ptxas
     mm = importlib.import_module("sepedge.kernels.matmul")
     ptxas = get_ptxas(args.arch).path
-    rows = ["| kernel | type | tile (N, M, K) | warps | stages | registers | spill bytes |", "|---|---|---|---|---|---:|---:|"]
+    rows = ["| kernel | type | tile (N, M, K) | warps | stages | registers | spill bytes |",
+            "|---|---|---|---|---|---:|---:|"]
     for t in args.types.split(","):
         qs, qh, sc, d = WEIGHT_PTRS[t]
         sig = {"Y": "*fp32", "QS": qs, "QH": qh, "SC": sc, "D": d, "XH": "*fp16", "XS": "*fp32", "ADD": "*fp32"}

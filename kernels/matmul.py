@@ -224,7 +224,8 @@ def matmul_packed_kernel(
 def _dequant_f16(QS, QH, SC, D, offs_n, nm, k0, K, stride_qs, stride_qh, stride_sc, stride_d,
                  QTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Values k0..k0 + BLOCK_K - 1 of a repacked weight's rows offs_n as a float16 (BLOCK_N, BLOCK_K)
-    tile (QTYPE F16: of a plain float16 (N, K) matrix in QS, loaded as it is), scales (and Q4_K's mins) applied: each code vector is loaded once as whole 16/32-byte runs
+    tile (QTYPE F16: of a plain float16 (N, K) matrix in QS, loaded as it is), scales (and Q4_K's mins)
+    applied: each code vector is loaded once as whole 16/32-byte runs
     and its nibbles picked by a broadcast shift (a (rows, blocks, halves, bytes) tile flattened in value
     order). Q4_0 and Q8_0 multiply in float16 (code x scale: one rounding, as in float32); Q4_K and
     Q6_K form d * sc * q - dmin * m in float32 and round once."""
