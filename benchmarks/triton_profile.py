@@ -1,9 +1,10 @@
-"""Where the Triton backend's time goes on a GPU: pp512 with the 8-bit and the float16 prefill products
-(SEPEDGE_TRITON_PREFILL=q8 / default), tg timed as sepedge.bench times it, and torch.profiler's kernel
-table of one 512-token prompt and of decode steps (CUDA-graph replays: the profiler lists the graph's
-kernels), each kernel's total time and share, per prompt and per decode step.
+"""Where the Triton backend's time goes on a GPU: pp512 (and --pp lengths) with each route of the prefill
+products (SEPEDGE_TRITON_PREFILL=q8 / f16 / dq, the default: an A/B of the routes), tg timed as
+sepedge.bench times it, and torch.profiler's kernel table of one 512-token prompt and of decode steps
+(CUDA-graph replays: the profiler lists the graph's kernels), each kernel's total time and share, per
+prompt and per decode step.
 
-    python benchmarks/triton_profile.py MODEL.gguf [--md out.md] [--reps 3]
+    python benchmarks/triton_profile.py MODEL.gguf [--md out.md] [--reps 3] [--pp 512,4096]
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def main() -> int:
     ap.add_argument("--md", type=Path, default=None)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--pp", default="512", help="prompt lengths of the A/B, comma-separated")
     args = ap.parse_args()
     import numpy as np
     import torch
@@ -41,22 +43,26 @@ def main() -> int:
     from sepedge import Engine
     rng = np.random.default_rng(0)
     out = [f"# Triton profile: {Path(args.model).name} on {torch.cuda.get_device_name()}", ""]
-    with Engine(args.model, device="triton", n_ctx=1024) as llm:
-        toks = rng.integers(0, llm.n_vocab, 512).tolist()
-        for mode in ("q8", "f16"):
-            os.environ["SEPEDGE_TRITON_PREFILL"] = mode
-            llm.reset()
-            llm.eval(toks)  # compiles and autotunes
-            runs = []
-            for _ in range(args.reps):
+    pps = [int(n) for n in args.pp.split(",")]
+    with Engine(args.model, device="triton", n_ctx=max(1024, max(pps) + 64)) as llm:
+        toks_all = rng.integers(0, llm.n_vocab, max(pps)).tolist()
+        for n_pp in pps:
+            for mode in ("q8", "f16", "dq"):
+                os.environ["SEPEDGE_TRITON_PREFILL"] = mode
                 llm.reset()
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                llm.eval(toks)
-                runs.append(512 / (time.perf_counter() - t0))
-            out.append(f"- pp512 with the {mode} prefill products: {statistics.fmean(runs):.1f} t/s "
-                       f"({', '.join(f'{r:.0f}' for r in runs)})")
-            print(out[-1], flush=True)
+                llm.eval(toks_all[:n_pp])  # compiles and autotunes
+                runs = []
+                for _ in range(args.reps):
+                    llm.reset()
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    llm.eval(toks_all[:n_pp])
+                    runs.append(n_pp / (time.perf_counter() - t0))
+                out.append(f"- pp{n_pp} with the {mode} prefill products: {statistics.fmean(runs):.1f} t/s "
+                           f"({', '.join(f'{r:.0f}' for r in runs)})")
+                print(out[-1], flush=True)
+        os.environ["SEPEDGE_TRITON_PREFILL"] = "dq"  # the default route in the tables below
+        toks = toks_all[:512]
         llm.reset()
         llm.eval(toks[:16])
         for t in toks[:4]:
@@ -77,7 +83,7 @@ def main() -> int:
                 llm.eval([t])
             torch.cuda.synchronize()
         dec = kernel_table(prof, args.steps)
-    for title, rows in (("one 512-token prompt (float16 prefill products)", pre), ("one decode step", dec)):
+    for title, rows in (("one 512-token prompt (dequantize-once prefill products)", pre), ("one decode step", dec)):
         total = sum(t for _, t, _ in rows)
         out += ["", f"{title}: kernels {total:.0f} µs", "", "| kernel | µs | launches | share |", "|---|---:|---:|---:|"]
         out += [f"| {n[:70]} | {t:.1f} | {c} | {t / total:.1%} |" for n, t, c in rows[:25]]

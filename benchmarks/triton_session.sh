@@ -15,7 +15,8 @@
 # what takes the time, and it runs on the CPU cores),
 # models-bg / models (the random-weight 8B files: started in the background / waited for),
 # bandwidth (decode products + copy rate), bench (benchmarks/triton_bench.py, DEVICES=triton,cuda),
-# sweep (benchmarks/triton_prefill_sweep.py, SWEEP_ARGS), profile (benchmarks/triton_profile.py per model),
+# sweep (benchmarks/triton_prefill_sweep.py, SWEEP_ARGS), profile (benchmarks/triton_profile.py per model,
+# PROFILE_ARGS: e.g. "--pp 512,4096" for the A/B of the prefill routes q8 / f16 / dq at both lengths),
 # ab (benchmarks/triton_ab.py per model: tg128 with AB_ENV (default SEPEDGE_TRITON_FUSE) set to each of AB_MODES
 # (default 0,attn,1), interleaved),
 # use-llama (the llama-bench of .gpu/), llamabench (its rows).
@@ -118,7 +119,7 @@ for phase in "$@"; do
                     --modes ${AB_MODES:-0,attn,1} --reps ${REPS:-5} --md "$OUT/ab-${AB_ENV:-fuse}-$(basename "$m" .gguf).md" 2>&1 | tail -40
             done ;;
         profile) for m in ${PROFILE_MODELS:-$MODELS}; do
-                     timeout $(left) python3 benchmarks/triton_profile.py "$m" --md "$OUT/profile-$(basename "$m" .gguf).md" 2>&1 | tail -70
+                     timeout $(left) python3 benchmarks/triton_profile.py "$m" ${PROFILE_ARGS:-} --md "$OUT/profile-$(basename "$m" .gguf).md" 2>&1 | tail -70
                  done ;;
         use-llama) mkdir -p /tmp/llama-build/bin && cat .gpu/llama-bench.xz.* | xz -dc > /tmp/llama-build/bin/llama-bench &&
                    chmod +x /tmp/llama-build/bin/llama-bench ;;

@@ -6,7 +6,10 @@ accumulator (llama.cpp's mmq; the CPU core's arithmetic). The common types read 
 repacked weight (packed.py) as whole vectors, several blocks of 32 per loop step; the others byte by
 byte from the file's blocks. Long prefill chunks of the repacked types take half-precision rows
 instead (act_f16.py) and a float16 tl.dot over weight tiles decoded in registers, 64-128 values per
-step (matmul_f16_kernel: the tensor cores' own pace, no per-32 rescale). Float weights: F16/BF16
+step (matmul_f16_kernel: the tensor cores' own pace, no per-32 rescale); chunks of DQ_MIN_ROWS rows
+or more decode each weight once to a plain float16 matrix first (dequant_f16_kernel, the same decoder)
+and take the same kernel's plain-float16 variant (matmul_dq: no decoding in the GEMM's loop, where it
+is repeated for every M tile). Float weights: F16/BF16
 tiles with half operands and float32 sums, F32 with float32 operands.
 """
 
@@ -221,13 +224,17 @@ def matmul_packed_kernel(
 def _dequant_f16(QS, QH, SC, D, offs_n, nm, k0, K, stride_qs, stride_qh, stride_sc, stride_d,
                  QTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Values k0..k0 + BLOCK_K - 1 of a repacked weight's rows offs_n as a float16 (BLOCK_N, BLOCK_K)
-    tile, scales (and Q4_K's mins) applied: each code vector is loaded once as whole 16/32-byte runs
+    tile (QTYPE F16: of a plain float16 (N, K) matrix in QS, loaded as it is), scales (and Q4_K's mins)
+    applied: each code vector is loaded once as whole 16/32-byte runs
     and its nibbles picked by a broadcast shift (a (rows, blocks, halves, bytes) tile flattened in value
     order). Q4_0 and Q8_0 multiply in float16 (code x scale: one rounding, as in float32); Q4_K and
     Q6_K form d * sc * q - dmin * m in float32 and round once."""
     r = offs_n.to(tl.int64)[:, None, None, None]
     ok = nm[:, None, None, None]
-    if QTYPE == 2:  # Q4_0: block b's 16 bytes, value 32b + i low, 32b + 16 + i high
+    if QTYPE == 1:  # F16: QS is a plain (N, K) float16 matrix (dequantize_f16's output), the tile as it is
+        kk = k0 + tl.arange(0, BLOCK_K)[None, :]
+        w = tl.load(QS + offs_n.to(tl.int64)[:, None] * stride_qs + kk, mask=nm[:, None] & (kk < K), other=0.0)
+    elif QTYPE == 2:  # Q4_0: block b's 16 bytes, value 32b + i low, 32b + 16 + i high
         NB: tl.constexpr = BLOCK_K // 32
         blk = k0 // 32 + tl.arange(0, NB)[None, :, None, None]
         hi = tl.arange(0, 2)[None, None, :, None]
@@ -276,6 +283,28 @@ def _dequant_f16(QS, QH, SC, D, offs_n, nm, k0, K, stride_qs, stride_qh, stride_
         d = tl.load(D + r * stride_d + sb, mask=ok, other=0.0).to(tl.float32)
         w = (q.to(tl.float32) * (d * sc)).to(tl.float16)
     return tl.reshape(w, [BLOCK_N, BLOCK_K])
+
+
+@triton.jit
+def dequant_f16_kernel(
+    OUT, QS, QH, SC, D,  # OUT: (N, K) float16; QS, QH, SC, D as matmul_f16_kernel takes them
+    N, K, stride_qs, stride_qh, stride_sc, stride_d, stride_o,
+    QTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """A repacked weight written out as a plain float16 (N, K) matrix, one (BLOCK_N, BLOCK_K) tile per
+    program, by the prefill product's own decoder (_dequant_f16): the plain matrix holds exactly the
+    values that product multiplies. Long prompt chunks decode each weight once per chunk here, then
+    multiply with matmul_f16_kernel's plain-float16 variant (llama.cpp and the CUDA backend likewise
+    dequantize to float16 before a GEMM of large batches)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nm = offs_n < N
+    k0 = pid_k * BLOCK_K
+    w = _dequant_f16(QS, QH, SC, D, offs_n, nm, k0, K, stride_qs, stride_qh, stride_sc, stride_d, QTYPE,
+                     BLOCK_N, BLOCK_K)
+    kk = k0 + tl.arange(0, BLOCK_K)[None, :]
+    tl.store(OUT + offs_n.to(tl.int64)[:, None] * stride_o + kk, w, mask=nm[:, None] & (kk < K))
 
 
 @triton.jit
@@ -373,6 +402,28 @@ F16_TYPES = (Q4_0, Q8_0, Q4_K, Q6_K)
 F16_MIN_ROWS = 64
 
 
+# (block_n, block_m, block_k, warps, stages) tried for the plain float16 weight of matmul_dq: both operands
+# through shared memory (pipelined wgmma). Compiled for sm_90 (ptxas, 16-divisible strides as the JIT
+# specializes them): 128 x 128 tiles with 8 warps take 185-194 registers and no spill; 256 x 128 and
+# 128 x 256 spill (~460 bytes: the epilogue's pointers and residual)
+DQ_TUNE_CONFIGS = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 128, 8, 3), (128, 64, 64, 4, 4),
+                   (64, 128, 64, 4, 4), (128, 128, 64, 8, 5)]
+# chunks of this many rows or more into the F16_TYPES decode each weight once per product to float16
+# (matmul_dq, a scratch of at most DQ_SCRATCH_BYTES) and multiply plain float16: the decoding leaves the
+# GEMM's inner loop, where it is repeated for every M tile (SEPEDGE_TRITON_PREFILL=f16 keeps that route)
+DQ_MIN_ROWS = 256
+DQ_SCRATCH_BYTES = 256 << 20  # Llama-3-8B's fused gate/up (28672 x 4096, 235 MB) in one slice
+
+
+def _autotuned_dq():
+    if "dq" not in _tuned:
+        configs = [triton.Config({"BLOCK_N": bn, "BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+                   for bn, bm, bk, w, st in DQ_TUNE_CONFIGS]
+        key = ["N", "K", "M_KEY", "QTYPE", "HAS_ADD"]
+        _tuned["dq"] = triton.autotune(configs=configs, key=key)(matmul_f16_kernel)
+    return _tuned["dq"]
+
+
 def _autotuned_f16():
     if "f16" not in _tuned:
         configs = [triton.Config({"BLOCK_N": bn, "BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=st)
@@ -382,45 +433,130 @@ def _autotuned_f16():
     return _tuned["f16"]
 
 
-def matmul_f16(p: Packed, xh: ActF16, add, stride_b: int, block_n: int | None = None, block_m: int | None = None,
-               block_k: int | None = None, num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
-    """Y = X W^T (+ add) for a repacked weight and half-precision rows: (M, N) float32."""
-    M, K = xh.h.shape
-    N = p.shape[0]
-    dev = p.qs.device
-    y = torch.empty(M, N, dtype=torch.float32, device=dev)
-    if M == 0:
-        return y
-    assert xh.h.stride(1) == 1 and xh.h.dtype == torch.float16
+def _f16_operand(p) -> tuple:
+    """(QTYPE, QS, QH, SC, D) of matmul_f16_kernel / dequant_f16_kernel for a repacked weight, or for a
+    plain float16 (N, K) matrix (QTYPE F16: QS is the matrix; the other pointers unused)."""
+    if isinstance(p, torch.Tensor):
+        assert p.dtype == torch.float16 and p.dim() == 2 and p.stride(1) == 1, "a plain weight is (N, K) float16"
+        return F16, p, p, p, p
     qs = p.qs.view(torch.uint8)
     qh = p.qh.view(torch.uint8) if p.qh is not None else qs
     sc = p.sc if p.sc is not None else p.d
     if p.qtype == Q4_K:
         sc = sc.view(torch.uint8)  # its scale and min bytes, one load each
-    args = (y, qs, qh, sc, p.d, xh.h, xh.s, add if add is not None else y, M, N, K,
-            qs.stride(0), qh.stride(0), sc.stride(0), p.d.stride(0), xh.h.stride(0), y.stride(0), stride_b)
+    return p.qtype, qs, qh, sc, p.d
+
+
+def matmul_f16(p, xh: ActF16, add, stride_b: int, block_n: int | None = None, block_m: int | None = None,
+               block_k: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """Y = X W^T (+ add) for a repacked weight (or a plain float16 (N, K) matrix) and half-precision
+    rows: (M, N) float32, into out (an (M, N) float32 view with unit column stride) when given."""
+    M, K = xh.h.shape
+    N = p.shape[0]
+    assert p.shape[1] == K, "the weight's K does not match the rows"
+    qtype, qs, qh, sc, d = _f16_operand(p)
+    dev = qs.device
+    y = out if out is not None else torch.empty(M, N, dtype=torch.float32, device=dev)
+    assert y.shape == (M, N) and y.stride(1) == 1
+    if M == 0:
+        return y
+    assert xh.h.stride(1) == 1 and xh.h.dtype == torch.float16
+    args = (y, qs, qh, sc, d, xh.h, xh.s, add if add is not None else y, M, N, K,
+            qs.stride(0), qh.stride(0), sc.stride(0), d.stride(0), xh.h.stride(0), y.stride(0), stride_b)
     if dev.type == "cuda" and block_n is None and block_m is None and block_k is None:
         m_key = min(triton.next_power_of_2(M), 1024)
-        _autotuned_f16()[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))](
-            *args, m_key, QTYPE=p.qtype, HAS_ADD=add is not None)
+        kern = _autotuned_dq() if qtype == F16 else _autotuned_f16()
+        kern[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))](
+            *args, m_key, QTYPE=qtype, HAS_ADD=add is not None)
         return y
     # the interpreter runs one program at a time in Python: few, large tiles there
     bm = block_m or (128 if dev.type == "cuda" else min(64, max(16, triton.next_power_of_2(M))))
     bn = block_n or (128 if dev.type == "cuda" else min(256, max(16, triton.next_power_of_2(N))))
     bk = block_k or (64 if dev.type == "cuda" else 256)
-    bk = max(bk, 64 if p.qtype == Q4_K else 32)
-    if p.qtype in (Q4_K, Q6_K):
+    bk = max(bk, {Q4_K: 64, F16: 16}.get(qtype, 32))
+    if qtype in (Q4_K, Q6_K):
         bk = min(bk, 256)  # a divisor of the 256-value block
     assert min(bm, bn, bk) >= 16, "tl.dot needs tiles of at least 16"
     extra = {k: v for k, v in (("num_warps", num_warps), ("num_stages", num_stages)) if v is not None}
-    matmul_f16_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](*args, 0, QTYPE=p.qtype, HAS_ADD=add is not None,
+    matmul_f16_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](*args, 0, QTYPE=qtype, HAS_ADD=add is not None,
                                                                BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, **extra)
+    return y
+
+
+def dequantize_f16(p: Packed, out: torch.Tensor | None = None, block_n: int | None = None,
+                   block_k: int | None = None) -> torch.Tensor:
+    """A repacked weight as a plain float16 (N, K) matrix (dequant_f16_kernel), written into the first
+    N * K values of out (a contiguous float16 buffer) when given."""
+    N, K = p.shape
+    qtype, qs, qh, sc, d = _f16_operand(p)
+    assert qtype in F16_TYPES, "only the repacked types"
+    if out is None:
+        out = torch.empty(N * K, dtype=torch.float16, device=qs.device)
+    assert out.dtype == torch.float16 and out.is_contiguous() and out.numel() >= N * K, "the buffer is too small"
+    wf = out.reshape(-1)[:N * K].view(N, K)
+    if N == 0:
+        return wf
+    cuda = qs.device.type == "cuda"
+    # 32 rows x 256 values a program on a GPU (a memory-bound copy: 8 K of float16 written per program)
+    bn = block_n or (32 if cuda else min(256, max(16, triton.next_power_of_2(N))))
+    bk = block_k or 256
+    bk = max(bk, 64 if qtype == Q4_K else 32)
+    if qtype in (Q4_K, Q6_K):
+        bk = min(bk, 256)  # a divisor of the 256-value block, as the product's decoder takes it
+    dequant_f16_kernel[(triton.cdiv(N, bn), triton.cdiv(K, bk))](
+        wf, qs, qh, sc, d, N, K, qs.stride(0), qh.stride(0), sc.stride(0), d.stride(0), wf.stride(0), QTYPE=qtype,
+        BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
+    return wf
+
+
+def dequantize_f16_ref(p: Packed) -> torch.Tensor:
+    """The torch reference of dequantize_f16: the float32 values of the repacked weight, rounded to float16."""
+    return dequantize_packed_ref(p).half()
+
+
+def _rows(p: Packed, n0: int, n1: int) -> Packed:
+    """Rows n0..n1 - 1 of a repacked weight (views of its arrays)."""
+    return Packed(p.qtype, p.K, p.qs[n0:n1], p.d[n0:n1], None if p.sc is None else p.sc[n0:n1],
+                  None if p.qh is None else p.qh[n0:n1])
+
+
+def dq_scratch_values(ps) -> int:
+    """The float16 values of a scratch buffer that serves every weight of ps (repacked weights) in
+    matmul_dq: the largest weight, capped at DQ_SCRATCH_BYTES (larger weights go through in row slices)."""
+    largest = max((p.shape[0] * p.shape[1] for p in ps), default=0)
+    return min(largest, DQ_SCRATCH_BYTES // 2)
+
+
+def matmul_dq(p: Packed, xh: ActF16, add, stride_b: int, scratch: torch.Tensor | None = None,
+              **blocks) -> torch.Tensor:
+    """Y = X W^T (+ add) for long chunks: the weight decoded once to float16 (dequantize_f16) into
+    scratch, then the plain-float16 product (matmul_f16_kernel with QTYPE F16), in slices of as many
+    rows as scratch holds. (M, N) float32."""
+    N, K = p.shape
+    M = xh.h.shape[0]
+    dev = p.qs.device
+    y = torch.empty(M, N, dtype=torch.float32, device=dev)
+    if M == 0 or N == 0:
+        return y
+    if scratch is None:
+        scratch = torch.empty(dq_scratch_values([p]), dtype=torch.float16, device=dev)
+    rows = min(N, scratch.numel() // K)
+    assert rows > 0, "the scratch buffer holds no row of the weight"
+    if rows < N and rows >= 256:
+        rows -= rows % 256  # slices of whole output tiles
+    for n0 in range(0, N, rows):
+        n1 = min(N, n0 + rows)
+        wf = dequantize_f16(_rows(p, n0, n1), scratch)
+        part = None if add is None else (add[n0:n1] if stride_b == 0 else add[:, n0:n1])
+        matmul_f16(wf, xh, part, stride_b, out=y[:, n0:n1], **blocks)
     return y
 
 
 def matmul(w, qtype: int, x, bias: torch.Tensor | None = None,
            block_m: int | None = None, block_n: int | None = None, block_k: int | None = None,
-           res: torch.Tensor | None = None, packed: bool | None = None) -> torch.Tensor:
+           res: torch.Tensor | None = None, packed: bool | None = None,
+           scratch: torch.Tensor | None = None) -> torch.Tensor:
     """Y = X @ W.T (+ bias) (+ res) for prefill.
 
     w: (N, row_bytes) uint8 GGUF bytes of a (N, K) weight, or its packed.Packed form; x: (M, K) float
@@ -430,7 +566,8 @@ def matmul(w, qtype: int, x, bias: torch.Tensor | None = None,
     sizes are at least 16 (tl.dot); block_k (float weights) is raised to a whole block, (repacked
     weights: 8-bit rows) is the values per loop step, (half-precision rows) the K tile. packed: the repacked
     weight's kernel (the default for the types packed.py repacks, file bytes repacked here; False:
-    the byte-wise kernel on the file's bytes)."""
+    the byte-wise kernel on the file's bytes). scratch: with half-precision rows, decode the weight once
+    to float16 into this contiguous float16 buffer and multiply plain float16 (matmul_dq)."""
     M, K = x.shape
     N = w.shape[0]
     assert K % BLOCKS[qtype][0] == 0, "K must be a whole number of blocks"
@@ -449,6 +586,8 @@ def matmul(w, qtype: int, x, bias: torch.Tensor | None = None,
         assert qtype in PACKED_TYPES and packed is not False, "half-precision rows need a repacked type"
         p = w if isinstance(w, Packed) else pack(w, qtype, K)
         assert p.qtype == qtype and p.K == K, "the packed weight does not match the type and K"
+        if scratch is not None:
+            return matmul_dq(p, x, add, stride_b, scratch, block_n=block_n, block_m=block_m, block_k=block_k)
         return matmul_f16(p, x, add, stride_b, block_n, block_m, block_k)
     if packed:
         xa = x if isinstance(x, Act) else act_q8(x)

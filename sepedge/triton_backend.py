@@ -10,6 +10,12 @@ GPU with sepedge.kernels, over the one SepLLM cache policy of the C core.
                       the kernels. It has the shape of sepedge._native.Context, so Engine, the CLI and
                       the server use it as they use a native context.
 
+Prompt chunks into repacked weights take half-precision rows and float16 products from 64 rows
+(kernels.matmul_mod.F16_MIN_ROWS); from 256 rows (DQ_MIN_ROWS) each weight is first decoded once to a
+float16 scratch owned by the context (the largest weight, at most DQ_SCRATCH_BYTES) and multiplied as a
+plain float16 matrix. SEPEDGE_TRITON_PREFILL picks the route of long chunks: "dq" (the default), "f16"
+(weight tiles decoded in the GEMM's registers), "q8" (the 8-bit products, as decode).
+
 Decode steps (one token whose query sees every live cell, as every mode's plans do) run through a
 captured CUDA graph where torch supports it: the token, its position and cell, the live-cell list and
 the deltas are written into static buffers sized to the cache, the kernels read the live count from
@@ -32,7 +38,13 @@ from .errors import (BackendError, CancelledError, InvalidArgumentError, ModelLo
 KV_DTYPES = ("f32", "f16")
 GRAPHS_ENV = "SEPEDGE_TRITON_GRAPHS"  # "0": decode without CUDA graphs; "static": their fixed shapes, uncaptured
 PACK_ENV = "SEPEDGE_TRITON_PACK"  # "0": keep the file's bytes, products through the byte-wise kernels
-PREFILL_ENV = "SEPEDGE_TRITON_PREFILL"  # "q8": long prefill chunks through the 8-bit products too (A/B)
+# the products of long prefill chunks into repacked weights: "dq" (the default): chunks of
+# kernels.matmul_mod.DQ_MIN_ROWS rows or more decode each weight once to a float16 scratch and multiply
+# plain float16 (kernels.matmul_mod.matmul_dq), shorter ones of F16_MIN_ROWS or more decode weight
+# tiles in the GEMM's registers; "f16": every chunk of F16_MIN_ROWS or more decodes in registers;
+# "q8": the 8-bit products there too (A/B)
+PREFILL_ENV = "SEPEDGE_TRITON_PREFILL"
+PREFILL_MODES = ("dq", "f16", "q8")
 # decode's 8-bit inputs made by the kernel before instead of by a launch of act_q8: "attn" (the
 # default): the attention merge quantizes its output for the output projection; "1": also the fused
 # gate/up product quantizes silu(gate) * up for the down product in its epilogue (kernels.matvec_glu:
@@ -173,6 +185,24 @@ class _Forward:
             raise InvalidArgumentError(f"{FUSE_ENV} must be one of {list(FUSE_MODES)}, got {fuse!r}")
         self.fuse_attn, self.fuse_glu = fuse != "0", fuse == "1"
         self.tickets = torch.zeros(2, dtype=torch.int32, device=W.device)  # kernels.matvec_norm's counters
+        self.dq_scratch = None  # the float16 weight of the dequantize-once products, made at the first long chunk
+        self._prefill_mode()  # a wrong value fails here, not at the first long prompt (it is read again per pass)
+
+    def _prefill_mode(self) -> str:
+        mode = os.environ.get(PREFILL_ENV, "") or "dq"
+        if mode not in PREFILL_MODES:
+            raise InvalidArgumentError(f"{PREFILL_ENV} must be one of {list(PREFILL_MODES)}, got {mode!r}")
+        return mode
+
+    def _scratch(self):
+        """The float16 buffer every dequantize-once product of this context decodes its weight into:
+        as large as the largest repacked weight, at most kernels.matmul_mod.DQ_SCRATCH_BYTES."""
+        if self.dq_scratch is None:
+            mm = self.K.matmul_mod
+            n = mm.dq_scratch_values(w for w, q, _ in self.W.w.values()
+                                     if isinstance(w, self.K.Packed) and q in mm.F16_TYPES)
+            self.dq_scratch = self.torch.empty(n, dtype=self.torch.float16, device=self.W.device)
+        return self.dq_scratch
 
     def _quantized(self, name: str) -> bool:
         return name in self.W.w and self.W.w[name][1] not in self.K.FLOAT_TYPES
@@ -186,7 +216,7 @@ class _Forward:
         path's rescale per 32 values; as llama.cpp takes large batches to a float16 GEMM)."""
         K, W = self.K, self.W
         ws = [W.w[f"{n}.weight"] for n in names if f"{n}.weight" in W.w]
-        if (x.shape[0] >= K.matmul_mod.F16_MIN_ROWS and os.environ.get(PREFILL_ENV, "") != "q8"
+        if (x.shape[0] >= K.matmul_mod.F16_MIN_ROWS and self._prefill_mode() != "q8"
                 and all(isinstance(w, K.Packed) and q in K.matmul_mod.F16_TYPES for w, q, _ in ws)):
             # a long chunk: half-precision rows into the float16 product (kernels/act_f16.py)
             return K.act_f16(x, norm, W.eps, up)
@@ -221,6 +251,11 @@ class _Forward:
         packed = isinstance(w, self.K.Packed)  # else the file's bytes, read by the byte-wise kernels
         if x.shape[0] <= 2:
             return self.K.matvec(w, qtype, x, bias, res=res, packed=packed)
+        if (isinstance(x, self.K.ActF16) and x.shape[0] >= self.K.matmul_mod.DQ_MIN_ROWS
+                and self._prefill_mode() == "dq"):
+            # a long chunk: the weight decoded once into the context's float16 scratch, then a plain
+            # float16 GEMM (kernels.matmul_mod.matmul_dq)
+            return self.K.matmul(w, qtype, x, bias, res=res, packed=packed, scratch=self._scratch())
         return self.K.matmul(w, qtype, x, bias, res=res, packed=packed)
 
     def run(self, ids, positions, cells, live, deltas, mask, n_live_t, n_out: int, hidden: bool = False,
@@ -411,7 +446,7 @@ class TritonContext:
         with self._lock:
             self._closed = True
             self._graph = None
-            self.fwd.k_cache = self.fwd.v_cache = None
+            self.fwd.k_cache = self.fwd.v_cache = self.fwd.dq_scratch = None
             self.policy.close()
 
     def __enter__(self):

@@ -129,6 +129,12 @@ def test_fuse_mode_is_checked(gguf_path, monkeypatch):
         Engine(gguf_path("mha-d64", "q8_0"), device="triton")
 
 
+def test_prefill_mode_is_checked(gguf_path, monkeypatch):
+    monkeypatch.setenv("SEPEDGE_TRITON_PREFILL", "dequantize")
+    with pytest.raises(InvalidArgumentError, match="SEPEDGE_TRITON_PREFILL"):
+        Engine(gguf_path("mha-d64", "q8_0"), device="triton")
+
+
 @pytest.mark.parametrize("spec,outtype", [("gqa-d128-llama31", "f32"), ("mha-d64", "q4_k_m")])
 def test_full_matches_reference(gguf_path, rng, spec, outtype):
     """A chunked prompt, then decode steps after it, against the float64 torch reference."""
@@ -170,6 +176,49 @@ def test_long_chunks_half_precision_products(gguf_path, rng, monkeypatch, spec, 
     assert rel(got, ref) <= MAX_REL_REFERENCE.get(outtype, MAX_REL_CPU[outtype])
     assert rel(got, cpu_logits) <= MAX_REL_CPU[outtype]
     assert rel(got[:matmul_mod.F16_MIN_ROWS], cpu_logits[:matmul_mod.F16_MIN_ROWS]) > 0  # other arithmetic ran
+
+
+# the dequantize-once and the in-register float16 products multiply the same float16 operands into
+# float32 sums: they differ by summation order only
+SAME_OPERANDS_REL = 1e-4
+DQ_CASES = [MODES[0], MODES[1], MODES[2]]  # q8_0 full, q4_k_m sepllm, q4_0 sepllm-stream
+
+
+@pytest.mark.parametrize("mode,sizes,spec,outtype", DQ_CASES, ids=[f"{m}-{s}-{o}" for m, _, s, o in DQ_CASES])
+def test_dequantize_once_prefill(gguf_path, rng, monkeypatch, mode, sizes, spec, outtype):
+    """Prompt chunks of kernels.matmul_mod.DQ_MIN_ROWS rows or more (lowered to the chunk size here) decode
+    each repacked weight once into the context's float16 scratch and multiply plain float16
+    (SEPEDGE_TRITON_PREFILL=dq, the default): the prompt's logits against the CPU engine, and against the
+    in-register float16 products (f16) of the same chunks within summation order; the route ran."""
+    from sepedge.kernels import matmul_mod
+    n_batch = 8
+    monkeypatch.setattr(matmul_mod, "F16_MIN_ROWS", n_batch)
+    monkeypatch.setattr(matmul_mod, "DQ_MIN_ROWS", n_batch)
+    calls = []
+    dq = matmul_mod.matmul_dq
+    monkeypatch.setattr(matmul_mod, "matmul_dq", lambda *a, **k: calls.append(1) or dq(*a, **k))
+    path = gguf_path(spec, outtype)
+    n = 2 * n_batch + 5  # two chunks of n_batch (dequantize once), one of 5 (the 8-bit products)
+    kw = dict(kv_mode=mode, n_batch=n_batch, kv_type="f32", **sizes) if mode != "full" else dict(
+        n_ctx=n + 8, n_batch=n_batch, kv_type="f32")
+    with Engine(path, device="triton", **kw) as tri, Engine(path, **kw) as cpu:
+        tokens = make_stream(rng, cpu, n)
+        cpu_logits = cpu.eval_logits(tokens)
+        monkeypatch.delenv("SEPEDGE_TRITON_PREFILL", raising=False)
+        got = tri.eval_logits(tokens)
+        assert calls and tri._ctx.fwd.dq_scratch is not None
+        n_calls = len(calls)
+        monkeypatch.setenv("SEPEDGE_TRITON_PREFILL", "f16")
+        tri.reset()
+        f16 = tri.eval_logits(tokens)
+        assert len(calls) == n_calls  # the in-register route took none
+        print(f"rel: CPU {rel(got, cpu_logits):.3g}, in-register float16 products {rel(got, f16):.3g}")
+        assert rel(got, cpu_logits) <= MAX_REL_CPU[outtype]
+        assert rel(got, f16) <= SAME_OPERANDS_REL
+        monkeypatch.setenv("SEPEDGE_TRITON_PREFILL", "dequantize")
+        tri.reset()
+        with pytest.raises(InvalidArgumentError):
+            tri.eval_logits(tokens)
 
 
 def test_f16_cache_and_generation(gguf_path):

@@ -455,6 +455,60 @@ def test_matmul_f16(rng, qtype, size):
     check_product(got, decode(w, qtype, n_cols), x.astype(np.float64), bias, HALF_DOT_REL)
 
 
+@pytest.mark.parametrize("qtype", list(PACKED), ids=type_id)
+def test_dequantize_f16(rng, qtype):
+    """A repacked weight written out as a plain float16 matrix (the decoder of the float16 products):
+    Q4_0 and Q8_0 exactly the float64 values rounded to float16 (code x scale is exact before the one
+    rounding); Q4_K and Q6_K within one float16 rounding after a float32 one (d * sc * q - dmin * m in
+    float32 first); rows and K tiles that do not fill the last program, default and small tiles; only the
+    first N * K values of a larger buffer written; the torch reference agrees."""
+    block = Q.BLOCKS[qtype][0]
+    N, n_cols = 37, block * (3 if block == 256 else 7)
+    w = random_weight(rng, qtype, N, n_cols)
+    ref = decode(w, qtype, n_cols)
+    p = K.pack(on_device(w), qtype, n_cols)
+    for tiles in (dict(block_n=16, block_k=128 if block == 256 else 64), {}):
+        buf = torch.full((N * n_cols + 7,), 7.0, dtype=torch.float16, device=DEVICE)
+        got = K.dequantize_f16(p, buf, **tiles)
+        assert got.shape == (N, n_cols) and got.data_ptr() == buf.data_ptr()
+        assert (buf[N * n_cols:] == 7.0).all()
+        g = got.double().cpu().numpy()
+        if qtype in (Q.Q4_0, Q.Q8_0):
+            np.testing.assert_array_equal(g, ref.astype(np.float16).astype(np.float64))
+        else:
+            tol = HALF_ROUND * np.abs(ref) + 4 * DEQUANT_REL * np.abs(ref).max(-1, keepdims=True) + 2.0 ** -25
+            assert np.all(np.abs(g - ref) <= tol)
+    r = K.dequantize_f16_ref(p).double().cpu().numpy()
+    assert np.all(np.abs(r - ref) <= HALF_ROUND * np.abs(ref) + 4 * DEQUANT_REL * np.abs(ref).max() + 2.0 ** -25)
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("qtype", list(PACKED), ids=type_id)
+def test_matmul_dequantize_once(rng, qtype, size):
+    """The dequantize-once product of long chunks (the weight decoded to a float16 scratch, then the
+    float16 kernel on the plain matrix): within half-precision rounding of the float64 product of the
+    file's values and the rows; rows far beyond float16's range; a scratch smaller than the weight (row
+    slices: 3 of 16, 16 and 5 rows, the bias or residual sliced with them) and one that holds it; a
+    partial last K tile (small: 64-value tiles); the GPU size autotuned."""
+    M, N = (19, 37) if size == "small" else (301, 1031)
+    n_cols = n_cols_for(qtype, size)
+    w = random_weight(rng, qtype, N, n_cols)
+    x = (rng.standard_normal((M, n_cols)) * np.where(rng.random((M, 1)) < 0.3, 1e6, 1.0)).astype(np.float32)
+    bias = rng.standard_normal(N).astype(np.float32) if qtype in (Q.Q8_0, Q.Q6_K) else None
+    res = rng.standard_normal((M, N)).astype(np.float32) if qtype in (Q.Q4_K, Q.Q8_0) else None
+    blocks = dict(block_m=16, block_n=16, block_k=64) if size == "small" else {}
+    p = K.pack(on_device(w), qtype, n_cols)
+    xh = K.act_f16(on_device(x))
+    for rows in (16, N):
+        scratch = torch.empty(rows * n_cols + 3, dtype=torch.float16, device=DEVICE)
+        got = K.matmul(p, qtype, xh, None if bias is None else on_device(bias), **blocks,
+                       res=None if res is None else on_device(res), scratch=scratch)
+        assert torch.isfinite(got).all()
+        if res is not None:
+            got = got - on_device(res)
+        check_product(got, decode(w, qtype, n_cols), x.astype(np.float64), bias, HALF_DOT_REL)
+
+
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("qtype", [Q.F16, Q.Q8_0, Q.Q6_K, Q.Q4_K], ids=type_id)
 def test_head(rng, qtype, size):
