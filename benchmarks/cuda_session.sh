@@ -33,6 +33,8 @@
 # separators: the separator region is full, 68 cells with deltas of ~800) and at 0 history; auto with 13 and 6
 # splits (TCD_SPLITS; the default one wave makes 25 of 32 cells); the attention's kernel times in timing mode at
 # 32K and at 0; ~250 s with the prebuilt library and the models made).
+# ncu-mv (hardware counters and stall reasons of one layer's decode products, 8B Q4_0 and Q4_K_M), smol-ab (SmolLM2's
+# decode with the float or the tensor-core attention, SEPEDGE_CUDA_ATTN_TC 0 / 2, then its kernel times).
 set -u
 OUT=${OUT:-/tmp/sepedge-out}
 mkdir -p "$OUT" /tmp/models
@@ -195,6 +197,24 @@ PY
                  SEPEDGE_CUDA_GRAPHS=0 timeout 100 ncu --clock-control none -k regex:k_matvec --launch-skip 133 --launch-count 4 \
                      $sections python3 benchmarks/cuda_profile.py $m --steps 4 >> $OUT/ncu.log 2>&1
                  grep -E "k_attn|k_matvec|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Theoretical Occ|Grid Size|Block Limit|Warp Cycles Per Issued|Issued Warp" $OUT/ncu.log ;;
+        ncu-mv) models 8b  # hardware counters of one layer's decode products (rows / teams kernels), 8B Q4_0 and Q4_K_M:
+                 # DRAM throughput, occupancy, and the stall reasons a warp spends its cycles on (why they sit at 22-57% of copy)
+                 sections="--section SpeedOfLight --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis"
+                 stalls="regex:smsp__average_warps_issue_stalled_.*_per_issue_active\\.ratio"
+                 for m in /tmp/models/llama3-8b-q4_0.gguf /tmp/models/llama3-8b-q4_k_m.gguf; do
+                     SEPEDGE_CUDA_GRAPHS=0 timeout ${NCU_TIMEOUT:-150} ncu --clock-control none -k "regex:k_matvec|k_mvt" \
+                         --launch-skip ${NCU_SKIP:-300} --launch-count ${NCU_COUNT:-5} $sections --metrics "$stalls" \
+                         python3 benchmarks/cuda_profile.py $m --steps 6 > $OUT/ncu-mv-$(basename $m .gguf).log 2>&1
+                     grep -E "^  (void )?k_|Duration|DRAM Throughput|Achieved Occupancy|Registers Per|Theoretical Occ|Grid Size|Block Size|Warp Cycles Per Issued|Issued Warp|L1/TEX Hit|L2 Hit|Mem Busy|Max Bandwidth|stalled_(long|lg|mio|short|wait|barrier|not_sel|math|no_inst|drain|membar|selected|imc|branch|dispatch|tex)" \
+                         $OUT/ncu-mv-$(basename $m .gguf).log | sed 's/  */ /g' | head -${NCU_LINES:-150}
+                 done ;;
+        smol-ab) models smol  # SmolLM2-135M (head_dim 64) decode: the float attention against the tensor-core one (=2), interleaved,
+                 # then each kernel's GPU time a token in timing mode
+                 m=/tmp/models/smollm2-135m-q4_0.gguf
+                 { for tc in 0 2 0 2; do
+                       SEPEDGE_CUDA_ATTN_TC=$tc python3 benchmarks/cuda_profile.py $m --steps 128 2>&1 | sed "s/^/tc=$tc /"
+                   done
+                   SEPEDGE_CUDA_TIMING=1 python3 benchmarks/cuda_profile.py $m --steps 32 2>&1; } | tee $OUT/smol-ab.log ;;
         ncu-mmq) models 8b  # hardware counters of the int8 prefill products: a layer's launches (QKV, wo, gate/up, down), 8B Q4_0 and Q4_K_M
                  sections="--section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats --section ComputeWorkloadAnalysis"
                  for m in /tmp/models/llama3-8b-q4_0.gguf /tmp/models/llama3-8b-q4_k_m.gguf; do
