@@ -6,6 +6,12 @@ specializes them at a launch: without it the loads are not vectorized and every 
 `ptxas -v` on the PTX. Prints a markdown table.
 
     python benchmarks/triton_ptxas.py [--arch 90] [--types dq,q4_0,q8_0,q4_k,q6_k]
+    python benchmarks/triton_ptxas.py --decode [--arch 90]
+
+--decode: the Q4_K / Q6_K decode products instead (kernels/matvec.py: each autotune config of
+matvec_q4_k_kernel, matvec_q4_k_v2_kernel (SEPEDGE_TRITON_Q4K=1) and matvec_q6_k_kernel), with what the
+PTX of the loop over blocks holds per step: global loads (16-byte vectors / others), cp.async (pipelined
+loads), shared-memory loads and stores and barriers (layout conversions), dp4a.
 """
 
 from __future__ import annotations
@@ -51,12 +57,56 @@ def compile_kernel(fn, sig: dict, consts: dict, divisible: set, arch: int, optio
     return triton.compile(ASTSource(fn, s, consts, attrs), target=GPUTarget("cuda", arch, 32), options=options)
 
 
+LOOP_COUNTS = {"ld.global v4": r"ld\.global[.\w]*\.v4\.", "ld.global": r"ld\.global", "cp.async": r"cp\.async\.(?:ca|cg)",
+               "ld.shared": r"ld\.shared|ldmatrix", "st.shared": r"st\.shared", "bar.sync": r"bar\.sync", "dp4a": r"dp4a"}
+
+
+def loop_counts(ptx: str) -> dict:
+    """Instructions of the innermost loop's body in the PTX (from its header label to its back edge)."""
+    m = re.search(r"^(\$L__BB\d+_\d+):\s*// =>This Inner Loop Header", ptx, re.M)
+    body = ptx[m.start():ptx.find("bra \t" + m.group(1) + ";", m.start())] if m else ""
+    return {k: len(re.findall(v, body)) for k, v in LOOP_COUNTS.items()}
+
+
+def decode_report(arch: int, ptxas: str) -> list[str]:
+    mv = importlib.import_module("sepedge.kernels.matvec")
+    rows = ["| kernel | tile (rows, blocks, warps, stages) | registers | spill bytes | "
+            + " | ".join(f"loop {k}" for k in LOOP_COUNTS) + " |", "|---|---|---:|---:|" + "---:|" * len(LOOP_COUNTS)]
+    ptrs = {"Y": "*fp32", "QS": "*i32", "QH": "*i32", "SC": "*i32", "D": "*i32", "X32": "*i32", "XD": "*fp32",
+            "XS": "*fp32", "ADD": "*fp32", "HQ": "*i8", "HD": "*fp32", "HS": "*fp32", "CNT": "*i32", "NW": "*fp32"}
+    kernels = [(mv.matvec_q4_k_kernel, [c + (1,) for c in mv.TUNE_CONFIGS[256]], ptrs),
+               (mv.matvec_q4_k_v2_kernel, mv.Q4K_V2_TUNE_CONFIGS, ptrs),
+               (mv.matvec_q6_k_kernel, [c + (1,) for c in mv.TUNE_CONFIGS[256]], ptrs | {"SC": "*i8", "D": "*fp16"})]
+    for fn, configs, types in kernels:
+        flags = {"HAS_ADD", "GLU", "NORM", "STORE_Y", "GPU", "BLOCK_N", "NB", "PDL", "STAGES"}
+        sig = {n: types.get(n, "fp32" if n == "eps" else "i32") for n in fn.arg_names if n not in flags}
+        # pointers and strides 16-divisible, as the JIT specializes them (N, nblk, stride_y, stride_b: not)
+        divisible = {n for n in sig if sig[n].startswith("*") or n in ("stride_qs", "stride_qh", "stride_sc",
+                                                                       "stride_d", "stride_x")}
+        for bn, nb, w, st in configs:
+            consts = {"HAS_ADD": False, "GLU": False, "NORM": False, "STORE_Y": True, "GPU": True, "BLOCK_N": bn,
+                      "NB": nb, "PDL": 1 if arch >= 90 else 0}
+            if "STAGES" in fn.arg_names:
+                consts["STAGES"] = st
+            k = compile_kernel(fn, sig, consts, divisible, arch, {"num_warps": w, "launch_pdl": arch >= 90})
+            regs, spill = ptxas_report(k.asm["ptx"], ptxas, arch)
+            lc = loop_counts(k.asm["ptx"])
+            rows.append(f"| {fn.__name__} | {bn}, {nb}, {w}, {st} | {regs} | {spill} | "
+                        + " | ".join(str(lc[k]) for k in LOOP_COUNTS) + " |")
+            print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--types", default="dq,q4_0,q8_0,q4_k,q6_k")
+    ap.add_argument("--decode", action="store_true", help="the Q4_K / Q6_K decode products instead")
     args = ap.parse_args()
     from triton.backends.nvidia.compiler import get_ptxas
+    if args.decode:
+        print("\n".join(decode_report(args.arch, get_ptxas(args.arch).path)))
+        return 0
     mm = importlib.import_module("sepedge.kernels.matmul")
     ptxas = get_ptxas(args.arch).path
     rows = ["| kernel | type | tile (N, M, K) | warps | stages | registers | spill bytes |",

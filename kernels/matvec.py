@@ -294,6 +294,60 @@ def matvec_q4_k_kernel(Y, QS, D, SC, X32, XD, XS, ADD, N, nblk, stride_qs, strid
 
 
 @triton.jit
+def matvec_q4_k_v2_kernel(Y, QS, D, SC, X32, XD, XS, ADD, N, nblk, stride_qs, stride_d, stride_sc, stride_x,
+                          stride_y, stride_b, HQ, HD, HS, CNT, NW, eps, HAS_ADD: tl.constexpr, GLU: tl.constexpr,
+                          NORM: tl.constexpr, STORE_Y: tl.constexpr, GPU: tl.constexpr, BLOCK_N: tl.constexpr,
+                          NB: tl.constexpr, STAGES: tl.constexpr = 1, PDL: tl.constexpr = 0):
+    """Q4_K (SEPEDGE_TRITON_Q4K=1): the packed layout and arithmetic of matvec_q4_k_kernel, with every
+    tensor of a step in one layout. There, the run sums reduced over a chunk's 8 words (two threads,
+    4 words each) meet scale tiles that Triton lays out otherwise: the sm_90 PTX converts them through
+    shared memory twice a step (4 barriers a step, and at its default tile the activation words come as
+    single words). Here a chunk's words are two 16-byte halves summed each in its own thread (tiles
+    (rows, blocks, chunks, 4 words)), the sums keep a word axis of size 1, and scales, mins, d words and
+    activation scales are loaded at that shape: at tiles of block_n * NB * 4 = 32 * warps (a thread one
+    (row, block, chunk)) the loop has no barrier and no shared memory (benchmarks/triton_ptxas.py
+    --decode). STAGES > 1: Triton's software pipelining of the loop's loads (cp.async, the next steps'
+    tiles in flight while one is summed)."""
+    rows = _rows(N, BLOCK_N, GLU)
+    t = tl.program_id(1).to(tl.int64)
+    nq = nblk * 8
+    r4 = rows.to(tl.int64)[:, None, None, None]
+    rm = (rows < N)[:, None, None, None]
+    b = tl.arange(0, NB)[None, :, None, None]
+    c = tl.arange(0, 4)[None, None, :, None]
+    v = tl.arange(0, 4)[None, None, None, :]
+    pdl_wait(PDL)  # launched early: wait for the kernel before (pdl.py)
+    acc = tl.zeros([BLOCK_N, NB, 4, 1], dtype=tl.float32)
+    for b0 in tl.range(0, nblk, NB, num_stages=STAGES):
+        blk = b0 + b  # (1, NB, 1, 1)
+        xm = blk < nblk
+        ok = rm & xm  # (BN, NB, 1, 1)
+        s_lo = tl.zeros([BLOCK_N, NB, 4, 1], dtype=tl.int32)
+        s_hi = tl.zeros([BLOCK_N, NB, 4, 1], dtype=tl.int32)
+        for h in tl.static_range(2):  # the chunk's words 4h..4h+3: one 16-byte vector a thread, summed in it
+            q = tl.load(QS + r4 * stride_qs + blk * 32 + 8 * c + 4 * h + v, mask=ok, other=0)  # (BN, NB, 4, 4)
+            xw = X32 + t * stride_x + blk * 64 + 16 * c + 4 * h + v  # (1, NB, 4, 4): run 2c (+0), 2c + 1 (+8)
+            s_lo += tl.sum(_dot4(q & 0x0F0F0F0F, tl.load(xw, mask=xm, other=0), 0, GPU), axis=3, keep_dims=True)
+            s_hi += tl.sum(_dot4((q >> 4) & 0x0F0F0F0F, tl.load(xw + 8, mask=xm, other=0), 0, GPU), axis=3,
+                           keep_dims=True)
+        sm = tl.load(SC + r4 * stride_sc + blk * 4 + c, mask=ok, other=0)  # (BN, NB, 4, 1)
+        dd = tl.load(D + r4 * stride_d + blk, mask=ok, other=0)  # (BN, NB, 1, 1)
+        d, dmin = _f16_bits(dd), _f16_bits(dd >> 16)
+        jq = t * nq + blk * 8 + 2 * c  # the 8-bit block of run 2c, (1, NB, 4, 1)
+        dx_lo = tl.load(XD + jq, mask=xm, other=0.0)
+        dx_hi = tl.load(XD + jq + 1, mask=xm, other=0.0)
+        sx_lo = tl.load(XS + jq, mask=xm, other=0.0)
+        sx_hi = tl.load(XS + jq + 1, mask=xm, other=0.0)
+        sc_lo, mn_lo = (sm & 255).to(tl.float32), ((sm >> 8) & 255).to(tl.float32)
+        sc_hi, mn_hi = ((sm >> 16) & 255).to(tl.float32), ((sm >> 24) & 255).to(tl.float32)
+        acc += (d * sc_lo) * dx_lo * s_lo.to(tl.float32) - (dmin * mn_lo) * sx_lo
+        acc += (d * sc_hi) * dx_hi * s_hi.to(tl.float32) - (dmin * mn_hi) * sx_hi
+    y = tl.sum(tl.sum(tl.sum(acc, axis=3), axis=2), axis=1)
+    _epilogue(Y, ADD, HQ, HD, HS, CNT, NW, eps, y, rows, t, N, stride_y, stride_b, HAS_ADD, GLU, NORM, STORE_Y, GPU,
+              BLOCK_N)
+
+
+@triton.jit
 def matvec_q6_k_kernel(Y, QS, QH, SC, D, X32, XD, XS, ADD, N, nblk, stride_qs, stride_qh, stride_sc, stride_d,
                        stride_x, stride_y, stride_b,
                        HQ, HD, HS, CNT, NW, eps, HAS_ADD: tl.constexpr, GLU: tl.constexpr, NORM: tl.constexpr,
@@ -371,30 +425,60 @@ TUNE_MIN_SIZE = 1 << 22  # values of a weight worth tuning for
 GLU_TUNE_CONFIGS = {32: [(64, 8, 8), (64, 4, 4), (64, 16, 8), (128, 4, 8), (64, 2, 4), (128, 8, 8)],
                     256: [(64, 1, 4), (64, 2, 8), (64, 1, 8), (128, 1, 8), (64, 2, 4)]}
 GLU_TILES = {Q4_0: (64, 8, 8), Q8_0: (64, 4, 8), Q4_K: (64, 1, 4), Q6_K: (64, 1, 4)}  # GPU, untuned
+# SEPEDGE_TRITON_Q4K=1: Q4_K through matvec_q4_k_v2_kernel (0, the default until measured: matvec_q4_k_kernel),
+# read at every launch (a decode graph keeps the kernel it was captured with). Its tiles
+# (block_n, blocks per step, warps, pipeline stages) give every thread exactly one (row, block, chunk) a
+# step, block_n * NB * 4 = 32 * warps: the one shape where Triton lays the scale tiles out as the code
+# tiles (other shapes put shared-memory conversions back into the loop: the sm_90 PTX, triton_ptxas.py
+# --decode); stages 3: the loads of the next two steps in flight (cp.async) while one is summed
+Q4K_ENV = "SEPEDGE_TRITON_Q4K"
+Q4K_V2_TILE = (8, 4, 4, 1)  # GPU, untuned (the interpreter: PACKED's)
+Q4K_V2_TUNE_CONFIGS = [(8, 4, 4, 1), (16, 2, 4, 1), (32, 1, 4, 1), (8, 8, 8, 1), (16, 4, 8, 1), (8, 4, 4, 3),
+                       (16, 2, 4, 3), (32, 1, 4, 3), (8, 8, 8, 3), (16, 4, 8, 3)]
+Q4K_V2_GLU_TILE = (64, 1, 8, 1)
+Q4K_V2_GLU_TUNE_CONFIGS = [(64, 1, 8, 1), (64, 1, 8, 3), (64, 2, 16, 1), (128, 1, 16, 1), (64, 2, 16, 3)]
+
+
+def q4k_variant() -> int:
+    """The Q4_K decode kernel the launches take now: 0 (matvec_q4_k_kernel) or 1 (matvec_q4_k_v2_kernel)."""
+    v = os.environ.get(Q4K_ENV, "0") or "0"
+    if v not in ("0", "1"):
+        raise ValueError(f"{Q4K_ENV} must be 0 or 1, got {v!r}")
+    return int(v)
+
 _tuned: dict = {}
 
 
-def _autotuned(qtype: int, glu: bool):
-    if (qtype, glu) not in _tuned:
-        table = GLU_TUNE_CONFIGS if glu else TUNE_CONFIGS
-        configs = [triton.Config({"BLOCK_N": bn, "NB": nb}, num_warps=warps)
-                   for bn, nb, warps in table[BLOCKS[qtype][0]]]
+def _autotuned(qtype: int, glu: bool, v2: bool = False):
+    if (qtype, glu, v2) not in _tuned:
         key = ["N", "nblk", "HAS_ADD", "GLU", "NORM"]
-        _tuned[qtype, glu] = triton.autotune(configs=configs, key=key)(PACKED[qtype][0])
-    return _tuned[qtype, glu]
+        if v2:
+            configs = [triton.Config({"BLOCK_N": bn, "NB": nb, "STAGES": st}, num_warps=warps)
+                       for bn, nb, warps, st in (Q4K_V2_GLU_TUNE_CONFIGS if glu else Q4K_V2_TUNE_CONFIGS)]
+            _tuned[qtype, glu, v2] = triton.autotune(configs=configs, key=key)(matvec_q4_k_v2_kernel)
+        else:
+            table = GLU_TUNE_CONFIGS if glu else TUNE_CONFIGS
+            configs = [triton.Config({"BLOCK_N": bn, "NB": nb}, num_warps=warps)
+                       for bn, nb, warps in table[BLOCKS[qtype][0]]]
+            _tuned[qtype, glu, v2] = triton.autotune(configs=configs, key=key)(PACKED[qtype][0])
+    return _tuned[qtype, glu, v2]
 
 
 def _packed_launch(w, qtype: int, x: Act, y, add, stride_b: int, block_n, nb, glu: bool = False, h: Act | None = None,
-                   store_y: bool = True, norm=None, eps: float = 0.0, tickets=None) -> None:
+                   store_y: bool = True, norm=None, eps: float = 0.0, tickets=None, stages: int | None = None) -> None:
     """The repacked type's kernel: y = x @ W.T (+ add); with glu also h = the 8-bit form of
     silu(gate) * up (y's two halves), y then written only where store_y; with norm (N,) also h = the
-    8-bit form of rms_norm(y) * norm (tickets: (T,) int32 zeros, left zero)."""
+    8-bit form of rms_norm(y) * norm (tickets: (T,) int32 zeros, left zero). stages: the pipeline
+    stages of matvec_q4_k_v2_kernel (SEPEDGE_TRITON_Q4K=1) instead of its default/autotuning."""
     T, K = x.q.shape
     N = w.shape[0]
     dev = y.device
     p = w if isinstance(w, Packed) else pack(w, qtype, K)
     assert p.qtype == qtype and p.K == K, "the packed weight does not match the type and K"
     kernel, on_gpu, interp = PACKED[qtype]
+    v2 = qtype == Q4_K and q4k_variant() == 1
+    if v2:
+        kernel = matvec_q4_k_v2_kernel
     assert x.q.is_contiguous()
     x32 = x.q.view(torch.int32)
     nblk = K // BLOCKS[qtype][0]
@@ -414,17 +498,25 @@ def _packed_launch(w, qtype: int, x: Act, y, add, stride_b: int, block_n, nb, gl
     flags = dict(HAS_ADD=has_add, GLU=glu, NORM=use_norm, STORE_Y=store_y or not glu, GPU=dev.type == "cuda",
                  **pdl_launch(dev))
     gpu = dev.type == "cuda"
-    table = GLU_TUNE_CONFIGS if glu else TUNE_CONFIGS
-    if (gpu and block_n is None and nb is None and N * K >= TUNE_MIN_SIZE and os.environ.get(TUNE_ENV) != "0"
-            and nblk >= max(c[1] for c in table[BLOCKS[qtype][0]])):
+    if v2:
+        table = Q4K_V2_GLU_TUNE_CONFIGS if glu else Q4K_V2_TUNE_CONFIGS
+    else:
+        table = (GLU_TUNE_CONFIGS if glu else TUNE_CONFIGS)[BLOCKS[qtype][0]]
+    if (gpu and block_n is None and nb is None and stages is None and N * K >= TUNE_MIN_SIZE
+            and os.environ.get(TUNE_ENV) != "0" and nblk >= max(c[1] for c in table)):
         per = 2 if glu else 1  # GLU: a program's BLOCK_N rows are BLOCK_N / 2 of the gate's N / 2
-        _autotuned(qtype, glu)[lambda meta: (triton.cdiv(N // per, meta["BLOCK_N"] // per), T)](*args, **flags)
+        _autotuned(qtype, glu, v2)[lambda meta: (triton.cdiv(N // per, meta["BLOCK_N"] // per), T)](*args, **flags)
         return
     warps = 4
+    if v2:
+        flags["STAGES"] = stages or 1
     if glu:
         n_ff = N // 2
         if gpu:
             bn, nbk, warps = GLU_TILES[qtype]
+            if v2:
+                bn, nbk, warps, st = Q4K_V2_GLU_TILE
+                flags["STAGES"] = stages or st
         else:  # the interpreter: as few programs as it can
             bn, nbk = 2 * max(32, min(256, triton.next_power_of_2(n_ff))), interp[1]
         bn = block_n or bn
@@ -432,6 +524,8 @@ def _packed_launch(w, qtype: int, x: Act, y, add, stride_b: int, block_n, nb, gl
         assert bn % 64 == 0, "a GLU program owns whole 8-bit blocks of gate and up rows"
         grid = triton.cdiv(n_ff, bn // 2)
     else:
+        if v2 and gpu:
+            on_gpu, warps, flags["STAGES"] = Q4K_V2_TILE[:2], Q4K_V2_TILE[2], stages or Q4K_V2_TILE[3]
         bn, nbk = block_n or (on_gpu if gpu else interp)[0], nb or (on_gpu if gpu else interp)[1]
         bn = min(bn, max(1, triton.next_power_of_2(N)))
         grid = triton.cdiv(N, bn)
@@ -440,13 +534,14 @@ def _packed_launch(w, qtype: int, x: Act, y, add, stride_b: int, block_n, nb, gl
 
 
 def matvec_q8(w, qtype: int, x: Act, add: torch.Tensor | None = None, stride_b: int = 0,
-              block_n: int | None = None, nb: int | None = None, packed: bool | None = None) -> torch.Tensor:
+              block_n: int | None = None, nb: int | None = None, packed: bool | None = None,
+              stages: int | None = None) -> torch.Tensor:
     """y = x @ W.T (+ add) for a quantized W and 8-bit activations x (act_q8): (T, N) float32.
     w: GGUF bytes (N, row_bytes) uint8, or a packed.Packed. add: a bias (stride_b 0) or a residual
     (stride_b its row stride). packed: the kernel of the repacked type (the default where there is
     one; file bytes are repacked here, for tests and benchmarks: the backend repacks once at load),
     False: the byte-wise one on the file's bytes;
-    block_n, nb: tiles (rows, blocks per step) instead of the defaults/autotuning."""
+    block_n, nb: tiles (rows, blocks per step) instead of the defaults/autotuning; stages: see _packed_launch."""
     T, K = x.q.shape
     N = w.shape[0]
     dev = w.qs.device if isinstance(w, Packed) else w.device
@@ -468,7 +563,7 @@ def matvec_q8(w, qtype: int, x: Act, add: torch.Tensor | None = None, stride_b: 
                                                    HAS_MIN=qtype in (Q4_1, Q4_K, Q5_K), HAS_ADD=has_add,
                                                    BLOCK_N=bn, NB=nbk, **pdl_launch(dev))
         return y
-    _packed_launch(w, qtype, x, y, add, stride_b, block_n, nb)
+    _packed_launch(w, qtype, x, y, add, stride_b, block_n, nb, stages=stages)
     return y
 
 

@@ -5,6 +5,7 @@ with one they run compiled on the GPU, and the tests marked `gpu` add model-size
 dequantization here is written from the block tables of GGUF.md §7, independently of the kernels' own
 decoding and of their torch references (and checked against gguf-py's)."""
 
+import importlib
 import math
 import os
 import secrets
@@ -351,6 +352,69 @@ def test_packed_tails(rng, qtype):
     x, x64 = product_inputs(rng, qtype, 1, n_cols, scale=5.0)
     got = K.matvec(p, qtype, on_device(x), block_n=4, block_k=2 * block)
     check_product(got, ref, x64, None, DOT_REL)
+
+
+class _NotLaunched:
+    """Stands for a kernel a test must not launch: any launch fails."""
+
+    def __getitem__(self, grid):
+        raise AssertionError("the Q4_K kernel of SEPEDGE_TRITON_Q4K=0 was launched")
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_matvec_q4k_v2(rng, size, monkeypatch):
+    """SEPEDGE_TRITON_Q4K=1 (matvec_q4_k_v2_kernel): the plain product with a residual, the fused gate/up
+    and norm epilogues, against float64 at DOT_REL; an odd number of blocks with a partial last step,
+    rows that do not fill the last program, pipelined and unpipelined loops (stages 1 and 3: the
+    interpreter runs both alike, the compile test builds both for sm_90); the variant-0 kernel is
+    replaced by one that fails if launched, so these are the new kernel's results."""
+    M = importlib.import_module("sepedge.kernels.matvec")  # the package's `matvec` is the function
+    monkeypatch.setenv(M.Q4K_ENV, "1")
+    monkeypatch.setitem(M.PACKED, Q.Q4_K, (_NotLaunched(), *M.PACKED[Q.Q4_K][1:]))
+    small = size == "small"
+    N, T, n_cols = (37, 2, 3 * 256) if small else (4099, 3, 4096)
+    w = random_weight(rng, Q.Q4_K, N, n_cols)
+    w64 = decode(w, Q.Q4_K, n_cols)
+    p = K.pack(on_device(w), Q.Q4_K, n_cols)
+    x, x64 = product_inputs(rng, Q.Q4_K, T, n_cols, scale=3.0)
+    xa = K.act_q8(on_device(x))
+    res = rng.standard_normal((T, N)).astype(np.float32)
+    tiles = [dict(), dict(block_n=8, nb=2, stages=1), dict(block_n=8, nb=2, stages=3)]
+    for tile in tiles:
+        got = M.matvec_q8(p, Q.Q4_K, xa, **tile)
+        check_product(got, w64, x64, None, DOT_REL)
+        got = M.matvec_q8(p, Q.Q4_K, xa, on_device(res), N, **tile)
+        check_product(got - on_device(res), w64, x64, None, DOT_REL + 1e-6)
+    # the gate/up product with its SwiGLU epilogue: n_ff an odd number of 8-bit blocks
+    n_ff = 5 * 32 if small else 4096 + 3 * 32
+    wg = random_weight(rng, Q.Q4_K, 2 * n_ff, n_cols)
+    for tile in ([dict(), dict(block_n=64, nb=1)] if small else [dict(), dict(block_n=128, nb=1)]):
+        h, gu = K.matvec_glu(K.pack(on_device(wg), Q.Q4_K, n_cols), Q.Q4_K, xa, keep_gate_up=True, **tile)
+        check_product(gu, decode(wg, Q.Q4_K, n_cols), x64, None, DOT_REL)
+        assert_same_act(h, K.act_q8(gu[:, :n_ff], up=gu[:, n_ff:]))
+    # into the residual stream with the next RMSNorm's 8-bit row
+    nn = 7 * 32 if small else 4096 + 5 * 32
+    wn = random_weight(rng, Q.Q4_K, nn, n_cols)
+    r = on_device(rng.standard_normal((T, nn)).astype(np.float32))
+    nd = on_device(rng.uniform(0.5, 1.5, nn).astype(np.float32))
+    tickets = torch.zeros(T, dtype=torch.int32, device=DEVICE)
+    y, h = K.matvec_norm(K.pack(on_device(wn), Q.Q4_K, n_cols), Q.Q4_K, xa, r, nd, 1e-5, tickets, block_n=8, nb=2)
+    check_product(y - r, decode(wn, Q.Q4_K, n_cols), x64, None, DOT_REL + 1e-6)
+    assert_same_act(h, K.act_q8(y, norm=nd, eps=1e-5))
+    assert not tickets.any()
+
+
+def test_q4k_variant_values(monkeypatch):
+    """SEPEDGE_TRITON_Q4K: unset or empty is 0, 0 and 1 select, anything else is an error at the launch."""
+    M = importlib.import_module("sepedge.kernels.matvec")  # the package's `matvec` is the function
+    monkeypatch.delenv(M.Q4K_ENV, raising=False)
+    assert M.q4k_variant() == 0
+    for v, want in (("", 0), ("0", 0), ("1", 1)):
+        monkeypatch.setenv(M.Q4K_ENV, v)
+        assert M.q4k_variant() == want
+    monkeypatch.setenv(M.Q4K_ENV, "2")
+    with pytest.raises(ValueError, match="SEPEDGE_TRITON_Q4K"):
+        M.q4k_variant()
 
 
 @pytest.mark.parametrize("size", SIZES)
