@@ -9,6 +9,8 @@ torch.profiler's decode step per value (kernel time and launches a step, the act
 SEPEDGE_TRITON_FUSE: 0 (an act_q8 launch before every quantized product), attn (the attention merge
 makes the output projection's input), 1 (and the gate/up product makes the down product's).
 SEPEDGE_TRITON_PDL: 1 (decode kernels launched early, kernels/pdl.py), 0 (one after the other).
+SEPEDGE_TRITON_Q4K: 0 (matvec_q4_k_kernel), 1 (matvec_q4_k_v2_kernel), 2 (and Q6_K's staged tiles;
+kernels/matvec.py), read at each launch: the graph captured in a mode keeps its kernels.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ def main() -> int:
             return args.n_gen / (time.perf_counter() - t0)
 
         before = os.environ.get(args.env)
-        for m in modes:  # read when a context is made (FUSE) or when its graph is captured (PDL)
+        for m in modes:  # read when a context is made (FUSE) or when its graph is captured (PDL, Q4K)
             os.environ[args.env] = m
             engines[m] = base.spawn()
             tg(engines[m])  # compiles, autotunes, captures the graph

@@ -57,8 +57,9 @@ def compile_kernel(fn, sig: dict, consts: dict, divisible: set, arch: int, optio
     return triton.compile(ASTSource(fn, s, consts, attrs), target=GPUTarget("cuda", arch, 32), options=options)
 
 
-LOOP_COUNTS = {"ld.global v4": r"ld\.global[.\w]*\.v4\.", "ld.global": r"ld\.global", "cp.async": r"cp\.async\.(?:ca|cg)",
-               "ld.shared": r"ld\.shared|ldmatrix", "st.shared": r"st\.shared", "bar.sync": r"bar\.sync", "dp4a": r"dp4a"}
+LOOP_COUNTS = {"ld.global v4": r"ld\.global[.\w]*\.v4\.", "ld.global": r"ld\.global",
+               "cp.async": r"cp\.async\.(?:ca|cg)", "ld.shared": r"ld\.shared|ldmatrix", "st.shared": r"st\.shared",
+               "bar.sync": r"bar\.sync", "dp4a": r"dp4a"}
 
 
 def loop_counts(ptx: str) -> dict:
@@ -76,7 +77,9 @@ def decode_report(arch: int, ptxas: str) -> list[str]:
             "XS": "*fp32", "ADD": "*fp32", "HQ": "*i8", "HD": "*fp32", "HS": "*fp32", "CNT": "*i32", "NW": "*fp32"}
     kernels = [(mv.matvec_q4_k_kernel, [c + (1,) for c in mv.TUNE_CONFIGS[256]], ptrs),
                (mv.matvec_q4_k_v2_kernel, mv.Q4K_V2_TUNE_CONFIGS, ptrs),
-               (mv.matvec_q6_k_kernel, [c + (1,) for c in mv.TUNE_CONFIGS[256]], ptrs | {"SC": "*i8", "D": "*fp16"})]
+               (mv.matvec_q6_k_kernel, [c + (1,) for c in mv.TUNE_CONFIGS[256]], ptrs | {"SC": "*i8", "D": "*fp16"}),
+               (mv.matvec_q6_k_kernel, [c for c in mv.Q6K_STAGED_TUNE_CONFIGS if c[3] > 1],
+                ptrs | {"SC": "*i8", "D": "*fp16"})]
     for fn, configs, types in kernels:
         flags = {"HAS_ADD", "GLU", "NORM", "STORE_Y", "GPU", "BLOCK_N", "NB", "PDL", "STAGES"}
         sig = {n: types.get(n, "fp32" if n == "eps" else "i32") for n in fn.arg_names if n not in flags}

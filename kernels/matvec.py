@@ -352,7 +352,7 @@ def matvec_q6_k_kernel(Y, QS, QH, SC, D, X32, XD, XS, ADD, N, nblk, stride_qs, s
                        stride_x, stride_y, stride_b,
                        HQ, HD, HS, CNT, NW, eps, HAS_ADD: tl.constexpr, GLU: tl.constexpr, NORM: tl.constexpr,
                        STORE_Y: tl.constexpr, GPU: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr,
-                       PDL: tl.constexpr = 0):
+                       STAGES: tl.constexpr = 1, PDL: tl.constexpr = 0):
     # value 128h + 32r + l of a block: low 4 bits from ql[64h + 32(r % 2) + l] (low nibble for r < 2),
     # high 2 bits from bits 2r of qh[32h + l], scale sc[8h + 2r + l // 16]. Tiles (rows, blocks, h,
     # g = l // 16, words of 4 values): ql word 32b + 16h + 4g + w (+ 8 for r odd), qh word 16b + 8h + 4g + w.
@@ -367,7 +367,7 @@ def matvec_q6_k_kernel(Y, QS, QH, SC, D, X32, XD, XS, ADD, N, nblk, stride_qs, s
     w = tl.arange(0, 4)[None, None, None, None, :]
     pdl_wait(PDL)  # launched early: wait for the kernel before (pdl.py)
     acc = tl.zeros([BLOCK_N, NB, 2, 2], dtype=tl.float32)
-    for b0 in range(0, nblk, NB):
+    for b0 in tl.range(0, nblk, NB, num_stages=STAGES):  # STAGES > 1: SEPEDGE_TRITON_Q4K=1's tiles
         blk = b0 + b  # (1, NB, 1, 1)
         xm = blk < nblk
         ok = rm & xm  # (BN, NB, 1, 1)
@@ -425,43 +425,53 @@ TUNE_MIN_SIZE = 1 << 22  # values of a weight worth tuning for
 GLU_TUNE_CONFIGS = {32: [(64, 8, 8), (64, 4, 4), (64, 16, 8), (128, 4, 8), (64, 2, 4), (128, 8, 8)],
                     256: [(64, 1, 4), (64, 2, 8), (64, 1, 8), (128, 1, 8), (64, 2, 4)]}
 GLU_TILES = {Q4_0: (64, 8, 8), Q8_0: (64, 4, 8), Q4_K: (64, 1, 4), Q6_K: (64, 1, 4)}  # GPU, untuned
-# SEPEDGE_TRITON_Q4K=1: Q4_K through matvec_q4_k_v2_kernel (0, the default until measured: matvec_q4_k_kernel),
-# read at every launch (a decode graph keeps the kernel it was captured with). Its tiles
-# (block_n, blocks per step, warps, pipeline stages) give every thread exactly one (row, block, chunk) a
-# step, block_n * NB * 4 = 32 * warps: the one shape where Triton lays the scale tiles out as the code
-# tiles (other shapes put shared-memory conversions back into the loop: the sm_90 PTX, triton_ptxas.py
-# --decode); stages 3: the loads of the next two steps in flight (cp.async) while one is summed
+# SEPEDGE_TRITON_Q4K, read at every launch (a decode graph keeps the kernels it was captured with):
+# 0 (the default until measured on a GPU): matvec_q4_k_kernel and Q6_K's TUNE_CONFIGS; 1: Q4_K through
+# matvec_q4_k_v2_kernel; 2: that and Q6_K's tiles of Q6K_STAGED_TUNE_CONFIGS. The v2 tiles (block_n,
+# blocks per step, warps, pipeline stages) give every thread exactly one (row, block, chunk) a step,
+# block_n * NB * 4 = 32 * warps: the one shape where Triton lays the scale tiles out as the code tiles
+# (other shapes put shared-memory conversions back into the loop: the sm_90 PTX, triton_ptxas.py
+# --decode); stages 3: the loads of the next two steps in flight (cp.async) while one is summed.
+# Q6_K's staged table: its configs whose loop has no conversion (the same report), unpipelined and
+# with 3 stages (the small ffn_down and attn_v products of a Q4_K_M file are latency-bound)
 Q4K_ENV = "SEPEDGE_TRITON_Q4K"
 Q4K_V2_TILE = (8, 4, 4, 1)  # GPU, untuned (the interpreter: PACKED's)
 Q4K_V2_TUNE_CONFIGS = [(8, 4, 4, 1), (16, 2, 4, 1), (32, 1, 4, 1), (8, 8, 8, 1), (16, 4, 8, 1), (8, 4, 4, 3),
                        (16, 2, 4, 3), (32, 1, 4, 3), (8, 8, 8, 3), (16, 4, 8, 3)]
 Q4K_V2_GLU_TILE = (64, 1, 8, 1)
 Q4K_V2_GLU_TUNE_CONFIGS = [(64, 1, 8, 1), (64, 1, 8, 3), (64, 2, 16, 1), (128, 1, 16, 1), (64, 2, 16, 3)]
+Q6K_STAGED_TUNE_CONFIGS = [(8, 2, 2, 1), (16, 2, 4, 1), (32, 1, 4, 1), (32, 2, 8, 1), (8, 2, 2, 3), (16, 2, 4, 3),
+                           (32, 1, 4, 3), (32, 2, 8, 3)]
 
 
 def q4k_variant() -> int:
-    """The Q4_K decode kernel the launches take now: 0 (matvec_q4_k_kernel) or 1 (matvec_q4_k_v2_kernel)."""
+    """The K-quant decode products the launches take now (SEPEDGE_TRITON_Q4K): 0, 1 or 2 (see above)."""
     v = os.environ.get(Q4K_ENV, "0") or "0"
-    if v not in ("0", "1"):
-        raise ValueError(f"{Q4K_ENV} must be 0 or 1, got {v!r}")
+    if v not in ("0", "1", "2"):
+        raise ValueError(f"{Q4K_ENV} must be 0, 1 or 2, got {v!r}")
     return int(v)
+
 
 _tuned: dict = {}
 
 
-def _autotuned(qtype: int, glu: bool, v2: bool = False):
-    if (qtype, glu, v2) not in _tuned:
+def _autotuned(qtype: int, glu: bool, alt: bool = False):
+    """The autotuned kernel of a type; alt: SEPEDGE_TRITON_Q4K's (Q4_K: the v2 kernel; Q6_K: staged tiles)."""
+    if (qtype, glu, alt) not in _tuned:
         key = ["N", "nblk", "HAS_ADD", "GLU", "NORM"]
-        if v2:
+        if alt:
+            table = Q6K_STAGED_TUNE_CONFIGS
+            if qtype == Q4_K:
+                table = Q4K_V2_GLU_TUNE_CONFIGS if glu else Q4K_V2_TUNE_CONFIGS
             configs = [triton.Config({"BLOCK_N": bn, "NB": nb, "STAGES": st}, num_warps=warps)
-                       for bn, nb, warps, st in (Q4K_V2_GLU_TUNE_CONFIGS if glu else Q4K_V2_TUNE_CONFIGS)]
-            _tuned[qtype, glu, v2] = triton.autotune(configs=configs, key=key)(matvec_q4_k_v2_kernel)
+                       for bn, nb, warps, st in table]
+            kernel = matvec_q4_k_v2_kernel if qtype == Q4_K else PACKED[qtype][0]
         else:
-            table = GLU_TUNE_CONFIGS if glu else TUNE_CONFIGS
             configs = [triton.Config({"BLOCK_N": bn, "NB": nb}, num_warps=warps)
-                       for bn, nb, warps in table[BLOCKS[qtype][0]]]
-            _tuned[qtype, glu, v2] = triton.autotune(configs=configs, key=key)(PACKED[qtype][0])
-    return _tuned[qtype, glu, v2]
+                       for bn, nb, warps in (GLU_TUNE_CONFIGS if glu else TUNE_CONFIGS)[BLOCKS[qtype][0]]]
+            kernel = PACKED[qtype][0]
+        _tuned[qtype, glu, alt] = triton.autotune(configs=configs, key=key)(kernel)
+    return _tuned[qtype, glu, alt]
 
 
 def _packed_launch(w, qtype: int, x: Act, y, add, stride_b: int, block_n, nb, glu: bool = False, h: Act | None = None,
@@ -469,14 +479,16 @@ def _packed_launch(w, qtype: int, x: Act, y, add, stride_b: int, block_n, nb, gl
     """The repacked type's kernel: y = x @ W.T (+ add); with glu also h = the 8-bit form of
     silu(gate) * up (y's two halves), y then written only where store_y; with norm (N,) also h = the
     8-bit form of rms_norm(y) * norm (tickets: (T,) int32 zeros, left zero). stages: the pipeline
-    stages of matvec_q4_k_v2_kernel (SEPEDGE_TRITON_Q4K=1) instead of its default/autotuning."""
+    stages of the Q4_K (SEPEDGE_TRITON_Q4K >= 1) and Q6_K kernels instead of the defaults/autotuning."""
     T, K = x.q.shape
     N = w.shape[0]
     dev = y.device
     p = w if isinstance(w, Packed) else pack(w, qtype, K)
     assert p.qtype == qtype and p.K == K, "the packed weight does not match the type and K"
     kernel, on_gpu, interp = PACKED[qtype]
-    v2 = qtype == Q4_K and q4k_variant() == 1
+    variant = q4k_variant() if qtype in (Q4_K, Q6_K) else 0
+    v2 = qtype == Q4_K and variant >= 1
+    q6_staged = qtype == Q6_K and variant == 2 and not glu  # its GLU tiles stay TUNE's
     if v2:
         kernel = matvec_q4_k_v2_kernel
     assert x.q.is_contiguous()
@@ -500,15 +512,18 @@ def _packed_launch(w, qtype: int, x: Act, y, add, stride_b: int, block_n, nb, gl
     gpu = dev.type == "cuda"
     if v2:
         table = Q4K_V2_GLU_TUNE_CONFIGS if glu else Q4K_V2_TUNE_CONFIGS
+    elif q6_staged:
+        table = Q6K_STAGED_TUNE_CONFIGS
     else:
         table = (GLU_TUNE_CONFIGS if glu else TUNE_CONFIGS)[BLOCKS[qtype][0]]
     if (gpu and block_n is None and nb is None and stages is None and N * K >= TUNE_MIN_SIZE
             and os.environ.get(TUNE_ENV) != "0" and nblk >= max(c[1] for c in table)):
         per = 2 if glu else 1  # GLU: a program's BLOCK_N rows are BLOCK_N / 2 of the gate's N / 2
-        _autotuned(qtype, glu, v2)[lambda meta: (triton.cdiv(N // per, meta["BLOCK_N"] // per), T)](*args, **flags)
+        grid = lambda meta: (triton.cdiv(N // per, meta["BLOCK_N"] // per), T)  # noqa: E731
+        _autotuned(qtype, glu, v2 or q6_staged)[grid](*args, **flags)
         return
     warps = 4
-    if v2:
+    if v2 or qtype == Q6_K:
         flags["STAGES"] = stages or 1
     if glu:
         n_ff = N // 2

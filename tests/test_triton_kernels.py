@@ -404,15 +404,35 @@ def test_matvec_q4k_v2(rng, size, monkeypatch):
     assert not tickets.any()
 
 
+@pytest.mark.parametrize("size", SIZES)
+def test_matvec_q6k_staged(rng, size, monkeypatch):
+    """SEPEDGE_TRITON_Q4K=2: Q6_K's kernel with its loop pipelined (stages 3) or not, at tiles of the
+    staged table and the defaults, an odd number of blocks, rows that do not fill the last program, a
+    residual; against float64 at DOT_REL."""
+    M = importlib.import_module("sepedge.kernels.matvec")
+    monkeypatch.setenv(M.Q4K_ENV, "2")
+    N, T, n_cols = (37, 2, 3 * 256) if size == "small" else (4099, 3, 4096)
+    w = random_weight(rng, Q.Q6_K, N, n_cols)
+    w64 = decode(w, Q.Q6_K, n_cols)
+    p = K.pack(on_device(w), Q.Q6_K, n_cols)
+    x, x64 = product_inputs(rng, Q.Q6_K, T, n_cols, scale=3.0)
+    xa = K.act_q8(on_device(x))
+    res = rng.standard_normal((T, N)).astype(np.float32)
+    for tile in [dict(), dict(block_n=8, nb=2, stages=1), dict(block_n=8, nb=2, stages=3)]:
+        check_product(M.matvec_q8(p, Q.Q6_K, xa, **tile), w64, x64, None, DOT_REL)
+        got = M.matvec_q8(p, Q.Q6_K, xa, on_device(res), N, **tile)
+        check_product(got - on_device(res), w64, x64, None, DOT_REL + 1e-6)
+
+
 def test_q4k_variant_values(monkeypatch):
-    """SEPEDGE_TRITON_Q4K: unset or empty is 0, 0 and 1 select, anything else is an error at the launch."""
-    M = importlib.import_module("sepedge.kernels.matvec")  # the package's `matvec` is the function
+    """SEPEDGE_TRITON_Q4K: unset or empty is 0; 0, 1 and 2 select; anything else is an error at the launch."""
+    M = importlib.import_module("sepedge.kernels.matvec")
     monkeypatch.delenv(M.Q4K_ENV, raising=False)
     assert M.q4k_variant() == 0
-    for v, want in (("", 0), ("0", 0), ("1", 1)):
+    for v, want in (("", 0), ("0", 0), ("1", 1), ("2", 2)):
         monkeypatch.setenv(M.Q4K_ENV, v)
         assert M.q4k_variant() == want
-    monkeypatch.setenv(M.Q4K_ENV, "2")
+    monkeypatch.setenv(M.Q4K_ENV, "3")
     with pytest.raises(ValueError, match="SEPEDGE_TRITON_Q4K"):
         M.q4k_variant()
 
