@@ -5,6 +5,7 @@ cache statistics equal to the CPU's (one native policy plans both); the generati
 Without a GPU the kernels run through Triton's interpreter on CPU tensors (small shapes); with one,
 the tests marked `gpu` add longer streams and the CUDA-graph decode."""
 
+import importlib
 import os
 import secrets
 import sys
@@ -121,6 +122,36 @@ def test_fuse_modes_match_cpu(gguf_path, rng, monkeypatch, fuse, mode, sizes, sp
         print(f"fuse {f}: rel to the CPU engine {rel(steps[f], cpu_steps):.3g}")
         assert rel(steps[f], cpu_steps) <= MAX_REL_CPU[outtype]
     assert rel(steps[fuse], steps["1"]) <= MAX_REL_CPU[outtype]
+
+
+@pytest.mark.parametrize("q4k", ["1", "2"])
+def test_q4k_modes_match_cpu(gguf_path, rng, monkeypatch, q4k):
+    """The Q4_K (and, in mode 2, Q6_K) decode products of SEPEDGE_TRITON_Q4K in the whole forward pass
+    of a Q4_K_M file (Q4_K and Q6_K weights), with the default fusion and the fully fused one (their
+    gate/up and residual epilogues): the CPU engine's logits within the file's tolerance; the kernel of
+    mode 0 is replaced by one that fails if launched."""
+    M = importlib.import_module("sepedge.kernels.matvec")
+    Q4_K = importlib.import_module("sepedge.kernels.quants").Q4_K
+
+    class NotLaunched:
+        def __getitem__(self, grid):
+            raise AssertionError("the Q4_K kernel of SEPEDGE_TRITON_Q4K=0 was launched")
+
+    monkeypatch.setitem(M.PACKED, Q4_K, (NotLaunched(), *M.PACKED[Q4_K][1:]))
+    mode, sizes, spec, outtype = MODES[1]
+    assert outtype == "q4_k_m"
+    path = gguf_path(spec, outtype)
+    kw = dict(kv_mode=mode, n_batch=8, kv_type="f32", **sizes)
+    with Engine(path, **kw) as cpu:
+        tokens = make_stream(rng, cpu, 10)
+        cpu_steps = step_by_step(cpu, tokens)
+    monkeypatch.setenv("SEPEDGE_TRITON_Q4K", q4k)
+    for fuse in ("attn", "1"):
+        monkeypatch.setenv("SEPEDGE_TRITON_FUSE", fuse)
+        with Engine(path, device="triton", **kw) as tri:
+            steps = step_by_step(tri, tokens)
+        print(f"Q4K {q4k}, fuse {fuse}: rel to the CPU engine {rel(steps, cpu_steps):.3g}")
+        assert rel(steps, cpu_steps) <= MAX_REL_CPU[outtype]
 
 
 def test_fuse_mode_is_checked(gguf_path, monkeypatch):
