@@ -294,10 +294,32 @@ def matvec_q4_k_kernel(Y, QS, D, SC, X32, XD, XS, ADD, N, nblk, stride_qs, strid
 
 
 @triton.jit
+def _q4k_v2_rows(QS, SC, D, r4, ok, blk, c, v, stride_qs, stride_sc, stride_d, x0, x1, x8, x12, dx_lo, dx_hi, sx_lo,
+                 sx_hi, GPU: tl.constexpr):
+    """One step of matvec_q4_k_v2_kernel for the rows r4 (R, 1, 1, 1): (R, NB, 4, 1) float32, the
+    products of blocks blk (chunks c, words v) with the activation words x0, x1 (run 2c, words 0..3,
+    4..7) and x8, x12 (run 2c + 1) and their scales dx, sx (1, NB, 4, 1)."""
+    q = tl.load(QS + r4 * stride_qs + blk * 32 + 8 * c + v, mask=ok, other=0)  # (R, NB, 4, 4): words 0..3
+    s_lo = tl.sum(_dot4(q & 0x0F0F0F0F, x0, 0, GPU), axis=3, keep_dims=True)
+    s_hi = tl.sum(_dot4((q >> 4) & 0x0F0F0F0F, x8, 0, GPU), axis=3, keep_dims=True)
+    q = tl.load(QS + r4 * stride_qs + blk * 32 + 8 * c + 4 + v, mask=ok, other=0)  # words 4..7
+    s_lo += tl.sum(_dot4(q & 0x0F0F0F0F, x1, 0, GPU), axis=3, keep_dims=True)
+    s_hi += tl.sum(_dot4((q >> 4) & 0x0F0F0F0F, x12, 0, GPU), axis=3, keep_dims=True)
+    sm = tl.load(SC + r4 * stride_sc + blk * 4 + c, mask=ok, other=0)  # (R, NB, 4, 1)
+    dd = tl.load(D + r4 * stride_d + blk, mask=ok, other=0)  # (R, NB, 1, 1)
+    d, dmin = _f16_bits(dd), _f16_bits(dd >> 16)
+    sc_lo, mn_lo = (sm & 255).to(tl.float32), ((sm >> 8) & 255).to(tl.float32)
+    sc_hi, mn_hi = ((sm >> 16) & 255).to(tl.float32), ((sm >> 24) & 255).to(tl.float32)
+    return ((d * sc_lo) * dx_lo * s_lo.to(tl.float32) - (dmin * mn_lo) * sx_lo
+            + ((d * sc_hi) * dx_hi * s_hi.to(tl.float32) - (dmin * mn_hi) * sx_hi))
+
+
+@triton.jit
 def matvec_q4_k_v2_kernel(Y, QS, D, SC, X32, XD, XS, ADD, N, nblk, stride_qs, stride_d, stride_sc, stride_x,
                           stride_y, stride_b, HQ, HD, HS, CNT, NW, eps, HAS_ADD: tl.constexpr, GLU: tl.constexpr,
                           NORM: tl.constexpr, STORE_Y: tl.constexpr, GPU: tl.constexpr, BLOCK_N: tl.constexpr,
-                          NB: tl.constexpr, STAGES: tl.constexpr = 1, PDL: tl.constexpr = 0):
+                          NB: tl.constexpr, STAGES: tl.constexpr = 1, PAIR: tl.constexpr = 0,
+                          PDL: tl.constexpr = 0):
     """Q4_K (SEPEDGE_TRITON_Q4K=1): the packed layout and arithmetic of matvec_q4_k_kernel, with every
     tensor of a step in one layout. There, the run sums reduced over a chunk's 8 words (two threads,
     4 words each) meet scale tiles that Triton lays out otherwise: the sm_90 PTX converts them through
@@ -307,42 +329,45 @@ def matvec_q4_k_v2_kernel(Y, QS, D, SC, X32, XD, XS, ADD, N, nblk, stride_qs, st
     activation scales are loaded at that shape: at tiles of block_n * NB * 4 = 32 * warps (a thread one
     (row, block, chunk)) the loop has no barrier and no shared memory (benchmarks/triton_ptxas.py
     --decode). STAGES > 1: Triton's software pipelining of the loop's loads (cp.async, the next steps'
-    tiles in flight while one is summed)."""
+    tiles in flight while one is summed). PAIR: rows 2i and 2i + 1 of the program in two tiles of the
+    same layout over the same activation words (a thread two rows: the activation loads once for both,
+    twice the weight bytes in flight a thread; tiles of block_n / 2 * NB * 4 = 32 * warps)."""
     rows = _rows(N, BLOCK_N, GLU)
     t = tl.program_id(1).to(tl.int64)
     nq = nblk * 8
-    r4 = rows.to(tl.int64)[:, None, None, None]
-    rm = (rows < N)[:, None, None, None]
+    R: tl.constexpr = BLOCK_N // 2 if PAIR else BLOCK_N  # rows of one tile
+    if PAIR:  # rows 2i and 2i + 1 of the program: two tiles of one layout over the same activation words
+        ra, rb = tl.split(tl.reshape(rows, (R, 2)))
+    else:
+        ra, rb = rows, rows
+    ra4, rb4 = ra.to(tl.int64)[:, None, None, None], rb.to(tl.int64)[:, None, None, None]
+    rma, rmb = (ra < N)[:, None, None, None], (rb < N)[:, None, None, None]
     b = tl.arange(0, NB)[None, :, None, None]
     c = tl.arange(0, 4)[None, None, :, None]
     v = tl.arange(0, 4)[None, None, None, :]
     pdl_wait(PDL)  # launched early: wait for the kernel before (pdl.py)
-    acc = tl.zeros([BLOCK_N, NB, 4, 1], dtype=tl.float32)
+    acc_a = tl.zeros([R, NB, 4, 1], dtype=tl.float32)
+    acc_b = tl.zeros([R, NB, 4, 1], dtype=tl.float32)
     for b0 in tl.range(0, nblk, NB, num_stages=STAGES):
         blk = b0 + b  # (1, NB, 1, 1)
         xm = blk < nblk
-        ok = rm & xm  # (BN, NB, 1, 1)
-        s_lo = tl.zeros([BLOCK_N, NB, 4, 1], dtype=tl.int32)
-        s_hi = tl.zeros([BLOCK_N, NB, 4, 1], dtype=tl.int32)
-        for h in tl.static_range(2):  # the chunk's words 4h..4h+3: one 16-byte vector a thread, summed in it
-            q = tl.load(QS + r4 * stride_qs + blk * 32 + 8 * c + 4 * h + v, mask=ok, other=0)  # (BN, NB, 4, 4)
-            xw = X32 + t * stride_x + blk * 64 + 16 * c + 4 * h + v  # (1, NB, 4, 4): run 2c (+0), 2c + 1 (+8)
-            s_lo += tl.sum(_dot4(q & 0x0F0F0F0F, tl.load(xw, mask=xm, other=0), 0, GPU), axis=3, keep_dims=True)
-            s_hi += tl.sum(_dot4((q >> 4) & 0x0F0F0F0F, tl.load(xw + 8, mask=xm, other=0), 0, GPU), axis=3,
-                           keep_dims=True)
-        sm = tl.load(SC + r4 * stride_sc + blk * 4 + c, mask=ok, other=0)  # (BN, NB, 4, 1)
-        dd = tl.load(D + r4 * stride_d + blk, mask=ok, other=0)  # (BN, NB, 1, 1)
-        d, dmin = _f16_bits(dd), _f16_bits(dd >> 16)
+        xw = X32 + t * stride_x + blk * 64 + 16 * c + v  # (1, NB, 4, 4): chunk c, words 0..3 of run 2c
+        # words 4h..4h+3 of the chunk's runs 2c (+0) and 2c + 1 (+8), h = 0, 1
+        x0, x1 = tl.load(xw, mask=xm, other=0), tl.load(xw + 4, mask=xm, other=0)
+        x8, x12 = tl.load(xw + 8, mask=xm, other=0), tl.load(xw + 12, mask=xm, other=0)
         jq = t * nq + blk * 8 + 2 * c  # the 8-bit block of run 2c, (1, NB, 4, 1)
         dx_lo = tl.load(XD + jq, mask=xm, other=0.0)
         dx_hi = tl.load(XD + jq + 1, mask=xm, other=0.0)
         sx_lo = tl.load(XS + jq, mask=xm, other=0.0)
         sx_hi = tl.load(XS + jq + 1, mask=xm, other=0.0)
-        sc_lo, mn_lo = (sm & 255).to(tl.float32), ((sm >> 8) & 255).to(tl.float32)
-        sc_hi, mn_hi = ((sm >> 16) & 255).to(tl.float32), ((sm >> 24) & 255).to(tl.float32)
-        acc += (d * sc_lo) * dx_lo * s_lo.to(tl.float32) - (dmin * mn_lo) * sx_lo
-        acc += (d * sc_hi) * dx_hi * s_hi.to(tl.float32) - (dmin * mn_hi) * sx_hi
-    y = tl.sum(tl.sum(tl.sum(acc, axis=3), axis=2), axis=1)
+        acc_a += _q4k_v2_rows(QS, SC, D, ra4, rma & xm, blk, c, v, stride_qs, stride_sc, stride_d, x0, x1, x8, x12,
+                              dx_lo, dx_hi, sx_lo, sx_hi, GPU)
+        if PAIR:
+            acc_b += _q4k_v2_rows(QS, SC, D, rb4, rmb & xm, blk, c, v, stride_qs, stride_sc, stride_d, x0, x1, x8,
+                                  x12, dx_lo, dx_hi, sx_lo, sx_hi, GPU)
+    y = tl.sum(tl.sum(tl.sum(acc_a, axis=3), axis=2), axis=1)
+    if PAIR:
+        y = tl.reshape(tl.join(y, tl.sum(tl.sum(tl.sum(acc_b, axis=3), axis=2), axis=1)), (BLOCK_N,))
     _epilogue(Y, ADD, HQ, HD, HS, CNT, NW, eps, y, rows, t, N, stride_y, stride_b, HAS_ADD, GLU, NORM, STORE_Y, GPU,
               BLOCK_N)
 
@@ -435,11 +460,15 @@ GLU_TILES = {Q4_0: (64, 8, 8), Q8_0: (64, 4, 8), Q4_K: (64, 1, 4), Q6_K: (64, 1,
 # Q6_K's staged table: its configs whose loop has no conversion (the same report), unpipelined and
 # with 3 stages (the small ffn_down and attn_v products of a Q4_K_M file are latency-bound)
 Q4K_ENV = "SEPEDGE_TRITON_Q4K"
-Q4K_V2_TILE = (8, 4, 4, 1)  # GPU, untuned (the interpreter: PACKED's)
-Q4K_V2_TUNE_CONFIGS = [(8, 4, 4, 1), (16, 2, 4, 1), (32, 1, 4, 1), (8, 8, 8, 1), (16, 4, 8, 1), (8, 4, 4, 3),
-                       (16, 2, 4, 3), (32, 1, 4, 3), (8, 8, 8, 3), (16, 4, 8, 3)]
-Q4K_V2_GLU_TILE = (64, 1, 8, 1)
-Q4K_V2_GLU_TUNE_CONFIGS = [(64, 1, 8, 1), (64, 1, 8, 3), (64, 2, 16, 1), (128, 1, 16, 1), (64, 2, 16, 3)]
+Q4K_V2_TILE = (8, 4, 4, 1, 0)  # GPU, untuned (the interpreter: PACKED's)
+# (block_n, blocks per step, warps, stages, pair): pair 1 gives a thread two rows (2i, 2i + 1) over the same
+# activation words: per step 4 weight vectors (64 bytes) and 16 loads in all, against 2 (32 bytes) and 12
+Q4K_V2_TUNE_CONFIGS = [(8, 4, 4, 1, 0), (16, 2, 4, 1, 0), (32, 1, 4, 1, 0), (16, 4, 8, 1, 0), (8, 4, 4, 3, 0),
+                       (16, 2, 4, 3, 0), (16, 4, 4, 1, 1), (32, 2, 4, 1, 1), (64, 1, 4, 1, 1), (32, 4, 8, 1, 1),
+                       (16, 4, 4, 3, 1), (32, 2, 4, 3, 1)]
+Q4K_V2_GLU_TILE = (64, 1, 8, 1, 0)
+Q4K_V2_GLU_TUNE_CONFIGS = [(64, 1, 8, 1, 0), (64, 1, 8, 3, 0), (64, 2, 16, 1, 0), (128, 1, 16, 1, 0),
+                           (128, 1, 8, 1, 1), (128, 2, 16, 1, 1)]
 Q6K_STAGED_TUNE_CONFIGS = [(8, 2, 2, 1), (16, 2, 4, 1), (32, 1, 4, 1), (32, 2, 8, 1), (8, 2, 2, 3), (16, 2, 4, 3),
                            (32, 1, 4, 3), (32, 2, 8, 3)]
 
@@ -460,11 +489,12 @@ def _autotuned(qtype: int, glu: bool, alt: bool = False):
     if (qtype, glu, alt) not in _tuned:
         key = ["N", "nblk", "HAS_ADD", "GLU", "NORM"]
         if alt:
-            table = Q6K_STAGED_TUNE_CONFIGS
             if qtype == Q4_K:
-                table = Q4K_V2_GLU_TUNE_CONFIGS if glu else Q4K_V2_TUNE_CONFIGS
-            configs = [triton.Config({"BLOCK_N": bn, "NB": nb, "STAGES": st}, num_warps=warps)
-                       for bn, nb, warps, st in table]
+                configs = [triton.Config({"BLOCK_N": bn, "NB": nb, "STAGES": st, "PAIR": pair}, num_warps=warps)
+                           for bn, nb, warps, st, pair in (Q4K_V2_GLU_TUNE_CONFIGS if glu else Q4K_V2_TUNE_CONFIGS)]
+            else:
+                configs = [triton.Config({"BLOCK_N": bn, "NB": nb, "STAGES": st}, num_warps=warps)
+                           for bn, nb, warps, st in Q6K_STAGED_TUNE_CONFIGS]
             kernel = matvec_q4_k_v2_kernel if qtype == Q4_K else PACKED[qtype][0]
         else:
             configs = [triton.Config({"BLOCK_N": bn, "NB": nb}, num_warps=warps)
@@ -475,11 +505,13 @@ def _autotuned(qtype: int, glu: bool, alt: bool = False):
 
 
 def _packed_launch(w, qtype: int, x: Act, y, add, stride_b: int, block_n, nb, glu: bool = False, h: Act | None = None,
-                   store_y: bool = True, norm=None, eps: float = 0.0, tickets=None, stages: int | None = None) -> None:
+                   store_y: bool = True, norm=None, eps: float = 0.0, tickets=None, stages: int | None = None,
+                   pair: int | None = None) -> None:
     """The repacked type's kernel: y = x @ W.T (+ add); with glu also h = the 8-bit form of
     silu(gate) * up (y's two halves), y then written only where store_y; with norm (N,) also h = the
     8-bit form of rms_norm(y) * norm (tickets: (T,) int32 zeros, left zero). stages: the pipeline
-    stages of the Q4_K (SEPEDGE_TRITON_Q4K >= 1) and Q6_K kernels instead of the defaults/autotuning."""
+    stages of the Q4_K (SEPEDGE_TRITON_Q4K >= 1) and Q6_K kernels, pair: two rows a thread in the Q4_K v2
+    kernel (0 or 1), instead of the defaults/autotuning."""
     T, K = x.q.shape
     N = w.shape[0]
     dev = y.device
@@ -516,7 +548,7 @@ def _packed_launch(w, qtype: int, x: Act, y, add, stride_b: int, block_n, nb, gl
         table = Q6K_STAGED_TUNE_CONFIGS
     else:
         table = (GLU_TUNE_CONFIGS if glu else TUNE_CONFIGS)[BLOCKS[qtype][0]]
-    if (gpu and block_n is None and nb is None and stages is None and N * K >= TUNE_MIN_SIZE
+    if (gpu and block_n is None and nb is None and stages is None and pair is None and N * K >= TUNE_MIN_SIZE
             and os.environ.get(TUNE_ENV) != "0" and nblk >= max(c[1] for c in table)):
         per = 2 if glu else 1  # GLU: a program's BLOCK_N rows are BLOCK_N / 2 of the gate's N / 2
         grid = lambda meta: (triton.cdiv(N // per, meta["BLOCK_N"] // per), T)  # noqa: E731
@@ -525,13 +557,15 @@ def _packed_launch(w, qtype: int, x: Act, y, add, stride_b: int, block_n, nb, gl
     warps = 4
     if v2 or qtype == Q6_K:
         flags["STAGES"] = stages or 1
+    if v2:
+        flags["PAIR"] = pair or 0
     if glu:
         n_ff = N // 2
         if gpu:
             bn, nbk, warps = GLU_TILES[qtype]
             if v2:
-                bn, nbk, warps, st = Q4K_V2_GLU_TILE
-                flags["STAGES"] = stages or st
+                bn, nbk, warps, st, pr = Q4K_V2_GLU_TILE
+                flags["STAGES"], flags["PAIR"] = stages or st, pair if pair is not None else pr
         else:  # the interpreter: as few programs as it can
             bn, nbk = 2 * max(32, min(256, triton.next_power_of_2(n_ff))), interp[1]
         bn = block_n or bn
@@ -541,6 +575,7 @@ def _packed_launch(w, qtype: int, x: Act, y, add, stride_b: int, block_n, nb, gl
     else:
         if v2 and gpu:
             on_gpu, warps, flags["STAGES"] = Q4K_V2_TILE[:2], Q4K_V2_TILE[2], stages or Q4K_V2_TILE[3]
+            flags["PAIR"] = pair if pair is not None else Q4K_V2_TILE[4]
         bn, nbk = block_n or (on_gpu if gpu else interp)[0], nb or (on_gpu if gpu else interp)[1]
         bn = min(bn, max(1, triton.next_power_of_2(N)))
         grid = triton.cdiv(N, bn)
@@ -550,13 +585,14 @@ def _packed_launch(w, qtype: int, x: Act, y, add, stride_b: int, block_n, nb, gl
 
 def matvec_q8(w, qtype: int, x: Act, add: torch.Tensor | None = None, stride_b: int = 0,
               block_n: int | None = None, nb: int | None = None, packed: bool | None = None,
-              stages: int | None = None) -> torch.Tensor:
+              stages: int | None = None, pair: int | None = None) -> torch.Tensor:
     """y = x @ W.T (+ add) for a quantized W and 8-bit activations x (act_q8): (T, N) float32.
     w: GGUF bytes (N, row_bytes) uint8, or a packed.Packed. add: a bias (stride_b 0) or a residual
     (stride_b its row stride). packed: the kernel of the repacked type (the default where there is
     one; file bytes are repacked here, for tests and benchmarks: the backend repacks once at load),
     False: the byte-wise one on the file's bytes;
-    block_n, nb: tiles (rows, blocks per step) instead of the defaults/autotuning; stages: see _packed_launch."""
+    block_n, nb: tiles (rows, blocks per step) instead of the defaults/autotuning; stages, pair: see
+    _packed_launch."""
     T, K = x.q.shape
     N = w.shape[0]
     dev = w.qs.device if isinstance(w, Packed) else w.device
@@ -578,17 +614,19 @@ def matvec_q8(w, qtype: int, x: Act, add: torch.Tensor | None = None, stride_b: 
                                                    HAS_MIN=qtype in (Q4_1, Q4_K, Q5_K), HAS_ADD=has_add,
                                                    BLOCK_N=bn, NB=nbk, **pdl_launch(dev))
         return y
-    _packed_launch(w, qtype, x, y, add, stride_b, block_n, nb, stages=stages)
+    _packed_launch(w, qtype, x, y, add, stride_b, block_n, nb, stages=stages, pair=pair)
     return y
 
 
 def matvec_glu(w, qtype: int, x: Act, bias: torch.Tensor | None = None, keep_gate_up: bool = False,
-               block_n: int | None = None, nb: int | None = None) -> tuple[Act, torch.Tensor | None]:
+               block_n: int | None = None, nb: int | None = None, pair: int | None = None
+               ) -> tuple[Act, torch.Tensor | None]:
     """The fused gate/up product of decode: w the stacked (2 n_ff, K) weight [gate; up] of a type in
     PACKED (packed.Packed, or file bytes repacked here), x its 8-bit input (T, K); bias (2 n_ff,) or
     None. Returns the 8-bit form (act_q8) of silu(gate) * up (T, n_ff), made in the product's epilogue
     with act_q8's arithmetic, and (keep_gate_up) the float [gate | up] rows (T, 2 n_ff), else None.
-    block_n (a multiple of 64: gate and up rows), nb: tiles instead of the defaults/autotuning."""
+    block_n (a multiple of 64: gate and up rows), nb, pair (_packed_launch): tiles instead of the
+    defaults/autotuning."""
     T, K = x.q.shape
     N = w.shape[0]
     assert qtype in PACKED and N % 64 == 0, "the fused gate/up product takes a repacked type, n_ff whole blocks"
@@ -601,17 +639,19 @@ def matvec_glu(w, qtype: int, x: Act, bias: torch.Tensor | None = None, keep_gat
     if T:
         if bias is not None:
             assert bias.shape == (N,) and bias.dtype == torch.float32
-        _packed_launch(w, qtype, x, y, bias, 0, block_n, nb, glu=True, h=h, store_y=keep_gate_up)
+        _packed_launch(w, qtype, x, y, bias, 0, block_n, nb, glu=True, h=h, store_y=keep_gate_up, pair=pair)
     return h, (y if keep_gate_up else None)
 
 
 def matvec_norm(w, qtype: int, x: Act, res: torch.Tensor, norm: torch.Tensor, eps: float, tickets: torch.Tensor,
-                block_n: int | None = None, nb: int | None = None) -> tuple[torch.Tensor, Act]:
+                block_n: int | None = None, nb: int | None = None, pair: int | None = None
+                ) -> tuple[torch.Tensor, Act]:
     """A product that writes the residual stream, and the next RMSNorm's 8-bit output from its last
     program (decode: no act_q8 launch between it and the products that read the normalized row):
     y = x @ W.T + res (T, N) float32 and the 8-bit form (act_q8) of rms_norm(y) * norm (N,).
     w: a type in PACKED (packed.Packed, or file bytes repacked here); tickets: (T,) int32 zeros on the
-    device (each row's count of finished programs, put back to zero by the last)."""
+    device (each row's count of finished programs, put back to zero by the last); block_n, nb, pair
+    (_packed_launch): tiles instead of the defaults/autotuning."""
     T, K = x.q.shape
     N = w.shape[0]
     assert qtype in PACKED and N % 32 == 0, "the norm epilogue takes a repacked type, rows of whole blocks"
@@ -621,7 +661,8 @@ def matvec_norm(w, qtype: int, x: Act, res: torch.Tensor, norm: torch.Tensor, ep
     h = Act(torch.empty(T, N, dtype=torch.int8, device=dev), torch.empty(T, N // 32, dtype=torch.float32, device=dev),
             torch.empty(T, N // 32, dtype=torch.float32, device=dev))
     if T:
-        _packed_launch(w, qtype, x, y, res, res.stride(0), block_n, nb, h=h, norm=norm, eps=eps, tickets=tickets)
+        _packed_launch(w, qtype, x, y, res, res.stride(0), block_n, nb, h=h, norm=norm, eps=eps, tickets=tickets,
+                       pair=pair)
     return y, h
 
 

@@ -366,8 +366,9 @@ def test_matvec_q4k_v2(rng, size, monkeypatch):
     """SEPEDGE_TRITON_Q4K=1 (matvec_q4_k_v2_kernel): the plain product with a residual, the fused gate/up
     and norm epilogues, against float64 at DOT_REL; an odd number of blocks with a partial last step,
     rows that do not fill the last program, pipelined and unpipelined loops (stages 1 and 3: the
-    interpreter runs both alike, the compile test builds both for sm_90); the variant-0 kernel is
-    replaced by one that fails if launched, so these are the new kernel's results."""
+    interpreter runs both alike, the compile test builds both for sm_90), one row a thread and two
+    (pair); the variant-0 kernel is replaced by one that fails if launched, so these are the new
+    kernel's results."""
     M = importlib.import_module("sepedge.kernels.matvec")  # the package's `matvec` is the function
     monkeypatch.setenv(M.Q4K_ENV, "1")
     monkeypatch.setitem(M.PACKED, Q.Q4_K, (_NotLaunched(), *M.PACKED[Q.Q4_K][1:]))
@@ -379,7 +380,8 @@ def test_matvec_q4k_v2(rng, size, monkeypatch):
     x, x64 = product_inputs(rng, Q.Q4_K, T, n_cols, scale=3.0)
     xa = K.act_q8(on_device(x))
     res = rng.standard_normal((T, N)).astype(np.float32)
-    tiles = [dict(), dict(block_n=8, nb=2, stages=1), dict(block_n=8, nb=2, stages=3)]
+    tiles = [dict(), dict(block_n=8, nb=2, stages=1), dict(block_n=8, nb=2, stages=3),
+             dict(block_n=16, nb=2, stages=1, pair=1), dict(block_n=16, nb=2, stages=3, pair=1)]
     for tile in tiles:
         got = M.matvec_q8(p, Q.Q4_K, xa, **tile)
         check_product(got, w64, x64, None, DOT_REL)
@@ -388,7 +390,8 @@ def test_matvec_q4k_v2(rng, size, monkeypatch):
     # the gate/up product with its SwiGLU epilogue: n_ff an odd number of 8-bit blocks
     n_ff = 5 * 32 if small else 4096 + 3 * 32
     wg = random_weight(rng, Q.Q4_K, 2 * n_ff, n_cols)
-    for tile in ([dict(), dict(block_n=64, nb=1)] if small else [dict(), dict(block_n=128, nb=1)]):
+    for tile in ([dict(), dict(block_n=64, nb=1), dict(block_n=128, nb=1, pair=1)] if small
+                 else [dict(), dict(block_n=128, nb=1), dict(block_n=128, nb=1, pair=1)]):
         h, gu = K.matvec_glu(K.pack(on_device(wg), Q.Q4_K, n_cols), Q.Q4_K, xa, keep_gate_up=True, **tile)
         check_product(gu, decode(wg, Q.Q4_K, n_cols), x64, None, DOT_REL)
         assert_same_act(h, K.act_q8(gu[:, :n_ff], up=gu[:, n_ff:]))
@@ -398,10 +401,12 @@ def test_matvec_q4k_v2(rng, size, monkeypatch):
     r = on_device(rng.standard_normal((T, nn)).astype(np.float32))
     nd = on_device(rng.uniform(0.5, 1.5, nn).astype(np.float32))
     tickets = torch.zeros(T, dtype=torch.int32, device=DEVICE)
-    y, h = K.matvec_norm(K.pack(on_device(wn), Q.Q4_K, n_cols), Q.Q4_K, xa, r, nd, 1e-5, tickets, block_n=8, nb=2)
-    check_product(y - r, decode(wn, Q.Q4_K, n_cols), x64, None, DOT_REL + 1e-6)
-    assert_same_act(h, K.act_q8(y, norm=nd, eps=1e-5))
-    assert not tickets.any()
+    pn = K.pack(on_device(wn), Q.Q4_K, n_cols)
+    for tile in (dict(block_n=8, nb=2), dict(block_n=16, nb=2, pair=1)):
+        y, h = K.matvec_norm(pn, Q.Q4_K, xa, r, nd, 1e-5, tickets, **tile)
+        check_product(y - r, decode(wn, Q.Q4_K, n_cols), x64, None, DOT_REL + 1e-6)
+        assert_same_act(h, K.act_q8(y, norm=nd, eps=1e-5))
+        assert not tickets.any()
 
 
 @pytest.mark.parametrize("size", SIZES)
