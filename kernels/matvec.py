@@ -392,7 +392,7 @@ def matvec_q6_k_kernel(Y, QS, QH, SC, D, X32, XD, XS, ADD, N, nblk, stride_qs, s
     w = tl.arange(0, 4)[None, None, None, None, :]
     pdl_wait(PDL)  # launched early: wait for the kernel before (pdl.py)
     acc = tl.zeros([BLOCK_N, NB, 2, 2], dtype=tl.float32)
-    for b0 in tl.range(0, nblk, NB, num_stages=STAGES):  # STAGES > 1: SEPEDGE_TRITON_Q4K=1's tiles
+    for b0 in tl.range(0, nblk, NB, num_stages=STAGES):  # STAGES > 1: SEPEDGE_TRITON_Q4K=2's tiles
         blk = b0 + b  # (1, NB, 1, 1)
         xm = blk < nblk
         ok = rm & xm  # (BN, NB, 1, 1)
@@ -452,11 +452,11 @@ GLU_TUNE_CONFIGS = {32: [(64, 8, 8), (64, 4, 4), (64, 16, 8), (128, 4, 8), (64, 
 GLU_TILES = {Q4_0: (64, 8, 8), Q8_0: (64, 4, 8), Q4_K: (64, 1, 4), Q6_K: (64, 1, 4)}  # GPU, untuned
 # SEPEDGE_TRITON_Q4K, read at every launch (a decode graph keeps the kernels it was captured with):
 # 0 (the default until measured on a GPU): matvec_q4_k_kernel and Q6_K's TUNE_CONFIGS; 1: Q4_K through
-# matvec_q4_k_v2_kernel; 2: that and Q6_K's tiles of Q6K_STAGED_TUNE_CONFIGS. The v2 tiles (block_n,
-# blocks per step, warps, pipeline stages) give every thread exactly one (row, block, chunk) a step,
-# block_n * NB * 4 = 32 * warps: the one shape where Triton lays the scale tiles out as the code tiles
-# (other shapes put shared-memory conversions back into the loop: the sm_90 PTX, triton_ptxas.py
-# --decode); stages 3: the loads of the next two steps in flight (cp.async) while one is summed.
+# matvec_q4_k_v2_kernel; 2: that and Q6_K's tiles of Q6K_STAGED_TUNE_CONFIGS. The v2 tiles give every
+# thread exactly one (row, block, chunk) of each row tile a step, rows of a tile * NB * 4 = 32 * warps
+# (rows of a tile: block_n, or block_n / 2 with pair): the one shape where Triton lays the scale tiles out
+# as the code tiles (other shapes put shared-memory conversions back into the loop: the sm_90 PTX,
+# triton_ptxas.py --decode); stages 3: the loads of the next two steps in flight (cp.async) while one is summed.
 # Q6_K's staged table: its configs whose loop has no conversion (the same report), unpipelined and
 # with 3 stages (the small ffn_down and attn_v products of a Q4_K_M file are latency-bound)
 Q4K_ENV = "SEPEDGE_TRITON_Q4K"
