@@ -551,6 +551,31 @@ def test_kv_modes_neox_match_cpu(gguf_path, stream, spec, mode, sizes, ring, mon
 
 
 @gpu
+@pytest.mark.parametrize("spec,qtype,mode", [("gqa-d128-llama31", "q4_k_m", "full"), ("gqa-d128-llama31", "q4_0", "sepllm-stream"),
+                                             ("qwen2-tied", "q4_0", "full")])
+def test_split_cells_and_typed_matvec(gguf_path, rng, monkeypatch, spec, qtype, mode):
+    """The one-token attention's split size (SEPEDGE_CUDA_ATTN_SPLIT_CELLS: 16 cells, many splits and
+    merges; 1024, one split) moves only the summation order of the softmax: both within the decode
+    tolerance of the CPU engine, in full and in a delta mode; the decode products made for one
+    weight type (SEPEDGE_CUDA_MV_SPEC, the default) give the same bits as the kernel made for any."""
+    path = gguf_path(spec, qtype)
+    tokens = rng.integers(0, 777, 300).tolist()
+    kw = dict(n_ctx=512, kv_mode=mode) if mode == "full" else dict(kv_mode=mode, n_init=4, n_sep=32, n_local=64, n_cache=128)
+    with cpu_engine(path, n_batch=16, **kw) as cpu_llm:
+        cpu_steps = step_by_step(cpu_llm, tokens)
+    got = {}
+    for cells, typed in (("16", "1"), ("1024", "1"), ("16", "0")):
+        monkeypatch.setenv("SEPEDGE_CUDA_ATTN_SPLIT_CELLS", cells)
+        monkeypatch.setenv("SEPEDGE_CUDA_MV_SPEC", typed)
+        with cuda_engine(path, n_batch=16, **kw) as llm:
+            got[cells, typed] = step_by_step(llm, tokens)
+        err = rel(got[cells, typed], cpu_steps)
+        report("split-cells", spec, qtype, mode, cells, typed, err)
+        assert err <= MAX_REL_VS_CPU_DECODE[qtype], (cells, typed)
+    np.testing.assert_array_equal(got["16", "1"], got["16", "0"])
+
+
+@gpu
 def test_graphs_and_decode_paths(gguf_path, rng, monkeypatch):
     """CUDA graphs replay exactly the kernels of a direct launch, with or without chained launches
     and prefetch; the float decode path (weights

@@ -74,9 +74,9 @@ __device__ __forceinline__ void prefetch_row_l2(const __half * p, int bytes) {
     for (uintptr_t x = (uintptr_t) p & ~(uintptr_t) 127; x < end; x += 128) asm volatile("prefetch.global.L2 [%0];" ::"l"(x));
 }
 
-__device__ __forceinline__ int n_splits_of(int n_live, int max_splits) {
-    const int n = (n_live + SE_ATTN_SPLIT - 1) / SE_ATTN_SPLIT;
-    return n < max_splits ? n : max_splits;
+__device__ __forceinline__ int n_splits_of(int n_live, const se_dattn & a) {
+    const int n = (n_live + a.split_cells - 1) / a.split_cells;
+    return n < a.max_splits ? n : a.max_splits;
 }
 
 // 16 bytes global -> shared, not through L1 (cache rows are read once a layer).
@@ -295,7 +295,7 @@ __global__ void __launch_bounds__(DEC_WARPS * 32, DEC_MIN_BLOCKS(GB))
     float * s_acc = (float *) dsm;  // [DEC_WARPS][C][GB][DP], after the loop
     auto acc_at = [&](int w, int u, int g, int j) -> float & { return s_acc[((w * C + u) * GB + g) * DP + j]; };
 
-    const int n_live = a.step->n_live, n_splits = n_splits_of(n_live, a.max_splits), split = blockIdx.y;
+    const int n_live = a.step->n_live, n_splits = n_splits_of(n_live, a), split = blockIdx.y;
     const int len = (n_live + n_splits - 1) / n_splits, c0 = split * len, c1 = min(c0 + len, n_live);
     const int d = a.head_dim, half = d / 2, group = a.n_head / a.n_head_kv;
     const int h0 = blockIdx.x * gb, hk = h0 / group;
@@ -631,7 +631,7 @@ __global__ void __launch_bounds__(DEC_WARPS * 32, MINB)
     __shared__ int s_dc[ROT ? TC_STAGE : 1];  // ROT: the stage's cells that turn (a.dtab's row), else -1
     __shared__ __align__(16) float s_acc[ACC];  // in the loop (ROT): the (cos, sin) pieces, after it the partials
 
-    const int n_live = a.step->n_live, n_splits = n_splits_of(n_live, a.max_splits), split = blockIdx.y;
+    const int n_live = a.step->n_live, n_splits = n_splits_of(n_live, a), split = blockIdx.y;
     const int len = (n_live + n_splits - 1) / n_splits, c0 = split * len, c1 = min(c0 + len, n_live);
     const int h0 = blockIdx.x * gb, hk = h0 / (a.n_head / a.n_head_kv);
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, r = lane / 4, c = lane % 4;
@@ -782,7 +782,7 @@ __global__ void __launch_bounds__(DEC_WARPS * 32, MINB)
 __global__ void __launch_bounds__(DEC_WARPS * 32) k_attn_split(const se_dattn a, int gb) {
     __shared__ float s_m[DEC_WARPS][DEC_MAX_G], s_l[DEC_WARPS][DEC_MAX_G];
     __shared__ float s_acc[DEC_WARPS][DEC_MAX_G][128];
-    const int n_live = a.step->n_live, n_splits = n_splits_of(n_live, a.max_splits), split = blockIdx.y;
+    const int n_live = a.step->n_live, n_splits = n_splits_of(n_live, a), split = blockIdx.y;
     if (split >= n_splits) return;
     const int len = (n_live + n_splits - 1) / n_splits, c0 = split * len, c1 = min(c0 + len, n_live);
     const int d = a.head_dim, group = a.n_head / a.n_head_kv;
@@ -859,7 +859,7 @@ __global__ void __launch_bounds__(DEC_WARPS * 32) k_attn_split(const se_dattn a,
 // grid n_head, block head_dim rounded up to warps: merge the splits of k_attn_split.
 __global__ void k_attn_merge(const se_dattn a, int8_t * qx, float2 * ds) {
     const int h = blockIdx.x, j = threadIdx.x, d = a.head_dim;
-    const int n_splits = n_splits_of(a.step->n_live, a.max_splits);
+    const int n_splits = n_splits_of(a.step->n_live, a);
     const float * part = a.part + (int64_t) h * a.max_splits * (d + 2);
     float mx = -INFINITY;
     for (int s = 0; s < n_splits; s++) mx = fmaxf(mx, part[s * (d + 2) + d]);
@@ -898,6 +898,14 @@ static int heads_per_block(int group) {
 static int env_int(const char * name, int fallback) {
     const char * env = getenv(name);
     return env && *env ? atoi(env) : fallback;
+}
+
+// Measured on the H200 (cuda_kernels_log.md, session 8): sepllm-stream's ~800 cells after 32K tokens
+// decode 7% faster in 6 splits than in 25 of 32 cells, each split's partial store, fence, atomic and
+// the last block's merge costing more than the parallelism gains on so few cells.
+int se_cuda_split_cells(void) {
+    const int n = env_int("SEPEDGE_CUDA_ATTN_SPLIT_CELLS", SE_ATTN_SPLIT);
+    return n < 16 ? 16 : n > (1 << 20) ? (1 << 20) : n;
 }
 
 // The splits of a column capped at one wave of blocks (per_sm of them resident a multiprocessor), or

@@ -38,11 +38,12 @@ struct mv_args {
 
 bool se_cuda_wants_q8(const se_dweight * w, int path) { return path == SE_MV_AUTO && has_q8_kernel(w->type); }
 
-template <int NR, int U>
+// T: the weight type when the kernel is made for one (the other types' code left out of it), else -1.
+template <int NR, int U, int T>
 __device__ __forceinline__ void qdot(int32_t type, int64_t cols, const qrows<NR> & w, const se_dact & act, int lane, float * acc) {
 #pragma unroll
     for (int n = 0; n < NR; n++) acc[n] = 0;
-    switch (type) {
+    switch (T >= 0 ? T : type) {
         case SE_TYPE_Q4_0: dot_q4<false, NR, U>(w, cols / 32, act.qx, act.ds, lane, acc); break;
         case SE_TYPE_Q4_1: dot_q4<true, NR, U>(w, cols / 32, act.qx, act.ds, lane, acc); break;
         case SE_TYPE_Q8_0: dot_q8_0<NR, U>(w, cols / 32, act.qx, act.ds, lane, acc); break;
@@ -54,29 +55,29 @@ __device__ __forceinline__ void qdot(int32_t type, int64_t cols, const qrows<NR>
 __device__ __forceinline__ const uint8_t * scales_of(const se_dweight & w, int64_t r) { return w.s ? w.s + r * w.s_row : nullptr; }
 
 // A lane's share of row r . x.
-template <int U>
+template <int U, int T>
 __device__ __forceinline__ float dot1(const se_dweight & w, int64_t r, const se_dact & act, int path, int lane) {
-    if (path == SE_MV_FLOAT || !has_q8_kernel(w.type)) return dot_float(w, r, act.x, lane);
+    if (T < 0 && (path == SE_MV_FLOAT || !has_q8_kernel(w.type))) return dot_float(w, r, act.x, lane);
     const qrows<1> q = {{w.q + r * w.q_row}, {scales_of(w, r)}};
     float acc[1];
-    qdot<1, U>(w.type, w.cols, q, act, lane, acc);
+    qdot<1, U, T>(w.type, w.cols, q, act, lane, acc);
     return acc[0];
 }
 
 // Two rows (of one weight or two) at once where they share a type, else one after the other.
-template <int U>
+template <int U, int T>
 __device__ __forceinline__ void dot2(const se_dweight & wa, int64_t ra, const se_dweight & wb, int64_t rb, const se_dact & act,
                                      int path, int lane, float & da, float & db) {
-    if (path != SE_MV_FLOAT && has_q8_kernel(wa.type) && wa.type == wb.type && wa.cols == wb.cols) {
+    if (T >= 0 || (path != SE_MV_FLOAT && has_q8_kernel(wa.type) && wa.type == wb.type && wa.cols == wb.cols)) {
         const qrows<2> q = {{wa.q + ra * wa.q_row, wb.q + rb * wb.q_row}, {scales_of(wa, ra), scales_of(wb, rb)}};
         float acc[2];
-        qdot<2, U>(wa.type, wa.cols, q, act, lane, acc);
+        qdot<2, U, T>(wa.type, wa.cols, q, act, lane, acc);
         da = acc[0];
         db = acc[1];
         return;
     }
-    da = dot1<U>(wa, ra, act, path, lane);
-    db = dot1<U>(wb, rb, act, path, lane);
+    da = dot1<U, T>(wa, ra, act, path, lane);
+    db = dot1<U, T>(wb, rb, act, path, lane);
 }
 
 // Output k and its row for row v of the outputs' concatenation; false past the end.
@@ -194,8 +195,9 @@ __device__ void norm_prologue(const mv_args & a, int64_t dim, float * xs, int8_t
 }
 
 // Two blocks a multiprocessor (123 registers a thread). Measured on an H200: 3 (80 registers, no
-// spills) is 12% slower a token (benchmarks/results/cuda_kernels_log.md).
-template <int U>
+// spills) is 12% slower a token (benchmarks/results/cuda_kernels_log.md). T: one weight type, every
+// output of that type on the 8-bit path (-1: any types and paths, chosen per row).
+template <int U, int T>
 __global__ void __launch_bounds__(256, 2) k_matvec(const mv_args a) {
     extern __shared__ __align__(16) uint8_t smem[];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -226,7 +228,7 @@ __global__ void __launch_bounds__(256, 2) k_matvec(const mv_args a) {
             float h = 0;
             if (r < gate.w.rows) {
                 float g, u;
-                dot2<U>(gate.w, r, up.w, r, act, a.path, lane, g, u);
+                dot2<U, T>(gate.w, r, up.w, r, act, a.path, lane, g, u);
                 g = warp_sum(g);
                 u = warp_sum(u);
                 h = g / (1.0f + expf(-g)) * u;
@@ -254,7 +256,7 @@ __global__ void __launch_bounds__(256, 2) k_matvec(const mv_args a) {
         if (!locate(a, r0 + rr, ka, ra)) return;
         if (locate(a, r0 + rr + 1, kb, rb)) {
             float da, db;
-            dot2<U>(a.o[ka].w, ra, a.o[kb].w, rb, act, a.path, lane, da, db);
+            dot2<U, T>(a.o[ka].w, ra, a.o[kb].w, rb, act, a.path, lane, da, db);
             da = warp_sum(da);
             db = warp_sum(db);
             if (lane == 0) {
@@ -262,7 +264,7 @@ __global__ void __launch_bounds__(256, 2) k_matvec(const mv_args a) {
                 store(a.o[kb], rb, db);
             }
         } else {
-            const float da = warp_sum(dot1<U>(a.o[ka].w, ra, act, a.path, lane));
+            const float da = warp_sum(dot1<U, T>(a.o[ka].w, ra, act, a.path, lane));
             if (lane == 0) store(a.o[ka], ra, da);
         }
     }
@@ -285,11 +287,33 @@ static int rows_per_block(int64_t rows, bool swiglu) {
 // 2 beats 1 (fewer loads in flight) and 4 (161 registers: one block a multiprocessor).
 #define MV_UNROLL 2
 
+// The one type every output has on the 8-bit path, else -1.
+static int one_q8_type(const mv_args & a) {
+    if (a.path != SE_MV_AUTO || !has_q8_kernel(a.o[0].w.type)) return -1;
+    for (int k = 1; k < a.n_outs; k++)
+        if (a.o[k].w.type != a.o[0].w.type || a.o[k].w.cols != a.o[0].w.cols) return -1;
+    return a.o[0].w.type;
+}
+
+typedef void (*mv_kernel)(mv_args);
+
+static mv_kernel matvec_kernel(int type) {
+    switch (type) {
+        case SE_TYPE_Q4_0: return k_matvec<MV_UNROLL, SE_TYPE_Q4_0>;
+        case SE_TYPE_Q4_1: return k_matvec<MV_UNROLL, SE_TYPE_Q4_1>;
+        case SE_TYPE_Q8_0: return k_matvec<MV_UNROLL, SE_TYPE_Q8_0>;
+        case SE_TYPE_Q4_K: return k_matvec<MV_UNROLL, SE_TYPE_Q4_K>;
+        case SE_TYPE_Q6_K: return k_matvec<MV_UNROLL, SE_TYPE_Q6_K>;
+        default:           return k_matvec<MV_UNROLL, -1>;
+    }
+}
+
 static int launch(mv_args & a, int64_t rows, size_t smem, cudaStream_t s) {
     a.rows_per_block = rows_per_block(rows, a.swiglu);
     const unsigned grid = (unsigned) ((rows + a.rows_per_block - 1) / a.rows_per_block);
     a.prefetch = se_cuda_opts.prefetch;
-    SE_CUDA_CHECK(se_launch(k_matvec<MV_UNROLL>, dim3(grid), dim3(256), smem, s, se_cuda_opts.pdl, a));
+    SE_CUDA_CHECK(se_launch(matvec_kernel(se_cuda_opts.mv_typed ? one_q8_type(a) : -1), dim3(grid), dim3(256), smem, s,
+                            se_cuda_opts.pdl, a));
     return SE_OK;
 }
 
@@ -448,7 +472,9 @@ int se_cuda_matmul(const se_mm_out * o, const float * x, int32_t n, cudaStream_t
 }
 
 void se_cuda_matmul_init() {
-    const void * kernels[] = {(const void *) k_matvec<MV_UNROLL>, (const void *) k_matmul};
+    const int types[] = {SE_TYPE_Q4_0, SE_TYPE_Q4_1, SE_TYPE_Q8_0, SE_TYPE_Q4_K, SE_TYPE_Q6_K, -1};
+    for (int t : types) cudaFuncSetAttribute((const void *) matvec_kernel(t), cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
+    const void * kernels[] = {(const void *) k_matmul};
     for (const void * k : kernels) cudaFuncSetAttribute(k, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
     cudaGetLastError();
 }

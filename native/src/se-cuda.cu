@@ -17,7 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-thread_local se_cuda_launch_opts se_cuda_opts = {false, 1, 0};
+thread_local se_cuda_launch_opts se_cuda_opts = {false, 1, 0, true};
 
 int se_cuda_error(cudaError_t e, const char * what) {
     return se_error(SE_ERR_BACKEND, "CUDA error: %s (%s)", cudaGetErrorString(e), what);
@@ -73,6 +73,7 @@ typedef struct cuda_ctx {
     float * h_logits;     // pinned (logit_rows, n_vocab)
     int32_t logit_rows;
     int32_t max_splits;
+    int32_t split_cells;  // se_cuda_split_cells() when the context was made
     int path;             // se_mv_path
     bool mmq;             // prefill products on int8 tensor cores where the type has them
     bool f16_on;          // prefill products of chunks of >= f16_min tokens through cuBLAS (se-cuda-cublas.cu)
@@ -196,6 +197,8 @@ static int cuda_init(se_context * ctx) {
     c->opts.pdl = major >= 9 && !c->timing.on && !(env && !strcmp(env, "0"));
     env = getenv("SEPEDGE_CUDA_PREFETCH");
     c->opts.prefetch = env && *env ? atoi(env) : 1;
+    env = getenv("SEPEDGE_CUDA_MV_SPEC");
+    c->opts.mv_typed = !(env && !strcmp(env, "0"));
     env = getenv("SEPEDGE_CUDA_ATTN_TC");
     c->opts.attn_tc = env && *env ? atoi(env) : SE_ATTN_TC_AUTO;
     env = getenv("SEPEDGE_CUDA_NEXT_L2");
@@ -206,7 +209,8 @@ static int cuda_init(se_context * ctx) {
     int64_t widest = hp->n_ff > q_dim ? hp->n_ff : q_dim;
     if (widest < dim) widest = dim;
     c->logit_rows = nb < 8 ? (int32_t) nb : 8;
-    c->max_splits = (int32_t) ((n_cells + SE_ATTN_SPLIT - 1) / SE_ATTN_SPLIT);
+    c->split_cells = se_cuda_split_cells();
+    c->max_splits = (int32_t) ((n_cells + c->split_cells - 1) / c->split_cells);
     if (c->max_splits > SE_ATTN_MAX_SPLITS) c->max_splits = SE_ATTN_MAX_SPLITS;
     DEV_ALLOC(c->x, nb * dim);
     DEV_ALLOC(c->xb, nb * (dim > q_dim ? dim : q_dim));
@@ -305,6 +309,7 @@ static se_dattn attn_args(se_context * ctx, int32_t il) {
     a.head_dim = hp->head_dim;
     a.rope_type = hp->rope_type;
     a.max_splits = c->max_splits;
+    a.split_cells = c->split_cells;
     a.prefetch = c->opts.prefetch;
     a.scale = 1.0f / sqrtf((float) hp->head_dim);
     a.n_next = 0;

@@ -119,10 +119,13 @@ enum se_mv_path {
 // history with a full cache (cuda_kernels_log.md, session 7), in every cache mode (the modes with
 // deltas: session 8, not yet measured), off at 64 (not measured apart there).
 #define SE_ATTN_TC_AUTO (-1)
+// mv_typed: the one-token products' kernel made for the outputs' one weight type where they share
+// one (SEPEDGE_CUDA_MV_SPEC=0: the kernel made for any type, measurements).
 struct se_cuda_launch_opts {
     bool pdl;
     int prefetch;
     int attn_tc;
+    bool mv_typed;
 };
 extern thread_local se_cuda_launch_opts se_cuda_opts;
 
@@ -243,6 +246,7 @@ struct se_dattn {
     unsigned * count;        // (n_head) splits done per block column; 0 between launches
     int32_t n_head, n_head_kv, head_dim, rope_type;
     int32_t max_splits;
+    int32_t split_cells;     // cells a split of the one-token kernel takes at least (se_cuda_split_cells)
     int32_t prefetch;        // se_cuda_opts.prefetch, for the one-token kernel
     float scale;
     // one token: the next products' weights (wo, the first rows of gate and up), asked of L2 by the
@@ -262,8 +266,10 @@ struct se_dattn {
 // reads, consecutive cells of one head, consecutive in memory.
 __host__ __device__ inline int64_t se_kv_at(const se_dattn & a, int64_t cell, int64_t hk) { return cell * a.kv_cell + hk * a.kv_head; }
 
-// Cells per split of the one-token kernel, at least; at most SE_ATTN_MAX_SPLITS splits.
+// Cells per split of the one-token kernel, at least (SEPEDGE_CUDA_ATTN_SPLIT_CELLS overrides it when a
+// context is made); at most SE_ATTN_MAX_SPLITS splits.
 #define SE_ATTN_SPLIT 32
+int se_cuda_split_cells(void);
 #define SE_ATTN_MAX_SPLITS 128
 // Rotary embedding (se-cuda-rope.cu).
 // (cos, sin) tables of the step: of the decode token's position, and of each live cell's delta
