@@ -35,6 +35,8 @@
 # 32K and at 0; ~250 s with the prebuilt library and the models made).
 # ncu-mv (hardware counters and stall reasons of one layer's decode products, 8B Q4_0 and Q4_K_M), smol-ab (SmolLM2's
 # decode with the float or the tensor-core attention, SEPEDGE_CUDA_ATTN_TC 0 / 2, then its kernel times).
+# pick (benchmarks/env_ab.py: SEPEDGE_CUDA_MV_SPEC and SEPEDGE_CUDA_ATTN_SPLIT_CELLS measured, the fastest of each
+# appended to $CHOICE for later phases to source).
 set -u
 OUT=${OUT:-/tmp/sepedge-out}
 mkdir -p "$OUT" /tmp/models
@@ -208,6 +210,16 @@ PY
                      grep -E "^  (void )?k_|Duration|DRAM Throughput|Achieved Occupancy|Registers Per|Theoretical Occ|Grid Size|Block Size|Warp Cycles Per Issued|Issued Warp|L1/TEX Hit|L2 Hit|Mem Busy|Max Bandwidth|stalled_(long|lg|mio|short|wait|barrier|not_sel|math|no_inst|drain|membar|selected|imc|branch|dispatch|tex)" \
                          $OUT/ncu-mv-$(basename $m .gguf).log | sed 's/  */ /g' | head -${NCU_LINES:-150}
                  done ;;
+        pick) models  # decode switches chosen by measurement (benchmarks/env_ab.py, interleaved rounds): the fastest value of
+              # each is appended to $CHOICE (default /tmp/choice.env; a later phase or call sources it)
+              CHOICE=${CHOICE:-/tmp/choice.env}
+              m0=/tmp/models/llama3-8b-q4_0.gguf mk=/tmp/models/llama3-8b-q4_k_m.gguf ms=/tmp/models/smollm2-135m-q4_0.gguf
+              python3 benchmarks/env_ab.py --var SEPEDGE_CUDA_MV_SPEC --values 0,1 --rounds ${PICK_ROUNDS:-2} --choose $CHOICE \
+                  --case "$m0 --steps 64" --case "$mk --steps 64" --md $OUT/pick.md 2>&1 | tail -12
+              python3 benchmarks/env_ab.py --var SEPEDGE_CUDA_ATTN_SPLIT_CELLS --values ${SPLIT_VALUES:-32,64,128,256} \
+                  --rounds ${PICK_ROUNDS:-2} --choose $CHOICE --case "$m0 --depth 32768 --kv-mode sepllm-stream --steps 48" \
+                  --case "$m0 --steps 128" --case "$ms --steps 128" --md $OUT/pick.md 2>&1 | tail -12
+              cat $CHOICE ;;
         smol-ab) models smol  # SmolLM2-135M (head_dim 64) decode: the float attention against the tensor-core one (=2), interleaved,
                  # then each kernel's GPU time a token in timing mode
                  m=/tmp/models/smollm2-135m-q4_0.gguf

@@ -5,6 +5,7 @@ the values interleaved round by round so that clock and thermal drift fall on al
 torch.profiler's decode step per value (kernel time and launches a step, the act_q8 launches left).
 
     python benchmarks/triton_ab.py MODEL.gguf [--env SEPEDGE_TRITON_FUSE] [--modes 0,attn,1] [--md out.md] [--reps 5]
+        [--choose choice.env]
 
 SEPEDGE_TRITON_FUSE: 0 (an act_q8 launch before every quantized product), attn (the attention merge
 makes the output projection's input), 1 (and the gate/up product makes the down product's).
@@ -35,6 +36,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=16, help="decode steps profiled per mode")
     ap.add_argument("--env", default="SEPEDGE_TRITON_FUSE")
     ap.add_argument("--modes", default="0,attn,1")
+    ap.add_argument("--choose", type=Path, default=None, help="append ENV=the fastest mode to this file")
     args = ap.parse_args()
     import numpy as np
     import torch
@@ -104,6 +106,9 @@ def main() -> int:
     print(text)
     if args.md:
         args.md.write_text(text)
+    if args.choose:
+        with args.choose.open("a") as f:
+            f.write(f"{args.env}={max(modes, key=lambda m: statistics.fmean(runs[m]))}\n")
     return 0
 
 

@@ -18,7 +18,7 @@
 # sweep (benchmarks/triton_prefill_sweep.py, SWEEP_ARGS), profile (benchmarks/triton_profile.py per model,
 # PROFILE_ARGS: e.g. "--pp 512,4096" for the A/B of the prefill routes q8 / f16 / dq at both lengths),
 # ab (benchmarks/triton_ab.py per model: tg128 with AB_ENV (default SEPEDGE_TRITON_FUSE) set to each of AB_MODES
-# (default 0,attn,1), interleaved),
+# (default 0,attn,1), interleaved; AB_CHOOSE: a file the fastest mode is appended to as ENV=mode),
 # use-llama (the llama-bench of .gpu/), llamabench (its rows).
 set -u
 OUT=${OUT:-/tmp/sepedge-out}
@@ -116,7 +116,8 @@ for phase in "$@"; do
         sweep) timeout $(left) python3 benchmarks/triton_prefill_sweep.py ${SWEEP_ARGS:-} --json "$OUT/triton_prefill_sweep.json" 2>&1 | tail -12 ;;
         ab) for m in ${PROFILE_MODELS:-$MODELS}; do
                 timeout $(left) python3 benchmarks/triton_ab.py "$m" --env ${AB_ENV:-SEPEDGE_TRITON_FUSE} \
-                    --modes ${AB_MODES:-0,attn,1} --reps ${REPS:-5} --md "$OUT/ab-${AB_ENV:-fuse}-$(basename "$m" .gguf).md" 2>&1 | tail -40
+                    --modes ${AB_MODES:-0,attn,1} --reps ${REPS:-5} --md "$OUT/ab-${AB_ENV:-fuse}-$(basename "$m" .gguf).md" \
+                    ${AB_CHOOSE:+--choose $AB_CHOOSE} 2>&1 | tail -40
             done ;;
         profile) for m in ${PROFILE_MODELS:-$MODELS}; do
                      timeout $(left) python3 benchmarks/triton_profile.py "$m" ${PROFILE_ARGS:-} --md "$OUT/profile-$(basename "$m" .gguf).md" 2>&1 | tail -70
