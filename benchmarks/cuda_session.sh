@@ -9,7 +9,7 @@
 #
 #     bash benchmarks/cuda_session.sh tests bench ...   (phases, in order; logs and results in $OUT)
 #
-# Phases: tests (pytest -m gpu), llama (build llama.cpp with CUDA, in the background), models
+# Phases: tests (pytest -m gpu; TEST_K: a -k expression), llama (build llama.cpp with CUDA, in the background), models
 # (random-weight GGUFs), bench (benchmarks/cuda_bench.py), bench8b / benchsmol (one model each),
 # save-llama (the built llama-bench, compressed, to $OUT) / use-llama (take it from .gpu/ instead of
 # building), quick (sepedge bench alone), copybw (device-to-device copy rate through torch: the
@@ -94,7 +94,7 @@ for phase in "$@"; do
     case $phase in
         llama) (setsid bash -c "$(declare -f llama_build); JOBS=$JOBS ARCH=$ARCH llama_build > $OUT/llama-build.log 2>&1; touch /tmp/llama-done" &) ;;
         tests) SEPEDGE_CUDA_REPORT=$OUT/errors.tsv timeout ${TEST_TIMEOUT:-420} python3 -m pytest -q -m gpu tests/test_cuda.py \
-                   --maxfail=25 -p no:cacheprovider ${TEST_ARGS:-} 2>&1 | tee "$OUT/tests.log" | tail -40 ;;
+                   --maxfail=25 -p no:cacheprovider ${TEST_K:+-k "$TEST_K"} ${TEST_ARGS:-} 2>&1 | tee "$OUT/tests.log" | tail -40 ;;
         models) models ;;
         cublas) python3 -c "import os; from sepedge._ffi import ffi, lib; r = lib.se_cuda_cublas_load(); print('SEPEDGE_CUBLAS:',
                     os.environ.get('SEPEDGE_CUBLAS'), '| load:', ffi.string(lib.se_last_error()).decode() if r else 'ok')" 2>&1 | tee $OUT/cublas.log

@@ -412,6 +412,10 @@ DQ_TUNE_CONFIGS = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 128, 8
 # (matmul_dq, a scratch of at most DQ_SCRATCH_BYTES) and multiply plain float16: the decoding leaves the
 # GEMM's inner loop, where it is repeated for every M tile (SEPEDGE_TRITON_PREFILL=f16 keeps that route)
 DQ_MIN_ROWS = 256
+# the weight types whose long chunks take matmul_dq by default (the backend's SEPEDGE_TRITON_PREFILL=auto):
+# measured on an H200 (8B, 512-token prompts), decoding once paid for Q4_K_M's K-quants (11.6K against
+# 10.2K t/s in registers) and lost for Q4_0 (9.0K against 15.4K), whose in-register decoding is cheap
+DQ_AUTO_TYPES = (Q4_K, Q6_K)
 DQ_SCRATCH_BYTES = 256 << 20  # Llama-3-8B's fused gate/up (28672 x 4096, 235 MB) in one slice
 
 

@@ -13,8 +13,10 @@ GPU with sepedge.kernels, over the one SepLLM cache policy of the C core.
 Prompt chunks into repacked weights take half-precision rows and float16 products from 64 rows
 (kernels.matmul_mod.F16_MIN_ROWS); from 256 rows (DQ_MIN_ROWS) each weight is first decoded once to a
 float16 scratch owned by the context (the largest weight, at most DQ_SCRATCH_BYTES) and multiplied as a
-plain float16 matrix. SEPEDGE_TRITON_PREFILL picks the route of long chunks: "dq" (the default), "f16"
-(weight tiles decoded in the GEMM's registers), "q8" (the 8-bit products, as decode).
+plain float16 matrix where the weight is a K-quant. SEPEDGE_TRITON_PREFILL picks the route of long
+chunks: "auto" (the default: "dq" for Q4_K and Q6_K weights, "f16" for the others, as measured on an
+H200), "dq" (every repacked weight decoded once), "f16" (weight tiles decoded in the GEMM's registers),
+"q8" (the 8-bit products, as decode).
 
 Decode steps (one token whose query sees every live cell, as every mode's plans do) run through a
 captured CUDA graph where torch supports it: the token, its position and cell, the live-cell list and
@@ -38,13 +40,14 @@ from .errors import (BackendError, CancelledError, InvalidArgumentError, ModelLo
 KV_DTYPES = ("f32", "f16")
 GRAPHS_ENV = "SEPEDGE_TRITON_GRAPHS"  # "0": decode without CUDA graphs; "static": their fixed shapes, uncaptured
 PACK_ENV = "SEPEDGE_TRITON_PACK"  # "0": keep the file's bytes, products through the byte-wise kernels
-# the products of long prefill chunks into repacked weights: "dq" (the default): chunks of
-# kernels.matmul_mod.DQ_MIN_ROWS rows or more decode each weight once to a float16 scratch and multiply
-# plain float16 (kernels.matmul_mod.matmul_dq), shorter ones of F16_MIN_ROWS or more decode weight
-# tiles in the GEMM's registers; "f16": every chunk of F16_MIN_ROWS or more decodes in registers;
-# "q8": the 8-bit products there too (A/B)
+# the products of long prefill chunks into repacked weights: "dq": chunks of kernels.matmul_mod.DQ_MIN_ROWS
+# rows or more decode each weight once to a float16 scratch and multiply plain float16
+# (kernels.matmul_mod.matmul_dq), shorter ones of F16_MIN_ROWS or more decode weight tiles in the GEMM's
+# registers; "f16": every chunk of F16_MIN_ROWS or more decodes in registers; "auto" (the default): "dq"
+# for the weights of kernels.matmul_mod.DQ_AUTO_TYPES, "f16" for the others; "q8": the 8-bit products
+# there too (A/B)
 PREFILL_ENV = "SEPEDGE_TRITON_PREFILL"
-PREFILL_MODES = ("dq", "f16", "q8")
+PREFILL_MODES = ("auto", "dq", "f16", "q8")
 # decode's 8-bit inputs made by the kernel before instead of by a launch of act_q8: "attn" (the
 # default): the attention merge quantizes its output for the output projection; "1": also the fused
 # gate/up product quantizes silu(gate) * up for the down product in its epilogue (kernels.matvec_glu:
@@ -189,7 +192,7 @@ class _Forward:
         self._prefill_mode()  # a wrong value fails here, not at the first long prompt (it is read again per pass)
 
     def _prefill_mode(self) -> str:
-        mode = os.environ.get(PREFILL_ENV, "") or "dq"
+        mode = os.environ.get(PREFILL_ENV, "") or "auto"
         if mode not in PREFILL_MODES:
             raise InvalidArgumentError(f"{PREFILL_ENV} must be one of {list(PREFILL_MODES)}, got {mode!r}")
         return mode
@@ -251,8 +254,9 @@ class _Forward:
         packed = isinstance(w, self.K.Packed)  # else the file's bytes, read by the byte-wise kernels
         if x.shape[0] <= 2:
             return self.K.matvec(w, qtype, x, bias, res=res, packed=packed)
-        if (isinstance(x, self.K.ActF16) and x.shape[0] >= self.K.matmul_mod.DQ_MIN_ROWS
-                and self._prefill_mode() == "dq"):
+        mode = self._prefill_mode() if isinstance(x, self.K.ActF16) else "q8"
+        if (x.shape[0] >= self.K.matmul_mod.DQ_MIN_ROWS
+                and (mode == "dq" or mode == "auto" and qtype in self.K.matmul_mod.DQ_AUTO_TYPES)):
             # a long chunk: the weight decoded once into the context's float16 scratch, then a plain
             # float16 GEMM (kernels.matmul_mod.matmul_dq)
             return self.K.matmul(w, qtype, x, bias, res=res, packed=packed, scratch=self._scratch())

@@ -212,22 +212,25 @@ def test_long_chunks_half_precision_products(gguf_path, rng, monkeypatch, spec, 
 # the dequantize-once and the in-register float16 products multiply the same float16 operands into
 # float32 sums: they differ by summation order only
 SAME_OPERANDS_REL = 1e-4
-DQ_CASES = [MODES[0], MODES[1], MODES[2]]  # q8_0 full, q4_k_m sepllm, q4_0 sepllm-stream
+# q8_0 full, q4_k_m sepllm (its 128-wide rows keep other types than K-quants), q4_0 sepllm-stream, and
+# q4_k_m with 256-wide rows (Q4_K / Q6_K weights: the default route decodes those once)
+DQ_CASES = [MODES[0], MODES[1], MODES[2], ("full", {}, "gqa-d128-llama31", "q4_k_m")]
 
 
 @pytest.mark.parametrize("mode,sizes,spec,outtype", DQ_CASES, ids=[f"{m}-{s}-{o}" for m, _, s, o in DQ_CASES])
 def test_dequantize_once_prefill(gguf_path, rng, monkeypatch, mode, sizes, spec, outtype):
     """Prompt chunks of kernels.matmul_mod.DQ_MIN_ROWS rows or more (lowered to the chunk size here) decode
     each repacked weight once into the context's float16 scratch and multiply plain float16
-    (SEPEDGE_TRITON_PREFILL=dq, the default): the prompt's logits against the CPU engine, and against the
-    in-register float16 products (f16) of the same chunks within summation order; the route ran."""
+    (SEPEDGE_TRITON_PREFILL=dq): the prompt's logits against the CPU engine, and against the in-register
+    float16 products (f16) of the same chunks within summation order; the route ran, and by default
+    (auto) only for the K-quant weights."""
     from sepedge.kernels import matmul_mod
     n_batch = 8
     monkeypatch.setattr(matmul_mod, "F16_MIN_ROWS", n_batch)
     monkeypatch.setattr(matmul_mod, "DQ_MIN_ROWS", n_batch)
     calls = []
     dq = matmul_mod.matmul_dq
-    monkeypatch.setattr(matmul_mod, "matmul_dq", lambda *a, **k: calls.append(1) or dq(*a, **k))
+    monkeypatch.setattr(matmul_mod, "matmul_dq", lambda *a, **k: calls.append(a[0].qtype) or dq(*a, **k))
     path = gguf_path(spec, outtype)
     n = 2 * n_batch + 5  # two chunks of n_batch (dequantize once), one of 5 (the 8-bit products)
     kw = dict(kv_mode=mode, n_batch=n_batch, kv_type="f32", **sizes) if mode != "full" else dict(
@@ -235,9 +238,17 @@ def test_dequantize_once_prefill(gguf_path, rng, monkeypatch, mode, sizes, spec,
     with Engine(path, device="triton", **kw) as tri, Engine(path, **kw) as cpu:
         tokens = make_stream(rng, cpu, n)
         cpu_logits = cpu.eval_logits(tokens)
-        monkeypatch.delenv("SEPEDGE_TRITON_PREFILL", raising=False)
+        monkeypatch.setenv("SEPEDGE_TRITON_PREFILL", "dq")
         got = tri.eval_logits(tokens)
         assert calls and tri._ctx.fwd.dq_scratch is not None
+        n_calls = len(calls)
+        monkeypatch.delenv("SEPEDGE_TRITON_PREFILL")
+        tri.reset()
+        auto = tri.eval_logits(tokens)
+        # auto: the products of the K-quant weights (if any: tiny widths keep other types) decode once
+        assert calls[n_calls:] == [q for q in calls[:n_calls] if q in matmul_mod.DQ_AUTO_TYPES]
+        assert calls[n_calls:] or spec != "gqa-d128-llama31"
+        assert rel(auto, cpu_logits) <= MAX_REL_CPU[outtype]
         n_calls = len(calls)
         monkeypatch.setenv("SEPEDGE_TRITON_PREFILL", "f16")
         tri.reset()
