@@ -30,7 +30,7 @@ def run_case(case: str, var: str, value: str) -> float:
     env[var] = value
     out = subprocess.run([sys.executable, str(PROFILE), *shlex.split(case)], env=env, capture_output=True, text=True,
                          timeout=300)
-    found = MS.findall(out.stdout)
+    found = MS.findall(out.stdout + out.stderr)
     if out.returncode != 0 or not found:
         raise RuntimeError(f"{var}={value} {case}: rc {out.returncode}\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
     return float(found[-1])

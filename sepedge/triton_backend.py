@@ -13,10 +13,9 @@ GPU with sepedge.kernels, over the one SepLLM cache policy of the C core.
 Prompt chunks into repacked weights take half-precision rows and float16 products from 64 rows
 (kernels.matmul_mod.F16_MIN_ROWS); from 256 rows (DQ_MIN_ROWS) each weight is first decoded once to a
 float16 scratch owned by the context (the largest weight, at most DQ_SCRATCH_BYTES) and multiplied as a
-plain float16 matrix where the weight is a K-quant. SEPEDGE_TRITON_PREFILL picks the route of long
-chunks: "auto" (the default: "dq" for Q4_K and Q6_K weights, "f16" for the others, as measured on an
-H200), "dq" (every repacked weight decoded once), "f16" (weight tiles decoded in the GEMM's registers),
-"q8" (the 8-bit products, as decode).
+plain float16 matrix, when SEPEDGE_TRITON_PREFILL asks for it: "f16" (the default: weight tiles decoded
+in the GEMM's registers), "dq" (every repacked weight decoded once), "auto" ("dq" for Q4_K and Q6_K
+weights, "f16" for the others), "q8" (the 8-bit products, as decode).
 
 Decode steps (one token whose query sees every live cell, as every mode's plans do) run through a
 captured CUDA graph where torch supports it: the token, its position and cell, the live-cell list and
@@ -43,9 +42,10 @@ PACK_ENV = "SEPEDGE_TRITON_PACK"  # "0": keep the file's bytes, products through
 # the products of long prefill chunks into repacked weights: "dq": chunks of kernels.matmul_mod.DQ_MIN_ROWS
 # rows or more decode each weight once to a float16 scratch and multiply plain float16
 # (kernels.matmul_mod.matmul_dq), shorter ones of F16_MIN_ROWS or more decode weight tiles in the GEMM's
-# registers; "f16": every chunk of F16_MIN_ROWS or more decodes in registers; "auto" (the default): "dq"
+# registers; "f16" (the default): every chunk of F16_MIN_ROWS or more decodes in registers; "auto": "dq"
 # for the weights of kernels.matmul_mod.DQ_AUTO_TYPES, "f16" for the others; "q8": the 8-bit products
-# there too (A/B)
+# there too (A/B). dq is not the default: its wall time on the H200 exceeded its kernels' by up to 2x
+# (triton_kernels.md), not yet explained
 PREFILL_ENV = "SEPEDGE_TRITON_PREFILL"
 PREFILL_MODES = ("auto", "dq", "f16", "q8")
 # decode's 8-bit inputs made by the kernel before instead of by a launch of act_q8: "attn" (the
@@ -192,7 +192,7 @@ class _Forward:
         self._prefill_mode()  # a wrong value fails here, not at the first long prompt (it is read again per pass)
 
     def _prefill_mode(self) -> str:
-        mode = os.environ.get(PREFILL_ENV, "") or "auto"
+        mode = os.environ.get(PREFILL_ENV, "") or "f16"
         if mode not in PREFILL_MODES:
             raise InvalidArgumentError(f"{PREFILL_ENV} must be one of {list(PREFILL_MODES)}, got {mode!r}")
         return mode

@@ -222,8 +222,8 @@ def test_dequantize_once_prefill(gguf_path, rng, monkeypatch, mode, sizes, spec,
     """Prompt chunks of kernels.matmul_mod.DQ_MIN_ROWS rows or more (lowered to the chunk size here) decode
     each repacked weight once into the context's float16 scratch and multiply plain float16
     (SEPEDGE_TRITON_PREFILL=dq): the prompt's logits against the CPU engine, and against the in-register
-    float16 products (f16) of the same chunks within summation order; the route ran, and by default
-    (auto) only for the K-quant weights."""
+    float16 products (f16, the default) of the same chunks within summation order; the route ran, and
+    with auto only for the K-quant weights."""
     from sepedge.kernels import matmul_mod
     n_batch = 8
     monkeypatch.setattr(matmul_mod, "F16_MIN_ROWS", n_batch)
@@ -242,7 +242,7 @@ def test_dequantize_once_prefill(gguf_path, rng, monkeypatch, mode, sizes, spec,
         got = tri.eval_logits(tokens)
         assert calls and tri._ctx.fwd.dq_scratch is not None
         n_calls = len(calls)
-        monkeypatch.delenv("SEPEDGE_TRITON_PREFILL")
+        monkeypatch.setenv("SEPEDGE_TRITON_PREFILL", "auto")
         tri.reset()
         auto = tri.eval_logits(tokens)
         # auto: the products of the K-quant weights (if any: tiny widths keep other types) decode once

@@ -900,9 +900,7 @@ static int env_int(const char * name, int fallback) {
     return env && *env ? atoi(env) : fallback;
 }
 
-// Measured on the H200 (cuda_kernels_log.md, session 8): sepllm-stream's ~800 cells after 32K tokens
-// decode 7% faster in 6 splits than in 25 of 32 cells, each split's partial store, fence, atomic and
-// the last block's merge costing more than the parallelism gains on so few cells.
+// SE_ATTN_SPLIT unless SEPEDGE_CUDA_ATTN_SPLIT_CELLS says otherwise (measurements).
 int se_cuda_split_cells(void) {
     const int n = env_int("SEPEDGE_CUDA_ATTN_SPLIT_CELLS", SE_ATTN_SPLIT);
     return n < 16 ? 16 : n > (1 << 20) ? (1 << 20) : n;

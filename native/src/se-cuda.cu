@@ -17,7 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-thread_local se_cuda_launch_opts se_cuda_opts = {false, 1, 0, true};
+thread_local se_cuda_launch_opts se_cuda_opts = {false, 1, 0, false};
 
 int se_cuda_error(cudaError_t e, const char * what) {
     return se_error(SE_ERR_BACKEND, "CUDA error: %s (%s)", cudaGetErrorString(e), what);
@@ -198,7 +198,7 @@ static int cuda_init(se_context * ctx) {
     env = getenv("SEPEDGE_CUDA_PREFETCH");
     c->opts.prefetch = env && *env ? atoi(env) : 1;
     env = getenv("SEPEDGE_CUDA_MV_SPEC");
-    c->opts.mv_typed = !(env && !strcmp(env, "0"));
+    c->opts.mv_typed = env && !strcmp(env, "1");
     env = getenv("SEPEDGE_CUDA_ATTN_TC");
     c->opts.attn_tc = env && *env ? atoi(env) : SE_ATTN_TC_AUTO;
     env = getenv("SEPEDGE_CUDA_NEXT_L2");

@@ -120,7 +120,8 @@ enum se_mv_path {
 // deltas: session 8, not yet measured), off at 64 (not measured apart there).
 #define SE_ATTN_TC_AUTO (-1)
 // mv_typed: the one-token products' kernel made for the outputs' one weight type where they share
-// one (SEPEDGE_CUDA_MV_SPEC=0: the kernel made for any type, measurements).
+// one (SEPEDGE_CUDA_MV_SPEC=1; measured on the H200, session 9: 72-93 registers instead of 123, but 8B
+// Q4_0 10% slower a token, Q4_K_M 2% faster, so off by default).
 struct se_cuda_launch_opts {
     bool pdl;
     int prefetch;
@@ -267,8 +268,11 @@ struct se_dattn {
 __host__ __device__ inline int64_t se_kv_at(const se_dattn & a, int64_t cell, int64_t hk) { return cell * a.kv_cell + hk * a.kv_head; }
 
 // Cells per split of the one-token kernel, at least (SEPEDGE_CUDA_ATTN_SPLIT_CELLS overrides it when a
-// context is made); at most SE_ATTN_MAX_SPLITS splits.
-#define SE_ATTN_SPLIT 32
+// context is made); at most SE_ATTN_MAX_SPLITS splits. 128 measured best of 32 / 128 / 256 on the H200
+// (cuda_kernels_log.md, session 9): 8B decode at 0 history -7%, SmolLM2 -10%, sepllm-stream after 32K
+// tokens -3% against 32, each split's partial store, fence, atomic and merge costing more than the
+// parallelism of a few dozen cells gains; 32K of full cache stays capped at one wave of splits.
+#define SE_ATTN_SPLIT 128
 int se_cuda_split_cells(void);
 #define SE_ATTN_MAX_SPLITS 128
 // Rotary embedding (se-cuda-rope.cu).
