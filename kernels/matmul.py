@@ -419,22 +419,15 @@ DQ_AUTO_TYPES = (Q4_K, Q6_K)
 DQ_SCRATCH_BYTES = 256 << 20  # Llama-3-8B's fused gate/up (28672 x 4096, 235 MB) in one slice
 
 
-def _autotuned_dq():
-    if "dq" not in _tuned:
+def _autotuned_f16(plain: bool):
+    """matmul_f16_kernel autotuned over DQ_TUNE_CONFIGS (plain: a float16 weight) or F16_TUNE_CONFIGS."""
+    name = "dq" if plain else "f16"
+    if name not in _tuned:
         configs = [triton.Config({"BLOCK_N": bn, "BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=st)
-                   for bn, bm, bk, w, st in DQ_TUNE_CONFIGS]
+                   for bn, bm, bk, w, st in (DQ_TUNE_CONFIGS if plain else F16_TUNE_CONFIGS)]
         key = ["N", "K", "M_KEY", "QTYPE", "HAS_ADD"]
-        _tuned["dq"] = triton.autotune(configs=configs, key=key)(matmul_f16_kernel)
-    return _tuned["dq"]
-
-
-def _autotuned_f16():
-    if "f16" not in _tuned:
-        configs = [triton.Config({"BLOCK_N": bn, "BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=st)
-                   for bn, bm, bk, w, st in F16_TUNE_CONFIGS]
-        key = ["N", "K", "M_KEY", "QTYPE", "HAS_ADD"]
-        _tuned["f16"] = triton.autotune(configs=configs, key=key)(matmul_f16_kernel)
-    return _tuned["f16"]
+        _tuned[name] = triton.autotune(configs=configs, key=key)(matmul_f16_kernel)
+    return _tuned[name]
 
 
 def _f16_operand(p) -> tuple:
@@ -470,7 +463,7 @@ def matmul_f16(p, xh: ActF16, add, stride_b: int, block_n: int | None = None, bl
             qs.stride(0), qh.stride(0), sc.stride(0), d.stride(0), xh.h.stride(0), y.stride(0), stride_b)
     if dev.type == "cuda" and block_n is None and block_m is None and block_k is None:
         m_key = min(triton.next_power_of_2(M), 1024)
-        kern = _autotuned_dq() if qtype == F16 else _autotuned_f16()
+        kern = _autotuned_f16(qtype == F16)
         kern[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))](
             *args, m_key, QTYPE=qtype, HAS_ADD=add is not None)
         return y

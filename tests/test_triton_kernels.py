@@ -361,6 +361,16 @@ class _NotLaunched:
         raise AssertionError("the Q4_K kernel of SEPEDGE_TRITON_Q4K=0 was launched")
 
 
+def _packed_case(rng, qtype, size):
+    """A random weight of 37 or 4099 rows (not a whole program of rows) and 3 or 16 blocks of 256, its
+    float64 values, its packed form, 8-bit inputs of 2 or 3 rows and a residual of the same shape."""
+    N, T, n_cols = (37, 2, 3 * 256) if size == "small" else (4099, 3, 4096)
+    w = random_weight(rng, qtype, N, n_cols)
+    x, x64 = product_inputs(rng, qtype, T, n_cols, scale=3.0)
+    res = rng.standard_normal((T, N)).astype(np.float32)
+    return N, T, n_cols, decode(w, qtype, n_cols), K.pack(on_device(w), qtype, n_cols), x64, K.act_q8(on_device(x)), res
+
+
 @pytest.mark.parametrize("size", SIZES)
 def test_matvec_q4k_v2(rng, size, monkeypatch):
     """SEPEDGE_TRITON_Q4K=1 (matvec_q4_k_v2_kernel): the plain product with a residual, the fused gate/up
@@ -373,13 +383,7 @@ def test_matvec_q4k_v2(rng, size, monkeypatch):
     monkeypatch.setenv(M.Q4K_ENV, "1")
     monkeypatch.setitem(M.PACKED, Q.Q4_K, (_NotLaunched(), *M.PACKED[Q.Q4_K][1:]))
     small = size == "small"
-    N, T, n_cols = (37, 2, 3 * 256) if small else (4099, 3, 4096)
-    w = random_weight(rng, Q.Q4_K, N, n_cols)
-    w64 = decode(w, Q.Q4_K, n_cols)
-    p = K.pack(on_device(w), Q.Q4_K, n_cols)
-    x, x64 = product_inputs(rng, Q.Q4_K, T, n_cols, scale=3.0)
-    xa = K.act_q8(on_device(x))
-    res = rng.standard_normal((T, N)).astype(np.float32)
+    N, T, n_cols, w64, p, x64, xa, res = _packed_case(rng, Q.Q4_K, size)
     tiles = [dict(), dict(block_n=8, nb=2, stages=1), dict(block_n=8, nb=2, stages=3),
              dict(block_n=16, nb=2, stages=1, pair=1), dict(block_n=16, nb=2, stages=3, pair=1)]
     for tile in tiles:
@@ -416,13 +420,7 @@ def test_matvec_q6k_staged(rng, size, monkeypatch):
     residual; against float64 at DOT_REL."""
     M = importlib.import_module("sepedge.kernels.matvec")
     monkeypatch.setenv(M.Q4K_ENV, "2")
-    N, T, n_cols = (37, 2, 3 * 256) if size == "small" else (4099, 3, 4096)
-    w = random_weight(rng, Q.Q6_K, N, n_cols)
-    w64 = decode(w, Q.Q6_K, n_cols)
-    p = K.pack(on_device(w), Q.Q6_K, n_cols)
-    x, x64 = product_inputs(rng, Q.Q6_K, T, n_cols, scale=3.0)
-    xa = K.act_q8(on_device(x))
-    res = rng.standard_normal((T, N)).astype(np.float32)
+    N, T, n_cols, w64, p, x64, xa, res = _packed_case(rng, Q.Q6_K, size)
     for tile in [dict(), dict(block_n=8, nb=2, stages=1), dict(block_n=8, nb=2, stages=3)]:
         check_product(M.matvec_q8(p, Q.Q6_K, xa, **tile), w64, x64, None, DOT_REL)
         got = M.matvec_q8(p, Q.Q6_K, xa, on_device(res), N, **tile)
