@@ -25,6 +25,8 @@ from test_server import KEY, SMALL_CACHE, TIMEOUT, Served
 
 CACHE_ARGS = dict(kv_mode="sepllm-stream", n_init=4, n_sep=8, n_local=24, n_cache=64)  # = SMALL_CACHE
 WAIT_MS = 60_000  # the longest the browser waits for something to appear (a small, shared machine)
+LONG_REPLY_CHARS = 40_000  # a reply this long hung the page's Stop before it drew once a frame
+STOP_MS = 10_000  # Stop must answer within this while such a reply streams
 
 
 def chromium_path() -> str | None:
@@ -170,6 +172,24 @@ def test_chat_streams_stops_and_survives_a_reload(page, server, eog):
     assert stats["cells in use"] == f"{kv['live']} / 64" and stats["tokens seen"] == str(kv["tokens_seen"])
     assert stats["tokens evicted"] == str(kv["tokens_evicted"])
     assert "".join(pg.locator("#tokens .tok").all_text_contents()) == "".join(view["tokens"]["texts"][hidden:])
+
+
+def test_stop_answers_during_a_long_fast_reply(page, server, eog):
+    """The tiny model streams faster than the page can re-render a growing reply. Before the page drew
+    at most once a frame and yielded between network reads, its reading loop never gave the browser a
+    turn once the reply was long, and Stop could not be clicked (a 60 s timeout in CI)."""
+    pg = page
+    set_options(pg, 100000, {"logit_bias": eog})
+    send(pg, "Tell me everything")
+    pg.wait_for_function("""() => {
+        const bodies = document.querySelectorAll('.msg.assistant .body');
+        return bodies.length === 1 && bodies[0].textContent.length > LONG_REPLY_CHARS; }""".replace(
+        "LONG_REPLY_CHARS", str(LONG_REPLY_CHARS)))
+    t0 = time.monotonic()
+    pg.click("#stop", timeout=STOP_MS)
+    pg.locator(".msg.assistant.stopped").wait_for(timeout=STOP_MS)
+    assert time.monotonic() - t0 < STOP_MS / 1000
+    settle(server)
 
 
 def distinct_tokens(vocab: dict[bytes, int], text: bytes, used: tuple = ()) -> list[int] | None:

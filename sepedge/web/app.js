@@ -221,13 +221,16 @@ async function send(text) {
     const slot = r.headers.get("X-Sepedge-Slot");
     if (slot !== null) c.slot = Number(slot);
     poller = setInterval(() => refreshCache(c), POLL_MS);
+    // Re-rendering the whole reply on every token costs O(length) per token: a fast model on a slow
+    // machine then outpaces the page, and Stop never gets a turn. Render at most once a frame.
+    let painting = false;
+    const paint = () => { painting = false; paintReply(msg, node); };
     await readEvents(r, (chunk) => {
       if (chunk.error) throw new Error(chunk.error.message);
       const delta = chunk.choices?.[0]?.delta?.content;
       if (delta) {
         msg.content += delta;
-        renderMarkdown(msg.content, node.querySelector(".body"));
-        $("messages").scrollTop = $("messages").scrollHeight;
+        if (!painting) { painting = true; requestAnimationFrame(paint); }
       }
     });
   } catch (e) {
@@ -235,6 +238,7 @@ async function send(text) {
     else showError(String(e.message || e));
   } finally {
     clearInterval(poller);
+    paintReply(msg, node);  // the last tokens, whether or not their frame came
     if (!msg.content && !msg.stopped) c.messages.pop();  // nothing came: keep the question only
     if (msg.stopped) node.classList.add("stopped");
     setRunning(null);
@@ -243,14 +247,26 @@ async function send(text) {
   }
 }
 
+function paintReply(msg, node) {
+  renderMarkdown(msg.content, node.querySelector(".body"));
+  $("messages").scrollTop = $("messages").scrollHeight;
+}
+
 // Server-sent events from a fetch body: "data: {json}" blocks separated by blank lines, "[DONE]" last.
+// While the server is ahead, reader.read() resolves at once and this loop would run as one chain of
+// microtasks, starving clicks and frames; it yields to the event loop every YIELD_MS.
+const YIELD_MS = 16;
 async function readEvents(response, onChunk) {
   const reader = response.body.getReader();
   const decoder = new TextDecoder();
-  let buf = "";
+  let buf = "", yielded = performance.now();
   for (;;) {
     const { value, done } = await reader.read();
     if (done) return;
+    if (performance.now() - yielded > YIELD_MS) {
+      await new Promise((resolve) => setTimeout(resolve, 0));
+      yielded = performance.now();
+    }
     buf += decoder.decode(value, { stream: true }).replace(/\r\n?/g, "\n");
     let end;
     while ((end = buf.indexOf("\n\n")) >= 0) {
