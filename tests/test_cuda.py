@@ -153,6 +153,45 @@ def test_cublas_found_in_wheels(tmp_path, monkeypatch, rel):
     assert _ffi.cublas_from_wheels() == str(fake)
 
 
+def q4_K_split_reference(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The CUDA backend's Q4_K layout with SEPEDGE_CUDA_Q4K_REPACK=1 from GGUF superblocks (n, 144):
+    codes (n, 128) as in the file; heads (n, 20): d, dmin as in the file, then each sub-block j's six-bit
+    scale and min (GGUF.md 7.2: j < 4 the low 6 bits of bytes j and j + 4 of the packed 12; j >= 4 the
+    nibbles of byte j + 4 with the top 2 bits of bytes j - 4 and j above them) as bytes 4 + 2 j, 5 + 2 j."""
+    s = blocks[:, 4:16].astype(np.int32)
+    lo, hi = s[:, 0:4], s[:, 4:8]
+    sc = np.concatenate([lo & 63, (s[:, 8:12] & 0xF) | ((lo >> 6) << 4)], axis=1)
+    mn = np.concatenate([hi & 63, (s[:, 8:12] >> 4) | ((hi >> 6) << 4)], axis=1)
+    heads = np.empty((len(blocks), 20), dtype=np.uint8)
+    heads[:, 0:4] = blocks[:, 0:4]
+    heads[:, 4::2], heads[:, 5::2] = sc, mn
+    return blocks[:, 16:].copy(), heads
+
+
+def test_q4_K_repack_layout(rng):
+    """The host repack of the CUDA Q4_K layout (every build has it) equals the numpy reference byte for
+    byte on fresh random superblocks (every bit pattern of the packed scales), and the values read from
+    the layout as the kernels read them (code nibble (j % 2) of bytes 32 (j // 2) .., d * scale * code -
+    dmin * min) are the file's values (the CPU dequantization)."""
+    n = int(rng.integers(1, 300))
+    data = random_blocks(rng, QT.Q4_K, n)
+    q, s = np.empty(n * 128, dtype=np.uint8), np.empty(n * 20, dtype=np.uint8)
+    check(lib.se_cuda_repack_q4_K(ffi.from_buffer(data), n, ffi.from_buffer(q), ffi.from_buffer(s)))
+    ref_q, ref_s = q4_K_split_reference(data.reshape(n, 144))
+    np.testing.assert_array_equal(q.reshape(n, 128), ref_q)
+    np.testing.assert_array_equal(s.reshape(n, 20), ref_s)
+    heads = s.reshape(n, 20)
+    d = heads[:, 0:2].copy().view(np.float16).astype(np.float64)[:, 0]
+    dmin = heads[:, 2:4].copy().view(np.float16).astype(np.float64)[:, 0]
+    codes = q.reshape(n, 4, 1, 32)
+    nib = ((codes >> np.array([0, 4], dtype=np.uint8)[None, None, :, None]) & 0xF).reshape(n, 8, 32).astype(np.float64)
+    vals = d[:, None, None] * heads[:, 4::2, None] * nib - dmin[:, None, None] * heads[:, 5::2, None]
+    want = gguf.quants.dequantize(data, QT.Q4_K).astype(np.float64).reshape(n, 8, 32)
+    np.testing.assert_allclose(vals, want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
+    with pytest.raises(InvalidArgumentError):
+        check(lib.se_cuda_repack_q4_K(ffi.NULL, 1, ffi.from_buffer(q), ffi.from_buffer(s)))
+
+
 # ---------------------------------------------------------------------------------------------
 # kernels
 
