@@ -418,6 +418,48 @@ def test_cublas_route_product(rng, qtype, scratch_mb, monkeypatch):
         assert np.isfinite(out).all() and np.all(np.abs(out - want) <= bound), (rows, cols, n)
 
 
+# SEPEDGE_CUDA_Q4K_REPACK=1: Q4_K uploaded in the split layout (codes apart, scales and mins unpacked to
+# bytes: se_cuda_repack_q4_K); every reader of a Q4_K weight on the device takes it
+
+
+@gpu
+@pytest.mark.parametrize("kernel", MV_KERNELS)
+def test_q4_K_split_decode(rng, kernel, monkeypatch):
+    """The decode products of the split layout (the row-team and warp-per-row kernels, plain, fused
+    RMSNorm, SwiGLU; the float path) against the same float64 references as the file's layout."""
+    monkeypatch.setenv("SEPEDGE_CUDA_Q4K_REPACK", "1")
+    test_decode_team_kernels(rng, QT.Q4_K, kernel, monkeypatch)
+    test_decode_kernels(rng, QT.Q4_K)
+
+
+@gpu
+@pytest.mark.parametrize("mmq", [True, False], ids=["int8", "f16"])
+def test_q4_K_split_prefill(rng, mmq, monkeypatch):
+    """The prefill kernels read the split layout as they read the file's: within the same bounds, and
+    the int8 kernel (the same scale table, the same codes) and the float decode path (dequant32: the
+    same float operations) give the same bits from both layouts."""
+    monkeypatch.setenv("SEPEDGE_CUDA_Q4K_REPACK", "1")
+    test_prefill_kernel(rng, QT.Q4_K, mmq, monkeypatch)
+    for rows, cols, n in prefill_shapes(QT.Q4_K):
+        data = weights(rng, QT.Q4_K, rows, cols)
+        x = (rng.standard_normal((n, cols)) * rng.choice([1e-3, 1, 30])).astype(np.float32)
+        got = {}
+        for split in ("0", "1"):
+            monkeypatch.setenv("SEPEDGE_CUDA_Q4K_REPACK", split)
+            got[split] = mul_mat(QT.Q4_K, data, rows, cols, x, 0), mul_mat(QT.Q4_K, data, rows, cols, x[:2], 1)
+        np.testing.assert_array_equal(got["0"][0], got["1"][0])
+        np.testing.assert_array_equal(got["0"][1], got["1"][1])
+
+
+@gpu_cublas
+def test_q4_K_split_cublas_route(rng, monkeypatch):
+    """The cuBLAS route's dequantization reads the split layout: the CPU's values rounded to f16, and
+    its product within its bound."""
+    monkeypatch.setenv("SEPEDGE_CUDA_Q4K_REPACK", "1")
+    test_dequantize_f16_matches_cpu(rng, QT.Q4_K)
+    test_cublas_route_product(rng, QT.Q4_K, "1", monkeypatch)
+
+
 # ---------------------------------------------------------------------------------------------
 # models
 
@@ -612,6 +654,38 @@ def test_split_cells_and_typed_matvec(gguf_path, rng, monkeypatch, spec, qtype, 
         report("split-cells", spec, qtype, mode, cells, typed, err)
         assert err <= MAX_REL_VS_CPU_DECODE[qtype], (cells, typed)
     np.testing.assert_array_equal(got["16", "1"], got["16", "0"])
+
+
+@gpu
+@pytest.mark.parametrize("typed", ["0", "1"])  # the decode products' kernel for any kind / made for the split layout
+def test_q4_K_split_model(gguf_path, rng, monkeypatch, typed):
+    """A q4_k_m file uploaded with SEPEDGE_CUDA_Q4K_REPACK=1: prompt and step-by-step logits against
+    the CPU engine within the decode bounds, the prompt (int8 prefill kernels, the same table from
+    either layout) and the float decode path (SEPEDGE_CUDA_MATVEC=float: dequant32, the same float
+    operations) bit for bit as with the file's layout (test_graphs_and_decode_paths bounds the latter)."""
+    path = gguf_path("gqa-d128-llama31", "q4_k_m")
+    tokens = rng.integers(0, 700, 200).tolist()
+    monkeypatch.setenv("SEPEDGE_CUDA_MV_SPEC", typed)
+    with cpu_engine(path, n_ctx=512, n_batch=16) as cpu_llm:
+        cpu_prompt = cpu_llm.eval_logits(tokens[:40])
+        cpu_steps = step_by_step(cpu_llm, tokens)
+    got = {}
+    for split in ("0", "1"):
+        monkeypatch.setenv("SEPEDGE_CUDA_Q4K_REPACK", split)
+        monkeypatch.delenv("SEPEDGE_CUDA_MATVEC", raising=False)
+        with cuda_engine(path, n_ctx=512, n_batch=16) as llm:
+            prompt = llm.eval_logits(tokens[:40])
+            steps = step_by_step(llm, tokens)
+        monkeypatch.setenv("SEPEDGE_CUDA_MATVEC", "float")
+        with cuda_engine(path, n_ctx=512, n_batch=16) as llm:
+            floats = step_by_step(llm, tokens)
+        got[split] = prompt, steps, floats
+        errs = rel(prompt, cpu_prompt), rel(steps, cpu_steps), rel(floats, cpu_steps)
+        report("q4k-split-model", split, typed, *errs)
+        assert errs[0] <= MAX_REL_VS_CPU_PREFILL
+        assert errs[1] <= MAX_REL_VS_CPU_DECODE["q4_k_m"]
+    np.testing.assert_array_equal(got["0"][0], got["1"][0])
+    np.testing.assert_array_equal(got["0"][2], got["1"][2])
 
 
 @gpu
