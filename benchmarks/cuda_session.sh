@@ -36,7 +36,9 @@
 # ncu-mv (hardware counters and stall reasons of one layer's decode products, 8B Q4_0 and Q4_K_M), smol-ab (SmolLM2's
 # decode with the float or the tensor-core attention, SEPEDGE_CUDA_ATTN_TC 0 / 2, then its kernel times).
 # pick (benchmarks/env_ab.py: SEPEDGE_CUDA_MV_SPEC and SEPEDGE_CUDA_ATTN_SPLIT_CELLS measured, the fastest of each
-# appended to $CHOICE for later phases to source).
+# appended to $CHOICE for later phases to source), q4k-ab (Q4_K in the split layout, SEPEDGE_CUDA_Q4K_REPACK=1: its GPU
+# tests, 8B Q4_K_M decode against the file's layout interleaved, then the kernels' times in timing mode; ~200 s with
+# the prebuilt library, plus the Q4_K_M file's making on a fresh machine).
 set -u
 OUT=${OUT:-/tmp/sepedge-out}
 mkdir -p "$OUT" /tmp/models
@@ -309,6 +311,19 @@ PY
                                --steps 16 2>&1 | grep -E "attention|ms/token|GPU time per pass" | sed "s/^/tc=$tc depth=$d /"
                        done
                    done; } 2>&1 | tee -a $OUT/tcd-ab.log ;;
+        q4k-ab) ONLY_MODELS=${ONLY_MODELS:-llama3-8b-q4_k_m} models 8b  # Q4_K uploaded in the split layout (SEPEDGE_CUDA_Q4K_REPACK=1) against
+                # the file's superblocks: its GPU tests, then 8B Q4_K_M decode interleaved (benchmarks/env_ab.py), then
+                # each kernel's GPU time a token in timing mode, both layouts
+                SEPEDGE_CUDA_REPORT=$OUT/errors-q4k.tsv timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -m gpu tests/test_cuda.py \
+                    -k "${Q4K_TESTS:-q4_K_split or (decode_kernels and Q4_K) or graphs_and_decode_paths}" --maxfail=10 \
+                    -p no:cacheprovider 2>&1 | tee $OUT/q4k-ab.log | tail -15
+                mk=/tmp/models/llama3-8b-q4_k_m.gguf
+                python3 benchmarks/env_ab.py --var SEPEDGE_CUDA_Q4K_REPACK --values 0,1 --rounds ${Q4K_ROUNDS:-2} \
+                    --case "$mk --steps 64" --md $OUT/q4k-ab.md 2>&1 | tail -12 | tee -a $OUT/q4k-ab.log
+                for v in 0 1; do
+                    SEPEDGE_CUDA_Q4K_REPACK=$v SEPEDGE_CUDA_TIMING=1 python3 benchmarks/cuda_profile.py $mk --steps 16 2>&1 |
+                        grep -E "norm|qkv|wo|gate_up|down|output|attention|ms/token|GPU time per pass" | sed "s/^/repack=$v /"
+                done 2>&1 | tee -a $OUT/q4k-ab.log ;;
         stream-ab) models 8b  # sepllm-stream after 32K tokens, 8B Q4_0: split counts (SEPEDGE_CUDA_ATTN_SPLITS caps them, 0: one
                  # wave; ~800 cells make 25 splits of 32), then the counters of one decode attention launch (stall reasons)
                  m=/tmp/models/llama3-8b-q4_0.gguf

@@ -153,6 +153,45 @@ def test_cublas_found_in_wheels(tmp_path, monkeypatch, rel):
     assert _ffi.cublas_from_wheels() == str(fake)
 
 
+def q4_K_split_reference(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The CUDA backend's Q4_K layout with SEPEDGE_CUDA_Q4K_REPACK=1 from GGUF superblocks (n, 144):
+    codes (n, 128) as in the file; heads (n, 20): d, dmin as in the file, then each sub-block j's six-bit
+    scale and min (GGUF.md 7.2: j < 4 the low 6 bits of bytes j and j + 4 of the packed 12; j >= 4 the
+    nibbles of byte j + 4 with the top 2 bits of bytes j - 4 and j above them) as bytes 4 + 2 j, 5 + 2 j."""
+    s = blocks[:, 4:16].astype(np.int32)
+    lo, hi = s[:, 0:4], s[:, 4:8]
+    sc = np.concatenate([lo & 63, (s[:, 8:12] & 0xF) | ((lo >> 6) << 4)], axis=1)
+    mn = np.concatenate([hi & 63, (s[:, 8:12] >> 4) | ((hi >> 6) << 4)], axis=1)
+    heads = np.empty((len(blocks), 20), dtype=np.uint8)
+    heads[:, 0:4] = blocks[:, 0:4]
+    heads[:, 4::2], heads[:, 5::2] = sc, mn
+    return blocks[:, 16:].copy(), heads
+
+
+def test_q4_K_repack_layout(rng):
+    """The host repack of the CUDA Q4_K layout (every build has it) equals the numpy reference byte for
+    byte on fresh random superblocks (every bit pattern of the packed scales), and the values read from
+    the layout as the kernels read them (code nibble (j % 2) of bytes 32 (j // 2) .., d * scale * code -
+    dmin * min) are the file's values (the CPU dequantization)."""
+    n = int(rng.integers(1, 300))
+    data = random_blocks(rng, QT.Q4_K, n)
+    q, s = np.empty(n * 128, dtype=np.uint8), np.empty(n * 20, dtype=np.uint8)
+    check(lib.se_cuda_repack_q4_K(ffi.from_buffer(data), n, ffi.from_buffer(q), ffi.from_buffer(s)))
+    ref_q, ref_s = q4_K_split_reference(data.reshape(n, 144))
+    np.testing.assert_array_equal(q.reshape(n, 128), ref_q)
+    np.testing.assert_array_equal(s.reshape(n, 20), ref_s)
+    heads = s.reshape(n, 20)
+    d = heads[:, 0:2].copy().view(np.float16).astype(np.float64)[:, 0]
+    dmin = heads[:, 2:4].copy().view(np.float16).astype(np.float64)[:, 0]
+    codes = q.reshape(n, 4, 1, 32)
+    nib = ((codes >> np.array([0, 4], dtype=np.uint8)[None, None, :, None]) & 0xF).reshape(n, 8, 32).astype(np.float64)
+    vals = d[:, None, None] * heads[:, 4::2, None] * nib - dmin[:, None, None] * heads[:, 5::2, None]
+    want = gguf.quants.dequantize(data, QT.Q4_K).astype(np.float64).reshape(n, 8, 32)
+    np.testing.assert_allclose(vals, want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
+    with pytest.raises(InvalidArgumentError):
+        check(lib.se_cuda_repack_q4_K(ffi.NULL, 1, ffi.from_buffer(q), ffi.from_buffer(s)))
+
+
 # ---------------------------------------------------------------------------------------------
 # kernels
 
@@ -379,6 +418,48 @@ def test_cublas_route_product(rng, qtype, scratch_mb, monkeypatch):
         assert np.isfinite(out).all() and np.all(np.abs(out - want) <= bound), (rows, cols, n)
 
 
+# SEPEDGE_CUDA_Q4K_REPACK=1: Q4_K uploaded in the split layout (codes apart, scales and mins unpacked to
+# bytes: se_cuda_repack_q4_K); every reader of a Q4_K weight on the device takes it
+
+
+@gpu
+@pytest.mark.parametrize("kernel", MV_KERNELS)
+def test_q4_K_split_decode(rng, kernel, monkeypatch):
+    """The decode products of the split layout (the row-team and warp-per-row kernels, plain, fused
+    RMSNorm, SwiGLU; the float path) against the same float64 references as the file's layout."""
+    monkeypatch.setenv("SEPEDGE_CUDA_Q4K_REPACK", "1")
+    test_decode_team_kernels(rng, QT.Q4_K, kernel, monkeypatch)
+    test_decode_kernels(rng, QT.Q4_K)
+
+
+@gpu
+@pytest.mark.parametrize("mmq", [True, False], ids=["int8", "f16"])
+def test_q4_K_split_prefill(rng, mmq, monkeypatch):
+    """The prefill kernels read the split layout as they read the file's: within the same bounds, and
+    the int8 kernel (the same scale table, the same codes) and the float decode path (dequant32: the
+    same float operations) give the same bits from both layouts."""
+    monkeypatch.setenv("SEPEDGE_CUDA_Q4K_REPACK", "1")
+    test_prefill_kernel(rng, QT.Q4_K, mmq, monkeypatch)
+    for rows, cols, n in prefill_shapes(QT.Q4_K):
+        data = weights(rng, QT.Q4_K, rows, cols)
+        x = (rng.standard_normal((n, cols)) * rng.choice([1e-3, 1, 30])).astype(np.float32)
+        got = {}
+        for split in ("0", "1"):
+            monkeypatch.setenv("SEPEDGE_CUDA_Q4K_REPACK", split)
+            got[split] = mul_mat(QT.Q4_K, data, rows, cols, x, 0), mul_mat(QT.Q4_K, data, rows, cols, x[:2], 1)
+        np.testing.assert_array_equal(got["0"][0], got["1"][0])
+        np.testing.assert_array_equal(got["0"][1], got["1"][1])
+
+
+@gpu_cublas
+def test_q4_K_split_cublas_route(rng, monkeypatch):
+    """The cuBLAS route's dequantization reads the split layout: the CPU's values rounded to f16, and
+    its product within its bound."""
+    monkeypatch.setenv("SEPEDGE_CUDA_Q4K_REPACK", "1")
+    test_dequantize_f16_matches_cpu(rng, QT.Q4_K)
+    test_cublas_route_product(rng, QT.Q4_K, "1", monkeypatch)
+
+
 # ---------------------------------------------------------------------------------------------
 # models
 
@@ -573,6 +654,38 @@ def test_split_cells_and_typed_matvec(gguf_path, rng, monkeypatch, spec, qtype, 
         report("split-cells", spec, qtype, mode, cells, typed, err)
         assert err <= MAX_REL_VS_CPU_DECODE[qtype], (cells, typed)
     np.testing.assert_array_equal(got["16", "1"], got["16", "0"])
+
+
+@gpu
+@pytest.mark.parametrize("typed", ["0", "1"])  # the decode products' kernel for any kind / made for the split layout
+def test_q4_K_split_model(gguf_path, rng, monkeypatch, typed):
+    """A q4_k_m file uploaded with SEPEDGE_CUDA_Q4K_REPACK=1: prompt and step-by-step logits against
+    the CPU engine within the decode bounds, the prompt (int8 prefill kernels, the same table from
+    either layout) and the float decode path (SEPEDGE_CUDA_MATVEC=float: dequant32, the same float
+    operations) bit for bit as with the file's layout (test_graphs_and_decode_paths bounds the latter)."""
+    path = gguf_path("gqa-d128-llama31", "q4_k_m")
+    tokens = rng.integers(0, 700, 200).tolist()
+    monkeypatch.setenv("SEPEDGE_CUDA_MV_SPEC", typed)
+    with cpu_engine(path, n_ctx=512, n_batch=16) as cpu_llm:
+        cpu_prompt = cpu_llm.eval_logits(tokens[:40])
+        cpu_steps = step_by_step(cpu_llm, tokens)
+    got = {}
+    for split in ("0", "1"):
+        monkeypatch.setenv("SEPEDGE_CUDA_Q4K_REPACK", split)
+        monkeypatch.delenv("SEPEDGE_CUDA_MATVEC", raising=False)
+        with cuda_engine(path, n_ctx=512, n_batch=16) as llm:
+            prompt = llm.eval_logits(tokens[:40])
+            steps = step_by_step(llm, tokens)
+        monkeypatch.setenv("SEPEDGE_CUDA_MATVEC", "float")
+        with cuda_engine(path, n_ctx=512, n_batch=16) as llm:
+            floats = step_by_step(llm, tokens)
+        got[split] = prompt, steps, floats
+        errs = rel(prompt, cpu_prompt), rel(steps, cpu_steps), rel(floats, cpu_steps)
+        report("q4k-split-model", split, typed, *errs)
+        assert errs[0] <= MAX_REL_VS_CPU_PREFILL
+        assert errs[1] <= MAX_REL_VS_CPU_DECODE["q4_k_m"]
+    np.testing.assert_array_equal(got["0"][0], got["1"][0])
+    np.testing.assert_array_equal(got["0"][2], got["1"][2])
 
 
 @gpu

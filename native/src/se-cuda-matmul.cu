@@ -38,16 +38,18 @@ struct mv_args {
 
 bool se_cuda_wants_q8(const se_dweight * w, int path) { return path == SE_MV_AUTO && has_q8_kernel(w->type); }
 
-// T: the weight type when the kernel is made for one (the other types' code left out of it), else -1.
+// T: the weights' kind (se_dkind: the type, or Q4_K's split layout) when the kernel is made for one
+// (the others' code left out of it), else -1 and kind chosen at run time.
 template <int NR, int U, int T>
-__device__ __forceinline__ void qdot(int32_t type, int64_t cols, const qrows<NR> & w, const se_dact & act, int lane, float * acc) {
+__device__ __forceinline__ void qdot(int32_t kind, int64_t cols, const qrows<NR> & w, const se_dact & act, int lane, float * acc) {
 #pragma unroll
     for (int n = 0; n < NR; n++) acc[n] = 0;
-    switch (T >= 0 ? T : type) {
+    switch (T >= 0 ? T : kind) {
         case SE_TYPE_Q4_0: dot_q4<false, NR, U>(w, cols / 32, act.qx, act.ds, lane, acc); break;
         case SE_TYPE_Q4_1: dot_q4<true, NR, U>(w, cols / 32, act.qx, act.ds, lane, acc); break;
         case SE_TYPE_Q8_0: dot_q8_0<NR, U>(w, cols / 32, act.qx, act.ds, lane, acc); break;
         case SE_TYPE_Q4_K: dot_q4_K<NR, U>(w, cols / 256, act.qx, act.ds, lane, acc); break;
+        case SE_DK_Q4_K_SPLIT: dot_q4_K_split<NR, U>(w, cols / 256, act.qx, act.ds, lane, acc); break;
         default:           dot_q6_K<NR, U>(w, cols / 256, act.qx, act.ds, lane, acc); break;
     }
 }
@@ -60,7 +62,7 @@ __device__ __forceinline__ float dot1(const se_dweight & w, int64_t r, const se_
     if (T < 0 && (path == SE_MV_FLOAT || !has_q8_kernel(w.type))) return dot_float(w, r, act.x, lane);
     const qrows<1> q = {{w.q + r * w.q_row}, {scales_of(w, r)}};
     float acc[1];
-    qdot<1, U, T>(w.type, w.cols, q, act, lane, acc);
+    qdot<1, U, T>(se_dkind(w), w.cols, q, act, lane, acc);
     return acc[0];
 }
 
@@ -68,10 +70,10 @@ __device__ __forceinline__ float dot1(const se_dweight & w, int64_t r, const se_
 template <int U, int T>
 __device__ __forceinline__ void dot2(const se_dweight & wa, int64_t ra, const se_dweight & wb, int64_t rb, const se_dact & act,
                                      int path, int lane, float & da, float & db) {
-    if (T >= 0 || (path != SE_MV_FLOAT && has_q8_kernel(wa.type) && wa.type == wb.type && wa.cols == wb.cols)) {
+    if (T >= 0 || (path != SE_MV_FLOAT && has_q8_kernel(wa.type) && se_dkind(wa) == se_dkind(wb) && wa.cols == wb.cols)) {
         const qrows<2> q = {{wa.q + ra * wa.q_row, wb.q + rb * wb.q_row}, {scales_of(wa, ra), scales_of(wb, rb)}};
         float acc[2];
-        qdot<2, U, T>(wa.type, wa.cols, q, act, lane, acc);
+        qdot<2, U, T>(se_dkind(wa), wa.cols, q, act, lane, acc);
         da = acc[0];
         db = acc[1];
         return;
@@ -287,12 +289,12 @@ static int rows_per_block(int64_t rows, bool swiglu) {
 // 2 beats 1 (fewer loads in flight) and 4 (161 registers: one block a multiprocessor).
 #define MV_UNROLL 2
 
-// The one type every output has on the 8-bit path, else -1.
+// The one kind (se_dkind) every output has on the 8-bit path, else -1.
 static int one_q8_type(const mv_args & a) {
     if (a.path != SE_MV_AUTO || !has_q8_kernel(a.o[0].w.type)) return -1;
     for (int k = 1; k < a.n_outs; k++)
-        if (a.o[k].w.type != a.o[0].w.type || a.o[k].w.cols != a.o[0].w.cols) return -1;
-    return a.o[0].w.type;
+        if (se_dkind(a.o[k].w) != se_dkind(a.o[0].w) || a.o[k].w.cols != a.o[0].w.cols) return -1;
+    return se_dkind(a.o[0].w);
 }
 
 typedef void (*mv_kernel)(mv_args);
@@ -303,6 +305,7 @@ static mv_kernel matvec_kernel(int type) {
         case SE_TYPE_Q4_1: return k_matvec<MV_UNROLL, SE_TYPE_Q4_1>;
         case SE_TYPE_Q8_0: return k_matvec<MV_UNROLL, SE_TYPE_Q8_0>;
         case SE_TYPE_Q4_K: return k_matvec<MV_UNROLL, SE_TYPE_Q4_K>;
+        case SE_DK_Q4_K_SPLIT: return k_matvec<MV_UNROLL, SE_DK_Q4_K_SPLIT>;
         case SE_TYPE_Q6_K: return k_matvec<MV_UNROLL, SE_TYPE_Q6_K>;
         default:           return k_matvec<MV_UNROLL, -1>;
     }
@@ -472,7 +475,7 @@ int se_cuda_matmul(const se_mm_out * o, const float * x, int32_t n, cudaStream_t
 }
 
 void se_cuda_matmul_init() {
-    const int types[] = {SE_TYPE_Q4_0, SE_TYPE_Q4_1, SE_TYPE_Q8_0, SE_TYPE_Q4_K, SE_TYPE_Q6_K, -1};
+    const int types[] = {SE_TYPE_Q4_0, SE_TYPE_Q4_1, SE_TYPE_Q8_0, SE_TYPE_Q4_K, SE_DK_Q4_K_SPLIT, SE_TYPE_Q6_K, -1};
     for (int t : types) cudaFuncSetAttribute((const void *) matvec_kernel(t), cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
     const void * kernels[] = {(const void *) k_matmul};
     for (const void * k : kernels) cudaFuncSetAttribute(k, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);

@@ -1,4 +1,4 @@
-// Decode products by row teams, for Q4_0, Q4_K and Q6_K weights.
+// Decode products by row teams, for Q4_0, Q4_K (either layout) and Q6_K weights.
 //
 // A decode product reads each weight once, so its time is bytes / bandwidth only when enough bytes
 // are in flight: at the H200's ~1.5 us loaded memory latency and ~4.1 TB/s, ~6 MB on the chip, ~45
@@ -112,6 +112,37 @@ template <> struct mvq<SE_TYPE_Q4_K> {
         const int q[4] = {w.q.x, w.q.y, w.q.z, w.q.w}, xl[4] = {a.xl.x, a.xl.y, a.xl.z, a.xl.w},
                   xh[4] = {a.xh.x, a.xh.y, a.xh.z, a.xh.w};
         return q4_K_dot16(q, w.hd, chunk, xl, xh, a.al, a.ah, a.sl, a.sh);
+    }
+};
+
+// Q4_K split (se-common.h; SEPEDGE_CUDA_Q4K_REPACK=1): unit u = piece t = u % 8 of superblock u / 8,
+// code bytes [16 t, +16) of its 128 (as the raw piece t), with the head's word 1 + t / 2 (scale, min
+// of both sub-blocks as bytes) and word 0 (d, dmin): 24 bytes a unit instead of 32, no six-bit
+// unpacking. The activations carry their blocks' d * sum for the mins, zero in the odd pieces so
+// that each block's mins are added once.
+template <> struct mvq<SE_DK_Q4_K_SPLIT> {
+    struct act { int4 xl, xh; float2 al, ah; };
+    struct wts { int4 q; int scm, dm; };
+    static __device__ __forceinline__ act load_act(const int8_t * qx, const float2 * ds, int64_t u) {
+        const int64_t sb = u / 8;
+        const int t = (int) (u % 8), chunk = t / 2, h = t % 2;
+        const int64_t blo = 8 * sb + 2 * chunk;
+        act a{*(const int4 *) (qx + 32 * blo + 16 * h), *(const int4 *) (qx + 32 * (blo + 1) + 16 * h), ds[blo], ds[blo + 1]};
+        if (h) a.al.y = a.ah.y = 0.0f;
+        a.ah.x *= 0.0625f;  // q4_K_split_dot16's 16 dh
+        return a;
+    }
+    static __device__ __forceinline__ wts load_w(const se_dweight & w, int64_t r, int64_t u) {
+        const int t = (int) (u % 8);
+        const uint8_t * hd = w.s + r * w.s_row + SE_Q4K_SPLIT_SB * (u / 8);
+        return wts{*(const int4 *) (w.q + r * w.q_row + SE_Q4K_SPLIT_QB * (u / 8) + 16 * t), load_i32(hd + 4 + 4 * (t / 2)),
+                   load_i32(hd)};
+    }
+    static __device__ __forceinline__ wts zero() { return wts{make_int4(0, 0, 0, 0), 0, 0}; }
+    static __device__ __forceinline__ float dot(const wts & w, const act & a, int64_t) {
+        const int q[4] = {w.q.x, w.q.y, w.q.z, w.q.w}, xl[4] = {a.xl.x, a.xl.y, a.xl.z, a.xl.w},
+                  xh[4] = {a.xh.x, a.xh.y, a.xh.z, a.xh.w};
+        return q4_K_split_dot16(q, w.scm, w.dm, xl, xh, a.al, a.ah);
     }
 };
 
@@ -414,10 +445,11 @@ mvt_kernel pick(int64_t n_u, int & team, int & r) {
 }
 
 template <bool NORM, bool SWIGLU>
-mvt_kernel pick_type(int32_t type, int64_t n_u, int & team, int & r) {
-    switch (type) {
+mvt_kernel pick_type(int32_t kind, int64_t n_u, int & team, int & r) {
+    switch (kind) {
         case SE_TYPE_Q4_0: return pick<SE_TYPE_Q4_0, NORM, SWIGLU>(n_u, team, r);
         case SE_TYPE_Q4_K: return pick<SE_TYPE_Q4_K, NORM, SWIGLU>(n_u, team, r);
+        case SE_DK_Q4_K_SPLIT: return pick<SE_DK_Q4_K_SPLIT, NORM, SWIGLU>(n_u, team, r);
         case SE_TYPE_Q6_K: return pick<SE_TYPE_Q6_K, NORM, SWIGLU>(n_u, team, r);
         default: return nullptr;
     }
@@ -481,7 +513,7 @@ int se_cuda_mvt(const se_mm_out * outs, int n_outs, const int8_t * qx, const flo
     if (!se_cuda_mvt_takes(&w0)) return SE_ERR_UNSUPPORTED;
     mvt_args a = {};
     for (int k = 0; k < n_outs; k++) {
-        if (outs[k].w.type != w0.type || outs[k].w.cols != w0.cols) return SE_ERR_UNSUPPORTED;
+        if (se_dkind(outs[k].w) != se_dkind(w0) || outs[k].w.cols != w0.cols) return SE_ERR_UNSUPPORTED;
         a.o[k] = outs[k];
         a.rows += outs[k].w.rows;
     }
@@ -505,8 +537,9 @@ int se_cuda_mvt(const se_mm_out * outs, int n_outs, const int8_t * qx, const flo
     a.hq = swiglu && w0.rows % 32 == 0 ? hq : nullptr;
     a.hds = hds;
     int team = 0, r = 0;
-    mvt_kernel k = norm ? (swiglu ? pick_type<true, true>(w0.type, a.n_u, team, r) : pick_type<true, false>(w0.type, a.n_u, team, r))
-                        : (swiglu ? pick_type<false, true>(w0.type, a.n_u, team, r) : pick_type<false, false>(w0.type, a.n_u, team, r));
+    const int kind = se_dkind(w0);
+    mvt_kernel k = norm ? (swiglu ? pick_type<true, true>(kind, a.n_u, team, r) : pick_type<true, false>(kind, a.n_u, team, r))
+                        : (swiglu ? pick_type<false, true>(kind, a.n_u, team, r) : pick_type<false, false>(kind, a.n_u, team, r));
     if (!k) return SE_ERR_UNSUPPORTED;
     const int nteam = MVT_THREADS / team;
     a.n_work = swiglu ? (a.rows + 31) / 32 : (a.rows + r - 1) / r;

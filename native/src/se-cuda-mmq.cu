@@ -25,7 +25,9 @@
 // offsets (Q4_0's -8, Q6_K's -32) are taken by an add and an xor per word instead of __vsubss4
 // (eight instructions on sm_90); Q4_K's six-bit scales are decoded once a tile into a table in
 // shared memory instead of once per warp and fragment; and 128-token tiles halve the fragment
-// work per product where the grid still fills the GPU.
+// work per product where the grid still fills the GPU. Q4_K in the split layout (se-common.h,
+// SEPEDGE_CUDA_Q4K_REPACK=1) copies its codes and its 20-byte heads as two planes and fills the same
+// table from the heads' bytes: the same values, so the same results as from the file's superblocks.
 #include "se-cuda-quants.cuh"
 
 #include <stdlib.h>
@@ -47,6 +49,7 @@ template <> struct mmq_traits<SE_TYPE_Q4_0> { static constexpr int QROW = MMQ_KB
 template <> struct mmq_traits<SE_TYPE_Q4_1> { static constexpr int QROW = MMQ_KB * Q4_1_QB, QLD = QROW + 16, SROW = MMQ_KB * Q4_1_SB, SUNIT = 16; };
 template <> struct mmq_traits<SE_TYPE_Q8_0> { static constexpr int QROW = MMQ_KB * Q8_0_QB, QLD = QROW + 16, SROW = MMQ_KB * Q8_0_SB, SUNIT = 16; };
 template <> struct mmq_traits<SE_TYPE_Q4_K> { static constexpr int QROW = sizeof(block_q4_K), QLD = QROW, SROW = 0, SUNIT = 16; };
+template <> struct mmq_traits<SE_DK_Q4_K_SPLIT> { static constexpr int QROW = SE_Q4K_SPLIT_QB, QLD = QROW + 16, SROW = SE_Q4K_SPLIT_SB, SUNIT = 4; };
 template <> struct mmq_traits<SE_TYPE_Q6_K> { static constexpr int QROW = Q6_K_QB, QLD = QROW, SROW = Q6_K_SB, SUNIT = 4; };
 
 template <int T, int BN>
@@ -58,7 +61,7 @@ struct mmq_layout {  // one pipeline stage in shared memory, 16-byte aligned reg
     static constexpr int BYTES = D + BN * MMQ_KB * (int) sizeof(float2);
     // after the stages: Q4_K's (a, c) per row and block of the current tile, decoded once a tile;
     // rows MMQ_TLD float2 apart so that the 8 rows of a fragment's lanes fall in distinct banks
-    static constexpr int TABLE = T == SE_TYPE_Q4_K ? MMQ_BM * MMQ_TLD * (int) sizeof(float2) : 0;
+    static constexpr int TABLE = T == SE_TYPE_Q4_K || T == SE_DK_Q4_K_SPLIT ? MMQ_BM * MMQ_TLD * (int) sizeof(float2) : 0;
     static constexpr int SMEM = MMQ_STAGES * BYTES + TABLE;
 };
 
@@ -165,7 +168,7 @@ __device__ __forceinline__ void load_stage(uint8_t * smem, const stage_copier<T,
     const uint8_t * d = (const uint8_t *) (act.ds + (int64_t) t0 * nb + kt * MMQ_KB);
     copy_tile<16, MMQ_BM, tr::QROW>(st + L::Q, tr::QLD, q, w.q_row, vr, (int) min((int64_t) tr::QROW, w.q_row - (int64_t) kt * tr::QROW));
     if constexpr (tr::SROW > 0) {
-        const int64_t s_used = T == SE_TYPE_Q6_K ? (w.cols / 256) * Q6_K_SB : nb * (tr::SROW / MMQ_KB);
+        const int64_t s_used = T == SE_TYPE_Q6_K || T == SE_DK_Q4_K_SPLIT ? (w.cols / 256) * tr::SROW : nb * (tr::SROW / MMQ_KB);
         copy_tile<tr::SUNIT, MMQ_BM, tr::SROW>(st + L::S, tr::SROW, sc, w.s_row, vr, (int) min((int64_t) tr::SROW, s_used - (int64_t) kt * tr::SROW));
     }
     copy_tile<16, BN, MMQ_BK>(st + L::X, MMQ_XLD, x, w.cols, vt, (int) min((int64_t) MMQ_BK, w.cols - (int64_t) kt * MMQ_BK));
@@ -184,6 +187,15 @@ __device__ __forceinline__ void decode_q4k_scales(const uint8_t * st, float2 * t
         k_scale_min(q + Q4_K_SC, j, sc, m);
         table[r * MMQ_TLD + j] = make_float2(d * sc, -dmin * m);
     }
+}
+
+// Q4_K split: the same table from the tile's heads (d, dmin, then scale and min of sub-block j as bytes).
+__device__ __forceinline__ void decode_q4k_split_scales(const uint8_t * st, float2 * table) {
+    const int r = threadIdx.x / 2, h = threadIdx.x % 2;
+    const uint8_t * hd = st + mmq_layout<SE_DK_Q4_K_SPLIT, 32>::S + r * SE_Q4K_SPLIT_SB;
+    const float d = h2f(hd), dmin = h2f(hd + 2);
+#pragma unroll
+    for (int j = 4 * h; j < 4 * h + 4; j++) table[r * MMQ_TLD + j] = make_float2(d * (int) hd[4 + 2 * j], -dmin * (int) hd[5 + 2 * j]);
 }
 
 __device__ __forceinline__ void mma_k32(int (&c)[4], const int (&a)[4], int b0, int b1) {
@@ -230,6 +242,12 @@ __device__ __forceinline__ void row_block(const uint8_t * q, const uint8_t * s, 
         ac = make_float2(h2f(s + Q8_0_SB * kb), 0.0f);
     } else if constexpr (T == SE_TYPE_Q4_K) {  // sub-block kb: nibbles (kb % 2) of 32 bytes at chunk kb / 2
         const uint8_t * qs = q + Q4_K_QS + 32 * (kb / 2);
+        const int shift = 4 * (kb % 2);
+        lo = (ld32(qs + 4 * tig) >> shift) & 0x0f0f0f0f;
+        hi = (ld32(qs + 16 + 4 * tig) >> shift) & 0x0f0f0f0f;
+        ac = table[kb];
+    } else if constexpr (T == SE_DK_Q4_K_SPLIT) {  // the same, the codes without the head
+        const uint8_t * qs = q + 32 * (kb / 2);
         const int shift = 4 * (kb % 2);
         lo = (ld32(qs + 4 * tig) >> shift) & 0x0f0f0f0f;
         hi = (ld32(qs + 16 + 4 * tig) >> shift) & 0x0f0f0f0f;
@@ -323,6 +341,9 @@ __global__ void __launch_bounds__(MMQ_THREADS, BN == 32 ? 2 : 1) k_mmq(const mmq
         if constexpr (T == SE_TYPE_Q4_K) {
             decode_q4k_scales(st, table);
             __syncthreads();
+        } else if constexpr (T == SE_DK_Q4_K_SPLIT) {
+            decode_q4k_split_scales(st, table);
+            __syncthreads();
         }
         const uint8_t * xq = st + L::X;
         const float2 * xd = (const float2 *) (st + L::D);
@@ -362,7 +383,7 @@ __global__ void __launch_bounds__(MMQ_THREADS, BN == 32 ? 2 : 1) k_mmq(const mmq
                         acc[i][j][1] += aca.x * dx[j][1].x * to_float<CVT>(c[1]);
                         acc[i][j][2] += acb.x * dx[j][0].x * to_float<CVT>(c[2]);
                         acc[i][j][3] += acb.x * dx[j][1].x * to_float<CVT>(c[3]);
-                        if constexpr (T == SE_TYPE_Q4_1 || T == SE_TYPE_Q4_K) {  // the blocks' offsets (mins)
+                        if constexpr (T == SE_TYPE_Q4_1 || T == SE_TYPE_Q4_K || T == SE_DK_Q4_K_SPLIT) {  // the blocks' offsets (mins)
                             acc[i][j][0] += aca.y * dx[j][0].y;
                             acc[i][j][1] += aca.y * dx[j][1].y;
                             acc[i][j][2] += acb.y * dx[j][0].y;
@@ -490,23 +511,25 @@ static int launch_group(const se_mm_out * outs, int n_outs, se_dact act, int32_t
         }
         g.end[k] = tiles;
     }
-    switch (outs[0].w.type) {
+    switch (se_dkind(outs[0].w)) {
         case SE_TYPE_Q4_0: return launch_type<SE_TYPE_Q4_0>(g, n_outs, act, n, s);
         case SE_TYPE_Q4_1: return launch_type<SE_TYPE_Q4_1>(g, n_outs, act, n, s);
         case SE_TYPE_Q8_0: return launch_type<SE_TYPE_Q8_0>(g, n_outs, act, n, s);
         case SE_TYPE_Q4_K: return launch_type<SE_TYPE_Q4_K>(g, n_outs, act, n, s);
+        case SE_DK_Q4_K_SPLIT: return launch_type<SE_DK_Q4_K_SPLIT>(g, n_outs, act, n, s);
         case SE_TYPE_Q6_K: return launch_type<SE_TYPE_Q6_K>(g, n_outs, act, n, s);
         default: return SE_ERR_UNSUPPORTED;
     }
 }
 
-// Whether some width of the type's kernel fits this GPU's shared memory.
-static bool type_fits(int32_t type) {
-    switch (type) {
+// Whether some width of the kind's (se_dkind) kernel fits this GPU's shared memory.
+static bool type_fits(int32_t kind) {
+    switch (kind) {
         case SE_TYPE_Q4_0: return width_fits<SE_TYPE_Q4_0>(32);
         case SE_TYPE_Q4_1: return width_fits<SE_TYPE_Q4_1>(32);
         case SE_TYPE_Q8_0: return width_fits<SE_TYPE_Q8_0>(32);
         case SE_TYPE_Q4_K: return width_fits<SE_TYPE_Q4_K>(32);
+        case SE_DK_Q4_K_SPLIT: return width_fits<SE_DK_Q4_K_SPLIT>(32);
         case SE_TYPE_Q6_K: return width_fits<SE_TYPE_Q6_K>(32);
         default: return false;
     }
@@ -514,13 +537,13 @@ static bool type_fits(int32_t type) {
 
 int se_cuda_mmq(const se_mm_out * outs, int n_outs, se_dact act, int32_t n, cudaStream_t s) {
     for (int k = 0; k < n_outs; k++)  // every check before the first launch: a refusal launched nothing
-        if (!se_cuda_has_mmq(outs[k].w.type) || outs[k].w.cols % 32 || !type_fits(outs[k].w.type)) return SE_ERR_UNSUPPORTED;
+        if (!se_cuda_has_mmq(outs[k].w.type) || outs[k].w.cols % 32 || !type_fits(se_dkind(outs[k].w))) return SE_ERR_UNSUPPORTED;
     // runs of outputs with the same type and K share a grid (SEPEDGE_CUDA_MMQ_GROUP=0: one each)
     const char * env = getenv("SEPEDGE_CUDA_MMQ_GROUP");
     const bool group = !(env && !strcmp(env, "0"));
     for (int k = 0; k < n_outs;) {
         int m = 1;
-        while (group && k + m < n_outs && m < 3 && outs[k + m].w.type == outs[k].w.type && outs[k + m].w.cols == outs[k].w.cols) m++;
+        while (group && k + m < n_outs && m < 3 && se_dkind(outs[k + m].w) == se_dkind(outs[k].w) && outs[k + m].w.cols == outs[k].w.cols) m++;
         const int r = launch_group(outs + k, m, act, n, s);
         if (r != SE_OK) return r;
         k += m;

@@ -10,6 +10,7 @@
 
 #include <cuda_bf16.h>
 #include <stddef.h>
+#include <string.h>
 
 // Byte sizes and offsets of the blocks (se-common.h) in the device layouts of se-cuda.h: in the
 // planes layout a block's codes (qs, or Q6_K's ql qh scales) and its scales (d, m) lie apart.
@@ -184,6 +185,14 @@ __device__ inline void dequant32(const se_dweight & w, int64_t row, int64_t c, f
         }
         case SE_TYPE_Q4_K:
         case SE_TYPE_Q5_K: {  // raw superblocks of 256: d, dmin, scales[12], (Q5_K: qh[32]), qs[128]
+            if (s) {          // Q4_K split (se-common.h): 128 code bytes | d, dmin, (scale, min) bytes a sub-block
+                const uint8_t * h = s + SE_Q4K_SPLIT_SB * (c / 8);
+                const int sub = (int) (c % 8), shift = 4 * (sub % 2);
+                const float d = h2f(h) * h[4 + 2 * sub], mn = h2f(h + 2) * h[5 + 2 * sub];
+                const uint8_t * qs = q + SE_Q4K_SPLIT_QB * (c / 8) + 32 * (sub / 2);
+                for (int l = 0; l < 32; l++) v[l] = d * ((qs[l] >> shift) & 0xf) - mn;
+                break;
+            }
             const bool five = w.type == SE_TYPE_Q5_K;
             const uint8_t * b = q + (five ? sizeof(block_q5_K) : sizeof(block_q4_K)) * (c / 8);
             const int sub = (int) (c % 8), chunk = sub / 2, shift = 4 * (sub % 2);
@@ -417,6 +426,78 @@ __device__ inline void dot_q4_K(const qrows<NR> & w, int64_t nsb, const int8_t *
     }
 }
 
+// Four products of unsigned bytes of a with signed bytes of b, added to c (PTX dp4a.u32.s32; the
+// intrinsic __dp4a takes both signed or both unsigned).
+__device__ __forceinline__ int dp4a_us(unsigned a, int b, int c) {
+    int d;
+    asm("dp4a.u32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+
+// Q4_K split (se-common.h), 16 code bytes as q4_K_dot16 takes them; scm = the bytes (scale, min) of
+// the two sub-blocks, dm = d | dmin << 16; al, ah = the activation blocks' (d, d * sum), .y zero where
+// another lane adds the block's mins (the min term of a block uses its whole sum: no code sums here),
+// and ah.x divided by 16: the high nibbles enter the unsigned dp4a in place (16 times the codes, no
+// shift), 16 dh < 2^19 exact in int.
+__device__ __forceinline__ float q4_K_split_dot16(const int q[4], int scm, int dm, const int xl[4], const int xh[4], float2 al,
+                                                  float2 ah) {
+    int dl = 0, dh = 0;
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        dl = __dp4a(q[i] & 0x0f0f0f0f, xl[i], dl);
+        dh = dp4a_us((unsigned) q[i] & 0xf0f0f0f0u, xh[i], dh);
+    }
+    const int scl = (int) __byte_perm(scm, 0, 0x4440), ml = (int) __byte_perm(scm, 0, 0x4441);
+    const int sch = (int) __byte_perm(scm, 0, 0x4442), mh = (int) __byte_perm(scm, 0, 0x4443);
+    __half2 h2;
+    memcpy(&h2, &dm, sizeof h2);
+    const float2 d = __half22float2(h2);  // d, dmin
+    return d.x * ((float) (scl * dl) * al.x + (float) (sch * dh) * ah.x) - d.y * ((float) ml * al.y + (float) mh * ah.y);
+}
+
+// Q4_K split (se-common.h): eight lanes a superblock as dot_q4_K; lane t takes code bytes [16 t, +16)
+// of the superblock's 128 (chunk t / 2, half t % 2), its two sub-blocks' scales and mins in one
+// 4-byte load (head word 1 + t / 2) and d, dmin in another (word 0): 24 bytes a lane where the raw
+// layout takes 32, and no six-bit unpacking. The mins enter through the activation blocks' d * sum,
+// added by the lanes t % 2 == 0 for the whole block.
+template <int NR, int MV_U>
+__device__ inline void dot_q4_K_split(const qrows<NR> & w, int64_t nsb, const int8_t * qx, const float2 * ds, int lane, float * acc) {
+    const int t = lane % 8, chunk = t / 2, h = t % 2;
+    const float own = h ? 0.0f : 1.0f;  // this lane adds the mins of its two blocks
+    for (int64_t sb0 = lane / 8; sb0 < nsb; sb0 += 4 * MV_U) {
+        int4 qv[MV_U][NR], xl4[MV_U], xh4[MV_U];
+        int scm[MV_U][NR], dm[MV_U][NR];
+        float2 al[MV_U], ah[MV_U];
+#pragma unroll
+        for (int u = 0; u < MV_U; u++) {
+            const int64_t sb = sb0 + 4 * u, blo = sb * 8 + 2 * chunk;
+            const bool ok = sb < nsb;
+            xl4[u] = ok ? *(const int4 *) (qx + 32 * blo + 16 * h) : make_int4(0, 0, 0, 0);
+            xh4[u] = ok ? *(const int4 *) (qx + 32 * (blo + 1) + 16 * h) : make_int4(0, 0, 0, 0);
+            al[u] = ok ? ds[blo] : make_float2(0.0f, 0.0f);
+            ah[u] = ok ? ds[blo + 1] : make_float2(0.0f, 0.0f);
+            al[u].y *= own;
+            ah[u] = make_float2(ah[u].x * 0.0625f, ah[u].y * own);  // q4_K_split_dot16's 16 dh
+#pragma unroll
+            for (int n = 0; n < NR; n++) {
+                const uint8_t * hd = w.s[n] + SE_Q4K_SPLIT_SB * sb;
+                qv[u][n] = ok ? *(const int4 *) (w.q[n] + SE_Q4K_SPLIT_QB * sb + 16 * t) : make_int4(0, 0, 0, 0);
+                dm[u][n] = ok ? load_i32(hd) : 0;
+                scm[u][n] = ok ? load_i32(hd + 4 + 4 * chunk) : 0;
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < MV_U; u++) {
+            const int xl[4] = {xl4[u].x, xl4[u].y, xl4[u].z, xl4[u].w}, xh[4] = {xh4[u].x, xh4[u].y, xh4[u].z, xh4[u].w};
+#pragma unroll
+            for (int n = 0; n < NR; n++) {
+                const int qs[4] = {qv[u][n].x, qv[u][n].y, qv[u][n].z, qv[u][n].w};
+                acc[n] += q4_K_split_dot16(qs, scm[u][n], dm[u][n], xl, xh, al[u], ah[u]);
+            }
+        }
+    }
+}
+
 // Q6_K: eight lanes a superblock; lane t takes l in [8 (t % 4), +8) of half t / 4: from 8 bytes of
 // ql, 8 more 32 bytes on and 8 of qh, the weights l, l + 32, l + 64, l + 96 of that half.
 template <int NR, int MV_U>
@@ -488,6 +569,18 @@ __device__ inline void dequant32_wide(const se_dweight & w, int64_t row, int64_t
             v[j] = d * ((byte & 0xf) - 8);
             v[j + 16] = d * ((byte >> 4) - 8);
         }
+        return;
+    }
+    if (se_dkind(w) == SE_DK_Q4_K_SPLIT) {  // codes apart, (scale, min) bytes of sub-blocks 2 chunk, + 1 in a word
+        const int sub = (int) (c % 8), chunk = sub / 2, shift = 4 * (sub % 2);
+        const uint8_t * b = w.q + row * w.q_row + SE_Q4K_SPLIT_QB * (c / 8) + 32 * chunk;
+        const uint8_t * hd = w.s + row * w.s_row + SE_Q4K_SPLIT_SB * (c / 8);
+        const int4 q0 = *(const int4 *) b, q1 = *(const int4 *) (b + 16);
+        const int scm = load_i32(hd + 4 + 4 * chunk) >> (16 * (sub % 2));
+        const float d = h2f(hd) * (scm & 0xff), mn = h2f(hd + 2) * ((scm >> 8) & 0xff);
+        const int qs[8] = {q0.x, q0.y, q0.z, q0.w, q1.x, q1.y, q1.z, q1.w};
+#pragma unroll
+        for (int l = 0; l < 32; l++) v[l] = d * ((qs[l / 4] >> (8 * (l % 4) + shift)) & 0xf) - mn;
         return;
     }
     if (w.type == SE_TYPE_Q4_K) {

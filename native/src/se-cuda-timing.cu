@@ -99,11 +99,13 @@ typedef struct mm_test {  // device buffers of se_cuda_mul_mat
     float2 * ds;
 } mm_test;
 
-// GGUF rows of `type` into device memory (*wp, freed by the caller) in the layout the forward pass uploads.
+// GGUF rows of `type` into device memory (*wp, freed by the caller) in the layout the forward pass
+// uploads (SEPEDGE_CUDA_Q4K_REPACK read at each call, as a model's upload reads it).
 static int upload_weight(const se_type_traits * tt, int32_t type, const void * w, int64_t rows, int64_t cols, uint8_t ** wp,
                          se_dweight * out) {
+    const bool split = se_cuda_q4k_split_env();
     int32_t qb, sb;
-    se_cuda_block_layout(type, &qb, &sb);
+    se_cuda_block_layout(type, split, &qb, &sb);
     const int64_t nb = cols / tt->block;
     const int64_t s_row = se_align16(nb * sb);
     const size_t q_bytes = (size_t) (rows * nb * qb), s_bytes = (size_t) (rows * nb * sb);
@@ -113,7 +115,7 @@ static int upload_weight(const se_type_traits * tt, int32_t type, const void * w
     if (sb) {
         uint8_t * host = (uint8_t *) malloc(q_bytes + s_bytes + 1);
         if (!host) return se_error(SE_ERR_OUT_OF_MEMORY, "out of memory");
-        se_cuda_split_blocks(type, (const uint8_t *) w, rows * nb, host, host + q_bytes);
+        se_cuda_split_blocks(type, split, (const uint8_t *) w, rows * nb, host, host + q_bytes);
         cudaError_t e1 = cudaMemcpy(dev, host, q_bytes, cudaMemcpyHostToDevice);
         cudaError_t e2 = cudaMemcpy2D(dev + se_align256(q_bytes), (size_t) s_row, host + q_bytes, (size_t) (nb * sb),
                                       (size_t) (nb * sb), (size_t) rows, cudaMemcpyHostToDevice);

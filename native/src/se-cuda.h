@@ -43,7 +43,8 @@ int se_cuda_n_sms();
 
 enum se_dlayout {
     SE_DL_RAW    = 0,  // rows of GGUF blocks as in the file
-    SE_DL_PLANES = 1,  // per row: codes of each block (q), then per block its scale(s) (s)
+    SE_DL_PLANES = 1,  // per row: codes of each block (q), then per block its scale(s) (s); Q4_K:
+                       // the split layout of se-common.h (SEPEDGE_CUDA_Q4K_REPACK=1)
 };
 
 // A weight matrix in device memory: (rows, cols), cols the reduction dimension.
@@ -57,11 +58,21 @@ struct se_dweight {
     int64_t s_row;           // bytes per row of s (a multiple of 16)
 };
 
-// Bytes of each plane for one block of `type` once uploaded (s_block 0: raw layout).
-// Rows of the scale plane take se_align16(blocks * s_block) bytes.
-void se_cuda_block_layout(int32_t type, int32_t * q_block, int32_t * s_block);
+// The kernels' dispatch key of a weight: its type, or SE_DK_Q4_K_SPLIT for Q4_K in the split layout.
+#define SE_DK_Q4_K_SPLIT (256 + SE_TYPE_Q4_K)
+__host__ __device__ inline int se_dkind(const se_dweight & w) {
+    return w.type == SE_TYPE_Q4_K && w.layout == SE_DL_PLANES ? SE_DK_Q4_K_SPLIT : w.type;
+}
+
+// SEPEDGE_CUDA_Q4K_REPACK=1: Q4_K weights uploaded in the split layout of se-common.h (codes apart,
+// scales and mins unpacked to bytes), read when a model's weights are uploaded; 0 / unset: the
+// file's superblocks.
+bool se_cuda_q4k_split_env();
+// Bytes of each plane for one block of `type` once uploaded (s_block 0: raw layout); q4k_split: Q4_K
+// in the split layout. Rows of the scale plane take se_align16(blocks * s_block) bytes.
+void se_cuda_block_layout(int32_t type, bool q4k_split, int32_t * q_block, int32_t * s_block);
 // Split n_blocks GGUF blocks of `type` into their planes (host memory).
-void se_cuda_split_blocks(int32_t type, const uint8_t * src, int64_t n_blocks, uint8_t * q, uint8_t * s);
+void se_cuda_split_blocks(int32_t type, bool q4k_split, const uint8_t * src, int64_t n_blocks, uint8_t * q, uint8_t * s);
 
 // Bytes to 256-byte alignment (every device allocation and arena slice).
 static inline size_t se_align256(size_t n) { return (n + 255) & ~(size_t) 255; }

@@ -106,6 +106,9 @@ typedef struct se_kernels {
 
 // The 8 six-bit scales and mins of a Q4_K/Q5_K super-block.
 void se_k_scales(const uint8_t s[12], uint8_t sc[8], uint8_t m[8]);
+// n Q4_K superblocks (GGUF bytes) into the CUDA layout of se-common.h: codes to q (128 bytes each),
+// heads to s (SE_Q4K_SPLIT_SB bytes each).
+void se_q4_K_split(const void * src, int64_t n, uint8_t * q, uint8_t * s);
 
 extern se_kernels se_kern;
 

@@ -85,6 +85,30 @@ static void repack_q4_K(const uint8_t * rows, uint64_t row_bytes, int64_t cols, 
 }
 
 // the 256 codes (0..63) of a Q6_K super-block in column order (GGUF.md §7.2)
+// The CUDA backend's Q4_K layout (se-common.h, SE_Q4K_SPLIT_*): plain C so that every build can
+// check it (se_cuda_repack_q4_K). The decode kernels then read a lane's two scales and mins in one
+// 4-byte load instead of unpacking them from the 12 packed bytes (GGUF.md §7.2) on every use.
+void se_q4_K_split(const void * src, int64_t n, uint8_t * q, uint8_t * s) {
+    const block_q4_K * b = src;
+    for (int64_t i = 0; i < n; i++, b++, q += SE_Q4K_SPLIT_QB, s += SE_Q4K_SPLIT_SB) {
+        uint8_t sc[8], m[8];
+        se_k_scales(b->scales, sc, m);
+        memcpy(s, &b->d, sizeof b->d);
+        memcpy(s + 2, &b->dmin, sizeof b->dmin);
+        for (int j = 0; j < 8; j++) {
+            s[4 + 2 * j] = sc[j];
+            s[5 + 2 * j] = m[j];
+        }
+        memcpy(q, b->qs, SE_Q4K_SPLIT_QB);
+    }
+}
+
+SE_API int se_cuda_repack_q4_K(const void * src, int64_t n, void * q, void * s) {
+    if (!src || !q || !s || n < 0) return se_error(SE_ERR_INVALID_ARGUMENT, "se_cuda_repack_q4_K: bad arguments");
+    se_q4_K_split(src, n, q, s);
+    return SE_OK;
+}
+
 static void q6_K_codes(const block_q6_K * b, uint8_t q[256]) {
     for (int h = 0; h < 2; h++) {
         const uint8_t * ql = b->ql + 64 * h, * qh = b->qh + 32 * h;
