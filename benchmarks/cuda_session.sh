@@ -21,8 +21,8 @@
 # products against the warp-per-row ones, SEPEDGE_CUDA_MV), next-ab (decode with the attention's idle blocks asking L2
 # for the next products' weights: SEPEDGE_CUDA_NEXT_L2 MB), ring-ab (decode attention at 32K history, full and
 # sepllm-stream: the cache cell- or head-major, keys and values through registers or the cp.async ring,
-# SEPEDGE_CUDA_KV_LAYOUT / _ATTN_RING / _ATTN_STAGES), stream-ab (sepllm-stream after 32K: split counts, ncu of one
-# attention launch), cublas (the cuBLAS prefill route: where cuBLAS comes from, its tests, then benchmarks/cublas_ab.py
+# SEPEDGE_CUDA_KV_LAYOUT / _ATTN_RING / _ATTN_STAGES), stream-ab (sepllm-stream after 32K: cells a split takes, interleaved; the
+# attention's kernel times; ncu of one attention launch after 32K and at 0 history), cublas (the cuBLAS prefill route: where cuBLAS comes from, its tests, then benchmarks/cublas_ab.py
 # on both 8B files, route on / off interleaved, 64..4096-token prompts, and the route's per-kernel prefill times),
 # tc-ab (the decode attention on the tensor cores, SEPEDGE_CUDA_ATTN_TC: its tests with the graphs / kv-mode ones,
 # then 8B Q4_0 decode at 32K history, full cache (0 / 1 / 2 / 0) and sepllm-stream (deltas: the float kernel
@@ -324,17 +324,27 @@ PY
                     SEPEDGE_CUDA_Q4K_REPACK=$v SEPEDGE_CUDA_TIMING=1 python3 benchmarks/cuda_profile.py $mk --steps 16 2>&1 |
                         grep -E "norm|qkv|wo|gate_up|down|output|attention|ms/token|GPU time per pass" | sed "s/^/repack=$v /"
                 done 2>&1 | tee -a $OUT/q4k-ab.log ;;
-        stream-ab) models 8b  # sepllm-stream after 32K tokens, 8B Q4_0: split counts (SEPEDGE_CUDA_ATTN_SPLITS caps them, 0: one
-                 # wave; ~800 cells make 25 splits of 32), then the counters of one decode attention launch (stall reasons)
+        stream-ab) ONLY_MODELS=${ONLY_MODELS:-llama3-8b-q4_0} models 8b  # sepllm-stream after 32K tokens, 8B Q4_0 (~800 live cells):
+                 # cells a split takes (SEPEDGE_CUDA_ATTN_SPLIT_CELLS: 128 makes 7 splits, 256 4, 512 2, 1024 1) interleaved,
+                 # the attention's kernel times in timing mode at two of them, then the counters of one decode attention
+                 # launch after 32K and at 0 history (stall reasons)
                  m=/tmp/models/llama3-8b-q4_0.gguf
-                 for sp in ${STREAM_SPLITS:-0 16 8 4}; do
-                     SEPEDGE_CUDA_ATTN_SPLITS=$sp python3 benchmarks/cuda_profile.py $m --depth 32768 --kv-mode sepllm-stream --steps 64 2>&1 |
-                         sed "s/^/splits=$sp /"
-                 done 2>&1 | tee $OUT/stream-ab.log
-                 SEPEDGE_CUDA_GRAPHS=0 timeout ${NCU_TIMEOUT:-150} ncu --clock-control none -k regex:k_attn_decode --launch-skip 40 --launch-count 1 \
-                     --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats \
-                     python3 benchmarks/cuda_profile.py $m --depth 32768 --kv-mode sepllm-stream --steps 4 > $OUT/ncu-stream.log 2>&1
-                 grep -E "k_attn|Duration|DRAM Throughput|Achieved Occupancy|Registers Per|Warp Cycles Per Issued|Issued Warp|Stall|stall" $OUT/ncu-stream.log | head -60 ;;
+                 python3 benchmarks/env_ab.py --var SEPEDGE_CUDA_ATTN_SPLIT_CELLS --values ${STREAM_CELLS:-128,256,512,1024} \
+                     --rounds ${STREAM_ROUNDS:-2} --case "$m --depth 32768 --kv-mode sepllm-stream --steps 48" \
+                     --md $OUT/stream-ab.md 2>&1 | tail -12 | tee $OUT/stream-ab.log
+                 for sc in ${STREAM_TIMED:-128 512}; do
+                     SEPEDGE_CUDA_ATTN_SPLIT_CELLS=$sc SEPEDGE_CUDA_TIMING=1 python3 benchmarks/cuda_profile.py $m --depth 32768 \
+                         --kv-mode sepllm-stream --steps 16 2>&1 | grep -E "attention|rope|ms/token|GPU time per pass" | sed "s/^/cells=$sc /"
+                 done 2>&1 | tee -a $OUT/stream-ab.log
+                 for depth in 32768 0; do
+                     SEPEDGE_CUDA_GRAPHS=0 timeout ${NCU_TIMEOUT:-150} ncu --clock-control none -k regex:k_attn_decode --launch-skip 40 \
+                         --launch-count 1 --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats \
+                         --section MemoryWorkloadAnalysis python3 benchmarks/cuda_profile.py $m --depth $depth --kv-mode sepllm-stream \
+                         --steps 4 > $OUT/ncu-stream-$depth.log 2>&1
+                     echo "## ncu, stream at depth $depth"
+                     grep -E "k_attn|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Grid Size|Warp Cycles Per Issued|Issued Warp|Stall|stall|L2 Hit" \
+                         $OUT/ncu-stream-$depth.log | head -40
+                 done ;;
         profile-stream) models 8b  # kernel times of sepllm-stream decode after 32K tokens, and its wall time
                  { SEPEDGE_CUDA_TIMING=1 python3 benchmarks/cuda_profile.py /tmp/models/llama3-8b-q4_0.gguf --depth 32768 --kv-mode sepllm-stream --steps 16
                    python3 benchmarks/cuda_profile.py /tmp/models/llama3-8b-q4_0.gguf --depth 32768 --kv-mode sepllm-stream --steps 64
