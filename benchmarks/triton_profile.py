@@ -2,9 +2,11 @@
 products (SEPEDGE_TRITON_PREFILL=q8 / f16 / dq, the default: an A/B of the routes), tg timed as
 sepedge.bench times it, and torch.profiler's kernel table of one 512-token prompt and of decode steps
 (CUDA-graph replays: the profiler lists the graph's kernels), each kernel's total time and share, per
-prompt and per decode step.
+prompt and per decode step. --timeline: for each route named, the GPU's timeline of one prompt
+(benchmarks/gpu_timeline.py): busy and idle time, and whether each idle gap waited for the host's launch
+call or for the device.
 
-    python benchmarks/triton_profile.py MODEL.gguf [--md out.md] [--reps 3] [--pp 512,4096]
+    python benchmarks/triton_profile.py MODEL.gguf [--md out.md] [--reps 3] [--pp 512,4096] [--timeline f16,dq]
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
+
+import gpu_timeline  # benchmarks/, beside this file
 
 
 def kernel_table(prof, per: int) -> list[tuple[str, float, int]]:
@@ -35,6 +39,9 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--pp", default="512", help="prompt lengths of the A/B, comma-separated")
+    ap.add_argument("--routes", default="q8,f16,dq", help="prefill routes of the A/B, comma-separated")
+    ap.add_argument("--table-route", default="dq", help="the prefill route of the kernel table")
+    ap.add_argument("--timeline", default="", help="prefill routes whose 512-token prompt's timeline is reduced")
     args = ap.parse_args()
     import numpy as np
     import torch
@@ -47,7 +54,7 @@ def main() -> int:
     with Engine(args.model, device="triton", n_ctx=max(1024, max(pps) + 64)) as llm:
         toks_all = rng.integers(0, llm.n_vocab, max(pps)).tolist()
         for n_pp in pps:
-            for mode in ("q8", "f16", "dq"):
+            for mode in args.routes.split(","):
                 os.environ["SEPEDGE_TRITON_PREFILL"] = mode
                 llm.reset()
                 llm.eval(toks_all[:n_pp])  # compiles and autotunes
@@ -61,8 +68,24 @@ def main() -> int:
                 out.append(f"- pp{n_pp} with the {mode} prefill products: {statistics.fmean(runs):.1f} t/s "
                            f"({', '.join(f'{r:.0f}' for r in runs)})")
                 print(out[-1], flush=True)
-        os.environ["SEPEDGE_TRITON_PREFILL"] = "dq"  # the default route in the tables below
         toks = toks_all[:512]
+        timelines = []
+        for mode in [m for m in args.timeline.split(",") if m]:
+            os.environ["SEPEDGE_TRITON_PREFILL"] = mode
+            llm.reset()
+            llm.eval(toks)  # compiled and tuned before the profile
+            llm.reset()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+                t0 = time.perf_counter()
+                llm.eval(toks)
+                torch.cuda.synchronize()
+                wall = (time.perf_counter() - t0) * 1e6
+            s = gpu_timeline.summarize(gpu_timeline.from_profile(prof), wall)
+            timelines += gpu_timeline.markdown(s, f"timeline of one {len(toks)}-token prompt, {mode} prefill products "
+                                                  f"(under the profiler: its own host cost included)")
+            print("\n".join(timelines[-12:]), flush=True)
+        os.environ["SEPEDGE_TRITON_PREFILL"] = args.table_route  # the route of the tables below
         llm.reset()
         llm.eval(toks[:16])
         for t in toks[:4]:
@@ -83,7 +106,8 @@ def main() -> int:
                 llm.eval([t])
             torch.cuda.synchronize()
         dec = kernel_table(prof, args.steps)
-    for title, rows in (("one 512-token prompt (dequantize-once prefill products)", pre), ("one decode step", dec)):
+    out += [""] + timelines
+    for title, rows in ((f"one 512-token prompt ({args.table_route} prefill products)", pre), ("one decode step", dec)):
         total = sum(t for _, t, _ in rows)
         out += ["", f"{title}: kernels {total:.0f} µs", "", "| kernel | µs | launches | share |", "|---|---:|---:|---:|"]
         out += [f"| {n[:70]} | {t:.1f} | {c} | {t / total:.1%} |" for n, t, c in rows[:25]]
