@@ -84,7 +84,6 @@ static void repack_q4_K(const uint8_t * rows, uint64_t row_bytes, int64_t cols, 
     }
 }
 
-// the 256 codes (0..63) of a Q6_K super-block in column order (GGUF.md §7.2)
 // The CUDA backend's Q4_K layout (se-common.h, SE_Q4K_SPLIT_*): plain C so that every build can
 // check it (se_cuda_repack_q4_K). The decode kernels then read a lane's two scales and mins in one
 // 4-byte load instead of unpacking them from the 12 packed bytes (GGUF.md §7.2) on every use.
@@ -109,6 +108,7 @@ SE_API int se_cuda_repack_q4_K(const void * src, int64_t n, void * q, void * s) 
     return SE_OK;
 }
 
+// the 256 codes (0..63) of a Q6_K super-block in column order (GGUF.md §7.2)
 static void q6_K_codes(const block_q6_K * b, uint8_t q[256]) {
     for (int h = 0; h < 2; h++) {
         const uint8_t * ql = b->ql + 64 * h, * qh = b->qh + 32 * h;
