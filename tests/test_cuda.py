@@ -656,16 +656,28 @@ def test_split_cells_and_typed_matvec(gguf_path, rng, monkeypatch, spec, qtype, 
     np.testing.assert_array_equal(got["16", "1"], got["16", "0"])
 
 
+# The one-token products a q4_k_m model takes with the switch on: "auto", the defaults (in the tiny
+# model the row-team kernels serve every all-Q4_K launch and the warp-per-row kernel, made for any kind,
+# the mixed Q / K / V of layer 1, whose V is Q6_K); "rows-typed", the warp-per-row kernel everywhere
+# (SEPEDGE_CUDA_MV=rows), made for the split layout where a launch's outputs are all Q4_K
+# (SEPEDGE_CUDA_MV_SPEC=1: with the defaults the row-team kernels take those launches first).
+Q4K_SPLIT_MV = {"auto": {}, "rows-typed": {"SEPEDGE_CUDA_MV": "rows", "SEPEDGE_CUDA_MV_SPEC": "1"}}
+
+
 @gpu
-@pytest.mark.parametrize("typed", ["0", "1"])  # the decode products' kernel for any kind / made for the split layout
-def test_q4_K_split_model(gguf_path, rng, monkeypatch, typed):
+@pytest.mark.parametrize("mv", Q4K_SPLIT_MV)
+def test_q4_K_split_model(gguf_path, rng, monkeypatch, mv):
     """A q4_k_m file uploaded with SEPEDGE_CUDA_Q4K_REPACK=1: prompt and step-by-step logits against
     the CPU engine within the decode bounds, the prompt (int8 prefill kernels, the same table from
     either layout) and the float decode path (SEPEDGE_CUDA_MATVEC=float: dequant32, the same float
-    operations) bit for bit as with the file's layout (test_graphs_and_decode_paths bounds the latter)."""
+    operations) bit for bit as with the file's layout (test_graphs_and_decode_paths bounds the latter);
+    the 8-bit decode steps not bit for bit (the split layout's dot products sum in another order: the
+    switch was taken); rows-typed: the kernel made for the split layout gives the bits of the one made
+    for any kind."""
     path = gguf_path("gqa-d128-llama31", "q4_k_m")
     tokens = rng.integers(0, 700, 200).tolist()
-    monkeypatch.setenv("SEPEDGE_CUDA_MV_SPEC", typed)
+    for name, value in Q4K_SPLIT_MV[mv].items():
+        monkeypatch.setenv(name, value)
     with cpu_engine(path, n_ctx=512, n_batch=16) as cpu_llm:
         cpu_prompt = cpu_llm.eval_logits(tokens[:40])
         cpu_steps = step_by_step(cpu_llm, tokens)
@@ -681,11 +693,17 @@ def test_q4_K_split_model(gguf_path, rng, monkeypatch, typed):
             floats = step_by_step(llm, tokens)
         got[split] = prompt, steps, floats
         errs = rel(prompt, cpu_prompt), rel(steps, cpu_steps), rel(floats, cpu_steps)
-        report("q4k-split-model", split, typed, *errs)
+        report("q4k-split-model", split, mv, *errs)
         assert errs[0] <= MAX_REL_VS_CPU_PREFILL
         assert errs[1] <= MAX_REL_VS_CPU_DECODE["q4_k_m"]
     np.testing.assert_array_equal(got["0"][0], got["1"][0])
     np.testing.assert_array_equal(got["0"][2], got["1"][2])
+    assert not np.array_equal(got["0"][1], got["1"][1]), "SEPEDGE_CUDA_Q4K_REPACK=1 gave the bits of the file's layout: not taken"
+    if mv == "rows-typed":
+        monkeypatch.delenv("SEPEDGE_CUDA_MATVEC")
+        monkeypatch.setenv("SEPEDGE_CUDA_MV_SPEC", "0")
+        with cuda_engine(path, n_ctx=512, n_batch=16) as llm:
+            np.testing.assert_array_equal(step_by_step(llm, tokens), got["1"][1])
 
 
 @gpu
