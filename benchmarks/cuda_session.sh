@@ -318,6 +318,20 @@ PY
                     -k "${Q4K_TESTS:-q4_K_split or (decode_kernels and Q4_K) or graphs_and_decode_paths}" --maxfail=10 \
                     -p no:cacheprovider 2>&1 | tee $OUT/q4k-ab.log | tail -15
                 mk=/tmp/models/llama3-8b-q4_k_m.gguf
+                # the 8B file's logits from both layouts (the tests' models fit one upload batch and 2 superblocks a
+                # row; here the upload's 64 MB batches and the real shapes): rounding apart, else MISMATCH
+                python3 - $mk cuda <<'PY' 2>&1 | tee -a $OUT/q4k-ab.log
+import os, sys, numpy as np
+from sepedge import Engine
+toks, out = list(range(100, 116)), {}
+for v in ("0", "1"):
+    os.environ["SEPEDGE_CUDA_Q4K_REPACK"] = v
+    with Engine(sys.argv[1], device=sys.argv[2], kv_type="f16", n_ctx=64, n_batch=16) as llm:
+        out[v] = np.stack([llm.eval(toks[:8])] + [llm.eval([t]) for t in toks[8:]])
+d = float(np.abs(out["1"] - out["0"]).max() / np.abs(out["0"]).max())
+print(f"{os.path.basename(sys.argv[1])} logits (prompt 8, 8 steps), split layout against the file's: "
+      f"max |diff| / max |logit| = {d:.2e}{'  MISMATCH' if not d <= 0.1 else ''}")
+PY
                 python3 benchmarks/env_ab.py --var SEPEDGE_CUDA_Q4K_REPACK --values 0,1 --rounds ${Q4K_ROUNDS:-2} \
                     --case "$mk --steps 64" --md $OUT/q4k-ab.md 2>&1 | tail -12 | tee -a $OUT/q4k-ab.log
                 for v in 0 1; do
