@@ -638,8 +638,11 @@ def test_split_cells_and_typed_matvec(gguf_path, rng, monkeypatch, spec, qtype, 
     """The one-token attention's split size (SEPEDGE_CUDA_ATTN_SPLIT_CELLS: 16 cells, many splits and
     merges; 1024, one split) moves only the summation order of the softmax: both within the decode
     tolerance of the CPU engine, in full and in a delta mode; the decode products made for one
-    weight type (SEPEDGE_CUDA_MV_SPEC=1) give the same bits as the kernel made for any (the default)."""
+    weight type (SEPEDGE_CUDA_MV_SPEC=1) give the same bits as the kernel made for any (the default).
+    Every product on the warp-per-row kernel (SEPEDGE_CUDA_MV=rows), the one MV_SPEC makes per type: in
+    these tiny models the row-team kernels would take the launches and both runs would be one kernel."""
     path = gguf_path(spec, qtype)
+    monkeypatch.setenv("SEPEDGE_CUDA_MV", "rows")
     tokens = rng.integers(0, 700, 300).tolist()  # inside both vocabularies
     kw = dict(n_ctx=512, kv_mode=mode) if mode == "full" else dict(kv_mode=mode, n_init=4, n_sep=32, n_local=64, n_cache=128)
     with cpu_engine(path, n_batch=16, **kw) as cpu_llm:
