@@ -15,6 +15,8 @@ tiles with half operands and float32 sums, F32 with float32 operands.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -221,14 +223,174 @@ def matmul_packed_kernel(
 
 
 @triton.jit
+def _magic_f32(e, HI: tl.constexpr):
+    """The float16 in the low (HI False) or high half of the int32 e, as float32: with e's halves
+    0x6400 | b (b < 1024), exactly 1024 + b (float16's 1024 has an ulp of 1), so a code becomes a
+    float by an OR on a whole word and one half-to-float conversion, where int -> float conversions
+    take one (slow) conversion each after a byte was extracted."""
+    h = (e >> 16) if HI else e
+    return h.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _magic_pairs(u, GPU: tl.constexpr):
+    """The int32 words e, o whose float16 halves are 0x6400 | byte: e of bytes 0 and 2 of u, o of bytes 1
+    and 3 (for _magic_f32): on a GPU two byte permutes (prmt: each byte of the result picked from u or
+    from the constant), where the same from masks and an OR are two LOP3 (one immediate each) and a
+    shift for o; the masks elsewhere (the interpreter has no inline assembly)."""
+    if GPU:
+        e, o = tl.inline_asm_elementwise(
+            "{ .reg .b32 m; mov.b32 m, 0x64006400; prmt.b32 $0, $2, m, 0x7250; prmt.b32 $1, $2, m, 0x7351; }",
+            "=r,=r,r", [u], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+    else:
+        e = (u & 0x00FF00FF) | 0x64006400
+        o = ((u >> 8) & 0x00FF00FF) | 0x64006400
+    return e, o
+
+
+@triton.jit
+def _halves_f32(e, GPU: tl.constexpr, CODE: tl.constexpr = False):
+    """_magic_f32 of both halves of e (low, high), less 1024 when CODE (1024 + q -> q, exact): on a GPU
+    one register split and two half-to-float conversions (the compiler's shift-and-truncate of the high
+    half cost a byte permute a pair), CODE's subtraction one packed float16 instruction for the pair."""
+    if GPU:
+        if CODE:
+            asm: tl.constexpr = ("{ .reg .b16 l, h; .reg .b32 m, q; mov.b32 m, 0x64006400; sub.rn.f16x2 q, $2, m; "
+                                 "mov.b32 {l, h}, q; cvt.f32.f16 $0, l; cvt.f32.f16 $1, h; }")
+        else:
+            asm: tl.constexpr = "{ .reg .b16 l, h; mov.b32 {l, h}, $2; cvt.f32.f16 $0, l; cvt.f32.f16 $1, h; }"
+        lo, hi = tl.inline_asm_elementwise(asm, "=r,=r,r", [e], dtype=(tl.float32, tl.float32), is_pure=True,
+                                           pack=1)
+    else:
+        lo = _magic_f32(e, False)
+        hi = _magic_f32(e, True)
+        if CODE:
+            lo -= 1024.0
+            hi -= 1024.0
+    return lo, hi
+
+
+@triton.jit
+def _join4(w0, w1, w2, w3):
+    """(..., 4) of four tiles in byte order: w_b of the code in byte b of a word."""
+    return tl.join(tl.join(w0, w2), tl.join(w1, w3))  # [..., j, k] = byte 2j + k
+
+
+@triton.jit
+def _dequant_f16_words(QS, QH, SC, D, offs_n, nm, k0, K, stride_qs, stride_qh, stride_sc, stride_d,
+                       QTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DECODE: tl.constexpr,
+                       GPU: tl.constexpr):
+    """_dequant_f16's Q4_K and Q6_K tiles from the code arrays read as int32 words (QS, QH: packed.py's
+    int32 arrays; strides in words), the float16 values of decoder 1: the codes of four values are
+    formed in one word with a shift and a mask (SWAR), then made float32 one of two ways (both exact):
+    DECODE 2 through the float16 magic number 1024 (_magic_f32: an OR a pair of values, one
+    half-to-float conversion a value), DECODE 3 by an int32 -> float32 conversion of each code
+    extracted from its word (on sm_90 a 32-bit source converts with I2FP, where decoder 1's 8/16-bit
+    sources took I2F); which pipe is faster is the A/B's to say.
+    Q6_K folds the code's offset into one fma of ds = d * sc (exact: 11 + 7 significant bits):
+    (1024 + u) * ds - 1056 * ds (DECODE 2) or u * ds - 32 * ds (3), u = q + 32, where 1056 * ds and
+    32 * ds (6 + 18 bits at most) and the result q * ds (5 + 18 bits) are exact in float32, so the
+    fma's one rounding leaves q * ds exact, as decoder 1's product was: the same value, then the same
+    rounding to float16 (a zero code gives +0 where decoder 1 gave -0 for a negative scale, which no
+    sum can see). Q4_K keeps decoder 1's expression q * (d * sc) - dmin * m on the same exact float32
+    q (DECODE 2: 1024 + q - 1024), so its product and difference (one fma when Triton's FP fusion is
+    on, as for decoder 1) round as before."""
+    r = offs_n.to(tl.int64)[:, None, None, None]
+    ok = nm[:, None, None, None]
+    # BLOCK_K divides the 256-value block (the launchers' tiles) and K is whole blocks: a tile never
+    # crosses K (no K mask), and each index below is a scalar of k0 (once a step) plus a tensor that does
+    # not change in the loop (computed once), where c // 8, c % 8 of a per-value c cost integer work a value
+    sb = k0 // 256
+    if QTYPE == 12:  # Q4_K: chunk c's 8 words, value 64c + 4i + b in the low nibble of byte b of word i
+        NC: tl.constexpr = BLOCK_K // 64
+        c = k0 // 64 + tl.arange(0, NC)[None, :, None, None]
+        hi = tl.arange(0, 2)[None, None, :, None]
+        i = tl.arange(0, 8)[None, None, None, :]
+        b = tl.load(QS + r * stride_qs + c * 8 + i, mask=ok, other=0)  # (rows, chunks, 1, words)
+        t = b >> (4 * hi)  # the run's nibbles at the bottom of each byte (above them: garbage, masked)
+        e = (t & 0x000F000F) | 0x64006400  # bytes 0, 2 as float16 1024 + q (DECODE 2)
+        o = ((t >> 8) & 0x000F000F) | 0x64006400  # bytes 1, 3
+        sc = tl.load(SC + r * stride_sc + c * 4 + 2 * hi, mask=ok, other=0).to(tl.float32)
+        mn = tl.load(SC + r * stride_sc + c * 4 + 2 * hi + 1, mask=ok, other=0).to(tl.float32)
+        dd = tl.load(D + r * stride_d + sb + tl.zeros([1, NC, 1, 1], dtype=tl.int32), mask=ok, other=0)
+        dsc = _f16_bits(dd) * sc
+        dmn = _f16_bits(dd >> 16) * mn
+        if DECODE == 2:
+            q0, q2 = _halves_f32(e, GPU, True)
+            q1, q3 = _halves_f32(o, GPU, True)
+            w0 = (q0 * dsc - dmn).to(tl.float16)
+            w1 = (q1 * dsc - dmn).to(tl.float16)
+            w2 = (q2 * dsc - dmn).to(tl.float16)
+            w3 = (q3 * dsc - dmn).to(tl.float16)
+        else:  # 3: each nibble extracted to an int32 and converted (I2FP, a 32-bit source)
+            w0 = ((t & 15).to(tl.float32) * dsc - dmn).to(tl.float16)
+            w1 = (((t >> 8) & 15).to(tl.float32) * dsc - dmn).to(tl.float16)
+            w2 = (((t >> 16) & 15).to(tl.float32) * dsc - dmn).to(tl.float16)
+            w3 = (((t >> 24) & 15).to(tl.float32) * dsc - dmn).to(tl.float16)
+    else:  # Q6_K: run jj = 4h + rr of block sb, 16-value group g: ql words 32sb + 16h + 8(rr % 2) + 4g + i,
+        # qh words 16sb + 8h + 4g + i (value 16g + 4i + b of the run in byte b)
+        tl.static_assert(QTYPE == 14, "Q4_K and Q6_K only")
+        NB: tl.constexpr = BLOCK_K // 32
+        n = tl.arange(0, NB)[None, :, None, None]
+        g = tl.arange(0, 2)[None, None, :, None]
+        i = tl.arange(0, 4)[None, None, None, :]
+        # jj = j0 + n with j0 = (k0 % 256) // 32 a multiple of NB: h = j0 // 4 + n // 4 and rr = j0 % 4 + n % 4
+        # (one of each pair is 0 for every NB dividing 8), and so are the parts of rr % 2 and rr // 2
+        j0 = (k0 % 256) // 32
+        hs = j0 // 4
+        rs = j0 % 4
+        hh = hs + n // 4
+        rr = rs + n % 4
+        lo = tl.load(QS + r * stride_qs + sb * 32 + 16 * hh + 8 * (rs % 2 + n % 2) + 4 * g + i, mask=ok, other=0)
+        hb = tl.load(QH + r * stride_qh + sb * 16 + 8 * hh + 4 * g + i, mask=ok, other=0)
+        # u = q + 32 in each byte: 4 low bits from ql's nibble, 2 high from qh (the sign-filled top of
+        # an arithmetic shift is masked off)
+        u = ((lo >> (4 * (rs // 2 + (n % 4) // 2))) & 0x0F0F0F0F) | (((hb >> (2 * rr)) & 0x03030303) << 4)
+        sc = tl.load(SC + r * stride_sc + sb * 16 + 2 * (j0 + n) + g, mask=ok, other=0).to(tl.float32)
+        d = tl.load(D + r * stride_d + sb + tl.zeros([1, NB, 1, 1], dtype=tl.int32), mask=ok, other=0.0)
+        ds = d.to(tl.float32) * sc  # exact: 11 + 7 significant bits
+        k = ds * 1056.0  # exact (see above)
+        if DECODE == 2:
+            e, o = _magic_pairs(u, GPU)  # bytes 0, 2 and 1, 3 as float16 1024 + u
+            m0, m2 = _halves_f32(e, GPU)
+            m1, m3 = _halves_f32(o, GPU)
+            w0 = tl.fma(m0, ds, -k).to(tl.float16)
+            w1 = tl.fma(m1, ds, -k).to(tl.float16)
+            w2 = tl.fma(m2, ds, -k).to(tl.float16)
+            w3 = tl.fma(m3, ds, -k).to(tl.float16)
+        else:  # 3: u * ds - 32 * ds in one fma (u * ds: 6 + 18 bits, 32 * ds exact): q * ds again
+            k = ds * 32.0
+            w0 = tl.fma((u & 63).to(tl.float32), ds, -k).to(tl.float16)
+            w1 = tl.fma(((u >> 8) & 63).to(tl.float32), ds, -k).to(tl.float16)
+            w2 = tl.fma(((u >> 16) & 63).to(tl.float32), ds, -k).to(tl.float16)
+            w3 = tl.fma(((u >> 24) & 63).to(tl.float32), ds, -k).to(tl.float16)
+    return tl.reshape(_join4(w0, w1, w2, w3), [BLOCK_N, BLOCK_K])
+
+
+@triton.jit
 def _dequant_f16(QS, QH, SC, D, offs_n, nm, k0, K, stride_qs, stride_qh, stride_sc, stride_d,
-                 QTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 QTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DECODE: tl.constexpr = 1,
+                 GPU: tl.constexpr = False):
     """Values k0..k0 + BLOCK_K - 1 of a repacked weight's rows offs_n as a float16 (BLOCK_N, BLOCK_K)
     tile (QTYPE F16: of a plain float16 (N, K) matrix in QS, loaded as it is), scales (and Q4_K's mins)
     applied: each code vector is loaded once as whole 16/32-byte runs
     and its nibbles picked by a broadcast shift (a (rows, blocks, halves, bytes) tile flattened in value
     order). Q4_0 and Q8_0 multiply in float16 (code x scale: one rounding, as in float32); Q4_K and
     Q6_K form d * sc * q - dmin * m in float32 and round once."""
+    if DECODE >= 2 and (QTYPE == 12 or QTYPE == 14):
+        w = _dequant_f16_words(QS, QH, SC, D, offs_n, nm, k0, K, stride_qs, stride_qh, stride_sc, stride_d, QTYPE,
+                               BLOCK_N, BLOCK_K, DECODE, GPU)
+    else:
+        w = _dequant_f16_bytes(QS, QH, SC, D, offs_n, nm, k0, K, stride_qs, stride_qh, stride_sc, stride_d, QTYPE,
+                               BLOCK_N, BLOCK_K)
+    return w
+
+
+@triton.jit
+def _dequant_f16_bytes(QS, QH, SC, D, offs_n, nm, k0, K, stride_qs, stride_qh, stride_sc, stride_d,
+                       QTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """_dequant_f16's decoder 1 (SEPEDGE_TRITON_F16_DECODE; every type but Q4_K / Q6_K always): the code
+    arrays read as bytes."""
     r = offs_n.to(tl.int64)[:, None, None, None]
     ok = nm[:, None, None, None]
     if QTYPE == 1:  # F16: QS is a plain (N, K) float16 matrix (dequantize_f16's output), the tile as it is
@@ -289,7 +451,8 @@ def _dequant_f16(QS, QH, SC, D, offs_n, nm, k0, K, stride_qs, stride_qh, stride_
 def dequant_f16_kernel(
     OUT, QS, QH, SC, D,  # OUT: (N, K) float16; QS, QH, SC, D as matmul_f16_kernel takes them
     N, K, stride_qs, stride_qh, stride_sc, stride_d, stride_o,
-    QTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    QTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DECODE: tl.constexpr = 1,
+    GPU: tl.constexpr = False,
 ):
     """A repacked weight written out as a plain float16 (N, K) matrix, one (BLOCK_N, BLOCK_K) tile per
     program, by the prefill product's own decoder (_dequant_f16): the plain matrix holds exactly the
@@ -302,7 +465,7 @@ def dequant_f16_kernel(
     nm = offs_n < N
     k0 = pid_k * BLOCK_K
     w = _dequant_f16(QS, QH, SC, D, offs_n, nm, k0, K, stride_qs, stride_qh, stride_sc, stride_d, QTYPE,
-                     BLOCK_N, BLOCK_K)
+                     BLOCK_N, BLOCK_K, DECODE, GPU)
     kk = k0 + tl.arange(0, BLOCK_K)[None, :]
     tl.store(OUT + offs_n.to(tl.int64)[:, None] * stride_o + kk, w, mask=nm[:, None] & (kk < K))
 
@@ -314,7 +477,8 @@ def matmul_f16_kernel(
     stride_qs, stride_qh, stride_sc, stride_d, stride_xh, stride_ym, stride_b,
     M_KEY,  # unused: a power of two of M, the autotuning key
     QTYPE: tl.constexpr, HAS_ADD: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, DECODE: tl.constexpr = 1,
+    GPU: tl.constexpr = False,
 ):
     """Repacked weights times half-precision rows (act_f16.py: rows s * h): per K tile the weight tile
     decoded to float16 in registers (scales folded in) and one float16 tl.dot of BLOCK_K values into a
@@ -333,7 +497,7 @@ def matmul_f16_kernel(
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         w = _dequant_f16(QS, QH, SC, D, offs_n, nm, k0, K, stride_qs, stride_qh, stride_sc, stride_d, QTYPE,
-                         BLOCK_N, BLOCK_K)
+                         BLOCK_N, BLOCK_K, DECODE, GPU)
         x = tl.load(XH + offs_m[None, :].to(tl.int64) * stride_xh + (k0 + kk)[:, None],
                     mask=mm[None, :] & ((k0 + kk)[:, None] < K), other=0.0)
         acc = tl.dot(w, x, acc)
@@ -419,40 +583,62 @@ DQ_AUTO_TYPES = (Q4_K, Q6_K)
 DQ_SCRATCH_BYTES = 256 << 20  # Llama-3-8B's fused gate/up (28672 x 4096, 235 MB) in one slice
 
 
+# SEPEDGE_TRITON_F16_DECODE, read at every launch of matmul_f16 / dequantize_f16: the in-register decoder
+# of Q4_K and Q6_K tiles. 1 (the default until measured on a GPU): the code arrays read as bytes, a code
+# formed and converted (8/16-bit int -> float) per value; 2 and 3: read as int32 words, four codes formed
+# per word (SWAR), made floats through the float16 magic number (2) or by 32-bit int -> float conversions
+# (3) (_dequant_f16_words): the same float16 values. Instructions of the K loop per value (sm_90 SASS,
+# benchmarks/triton_ptxas.py --sass): Q6_K 18.4 / 11.5 / 11.2, Q4_K 11.6 / 10.3 / 9.3. Once the A/B has
+# timed them on a GPU (benchmarks/triton_profile.py --env SEPEDGE_TRITON_F16_DECODE --modes 1,2,3), the
+# slower ones are deleted with the switch.
+F16_DECODE_ENV = "SEPEDGE_TRITON_F16_DECODE"
+
+
+def f16_decode() -> int:
+    """The decoder of Q4_K / Q6_K tiles the float16 launches take now (SEPEDGE_TRITON_F16_DECODE): 1, 2 or 3."""
+    v = os.environ.get(F16_DECODE_ENV, "1") or "1"
+    if v not in ("1", "2", "3"):
+        raise ValueError(f"{F16_DECODE_ENV} must be 1, 2 or 3, got {v!r}")
+    return int(v)
+
+
 def _autotuned_f16(plain: bool):
     """matmul_f16_kernel autotuned over DQ_TUNE_CONFIGS (plain: a float16 weight) or F16_TUNE_CONFIGS."""
     name = "dq" if plain else "f16"
     if name not in _tuned:
         configs = [triton.Config({"BLOCK_N": bn, "BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=st)
                    for bn, bm, bk, w, st in (DQ_TUNE_CONFIGS if plain else F16_TUNE_CONFIGS)]
-        key = ["N", "K", "M_KEY", "QTYPE", "HAS_ADD"]
+        key = ["N", "K", "M_KEY", "QTYPE", "HAS_ADD", "DECODE"]
         _tuned[name] = triton.autotune(configs=configs, key=key)(matmul_f16_kernel)
     return _tuned[name]
 
 
-def _f16_operand(p) -> tuple:
-    """(QTYPE, QS, QH, SC, D) of matmul_f16_kernel / dequant_f16_kernel for a repacked weight, or for a
-    plain float16 (N, K) matrix (QTYPE F16: QS is the matrix; the other pointers unused)."""
+def _f16_operand(p, decode: int = 1) -> tuple:
+    """(QTYPE, QS, QH, SC, D, DECODE) of matmul_f16_kernel / dequant_f16_kernel for a repacked weight, or
+    for a plain float16 (N, K) matrix (QTYPE F16: QS is the matrix; the other pointers unused). decode
+    2 or 3 (Q4_K, Q6_K): the code arrays as packed.py's int32 words; otherwise as bytes, and DECODE 1."""
     if isinstance(p, torch.Tensor):
         assert p.dtype == torch.float16 and p.dim() == 2 and p.stride(1) == 1, "a plain weight is (N, K) float16"
-        return F16, p, p, p, p
-    qs = p.qs.view(torch.uint8)
-    qh = p.qh.view(torch.uint8) if p.qh is not None else qs
+        return F16, p, p, p, p, 1
+    words = decode >= 2 and p.qtype in (Q4_K, Q6_K)
+    qs = p.qs if words else p.qs.view(torch.uint8)
+    qh = (p.qh if words else p.qh.view(torch.uint8)) if p.qh is not None else qs
     sc = p.sc if p.sc is not None else p.d
     if p.qtype == Q4_K:
         sc = sc.view(torch.uint8)  # its scale and min bytes, one load each
-    return p.qtype, qs, qh, sc, p.d
+    return p.qtype, qs, qh, sc, p.d, decode if words else 1
 
 
 def matmul_f16(p, xh: ActF16, add, stride_b: int, block_n: int | None = None, block_m: int | None = None,
                block_k: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
-               out: torch.Tensor | None = None) -> torch.Tensor:
+               out: torch.Tensor | None = None, decode: int | None = None) -> torch.Tensor:
     """Y = X W^T (+ add) for a repacked weight (or a plain float16 (N, K) matrix) and half-precision
-    rows: (M, N) float32, into out (an (M, N) float32 view with unit column stride) when given."""
+    rows: (M, N) float32, into out (an (M, N) float32 view with unit column stride) when given. decode:
+    the Q4_K / Q6_K tile decoder (1, 2 or 3; None: SEPEDGE_TRITON_F16_DECODE's)."""
     M, K = xh.h.shape
     N = p.shape[0]
     assert p.shape[1] == K, "the weight's K does not match the rows"
-    qtype, qs, qh, sc, d = _f16_operand(p)
+    qtype, qs, qh, sc, d, dec = _f16_operand(p, f16_decode() if decode is None else decode)
     dev = qs.device
     y = out if out is not None else torch.empty(M, N, dtype=torch.float32, device=dev)
     assert y.shape == (M, N) and y.stride(1) == 1
@@ -465,7 +651,7 @@ def matmul_f16(p, xh: ActF16, add, stride_b: int, block_n: int | None = None, bl
         m_key = min(triton.next_power_of_2(M), 1024)
         kern = _autotuned_f16(qtype == F16)
         kern[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))](
-            *args, m_key, QTYPE=qtype, HAS_ADD=add is not None)
+            *args, m_key, QTYPE=qtype, HAS_ADD=add is not None, DECODE=dec, GPU=True)
         return y
     # the interpreter runs one program at a time in Python: few, large tiles there
     bm = block_m or (128 if dev.type == "cuda" else min(64, max(16, triton.next_power_of_2(M))))
@@ -477,16 +663,17 @@ def matmul_f16(p, xh: ActF16, add, stride_b: int, block_n: int | None = None, bl
     assert min(bm, bn, bk) >= 16, "tl.dot needs tiles of at least 16"
     extra = {k: v for k, v in (("num_warps", num_warps), ("num_stages", num_stages)) if v is not None}
     matmul_f16_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](*args, 0, QTYPE=qtype, HAS_ADD=add is not None,
-                                                               BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, **extra)
+                                                               BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, DECODE=dec,
+                                                               GPU=dev.type == "cuda", **extra)
     return y
 
 
 def dequantize_f16(p: Packed, out: torch.Tensor | None = None, block_n: int | None = None,
-                   block_k: int | None = None) -> torch.Tensor:
+                   block_k: int | None = None, decode: int | None = None) -> torch.Tensor:
     """A repacked weight as a plain float16 (N, K) matrix (dequant_f16_kernel), written into the first
-    N * K values of out (a contiguous float16 buffer) when given."""
+    N * K values of out (a contiguous float16 buffer) when given; decode as matmul_f16's."""
     N, K = p.shape
-    qtype, qs, qh, sc, d = _f16_operand(p)
+    qtype, qs, qh, sc, d, dec = _f16_operand(p, f16_decode() if decode is None else decode)
     assert qtype in F16_TYPES, "only the repacked types"
     if out is None:
         out = torch.empty(N * K, dtype=torch.float16, device=qs.device)
@@ -503,7 +690,7 @@ def dequantize_f16(p: Packed, out: torch.Tensor | None = None, block_n: int | No
         bk = min(bk, 256)  # a divisor of the 256-value block, as the product's decoder takes it
     dequant_f16_kernel[(triton.cdiv(N, bn), triton.cdiv(K, bk))](
         wf, qs, qh, sc, d, N, K, qs.stride(0), qh.stride(0), sc.stride(0), d.stride(0), wf.stride(0), QTYPE=qtype,
-        BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
+        BLOCK_N=bn, BLOCK_K=bk, DECODE=dec, GPU=cuda, num_warps=4)
     return wf
 
 

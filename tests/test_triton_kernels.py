@@ -518,14 +518,21 @@ def test_act_f16(rng, mode, n):
                   <= HALF_ROUND * np.abs(ref) + tol * top + 2.0 ** -24 * s[:, None])
 
 
+# (qtype, SEPEDGE_TRITON_F16_DECODE) cases of the float16 products: the Q4_K / Q6_K tile decoders 1, 2 and 3
+# (kernels/matmul.py), the other types' one decoder
+F16_CASES = [pytest.param(q, d, id=f"{type_id(q)}-decoder{d}") for q in PACKED for d in
+             ((1, 2, 3) if q in (Q.Q4_K, Q.Q6_K) else (1,))]
+
+
 @pytest.mark.parametrize("size", SIZES)
-@pytest.mark.parametrize("qtype", list(PACKED), ids=type_id)
-def test_matmul_f16(rng, qtype, size):
+@pytest.mark.parametrize("qtype, decoder", F16_CASES)
+def test_matmul_f16(rng, qtype, decoder, size, monkeypatch):
     """The float16 prefill product of repacked weights (weight tiles decoded to float16 in registers,
     half-precision rows with a scale per row): within half-precision rounding of the float64 product of
     the file's values and the rows; rows far beyond float16's range; a partial last K tile (Q4_0/Q8_0:
     5 blocks of 32 in tiles of 64), several tiles each way, a residual or a bias in the epilogue; the
-    GPU size autotuned."""
+    GPU size autotuned; each Q4_K / Q6_K decoder (SEPEDGE_TRITON_F16_DECODE)."""
+    monkeypatch.setenv(K.matmul_mod.F16_DECODE_ENV, str(decoder))
     M, N = (19, 37) if size == "small" else (301, 1031)
     n_cols = n_cols_for(qtype, size)
     w = random_weight(rng, qtype, N, n_cols)
@@ -542,13 +549,14 @@ def test_matmul_f16(rng, qtype, size):
     check_product(got, decode(w, qtype, n_cols), x.astype(np.float64), bias, HALF_DOT_REL)
 
 
-@pytest.mark.parametrize("qtype", list(PACKED), ids=type_id)
-def test_dequantize_f16(rng, qtype):
+@pytest.mark.parametrize("qtype, decoder", F16_CASES)
+def test_dequantize_f16(rng, qtype, decoder, monkeypatch):
     """A repacked weight written out as a plain float16 matrix (the decoder of the float16 products):
     Q4_0 and Q8_0 exactly the float64 values rounded to float16 (code x scale is exact before the one
     rounding); Q4_K and Q6_K within one float16 rounding after a float32 one (d * sc * q - dmin * m in
     float32 first); rows and K tiles that do not fill the last program, default and small tiles; only the
-    first N * K values of a larger buffer written; the torch reference agrees."""
+    first N * K values of a larger buffer written; the torch reference agrees; each decoder."""
+    monkeypatch.setenv(K.matmul_mod.F16_DECODE_ENV, str(decoder))
     block = Q.BLOCKS[qtype][0]
     N, n_cols = 37, block * (3 if block == 256 else 7)
     w = random_weight(rng, qtype, N, n_cols)
@@ -570,13 +578,14 @@ def test_dequantize_f16(rng, qtype):
 
 
 @pytest.mark.parametrize("size", SIZES)
-@pytest.mark.parametrize("qtype", list(PACKED), ids=type_id)
-def test_matmul_dequantize_once(rng, qtype, size):
+@pytest.mark.parametrize("qtype, decoder", F16_CASES)
+def test_matmul_dequantize_once(rng, qtype, decoder, size, monkeypatch):
     """The dequantize-once product of long chunks (the weight decoded to a float16 scratch, then the
     float16 kernel on the plain matrix): within half-precision rounding of the float64 product of the
     file's values and the rows; rows far beyond float16's range; a scratch smaller than the weight (row
     slices: 3 of 16, 16 and 5 rows, the bias or residual sliced with them) and one that holds it; a
-    partial last K tile (small: 64-value tiles); the GPU size autotuned."""
+    partial last K tile (small: 64-value tiles); the GPU size autotuned; each decoder."""
+    monkeypatch.setenv(K.matmul_mod.F16_DECODE_ENV, str(decoder))
     M, N = (19, 37) if size == "small" else (301, 1031)
     n_cols = n_cols_for(qtype, size)
     w = random_weight(rng, qtype, N, n_cols)
@@ -594,6 +603,35 @@ def test_matmul_dequantize_once(rng, qtype, size):
         if res is not None:
             got = got - on_device(res)
         check_product(got, decode(w, qtype, n_cols), x.astype(np.float64), bias, HALF_DOT_REL)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q6_K], ids=type_id)
+def test_f16_decoders_equal(rng, qtype, monkeypatch):
+    """SEPEDGE_TRITON_F16_DECODE 2 and 3 (code arrays read as int32 words, four codes a word) give the
+    tile of decoder 1 (bytes): the float16 values of dequantize_f16 equal value for value, their bits equal
+    except Q6_K's zero codes (+0 where decoder 1 gives -0 for a negative scale, as its docstring says);
+    the products of matmul_f16 bit for bit (the same tile, the same tl.dot); fresh random weights of 41
+    rows (a last tile of 9), 3 blocks, tiles of 64 and 128 values and the default. An unknown value of
+    the switch is an error at the launch."""
+    N, n_cols = 41, 3 * 256
+    w = random_weight(rng, qtype, N, n_cols)
+    p = K.pack(on_device(w), qtype, n_cols)
+    xh = K.act_f16(on_device(rng.standard_normal((19, n_cols)).astype(np.float32)))
+    for tiles in (dict(block_n=16, block_k=64), dict(block_n=32, block_k=128), {}):
+        ref = K.dequantize_f16(p, decode=1, **tiles)
+        for decoder in (2, 3):
+            got = K.dequantize_f16(p, decode=decoder, **tiles)
+            assert torch.equal(got, ref)  # as values: +0 == -0
+            same_bits = got.view(torch.int16) == ref.view(torch.int16)
+            signed_zero = (ref == 0) if qtype == Q.Q6_K else torch.zeros_like(same_bits)
+            assert bool((same_bits | signed_zero).all())
+    blocks = dict(block_n=16, block_m=16, block_k=64)
+    ref = K.matmul_mod.matmul_f16(p, xh, None, 0, decode=1, **blocks)
+    for decoder in (2, 3):
+        assert torch.equal(K.matmul_mod.matmul_f16(p, xh, None, 0, decode=decoder, **blocks), ref)
+    monkeypatch.setenv(K.matmul_mod.F16_DECODE_ENV, "4")
+    with pytest.raises(ValueError, match=K.matmul_mod.F16_DECODE_ENV):
+        K.dequantize_f16(p)
 
 
 @pytest.mark.parametrize("size", SIZES)
