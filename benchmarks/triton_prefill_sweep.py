@@ -5,7 +5,11 @@ autotuned choice), and of cuBLAS on the weight already decoded to float16 (torch
 tensor cores' pace without any decoding; what llama.cpp's dequantize-then-GEMM path reaches). Random
 codes, sane scales; the float16 kernel's error against the 8-bit one.
 
-    python benchmarks/triton_prefill_sweep.py [--json out.json] [--quick]
+    python benchmarks/triton_prefill_sweep.py [--json out.json] [--quick] [--types q4_k,q6_k] [--decoders 1,2,3]
+
+--decoders: the float16 kernel's Q4_K / Q6_K tile decoders (SEPEDGE_TRITON_F16_DECODE, kernels/matmul.py)
+timed one after the other on the same weight, each autotuned (and each config's row unless --quick); the
+other types have decoder 1 only. --types: only these types' shapes.
 """
 
 from __future__ import annotations
@@ -44,10 +48,15 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--quick", action="store_true", help="no per-config rows (the autotuned kernels only)")
+    ap.add_argument("--types", default="", help="only these types, comma-separated (q4_0,q4_k,q6_k,q8_0)")
+    ap.add_argument("--decoders", default="1", help="Q4_K / Q6_K float16 tile decoders, comma-separated")
     args = ap.parse_args()
     M = 512
     rows = []
+    types = {t.upper() for t in args.types.split(",") if t}
     for qtype, N, K_ in SHAPES:
+        if types and NAMES[qtype] not in types:
+            continue
         p = K.pack(random_weight(qtype, N, K_), qtype, K_)
         xf = torch.randn(M, K_, device="cuda")
         xq, xh = K.act_q8(xf), K.act_f16(xf)
@@ -57,19 +66,28 @@ def main() -> int:
         res["int8"] = tflops(lambda: K.matmul(p, qtype, xq), flop)
         y = K.matmul(p, qtype, xh)
         res["f16 err vs int8"] = float((y - ref).abs().max() / ref.abs().max())
-        res["f16"] = tflops(lambda: K.matmul(p, qtype, xh), flop)
-        tuned = MM._tuned["f16"].cache
-        res["f16 tuned"] = [str(c) for k, c in tuned.items() if k[0] == N and k[1] == K_ and qtype in k]
+        decoders = [int(d) for d in args.decoders.split(",")] if qtype in (Q4_K, Q6_K) else [1]
+        for dec in decoders:
+            tag = "f16" if dec == 1 else f"f16 decoder{dec}"
+            if dec != 1:  # the same tile config: the same tile and summation order, the same bits
+                one = MM.F16_TUNE_CONFIGS[0]
+                res[f"{tag} equal"] = bool(torch.equal(MM.matmul_f16(p, xh, None, 0, *one, decode=dec),
+                                                       MM.matmul_f16(p, xh, None, 0, *one, decode=1)))
+            res[tag] = tflops(lambda: MM.matmul_f16(p, xh, None, 0, decode=dec), flop)
+            tuned = MM._tuned["f16"].cache
+            res[f"{tag} tuned"] = [str(c) for k, c in tuned.items()
+                                   if k[0] == N and k[1] == K_ and k[3] == qtype and len(k) > 5 and k[5] == dec]
         wf = K.dequantize_packed_ref(p).half()
         res["cublas f16"] = tflops(lambda: torch.matmul(xh.h, wf.T), flop)
         del wf
         if not args.quick:
-            for bn, bm, bk, w, st in MM.F16_TUNE_CONFIGS:
-                try:
-                    res[f"f16 {bn}x{bm}x{bk} w{w} s{st}"] = tflops(
-                        lambda: MM.matmul_f16(p, xh, None, 0, bn, bm, bk, w, st), flop)
-                except Exception as e:  # a config that does not compile or run must not lose the others
-                    res[f"f16 {bn}x{bm}x{bk} w{w} s{st}"] = type(e).__name__
+            for dec in decoders:
+                for bn, bm, bk, w, st in MM.F16_TUNE_CONFIGS:
+                    name = f"f16 {bn}x{bm}x{bk} w{w} s{st}" + ("" if dec == 1 else f" decoder{dec}")
+                    try:
+                        res[name] = tflops(lambda: MM.matmul_f16(p, xh, None, 0, bn, bm, bk, w, st, decode=dec), flop)
+                    except Exception as e:  # a config that does not compile or run must not lose the others
+                        res[name] = type(e).__name__
         rows.append(res)
         print(json.dumps(res), flush=True)
     if args.json:

@@ -7,6 +7,12 @@ prompt and per decode step. --timeline: for each route named, the GPU's timeline
 call or for the device.
 
     python benchmarks/triton_profile.py MODEL.gguf [--md out.md] [--reps 3] [--pp 512,4096] [--timeline f16,dq]
+        [--env SEPEDGE_TRITON_F16_DECODE --modes 1,2,3]
+
+--env / --modes: the A/B of a switch read at each launch (as SEPEDGE_TRITON_F16_DECODE, the Q4_K / Q6_K
+tile decoder of the f16 and dq routes) at each length and route: every mode compiled and tuned first,
+then the modes interleaved run by run (drift falls on all of them), t/s per mode and against the first;
+the tables below then take the first mode.
 """
 
 from __future__ import annotations
@@ -42,7 +48,10 @@ def main() -> int:
     ap.add_argument("--routes", default="q8,f16,dq", help="prefill routes of the A/B, comma-separated")
     ap.add_argument("--table-route", default="dq", help="the prefill route of the kernel table")
     ap.add_argument("--timeline", default="", help="prefill routes whose 512-token prompt's timeline is reduced")
+    ap.add_argument("--env", default="", help="a switch read at each launch, A/B'd over --modes per length and route")
+    ap.add_argument("--modes", default="", help="the values of --env, comma-separated (the first: the reference)")
     args = ap.parse_args()
+    modes = [m for m in args.modes.split(",") if m] if args.env else []
     import numpy as np
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -53,18 +62,35 @@ def main() -> int:
     pps = [int(n) for n in args.pp.split(",")]
     with Engine(args.model, device="triton", n_ctx=max(1024, max(pps) + 64)) as llm:
         toks_all = rng.integers(0, llm.n_vocab, max(pps)).tolist()
+        def pp(n_pp: int) -> float:
+            llm.reset()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            llm.eval(toks_all[:n_pp])
+            return n_pp / (time.perf_counter() - t0)
+
         for n_pp in pps:
             for mode in args.routes.split(","):
                 os.environ["SEPEDGE_TRITON_PREFILL"] = mode
-                llm.reset()
-                llm.eval(toks_all[:n_pp])  # compiles and autotunes
-                runs = []
-                for _ in range(args.reps):
-                    llm.reset()
-                    torch.cuda.synchronize()
-                    t0 = time.perf_counter()
-                    llm.eval(toks_all[:n_pp])
-                    runs.append(n_pp / (time.perf_counter() - t0))
+                if modes:  # the A/B of --env: each mode tuned, then the modes interleaved run by run
+                    ab: dict[str, list[float]] = {m: [] for m in modes}
+                    for m in modes:
+                        os.environ[args.env] = m
+                        pp(n_pp)  # compiles and autotunes this mode's kernels
+                    for _ in range(args.reps):
+                        for m in modes:
+                            os.environ[args.env] = m
+                            ab[m].append(pp(n_pp))
+                    os.environ[args.env] = modes[0]
+                    ref = statistics.fmean(ab[modes[0]])
+                    for m in modes:
+                        mean = statistics.fmean(ab[m])
+                        out.append(f"- pp{n_pp} with the {mode} prefill products, {args.env}={m}: {mean:.1f} t/s "
+                                   f"({mean / ref:.3f} of {modes[0]}; {', '.join(f'{r:.0f}' for r in ab[m])})")
+                        print(out[-1], flush=True)
+                    continue
+                pp(n_pp)  # compiles and autotunes
+                runs = [pp(n_pp) for _ in range(args.reps)]
                 out.append(f"- pp{n_pp} with the {mode} prefill products: {statistics.fmean(runs):.1f} t/s "
                            f"({', '.join(f'{r:.0f}' for r in runs)})")
                 print(out[-1], flush=True)

@@ -172,7 +172,8 @@ def sass_report(arch: int, ptxas: str, types: list[str], decodes: list[int], all
                 per = bn * bk / (32 * w)
                 cls = sass_classes(ops)
                 rows.append(f"| {t} | {dec} | {bn}, {bm}, {bk} | {w} | {st} | {regs} | {spill} | {per:.0f} | "
-                            f"**{len(ops) / per:.2f}** | " + " | ".join(f"{cls[c] / per:.2f}" for c in SASS_ORDER) + " |")
+                            f"**{len(ops) / per:.2f}** | " + " | ".join(f"{cls[c] / per:.2f}" for c in SASS_ORDER)
+                            + " |")
                 print(rows[-1], flush=True)
     return rows
 
@@ -261,7 +262,8 @@ def main() -> int:
                 qs, qh, sc, d = (sig[n] for n in ("QS", "QH", "SC", "D"))
                 dsig = {"OUT": "*fp16", "QS": qs, "QH": qh, "SC": sc, "D": d}
                 dsig |= {n: "i32" for n in ("N", "K", "stride_qs", "stride_qh", "stride_sc", "stride_d", "stride_o")}
-                consts = {"QTYPE": QTYPES[t], "BLOCK_N": 32, "BLOCK_K": 256, "DECODE": dec, "GPU": True}  # dequantize_f16's tile
+                # dequantize_f16's GPU tile
+                consts = {"QTYPE": QTYPES[t], "BLOCK_N": 32, "BLOCK_K": 256, "DECODE": dec, "GPU": True}
                 k = compile_kernel(mm.dequant_f16_kernel, dsig, consts, set(dsig), args.arch, {"num_warps": 4})
                 regs, spill = ptxas_report(k.asm["ptx"], ptxas, args.arch)
                 rows.append(f"| dequant_f16 | {t} | {dec} | 32, -, 256 | 4 | - | {regs} | {spill} |")
