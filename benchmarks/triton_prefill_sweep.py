@@ -75,7 +75,7 @@ def main() -> int:
                                                        MM.matmul_f16(p, xh, None, 0, *one, decode=1)))
             res[tag] = tflops(lambda: MM.matmul_f16(p, xh, None, 0, decode=dec), flop)
             tuned = MM._tuned["f16"].cache
-            res[f"{tag} tuned"] = [str(c) for k, c in tuned.items()
+            res[f"{tag} tuned"] = [f"{c.kwargs} w{c.num_warps} s{c.num_stages}" for k, c in tuned.items()
                                    if k[0] == N and k[1] == K_ and k[3] == qtype and len(k) > 5 and k[5] == dec]
         wf = K.dequantize_packed_ref(p).half()
         res["cublas f16"] = tflops(lambda: torch.matmul(xh.h, wf.T), flop)
