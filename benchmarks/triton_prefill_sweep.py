@@ -74,7 +74,7 @@ def main() -> int:
                 res[f"{tag} equal"] = bool(torch.equal(MM.matmul_f16(p, xh, None, 0, *one, decode=dec),
                                                        MM.matmul_f16(p, xh, None, 0, *one, decode=1)))
             res[tag] = tflops(lambda: MM.matmul_f16(p, xh, None, 0, decode=dec), flop)
-            tuned = MM._tuned["f16"].cache
+            tuned = MM._tuned["f16" if dec == 1 else "f16w"].cache
             res[f"{tag} tuned"] = [f"{c.kwargs} w{c.num_warps} s{c.num_stages}" for k, c in tuned.items()
                                    if k[0] == N and k[1] == K_ and k[3] == qtype and len(k) > 5 and k[5] == dec]
         wf = K.dequantize_packed_ref(p).half()
@@ -82,7 +82,7 @@ def main() -> int:
         del wf
         if not args.quick:
             for dec in decoders:
-                for bn, bm, bk, w, st in MM.F16_TUNE_CONFIGS:
+                for bn, bm, bk, w, st in (MM.F16_TUNE_CONFIGS if dec == 1 else MM.F16_WORD_TUNE_CONFIGS):
                     name = f"f16 {bn}x{bm}x{bk} w{w} s{st}" + ("" if dec == 1 else f" decoder{dec}")
                     try:
                         res[name] = tflops(lambda: MM.matmul_f16(p, xh, None, 0, bn, bm, bk, w, st, decode=dec), flop)

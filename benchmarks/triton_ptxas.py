@@ -1,12 +1,13 @@
 """Registers and spills of the float16 prefill kernels for sm_90, on a machine without a GPU: each
-autotune config of matmul_f16_kernel (the in-register decoders per repacked type, F16_TUNE_CONFIGS; the
-plain float16 weight of the dequantize-once route, DQ_TUNE_CONFIGS) and dequant_f16_kernel at its
+autotune config of matmul_f16_kernel (the in-register decoders per repacked type, F16_TUNE_CONFIGS, and
+F16_WORD_TUNE_CONFIGS for Q4_K / Q6_K's decoders 2 and 3; the plain float16 weight of the
+dequantize-once route, DQ_TUNE_CONFIGS) and dequant_f16_kernel at its
 launch tile, compiled by Triton with the pointers and strides marked 16-divisible (as Triton's JIT
 specializes them at a launch: without it the loads are not vectorized and every config spills), then
 `ptxas -v` on the PTX. Prints a markdown table.
 
-    python benchmarks/triton_ptxas.py [--arch 90] [--types dq,q4_0,q8_0,q4_k,q6_k] [--f16-decode 1,2]
-    python benchmarks/triton_ptxas.py --sass [--types q4_0,q8_0,q4_k,q6_k] [--f16-decode 1,2] [--configs all]
+    python benchmarks/triton_ptxas.py [--arch 90] [--types dq,q4_0,q8_0,q4_k,q6_k] [--f16-decode 1,2,3]
+    python benchmarks/triton_ptxas.py --sass [--types q4_0,q8_0,q4_k,q6_k] [--f16-decode 1,2,3] [--configs all]
     python benchmarks/triton_ptxas.py --decode [--arch 90]
 
 --f16-decode: the Q4_K / Q6_K tile decoders of SEPEDGE_TRITON_F16_DECODE (kernels/matmul.py) to compile
@@ -153,6 +154,13 @@ def f16_signature(t: str, decode: int) -> tuple[dict, set]:
     return sig, set(sig) - {"M", "M_KEY"}
 
 
+def f16_configs(mm, t: str, decode: int) -> list:
+    """The autotune tiles of matmul_f16_kernel for type t and decoder `decode` (kernels/matmul.py)."""
+    if t == "dq":
+        return mm.DQ_TUNE_CONFIGS
+    return mm.F16_WORD_TUNE_CONFIGS if decode >= 2 and t in WORD_PTRS else mm.F16_TUNE_CONFIGS
+
+
 def sass_report(arch: int, ptxas: str, types: list[str], decodes: list[int], all_configs: bool) -> list[str]:
     mm = importlib.import_module("sepedge.kernels.matmul")
     rows = ["| type | decoder | tile (N, M, K) | warps | stages | registers | spill bytes | values a thread a step | "
@@ -161,7 +169,7 @@ def sass_report(arch: int, ptxas: str, types: list[str], decodes: list[int], all
     for t in types:
         for dec in (decodes if t in WORD_PTRS else [1]):
             sig, divisible = f16_signature(t, dec)
-            configs = mm.DQ_TUNE_CONFIGS if t == "dq" else mm.F16_TUNE_CONFIGS
+            configs = f16_configs(mm, t, dec)
             for bn, bm, bk, w, st in (configs if all_configs else configs[:1]):
                 consts = {"QTYPE": QTYPES[t], "HAS_ADD": True, "BLOCK_N": bn, "BLOCK_M": bm, "BLOCK_K": bk,
                           "DECODE": dec, "GPU": True}
@@ -250,7 +258,7 @@ def main() -> int:
     for t in args.types.split(","):
         for dec in (decodes if t in WORD_PTRS else [1]):
             sig, divisible = f16_signature(t, dec)
-            for bn, bm, bk, w, st in (mm.DQ_TUNE_CONFIGS if t == "dq" else mm.F16_TUNE_CONFIGS):
+            for bn, bm, bk, w, st in f16_configs(mm, t, dec):
                 consts = {"QTYPE": QTYPES[t], "HAS_ADD": True, "BLOCK_N": bn, "BLOCK_M": bm, "BLOCK_K": bk,
                           "DECODE": dec, "GPU": True}
                 k = compile_kernel(mm.matmul_f16_kernel, sig, consts, divisible, args.arch,

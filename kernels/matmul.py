@@ -249,6 +249,42 @@ def _magic_pairs(u, GPU: tl.constexpr):
 
 
 @triton.jit
+def _q6_codes(lo, hb, rr, GPU: tl.constexpr):
+    """u = q + 32 in each byte of a Q6_K word: 4 low bits from ql's nibble (the high one for runs rr = 2, 3),
+    2 high from qh's bits 2rr, 2rr + 1: on a GPU qh's bits placed by one rotation (shf.l.wrap by 4 - 2rr:
+    bits 8k + 2rr, 8k + 2rr + 1 to 8k + 4, 8k + 5; what wraps around lands where the masks clear it), then
+    one select and one mask; shifts and masks elsewhere (the sign-filled top of an arithmetic shift is
+    masked off)."""
+    if GPU:
+        lo, hb = tl.broadcast(lo, hb)
+        s = (4 * (rr // 2)) + tl.zeros_like(lo)
+        rot = ((4 - 2 * rr) & 31) + tl.zeros_like(lo)
+        u = tl.inline_asm_elementwise(
+            "{ .reg .b32 a, b; shr.b32 a, $1, $3; shf.l.wrap.b32 b, $2, $2, $4; "
+            "lop3.b32 a, a, b, 0x0F0F0F0F, 0xE4; and.b32 $0, a, 0x3F3F3F3F; }",
+            "=r,r,r,r,r", [lo, hb, s, rot], dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        u = ((lo >> (4 * (rr // 2))) & 0x0F0F0F0F) | (((hb >> (2 * rr)) & 0x03030303) << 4)
+    return u
+
+
+@triton.jit
+def _magic_nibbles(t, GPU: tl.constexpr):
+    """The int32 words e, o whose float16 halves are 0x6400 | (low nibble of a byte of t): e of bytes 0
+    and 2, o of bytes 1 and 3: on a GPU one three-input logic op each ((t & mask) | magic: the compiler
+    splits it in two, one immediate an instruction), masks and an OR elsewhere."""
+    if GPU:
+        e, o = tl.inline_asm_elementwise(
+            "{ .reg .b32 s; lop3.b32 $0, $2, 0x000F000F, 0x64006400, 0xEA; shr.u32 s, $2, 8; "
+            "lop3.b32 $1, s, 0x000F000F, 0x64006400, 0xEA; }",
+            "=r,=r,r", [t], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+    else:
+        e = (t & 0x000F000F) | 0x64006400
+        o = ((t >> 8) & 0x000F000F) | 0x64006400
+    return e, o
+
+
+@triton.jit
 def _halves_f32(e, GPU: tl.constexpr, CODE: tl.constexpr = False):
     """_magic_f32 of both halves of e (low, high), less 1024 when CODE (1024 + q -> q, exact): on a GPU
     one register split and two half-to-float conversions (the compiler's shift-and-truncate of the high
@@ -308,14 +344,13 @@ def _dequant_f16_words(QS, QH, SC, D, offs_n, nm, k0, K, stride_qs, stride_qh, s
         i = tl.arange(0, 8)[None, None, None, :]
         b = tl.load(QS + r * stride_qs + c * 8 + i, mask=ok, other=0)  # (rows, chunks, 1, words)
         t = b >> (4 * hi)  # the run's nibbles at the bottom of each byte (above them: garbage, masked)
-        e = (t & 0x000F000F) | 0x64006400  # bytes 0, 2 as float16 1024 + q (DECODE 2)
-        o = ((t >> 8) & 0x000F000F) | 0x64006400  # bytes 1, 3
         sc = tl.load(SC + r * stride_sc + c * 4 + 2 * hi, mask=ok, other=0).to(tl.float32)
         mn = tl.load(SC + r * stride_sc + c * 4 + 2 * hi + 1, mask=ok, other=0).to(tl.float32)
         dd = tl.load(D + r * stride_d + sb + tl.zeros([1, NC, 1, 1], dtype=tl.int32), mask=ok, other=0)
         dsc = _f16_bits(dd) * sc
         dmn = _f16_bits(dd >> 16) * mn
         if DECODE == 2:
+            e, o = _magic_nibbles(t, GPU)  # bytes 0, 2 and 1, 3 as float16 1024 + q
             q0, q2 = _halves_f32(e, GPU, True)
             q1, q3 = _halves_f32(o, GPU, True)
             w0 = (q0 * dsc - dmn).to(tl.float16)
@@ -343,9 +378,7 @@ def _dequant_f16_words(QS, QH, SC, D, offs_n, nm, k0, K, stride_qs, stride_qh, s
         rr = rs + n % 4
         lo = tl.load(QS + r * stride_qs + sb * 32 + 16 * hh + 8 * (rs % 2 + n % 2) + 4 * g + i, mask=ok, other=0)
         hb = tl.load(QH + r * stride_qh + sb * 16 + 8 * hh + 4 * g + i, mask=ok, other=0)
-        # u = q + 32 in each byte: 4 low bits from ql's nibble, 2 high from qh (the sign-filled top of
-        # an arithmetic shift is masked off)
-        u = ((lo >> (4 * (rs // 2 + (n % 4) // 2))) & 0x0F0F0F0F) | (((hb >> (2 * rr)) & 0x03030303) << 4)
+        u = _q6_codes(lo, hb, rr, GPU)  # q + 32 in each byte
         sc = tl.load(SC + r * stride_sc + sb * 16 + 2 * (j0 + n) + g, mask=ok, other=0).to(tl.float32)
         d = tl.load(D + r * stride_d + sb + tl.zeros([1, NB, 1, 1], dtype=tl.int32), mask=ok, other=0.0)
         ds = d.to(tl.float32) * sc  # exact: 11 + 7 significant bits
@@ -602,12 +635,22 @@ def f16_decode() -> int:
     return int(v)
 
 
-def _autotuned_f16(plain: bool):
-    """matmul_f16_kernel autotuned over DQ_TUNE_CONFIGS (plain: a float16 weight) or F16_TUNE_CONFIGS."""
-    name = "dq" if plain else "f16"
+# the tiles tried for decoders 2 and 3: F16_TUNE_CONFIGS' first four (its 256 x 128 and 128 x 256 tiles spill
+# 428-720 bytes with every decoder) and two their fewer registers allow (sm_90, triton_ptxas.py): K tiles of
+# 256 (255 registers, no spill, 154-201 KB of shared memory: fewer steps, so less of each step's fixed work
+# a value) and 128 x 128 x 128 with 4 stages (186-190 registers; Q4_K's 163 KB of shared memory; Q6_K's
+# 233 KB is over the H200's 227 KB, a tile the tuner skips)
+F16_WORD_TUNE_CONFIGS = F16_TUNE_CONFIGS[:4] + [(128, 128, 256, 8, 2), (128, 128, 128, 8, 4)]
+
+
+def _autotuned_f16(plain: bool, words: bool = False):
+    """matmul_f16_kernel autotuned over DQ_TUNE_CONFIGS (plain: a float16 weight), F16_WORD_TUNE_CONFIGS
+    (words: decoders 2 and 3) or F16_TUNE_CONFIGS."""
+    name = "dq" if plain else ("f16w" if words else "f16")
     if name not in _tuned:
+        table = DQ_TUNE_CONFIGS if plain else (F16_WORD_TUNE_CONFIGS if words else F16_TUNE_CONFIGS)
         configs = [triton.Config({"BLOCK_N": bn, "BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=st)
-                   for bn, bm, bk, w, st in (DQ_TUNE_CONFIGS if plain else F16_TUNE_CONFIGS)]
+                   for bn, bm, bk, w, st in table]
         key = ["N", "K", "M_KEY", "QTYPE", "HAS_ADD", "DECODE"]
         _tuned[name] = triton.autotune(configs=configs, key=key)(matmul_f16_kernel)
     return _tuned[name]
@@ -649,7 +692,7 @@ def matmul_f16(p, xh: ActF16, add, stride_b: int, block_n: int | None = None, bl
             qs.stride(0), qh.stride(0), sc.stride(0), d.stride(0), xh.h.stride(0), y.stride(0), stride_b)
     if dev.type == "cuda" and block_n is None and block_m is None and block_k is None:
         m_key = min(triton.next_power_of_2(M), 1024)
-        kern = _autotuned_f16(qtype == F16)
+        kern = _autotuned_f16(qtype == F16, dec >= 2)
         kern[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))](
             *args, m_key, QTYPE=qtype, HAS_ADD=add is not None, DECODE=dec, GPU=True)
         return y
