@@ -621,7 +621,7 @@ DQ_SCRATCH_BYTES = 256 << 20  # Llama-3-8B's fused gate/up (28672 x 4096, 235 MB
 # formed and converted (8/16-bit int -> float) per value; 2 and 3: read as int32 words, four codes formed
 # per word (SWAR), made floats through the float16 magic number (2) or by 32-bit int -> float conversions
 # (3) (_dequant_f16_words): the same float16 values. Instructions of the K loop per value (sm_90 SASS,
-# benchmarks/triton_ptxas.py --sass): Q6_K 18.4 / 11.5 / 11.2, Q4_K 11.6 / 10.3 / 9.3. Once the A/B has
+# benchmarks/triton_ptxas.py --sass, first tile): Q6_K 18.4 / 10.3 / 11.6, Q4_K 11.6 / 8.9 / 9.3. Once the A/B has
 # timed them on a GPU (benchmarks/triton_profile.py --env SEPEDGE_TRITON_F16_DECODE --modes 1,2,3), the
 # slower ones are deleted with the switch.
 F16_DECODE_ENV = "SEPEDGE_TRITON_F16_DECODE"
