@@ -315,7 +315,7 @@ PY
                 # the file's superblocks: its GPU tests, then 8B Q4_K_M decode interleaved (benchmarks/env_ab.py), then
                 # each kernel's GPU time a token in timing mode, both layouts
                 SEPEDGE_CUDA_REPORT=$OUT/errors-q4k.tsv timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -m gpu tests/test_cuda.py \
-                    -k "${Q4K_TESTS:-q4_K_split or (decode_kernels and Q4_K) or graphs_and_decode_paths}" --maxfail=10 \
+                    -k "${Q4K_TESTS:-q4_K_split or q4_K_file or (decode_kernels and Q4_K) or graphs_and_decode_paths}" --maxfail=10 \
                     -p no:cacheprovider 2>&1 | tee $OUT/q4k-ab.log | tail -15
                 mk=/tmp/models/llama3-8b-q4_k_m.gguf
                 # the 8B file's logits from both layouts (the tests' models fit one upload batch and 2 superblocks a

@@ -154,7 +154,7 @@ def test_cublas_found_in_wheels(tmp_path, monkeypatch, rel):
 
 
 def q4_K_split_reference(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The CUDA backend's Q4_K layout with SEPEDGE_CUDA_Q4K_REPACK=1 from GGUF superblocks (n, 144):
+    """The CUDA backend's Q4_K layout (its default upload) from GGUF superblocks (n, 144):
     codes (n, 128) as in the file; heads (n, 20): d, dmin as in the file, then each sub-block j's six-bit
     scale and min (GGUF.md 7.2: j < 4 the low 6 bits of bytes j and j + 4 of the packed 12; j >= 4 the
     nibbles of byte j + 4 with the top 2 bits of bytes j - 4 and j above them) as bytes 4 + 2 j, 5 + 2 j."""
@@ -418,27 +418,28 @@ def test_cublas_route_product(rng, qtype, scratch_mb, monkeypatch):
         assert np.isfinite(out).all() and np.all(np.abs(out - want) <= bound), (rows, cols, n)
 
 
-# SEPEDGE_CUDA_Q4K_REPACK=1: Q4_K uploaded in the split layout (codes apart, scales and mins unpacked to
-# bytes: se_cuda_repack_q4_K); every reader of a Q4_K weight on the device takes it
+# Q4_K is uploaded in the split layout (codes apart, scales and mins unpacked to bytes:
+# se_cuda_repack_q4_K) unless SEPEDGE_CUDA_Q4K_REPACK=0; the tests above take the default, these the
+# file's superblocks, which every reader of a Q4_K weight on the device still takes
 
 
 @gpu
 @pytest.mark.parametrize("kernel", MV_KERNELS)
-def test_q4_K_split_decode(rng, kernel, monkeypatch):
-    """The decode products of the split layout (the row-team and warp-per-row kernels, plain, fused
-    RMSNorm, SwiGLU; the float path) against the same float64 references as the file's layout."""
-    monkeypatch.setenv("SEPEDGE_CUDA_Q4K_REPACK", "1")
+def test_q4_K_file_layout_decode(rng, kernel, monkeypatch):
+    """The decode products of the file's layout (the row-team and warp-per-row kernels, plain, fused
+    RMSNorm, SwiGLU; the float path) against the same float64 references as the split layout's."""
+    monkeypatch.setenv("SEPEDGE_CUDA_Q4K_REPACK", "0")
     test_decode_team_kernels(rng, QT.Q4_K, kernel, monkeypatch)
     test_decode_kernels(rng, QT.Q4_K)
 
 
 @gpu
 @pytest.mark.parametrize("mmq", [True, False], ids=["int8", "f16"])
-def test_q4_K_split_prefill(rng, mmq, monkeypatch):
-    """The prefill kernels read the split layout as they read the file's: within the same bounds, and
-    the int8 kernel (the same scale table, the same codes) and the float decode path (dequant32: the
-    same float operations) give the same bits from both layouts."""
-    monkeypatch.setenv("SEPEDGE_CUDA_Q4K_REPACK", "1")
+def test_q4_K_file_layout_prefill(rng, mmq, monkeypatch):
+    """The prefill kernels read the file's layout as they read the split one: within the same bounds,
+    and the int8 kernel (the same scale table, the same codes) and the float decode path (dequant32:
+    the same float operations) give the same bits from both layouts."""
+    monkeypatch.setenv("SEPEDGE_CUDA_Q4K_REPACK", "0")
     test_prefill_kernel(rng, QT.Q4_K, mmq, monkeypatch)
     for rows, cols, n in prefill_shapes(QT.Q4_K):
         data = weights(rng, QT.Q4_K, rows, cols)
@@ -452,10 +453,10 @@ def test_q4_K_split_prefill(rng, mmq, monkeypatch):
 
 
 @gpu_cublas
-def test_q4_K_split_cublas_route(rng, monkeypatch):
-    """The cuBLAS route's dequantization reads the split layout: the CPU's values rounded to f16, and
-    its product within its bound."""
-    monkeypatch.setenv("SEPEDGE_CUDA_Q4K_REPACK", "1")
+def test_q4_K_file_layout_cublas_route(rng, monkeypatch):
+    """The cuBLAS route's dequantization reads the file's layout too: the CPU's values rounded to f16,
+    and its product within its bound."""
+    monkeypatch.setenv("SEPEDGE_CUDA_Q4K_REPACK", "0")
     test_dequantize_f16_matches_cpu(rng, QT.Q4_K)
     test_cublas_route_product(rng, QT.Q4_K, "1", monkeypatch)
 
@@ -670,7 +671,7 @@ Q4K_SPLIT_MV = {"auto": {}, "rows-typed": {"SEPEDGE_CUDA_MV": "rows", "SEPEDGE_C
 @gpu
 @pytest.mark.parametrize("mv", Q4K_SPLIT_MV)
 def test_q4_K_split_model(gguf_path, rng, monkeypatch, mv):
-    """A q4_k_m file uploaded with SEPEDGE_CUDA_Q4K_REPACK=1: prompt and step-by-step logits against
+    """A q4_k_m file uploaded in the split layout (the default) and as the file's (=0): prompt and step-by-step logits against
     the CPU engine within the decode bounds, the prompt (int8 prefill kernels, the same table from
     either layout) and the float decode path (SEPEDGE_CUDA_MATVEC=float: dequant32, the same float
     operations) bit for bit as with the file's layout (test_graphs_and_decode_paths bounds the latter);

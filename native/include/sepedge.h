@@ -423,7 +423,7 @@ SE_API int se_cuda_mul_mat(int32_t type, const void * w, int64_t rows, int64_t c
 // The weights of the cuBLAS route, for tests: W (GGUF bytes of `type`, rows x cols) as the f16 values
 // the route's GEMM reads, row-major, into out (rows * cols f16 bit patterns).
 SE_API int se_cuda_dequantize_f16(int32_t type, const void * w, int64_t rows, int64_t cols, uint16_t * out);
-// The Q4_K layout the CUDA backend uploads with SEPEDGE_CUDA_Q4K_REPACK=1, for tests (plain C: every
+// The Q4_K layout the CUDA backend uploads (unless SEPEDGE_CUDA_Q4K_REPACK=0), for tests (plain C: every
 // build has it, with or without the CUDA backend): n superblocks of GGUF bytes into q (their 128 code
 // bytes each, as in the file) and s (20 bytes each: d and dmin as in the file, then per sub-block j =
 // 0..7 its six-bit scale and min as the bytes s[4 + 2 j], s[5 + 2 j]).

@@ -75,7 +75,7 @@ SE_STATIC_ASSERT(sizeof(block_q4_K) == 144, "Q4_K block layout");
 SE_STATIC_ASSERT(sizeof(block_q5_K) == 176, "Q5_K block layout");
 SE_STATIC_ASSERT(sizeof(block_q6_K) == 210, "Q6_K block layout");
 SE_STATIC_ASSERT(sizeof(block_q4_0x8) == 8 * 18, "Q4_0x8 layout");
-// The CUDA backend's Q4_K layout with SEPEDGE_CUDA_Q4K_REPACK=1 (se-cuda-weights.cu): per superblock
+// The CUDA backend's Q4_K layout (se-cuda-weights.cu; SEPEDGE_CUDA_Q4K_REPACK=0: the file's instead): per superblock
 // its 128 code bytes as in the file (code plane) and a 20-byte head (scale plane): the word d | dmin << 16
 // (f16 bits, as in the file), then for c = 0..3 the word of bytes (scale, min of sub-block 2c, scale,
 // min of sub-block 2c + 1), the six-bit values already unpacked. 148 bytes for the file's 144 (+2.8%).

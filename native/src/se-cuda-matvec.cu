@@ -115,7 +115,7 @@ template <> struct mvq<SE_TYPE_Q4_K> {
     }
 };
 
-// Q4_K split (se-common.h; SEPEDGE_CUDA_Q4K_REPACK=1): unit u = piece t = u % 8 of superblock u / 8,
+// Q4_K split (se-common.h; the default upload): unit u = piece t = u % 8 of superblock u / 8,
 // code bytes [16 t, +16) of its 128 (as the raw piece t), with the head's word 1 + t / 2 (scale, min
 // of both sub-blocks as bytes) and word 0 (d, dmin): 24 bytes a unit instead of 32, no six-bit
 // unpacking. The activations carry their blocks' d * sum for the mins, zero in the odd pieces so

@@ -26,7 +26,7 @@
 // (eight instructions on sm_90); Q4_K's six-bit scales are decoded once a tile into a table in
 // shared memory instead of once per warp and fragment; and 128-token tiles halve the fragment
 // work per product where the grid still fills the GPU. Q4_K in the split layout (se-common.h,
-// SEPEDGE_CUDA_Q4K_REPACK=1) copies its codes and its 20-byte heads as two planes and fills the same
+// the default; SEPEDGE_CUDA_Q4K_REPACK=0 keeps the file's) copies its codes and its 20-byte heads as two planes and fills the same
 // table from the heads' bytes: the same values, so the same results as from the file's superblocks.
 #include "se-cuda-quants.cuh"
 

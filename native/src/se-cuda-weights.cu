@@ -5,12 +5,13 @@
 // start 16-byte aligned and a warp reads a row with 16-byte loads; values and order are unchanged.
 // Plane sizes come from the block structs of se-common.h (llama.cpp's ggml-common.h layouts).
 //
-// With SEPEDGE_CUDA_Q4K_REPACK=1, Q4_K (144-byte superblocks, already 16-byte multiples) is split too,
+// Q4_K (144-byte superblocks, already 16-byte multiples) is split too unless SEPEDGE_CUDA_Q4K_REPACK=0,
 // into its 128 code bytes and a 20-byte head whose six-bit scales and mins are unpacked to bytes
 // (se-common.h, SE_Q4K_SPLIT_*): a decode lane then reads its two scale / min pairs in one 4-byte
 // load and d, dmin in another, with no shifts or branches per 32 codes (+2.8% bytes). Every reader
 // of a device Q4_K weight (decode products, int8 prefill, dequant32 for the float and cuBLAS paths)
-// dispatches on the layout (se_dkind).
+// dispatches on the layout (se_dkind). Measured on an H200 (cuda_kernels_log.md, session 11): 8B Q4_K_M
+// decode 3.177 -> 2.854 ms a token (0.90x), interleaved.
 #include "se-cuda-quants.cuh"
 
 #include <stddef.h>
@@ -19,7 +20,7 @@
 
 bool se_cuda_q4k_split_env() {
     const char * env = getenv("SEPEDGE_CUDA_Q4K_REPACK");
-    return env && atoi(env) == 1;
+    return !env || !*env || atoi(env) != 0;
 }
 
 void se_cuda_block_layout(int32_t type, bool q4k_split, int32_t * q_block, int32_t * s_block) {

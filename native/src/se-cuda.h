@@ -44,7 +44,7 @@ int se_cuda_n_sms();
 enum se_dlayout {
     SE_DL_RAW    = 0,  // rows of GGUF blocks as in the file
     SE_DL_PLANES = 1,  // per row: codes of each block (q), then per block its scale(s) (s); Q4_K:
-                       // the split layout of se-common.h (SEPEDGE_CUDA_Q4K_REPACK=1)
+                       // the split layout of se-common.h (unless SEPEDGE_CUDA_Q4K_REPACK=0)
 };
 
 // A weight matrix in device memory: (rows, cols), cols the reduction dimension.
@@ -64,9 +64,9 @@ __host__ __device__ inline int se_dkind(const se_dweight & w) {
     return w.type == SE_TYPE_Q4_K && w.layout == SE_DL_PLANES ? SE_DK_Q4_K_SPLIT : w.type;
 }
 
-// SEPEDGE_CUDA_Q4K_REPACK=1: Q4_K weights uploaded in the split layout of se-common.h (codes apart,
-// scales and mins unpacked to bytes), read when a model's weights are uploaded; 0 / unset: the
-// file's superblocks.
+// Q4_K weights uploaded in the split layout of se-common.h (codes apart, scales and mins unpacked to
+// bytes) unless SEPEDGE_CUDA_Q4K_REPACK=0 (the file's superblocks); read when a model's weights are
+// uploaded.
 bool se_cuda_q4k_split_env();
 // Bytes of each plane for one block of `type` once uploaded (s_block 0: raw layout); q4k_split: Q4_K
 // in the split layout. Rows of the scale plane take se_align16(blocks * s_block) bytes.
