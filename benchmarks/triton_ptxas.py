@@ -238,7 +238,7 @@ def main() -> int:
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--types", default="dq,q4_0,q8_0,q4_k,q6_k")
     ap.add_argument("--decode", action="store_true", help="the Q4_K / Q6_K decode products instead")
-    ap.add_argument("--f16-decode", default="1", help="SEPEDGE_TRITON_F16_DECODE decoders, comma-separated")
+    ap.add_argument("--f16-decode", default="3", help="SEPEDGE_TRITON_F16_DECODE decoders, comma-separated")
     ap.add_argument("--sass", action="store_true", help="the K loop's machine instructions a value instead")
     ap.add_argument("--configs", default="first", choices=["first", "all"], help="--sass: autotune configs")
     args = ap.parse_args()

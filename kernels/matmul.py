@@ -617,19 +617,21 @@ DQ_SCRATCH_BYTES = 256 << 20  # Llama-3-8B's fused gate/up (28672 x 4096, 235 MB
 
 
 # SEPEDGE_TRITON_F16_DECODE, read at every launch of matmul_f16 / dequantize_f16: the in-register decoder
-# of Q4_K and Q6_K tiles. 1 (the default until measured on a GPU): the code arrays read as bytes, a code
+# of Q4_K and Q6_K tiles. 1: the code arrays read as bytes, a code
 # formed and converted (8/16-bit int -> float) per value; 2 and 3: read as int32 words, four codes formed
 # per word (SWAR), made floats through the float16 magic number (2) or by 32-bit int -> float conversions
 # (3) (_dequant_f16_words): the same float16 values. Instructions of the K loop per value (sm_90 SASS,
 # benchmarks/triton_ptxas.py --sass, first tile): Q6_K 18.4 / 10.3 / 11.6, Q4_K 11.6 / 8.9 / 9.3. Once the A/B has
 # timed them on a GPU (benchmarks/triton_profile.py --env SEPEDGE_TRITON_F16_DECODE --modes 1,2,3), the
-# slower ones are deleted with the switch.
+# slower ones are deleted with the switch. Measured on an H200 (triton_kernels.md, session 11; 8B Q4_K_M
+# pp512, f16 route, 3 interleaved runs): 1 10,441 t/s, 2 11,261 (1.079x), 3 11,305 (1.083x): 3 the
+# default, 2 within the noise of it.
 F16_DECODE_ENV = "SEPEDGE_TRITON_F16_DECODE"
 
 
 def f16_decode() -> int:
     """The decoder of Q4_K / Q6_K tiles the float16 launches take now (SEPEDGE_TRITON_F16_DECODE): 1, 2 or 3."""
-    v = os.environ.get(F16_DECODE_ENV, "1") or "1"
+    v = os.environ.get(F16_DECODE_ENV, "3") or "3"
     if v not in ("1", "2", "3"):
         raise ValueError(f"{F16_DECODE_ENV} must be 1, 2 or 3, got {v!r}")
     return int(v)

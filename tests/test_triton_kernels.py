@@ -33,6 +33,7 @@ SCALE_FIELDS = {Q.Q8_0: [0], Q.Q4_0: [0], Q.Q4_1: [0, 2], Q.Q5_0: [0], Q.Q4_K: [
 DEQUANT_REL = 2.0 ** -23     # float32 decoding: one rounding of d * sc * q - dmin * m
 DOT_REL = 2e-5               # float32 sums: |error| / sum |w_j x_j| of a row
 CPU_PRODUCT_REL = 1e-6       # against the CPU core's product of the same rows: float32 summation order only
+SUM_ORDER_REL = 1e-4         # float32 sums of the same products in another order: K 2^-24 at worst (K 768: 4.6e-5)
 HALF_DOT_REL = 2e-3          # half-precision operands (2^-11 each) on tensor cores, float32 sums
 HALF_ROUND = 2.0 ** -11      # one rounding to float16 (relative)
 NORM_REL = 1e-5              # RMSNorm: float32 sum of squares and rsqrt
@@ -610,7 +611,9 @@ def test_f16_decoders_equal(rng, qtype, monkeypatch):
     """SEPEDGE_TRITON_F16_DECODE 2 and 3 (code arrays read as int32 words, four codes a word) give the
     tile of decoder 1 (bytes): the float16 values of dequantize_f16 equal value for value, their bits equal
     except Q6_K's zero codes (+0 where decoder 1 gives -0 for a negative scale, as its docstring says);
-    the products of matmul_f16 bit for bit (the same tile, the same tl.dot); fresh random weights of 41
+    the products of matmul_f16 within SUM_ORDER_REL of decoder 1's (the same tile values; on the GPU the
+    compiler lays the dot out per decoder, and float32 sums in another order differ in their last bits,
+    as an H200 showed); fresh random weights of 41
     rows (a last tile of 9), 3 blocks, tiles of 64 and 128 values and the default. An unknown value of
     the switch is an error at the launch."""
     N, n_cols = 41, 3 * 256
@@ -626,9 +629,13 @@ def test_f16_decoders_equal(rng, qtype, monkeypatch):
             signed_zero = (ref == 0) if qtype == Q.Q6_K else torch.zeros_like(same_bits)
             assert bool((same_bits | signed_zero).all())
     blocks = dict(block_n=16, block_m=16, block_k=64)
-    ref = K.matmul_mod.matmul_f16(p, xh, None, 0, decode=1, **blocks)
+    ref = K.matmul_mod.matmul_f16(p, xh, None, 0, decode=1, **blocks).double()
+    w16 = K.dequantize_f16(p, decode=1).double()
+    scale = (xh.h.double().abs() @ w16.abs().T) * xh.s.double().reshape(-1, 1) + 1e-30
     for decoder in (2, 3):
-        assert torch.equal(K.matmul_mod.matmul_f16(p, xh, None, 0, decode=decoder, **blocks), ref)
+        got = K.matmul_mod.matmul_f16(p, xh, None, 0, decode=decoder, **blocks).double()
+        err = float(((got - ref).abs() / scale).max())
+        assert err <= SUM_ORDER_REL, f"decoder {decoder}: {err:.3g} of sum |w x| from decoder 1's product"
     monkeypatch.setenv(K.matmul_mod.F16_DECODE_ENV, "4")
     with pytest.raises(ValueError, match=K.matmul_mod.F16_DECODE_ENV):
         K.dequantize_f16(p)
