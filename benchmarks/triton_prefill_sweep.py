@@ -5,7 +5,7 @@ autotuned choice), and of cuBLAS on the weight already decoded to float16 (torch
 tensor cores' pace without any decoding; what llama.cpp's dequantize-then-GEMM path reaches). Random
 codes, sane scales; the float16 kernel's error against the 8-bit one.
 
-    python benchmarks/triton_prefill_sweep.py [--json out.json] [--quick] [--types q4_k,q6_k] [--decoders 1,2,3]
+    python benchmarks/triton_prefill_sweep.py [--json out.json] [--quick] [--types q4_k,q6_k] [--decoders 1,3]
 
 --decoders: the float16 kernel's Q4_K / Q6_K tile decoders (SEPEDGE_TRITON_F16_DECODE, kernels/matmul.py)
 timed one after the other on the same weight, each autotuned (and each config's row unless --quick); the
@@ -51,6 +51,8 @@ def main() -> int:
     ap.add_argument("--types", default="", help="only these types, comma-separated (q4_0,q4_k,q6_k,q8_0)")
     ap.add_argument("--decoders", default="1", help="Q4_K / Q6_K float16 tile decoders, comma-separated")
     args = ap.parse_args()
+    if not set(args.decoders.split(",")) <= {"1", "3"}:
+        ap.error("--decoders: 1 (bytes) and 3 (int32 words)")
     M = 512
     rows = []
     types = {t.upper() for t in args.types.split(",") if t}

@@ -7,7 +7,7 @@ prompt and per decode step. --timeline: for each route named, the GPU's timeline
 call or for the device.
 
     python benchmarks/triton_profile.py MODEL.gguf [--md out.md] [--reps 3] [--pp 512,4096] [--timeline f16,dq]
-        [--env SEPEDGE_TRITON_F16_DECODE --modes 1,2,3]
+        [--env SEPEDGE_TRITON_F16_DECODE --modes 1,3]
 
 --env / --modes: the A/B of a switch read at each launch (as SEPEDGE_TRITON_F16_DECODE, the Q4_K / Q6_K
 tile decoder of the f16 and dq routes) at each length and route: every mode compiled and tuned first,

@@ -1,25 +1,26 @@
 """Registers and spills of the float16 prefill kernels for sm_90, on a machine without a GPU: each
 autotune config of matmul_f16_kernel (the in-register decoders per repacked type, F16_TUNE_CONFIGS, and
-F16_WORD_TUNE_CONFIGS for Q4_K / Q6_K's decoders 2 and 3; the plain float16 weight of the
+F16_WORD_TUNE_CONFIGS for Q4_K / Q6_K's decoder 3; the plain float16 weight of the
 dequantize-once route, DQ_TUNE_CONFIGS) and dequant_f16_kernel at its
 launch tile, compiled by Triton with the pointers and strides marked 16-divisible (as Triton's JIT
 specializes them at a launch: without it the loads are not vectorized and every config spills), then
 `ptxas -v` on the PTX. Prints a markdown table.
 
-    python benchmarks/triton_ptxas.py [--arch 90] [--types dq,q4_0,q8_0,q4_k,q6_k] [--f16-decode 1,2,3]
-    python benchmarks/triton_ptxas.py --sass [--types q4_0,q8_0,q4_k,q6_k] [--f16-decode 1,2,3] [--configs all]
+    python benchmarks/triton_ptxas.py [--arch 90] [--types dq,q4_0,q8_0,q4_k,q6_k] [--f16-decode 1,3]
+    python benchmarks/triton_ptxas.py --sass [--types q4_0,q8_0,q4_k,q6_k] [--f16-decode 1,3] [--configs all]
     python benchmarks/triton_ptxas.py --decode [--arch 90]
 
---f16-decode: the Q4_K / Q6_K tile decoders of SEPEDGE_TRITON_F16_DECODE (kernels/matmul.py) to compile
-(default 1, the default decoder). --sass: the machine code of matmul_f16_kernel's K loop instead (the
-cubin disassembled by the nvdisasm that Triton's package carries; the loop: the backward branch whose
-body holds the wgmma), its instructions per weight value a thread decodes a step (BLOCK_N * BLOCK_K /
-(32 * warps)), by class: integer ALU (logic, shifts, permutes, adds, selects), integer multiply-adds
-(IMAD, also the compiler's moves), I2F (int -> float through the conversion unit), other conversions
-(I2FP, F2FP packs, HADD2.F32 float16 -> float32), float arithmetic, loads (global, shared, cp.async,
-ldmatrix), shared stores, barriers, wgmma, uniform datapath (once a warp) and the rest; for the first
-autotune config unless --configs all. The counts judge a decoder before a GPU times it; they are not a
-time (latency, the wgmma's wait and the pipes' rates are not in them).
+--f16-decode: the Q4_K / Q6_K tile decoders of SEPEDGE_TRITON_F16_DECODE (kernels/matmul.py) to compile:
+1 (bytes) and / or 3 (int32 words; the default, as the launchers'). --sass: the machine code of
+matmul_f16_kernel's K loop instead (the cubin disassembled by the nvdisasm that Triton's package
+carries; the loop: the backward branch whose body holds the wgmma), its instructions per weight value a
+thread decodes a step (BLOCK_N * BLOCK_K / (32 * warps)), by class: integer ALU (logic, shifts,
+permutes, adds, selects), integer multiply-adds (IMAD, also the compiler's moves), I2F (int -> float
+through the conversion unit), other conversions (I2FP, F2FP packs, HADD2.F32 float16 -> float32), float
+arithmetic, loads (global, shared, cp.async, ldmatrix), shared stores, barriers, wgmma, uniform datapath
+(once a warp) and the rest; for the first autotune config unless --configs all. The counts judge a
+decoder before a GPU times it; they are not a time (latency, the wgmma's wait and the pipes' rates are
+not in them).
 
 --decode: the Q4_K / Q6_K decode products instead (kernels/matvec.py: each autotune config of
 matvec_q4_k_kernel, matvec_q4_k_v2_kernel (SEPEDGE_TRITON_Q4K=1) and matvec_q6_k_kernel), with what the
@@ -36,7 +37,7 @@ import subprocess
 import sys
 import tempfile
 
-# pointer types of the arguments as the launchers pass them (kernels/matmul.py: _f16_operand; decoder 2
+# pointer types of the arguments as the launchers pass them (kernels/matmul.py: _f16_operand; decoder 3
 # of Q4_K / Q6_K reads the code arrays as int32 words: WORD_PTRS)
 WEIGHT_PTRS = {  # QS, QH, SC, D
     "dq": ("*fp16", "*fp16", "*fp16", "*fp16"),
@@ -146,7 +147,7 @@ def sass_classes(ops: list[str]) -> dict:
 
 def f16_signature(t: str, decode: int) -> tuple[dict, set]:
     """matmul_f16_kernel's argument types for type t and decoder `decode`, and the 16-divisible ones."""
-    qs, qh, sc, d = WORD_PTRS[t] if decode >= 2 and t in WORD_PTRS else WEIGHT_PTRS[t]
+    qs, qh, sc, d = WORD_PTRS[t] if decode == 3 and t in WORD_PTRS else WEIGHT_PTRS[t]
     sig = {"Y": "*fp32", "QS": qs, "QH": qh, "SC": sc, "D": d, "XH": "*fp16", "XS": "*fp32", "ADD": "*fp32"}
     ints = ["M", "N", "K", "stride_qs", "stride_qh", "stride_sc", "stride_d", "stride_xh", "stride_ym", "stride_b",
             "M_KEY"]
@@ -158,7 +159,7 @@ def f16_configs(mm, t: str, decode: int) -> list:
     """The autotune tiles of matmul_f16_kernel for type t and decoder `decode` (kernels/matmul.py)."""
     if t == "dq":
         return mm.DQ_TUNE_CONFIGS
-    return mm.F16_WORD_TUNE_CONFIGS if decode >= 2 and t in WORD_PTRS else mm.F16_TUNE_CONFIGS
+    return mm.F16_WORD_TUNE_CONFIGS if decode == 3 and t in WORD_PTRS else mm.F16_TUNE_CONFIGS
 
 
 def sass_report(arch: int, ptxas: str, types: list[str], decodes: list[int], all_configs: bool) -> list[str]:
@@ -249,6 +250,8 @@ def main() -> int:
     mm = importlib.import_module("sepedge.kernels.matmul")
     ptxas = get_ptxas(args.arch).path
     decodes = [int(v) for v in args.f16_decode.split(",")]
+    if not set(decodes) <= {1, 3}:
+        ap.error("--f16-decode: decoders 1 (bytes) and 3 (int32 words)")
     if args.sass:
         types = args.types.split(",") if args.types != ap.get_default("types") else ["q4_0", "q8_0", "q4_k", "q6_k"]
         print("\n".join(sass_report(args.arch, ptxas, types, decodes, args.configs == "all")))

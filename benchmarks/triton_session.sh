@@ -15,11 +15,11 @@
 # what takes the time, and it runs on the CPU cores),
 # models-bg / models (the random-weight 8B files: started in the background / waited for),
 # bandwidth (decode products + copy rate), bench (benchmarks/triton_bench.py, DEVICES=triton,cuda),
-# sweep (benchmarks/triton_prefill_sweep.py, SWEEP_ARGS: e.g. "--quick --types q4_k,q6_k --decoders 1,2,3" for
+# sweep (benchmarks/triton_prefill_sweep.py, SWEEP_ARGS: e.g. "--quick --types q4_k,q6_k --decoders 1,3" for
 # the product rates of the Q4_K / Q6_K float16 tile decoders), profile (benchmarks/triton_profile.py per model,
 # PROFILE_ARGS: e.g. "--pp 512,4096" for the A/B of the prefill routes q8 / f16 / dq at both lengths,
 # "--routes f16,dq --timeline f16,dq" for where each route's wall time goes between its kernels,
-# "--routes f16,dq --env SEPEDGE_TRITON_F16_DECODE --modes 1,2,3" for pp512 per tile decoder),
+# "--routes f16,dq --env SEPEDGE_TRITON_F16_DECODE --modes 1,3" for pp512 per tile decoder),
 # ab (benchmarks/triton_ab.py per model: tg128 with AB_ENV (default SEPEDGE_TRITON_FUSE) set to each of AB_MODES
 # (default 0,attn,1), interleaved; AB_CHOOSE: a file the fastest mode is appended to as ENV=mode),
 # use-llama (the llama-bench of .gpu/), llamabench (its rows).

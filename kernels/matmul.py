@@ -223,32 +223,6 @@ def matmul_packed_kernel(
 
 
 @triton.jit
-def _magic_f32(e, HI: tl.constexpr):
-    """The float16 in the low (HI False) or high half of the int32 e, as float32: with e's halves
-    0x6400 | b (b < 1024), exactly 1024 + b (float16's 1024 has an ulp of 1), so a code becomes a
-    float by an OR on a whole word and one half-to-float conversion, where int -> float conversions
-    take one (slow) conversion each after a byte was extracted."""
-    h = (e >> 16) if HI else e
-    return h.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-
-
-@triton.jit
-def _magic_pairs(u, GPU: tl.constexpr):
-    """The int32 words e, o whose float16 halves are 0x6400 | byte: e of bytes 0 and 2 of u, o of bytes 1
-    and 3 (for _magic_f32): on a GPU two byte permutes (prmt: each byte of the result picked from u or
-    from the constant), where the same from masks and an OR are two LOP3 (one immediate each) and a
-    shift for o; the masks elsewhere (the interpreter has no inline assembly)."""
-    if GPU:
-        e, o = tl.inline_asm_elementwise(
-            "{ .reg .b32 m; mov.b32 m, 0x64006400; prmt.b32 $0, $2, m, 0x7250; prmt.b32 $1, $2, m, 0x7351; }",
-            "=r,=r,r", [u], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
-    else:
-        e = (u & 0x00FF00FF) | 0x64006400
-        o = ((u >> 8) & 0x00FF00FF) | 0x64006400
-    return e, o
-
-
-@triton.jit
 def _q6_codes(lo, hb, rr, GPU: tl.constexpr):
     """u = q + 32 in each byte of a Q6_K word: 4 low bits from ql's nibble (the high one for runs rr = 2, 3),
     2 high from qh's bits 2rr, 2rr + 1: on a GPU qh's bits placed by one rotation (shf.l.wrap by 4 - 2rr:
@@ -269,44 +243,6 @@ def _q6_codes(lo, hb, rr, GPU: tl.constexpr):
 
 
 @triton.jit
-def _magic_nibbles(t, GPU: tl.constexpr):
-    """The int32 words e, o whose float16 halves are 0x6400 | (low nibble of a byte of t): e of bytes 0
-    and 2, o of bytes 1 and 3: on a GPU one three-input logic op each ((t & mask) | magic: the compiler
-    splits it in two, one immediate an instruction), masks and an OR elsewhere."""
-    if GPU:
-        e, o = tl.inline_asm_elementwise(
-            "{ .reg .b32 s; lop3.b32 $0, $2, 0x000F000F, 0x64006400, 0xEA; shr.u32 s, $2, 8; "
-            "lop3.b32 $1, s, 0x000F000F, 0x64006400, 0xEA; }",
-            "=r,=r,r", [t], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
-    else:
-        e = (t & 0x000F000F) | 0x64006400
-        o = ((t >> 8) & 0x000F000F) | 0x64006400
-    return e, o
-
-
-@triton.jit
-def _halves_f32(e, GPU: tl.constexpr, CODE: tl.constexpr = False):
-    """_magic_f32 of both halves of e (low, high), less 1024 when CODE (1024 + q -> q, exact): on a GPU
-    one register split and two half-to-float conversions (the compiler's shift-and-truncate of the high
-    half cost a byte permute a pair), CODE's subtraction one packed float16 instruction for the pair."""
-    if GPU:
-        if CODE:
-            asm: tl.constexpr = ("{ .reg .b16 l, h; .reg .b32 m, q; mov.b32 m, 0x64006400; sub.rn.f16x2 q, $2, m; "
-                                 "mov.b32 {l, h}, q; cvt.f32.f16 $0, l; cvt.f32.f16 $1, h; }")
-        else:
-            asm: tl.constexpr = "{ .reg .b16 l, h; mov.b32 {l, h}, $2; cvt.f32.f16 $0, l; cvt.f32.f16 $1, h; }"
-        lo, hi = tl.inline_asm_elementwise(asm, "=r,=r,r", [e], dtype=(tl.float32, tl.float32), is_pure=True,
-                                           pack=1)
-    else:
-        lo = _magic_f32(e, False)
-        hi = _magic_f32(e, True)
-        if CODE:
-            lo -= 1024.0
-            hi -= 1024.0
-    return lo, hi
-
-
-@triton.jit
 def _join4(w0, w1, w2, w3):
     """(..., 4) of four tiles in byte order: w_b of the code in byte b of a word."""
     return tl.join(tl.join(w0, w2), tl.join(w1, w3))  # [..., j, k] = byte 2j + k
@@ -314,23 +250,19 @@ def _join4(w0, w1, w2, w3):
 
 @triton.jit
 def _dequant_f16_words(QS, QH, SC, D, offs_n, nm, k0, K, stride_qs, stride_qh, stride_sc, stride_d,
-                       QTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DECODE: tl.constexpr,
-                       GPU: tl.constexpr):
-    """_dequant_f16's Q4_K and Q6_K tiles from the code arrays read as int32 words (QS, QH: packed.py's
-    int32 arrays; strides in words), the float16 values of decoder 1: the codes of four values are
-    formed in one word with a shift and a mask (SWAR), then made float32 one of two ways (both exact):
-    DECODE 2 through the float16 magic number 1024 (_magic_f32: an OR a pair of values, one
-    half-to-float conversion a value), DECODE 3 by an int32 -> float32 conversion of each code
-    extracted from its word (on sm_90 a 32-bit source converts with I2FP, where decoder 1's 8/16-bit
-    sources took I2F); which pipe is faster is the A/B's to say.
+                       QTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GPU: tl.constexpr):
+    """_dequant_f16's decoder 3 of Q4_K and Q6_K tiles (SEPEDGE_TRITON_F16_DECODE, the default): the code
+    arrays read as int32 words (QS, QH: packed.py's int32 arrays; strides in words), the float16 values of
+    decoder 1: the codes of four values are formed in one word with shifts and masks (SWAR), then each
+    code is extracted to an int32 and converted to float32 (exact; on sm_90 a 32-bit source converts with
+    I2FP, where decoder 1's 8/16-bit sources took I2F: 1.08x pp512 on an H200).
     Q6_K folds the code's offset into one fma of ds = d * sc (exact: 11 + 7 significant bits):
-    (1024 + u) * ds - 1056 * ds (DECODE 2) or u * ds - 32 * ds (3), u = q + 32, where 1056 * ds and
-    32 * ds (6 + 18 bits at most) and the result q * ds (5 + 18 bits) are exact in float32, so the
-    fma's one rounding leaves q * ds exact, as decoder 1's product was: the same value, then the same
-    rounding to float16 (a zero code gives +0 where decoder 1 gave -0 for a negative scale, which no
-    sum can see). Q4_K keeps decoder 1's expression q * (d * sc) - dmin * m on the same exact float32
-    q (DECODE 2: 1024 + q - 1024), so its product and difference (one fma when Triton's FP fusion is
-    on, as for decoder 1) round as before."""
+    u * ds - 32 * ds, u = q + 32, where u * ds (6 + 18 bits at most), 32 * ds and the result q * ds
+    (5 + 18 bits) are exact in float32, so the fma's one rounding leaves q * ds exact, as decoder 1's
+    product was: the same value, then the same rounding to float16 (a zero code gives +0 where decoder 1
+    gave -0 for a negative scale, which no sum can see). Q4_K keeps decoder 1's expression
+    q * (d * sc) - dmin * m on the same exact float32 q, so its product and difference (one fma when
+    Triton's FP fusion is on, as for decoder 1) round as before."""
     r = offs_n.to(tl.int64)[:, None, None, None]
     ok = nm[:, None, None, None]
     # BLOCK_K divides the 256-value block (the launchers' tiles) and K is whole blocks: a tile never
@@ -349,19 +281,11 @@ def _dequant_f16_words(QS, QH, SC, D, offs_n, nm, k0, K, stride_qs, stride_qh, s
         dd = tl.load(D + r * stride_d + sb + tl.zeros([1, NC, 1, 1], dtype=tl.int32), mask=ok, other=0)
         dsc = _f16_bits(dd) * sc
         dmn = _f16_bits(dd >> 16) * mn
-        if DECODE == 2:
-            e, o = _magic_nibbles(t, GPU)  # bytes 0, 2 and 1, 3 as float16 1024 + q
-            q0, q2 = _halves_f32(e, GPU, True)
-            q1, q3 = _halves_f32(o, GPU, True)
-            w0 = (q0 * dsc - dmn).to(tl.float16)
-            w1 = (q1 * dsc - dmn).to(tl.float16)
-            w2 = (q2 * dsc - dmn).to(tl.float16)
-            w3 = (q3 * dsc - dmn).to(tl.float16)
-        else:  # 3: each nibble extracted to an int32 and converted (I2FP, a 32-bit source)
-            w0 = ((t & 15).to(tl.float32) * dsc - dmn).to(tl.float16)
-            w1 = (((t >> 8) & 15).to(tl.float32) * dsc - dmn).to(tl.float16)
-            w2 = (((t >> 16) & 15).to(tl.float32) * dsc - dmn).to(tl.float16)
-            w3 = (((t >> 24) & 15).to(tl.float32) * dsc - dmn).to(tl.float16)
+        # each nibble extracted to an int32 and converted (I2FP, a 32-bit source)
+        w0 = ((t & 15).to(tl.float32) * dsc - dmn).to(tl.float16)
+        w1 = (((t >> 8) & 15).to(tl.float32) * dsc - dmn).to(tl.float16)
+        w2 = (((t >> 16) & 15).to(tl.float32) * dsc - dmn).to(tl.float16)
+        w3 = (((t >> 24) & 15).to(tl.float32) * dsc - dmn).to(tl.float16)
     else:  # Q6_K: run jj = 4h + rr of block sb, 16-value group g: ql words 32sb + 16h + 8(rr % 2) + 4g + i,
         # qh words 16sb + 8h + 4g + i (value 16g + 4i + b of the run in byte b)
         tl.static_assert(QTYPE == 14, "Q4_K and Q6_K only")
@@ -382,21 +306,11 @@ def _dequant_f16_words(QS, QH, SC, D, offs_n, nm, k0, K, stride_qs, stride_qh, s
         sc = tl.load(SC + r * stride_sc + sb * 16 + 2 * (j0 + n) + g, mask=ok, other=0).to(tl.float32)
         d = tl.load(D + r * stride_d + sb + tl.zeros([1, NB, 1, 1], dtype=tl.int32), mask=ok, other=0.0)
         ds = d.to(tl.float32) * sc  # exact: 11 + 7 significant bits
-        k = ds * 1056.0  # exact (see above)
-        if DECODE == 2:
-            e, o = _magic_pairs(u, GPU)  # bytes 0, 2 and 1, 3 as float16 1024 + u
-            m0, m2 = _halves_f32(e, GPU)
-            m1, m3 = _halves_f32(o, GPU)
-            w0 = tl.fma(m0, ds, -k).to(tl.float16)
-            w1 = tl.fma(m1, ds, -k).to(tl.float16)
-            w2 = tl.fma(m2, ds, -k).to(tl.float16)
-            w3 = tl.fma(m3, ds, -k).to(tl.float16)
-        else:  # 3: u * ds - 32 * ds in one fma (u * ds: 6 + 18 bits, 32 * ds exact): q * ds again
-            k = ds * 32.0
-            w0 = tl.fma((u & 63).to(tl.float32), ds, -k).to(tl.float16)
-            w1 = tl.fma(((u >> 8) & 63).to(tl.float32), ds, -k).to(tl.float16)
-            w2 = tl.fma(((u >> 16) & 63).to(tl.float32), ds, -k).to(tl.float16)
-            w3 = tl.fma(((u >> 24) & 63).to(tl.float32), ds, -k).to(tl.float16)
+        k = ds * 32.0  # exact (see above): u * ds - 32 * ds in one fma is q * ds again
+        w0 = tl.fma((u & 63).to(tl.float32), ds, -k).to(tl.float16)
+        w1 = tl.fma(((u >> 8) & 63).to(tl.float32), ds, -k).to(tl.float16)
+        w2 = tl.fma(((u >> 16) & 63).to(tl.float32), ds, -k).to(tl.float16)
+        w3 = tl.fma(((u >> 24) & 63).to(tl.float32), ds, -k).to(tl.float16)
     return tl.reshape(_join4(w0, w1, w2, w3), [BLOCK_N, BLOCK_K])
 
 
@@ -410,9 +324,9 @@ def _dequant_f16(QS, QH, SC, D, offs_n, nm, k0, K, stride_qs, stride_qh, stride_
     and its nibbles picked by a broadcast shift (a (rows, blocks, halves, bytes) tile flattened in value
     order). Q4_0 and Q8_0 multiply in float16 (code x scale: one rounding, as in float32); Q4_K and
     Q6_K form d * sc * q - dmin * m in float32 and round once."""
-    if DECODE >= 2 and (QTYPE == 12 or QTYPE == 14):
+    if DECODE == 3 and (QTYPE == 12 or QTYPE == 14):
         w = _dequant_f16_words(QS, QH, SC, D, offs_n, nm, k0, K, stride_qs, stride_qh, stride_sc, stride_d, QTYPE,
-                               BLOCK_N, BLOCK_K, DECODE, GPU)
+                               BLOCK_N, BLOCK_K, GPU)
     else:
         w = _dequant_f16_bytes(QS, QH, SC, D, offs_n, nm, k0, K, stride_qs, stride_qh, stride_sc, stride_d, QTYPE,
                                BLOCK_N, BLOCK_K)
@@ -617,37 +531,41 @@ DQ_SCRATCH_BYTES = 256 << 20  # Llama-3-8B's fused gate/up (28672 x 4096, 235 MB
 
 
 # SEPEDGE_TRITON_F16_DECODE, read at every launch of matmul_f16 / dequantize_f16: the in-register decoder
-# of Q4_K and Q6_K tiles. 1: the code arrays read as bytes, a code
-# formed and converted (8/16-bit int -> float) per value; 2 and 3: read as int32 words, four codes formed
-# per word (SWAR), made floats through the float16 magic number (2) or by 32-bit int -> float conversions
-# (3) (_dequant_f16_words): the same float16 values. Instructions of the K loop per value (sm_90 SASS,
-# benchmarks/triton_ptxas.py --sass, first tile): Q6_K 18.4 / 10.3 / 11.6, Q4_K 11.6 / 8.9 / 9.3. Once the A/B has
-# timed them on a GPU (benchmarks/triton_profile.py --env SEPEDGE_TRITON_F16_DECODE --modes 1,2,3), the
-# slower ones are deleted with the switch. Measured on an H200 (triton_kernels.md, session 11; 8B Q4_K_M
-# pp512, f16 route, 3 interleaved runs): 1 10,441 t/s, 2 11,261 (1.079x), 3 11,305 (1.083x): 3 the
-# default, 2 within the noise of it.
+# of Q4_K and Q6_K tiles. 1: the code arrays read as bytes, a code formed and converted (8/16-bit int ->
+# float) per value (_dequant_f16_bytes: every other type's decoder too, and the A/B's baseline); 3, the
+# default: read as int32 words, four codes formed per word (SWAR), each made a float by a 32-bit int ->
+# float conversion (_dequant_f16_words): the same float16 values. Instructions of the K loop per value
+# (sm_90 SASS, benchmarks/triton_ptxas.py --sass, first tile): Q6_K 18.4 / 11.6, Q4_K 11.6 / 9.3. Measured
+# on an H200 (triton_kernels.md, session 11; 8B Q4_K_M pp512, f16 route, 3 interleaved runs,
+# benchmarks/triton_profile.py --env SEPEDGE_TRITON_F16_DECODE --modes 1,2,3): 1 10,441 t/s, 2 11,261
+# (1.079x), 3 11,305 (1.083x). Decoder 2 (the same words made floats through the float16 magic number
+# 1024: Q6_K 10.3, Q4_K 8.9 instructions a value, but more inline PTX) was within the noise of 3 and is
+# deleted; the words decoder keeps the number 3 so that the logs and settings of those measurements still
+# mean what they meant (2 is now an error, as any other value).
 F16_DECODE_ENV = "SEPEDGE_TRITON_F16_DECODE"
 
 
 def f16_decode() -> int:
-    """The decoder of Q4_K / Q6_K tiles the float16 launches take now (SEPEDGE_TRITON_F16_DECODE): 1, 2 or 3."""
+    """The decoder of Q4_K / Q6_K tiles the float16 launches take now (SEPEDGE_TRITON_F16_DECODE): 1 or 3."""
     v = os.environ.get(F16_DECODE_ENV, "3") or "3"
-    if v not in ("1", "2", "3"):
-        raise ValueError(f"{F16_DECODE_ENV} must be 1, 2 or 3, got {v!r}")
+    if v not in ("1", "3"):
+        raise ValueError(f"{F16_DECODE_ENV} must be 1 or 3, got {v!r}")
     return int(v)
 
 
-# the tiles tried for decoders 2 and 3: F16_TUNE_CONFIGS' first four (its 256 x 128 and 128 x 256 tiles spill
-# 428-720 bytes with every decoder) and two their fewer registers allow (sm_90, triton_ptxas.py): K tiles of
-# 256 (255 registers, no spill, 154-201 KB of shared memory: fewer steps, so less of each step's fixed work
-# a value) and 128 x 128 x 128 with 4 stages (186-190 registers; Q4_K's 163 KB of shared memory; Q6_K's
-# 233 KB is over the H200's 227 KB, a tile the tuner skips)
+# the tiles tried for decoder 3 (the int32 words): F16_TUNE_CONFIGS' first four (its 256 x 128 and 128 x 256
+# tiles spill 428-720 bytes with every decoder) and two added for the words decoders' fewer registers while
+# decoders 2 and 3 were both kept: K tiles of 256 (154-201 KB of shared memory: fewer steps, so less of each
+# step's fixed work a value) and 128 x 128 x 128 with 4 stages (Q4_K's 163 KB of shared memory; Q6_K's 233 KB
+# is over the H200's 227 KB, a tile the tuner skips). Decoder 3's registers there (sm_90, triton_ptxas.py
+# --f16-decode 3): K tiles of 256 255, spilling 16 bytes (Q4_K) and 184 (Q6_K); 128 x 128 x 128 with 4
+# stages 189 (Q4_K) and 231 (Q6_K), no spill; the first four 189-255, Q6_K's 128 x 64 x 128 spilling 8
 F16_WORD_TUNE_CONFIGS = F16_TUNE_CONFIGS[:4] + [(128, 128, 256, 8, 2), (128, 128, 128, 8, 4)]
 
 
 def _autotuned_f16(plain: bool, words: bool = False):
     """matmul_f16_kernel autotuned over DQ_TUNE_CONFIGS (plain: a float16 weight), F16_WORD_TUNE_CONFIGS
-    (words: decoders 2 and 3) or F16_TUNE_CONFIGS."""
+    (words: decoder 3) or F16_TUNE_CONFIGS."""
     name = "dq" if plain else ("f16w" if words else "f16")
     if name not in _tuned:
         table = DQ_TUNE_CONFIGS if plain else (F16_WORD_TUNE_CONFIGS if words else F16_TUNE_CONFIGS)
@@ -661,11 +579,13 @@ def _autotuned_f16(plain: bool, words: bool = False):
 def _f16_operand(p, decode: int = 1) -> tuple:
     """(QTYPE, QS, QH, SC, D, DECODE) of matmul_f16_kernel / dequant_f16_kernel for a repacked weight, or
     for a plain float16 (N, K) matrix (QTYPE F16: QS is the matrix; the other pointers unused). decode
-    2 or 3 (Q4_K, Q6_K): the code arrays as packed.py's int32 words; otherwise as bytes, and DECODE 1."""
+    3 (Q4_K, Q6_K): the code arrays as packed.py's int32 words; otherwise as bytes, and DECODE 1."""
+    if decode not in (1, 3):
+        raise ValueError(f"the float16 tile decoder is 1 (bytes) or 3 (int32 words), got {decode!r}")
     if isinstance(p, torch.Tensor):
         assert p.dtype == torch.float16 and p.dim() == 2 and p.stride(1) == 1, "a plain weight is (N, K) float16"
         return F16, p, p, p, p, 1
-    words = decode >= 2 and p.qtype in (Q4_K, Q6_K)
+    words = decode == 3 and p.qtype in (Q4_K, Q6_K)
     qs = p.qs if words else p.qs.view(torch.uint8)
     qh = (p.qh if words else p.qh.view(torch.uint8)) if p.qh is not None else qs
     sc = p.sc if p.sc is not None else p.d
@@ -679,7 +599,7 @@ def matmul_f16(p, xh: ActF16, add, stride_b: int, block_n: int | None = None, bl
                out: torch.Tensor | None = None, decode: int | None = None) -> torch.Tensor:
     """Y = X W^T (+ add) for a repacked weight (or a plain float16 (N, K) matrix) and half-precision
     rows: (M, N) float32, into out (an (M, N) float32 view with unit column stride) when given. decode:
-    the Q4_K / Q6_K tile decoder (1, 2 or 3; None: SEPEDGE_TRITON_F16_DECODE's)."""
+    the Q4_K / Q6_K tile decoder (1 or 3; None: SEPEDGE_TRITON_F16_DECODE's)."""
     M, K = xh.h.shape
     N = p.shape[0]
     assert p.shape[1] == K, "the weight's K does not match the rows"
@@ -694,7 +614,7 @@ def matmul_f16(p, xh: ActF16, add, stride_b: int, block_n: int | None = None, bl
             qs.stride(0), qh.stride(0), sc.stride(0), d.stride(0), xh.h.stride(0), y.stride(0), stride_b)
     if dev.type == "cuda" and block_n is None and block_m is None and block_k is None:
         m_key = min(triton.next_power_of_2(M), 1024)
-        kern = _autotuned_f16(qtype == F16, dec >= 2)
+        kern = _autotuned_f16(qtype == F16, dec == 3)
         kern[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))](
             *args, m_key, QTYPE=qtype, HAS_ADD=add is not None, DECODE=dec, GPU=True)
         return y

@@ -519,10 +519,10 @@ def test_act_f16(rng, mode, n):
                   <= HALF_ROUND * np.abs(ref) + tol * top + 2.0 ** -24 * s[:, None])
 
 
-# (qtype, SEPEDGE_TRITON_F16_DECODE) cases of the float16 products: the Q4_K / Q6_K tile decoders 1, 2 and 3
+# (qtype, SEPEDGE_TRITON_F16_DECODE) cases of the float16 products: the Q4_K / Q6_K tile decoders 1 and 3
 # (kernels/matmul.py), the other types' one decoder
 F16_CASES = [pytest.param(q, d, id=f"{type_id(q)}-decoder{d}") for q in PACKED for d in
-             ((1, 2, 3) if q in (Q.Q4_K, Q.Q6_K) else (1,))]
+             ((1, 3) if q in (Q.Q4_K, Q.Q6_K) else (1,))]
 
 
 @pytest.mark.parametrize("size", SIZES)
@@ -608,37 +608,41 @@ def test_matmul_dequantize_once(rng, qtype, decoder, size, monkeypatch):
 
 @pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q6_K], ids=type_id)
 def test_f16_decoders_equal(rng, qtype, monkeypatch):
-    """SEPEDGE_TRITON_F16_DECODE 2 and 3 (code arrays read as int32 words, four codes a word) give the
+    """SEPEDGE_TRITON_F16_DECODE 3 (code arrays read as int32 words, four codes a word) gives the
     tile of decoder 1 (bytes): the float16 values of dequantize_f16 equal value for value, their bits equal
     except Q6_K's zero codes (+0 where decoder 1 gives -0 for a negative scale, as its docstring says);
     the products of matmul_f16 within SUM_ORDER_REL of decoder 1's (the same tile values; on the GPU the
     compiler lays the dot out per decoder, and float32 sums in another order differ in their last bits,
     as an H200 showed); fresh random weights of 41
     rows (a last tile of 9), 3 blocks, tiles of 64 and 128 values and the default. An unknown value of
-    the switch is an error at the launch."""
+    the switch is an error at the launch (2 too: the deleted magic-number decoder), and so is an unknown
+    decode argument."""
     N, n_cols = 41, 3 * 256
     w = random_weight(rng, qtype, N, n_cols)
     p = K.pack(on_device(w), qtype, n_cols)
     xh = K.act_f16(on_device(rng.standard_normal((19, n_cols)).astype(np.float32)))
     for tiles in (dict(block_n=16, block_k=64), dict(block_n=32, block_k=128), {}):
         ref = K.dequantize_f16(p, decode=1, **tiles)
-        for decoder in (2, 3):
-            got = K.dequantize_f16(p, decode=decoder, **tiles)
-            assert torch.equal(got, ref)  # as values: +0 == -0
-            same_bits = got.view(torch.int16) == ref.view(torch.int16)
-            signed_zero = (ref == 0) if qtype == Q.Q6_K else torch.zeros_like(same_bits)
-            assert bool((same_bits | signed_zero).all())
+        got = K.dequantize_f16(p, decode=3, **tiles)
+        assert torch.equal(got, ref)  # as values: +0 == -0
+        same_bits = got.view(torch.int16) == ref.view(torch.int16)
+        signed_zero = (ref == 0) if qtype == Q.Q6_K else torch.zeros_like(same_bits)
+        assert bool((same_bits | signed_zero).all())
     blocks = dict(block_n=16, block_m=16, block_k=64)
     ref = K.matmul_mod.matmul_f16(p, xh, None, 0, decode=1, **blocks).double()
     w16 = K.dequantize_f16(p, decode=1).double()
     scale = (xh.h.double().abs() @ w16.abs().T) * xh.s.double().reshape(-1, 1) + 1e-30
-    for decoder in (2, 3):
-        got = K.matmul_mod.matmul_f16(p, xh, None, 0, decode=decoder, **blocks).double()
-        err = float(((got - ref).abs() / scale).max())
-        assert err <= SUM_ORDER_REL, f"decoder {decoder}: {err:.3g} of sum |w x| from decoder 1's product"
-    monkeypatch.setenv(K.matmul_mod.F16_DECODE_ENV, "4")
-    with pytest.raises(ValueError, match=K.matmul_mod.F16_DECODE_ENV):
-        K.dequantize_f16(p)
+    got = K.matmul_mod.matmul_f16(p, xh, None, 0, decode=3, **blocks).double()
+    err = float(((got - ref).abs() / scale).max())
+    assert err <= SUM_ORDER_REL, f"decoder 3: {err:.3g} of sum |w x| from decoder 1's product"
+    for bad in ("2", "4"):
+        monkeypatch.setenv(K.matmul_mod.F16_DECODE_ENV, bad)
+        with pytest.raises(ValueError, match=K.matmul_mod.F16_DECODE_ENV):
+            K.dequantize_f16(p)
+        with pytest.raises(ValueError, match=K.matmul_mod.F16_DECODE_ENV):
+            K.matmul_mod.matmul_f16(p, xh, None, 0, **blocks)
+    with pytest.raises(ValueError, match="decoder"):
+        K.dequantize_f16(p, decode=2)
 
 
 @pytest.mark.parametrize("size", SIZES)
