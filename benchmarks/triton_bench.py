@@ -9,7 +9,8 @@ copy rate.
                                       [--reps 3] [--depth 32768] [--json results.json] [--md results.md]
 
 Each invocation adds its rows to the JSON file (so a session can measure in several calls) and
-rewrites the markdown table from all of them. sepedge rows run in this process through
+rewrites the markdown table from all of them; the tiles Triton's autotuner chose in this process go
+under "configs" (processes can tune differently). sepedge rows run in this process through
 sepedge.bench (what `sepedge bench` runs); llama.cpp's through llama-bench (-fa 1, -ngl 99).
 """
 
@@ -271,6 +272,9 @@ def main() -> None:
             for r in rows:
                 res["rows"].append({"model": Path(m).name, "who": who, **r})
                 print(json.dumps(res["rows"][-1]), flush=True)
+            if who == "triton":  # the tiles this process tuned (another process may tune others)
+                from sepedge.kernels.tuning import tuned_configs
+                res.setdefault("configs", {})[Path(m).name] = tuned_configs()
             save()
     save()
     print(table(res))

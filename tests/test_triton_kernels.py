@@ -896,3 +896,20 @@ def test_attention_prefill_mask_deltas(rng, mode, dtype):
                                         torch.from_numpy(cells), S - T, torch.from_numpy(visible),
                                         torch.from_numpy(deltas), freqs, mode).numpy()
     assert np.abs(torch_ref - ref).max() <= ATTN_ROT_ATOL
+
+
+def test_tuned_configs_reads_the_autotuners(monkeypatch):
+    """kernels.tuning.tuned_configs (what triton_bench.py records beside a Triton row) lists each autotuned
+    launcher's chosen config per shape key, named by module, kernel and variant; nothing before a launch."""
+    import triton
+
+    from sepedge.kernels.tuning import tuned_configs
+    mm_mod, mv_mod = importlib.import_module("sepedge.kernels.matmul"), importlib.import_module("sepedge.kernels.matvec")
+    kernel = PACKED[Q.Q4_0][0]
+    tuner = triton.autotune(configs=[triton.Config({"BLOCK_N": 64, "NB": 2}, num_warps=4)], key=["N", "nblk"])(kernel)
+    monkeypatch.setattr(mv_mod, "_tuned", {(Q.Q4_0, False, False): tuner})
+    monkeypatch.setattr(mm_mod, "_tuned", {})
+    assert tuned_configs() == {f"matvec:{kernel.__name__}:{(Q.Q4_0, False, False)}": {}}
+    tuner.cache[(4096, 128)] = tuner.configs[0]
+    got = tuned_configs()[f"matvec:{kernel.__name__}:{(Q.Q4_0, False, False)}"]
+    assert list(got) == ["(4096, 128)"] and "BLOCK_N: 64" in got["(4096, 128)"] and "num_warps: 4" in got["(4096, 128)"]

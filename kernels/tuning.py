@@ -1,0 +1,25 @@
+"""The tiles Triton's autotuner chose in this process, per kernel and shape key. Each process tunes anew
+from a few timed launches per candidate, so two processes can settle on different tiles when candidates
+run close; a benchmark records the choice beside its rates to tell a slow process's tiles from a fast
+one's (benchmarks/results/triton_bench.md: Triton rows 8-9% apart between processes, each process's own
+repetitions within 2%)."""
+
+from __future__ import annotations
+
+import importlib
+
+# the modules, not the package's functions of the same names (kernels/__init__.py exports those)
+_MODULES = ("matmul", "matvec")
+
+
+def tuned_configs() -> dict[str, dict[str, str]]:
+    """{"module:kernel:variant": {shape key: the chosen config}} of every autotuned launcher used so far in
+    this process (empty under the interpreter, which runs fixed tiles)."""
+    out: dict[str, dict[str, str]] = {}
+    for short in _MODULES:
+        mod = importlib.import_module(f"{__package__}.{short}")
+        for variant, tuner in mod._tuned.items():
+            name = getattr(getattr(tuner, "fn", None), "__name__", "kernel")
+            label = f"{short}:{name}:{variant}"
+            out[label] = {repr(key): str(cfg) for key, cfg in tuner.cache.items()}
+    return out
