@@ -559,7 +559,7 @@ def f16_decode() -> int:
 # step's fixed work a value) and 128 x 128 x 128 with 4 stages (Q4_K's 163 KB of shared memory; Q6_K's 233 KB
 # is over the H200's 227 KB, a tile the tuner skips). Decoder 3's registers there (sm_90, triton_ptxas.py
 # --f16-decode 3): K tiles of 256 255, spilling 16 bytes (Q4_K) and 184 (Q6_K); 128 x 128 x 128 with 4
-# stages 189 (Q4_K) and 231 (Q6_K), no spill; the first four 189-255, Q6_K's 128 x 64 x 128 spilling 8
+# stages 189 (Q4_K) and 231 (Q6_K), no spill; the first four 189-255, Q6_K's 128 x 64 x 128 spilling 8 bytes
 F16_WORD_TUNE_CONFIGS = F16_TUNE_CONFIGS[:4] + [(128, 128, 256, 8, 2), (128, 128, 128, 8, 4)]
 
 
