@@ -33,6 +33,8 @@
 # separators: the separator region is full, 68 cells with deltas of ~800) and at 0 history; auto with 13 and 6
 # splits (TCD_SPLITS; the default one wave makes 25 of 32 cells); the attention's kernel times in timing mode at
 # 32K and at 0; ~250 s with the prebuilt library and the models made).
+# merge-ab (the decode attention's merge of its splits, SEPEDGE_CUDA_ATTN_MERGE 0 / 1 / 2: its GPU tests, then sepllm-stream
+# after 32K and at 0 history interleaved, 64 / 128 cells a split with the merge on, timing mode, ncu of one launch; ~300 s),
 # ncu-mv (hardware counters and stall reasons of one layer's decode products, 8B Q4_0 and Q4_K_M), smol-ab (SmolLM2's
 # decode with the float or the tensor-core attention, SEPEDGE_CUDA_ATTN_TC 0 / 2, then its kernel times).
 # pick (benchmarks/env_ab.py: SEPEDGE_CUDA_MV_SPEC and SEPEDGE_CUDA_ATTN_SPLIT_CELLS measured, the fastest of each
@@ -359,6 +361,33 @@ PY
                      grep -E "k_attn|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Grid Size|Warp Cycles Per Issued|Issued Warp|Stall|stall|L2 Hit" \
                          $OUT/ncu-stream-$depth.log | head -40
                  done ;;
+        merge-ab) ONLY_MODELS=${ONLY_MODELS:-llama3-8b-q4_0} models 8b  # the decode attention's merge of its splits
+                 # (SEPEDGE_CUDA_ATTN_MERGE 0 / 1 / 2, cuda_kernels_log.md session 11b): its GPU tests (the same bits as 0),
+                 # 8B Q4_0 sepllm-stream decode after 32K tokens and at 0 history interleaved, the split size again with
+                 # the merge's loads in flight (64 cells: 13 splits, one step a warp), the attention's kernel times in
+                 # timing mode, then ncu of one launch after 32K with the switch at 2 (~300 s with the prebuilt library)
+                 SEPEDGE_CUDA_REPORT=$OUT/errors-merge.tsv timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -m gpu tests/test_cuda.py \
+                     -k "${MERGE_TESTS:-attn_merge}" --maxfail=3 -p no:cacheprovider 2>&1 | tee $OUT/merge-ab.log | tail -8
+                 m=/tmp/models/llama3-8b-q4_0.gguf
+                 python3 benchmarks/env_ab.py --var SEPEDGE_CUDA_ATTN_MERGE --values ${MERGE_VALUES:-0,1,2} --rounds ${MERGE_ROUNDS:-2} \
+                     --case "$m --depth 32768 --kv-mode sepllm-stream --steps 48" --case "$m --kv-mode sepllm-stream --steps 64" \
+                     --md $OUT/merge-ab.md 2>&1 | tail -12 | tee -a $OUT/merge-ab.log
+                 SEPEDGE_CUDA_ATTN_MERGE=${MERGE_ON:-2} python3 benchmarks/env_ab.py --var SEPEDGE_CUDA_ATTN_SPLIT_CELLS \
+                     --values ${MERGE_CELLS:-128,64} --rounds 1 --case "$m --depth 32768 --kv-mode sepllm-stream --steps 48" \
+                     --md $OUT/merge-cells.md 2>&1 | tail -8 | tee -a $OUT/merge-ab.log
+                 for mg in 0 ${MERGE_ON:-2}; do
+                     for d in 32768 0; do
+                         SEPEDGE_CUDA_ATTN_MERGE=$mg SEPEDGE_CUDA_TIMING=1 python3 benchmarks/cuda_profile.py $m --depth $d \
+                             --kv-mode sepllm-stream --steps 16 2>&1 | grep -E "attention|ms/token|GPU time per pass" | sed "s/^/merge=$mg depth=$d /"
+                     done
+                 done 2>&1 | tee -a $OUT/merge-ab.log
+                 SEPEDGE_CUDA_ATTN_MERGE=${MERGE_ON:-2} SEPEDGE_CUDA_GRAPHS=0 timeout ${NCU_TIMEOUT:-150} ncu --clock-control none \
+                     -k regex:k_attn_decode --launch-skip 40 --launch-count 1 --section SpeedOfLight --section Occupancy \
+                     --section WarpStateStats --section LaunchStats --section MemoryWorkloadAnalysis python3 benchmarks/cuda_profile.py $m \
+                     --depth 32768 --kv-mode sepllm-stream --steps 4 > $OUT/ncu-merge-32768.log 2>&1
+                 echo "## ncu, stream at depth 32768, merge ${MERGE_ON:-2}" | tee -a $OUT/merge-ab.log
+                 grep -E "k_attn|Duration|DRAM Throughput|Achieved Occupancy|Registers Per|Grid Size|Warp Cycles Per Issued|Stall|stall" \
+                     $OUT/ncu-merge-32768.log | head -30 | tee -a $OUT/merge-ab.log ;;
         profile-stream) models 8b  # kernel times of sepllm-stream decode after 32K tokens, and its wall time
                  { SEPEDGE_CUDA_TIMING=1 python3 benchmarks/cuda_profile.py /tmp/models/llama3-8b-q4_0.gguf --depth 32768 --kv-mode sepllm-stream --steps 16
                    python3 benchmarks/cuda_profile.py /tmp/models/llama3-8b-q4_0.gguf --depth 32768 --kv-mode sepllm-stream --steps 64

@@ -885,6 +885,52 @@ def test_stream_long_tc(gguf_path, stream, spec, monkeypatch):
         assert err <= MAX_DECODE_TC_REL, (tc, err)
 
 
+# The one-token attention's merge of its splits (SEPEDGE_CUDA_ATTN_MERGE): the float kernel (head_dim 32
+# with a group of 3, 64 with 2) and the tensor-core one (128 with groups of 4 and 2, turning keys by their
+# deltas; 64 with a group of 8), sepllm-stream (cells with deltas: the initial and separator regions) and
+# a full cache.
+STREAM_800 = dict(n_init=4, n_sep=64, n_local=256, n_cache=800)
+STREAM_64 = dict(n_init=4, n_sep=8, n_local=24, n_cache=64)
+MERGE_CASES = [
+    ("gqa3-sharded-padded", "0", "sepllm-stream", STREAM_800),
+    ("qwen2-tied", "0", "sepllm-stream", STREAM_64),
+    ("tc-g4-d128", "2", "sepllm-stream", STREAM_800),
+    ("gqa-d128-llama31", "2", "sepllm-stream", STREAM_64),
+    ("tc-g8-d64", "2", "sepllm-stream", STREAM_64),
+    ("tc-g4-d128", "1", "full", {}),
+]
+
+
+@gpu
+@pytest.mark.parametrize("spec,tc,mode,sizes", MERGE_CASES,
+                         ids=[f"{s}-tc{t}-{m}-{z.get('n_cache', 'ctx')}" for s, t, m, z in MERGE_CASES])
+def test_attn_merge_same_bits(tc_gguf, stream, spec, tc, mode, sizes, monkeypatch):
+    """SEPEDGE_CUDA_ATTN_MERGE=1 (every split's partial of a thread's outputs in flight at once) and =2
+    (also the splits' handshake by one thread's acquire-release atomic) add the same products in the
+    same order as 0 (the default): the same bits, step by step, with 16 cells a split (many splits:
+    several batches of the merge's loads, one stage of a block) and with the default split size; and
+    the CPU engine's logits within the kernel's tolerance."""
+    path = tc_gguf(spec)
+    tokens = stream(900 if mode != "full" else 600)
+    kw = dict(kv_mode=mode, **sizes) if mode != "full" else dict(n_ctx=1024)
+    monkeypatch.setenv("SEPEDGE_CUDA_ATTN_TC", tc)
+    with cpu_engine(path, n_batch=64, **kw) as cpu_llm:
+        cpu = step_by_step(cpu_llm, tokens)
+    bound = MAX_DECODE_TC_REL if tc != "0" else MAX_REL_VS_CPU_DECODE["f16"]
+    for cells in ("16", "128"):
+        monkeypatch.setenv("SEPEDGE_CUDA_ATTN_SPLIT_CELLS", cells)
+        got = {}
+        for merge in ("0", "1", "2"):
+            monkeypatch.setenv("SEPEDGE_CUDA_ATTN_MERGE", merge)
+            with cuda_engine(path, n_batch=64, **kw) as llm:
+                got[merge] = step_by_step(llm, tokens)
+        err = rel(got["2"], cpu)
+        report("attn-merge", spec, tc, mode, cells, err)
+        assert err <= bound, (cells, err)
+        np.testing.assert_array_equal(got["1"], got["0"])
+        np.testing.assert_array_equal(got["2"], got["0"])
+
+
 @gpu
 def test_bad_requests_are_clear_errors(gguf_path):
     path = gguf_path("mha-d64", "q8_0")

@@ -189,12 +189,37 @@ __device__ __forceinline__ void dec_token(const se_dattn & a, int gb, int h0, in
     }
 }
 
+// The splits' handshake of a.merge >= 2, one thread of the block after a barrier (the pattern of
+// CUTLASS's generic barrier, arrive and wait): the acquire-release fence before the atomic releases
+// every partial this block's threads stored before the barrier; the one after it acquires the other
+// blocks' partials, and the barrier that follows passes that on to this block's threads. One thread's
+// fences instead of every thread's two sequentially consistent ones (__threadfence: MEMBAR.SC.GPU, with
+// an invalidation of L1, on sm_90).
+__device__ __forceinline__ unsigned count_add_acq_rel(unsigned * p) {
+    unsigned old;
+    asm volatile("fence.acq_rel.gpu;\n\tatom.relaxed.gpu.global.add.u32 %0, [%1], 1;\n\tfence.acq_rel.gpu;"
+                 : "=r"(old) : "l"(p) : "memory");
+    return old;
+}
+
 // The end of a decode block, after its `ng` groups (lane groups, warps) wrote their running max
 // s_m[i * GB + g], sum s_l[i * GB + g] and weighted values s_acc[(i * GB + g) * DP + j] per head g:
 // this split's (values, max, sum) per head into a.part; the column's last block to finish merges
 // every split (s_acc, of at least 2 GB SE_ATTN_MAX_SPLITS + GB floats, is its scratch then); the
 // output to a.out, with qx also in 8-bit blocks (head_dim % 32 == 0: a warp's 32 values, one head).
-template <int DP, int GB>
+// The merge's weighted sums: MERGE false (the default), each split's partial loaded right
+// before its multiply-add, so every split is a dependent L2 round trip (below 32 splits the unrolled
+// loop's remainder issues load, multiply-add, exit test, split by split: 4 outputs x 7 splits = 28
+// round trips a thread at 4 heads of 128 in 7 splits); MERGE (the kernels made for SEPEDGE_CUDA_ATTN_MERGE
+// >= 1), the partials of MERGE_LOADS splits issued together, then the same multiply-adds in the same
+// order: the same bits, two round trips an output up to MERGE_LOADS splits (ptxas issues 2 loads, their
+// multiply-adds, then the other 6; 16 loads a batch came out as 4 + 6 + 6, and all of a thread's outputs
+// at once, 64 registers, spilled in the tensor-core kernel's main loop). A template argument, not a
+// branch on a.merge: the default kernels then compile to the instructions they had (a branch moved
+// ptxas's allocation: 8 bytes of stack in the tensor-core kernel's main loop).
+#define MERGE_LOADS 8
+
+template <int DP, int GB, bool MERGE>
 __device__ __forceinline__ void dec_finish(const se_dattn & a, int gb, int h0, int split, int n_splits, int ng, const float * s_m,
                                            const float * s_l, float * s_acc, float (*s_q)[DP], int8_t * qx, float2 * ds) {
     __shared__ int s_last;
@@ -221,12 +246,19 @@ __device__ __forceinline__ void dec_finish(const se_dattn & a, int gb, int h0, i
         if (j == 0) part[d] = mx, part[d + 1] = sum;
     }
     if (n_splits > 1) {  // the column's last block to finish merges every split
-        __threadfence();
-        __syncthreads();
-        if (tid == 0) s_last = atomicAdd(&a.count[blockIdx.x], 1u) == (unsigned) n_splits - 1;
-        __syncthreads();
-        if (!s_last) return;
-        __threadfence();
+        if (MERGE && a.merge >= 2) {
+            __syncthreads();  // every thread's partials stored
+            if (tid == 0) s_last = count_add_acq_rel(&a.count[blockIdx.x]) == (unsigned) n_splits - 1;
+            __syncthreads();
+            if (!s_last) return;
+        } else {
+            __threadfence();
+            __syncthreads();
+            if (tid == 0) s_last = atomicAdd(&a.count[blockIdx.x], 1u) == (unsigned) n_splits - 1;
+            __syncthreads();
+            if (!s_last) return;
+            __threadfence();
+        }
         // each split's weight exp(m - max) per head (in s_acc, free now), then the weighted sums
         float * s_pw = s_acc, * s_pl = s_pw + GB * SE_ATTN_MAX_SPLITS, * s_hm = s_pl + GB * SE_ATTN_MAX_SPLITS;
         for (int idx = tid; idx < gb * n_splits; idx += blockDim.x) {
@@ -251,14 +283,32 @@ __device__ __forceinline__ void dec_finish(const se_dattn & a, int gb, int h0, i
             if (lane == 0) s_hm[g] = sum;
         }
         __syncthreads();
-        for (int idx = tid; idx < gb * d; idx += blockDim.x) {
-            const int g = idx / d, j = idx % d;
-            const float * part = a.part + (int64_t) (h0 + g) * a.max_splits * (d + 2) + j;
-            const float * w = s_pw + g * SE_ATTN_MAX_SPLITS;
-            float val = 0;
+        if (MERGE) {
+            for (int idx = tid; idx < gb * d; idx += blockDim.x) {
+                const int g = idx / d, j = idx % d;
+                const float * part = a.part + (int64_t) (h0 + g) * a.max_splits * (d + 2) + j;
+                const float * w = s_pw + g * SE_ATTN_MAX_SPLITS;
+                float val = 0;
+                for (int sp0 = 0; sp0 < n_splits; sp0 += MERGE_LOADS) {
+                    float x[MERGE_LOADS];
+#pragma unroll
+                    for (int u = 0; u < MERGE_LOADS; u++) x[u] = sp0 + u < n_splits ? __ldcg(part + (sp0 + u) * (d + 2)) : 0.0f;
+#pragma unroll
+                    for (int u = 0; u < MERGE_LOADS; u++)
+                        if (sp0 + u < n_splits) val += x[u] * w[sp0 + u];
+                }
+                s_q[g][j] = s_hm[g] > 0 ? val / s_hm[g] : 0.0f;
+            }
+        } else {
+            for (int idx = tid; idx < gb * d; idx += blockDim.x) {
+                const int g = idx / d, j = idx % d;
+                const float * part = a.part + (int64_t) (h0 + g) * a.max_splits * (d + 2) + j;
+                const float * w = s_pw + g * SE_ATTN_MAX_SPLITS;
+                float val = 0;
 #pragma unroll 32
-            for (int sp = 0; sp < n_splits; sp++) val += __ldcg(part + sp * (d + 2)) * w[sp];
-            s_q[g][j] = s_hm[g] > 0 ? val / s_hm[g] : 0.0f;
+                for (int sp = 0; sp < n_splits; sp++) val += __ldcg(part + sp * (d + 2)) * w[sp];
+                s_q[g][j] = s_hm[g] > 0 ? val / s_hm[g] : 0.0f;
+            }
         }
         if (tid == 0) a.count[blockIdx.x] = 0;
     }
@@ -282,7 +332,7 @@ __device__ __forceinline__ void dec_finish(const se_dattn & a, int gb, int h0, i
 // RING: the cells' keys, values (and delta rows) come through shared memory with cp.async, `slots`
 // steps in flight while a step is computed; else a lane group loads a step's keys and values into
 // registers, then computes (the default: faster on the H200).
-template <int DP, int GB, bool RING>
+template <int DP, int GB, bool RING, bool MERGE = false>
 __global__ void __launch_bounds__(DEC_WARPS * 32, DEC_MIN_BLOCKS(GB))
     k_attn_decode(const se_dattn a, int gb, int8_t * qx, float2 * ds, int slots) {
     constexpr int L = DP / 8, C = 32 / L;  // lanes a cell, cells a warp at once
@@ -508,7 +558,7 @@ __global__ void __launch_bounds__(DEC_WARPS * 32, DEC_MIN_BLOCKS(GB))
 #pragma unroll
         for (int e = 0; e < 8; e++) acc_at(warp, G, g, j0 + e) = acc[g][e];
     }
-    dec_finish<DP, GB>(a, gb, h0, split, n_splits, DEC_WARPS * C, &s_m[0][0][0], &s_l[0][0][0], s_acc, s_q, qx, ds);
+    dec_finish<DP, GB, MERGE>(a, gb, h0, split, n_splits, DEC_WARPS * C, &s_m[0][0][0], &s_l[0][0][0], s_acc, s_q, qx, ds);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -613,7 +663,7 @@ __device__ __forceinline__ void tc_delta_rows(int4 * t, const float2 * row, int 
 // registers: 16 warps) leaves no room for that, the compiler issues the values' 8 loads after the
 // keys' products, so each step waits for two memory round trips. ROT: the context's cells carry
 // deltas (a.dtab); without, the kernel has no trace of them.
-template <int D, int MINB, bool ROT>
+template <int D, int MINB, bool ROT, bool MERGE = false>
 __global__ void __launch_bounds__(DEC_WARPS * 32, MINB)
     k_attn_decode_tc(const se_dattn a, int gb, int8_t * qx, float2 * ds) {
     constexpr int GB = DEC_MAX_G;  // columns of the products
@@ -772,7 +822,7 @@ __global__ void __launch_bounds__(DEC_WARPS * 32, MINB)
             const int g = 2 * c + (e & 1), j = W * r + mt + KS * (e >> 1);
             if (g < gb) s_acc[(warp * GB + g) * D + j] = o[mt][e];
         }
-    dec_finish<D, GB>(a, gb, h0, split, n_splits, DEC_WARPS, &s_m[0][0], &s_l[0][0], s_acc, s_q, qx, ds);
+    dec_finish<D, GB, MERGE>(a, gb, h0, split, n_splits, DEC_WARPS, &s_m[0][0], &s_l[0][0], s_acc, s_q, qx, ds);
 }
 
 // Other head sizes (tests' tiny models): the token is rotated and stored first (k_rope_store); a
@@ -922,16 +972,21 @@ static cudaError_t launch_decode_ring(se_dattn a, int gb, int8_t * qx, float2 * 
     int slots = env_int("SEPEDGE_CUDA_ATTN_STAGES", rot ? 2 : 3);
     slots = slots < 2 ? 2 : slots > DEC_MAX_SLOTS ? DEC_MAX_SLOTS : slots;
     const size_t smem = dec_smem<DP, GB>::bytes(RING, rot, slots);
-    static int per_sm[2][DEC_MAX_SLOTS + 1];
-    int & n = per_sm[rot][slots];
-    if (!n && cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, k_attn_decode<DP, GB, RING>, DEC_WARPS * 32, smem) != cudaSuccess) {
+    // SEPEDGE_CUDA_ATTN_MERGE >= 1: the kernel made for it, on the register path only (the ring is an
+    // A/B switch of its own, measured slower)
+    const bool merge = !RING && a.merge >= 1;
+    void (*kernel)(const se_dattn, int, int8_t *, float2 *, int) = k_attn_decode<DP, GB, RING>;
+    if (merge) kernel = k_attn_decode<DP, GB, false, true>;
+    static int per_sm[2][2][DEC_MAX_SLOTS + 1];
+    int & n = per_sm[merge][rot][slots];
+    if (!n && cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, DEC_WARPS * 32, smem) != cudaSuccess) {
         cudaGetLastError();
         n = 1;
     }
     const int columns = a.n_head / gb;
     one_wave(a, columns, n);
-    return se_launch(k_attn_decode<DP, GB, RING>, dim3((unsigned) columns, (unsigned) a.max_splits), dim3(DEC_WARPS * 32), smem, s,
-                     se_cuda_opts.pdl, a, gb, qx, ds, slots);
+    return se_launch(kernel, dim3((unsigned) columns, (unsigned) a.max_splits), dim3(DEC_WARPS * 32), smem, s, se_cuda_opts.pdl, a,
+                     gb, qx, ds, slots);
 }
 
 template <int DP, int GB>
@@ -961,22 +1016,24 @@ static int decode_tc_variant(const se_dattn & a) {
 
 static bool decode_tc_applies(const se_dattn & a) { return decode_tc_variant(a) != 0; }
 
-template <int D, int MINB, bool ROT>
+template <int D, int MINB, bool ROT, bool MERGE>
 static cudaError_t launch_decode_tc(se_dattn a, int gb, int8_t * qx, float2 * ds, cudaStream_t s) {
     static int per_sm;
-    if (!per_sm && cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k_attn_decode_tc<D, MINB, ROT>, DEC_WARPS * 32, 0) != cudaSuccess) {
+    if (!per_sm && cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k_attn_decode_tc<D, MINB, ROT, MERGE>, DEC_WARPS * 32, 0) != cudaSuccess) {
         cudaGetLastError();
         per_sm = 1;
     }
     const int columns = a.n_head / gb;
     one_wave(a, columns, per_sm);
-    return se_launch(k_attn_decode_tc<D, MINB, ROT>, dim3((unsigned) columns, (unsigned) a.max_splits), dim3(DEC_WARPS * 32), 0, s,
+    return se_launch(k_attn_decode_tc<D, MINB, ROT, MERGE>, dim3((unsigned) columns, (unsigned) a.max_splits), dim3(DEC_WARPS * 32), 0, s,
                      se_cuda_opts.pdl, a, gb, qx, ds);
 }
 
 template <int D, bool ROT>
 static cudaError_t launch_decode_tc(const se_dattn & a, int gb, int8_t * qx, float2 * ds, cudaStream_t s) {
-    return decode_tc_variant(a) == 2 ? launch_decode_tc<D, 4, ROT>(a, gb, qx, ds, s) : launch_decode_tc<D, 3, ROT>(a, gb, qx, ds, s);
+    if (a.merge >= 1)  // SEPEDGE_CUDA_ATTN_MERGE: the kernels made for it
+        return decode_tc_variant(a) == 2 ? launch_decode_tc<D, 4, ROT, true>(a, gb, qx, ds, s) : launch_decode_tc<D, 3, ROT, true>(a, gb, qx, ds, s);
+    return decode_tc_variant(a) == 2 ? launch_decode_tc<D, 4, ROT, false>(a, gb, qx, ds, s) : launch_decode_tc<D, 3, ROT, false>(a, gb, qx, ds, s);
 }
 
 static cudaError_t launch_decode_tc(const se_dattn & a, int gb, int8_t * qx, float2 * ds, cudaStream_t s) {
@@ -1391,7 +1448,8 @@ int se_cuda_attention_prefill(const se_dattn * a, int32_t n, cudaStream_t s) {
 template <int DP, int GB>
 static void carveout_decode() {
     const int most = (int) dec_smem<DP, GB>::bytes(true, true, DEC_MAX_SLOTS);
-    for (const void * k : {(const void *) k_attn_decode<DP, GB, true>, (const void *) k_attn_decode<DP, GB, false>}) {
+    for (const void * k : {(const void *) k_attn_decode<DP, GB, true>, (const void *) k_attn_decode<DP, GB, false>,
+                           (const void *) k_attn_decode<DP, GB, false, true>}) {
         cudaFuncSetAttribute(k, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
         cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, most);
     }
@@ -1407,6 +1465,10 @@ void se_cuda_attention_init() {
                               (const void *) k_attn_decode_tc<64, 4, false>, (const void *) k_attn_decode_tc<128, 4, false>,
                               (const void *) k_attn_decode_tc<64, 3, true>, (const void *) k_attn_decode_tc<128, 3, true>,
                               (const void *) k_attn_decode_tc<64, 4, true>, (const void *) k_attn_decode_tc<128, 4, true>,
+                              (const void *) k_attn_decode_tc<64, 3, false, true>, (const void *) k_attn_decode_tc<128, 3, false, true>,
+                              (const void *) k_attn_decode_tc<64, 4, false, true>, (const void *) k_attn_decode_tc<128, 4, false, true>,
+                              (const void *) k_attn_decode_tc<64, 3, true, true>, (const void *) k_attn_decode_tc<128, 3, true, true>,
+                              (const void *) k_attn_decode_tc<64, 4, true, true>, (const void *) k_attn_decode_tc<128, 4, true, true>,
                               (const void *) k_attn_prefill<64>, (const void *) k_attn_prefill<128>,
                               (const void *) k_attn_prefill_mma<64>, (const void *) k_attn_prefill_mma<128>, (const void *) k_attn_rows};
     for (const void * k : kernels) cudaFuncSetAttribute(k, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);

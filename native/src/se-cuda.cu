@@ -17,7 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-thread_local se_cuda_launch_opts se_cuda_opts = {false, 1, 0, false};
+thread_local se_cuda_launch_opts se_cuda_opts = {false, 1, 0, false, 0};
 
 int se_cuda_error(cudaError_t e, const char * what) {
     return se_error(SE_ERR_BACKEND, "CUDA error: %s (%s)", cudaGetErrorString(e), what);
@@ -201,6 +201,8 @@ static int cuda_init(se_context * ctx) {
     c->opts.mv_typed = env && !strcmp(env, "1");
     env = getenv("SEPEDGE_CUDA_ATTN_TC");
     c->opts.attn_tc = env && *env ? atoi(env) : SE_ATTN_TC_AUTO;
+    env = getenv("SEPEDGE_CUDA_ATTN_MERGE");
+    c->opts.attn_merge = env && *env ? atoi(env) : 0;
     env = getenv("SEPEDGE_CUDA_NEXT_L2");
     c->next_l2_mb = env && *env ? atoi(env) : 0;
     env = getenv("SEPEDGE_CUDA_KV_LAYOUT");
@@ -311,6 +313,7 @@ static se_dattn attn_args(se_context * ctx, int32_t il) {
     a.max_splits = c->max_splits;
     a.split_cells = c->split_cells;
     a.prefetch = c->opts.prefetch;
+    a.merge = c->opts.attn_merge;
     a.scale = 1.0f / sqrtf((float) hp->head_dim);
     a.n_next = 0;
     a.cache_row_bytes = 2 * ctx->kv.row * (int64_t) sizeof(__half);

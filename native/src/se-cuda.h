@@ -133,11 +133,18 @@ enum se_mv_path {
 // mv_typed: the one-token products' kernel made for the outputs' one weight type where they share
 // one (SEPEDGE_CUDA_MV_SPEC=1; measured on the H200, session 9: 72-93 registers instead of 123, but 8B
 // Q4_0 10% slower a token, Q4_K_M 2% faster, so off by default).
+// attn_merge: how the one-token attention's last block of a column merges the splits
+// (SEPEDGE_CUDA_ATTN_MERGE, se-cuda-attention.cu dec_finish): 0 (the default) a thread's outputs one after
+// another, each split's partial a dependent L2 round trip; 1 every partial of a thread's outputs in flight
+// at once (the same sums in the same order: the same bits); 2 as 1, and the splits' handshake by one
+// thread's acquire-release atomic instead of every thread's two sequentially consistent fences. Not yet
+// measured (cuda_kernels_log.md, session 11b).
 struct se_cuda_launch_opts {
     bool pdl;
     int prefetch;
     int attn_tc;
     bool mv_typed;
+    int attn_merge;
 };
 extern thread_local se_cuda_launch_opts se_cuda_opts;
 
@@ -269,6 +276,9 @@ struct se_dattn {
     int64_t next_max_cache;
     // a layer's keys (values alike): KV head hk of cell c at c * kv_cell + hk * kv_head (se_kv_at)
     int64_t kv_cell, kv_head;
+    // se_cuda_opts.attn_merge: which one-token kernels (made with or without MERGE, dec_finish) and how
+    // their splits meet; last, so that the other fields keep their offsets
+    int32_t merge;
 };
 
 // Where KV head hk of a cell's key (or value) starts in a layer's cache. Two layouts
