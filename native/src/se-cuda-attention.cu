@@ -207,15 +207,15 @@ __device__ __forceinline__ unsigned count_add_acq_rel(unsigned * p) {
 // this split's (values, max, sum) per head into a.part; the column's last block to finish merges
 // every split (s_acc, of at least 2 GB SE_ATTN_MAX_SPLITS + GB floats, is its scratch then); the
 // output to a.out, with qx also in 8-bit blocks (head_dim % 32 == 0: a warp's 32 values, one head).
-// The merge's weighted sums: MERGE false (the default), each split's partial loaded right
+// The merge's weighted sums: MERGE false (SEPEDGE_CUDA_ATTN_MERGE=0), each split's partial loaded right
 // before its multiply-add, so every split is a dependent L2 round trip (below 32 splits the unrolled
 // loop's remainder issues load, multiply-add, exit test, split by split: 4 outputs x 7 splits = 28
 // round trips a thread at 4 heads of 128 in 7 splits); MERGE (the kernels made for SEPEDGE_CUDA_ATTN_MERGE
-// >= 1), the partials of MERGE_LOADS splits issued together, then the same multiply-adds in the same
+// >= 1, the default), the partials of MERGE_LOADS splits issued together, then the same multiply-adds in the same
 // order: the same bits, two round trips an output up to MERGE_LOADS splits (ptxas issues 2 loads, their
 // multiply-adds, then the other 6; 16 loads a batch came out as 4 + 6 + 6, and all of a thread's outputs
 // at once, 64 registers, spilled in the tensor-core kernel's main loop). A template argument, not a
-// branch on a.merge: the default kernels then compile to the instructions they had (a branch moved
+// branch on a.merge: the kernels of 0 then compile to the instructions they had (a branch moved
 // ptxas's allocation: 8 bytes of stack in the tensor-core kernel's main loop).
 #define MERGE_LOADS 8
 

@@ -202,7 +202,7 @@ static int cuda_init(se_context * ctx) {
     env = getenv("SEPEDGE_CUDA_ATTN_TC");
     c->opts.attn_tc = env && *env ? atoi(env) : SE_ATTN_TC_AUTO;
     env = getenv("SEPEDGE_CUDA_ATTN_MERGE");
-    c->opts.attn_merge = env && *env ? atoi(env) : 0;
+    c->opts.attn_merge = env && *env ? atoi(env) : 1;
     env = getenv("SEPEDGE_CUDA_NEXT_L2");
     c->next_l2_mb = env && *env ? atoi(env) : 0;
     env = getenv("SEPEDGE_CUDA_KV_LAYOUT");

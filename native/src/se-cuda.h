@@ -134,11 +134,12 @@ enum se_mv_path {
 // one (SEPEDGE_CUDA_MV_SPEC=1; measured on the H200, session 9: 72-93 registers instead of 123, but 8B
 // Q4_0 10% slower a token, Q4_K_M 2% faster, so off by default).
 // attn_merge: how the one-token attention's last block of a column merges the splits
-// (SEPEDGE_CUDA_ATTN_MERGE, se-cuda-attention.cu dec_finish): 0 (the default) a thread's outputs one after
-// another, each split's partial a dependent L2 round trip; 1 every partial of a thread's outputs in flight
+// (SEPEDGE_CUDA_ATTN_MERGE, se-cuda-attention.cu dec_finish): 0 a thread's outputs one after another, each
+// split's partial a dependent L2 round trip; 1 (the default) every partial of a thread's outputs in flight
 // at once (the same sums in the same order: the same bits); 2 as 1, and the splits' handshake by one
-// thread's acquire-release atomic instead of every thread's two sequentially consistent fences. Not yet
-// measured (cuda_kernels_log.md, session 11b).
+// thread's acquire-release atomic instead of every thread's two sequentially consistent fences. Measured
+// on the H200 (cuda_kernels_log.md, session 12): 1 and 2 both ~2% faster than 0 a token after 32K tokens
+// of sepllm-stream, 2 no better than 1, so 1, whose memory ordering is 0's.
 struct se_cuda_launch_opts {
     bool pdl;
     int prefetch;
