@@ -907,8 +907,9 @@ MERGE_CASES = [
 def test_attn_merge_same_bits(tc_gguf, stream, spec, tc, mode, sizes, monkeypatch):
     """SEPEDGE_CUDA_ATTN_MERGE=1 (every split's partial of a thread's outputs in flight at once) and =2
     (also the splits' handshake by one thread's acquire-release atomic) add the same products in the
-    same order as 0 (1 is the default): the same bits, step by step, with 16 cells a split (many splits:
-    several batches of the merge's loads, one stage of a block) and with the default split size; and
+    same order as 0 (1 is the default): the same bits, step by step, with 16 cells a split (one stage of a
+    block; the kernels made for the merge where a column has fewer than 32 splits: n_cache 64, else 0's)
+    and with the default split size; and
     the CPU engine's logits within the kernel's tolerance."""
     path = tc_gguf(spec)
     tokens = stream(900 if mode != "full" else 600)

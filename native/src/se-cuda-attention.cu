@@ -211,8 +211,8 @@ __device__ __forceinline__ unsigned count_add_acq_rel(unsigned * p) {
 // before its multiply-add, so every split is a dependent L2 round trip (below 32 splits the unrolled
 // loop's remainder issues load, multiply-add, exit test, split by split: 4 outputs x 7 splits = 28
 // round trips a thread at 4 heads of 128 in 7 splits); MERGE (the kernels made for SEPEDGE_CUDA_ATTN_MERGE
-// >= 1, the default), the partials of MERGE_LOADS splits issued together, then the same multiply-adds in the same
-// order: the same bits, two round trips an output up to MERGE_LOADS splits (ptxas issues 2 loads, their
+// >= 1, the default), past the whole groups of 32 splits (taken as 0 takes them) the partials of MERGE_LOADS
+// splits issued together, then the same multiply-adds in the same order: the same bits, two round trips an output up to MERGE_LOADS splits (ptxas issues 2 loads, their
 // multiply-adds, then the other 6; 16 loads a batch came out as 4 + 6 + 6, and all of a thread's outputs
 // at once, 64 registers, spilled in the tensor-core kernel's main loop). A template argument, not a
 // branch on a.merge: the kernels of 0 then compile to the instructions they had (a branch moved
@@ -289,7 +289,14 @@ __device__ __forceinline__ void dec_finish(const se_dattn & a, int gb, int h0, i
                 const float * part = a.part + (int64_t) (h0 + g) * a.max_splits * (d + 2) + j;
                 const float * w = s_pw + g * SE_ATTN_MAX_SPLITS;
                 float val = 0;
-                for (int sp0 = 0; sp0 < n_splits; sp0 += MERGE_LOADS) {
+                int sp0 = 0;
+                // whole groups of 32 splits as 0's unrolled loop takes them (32 loads in flight: batches
+                // of 8 there measured 8% slower a token, full cache after 32K tokens), the rest in batches
+                for (; sp0 + 32 <= n_splits; sp0 += 32) {
+#pragma unroll
+                    for (int u = 0; u < 32; u++) val += __ldcg(part + (sp0 + u) * (d + 2)) * w[sp0 + u];
+                }
+                for (; sp0 < n_splits; sp0 += MERGE_LOADS) {
                     float x[MERGE_LOADS];
 #pragma unroll
                     for (int u = 0; u < MERGE_LOADS; u++) x[u] = sp0 + u < n_splits ? __ldcg(part + (sp0 + u) * (d + 2)) : 0.0f;
@@ -956,6 +963,13 @@ int se_cuda_split_cells(void) {
     return n < 16 ? 16 : n > (1 << 20) ? (1 << 20) : n;
 }
 
+// SEPEDGE_CUDA_ATTN_MERGE >= 1 takes the kernels made with MERGE (dec_finish) only where a column has
+// fewer than 32 splits (a sparse mode's cache: 7 at 8B's 128 cells a split): there 0's merge loop, unrolled
+// by 32, is all remainder, a dependent round trip a split; with more splits it keeps 32 loads in flight,
+// and MERGE's batches of 8 measured slower (H200, 8B Q4_0, full cache after 32K tokens: 4.249 -> 4.596 ms
+// a token, the attention 1,879 -> 2,233 us). Decided on the cache's splits, before one_wave caps them.
+static bool decode_merge(const se_dattn & a) { return a.merge >= 1 && a.max_splits < 32; }
+
 // The splits of a column capped at one wave of blocks (per_sm of them resident a multiprocessor), or
 // at SEPEDGE_CUDA_ATTN_SPLITS (measurements); a.prefetch for the one-token kernels.
 static void one_wave(se_dattn & a, int columns, int per_sm) {
@@ -974,7 +988,7 @@ static cudaError_t launch_decode_ring(se_dattn a, int gb, int8_t * qx, float2 * 
     const size_t smem = dec_smem<DP, GB>::bytes(RING, rot, slots);
     // SEPEDGE_CUDA_ATTN_MERGE >= 1: the kernel made for it, on the register path only (the ring is an
     // A/B switch of its own, measured slower)
-    const bool merge = !RING && a.merge >= 1;
+    const bool merge = !RING && decode_merge(a);
     void (*kernel)(const se_dattn, int, int8_t *, float2 *, int) = k_attn_decode<DP, GB, RING>;
     if (merge) kernel = k_attn_decode<DP, GB, false, true>;
     static int per_sm[2][2][DEC_MAX_SLOTS + 1];
@@ -1031,7 +1045,7 @@ static cudaError_t launch_decode_tc(se_dattn a, int gb, int8_t * qx, float2 * ds
 
 template <int D, bool ROT>
 static cudaError_t launch_decode_tc(const se_dattn & a, int gb, int8_t * qx, float2 * ds, cudaStream_t s) {
-    if (a.merge >= 1)  // SEPEDGE_CUDA_ATTN_MERGE: the kernels made for it
+    if (decode_merge(a))  // SEPEDGE_CUDA_ATTN_MERGE: the kernels made for it
         return decode_tc_variant(a) == 2 ? launch_decode_tc<D, 4, ROT, true>(a, gb, qx, ds, s) : launch_decode_tc<D, 3, ROT, true>(a, gb, qx, ds, s);
     return decode_tc_variant(a) == 2 ? launch_decode_tc<D, 4, ROT, false>(a, gb, qx, ds, s) : launch_decode_tc<D, 3, ROT, false>(a, gb, qx, ds, s);
 }

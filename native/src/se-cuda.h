@@ -137,9 +137,10 @@ enum se_mv_path {
 // (SEPEDGE_CUDA_ATTN_MERGE, se-cuda-attention.cu dec_finish): 0 a thread's outputs one after another, each
 // split's partial a dependent L2 round trip; 1 (the default) every partial of a thread's outputs in flight
 // at once (the same sums in the same order: the same bits); 2 as 1, and the splits' handshake by one
-// thread's acquire-release atomic instead of every thread's two sequentially consistent fences. Measured
-// on the H200 (cuda_kernels_log.md, session 12): 1 and 2 both ~2% faster than 0 a token after 32K tokens
-// of sepllm-stream, 2 no better than 1, so 1, whose memory ordering is 0's.
+// thread's acquire-release atomic instead of every thread's two sequentially consistent fences; 1 and 2
+// only where a column has fewer than 32 splits (decode_merge). Measured on the H200 (cuda_kernels_log.md,
+// session 12): after 32K tokens of sepllm-stream the attention 777 -> 700 us a token at 1, 2 no better
+// than 1, so 1, whose memory ordering is 0's; with the full cache's splits slower, hence the 32.
 struct se_cuda_launch_opts {
     bool pdl;
     int prefetch;
