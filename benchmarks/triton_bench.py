@@ -94,9 +94,10 @@ def product_bandwidth(model: str) -> dict:
         out["prefill"][f"{n} {K.NAMES[qtype]}"] = 2 * 512 * w.shape[0] * k / t / 1e12
     from sepedge.kernels.matmul import _tuned as mm_tuned
     from sepedge.kernels.matvec import _tuned  # the tiles triton.autotune chose, per type and shape
-    # keyed by (type, glu): the fused gate/up product (kernels.matvec_glu) has its own tiles
-    out["tuned"] = {K.NAMES[q] + (" glu" if glu else ""): {str(k): str(c) for k, c in t.cache.items()}
-                    for (q, glu), t in _tuned.items()}
+    # keyed by (type, glu, alt): the fused gate/up product (kernels.matvec_glu) and SEPEDGE_TRITON_Q4K's kernels
+    # have their own tiles
+    out["tuned"] = {K.NAMES[q] + (" glu" if glu else "") + (" alt" if alt else ""):
+                    {str(k): str(c) for k, c in t.cache.items()} for (q, glu, alt), t in _tuned.items()}
     out["tuned_prefill"] = {str(k): str(c) for t in mm_tuned.values() for k, c in t.cache.items()}
     del W
     torch.cuda.empty_cache()
