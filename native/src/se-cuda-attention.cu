@@ -211,10 +211,11 @@ __device__ __forceinline__ unsigned count_add_acq_rel(unsigned * p) {
 // before its multiply-add, so every split is a dependent L2 round trip (below 32 splits the unrolled
 // loop's remainder issues load, multiply-add, exit test, split by split: 4 outputs x 7 splits = 28
 // round trips a thread at 4 heads of 128 in 7 splits); MERGE (the kernels made for SEPEDGE_CUDA_ATTN_MERGE
-// >= 1, the default), past the whole groups of 32 splits (taken as 0 takes them) the partials of MERGE_LOADS
-// splits issued together, then the same multiply-adds in the same order: the same bits, two round trips an output up to MERGE_LOADS splits (ptxas issues 2 loads, their
-// multiply-adds, then the other 6; 16 loads a batch came out as 4 + 6 + 6, and all of a thread's outputs
-// at once, 64 registers, spilled in the tensor-core kernel's main loop). A template argument, not a
+// >= 1, the default, taken below 32 splits: decode_merge), the partials of MERGE_LOADS splits issued
+// together, then the same multiply-adds in the same order: the same bits, two round trips an output up to
+// MERGE_LOADS splits (ptxas issues 2 loads, their multiply-adds, then the other 6; 16 loads a batch came
+// out as 4 + 6 + 6, and all of a thread's outputs at once, 64 registers, spilled in the tensor-core
+// kernel's main loop). A template argument, not a
 // branch on a.merge: the kernels of 0 then compile to the instructions they had (a branch moved
 // ptxas's allocation: 8 bytes of stack in the tensor-core kernel's main loop).
 #define MERGE_LOADS 8
@@ -289,14 +290,7 @@ __device__ __forceinline__ void dec_finish(const se_dattn & a, int gb, int h0, i
                 const float * part = a.part + (int64_t) (h0 + g) * a.max_splits * (d + 2) + j;
                 const float * w = s_pw + g * SE_ATTN_MAX_SPLITS;
                 float val = 0;
-                int sp0 = 0;
-                // whole groups of 32 splits as 0's unrolled loop takes them (32 loads in flight: batches
-                // of 8 there measured 8% slower a token, full cache after 32K tokens), the rest in batches
-                for (; sp0 + 32 <= n_splits; sp0 += 32) {
-#pragma unroll
-                    for (int u = 0; u < 32; u++) val += __ldcg(part + (sp0 + u) * (d + 2)) * w[sp0 + u];
-                }
-                for (; sp0 < n_splits; sp0 += MERGE_LOADS) {
+                for (int sp0 = 0; sp0 < n_splits; sp0 += MERGE_LOADS) {
                     float x[MERGE_LOADS];
 #pragma unroll
                     for (int u = 0; u < MERGE_LOADS; u++) x[u] = sp0 + u < n_splits ? __ldcg(part + (sp0 + u) * (d + 2)) : 0.0f;
