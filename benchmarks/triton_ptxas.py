@@ -203,32 +203,35 @@ def sass_opcodes(arch: int, t: str, decode: int, config: tuple) -> dict:
 
 def decode_report(arch: int, ptxas: str) -> list[str]:
     mv = importlib.import_module("sepedge.kernels.matvec")
-    rows = ["| kernel | tile (rows, blocks, warps, stages, pair) | registers | spill bytes | "
+    rows = ["| kernel | tile (rows, blocks, warps, stages, pair, prefetch) | registers | spill bytes | "
             + " | ".join(f"loop {k}" for k in LOOP_COUNTS) + " |", "|---|---|---:|---:|" + "---:|" * len(LOOP_COUNTS)]
     ptrs = {"Y": "*fp32", "QS": "*i32", "QH": "*i32", "SC": "*i32", "D": "*i32", "X32": "*i32", "XD": "*fp32",
             "XS": "*fp32", "ADD": "*fp32", "HQ": "*i8", "HD": "*fp32", "HS": "*fp32", "CNT": "*i32", "NW": "*fp32"}
     q6 = ptrs | {"SC": "*i8", "D": "*fp16"}
-    kernels = [(mv.matvec_q4_k_kernel, [c + (1, 0) for c in mv.TUNE_CONFIGS[256]], ptrs),
-               (mv.matvec_q4_k_v2_kernel, mv.Q4K_V2_TUNE_CONFIGS, ptrs),
-               (mv.matvec_q6_k_kernel, [c + (1, 0) for c in mv.TUNE_CONFIGS[256]], q6),
-               (mv.matvec_q6_k_kernel, [c + (0,) for c in mv.Q6K_STAGED_TUNE_CONFIGS if c[3] > 1], q6)]
+    # prefetch: the K-quant kernels' PF (the next step's loads in flight while a step is summed)
+    kernels = [(mv.matvec_q4_k_kernel, [c + (1, 0, pf) for pf in (0, 1) for c in mv.TUNE_CONFIGS[256]], ptrs),
+               (mv.matvec_q4_k_v2_kernel, [c + (0,) for c in mv.Q4K_V2_TUNE_CONFIGS], ptrs),
+               (mv.matvec_q6_k_kernel, [c + (1, 0, pf) for pf in (0, 1) for c in mv.TUNE_CONFIGS[256]], q6),
+               (mv.matvec_q6_k_kernel, [c + (0, 0) for c in mv.Q6K_STAGED_TUNE_CONFIGS if c[3] > 1], q6)]
     for fn, configs, types in kernels:
-        flags = {"HAS_ADD", "GLU", "NORM", "STORE_Y", "GPU", "BLOCK_N", "NB", "PDL", "STAGES", "PAIR"}
+        flags = {"HAS_ADD", "GLU", "NORM", "STORE_Y", "GPU", "BLOCK_N", "NB", "PDL", "STAGES", "PAIR", "PF"}
         sig = {n: types.get(n, "fp32" if n == "eps" else "i32") for n in fn.arg_names if n not in flags}
         # pointers and strides 16-divisible, as the JIT specializes them (N, nblk, stride_y, stride_b: not)
         divisible = {n for n in sig if sig[n].startswith("*") or n in ("stride_qs", "stride_qh", "stride_sc",
                                                                        "stride_d", "stride_x")}
-        for bn, nb, w, st, pair in configs:
+        for bn, nb, w, st, pair, pf in configs:
             consts = {"HAS_ADD": False, "GLU": False, "NORM": False, "STORE_Y": True, "GPU": True, "BLOCK_N": bn,
                       "NB": nb, "PDL": 1 if arch >= 90 else 0}
             if "STAGES" in fn.arg_names:
                 consts["STAGES"] = st
             if "PAIR" in fn.arg_names:
                 consts["PAIR"] = pair
+            if "PF" in fn.arg_names:
+                consts["PF"] = pf
             k = compile_kernel(fn, sig, consts, divisible, arch, {"num_warps": w, "launch_pdl": arch >= 90})
             regs, spill = ptxas_report(k.asm["ptx"], ptxas, arch)
             lc = loop_counts(k.asm["ptx"])
-            rows.append(f"| {fn.__name__} | {bn}, {nb}, {w}, {st}, {pair} | {regs} | {spill} | "
+            rows.append(f"| {fn.__name__} | {bn}, {nb}, {w}, {st}, {pair}, {pf} | {regs} | {spill} | "
                         + " | ".join(str(lc[k]) for k in LOOP_COUNTS) + " |")
             print(rows[-1], flush=True)
     return rows

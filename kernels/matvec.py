@@ -249,13 +249,50 @@ def matvec_q8_0_kernel(Y, QS, D, X32, XD, XS, ADD, N, nblk, stride_qs, stride_d,
 
 
 @triton.jit
+def _q4k_load(QS, SC, D, X32, XD, XS, r3, rm, blk, c, w, t, nblk, nq, stride_qs, stride_sc, stride_d, stride_x):
+    """What one step of matvec_q4_k_kernel reads for the blocks blk (1, NB, 1): the code words (BN, NB, 4, 8),
+    the scale/min words (BN, NB, 4), d | dmin (BN, NB, 1), the activation words of the low and high runs
+    (1, NB, 4, 8) and their scales and sums (1, NB, 4); blocks past nblk read as zeros."""
+    xm = blk < nblk
+    ok = rm & xm  # (BN, NB, 1)
+    q = tl.load(QS + (r3 * stride_qs + blk * 32 + 8 * c)[:, :, :, None] + w, mask=ok[:, :, :, None], other=0)
+    sm = tl.load(SC + r3 * stride_sc + blk * 4 + c, mask=ok, other=0)  # (BN, NB, 4)
+    dd = tl.load(D + r3 * stride_d + blk, mask=ok, other=0)  # (BN, NB, 1)
+    xw = X32 + t * stride_x + (blk * 64 + 16 * c)[:, :, :, None] + w  # (1, NB, 4, 8)
+    xm4 = xm[:, :, :, None]
+    xl = tl.load(xw, mask=xm4, other=0)
+    xh = tl.load(xw + 8, mask=xm4, other=0)
+    jq = blk * 8 + 2 * c  # the 8-bit block of run 2c, (1, NB, 4)
+    jm = xm & (c < 4)
+    dx_lo = tl.load(XD + t * nq + jq, mask=jm, other=0.0)
+    dx_hi = tl.load(XD + t * nq + jq + 1, mask=jm, other=0.0)
+    sx_lo = tl.load(XS + t * nq + jq, mask=jm, other=0.0)
+    sx_hi = tl.load(XS + t * nq + jq + 1, mask=jm, other=0.0)
+    return q, sm, dd, xl, xh, dx_lo, dx_hi, sx_lo, sx_hi
+
+
+@triton.jit
+def _q4k_sum(q, sm, dd, xl, xh, dx_lo, dx_hi, sx_lo, sx_hi, GPU: tl.constexpr):
+    """The products of one step's loads (_q4k_load): two (BN, NB, 4) float32, per chunk its low and its high
+    run's (d sc) dx S - (dmin m) sx (added to the sums one after the other, as before the split)."""
+    d, dmin = _f16_bits(dd), _f16_bits(dd >> 16)
+    s_lo = tl.sum(_dot4(q & 0x0F0F0F0F, xl, 0, GPU), axis=3).to(tl.float32)
+    s_hi = tl.sum(_dot4((q >> 4) & 0x0F0F0F0F, xh, 0, GPU), axis=3).to(tl.float32)
+    sc_lo, mn_lo = (sm & 255).to(tl.float32), ((sm >> 8) & 255).to(tl.float32)
+    sc_hi, mn_hi = ((sm >> 16) & 255).to(tl.float32), ((sm >> 24) & 255).to(tl.float32)
+    return (d * sc_lo) * dx_lo * s_lo - (dmin * mn_lo) * sx_lo, (d * sc_hi) * dx_hi * s_hi - (dmin * mn_hi) * sx_hi
+
+
+@triton.jit
 def matvec_q4_k_kernel(Y, QS, D, SC, X32, XD, XS, ADD, N, nblk, stride_qs, stride_d, stride_sc, stride_x, stride_y,
                        stride_b, HQ, HD, HS, CNT, NW, eps, HAS_ADD: tl.constexpr, GLU: tl.constexpr,
                        NORM: tl.constexpr, STORE_Y: tl.constexpr, GPU: tl.constexpr, BLOCK_N: tl.constexpr,
-                       NB: tl.constexpr,
+                       NB: tl.constexpr, PF: tl.constexpr = 0,
                        PDL: tl.constexpr = 0):
     # block b: code words 32b + 8c + w (chunk c, word w: values 64c + 4w.. low (run 2c), 64c + 32 + 4w..
-    # high (run 2c + 1)); SC word 4b + c: scale, min of run 2c, scale, min of run 2c + 1; D word b: d | dmin << 16
+    # high (run 2c + 1)); SC word 4b + c: scale, min of run 2c, scale, min of run 2c + 1; D word b: d | dmin << 16.
+    # PF 1: the next step's loads are issued before this step's sums (held in registers), so a program
+    # always has a step's bytes in flight instead of none while it sums; the same sums in the same order
     rows = _rows(N, BLOCK_N, GLU)
     t = tl.program_id(1).to(tl.int64)
     nq = nblk * 8
@@ -266,28 +303,24 @@ def matvec_q4_k_kernel(Y, QS, D, SC, X32, XD, XS, ADD, N, nblk, stride_qs, strid
     w = tl.arange(0, 8)[None, None, None, :]
     pdl_wait(PDL)  # launched early: wait for the kernel before (pdl.py)
     acc = tl.zeros([BLOCK_N, NB, 4], dtype=tl.float32)
-    for b0 in range(0, nblk, NB):
-        blk = b0 + b  # (1, NB, 1)
-        xm = blk < nblk
-        ok = rm & xm  # (BN, NB, 1)
-        q = tl.load(QS + (r3 * stride_qs + blk * 32 + 8 * c)[:, :, :, None] + w, mask=ok[:, :, :, None], other=0)
-        sm = tl.load(SC + r3 * stride_sc + blk * 4 + c, mask=ok, other=0)  # (BN, NB, 4)
-        dd = tl.load(D + r3 * stride_d + blk, mask=ok, other=0)  # (BN, NB, 1)
-        d, dmin = _f16_bits(dd), _f16_bits(dd >> 16)
-        xw = X32 + t * stride_x + (blk * 64 + 16 * c)[:, :, :, None] + w  # (1, NB, 4, 8)
-        xm4 = xm[:, :, :, None]
-        s_lo = tl.sum(_dot4(q & 0x0F0F0F0F, tl.load(xw, mask=xm4, other=0), 0, GPU), axis=3).to(tl.float32)
-        s_hi = tl.sum(_dot4((q >> 4) & 0x0F0F0F0F, tl.load(xw + 8, mask=xm4, other=0), 0, GPU), axis=3).to(tl.float32)
-        jq = blk * 8 + 2 * c  # the 8-bit block of run 2c, (1, NB, 4)
-        jm = xm & (c < 4)
-        dx_lo = tl.load(XD + t * nq + jq, mask=jm, other=0.0)
-        dx_hi = tl.load(XD + t * nq + jq + 1, mask=jm, other=0.0)
-        sx_lo = tl.load(XS + t * nq + jq, mask=jm, other=0.0)
-        sx_hi = tl.load(XS + t * nq + jq + 1, mask=jm, other=0.0)
-        sc_lo, mn_lo = (sm & 255).to(tl.float32), ((sm >> 8) & 255).to(tl.float32)
-        sc_hi, mn_hi = ((sm >> 16) & 255).to(tl.float32), ((sm >> 24) & 255).to(tl.float32)
-        acc += (d * sc_lo) * dx_lo * s_lo - (dmin * mn_lo) * sx_lo
-        acc += (d * sc_hi) * dx_hi * s_hi - (dmin * mn_hi) * sx_hi
+    if PF:
+        q, sm, dd, xl, xh, dxl, dxh, sxl, sxh = _q4k_load(QS, SC, D, X32, XD, XS, r3, rm, b, c, w, t, nblk, nq,
+                                                          stride_qs, stride_sc, stride_d, stride_x)
+        for b0 in range(0, nblk, NB):
+            q2, sm2, dd2, xl2, xh2, dxl2, dxh2, sxl2, sxh2 = _q4k_load(QS, SC, D, X32, XD, XS, r3, rm, b0 + NB + b, c,
+                                                                       w, t, nblk, nq, stride_qs, stride_sc,
+                                                                       stride_d, stride_x)
+            lo, hi = _q4k_sum(q, sm, dd, xl, xh, dxl, dxh, sxl, sxh, GPU)
+            acc += lo
+            acc += hi
+            q, sm, dd, xl, xh, dxl, dxh, sxl, sxh = q2, sm2, dd2, xl2, xh2, dxl2, dxh2, sxl2, sxh2
+    else:
+        for b0 in range(0, nblk, NB):
+            q, sm, dd, xl, xh, dxl, dxh, sxl, sxh = _q4k_load(QS, SC, D, X32, XD, XS, r3, rm, b0 + b, c, w, t, nblk,
+                                                              nq, stride_qs, stride_sc, stride_d, stride_x)
+            lo, hi = _q4k_sum(q, sm, dd, xl, xh, dxl, dxh, sxl, sxh, GPU)
+            acc += lo
+            acc += hi
     y = tl.sum(tl.sum(acc, axis=2), axis=1)
     _epilogue(Y, ADD, HQ, HD, HS, CNT, NW, eps, y, rows, t, N, stride_y, stride_b, HAS_ADD, GLU, NORM, STORE_Y, GPU,
               BLOCK_N)
@@ -373,14 +406,67 @@ def matvec_q4_k_v2_kernel(Y, QS, D, SC, X32, XD, XS, ADD, N, nblk, stride_qs, st
 
 
 @triton.jit
+def _q6k_load(QS, QH, SC, D, X32, XD, r4, rm, blk, h, g, w, t, nblk, nq, stride_qs, stride_qh, stride_sc, stride_d,
+              stride_x):
+    """What one step of matvec_q6_k_kernel reads for the blocks blk (1, NB, 1, 1): ql words a (runs 0, 2) and
+    b (runs 1, 3) and qh words (BN, NB, 2, 2, 4), d (BN, NB, 1, 1); per run r its scales (BN, NB, 2, 2),
+    activation words (1, NB, 2, 2, 4) and activation scales (1, NB, 2, 1); blocks past nblk read as zeros."""
+    xm = blk < nblk
+    ok = rm & xm  # (BN, NB, 1, 1)
+    ok5 = ok[:, :, :, :, None]
+    xm5 = xm[:, :, :, :, None]
+    lw = (r4 * stride_qs + blk * 32 + 16 * h + 4 * g)[:, :, :, :, None] + w
+    a_ = tl.load(QS + lw, mask=ok5, other=0)  # ql[64h + l]: runs r = 0 (low), 2 (high)
+    b_ = tl.load(QS + lw + 8, mask=ok5, other=0)  # ql[64h + 32 + l]: r = 1, 3
+    hb = tl.load(QH + (r4 * stride_qh + blk * 16 + 8 * h + 4 * g)[:, :, :, :, None] + w, mask=ok5, other=0)
+    d = tl.load(D + r4 * stride_d + blk, mask=ok, other=0.0)  # (BN, NB, 1, 1) float16
+    scp = SC + r4 * stride_sc + blk * 16 + 8 * h + g
+    xp = X32 + t * stride_x + (blk * 64 + 32 * h + 4 * g)[:, :, :, :, None] + w
+    dp = XD + t * nq + blk * 8 + 4 * h
+    sc0 = tl.load(scp, mask=ok, other=0)
+    sc1 = tl.load(scp + 2, mask=ok, other=0)
+    sc2 = tl.load(scp + 4, mask=ok, other=0)
+    sc3 = tl.load(scp + 6, mask=ok, other=0)
+    x0 = tl.load(xp, mask=xm5, other=0)
+    x1 = tl.load(xp + 8, mask=xm5, other=0)
+    x2 = tl.load(xp + 16, mask=xm5, other=0)
+    x3 = tl.load(xp + 24, mask=xm5, other=0)
+    dx0 = tl.load(dp, mask=xm, other=0.0)
+    dx1 = tl.load(dp + 1, mask=xm, other=0.0)
+    dx2 = tl.load(dp + 2, mask=xm, other=0.0)
+    dx3 = tl.load(dp + 3, mask=xm, other=0.0)
+    return a_, b_, hb, d, sc0, sc1, sc2, sc3, x0, x1, x2, x3, dx0, dx1, dx2, dx3
+
+
+@triton.jit
+def _q6k_run(acc, q, x, sc, dx, d, GPU: tl.constexpr):
+    """acc + one run's products: (codes + 32) times x by dp4a, less 32 times the sum of x, times d sc dx."""
+    s = tl.sum(_dot4(q, x, 0, GPU), axis=4)  # (BN, NB, 2, 2)
+    sx = tl.sum(_dot4(x * 0 + 0x01010101, x, 0, GPU), axis=4)  # (1, NB, 2, 2): the sum of x
+    s = (s - 32 * sx).to(tl.float32)
+    return acc + (d * sc.to(tl.float32)) * dx * s
+
+
+@triton.jit
+def _q6k_acc(acc, a_, b_, hb, d, sc0, sc1, sc2, sc3, x0, x1, x2, x3, dx0, dx1, dx2, dx3, GPU: tl.constexpr):
+    """acc + the four runs of one step's loads (_q6k_load), run 0 first."""
+    d = d.to(tl.float32)
+    acc = _q6k_run(acc, (a_ & 0x0F0F0F0F) | ((hb << 4) & 0x30303030), x0, sc0, dx0, d, GPU)
+    acc = _q6k_run(acc, (b_ & 0x0F0F0F0F) | ((hb << 2) & 0x30303030), x1, sc1, dx1, d, GPU)
+    acc = _q6k_run(acc, ((a_ >> 4) & 0x0F0F0F0F) | (hb & 0x30303030), x2, sc2, dx2, d, GPU)
+    return _q6k_run(acc, ((b_ >> 4) & 0x0F0F0F0F) | ((hb >> 2) & 0x30303030), x3, sc3, dx3, d, GPU)
+
+
+@triton.jit
 def matvec_q6_k_kernel(Y, QS, QH, SC, D, X32, XD, XS, ADD, N, nblk, stride_qs, stride_qh, stride_sc, stride_d,
                        stride_x, stride_y, stride_b,
                        HQ, HD, HS, CNT, NW, eps, HAS_ADD: tl.constexpr, GLU: tl.constexpr, NORM: tl.constexpr,
                        STORE_Y: tl.constexpr, GPU: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr,
-                       STAGES: tl.constexpr = 1, PDL: tl.constexpr = 0):
+                       STAGES: tl.constexpr = 1, PF: tl.constexpr = 0, PDL: tl.constexpr = 0):
     # value 128h + 32r + l of a block: low 4 bits from ql[64h + 32(r % 2) + l] (low nibble for r < 2),
     # high 2 bits from bits 2r of qh[32h + l], scale sc[8h + 2r + l // 16]. Tiles (rows, blocks, h,
     # g = l // 16, words of 4 values): ql word 32b + 16h + 4g + w (+ 8 for r odd), qh word 16b + 8h + 4g + w.
+    # PF 1: the next step's loads issued before this step's sums (matvec_q4_k_kernel's PF)
     rows = _rows(N, BLOCK_N, GLU)
     t = tl.program_id(1).to(tl.int64)
     nq = nblk * 8
@@ -392,33 +478,42 @@ def matvec_q6_k_kernel(Y, QS, QH, SC, D, X32, XD, XS, ADD, N, nblk, stride_qs, s
     w = tl.arange(0, 4)[None, None, None, None, :]
     pdl_wait(PDL)  # launched early: wait for the kernel before (pdl.py)
     acc = tl.zeros([BLOCK_N, NB, 2, 2], dtype=tl.float32)
-    for b0 in tl.range(0, nblk, NB, num_stages=STAGES):  # STAGES > 1: SEPEDGE_TRITON_Q4K=2's tiles
-        blk = b0 + b  # (1, NB, 1, 1)
-        xm = blk < nblk
-        ok = rm & xm  # (BN, NB, 1, 1)
-        ok5 = ok[:, :, :, :, None]
-        lw = (r4 * stride_qs + blk * 32 + 16 * h + 4 * g)[:, :, :, :, None] + w
-        a_ = tl.load(QS + lw, mask=ok5, other=0)  # ql[64h + l]: runs r = 0 (low), 2 (high)
-        b_ = tl.load(QS + lw + 8, mask=ok5, other=0)  # ql[64h + 32 + l]: r = 1, 3
-        hb = tl.load(QH + (r4 * stride_qh + blk * 16 + 8 * h + 4 * g)[:, :, :, :, None] + w, mask=ok5, other=0)
-        d = tl.load(D + r4 * stride_d + blk, mask=ok, other=0.0).to(tl.float32)  # (BN, NB, 1, 1)
-        for r in tl.static_range(4):
-            if r == 0:
-                q = (a_ & 0x0F0F0F0F) | ((hb << 4) & 0x30303030)
-            elif r == 1:
-                q = (b_ & 0x0F0F0F0F) | ((hb << 2) & 0x30303030)
-            elif r == 2:
-                q = ((a_ >> 4) & 0x0F0F0F0F) | (hb & 0x30303030)
-            else:
-                q = ((b_ >> 4) & 0x0F0F0F0F) | ((hb >> 2) & 0x30303030)
-            xo = (blk * 64 + 32 * h + 8 * r + 4 * g)[:, :, :, :, None] + w  # (1, NB, 2, 2, 4)
-            x = tl.load(X32 + t * stride_x + xo, mask=xm[:, :, :, :, None], other=0)
-            s = tl.sum(_dot4(q, x, 0, GPU), axis=4)  # (BN, NB, 2, 2): (codes + 32) times x
-            sx = tl.sum(_dot4(x * 0 + 0x01010101, x, 0, GPU), axis=4)  # (1, NB, 2, 2): the sum of x
-            s = (s - 32 * sx).to(tl.float32)
-            sc = tl.load(SC + r4 * stride_sc + blk * 16 + 8 * h + 2 * r + g, mask=ok, other=0).to(tl.float32)
-            dx = tl.load(XD + t * nq + blk * 8 + 4 * h + r, mask=xm, other=0.0)
-            acc += (d * sc) * dx * s
+    if PF:
+        a_, b_, hb, d, s0, s1, s2, s3, x0, x1, x2, x3, e0, e1, e2, e3 = _q6k_load(
+            QS, QH, SC, D, X32, XD, r4, rm, b, h, g, w, t, nblk, nq, stride_qs, stride_qh, stride_sc, stride_d,
+            stride_x)
+        for b0 in range(0, nblk, NB):
+            a2, b2, hb2, d2, t0, t1, t2, t3, y0, y1, y2, y3, f0, f1, f2, f3 = _q6k_load(
+                QS, QH, SC, D, X32, XD, r4, rm, b0 + NB + b, h, g, w, t, nblk, nq, stride_qs, stride_qh, stride_sc,
+                stride_d, stride_x)
+            acc = _q6k_acc(acc, a_, b_, hb, d, s0, s1, s2, s3, x0, x1, x2, x3, e0, e1, e2, e3, GPU)
+            a_, b_, hb, d, s0, s1, s2, s3 = a2, b2, hb2, d2, t0, t1, t2, t3
+            x0, x1, x2, x3, e0, e1, e2, e3 = y0, y1, y2, y3, f0, f1, f2, f3
+    else:
+        for b0 in tl.range(0, nblk, NB, num_stages=STAGES):  # STAGES > 1: SEPEDGE_TRITON_Q4K=2's tiles
+            blk = b0 + b  # (1, NB, 1, 1)
+            xm = blk < nblk
+            ok = rm & xm  # (BN, NB, 1, 1)
+            ok5 = ok[:, :, :, :, None]
+            lw = (r4 * stride_qs + blk * 32 + 16 * h + 4 * g)[:, :, :, :, None] + w
+            a_ = tl.load(QS + lw, mask=ok5, other=0)  # ql[64h + l]: runs r = 0 (low), 2 (high)
+            b_ = tl.load(QS + lw + 8, mask=ok5, other=0)  # ql[64h + 32 + l]: r = 1, 3
+            hb = tl.load(QH + (r4 * stride_qh + blk * 16 + 8 * h + 4 * g)[:, :, :, :, None] + w, mask=ok5, other=0)
+            d = tl.load(D + r4 * stride_d + blk, mask=ok, other=0.0).to(tl.float32)  # (BN, NB, 1, 1)
+            for r in tl.static_range(4):
+                if r == 0:
+                    q = (a_ & 0x0F0F0F0F) | ((hb << 4) & 0x30303030)
+                elif r == 1:
+                    q = (b_ & 0x0F0F0F0F) | ((hb << 2) & 0x30303030)
+                elif r == 2:
+                    q = ((a_ >> 4) & 0x0F0F0F0F) | (hb & 0x30303030)
+                else:
+                    q = ((b_ >> 4) & 0x0F0F0F0F) | ((hb >> 2) & 0x30303030)
+                xo = (blk * 64 + 32 * h + 8 * r + 4 * g)[:, :, :, :, None] + w  # (1, NB, 2, 2, 4)
+                x = tl.load(X32 + t * stride_x + xo, mask=xm[:, :, :, :, None], other=0)
+                sc = tl.load(SC + r4 * stride_sc + blk * 16 + 8 * h + 2 * r + g, mask=ok, other=0)
+                dx = tl.load(XD + t * nq + blk * 8 + 4 * h + r, mask=xm, other=0.0)
+                acc = _q6k_run(acc, q, x, sc, dx, d, GPU)
     y = tl.sum(tl.sum(tl.sum(acc, axis=3), axis=2), axis=1)
     _epilogue(Y, ADD, HQ, HD, HS, CNT, NW, eps, y, rows, t, N, stride_y, stride_b, HAS_ADD, GLU, NORM, STORE_Y, GPU,
               BLOCK_N)
@@ -506,12 +601,13 @@ def _autotuned(qtype: int, glu: bool, alt: bool = False):
 
 def _packed_launch(w, qtype: int, x: Act, y, add, stride_b: int, block_n, nb, glu: bool = False, h: Act | None = None,
                    store_y: bool = True, norm=None, eps: float = 0.0, tickets=None, stages: int | None = None,
-                   pair: int | None = None) -> None:
+                   pair: int | None = None, prefetch: int | None = None) -> None:
     """The repacked type's kernel: y = x @ W.T (+ add); with glu also h = the 8-bit form of
     silu(gate) * up (y's two halves), y then written only where store_y; with norm (N,) also h = the
     8-bit form of rms_norm(y) * norm (tickets: (T,) int32 zeros, left zero). stages: the pipeline
     stages of the Q4_K (SEPEDGE_TRITON_Q4K >= 1) and Q6_K kernels, pair: two rows a thread in the Q4_K v2
-    kernel (0 or 1), instead of the defaults/autotuning."""
+    kernel (0 or 1), prefetch: the Q4_K (variant 0) and Q6_K kernels' PF (0 or 1), instead of the
+    defaults/autotuning."""
     T, K = x.q.shape
     N = w.shape[0]
     dev = y.device
@@ -548,7 +644,8 @@ def _packed_launch(w, qtype: int, x: Act, y, add, stride_b: int, block_n, nb, gl
         table = Q6K_STAGED_TUNE_CONFIGS
     else:
         table = (GLU_TUNE_CONFIGS if glu else TUNE_CONFIGS)[BLOCKS[qtype][0]]
-    if (gpu and block_n is None and nb is None and stages is None and pair is None and N * K >= TUNE_MIN_SIZE
+    if (gpu and block_n is None and nb is None and stages is None and pair is None and prefetch is None
+            and N * K >= TUNE_MIN_SIZE
             and os.environ.get(TUNE_ENV) != "0" and nblk >= max(c[1] for c in table)):
         per = 2 if glu else 1  # GLU: a program's BLOCK_N rows are BLOCK_N / 2 of the gate's N / 2
         grid = lambda meta: (triton.cdiv(N // per, meta["BLOCK_N"] // per), T)  # noqa: E731
@@ -559,6 +656,8 @@ def _packed_launch(w, qtype: int, x: Act, y, add, stride_b: int, block_n, nb, gl
         flags["STAGES"] = stages or 1
     if v2:
         flags["PAIR"] = pair or 0
+    elif qtype in (Q4_K, Q6_K):
+        flags["PF"] = prefetch or 0
     if glu:
         n_ff = N // 2
         if gpu:
@@ -585,14 +684,14 @@ def _packed_launch(w, qtype: int, x: Act, y, add, stride_b: int, block_n, nb, gl
 
 def matvec_q8(w, qtype: int, x: Act, add: torch.Tensor | None = None, stride_b: int = 0,
               block_n: int | None = None, nb: int | None = None, packed: bool | None = None,
-              stages: int | None = None, pair: int | None = None) -> torch.Tensor:
+              stages: int | None = None, pair: int | None = None, prefetch: int | None = None) -> torch.Tensor:
     """y = x @ W.T (+ add) for a quantized W and 8-bit activations x (act_q8): (T, N) float32.
     w: GGUF bytes (N, row_bytes) uint8, or a packed.Packed. add: a bias (stride_b 0) or a residual
     (stride_b its row stride). packed: the kernel of the repacked type (the default where there is
     one; file bytes are repacked here, for tests and benchmarks: the backend repacks once at load),
     False: the byte-wise one on the file's bytes;
-    block_n, nb: tiles (rows, blocks per step) instead of the defaults/autotuning; stages, pair: see
-    _packed_launch."""
+    block_n, nb: tiles (rows, blocks per step) instead of the defaults/autotuning; stages, pair, prefetch:
+    see _packed_launch."""
     T, K = x.q.shape
     N = w.shape[0]
     dev = w.qs.device if isinstance(w, Packed) else w.device
@@ -614,18 +713,18 @@ def matvec_q8(w, qtype: int, x: Act, add: torch.Tensor | None = None, stride_b: 
                                                    HAS_MIN=qtype in (Q4_1, Q4_K, Q5_K), HAS_ADD=has_add,
                                                    BLOCK_N=bn, NB=nbk, **pdl_launch(dev))
         return y
-    _packed_launch(w, qtype, x, y, add, stride_b, block_n, nb, stages=stages, pair=pair)
+    _packed_launch(w, qtype, x, y, add, stride_b, block_n, nb, stages=stages, pair=pair, prefetch=prefetch)
     return y
 
 
 def matvec_glu(w, qtype: int, x: Act, bias: torch.Tensor | None = None, keep_gate_up: bool = False,
-               block_n: int | None = None, nb: int | None = None, pair: int | None = None
-               ) -> tuple[Act, torch.Tensor | None]:
+               block_n: int | None = None, nb: int | None = None, pair: int | None = None,
+               prefetch: int | None = None) -> tuple[Act, torch.Tensor | None]:
     """The fused gate/up product of decode: w the stacked (2 n_ff, K) weight [gate; up] of a type in
     PACKED (packed.Packed, or file bytes repacked here), x its 8-bit input (T, K); bias (2 n_ff,) or
     None. Returns the 8-bit form (act_q8) of silu(gate) * up (T, n_ff), made in the product's epilogue
     with act_q8's arithmetic, and (keep_gate_up) the float [gate | up] rows (T, 2 n_ff), else None.
-    block_n (a multiple of 64: gate and up rows), nb, pair (_packed_launch): tiles instead of the
+    block_n (a multiple of 64: gate and up rows), nb, pair, prefetch (_packed_launch): tiles instead of the
     defaults/autotuning."""
     T, K = x.q.shape
     N = w.shape[0]
@@ -639,19 +738,20 @@ def matvec_glu(w, qtype: int, x: Act, bias: torch.Tensor | None = None, keep_gat
     if T:
         if bias is not None:
             assert bias.shape == (N,) and bias.dtype == torch.float32
-        _packed_launch(w, qtype, x, y, bias, 0, block_n, nb, glu=True, h=h, store_y=keep_gate_up, pair=pair)
+        _packed_launch(w, qtype, x, y, bias, 0, block_n, nb, glu=True, h=h, store_y=keep_gate_up, pair=pair,
+                       prefetch=prefetch)
     return h, (y if keep_gate_up else None)
 
 
 def matvec_norm(w, qtype: int, x: Act, res: torch.Tensor, norm: torch.Tensor, eps: float, tickets: torch.Tensor,
-                block_n: int | None = None, nb: int | None = None, pair: int | None = None
-                ) -> tuple[torch.Tensor, Act]:
+                block_n: int | None = None, nb: int | None = None, pair: int | None = None,
+                prefetch: int | None = None) -> tuple[torch.Tensor, Act]:
     """A product that writes the residual stream, and the next RMSNorm's 8-bit output from its last
     program (decode: no act_q8 launch between it and the products that read the normalized row):
     y = x @ W.T + res (T, N) float32 and the 8-bit form (act_q8) of rms_norm(y) * norm (N,).
     w: a type in PACKED (packed.Packed, or file bytes repacked here); tickets: (T,) int32 zeros on the
-    device (each row's count of finished programs, put back to zero by the last); block_n, nb, pair
-    (_packed_launch): tiles instead of the defaults/autotuning."""
+    device (each row's count of finished programs, put back to zero by the last); block_n, nb, pair,
+    prefetch (_packed_launch): tiles instead of the defaults/autotuning."""
     T, K = x.q.shape
     N = w.shape[0]
     assert qtype in PACKED and N % 32 == 0, "the norm epilogue takes a repacked type, rows of whole blocks"
@@ -662,7 +762,7 @@ def matvec_norm(w, qtype: int, x: Act, res: torch.Tensor, norm: torch.Tensor, ep
             torch.empty(T, N // 32, dtype=torch.float32, device=dev))
     if T:
         _packed_launch(w, qtype, x, y, res, res.stride(0), block_n, nb, h=h, norm=norm, eps=eps, tickets=tickets,
-                       pair=pair)
+                       pair=pair, prefetch=prefetch)
     return y, h
 
 

@@ -428,6 +428,42 @@ def test_matvec_q6k_staged(rng, size, monkeypatch):
         check_product(got - on_device(res), w64, x64, None, DOT_REL + 1e-6)
 
 
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q6_K], ids=type_id)
+def test_matvec_prefetch(rng, qtype, size):
+    """The K-quant kernels' PF 1 (the next step's loads in flight while a step is summed): the plain product
+    with a residual, the fused gate/up and the norm epilogues, at steps of 1 and 2 blocks over an odd block
+    count (the last prefetch past the end), rows that do not fill the last program: bit for bit PF 0's sums
+    (the same products added in the same order) and within DOT_REL of float64."""
+    M = importlib.import_module("sepedge.kernels.matvec")  # the package's `matvec` is the function
+    N, T, n_cols, w64, p, x64, xa, res = _packed_case(rng, qtype, size)
+    for tile in (dict(block_n=8, nb=1), dict(block_n=8, nb=2), dict(block_n=4, nb=4)):
+        got = M.matvec_q8(p, qtype, xa, on_device(res), N, prefetch=1, **tile)
+        assert torch.equal(got, M.matvec_q8(p, qtype, xa, on_device(res), N, prefetch=0, **tile))
+        check_product(got - on_device(res), w64, x64, None, DOT_REL + 1e-6)
+    n_ff = 5 * 32 if size == "small" else 4096 + 3 * 32
+    wg = random_weight(rng, qtype, 2 * n_ff, n_cols)
+    pg = K.pack(on_device(wg), qtype, n_cols)
+    for tile in (dict(block_n=64, nb=1), dict(block_n=128, nb=2)):
+        h, gu = K.matvec_glu(pg, qtype, xa, keep_gate_up=True, prefetch=1, **tile)
+        h0, gu0 = K.matvec_glu(pg, qtype, xa, keep_gate_up=True, prefetch=0, **tile)
+        assert torch.equal(gu, gu0)
+        assert_same_act(h, h0)
+        check_product(gu, decode(wg, qtype, n_cols), x64, None, DOT_REL)
+    nn = 7 * 32 if size == "small" else 4096 + 5 * 32
+    wn = random_weight(rng, qtype, nn, n_cols)
+    pn = K.pack(on_device(wn), qtype, n_cols)
+    r = on_device(rng.standard_normal((T, nn)).astype(np.float32))
+    nd = on_device(rng.uniform(0.5, 1.5, nn).astype(np.float32))
+    tickets = torch.zeros(T, dtype=torch.int32, device=DEVICE)
+    y, h = K.matvec_norm(pn, qtype, xa, r, nd, 1e-5, tickets, block_n=32, nb=2, prefetch=1)
+    y0, h0 = K.matvec_norm(pn, qtype, xa, r, nd, 1e-5, tickets, block_n=32, nb=2, prefetch=0)
+    assert torch.equal(y, y0)
+    assert_same_act(h, h0)
+    check_product(y - r, decode(wn, qtype, n_cols), x64, None, DOT_REL + 1e-6)
+    assert not tickets.any()
+
+
 def test_q4k_variant_values(monkeypatch):
     """SEPEDGE_TRITON_Q4K: unset or empty is 0; 0, 1 and 2 select; anything else is an error at the launch."""
     M = importlib.import_module("sepedge.kernels.matvec")
