@@ -11,6 +11,8 @@ import copy
 import importlib
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -29,6 +31,9 @@ from sepedge.kernels import quants as Q  # noqa: E402
 
 M = importlib.import_module("sepedge.kernels.matvec")  # the package's `matvec` is the function
 T = importlib.import_module("sepedge.kernels.tile_table")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import triton_decode_tiles as S  # noqa: E402
 
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 DOT_REL = 2e-5  # test_triton_kernels.py's: float32 sums against float64, relative to sum |w x| of a row
@@ -322,3 +327,99 @@ def test_tuned_configs_lists_the_table(tmp_path, monkeypatch, fresh):
     T.lookup(DEVICE, Q.Q4_K, True, 28672, 16, False, True, False)
     assert tuned_configs() == {f"tiles:{path}": {
         "q4_k alt N=28672 nblk=16 HAS_ADD=0 GLU=1 NORM=0": "BLOCK_N: 128, NB: 1, num_warps: 8, STAGES: 1, PAIR: 1"}}
+
+
+# ---------------------------------------------------------------------------------------------
+# benchmarks/triton_decode_tiles.py
+
+
+def test_candidates_and_extra():
+    key = (Q.Q4_K, True, 28672, 16, False, True, False)
+    extra = [(256, 1, 16, 1, 0), (32, 1, 8, 1, 0), (8, 4, 4), M.Q4K_V2_GLU_TUNE_CONFIGS[0]]
+    got = S.candidates(key, extra)
+    # the autotuner's list, then the extra tiles of the kernel's parameters that a GLU program can own
+    assert got == list(M.Q4K_V2_GLU_TUNE_CONFIGS) + [(256, 1, 16, 1, 0)]
+    assert S.parse_extra("8,4,4; 16,2,4,1,1;") == [(8, 4, 4), (16, 2, 4, 1, 1)]
+
+
+@pytest.mark.parametrize("key, tile", [
+    ((Q.Q4_0, False, 64, 8, True, False, False), (8, 4, 2)),
+    ((Q.Q4_K, False, 128, 1, False, True, False), (64, 1, 4)),
+    ((Q.Q6_K, False, 96, 2, True, False, True), (32, 2, 4))], ids=["q4_0-add", "q4_k-glu", "q6_k-norm"])
+def test_sweep_launches_as_decode(monkeypatch, fresh, key, tile):
+    """The sweep's random weight has finite values, and its launcher goes down the table's path of
+    _packed_launch with the tile under test as the table's: one launch of the plain kernel, that tile, the
+    key's flags."""
+    qtype, alt, N, nblk, add, glu, norm = key
+    monkeypatch.setattr(M, "TUNE_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(M, "TUNE_MIN_SIZE", 0)
+    monkeypatch.setitem(M.GLU_TUNE_CONFIGS if glu else M.TUNE_CONFIGS, Q.BLOCKS[qtype][0], [tile])
+    w = S.random_packed(qtype, N, nblk * Q.BLOCKS[qtype][0], DEVICE)
+    assert w.shape == (N, nblk * Q.BLOCKS[qtype][0]) and torch.isfinite(K.dequantize_packed_ref(w)).all()
+    cfg = dict(zip(M.TILE_PARAMS, tile))
+    seen = []
+    monkeypatch.setattr(T, "lookup", lambda *k: seen.append(k[1:]) or cfg)
+    kernel = M.PACKED[qtype][0]
+    rec = Recorder(kernel)
+    monkeypatch.setitem(M.PACKED, qtype, (rec, *M.PACKED[qtype][1:]))
+    S.launcher(key, DEVICE)(w)
+    assert seen == [key]
+    assert [m for _, m in rec.launches] == [cfg]
+
+
+def test_table_writer_and_merger_round_trip(tmp_path):
+    versions = ("3.4.0", "2.8.0")
+    k1, k2, k3 = ((Q.Q4_0, False, 6144, 128, False, False, False), (Q.Q6_K, False, 128256, 16, False, False, False),
+                  (Q.Q4_K, True, 4096, 16, True, False, True))
+    c1, c2 = {"BLOCK_N": 8, "NB": 16, "num_warps": 4}, {"BLOCK_N": 32, "NB": 1, "num_warps": 4}
+    c3 = {"BLOCK_N": 64, "NB": 1, "num_warps": 4, "STAGES": 1, "PAIR": 1}
+    path = tmp_path / "tiles" / "gpu.json"
+    S.write_table(path, S.table_doc([S.entry(k1, c1, 4.25, 4.5), S.entry(k2, c2, 180.0, None)], [], "cmd a",
+                                    "NVIDIA H200", versions))
+    assert T.load(path) == {k1: c1, k2: c2}
+    first = json.loads(path.read_text())
+    assert (first["gpu"], first["triton"], first["torch"], first["command"]) == ("NVIDIA H200", *versions, "cmd a")
+    assert "extra" not in first
+    # a second model's keys merged in: k2 measured again replaces the old entry, k3 is new, k1 kept
+    c2b = {"BLOCK_N": 16, "NB": 2, "num_warps": 4}
+    extra = [{"BLOCK_N": 2, "NB": 64, "num_warps": 4}]
+    S.write_table(path, S.table_doc([S.entry(k2, c2b, 170.0, 171.0), S.entry(k3, c3, 9.0, 9.5)], extra, "cmd b",
+                                    "NVIDIA H200", versions, merge=first))
+    assert T.load(path) == {k1: c1, k2: c2b, k3: c3}
+    second = json.loads(path.read_text())
+    assert second["command"] == "cmd a; cmd b" and second["extra"] == extra
+    assert [e["us"] for e in second["entries"]] == [4.25, 170.0, 9.0]
+    assert not list(path.parent.glob("*.tmp"))
+
+
+def test_decode_keys_of_a_tiny_model(gguf_path, monkeypatch, fresh):
+    """The keys one decode step asks the table for, per SEPEDGE_TRITON_FUSE: every repacked product of the
+    model (the backend's stacked Q/K/V and gate/up), the residual products with HAS_ADD, and with FUSE 1 the
+    gate/up product's GLU and the residual products' NORM epilogues; launches a step per key."""
+    from sepedge.triton_backend import TritonWeights
+    monkeypatch.setattr(M, "TUNE_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(M, "TUNE_MIN_SIZE", 0)
+    for block in (32, 256):  # one block a step (the tiny rows have few), few programs (the interpreter's cost)
+        monkeypatch.setitem(M.TUNE_CONFIGS, block, [(256, 1, 4)])
+        monkeypatch.setitem(M.GLU_TUNE_CONFIGS, block, [(512, 1, 4)])
+    path = gguf_path("gqa-d128-llama31", "q4_k_m")
+    W = TritonWeights(path)
+    lookup = T.lookup
+    for fuse in ("attn", "1"):
+        want: dict = {}
+        for name, (w, qtype, n_cols) in W.w.items():
+            if not isinstance(w, K.Packed) or name == "token_embd.weight":
+                continue
+            role = name.split(".")[-2]
+            add = role in ("attn_output", "ffn_down")
+            key = (qtype, False, w.shape[0], n_cols // Q.BLOCKS[qtype][0], add, fuse == "1" and role == "ffn_gateup",
+                   fuse == "1" and add)
+            want[key] = want.get(key, 0) + 1
+        assert {Q.Q4_K, Q.Q6_K} <= {k[0] for k in want}  # the file has both types
+        assert S.decode_keys(str(path), fuse) == want
+    assert os.environ.get("SEPEDGE_TRITON_FUSE") is None and os.environ.get("SEPEDGE_TRITON_GRAPHS") is None
+    assert T.lookup is lookup and T.served()[1] == {}  # the table's lookup back, nothing served
+
+
+def test_session_script_parses():
+    subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "triton_session.sh")], check=True)
