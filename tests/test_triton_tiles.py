@@ -34,6 +34,7 @@ T = importlib.import_module("sepedge.kernels.tile_table")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import triton_decode_tiles as S  # noqa: E402
+import triton_tiles_ab as AB  # noqa: E402
 
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 DOT_REL = 2e-5  # test_triton_kernels.py's: float32 sums against float64, relative to sum |w x| of a row
@@ -419,6 +420,22 @@ def test_decode_keys_of_a_tiny_model(gguf_path, monkeypatch, fresh):
         assert S.decode_keys(str(path), fuse) == want
     assert os.environ.get("SEPEDGE_TRITON_FUSE") is None and os.environ.get("SEPEDGE_TRITON_GRAPHS") is None
     assert T.lookup is lookup and T.served()[1] == {}  # the table's lookup back, nothing served
+
+
+def test_ab_summary():
+    """benchmarks/triton_tiles_ab.py's table: a process's t/s is the mean of its runs, an arm's mean and sd are
+    over its processes, the ratio of the arms' means; how many tile sets an arm's processes ran and how
+    many keys the table served each."""
+    tiles = {"tiles:/t.json": {"a": "x", "b": "y"}}
+    arms = {"table": [{"runs": [270.0, 272.0], "configs": tiles}, {"runs": [274.0, 276.0], "configs": tiles}],
+            "autotune": [{"runs": [260.0, 260.0], "configs": {"matvec:k:v": {"1": "A"}}},
+                         {"runs": [280.0, 280.0], "configs": {"matvec:k:v": {"1": "B"}}}]}
+    text = AB.summary("/m/llama3-8b-q4_k_m.gguf", arms, 2, 128)
+    assert "| table | 271.0, 275.0 | 273.0 | 2.8 | 1.4 | 1 |" in text
+    assert "| autotune | 260.0, 280.0 | 270.0 | 14.1 | 0.0 | 2 |" in text
+    assert "table / autotune: 1.011" in text
+    assert "- table: keys served by the table per process: [2, 2]" in text
+    assert "- autotune: keys served by the table per process: none" in text
 
 
 def test_session_script_parses():
