@@ -21,6 +21,8 @@ where the kernel of the key takes them), one of that key's candidates (matvec.tu
 
 SEPEDGE_TRITON_TILES: unset or empty: this GPU's table, where the file exists; "0": none (autotune);
 a path: that file. Read once per process (a decode CUDA graph keeps the tiles it was captured with).
+Only launches that would autotune ask the table: SEPEDGE_TRITON_TUNE=0 (fixed tiles) and explicit tiles
+pass it by, as they pass the autotuner by.
 """
 
 from __future__ import annotations
