@@ -22,7 +22,12 @@
 # "--routes f16,dq --env SEPEDGE_TRITON_F16_DECODE --modes 1,3" for pp512 per tile decoder),
 # ab (benchmarks/triton_ab.py per model: tg128 with AB_ENV (default SEPEDGE_TRITON_FUSE) set to each of AB_MODES
 # (default 0,attn,1), interleaved; AB_CHOOSE: a file the fastest mode is appended to as ENV=mode),
-# use-llama (the llama-bench of .gpu/), llamabench (its rows).
+# use-llama (the llama-bench of .gpu/), llamabench (its rows),
+# tiles (benchmarks/triton_decode_tiles.py: the decode products' tile table of this GPU from both 8B models,
+# TILES_ARGS e.g. "--fuse 1" or "--extra 16,4,4"; written to $TILES, default /tmp/results/tiles-<gpu slug>.json,
+# after each key, and merged: a later call's tiles goes on with the keys left out), tiles-ab
+# (benchmarks/triton_tiles_ab.py per model of AB_MODELS (default both): tg128 with SEPEDGE_TRITON_TILES=$TILES
+# against 0 (autotune), AB_PROCS (default 3) fresh processes an arm, interleaved, REPS (default 3) runs each).
 set -u
 OUT=${OUT:-/tmp/sepedge-out}
 mkdir -p "$OUT" /tmp/models /tmp/smol /tmp/results  # results accumulate across calls in /tmp/results
@@ -76,6 +81,10 @@ wait_gpu_lib() {
     [ -e /tmp/build-gpu/done ] && export SEPEDGE_LIB=/tmp/build-gpu/libsepedge.so && echo "CUDA library ready"
 }
 
+gpu_slug() {  # kernels/tile_table.py's gpu_slug of the GPU's name: "NVIDIA H200" -> nvidia-h200
+    nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr 'A-Z' 'a-z' | sed -E 's/[^a-z0-9]+/-/g; s/^-+|-+$//g'
+}
+
 left() {  # seconds to DEADLINE, at least 5
     local l=$(( ${DEADLINE:-280} - SECONDS ))
     [ $l -lt 5 ] && l=5
@@ -125,6 +134,17 @@ for phase in "$@"; do
         profile) for m in ${PROFILE_MODELS:-$MODELS}; do
                      timeout $(left) python3 benchmarks/triton_profile.py "$m" ${PROFILE_ARGS:-} --md "$OUT/profile-$(basename "$m" .gguf).md" 2>&1 | tail -70
                  done ;;
+        tiles) TILES=${TILES:-/tmp/results/tiles-$(gpu_slug).json}
+               for m in /tmp/models/llama3-8b-q4_k_m.gguf /tmp/models/llama3-8b-q4_0.gguf; do
+                   timeout $(left) python3 benchmarks/triton_decode_tiles.py "$m" ${TILES_ARGS:-} --merge "$TILES" --out "$TILES" \
+                       --deadline $(( $(left) - 20 )) 2>&1 | tee -a "$OUT/tiles.log" | tail -40
+               done ;;
+        tiles-ab) TILES=${TILES:-/tmp/results/tiles-$(gpu_slug).json}
+                  for m in ${AB_MODELS:-/tmp/models/llama3-8b-q4_k_m.gguf /tmp/models/llama3-8b-q4_0.gguf}; do
+                      timeout $(left) python3 benchmarks/triton_tiles_ab.py "$m" --table "$TILES" --procs ${AB_PROCS:-3} \
+                          --reps ${REPS:-3} --md "$OUT/tiles-ab-$(basename "$m" .gguf).md" \
+                          --json "$OUT/tiles-ab-$(basename "$m" .gguf).json" 2>&1 | tail -20
+                  done ;;
         use-llama) mkdir -p /tmp/llama-build/bin && cat .gpu/llama-bench.xz.* | xz -dc > /tmp/llama-build/bin/llama-bench &&
                    chmod +x /tmp/llama-build/bin/llama-bench ;;
         llamabench) timeout $(left) python3 benchmarks/triton_bench.py --devices "" --llama-bench /tmp/llama-build/bin/llama-bench \

@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import tile_table
 from .act_q8 import NORM_NB, Act, act_q8, norm_q8_row, quantize_blocks, silu_mul
 from .packed import Packed, dequantize_packed_ref, pack
 from .pdl import pdl_launch, pdl_wait
@@ -526,10 +527,12 @@ FLOAT_TYPES = (F32, F16, BF16)
 PACKED = {Q4_0: (matvec_q4_0_kernel, (8, 16), (512, 32)), Q8_0: (matvec_q8_0_kernel, (8, 8), (512, 32)),
           Q4_K: (matvec_q4_k_kernel, (4, 4), (512, 8)), Q6_K: (matvec_q6_k_kernel, (4, 8), (512, 8))}
 TUNE_ENV = "SEPEDGE_TRITON_TUNE"    # "0": the fixed tiles of PACKED on the GPU too
+TUNE_DEVICES = ("cuda",)  # where launches autotune (or take kernels/tile_table.py's tile); tests add "cpu"
 # (block_n, blocks per step, warps) tried for model-sized weights on a GPU, per block length: rows
 # and blocks per step set the bytes in flight; the best depends on the GPU and the shape
-# (triton.autotune, once per weight shape and process). Words of codes per (row, block): Q4_0 4,
-# Q8_0 8, Q4_K 32, Q6_K 16 (+ 8 of qh), so every tile gives each thread at least 4
+# (triton.autotune, once per weight shape and process, where tile_table.py has no measured tile).
+# Words of codes per (row, block): Q4_0 4, Q8_0 8, Q4_K 32, Q6_K 16 (+ 8 of qh), so every tile gives
+# each thread at least 4
 TUNE_CONFIGS = {32: [(4, 32, 4), (8, 16, 4), (8, 32, 4), (16, 16, 8), (2, 64, 4), (16, 8, 4), (4, 16, 2),
                      (32, 8, 8)],
                 256: [(4, 4, 2), (8, 2, 2), (2, 8, 2), (4, 8, 4), (8, 4, 4), (16, 2, 4), (8, 8, 8), (16, 4, 8),
@@ -576,6 +579,30 @@ def q4k_variant() -> int:
     return int(v)
 
 
+TILE_PARAMS = ("BLOCK_N", "NB", "num_warps", "STAGES", "PAIR")  # the fields of a tuple of the tables above
+
+
+def tune_alt(qtype: int, glu: bool) -> bool:
+    """Whether a launch takes SEPEDGE_TRITON_Q4K's kernel or tiles (the autotuners' alt key): Q4_K's v2
+    kernel (variant >= 1), Q6_K's staged tiles (variant 2, its GLU tiles staying TUNE's)."""
+    variant = q4k_variant() if qtype in (Q4_K, Q6_K) else 0
+    return qtype == Q4_K and variant >= 1 or qtype == Q6_K and variant == 2 and not glu
+
+
+def takes_prefetch(qtype: int, alt: bool) -> bool:
+    """Whether the kernel of a launch has PF (matvec_q4_k_kernel's and matvec_q6_k_kernel's; not the v2 one)."""
+    return qtype == Q6_K or qtype == Q4_K and not alt
+
+
+def tune_configs(qtype: int, glu: bool, alt: bool) -> list[tuple]:
+    """The candidate tiles of an autotuned launch, as tuples of TILE_PARAMS (3, 4 or 5 of them)."""
+    if alt:
+        if qtype == Q4_K:
+            return Q4K_V2_GLU_TUNE_CONFIGS if glu else Q4K_V2_TUNE_CONFIGS
+        return Q6K_STAGED_TUNE_CONFIGS
+    return (GLU_TUNE_CONFIGS if glu else TUNE_CONFIGS)[BLOCKS[qtype][0]]
+
+
 _tuned: dict = {}
 
 
@@ -583,18 +610,11 @@ def _autotuned(qtype: int, glu: bool, alt: bool = False):
     """The autotuned kernel of a type; alt: SEPEDGE_TRITON_Q4K's (Q4_K: the v2 kernel; Q6_K: staged tiles)."""
     if (qtype, glu, alt) not in _tuned:
         key = ["N", "nblk", "HAS_ADD", "GLU", "NORM"]
-        if alt:
-            if qtype == Q4_K:
-                configs = [triton.Config({"BLOCK_N": bn, "NB": nb, "STAGES": st, "PAIR": pair}, num_warps=warps)
-                           for bn, nb, warps, st, pair in (Q4K_V2_GLU_TUNE_CONFIGS if glu else Q4K_V2_TUNE_CONFIGS)]
-            else:
-                configs = [triton.Config({"BLOCK_N": bn, "NB": nb, "STAGES": st}, num_warps=warps)
-                           for bn, nb, warps, st in Q6K_STAGED_TUNE_CONFIGS]
-            kernel = matvec_q4_k_v2_kernel if qtype == Q4_K else PACKED[qtype][0]
-        else:
-            configs = [triton.Config({"BLOCK_N": bn, "NB": nb}, num_warps=warps)
-                       for bn, nb, warps in (GLU_TUNE_CONFIGS if glu else TUNE_CONFIGS)[BLOCKS[qtype][0]]]
-            kernel = PACKED[qtype][0]
+        configs = []
+        for t in tune_configs(qtype, glu, alt):
+            meta = dict(zip(TILE_PARAMS, t))
+            configs.append(triton.Config(meta, num_warps=meta.pop("num_warps")))
+        kernel = matvec_q4_k_v2_kernel if alt and qtype == Q4_K else PACKED[qtype][0]
         _tuned[qtype, glu, alt] = triton.autotune(configs=configs, key=key)(kernel)
     return _tuned[qtype, glu, alt]
 
@@ -614,9 +634,8 @@ def _packed_launch(w, qtype: int, x: Act, y, add, stride_b: int, block_n, nb, gl
     p = w if isinstance(w, Packed) else pack(w, qtype, K)
     assert p.qtype == qtype and p.K == K, "the packed weight does not match the type and K"
     kernel, on_gpu, interp = PACKED[qtype]
-    variant = q4k_variant() if qtype in (Q4_K, Q6_K) else 0
-    v2 = qtype == Q4_K and variant >= 1
-    q6_staged = qtype == Q6_K and variant == 2 and not glu  # its GLU tiles stay TUNE's
+    alt = tune_alt(qtype, glu)
+    v2 = alt and qtype == Q4_K
     if v2:
         kernel = matvec_q4_k_v2_kernel
     assert x.q.is_contiguous()
@@ -638,18 +657,16 @@ def _packed_launch(w, qtype: int, x: Act, y, add, stride_b: int, block_n, nb, gl
     flags = dict(HAS_ADD=has_add, GLU=glu, NORM=use_norm, STORE_Y=store_y or not glu, GPU=dev.type == "cuda",
                  **pdl_launch(dev))
     gpu = dev.type == "cuda"
-    if v2:
-        table = Q4K_V2_GLU_TUNE_CONFIGS if glu else Q4K_V2_TUNE_CONFIGS
-    elif q6_staged:
-        table = Q6K_STAGED_TUNE_CONFIGS
-    else:
-        table = (GLU_TUNE_CONFIGS if glu else TUNE_CONFIGS)[BLOCKS[qtype][0]]
-    if (gpu and block_n is None and nb is None and stages is None and pair is None and prefetch is None
-            and N * K >= TUNE_MIN_SIZE
-            and os.environ.get(TUNE_ENV) != "0" and nblk >= max(c[1] for c in table)):
+    if (dev.type in TUNE_DEVICES and block_n is None and nb is None and stages is None and pair is None
+            and prefetch is None and N * K >= TUNE_MIN_SIZE and os.environ.get(TUNE_ENV) != "0"
+            and nblk >= max(c[1] for c in tune_configs(qtype, glu, alt))):
         per = 2 if glu else 1  # GLU: a program's BLOCK_N rows are BLOCK_N / 2 of the gate's N / 2
         grid = lambda meta: (triton.cdiv(N // per, meta["BLOCK_N"] // per), T)  # noqa: E731
-        _autotuned(qtype, glu, v2 or q6_staged)[grid](*args, **flags)
+        tile = tile_table.lookup(dev, qtype, alt, N, nblk, has_add, glu, use_norm)  # measured once per GPU
+        if tile is not None:
+            kernel[grid(tile)](*args, **flags, **tile)
+        else:
+            _autotuned(qtype, glu, alt)[grid](*args, **flags)
         return
     warps = 4
     if v2 or qtype == Q6_K:
