@@ -23,7 +23,7 @@
 # ab (benchmarks/triton_ab.py per model: tg128 with AB_ENV (default SEPEDGE_TRITON_FUSE) set to each of AB_MODES
 # (default 0,attn,1), interleaved; AB_CHOOSE: a file the fastest mode is appended to as ENV=mode),
 # use-llama (the llama-bench of .gpu/), llamabench (its rows),
-# tiles (benchmarks/triton_decode_tiles.py: the decode products' tile table of this GPU from both 8B models,
+# tiles (benchmarks/triton_decode_tiles.py: the decode products' tile table of this GPU from both 8B models (TILES_MODELS),
 # TILES_ARGS e.g. "--fuse 1" or "--extra 16,4,4"; written to $TILES, default /tmp/results/tiles-<gpu slug>.json,
 # after each key, and merged: a later call's tiles goes on with the keys left out), tiles-ab
 # (benchmarks/triton_tiles_ab.py per model of AB_MODELS (default both): tg128 with SEPEDGE_TRITON_TILES=$TILES
@@ -135,7 +135,7 @@ for phase in "$@"; do
                      timeout $(left) python3 benchmarks/triton_profile.py "$m" ${PROFILE_ARGS:-} --md "$OUT/profile-$(basename "$m" .gguf).md" 2>&1 | tail -70
                  done ;;
         tiles) TILES=${TILES:-/tmp/results/tiles-$(gpu_slug).json}
-               for m in /tmp/models/llama3-8b-q4_k_m.gguf /tmp/models/llama3-8b-q4_0.gguf; do
+               for m in ${TILES_MODELS:-/tmp/models/llama3-8b-q4_k_m.gguf /tmp/models/llama3-8b-q4_0.gguf}; do
                    timeout $(left) python3 benchmarks/triton_decode_tiles.py "$m" ${TILES_ARGS:-} --merge "$TILES" --out "$TILES" \
                        --deadline $(( $(left) - 20 )) 2>&1 | tee -a "$OUT/tiles.log" | tail -40
                done ;;
