@@ -590,8 +590,9 @@ def tune_alt(qtype: int, glu: bool) -> bool:
 
 
 def takes_prefetch(qtype: int, alt: bool) -> bool:
-    """Whether the kernel of a launch has PF (matvec_q4_k_kernel's and matvec_q6_k_kernel's; not the v2 one)."""
-    return qtype == Q6_K or qtype == Q4_K and not alt
+    """Whether the launch can take PF: matvec_q4_k_kernel's and matvec_q6_k_kernel's unpipelined loops (not
+    the v2 kernel, nor Q6_K's staged tiles, whose loop prefetches through its pipeline instead)."""
+    return qtype in (Q4_K, Q6_K) and not alt
 
 
 def tune_configs(qtype: int, glu: bool, alt: bool) -> list[tuple]:
@@ -674,6 +675,8 @@ def _packed_launch(w, qtype: int, x: Act, y, add, stride_b: int, block_n, nb, gl
     if v2:
         flags["PAIR"] = pair or 0
     elif qtype in (Q4_K, Q6_K):
+        if prefetch and flags.get("STAGES", 1) > 1:
+            raise ValueError("PF and pipeline stages both fetch ahead: take one")
         flags["PF"] = prefetch or 0
     if glu:
         n_ff = N // 2

@@ -147,11 +147,13 @@ def load(path: str | os.PathLike) -> dict[tuple, dict]:
             raise fault(f"{kernel}{' (variant)' if alt else ''} takes no PF")
         candidates = tune_configs(qtype, glu, alt)
         n = len(candidates[0])
-        allowed = set(candidates) | {tuple(c.get(p) for p in TILE_PARAMS[:n]) for c in extra
-                                     if len(set(c) - {"PF"}) == n}
-        if len(set(cfg) - {"PF"}) != n or tuple(cfg[p] for p in TILE_PARAMS[:n]) not in allowed:
+        fields = set(TILE_PARAMS[:n])  # the kernel's meta-parameters, exactly (PF aside)
+        allowed = set(candidates) | {tuple(c[p] for p in TILE_PARAMS[:n]) for c in extra if set(c) - {"PF"} == fields}
+        if set(cfg) - {"PF"} != fields or tuple(cfg[p] for p in TILE_PARAMS[:n]) not in allowed:
             raise fault(f"config {json.dumps(cfg)} is not among the launch's candidates (matvec.tune_configs, "
                         "the table's extra)")
+        if glu and cfg["BLOCK_N"] % 64:  # a GLU program owns whole 8-bit blocks of 32 gate rows and their up rows
+            raise fault(f"config BLOCK_N {cfg['BLOCK_N']} of a GLU launch is not a multiple of 64")
         key = (qtype, alt, N, nblk, has_add, glu, norm)
         if key in tiles:
             raise fault(f"a second entry for {key_name(key)}")

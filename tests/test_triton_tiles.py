@@ -146,6 +146,14 @@ MALFORMED = [
     ("PF 2", _set(["entries", 4, "config", "PF"], 2), "entry 4: config PF 2 is out of range"),
     ("PF of q4_0", _set(["entries", 0, "config", "PF"], 1), "entry 0: q4_0 takes no PF"),
     ("PF of the v2 kernel", _set(["entries", 2, "config", "PF"], 1), "entry 2: q4_k \\(variant\\) takes no PF"),
+    ("PF of the staged q6_k tiles", _set(["entries", 3, "config", "PF"], 1), "entry 3: q6_k \\(variant\\) takes no PF"),
+    ("PAIR where the kernel takes STAGES", _set(["entries", 3, "config"], {"BLOCK_N": 16, "NB": 2, "num_warps": 4,
+                                                                          "PAIR": 0}),
+     "entry 3: config .* is not among the launch's candidates"),
+    ("a GLU tile of half blocks", lambda d: _set(["entries", 2, "config"], {"BLOCK_N": 32, "NB": 1, "num_warps": 8,
+                                                                            "STAGES": 1, "PAIR": 0})(
+        _set(["extra"], [{"BLOCK_N": 32, "NB": 1, "num_warps": 8, "STAGES": 1, "PAIR": 0}])(d)),
+     "entry 2: config BLOCK_N 32 of a GLU launch is not a multiple of 64"),
     ("a key twice", _dup, "entry 5: a second entry for q4_0 N=4096 nblk=128 HAS_ADD=0 GLU=0 NORM=0"),
     ("extra not a config", _set(["extra"], [{"BLOCK_N": 3, "NB": 1, "num_warps": 4}]),
      "extra 0: config BLOCK_N 3 is not a power of two"),
@@ -476,3 +484,23 @@ def test_a_hit_with_prefetch(tmp_path, monkeypatch, fresh, qtype):
         assert rec.launches[-1] == ((3, 1), cfg)
     assert M._tuned == {}
     assert torch.equal(ys[0], ys[1])
+
+
+def test_the_shipped_tables_load():
+    """Every table the package ships reads back against today's candidate lists (a tile taken out of a
+    TUNE_CONFIGS list would otherwise fail every decode launch on that GPU, and no CPU run would see it)."""
+    tables = sorted(T.TILES_DIR.glob("*.json"))
+    assert tables, f"no table in {T.TILES_DIR}"
+    for path in tables:
+        doc = json.loads(path.read_text())
+        assert T.gpu_slug(doc["gpu"]) == path.stem, f"{path}: made on {doc['gpu']}"
+        assert len(T.load(path)) == len(doc["entries"])
+
+
+def test_prefetch_and_stages_are_exclusive():
+    """PF 1 with pipeline stages > 1 (Q6_K's staged tiles) is refused, not run as one of the two silently."""
+    N, n_cols = 64, 512
+    w = torch.zeros((N, K.row_bytes(Q.Q6_K, n_cols)), dtype=torch.uint8, device=DEVICE)
+    xa = K.act_q8(torch.ones(1, n_cols, device=DEVICE))
+    with pytest.raises(ValueError, match="PF and pipeline stages"):
+        M.matvec_q8(w, Q.Q6_K, xa, block_n=8, nb=2, stages=3, prefetch=1)
