@@ -38,8 +38,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-# SCALE_FIELDS of tests/test_triton_kernels.py: the f16 scales of each block (random bytes there: NaN, inf)
-SCALE_FIELDS = {"q4_0": [0], "q8_0": [0], "q4_k": [0, 2], "q6_k": [208]}
 LAUNCHES = 64
 WARMUP, REPLAYS = 2, 9
 
@@ -86,18 +84,15 @@ def decode_keys(model: str, fuse: str = "attn") -> dict[tuple, int]:
 
 
 def random_packed(qtype: int, N: int, K: int, device):
-    """A packed weight of random codes and small float16 scales, on the device."""
+    """A packed weight of random codes and small float16 scales (random_gguf.py's bytes), on the device."""
+    import gguf
+    import numpy as np
     import torch
+    from random_gguf import random_bytes
 
     from sepedge import kernels as Kn
-    _, tt = _modules()
-    block, size = Kn.BLOCKS[qtype]
-    b = torch.randint(0, 256, (N, K // block, size), dtype=torch.uint8, device=device)
-    name = {q: n for n, q in tt.KERNELS.items()}[qtype]
-    for off in SCALE_FIELDS[name]:
-        b[..., off:off + 2] = (torch.randn(N, K // block, device=device) * 0.01).half().view(torch.uint8).view(
-            N, K // block, 2)
-    return Kn.pack(b.view(N, -1), qtype, K)
+    b = np.concatenate(list(random_bytes(gguf.GGMLQuantizationType(qtype), (N, K), np.random.default_rng(0))))
+    return Kn.pack(torch.from_numpy(b).view(N, -1).to(device), qtype, K)
 
 
 def launcher(key: tuple, device):

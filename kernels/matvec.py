@@ -440,6 +440,19 @@ def _q6k_load(QS, QH, SC, D, X32, XD, r4, rm, blk, h, g, w, t, nblk, nq, stride_
 
 
 @triton.jit
+def _q6k_codes(a_, b_, hb, R: tl.constexpr):
+    """The words of run R's codes + 32 (four 6-bit codes a word) from a step's ql words a_, b_ and qh words hb."""
+    if R == 0:
+        return (a_ & 0x0F0F0F0F) | ((hb << 4) & 0x30303030)
+    elif R == 1:
+        return (b_ & 0x0F0F0F0F) | ((hb << 2) & 0x30303030)
+    elif R == 2:
+        return ((a_ >> 4) & 0x0F0F0F0F) | (hb & 0x30303030)
+    else:
+        return ((b_ >> 4) & 0x0F0F0F0F) | ((hb >> 2) & 0x30303030)
+
+
+@triton.jit
 def _q6k_run(acc, q, x, sc, dx, d, GPU: tl.constexpr):
     """acc + one run's products: (codes + 32) times x by dp4a, less 32 times the sum of x, times d sc dx."""
     s = tl.sum(_dot4(q, x, 0, GPU), axis=4)  # (BN, NB, 2, 2)
@@ -452,10 +465,10 @@ def _q6k_run(acc, q, x, sc, dx, d, GPU: tl.constexpr):
 def _q6k_acc(acc, a_, b_, hb, d, sc0, sc1, sc2, sc3, x0, x1, x2, x3, dx0, dx1, dx2, dx3, GPU: tl.constexpr):
     """acc + the four runs of one step's loads (_q6k_load), run 0 first."""
     d = d.to(tl.float32)
-    acc = _q6k_run(acc, (a_ & 0x0F0F0F0F) | ((hb << 4) & 0x30303030), x0, sc0, dx0, d, GPU)
-    acc = _q6k_run(acc, (b_ & 0x0F0F0F0F) | ((hb << 2) & 0x30303030), x1, sc1, dx1, d, GPU)
-    acc = _q6k_run(acc, ((a_ >> 4) & 0x0F0F0F0F) | (hb & 0x30303030), x2, sc2, dx2, d, GPU)
-    return _q6k_run(acc, ((b_ >> 4) & 0x0F0F0F0F) | ((hb >> 2) & 0x30303030), x3, sc3, dx3, d, GPU)
+    acc = _q6k_run(acc, _q6k_codes(a_, b_, hb, 0), x0, sc0, dx0, d, GPU)
+    acc = _q6k_run(acc, _q6k_codes(a_, b_, hb, 1), x1, sc1, dx1, d, GPU)
+    acc = _q6k_run(acc, _q6k_codes(a_, b_, hb, 2), x2, sc2, dx2, d, GPU)
+    return _q6k_run(acc, _q6k_codes(a_, b_, hb, 3), x3, sc3, dx3, d, GPU)
 
 
 @triton.jit
@@ -501,15 +514,8 @@ def matvec_q6_k_kernel(Y, QS, QH, SC, D, X32, XD, XS, ADD, N, nblk, stride_qs, s
             b_ = tl.load(QS + lw + 8, mask=ok5, other=0)  # ql[64h + 32 + l]: r = 1, 3
             hb = tl.load(QH + (r4 * stride_qh + blk * 16 + 8 * h + 4 * g)[:, :, :, :, None] + w, mask=ok5, other=0)
             d = tl.load(D + r4 * stride_d + blk, mask=ok, other=0.0).to(tl.float32)  # (BN, NB, 1, 1)
-            for r in tl.static_range(4):
-                if r == 0:
-                    q = (a_ & 0x0F0F0F0F) | ((hb << 4) & 0x30303030)
-                elif r == 1:
-                    q = (b_ & 0x0F0F0F0F) | ((hb << 2) & 0x30303030)
-                elif r == 2:
-                    q = ((a_ >> 4) & 0x0F0F0F0F) | (hb & 0x30303030)
-                else:
-                    q = ((b_ >> 4) & 0x0F0F0F0F) | ((hb >> 2) & 0x30303030)
+            for r in tl.static_range(4):  # each run's activations, scales as it is summed (PF 0's loads)
+                q = _q6k_codes(a_, b_, hb, r)
                 xo = (blk * 64 + 32 * h + 8 * r + 4 * g)[:, :, :, :, None] + w  # (1, NB, 2, 2, 4)
                 x = tl.load(X32 + t * stride_x + xo, mask=xm[:, :, :, :, None], other=0)
                 sc = tl.load(SC + r4 * stride_sc + blk * 16 + 8 * h + 2 * r + g, mask=ok, other=0)
